@@ -1,0 +1,30 @@
+import os
+
+import pytest
+
+from tests import mounts
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sweep_leftover_mounts(tmp_path_factory):
+    """A session-level safety net: whatever a failed test left mounted is lazily unmounted."""
+    base = str(tmp_path_factory.getbasetemp())
+    yield
+    left = mounts.sweep(base)
+    if left:
+        print(f"\nswept leftover mounts: {left}")
+
+
+@pytest.fixture
+def fuse():
+    mounts.require_fuse()
+
+
+@pytest.fixture
+def root():
+    mounts.require_root()
+
+
+def pytest_report_header(config):
+    return (f"CI={os.environ.get('CI', '')} euid={os.geteuid()} "
+            f"/dev/fuse={'yes' if os.path.exists('/dev/fuse') else 'no'} layerfs={mounts.LAYERFS}")

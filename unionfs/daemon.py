@@ -1,0 +1,189 @@
+"""`layerfs`: the daemon's entry point — parse, mount, serve, unmount.
+
+Without -f it daemonizes: the parent waits on a pipe and exits 0 only once the kernel has
+sent FUSE_INIT and the mount answers (the `init` hook writes "OK"); it exits != 0 with the
+daemon's own message when mounting fails.  Shutdown is one path: SIGTERM/SIGINT call
+`pyfuse3.terminate()`, in-flight requests finish, the main task unmounts with
+`pyfuse3.close(unmount=True)`; `fusermount3 -u` ends the session loop and takes the same path.
+SIGUSR1 dumps every thread's stack (faulthandler).  pyfuse3 keeps one global session per
+process, so one process serves exactly one mount.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+
+from .errors import OptionError
+from .options import USAGE, MountConfig, parse_args
+
+log = logging.getLogger("layerfs")
+
+EXIT_OK = 0
+EXIT_MOUNT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return EXIT_OK
+    if any(a in ("-V", "--version") for a in args):
+        print("layerfs 0.1.0")
+        return EXIT_OK
+    try:
+        cfg = parse_args(args)
+    except OptionError as exc:
+        print(f"layerfs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if cfg.foreground:
+        _setup_logging(cfg.debug, to_stderr=True)
+        return serve(cfg, ready_fd=None)
+    return _daemonize(cfg)
+
+
+def _daemonize(cfg: MountConfig) -> int:
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(wfd)
+        chunks = []
+        while chunk := os.read(rfd, 4096):
+            chunks.append(chunk)
+        os.close(rfd)
+        msg = b"".join(chunks).decode(errors="replace")
+        if msg.startswith("OK"):
+            return EXIT_OK
+        os.waitpid(pid, 0)
+        print(msg.strip() or "layerfs: the daemon exited before the mount was live",
+              file=sys.stderr)
+        return EXIT_MOUNT_FAILED
+    os.close(rfd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    _setup_logging(cfg.debug, to_stderr=True)  # until ready, errors reach the user's terminal
+    try:
+        code = serve(cfg, ready_fd=wfd)
+    except BaseException as exc:  # noqa: BLE001 - the parent must hear about any failure
+        _report(wfd, f"layerfs: {exc}")
+        code = EXIT_MOUNT_FAILED
+    os._exit(code)
+
+
+def _report(fd: int | None, message: str) -> None:
+    if fd is None:
+        print(message, file=sys.stderr)
+        return
+    try:
+        os.write(fd, message.encode() + b"\n")
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def fuse_options(cfg: MountConfig) -> set[str]:
+    opts = {f"fsname={cfg.source}", "subtype=layerfs", "default_permissions"}
+    if os.geteuid() == 0:
+        opts.add("allow_other")  # other users and containers use the mount, kernel checks perms
+    if cfg.readonly:
+        opts.add("ro")
+    opts |= {o for o in cfg.fuse_options if o not in ("rw",) or not cfg.readonly}
+    if cfg.readonly:
+        opts.discard("rw")
+    return opts
+
+
+def serve(cfg: MountConfig, ready_fd: int | None) -> int:
+    """Mount, serve until unmounted or signalled, unmount.  Returns the exit code."""
+    import pyfuse3
+    import trio
+
+    from .operations import UnionOperations
+    from .stack import LayerStack
+
+    for ignored in cfg.ignored:
+        log.debug("ignoring mount option %s", ignored)
+    try:
+        stack = LayerStack(cfg.lowers, cfg.upper)
+    except OSError as exc:
+        _report(ready_fd, f"layerfs: cannot open layers: {exc}")
+        return EXIT_MOUNT_FAILED
+
+    def on_init() -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            _report(ready_fd, "OK")
+            ready_fd = None
+            _detach_stdio(cfg.debug)
+
+    ops = UnionOperations(stack, debug=cfg.debug, on_init=on_init)
+    try:
+        pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
+    except RuntimeError as exc:
+        _report(ready_fd, f"layerfs: mounting {cfg.mountpoint} failed: {exc}")
+        return EXIT_MOUNT_FAILED
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    try:
+        trio.run(_run, pyfuse3, trio)
+    except BaseException:
+        log.exception("layerfs: main loop failed")
+        pyfuse3.close(unmount=True)
+        return EXIT_MOUNT_FAILED
+    pyfuse3.close(unmount=True)
+    log.debug("unmounted %s", cfg.mountpoint)
+    return EXIT_OK
+
+
+async def _run(pyfuse3, trio) -> None:  # type: ignore[no-untyped-def]
+    async def on_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            task_status.started()
+            async for signum in sigs:
+                log.info("signal %d: unmounting", signum)
+                pyfuse3.terminate()
+                return
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(on_signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def _setup_logging(debug: bool, to_stderr: bool) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    root = logging.getLogger()
+    root.handlers.clear()
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("layerfs[%(process)d] %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("pyfuse3").setLevel(logging.INFO if not debug else logging.DEBUG)
+
+
+def _detach_stdio(debug: bool) -> None:
+    """Once the mount is live the parent has gone: log to syslog, drop the terminal."""
+    root = logging.getLogger()
+    root.handlers.clear()
+    if os.path.exists("/dev/log"):
+        try:
+            handler = logging.handlers.SysLogHandler(address="/dev/log")
+            handler.setFormatter(logging.Formatter("layerfs[%(process)d]: %(message)s"))
+            root.addHandler(handler)
+        except OSError:
+            pass
+    if not root.handlers:
+        root.addHandler(logging.NullHandler())
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

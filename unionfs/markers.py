@@ -1,0 +1,95 @@
+"""Whiteouts and opaque directories: the one module that knows how they are encoded.
+
+Reading accepts every encoding found in the wild, so layers made by other tools mount:
+  - whiteout: a character device 0/0 (kernel overlayfs, fuse-overlayfs); an OCI `.wh.NAME`
+    file; a zero-size regular file with the `overlay.whiteout` xattr, honoured only inside a
+    directory marked `overlay.opaque=x` (the kernel's rule, which spares an xattr read per file);
+  - opaque directory: `overlay.opaque=y` (trusted. as root, user. otherwise),
+    `user.fuseoverlayfs.opaque=y`, or an OCI `.wh..wh..opq` file inside it.
+Writing (the write side) uses the kernel-overlayfs format only.  Internal xattrs are never
+shown to users: `is_internal_xattr` is the single filter.  Pure functions; no state.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+WH_PREFIX = b".wh."
+WH_OPAQUE = b".wh..wh..opq"
+
+OVERLAY_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+OWN_PREFIXES = (b"trusted.layerfs.", b"user.layerfs.")
+FUSEOVERLAYFS_OPAQUE = b"user.fuseoverlayfs.opaque"
+OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque", FUSEOVERLAYFS_OPAQUE)
+WHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
+
+
+def is_internal_xattr(name: bytes) -> bool:
+    """True for xattrs that encode union state and must never reach users."""
+    return (
+        name.startswith(OVERLAY_PREFIXES)
+        or name.startswith(OWN_PREFIXES)
+        or name.startswith(b"user.fuseoverlayfs.")
+    )
+
+
+def oci_whiteout_target(name: bytes) -> bytes | None:
+    """`.wh.foo` → `foo`; None for ordinary names and for the opaque marker."""
+    if name.startswith(WH_PREFIX) and name != WH_OPAQUE and len(name) > len(WH_PREFIX):
+        return name[len(WH_PREFIX) :]
+    return None
+
+
+def is_chardev_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _getxattr(path: bytes, name: bytes) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return None
+        raise
+
+
+class DirMarks:
+    """What a real directory says about itself: opaque, and whether it holds xattr whiteouts."""
+
+    __slots__ = ("opaque", "xwhiteouts")
+
+    def __init__(self, opaque: bool, xwhiteouts: bool) -> None:
+        self.opaque = opaque
+        self.xwhiteouts = xwhiteouts
+
+
+def dir_marks(path: bytes) -> DirMarks:
+    """Read a directory's opaque markers (one listxattr, plus a getxattr per marker present)."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EACCES, errno.EPERM):
+            return DirMarks(False, False)
+        raise
+    opaque = xwh = False
+    for raw in names:
+        name = os.fsencode(raw)
+        if name in OPAQUE_XATTRS:
+            value = _getxattr(path, name)
+            if value is None:
+                continue
+            value = value.rstrip(b"\0")
+            if value == b"y":
+                opaque = True
+            elif value == b"x":
+                xwh = True
+    return DirMarks(opaque, xwh)
+
+
+def is_xattr_whiteout(path: bytes, st: os.stat_result) -> bool:
+    """A zero-size regular file carrying `overlay.whiteout` (only asked inside opaque=x dirs)."""
+    if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
+        return False
+    return any(_getxattr(path, name) is not None for name in WHITEOUT_XATTRS)

@@ -1,0 +1,217 @@
+"""The `layerfs` command line: fuse-overlayfs's, and the form mount(8) uses.
+
+    layerfs [-f] [-d] -o lowerdir=TOP:...:BOTTOM[,upperdir=U,workdir=W][,OPTS] MOUNTPOINT
+    layerfs SOURCE MOUNTPOINT -o rw,lowerdir=...,dev,suid      (mount -t fuse.layerfs)
+
+Parsing and validation only: pure, no side effects, so it is unit-tested without a mount.
+Escapes follow overlayfs: `\\:` is a colon inside a lowerdir path, `\\,` a comma inside any
+option value, `\\\\` a backslash.
+"""
+
+from __future__ import annotations
+
+import os
+import stat as _stat
+from dataclasses import dataclass, field
+
+from .errors import OptionError
+
+# Generic mount flags that libfuse's mount code understands; passed through to the mount.
+FUSE_MOUNT_FLAGS = frozenset(
+    "rw ro suid nosuid dev nodev exec noexec async sync noatime nodiratime dirsync".split()
+)
+# FUSE options passed through verbatim (with or without a value).
+FUSE_PASSTHROUGH = frozenset(
+    "allow_other allow_root default_permissions auto_unmount fsname subtype max_read".split()
+)
+# fuse-overlayfs options whose meaning we do not implement; accepting them silently would give
+# a mount that looks right and behaves wrongly, so they are refused by name.
+UNSUPPORTED = frozenset(
+    "uidmapping gidmapping squash_to_root squash_to_uid squash_to_gid static_nlink".split()
+)
+
+USAGE = (
+    "usage: layerfs [-f] [-d] -o lowerdir=TOP:...:BOTTOM[,upperdir=DIR,workdir=DIR][,OPTS] "
+    "MOUNTPOINT\n"
+    "       layerfs SOURCE MOUNTPOINT -o lowerdir=...   (as run by mount -t fuse.layerfs)"
+)
+
+
+@dataclass
+class MountConfig:
+    """A validated mount request.  `lowers` is top-first, as on the command line."""
+
+    lowers: list[str]
+    mountpoint: str
+    upper: str | None = None
+    work: str | None = None
+    source: str = "layerfs"
+    foreground: bool = False
+    debug: bool = False
+    fuse_options: set[str] = field(default_factory=set)
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def readonly(self) -> bool:
+        return self.upper is None
+
+
+def split_escaped(text: str, sep: str) -> list[str]:
+    """Split on unescaped `sep`; keep escapes (the caller unescapes the pieces it owns)."""
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            cur.append(text[i : i + 2])
+            i += 2
+            continue
+        if ch == sep:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def unescape(text: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text):
+            out.append(text[i + 1])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_lowerdir(value: str) -> list[str]:
+    """`A:B\\:c:D` → ['A', 'B:c', 'D'] (top-first, as overlayfs)."""
+    if value == "":
+        raise OptionError("lowerdir is empty")
+    dirs = [unescape(p) for p in split_escaped(value, ":")]
+    if any(d == "" for d in dirs):
+        raise OptionError(f"lowerdir has an empty path: {value!r}")
+    return dirs
+
+
+def parse_args(argv: list[str]) -> MountConfig:
+    """Parse the command line (without argv[0]) and validate it against the filesystem."""
+    opts: list[str] = []
+    positional: list[str] = []
+    foreground = debug = False
+    it = iter(argv)
+    for arg in it:
+        if arg in ("-h", "--help"):
+            raise OptionError(USAGE)
+        if arg == "-f":
+            foreground = True
+        elif arg == "-d" or arg == "--debug":
+            debug = foreground = True
+        elif arg == "-o":
+            try:
+                opts.append(next(it))
+            except StopIteration:
+                raise OptionError("-o needs an argument") from None
+        elif arg.startswith("-o"):
+            opts.append(arg[2:])
+        elif arg in ("-s", "-n", "-v"):  # single-threaded / no mtab / verbose: harmless here
+            continue
+        elif arg.startswith("-") and arg != "-":
+            raise OptionError(f"unknown argument {arg!r}\n{USAGE}")
+        else:
+            positional.append(arg)
+    if len(positional) == 1:
+        source, mountpoint = "layerfs", positional[0]
+    elif len(positional) == 2:
+        source, mountpoint = positional
+    else:
+        raise OptionError(f"expected a mountpoint\n{USAGE}")
+    values: dict[str, str] = {}
+    flags: set[str] = set()
+    for group in opts:
+        for item in split_escaped(group, ","):
+            if not item:
+                continue
+            key, eq, val = item.partition("=")
+            if eq:
+                values[key] = val
+            else:
+                flags.add(key)
+    return _validate(values, flags, source, mountpoint, foreground, debug)
+
+
+def _validate(
+    values: dict[str, str],
+    flags: set[str],
+    source: str,
+    mountpoint: str,
+    foreground: bool,
+    debug: bool,
+) -> MountConfig:
+    for name in sorted(UNSUPPORTED & (set(values) | flags)):
+        raise OptionError(f"option {name!r} is not supported by layerfs")
+    if "lowerdir" not in values:
+        raise OptionError("missing option lowerdir=DIR[:DIR...]")
+    lowers = [_existing_dir(d, "lowerdir") for d in parse_lowerdir(values.pop("lowerdir"))]
+    upper = values.pop("upperdir", None)
+    work = values.pop("workdir", None)
+    if (upper is None) != (work is None):
+        raise OptionError("upperdir and workdir must be given together")
+    if upper is not None and work is not None:
+        upper = _existing_dir(unescape(upper), "upperdir")
+        work = _existing_dir(unescape(work), "workdir")
+        if os.stat(upper).st_dev != os.stat(work).st_dev:
+            raise OptionError(f"workdir {work} is not on the same filesystem as upperdir {upper}")
+        if _inside(upper, work) or _inside(work, upper):
+            raise OptionError("upperdir and workdir must be separate subtrees")
+        for low in lowers:
+            if _inside(upper, low) or _inside(low, upper):
+                raise OptionError(f"upperdir {upper} overlaps lowerdir {low}")
+    mnt = _existing_dir(mountpoint, "mountpoint")
+    fuse_options: set[str] = set()
+    ignored: list[str] = []
+    for flag in sorted(flags):
+        if flag in FUSE_MOUNT_FLAGS or flag in FUSE_PASSTHROUGH or flag == "debug":
+            fuse_options.add(flag)
+            debug = debug or flag == "debug"
+        else:
+            ignored.append(flag)
+    for key, val in sorted(values.items()):
+        if key in FUSE_PASSTHROUGH:
+            fuse_options.add(f"{key}={unescape(val)}")
+        else:
+            ignored.append(f"{key}={val}")
+    fuse_options.discard("debug")
+    return MountConfig(
+        lowers=lowers,
+        mountpoint=mnt,
+        upper=upper,
+        work=work,
+        source=source,
+        foreground=foreground or debug,
+        debug=debug,
+        fuse_options=fuse_options,
+        ignored=ignored,
+    )
+
+
+def _existing_dir(path: str, what: str) -> str:
+    full = os.path.abspath(path)
+    try:
+        st = os.stat(full)
+    except OSError as exc:
+        raise OptionError(f"{what} {path}: {exc.strerror}") from None
+
+    if not _stat.S_ISDIR(st.st_mode):
+        raise OptionError(f"{what} {path}: not a directory")
+    return full
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
