@@ -26,5 +26,7 @@ def root():
 
 
 def pytest_report_header(config):
-    return (f"CI={os.environ.get('CI', '')} euid={os.geteuid()} "
-            f"/dev/fuse={'yes' if os.path.exists('/dev/fuse') else 'no'} layerfs={mounts.LAYERFS}")
+    return (
+        f"CI={os.environ.get('CI', '')} euid={os.geteuid()} "
+        f"/dev/fuse={'yes' if os.path.exists('/dev/fuse') else 'no'} layerfs={mounts.LAYERFS}"
+    )

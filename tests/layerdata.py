@@ -155,7 +155,7 @@ def to_kernel_format(src: Path, dst: Path) -> Path:
                 changed = True
             elif raw.startswith(WH):
                 os.unlink(d / name)
-                whiteout(Path(os.fsdecode(bytes(d) + b"/" + raw[len(WH):])))
+                whiteout(Path(os.fsdecode(bytes(d) + b"/" + raw[len(WH) :])))
                 changed = True
         for attr in ("user.overlay.opaque", "user.fuseoverlayfs.opaque"):
             try:

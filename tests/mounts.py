@@ -78,7 +78,10 @@ def fstype(path: str | os.PathLike[str]) -> str | None:
 
 def lazy_unmount(path: str) -> None:
     for cmd in (["fusermount3", "-u", "-z", path], ["umount", "-l", path]):
-        if shutil.which(cmd[0]) and subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0:
+        if (
+            shutil.which(cmd[0])
+            and subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0
+        ):
             return
 
 
@@ -96,8 +99,15 @@ def overlay_options(lowers, upper=None, work=None) -> str:
 class LayerfsMount:
     """`layerfs -f` in a subprocess; use as a context manager."""
 
-    def __init__(self, mnt, lowers, upper=None, work=None, extra_opts: str = "",
-                 log_path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        mnt,
+        lowers,
+        upper=None,
+        work=None,
+        extra_opts: str = "",
+        log_path: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.mnt = str(mnt)
         self.opts = overlay_options(lowers, upper, work) + (f",{extra_opts}" if extra_opts else "")
         self.log_path = str(log_path or (Path(self.mnt).parent / (Path(self.mnt).name + ".log")))
@@ -115,7 +125,9 @@ class LayerfsMount:
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [LAYERFS, "-f", "-o", self.opts, self.mnt],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         deadline = time.monotonic() + MOUNT_DEADLINE
@@ -140,8 +152,7 @@ class LayerfsMount:
         proc, self.proc = self.proc, None
         try:
             if is_mounted(self.mnt):
-                r = subprocess.run(["fusermount3", "-u", self.mnt], capture_output=True,
-                                   timeout=15)
+                r = subprocess.run(["fusermount3", "-u", self.mnt], capture_output=True, timeout=15)
                 if r.returncode != 0:
                     lazy_unmount(self.mnt)
         except Exception:
@@ -168,8 +179,12 @@ class KernelOverlay:
 
     def __enter__(self) -> KernelOverlay:
         require_root()
-        r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", self.opts, self.mnt],
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", self.opts, self.mnt],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if r.returncode != 0:
             pytest.fail(f"mount -t overlay failed: {r.stderr.strip()}")
         return self

@@ -19,8 +19,10 @@ def layers(tmp_path_factory):
     require_fuse()
     root = tmp_path_factory.mktemp("oracle")
     mixed = layerdata.build_sample(root / "mixed")
-    kernel = [layerdata.to_kernel_format(p, root / "kernel" / p.name)
-              for p in ((root / "kernel").mkdir() or mixed)]
+    kernel = [
+        layerdata.to_kernel_format(p, root / "kernel" / p.name)
+        for p in ((root / "kernel").mkdir() or mixed)
+    ]
     return root, mixed, kernel
 
 
@@ -53,8 +55,10 @@ def test_markers_never_visible(layerfs_tree):
         name = path.rsplit(b"/", 1)[-1]
         assert not name.startswith(b".wh."), path
         assert not (obj.kind == "chardev" and obj.rdev == 0), path
-        assert not any(k.startswith((b"trusted.overlay.", b"user.overlay.",
-                                     b"user.fuseoverlayfs.")) for k in obj.xattrs), path
+        assert not any(
+            k.startswith((b"trusted.overlay.", b"user.overlay.", b"user.fuseoverlayfs."))
+            for k in obj.xattrs
+        ), path
 
 
 def test_expected_view(layerfs_tree):
@@ -105,7 +109,9 @@ def test_one_st_dev(layers):
     mnt = root / "devmnt"
     mnt.mkdir()
     with LayerfsMount(mnt, mixed):
-        devs = {os.lstat(mnt / p).st_dev for p in ("", "etc/motd", "etc/passwd", "srv/merged",
-                                                   "hl/one", "dev/fifo")}
+        devs = {
+            os.lstat(mnt / p).st_dev
+            for p in ("", "etc/motd", "etc/passwd", "srv/merged", "hl/one", "dev/fifo")
+        }
         assert len(devs) == 1
         assert Path(mnt / "etc/motd").read_bytes() == b"new motd\n"

@@ -32,9 +32,15 @@ class Obj:
 
 
 def _kind(mode: int) -> str:
-    return {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink",
-            stat.S_IFCHR: "chardev", stat.S_IFBLK: "blockdev", stat.S_IFIFO: "fifo",
-            stat.S_IFSOCK: "socket"}[stat.S_IFMT(mode)]
+    return {
+        stat.S_IFDIR: "dir",
+        stat.S_IFREG: "file",
+        stat.S_IFLNK: "symlink",
+        stat.S_IFCHR: "chardev",
+        stat.S_IFBLK: "blockdev",
+        stat.S_IFIFO: "fifo",
+        stat.S_IFSOCK: "socket",
+    }[stat.S_IFMT(mode)]
 
 
 def _xattrs(path: bytes) -> dict[bytes, bytes]:
@@ -58,9 +64,16 @@ def snapshot(root: str | os.PathLike[str]) -> dict[bytes, Obj]:
         path = base + rel if rel else base
         st = os.lstat(path)
         kind = _kind(st.st_mode)
-        obj = Obj(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                  None if kind == "dir" else st.st_size, st.st_mtime_ns, st.st_nlink,
-                  ino=st.st_ino)
+        obj = Obj(
+            kind,
+            stat.S_IMODE(st.st_mode),
+            st.st_uid,
+            st.st_gid,
+            None if kind == "dir" else st.st_size,
+            st.st_mtime_ns,
+            st.st_nlink,
+            ino=st.st_ino,
+        )
         obj.xattrs = _xattrs(path)
         if kind == "file":
             h = hashlib.sha256()
@@ -91,7 +104,9 @@ def subdir_count(tree: dict[bytes, Obj], path: bytes) -> int:
     return sum(1 for n in obj.names or [] if tree[prefix + b"/" + n].kind == "dir")
 
 
-def diff(ours: dict[bytes, Obj], theirs: dict[bytes, Obj], *, merged_dir_nlink_one=True) -> list[str]:
+def diff(
+    ours: dict[bytes, Obj], theirs: dict[bytes, Obj], *, merged_dir_nlink_one=True
+) -> list[str]:
     """Differences a user could see; empty when the trees agree.  Inode numbers are not
     compared across filesystems, and the kernel's nlink=1 for merged directories is
     accepted where ours gives the real count (checked separately)."""
@@ -101,8 +116,19 @@ def diff(ours: dict[bytes, Obj], theirs: dict[bytes, Obj], *, merged_dir_nlink_o
         if a is None or b is None:
             problems.append(f"{path!r}: only in {'theirs' if a is None else 'ours'}")
             continue
-        for fld in ("kind", "mode", "uid", "gid", "size", "mtime_ns", "content", "target",
-                    "rdev", "xattrs", "names"):
+        for fld in (
+            "kind",
+            "mode",
+            "uid",
+            "gid",
+            "size",
+            "mtime_ns",
+            "content",
+            "target",
+            "rdev",
+            "xattrs",
+            "names",
+        ):
             va, vb = getattr(a, fld), getattr(b, fld)
             if va != vb:
                 problems.append(f"{path!r}: {fld} {va!r} != {vb!r}")

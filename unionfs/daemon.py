@@ -60,8 +60,9 @@ def _daemonize(cfg: MountConfig) -> int:
         if msg.startswith("OK"):
             return EXIT_OK
         os.waitpid(pid, 0)
-        print(msg.strip() or "layerfs: the daemon exited before the mount was live",
-              file=sys.stderr)
+        print(
+            msg.strip() or "layerfs: the daemon exited before the mount was live", file=sys.stderr
+        )
         return EXIT_MOUNT_FAILED
     os.close(rfd)
     os.setsid()

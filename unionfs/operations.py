@@ -25,7 +25,7 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -82,8 +82,9 @@ class UnionOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, stack: LayerStack, debug: bool = False,
-                 on_init: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, stack: LayerStack, debug: bool = False, on_init: Callable[[], None] | None = None
+    ) -> None:
         super().__init__()
         self.stack = stack
         self.debug = debug
@@ -107,6 +108,8 @@ class UnionOperations(pyfuse3.Operations):
 
     # ----- attributes ----------------------------------------------------------------
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        if node.attrs is not None:
+            return node.attrs  # type: ignore[return-value]
         st = self.stack.stat(node)
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
@@ -124,6 +127,8 @@ class UnionOperations(pyfuse3.Operations):
         a.st_atime_ns = st.st_atime_ns
         a.st_mtime_ns = st.st_mtime_ns
         a.st_ctime_ns = st.st_ctime_ns
+        if self.stack.immutable(node):
+            node.attrs = a  # lower objects never change: build the reply once
         return a
 
     @_handler
@@ -142,7 +147,7 @@ class UnionOperations(pyfuse3.Operations):
         self.stack.remember(node)  # every successful lookup reply counts, "." and ".." too
         return attrs
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
             try:
                 self.stack.forget(ino, count)
@@ -168,8 +173,17 @@ class UnionOperations(pyfuse3.Operations):
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         sv = self.stack.statvfs()
         out = pyfuse3.StatvfsData()
-        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                     "f_ffree", "f_favail", "f_namemax"):
+        for attr in (
+            "f_bsize",
+            "f_frsize",
+            "f_blocks",
+            "f_bfree",
+            "f_bavail",
+            "f_files",
+            "f_ffree",
+            "f_favail",
+            "f_namemax",
+        ):
             setattr(out, attr, getattr(sv, attr))
         return out
 

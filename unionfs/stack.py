@@ -69,16 +69,37 @@ class Child:
     path: bytes
     ino: int
     dirs: list[DirLayer] | None  # directories only: every layer where it is a directory
+    trimmed: list[DirLayer] | None = None  # `dirs` cut at the first opaque one (lazily)
+    node_ino: int = 0  # the merged inode number, once known
 
 
 class Node:
     """A merged object known to the kernel (or the root).  See the module docstring."""
 
-    __slots__ = ("ino", "parent", "name", "kind", "layer", "path", "dirs", "st", "lookups",
-                 "listing")
+    __slots__ = (
+        "ino",
+        "parent",
+        "name",
+        "kind",
+        "layer",
+        "path",
+        "dirs",
+        "st",
+        "lookups",
+        "listing",
+        "attrs",
+    )
 
-    def __init__(self, ino: Inode, parent: Node | None, name: bytes, kind: int, layer: int,
-                 path: bytes, dirs: list[DirLayer] | None) -> None:
+    def __init__(
+        self,
+        ino: Inode,
+        parent: Node | None,
+        name: bytes,
+        kind: int,
+        layer: int,
+        path: bytes,
+        dirs: list[DirLayer] | None,
+    ) -> None:
         self.ino = ino
         self.parent = parent
         self.name = name
@@ -89,6 +110,7 @@ class Node:
         self.st: os.stat_result | None = None
         self.lookups = 0
         self.listing: dict[bytes, Child] | None = None
+        self.attrs: object | None = None  # the adapter's cached reply, for immutable objects
 
     @property
     def is_dir(self) -> bool:
@@ -227,17 +249,32 @@ class LayerStack:
 
     def node_for(self, parent: Node, name: bytes, child: Child) -> Node:
         """The node of a listing entry: the known one, or a new one (not yet remembered)."""
-        dirs = self._trim(child.dirs) if child.dirs is not None else None
+        if child.node_ino:
+            node = self.nodes.get(Inode(child.node_ino))
+            if node is not None and (not node.is_dir or node.parent is parent):
+                return node
+        if child.dirs is not None and child.trimmed is None:
+            child.trimmed = self._trim(child.dirs)
+        dirs = child.trimmed
         origin_layer, origin_ino = (
             (dirs[-1].layer, dirs[-1].ino) if dirs else (child.layer, child.ino)
         )
         ino = self.ino_for(origin_layer, origin_ino)
+        child.node_ino = ino
         node = self.nodes.get(ino)
         if node is not None:
             if node.is_dir:  # a directory has one place; keep its name current
                 node.parent, node.name = parent, name
             return node
-        return Node(ino, parent, name, child.kind, child.layer, child.path, dirs)
+        return Node(
+            ino,
+            parent,
+            name,
+            child.kind,
+            child.layer,
+            child.path,
+            list(dirs) if dirs is not None else None,
+        )
 
     def _trim(self, chain: list[DirLayer]) -> list[DirLayer]:
         """Cut a directory chain after its first opaque member; note xattr-whiteout dirs."""
@@ -256,6 +293,10 @@ class LayerStack:
         return out
 
     # ----- attributes and content ---------------------------------------------------
+    def immutable(self, node: Node) -> bool:
+        """True when nothing can change the node's attributes: it lives in a lower layer."""
+        return not (self.has_upper and node.layer == 0)
+
     def stat(self, node: Node) -> os.stat_result:
         """lstat of the node's topmost real object; cached for objects in lower layers."""
         if node.st is not None:

@@ -1,0 +1,102 @@
+"""The layerfs command line: fuse-overlayfs's syntax, mount(8)'s form, and clear errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.mounts import LAYERFS
+from unionfs.errors import OptionError
+from unionfs.options import parse_args, parse_lowerdir
+
+
+def test_lowerdir_is_top_first_with_escapes():
+    assert parse_lowerdir("a:b:c") == ["a", "b", "c"]
+    assert parse_lowerdir(r"a\:b:c\\d") == ["a:b", "c\\d"]
+    with pytest.raises(OptionError):
+        parse_lowerdir("a::b")
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    for name in ("top", "bottom", "upper", "work", "mnt", "we:ird"):
+        (tmp_path / name).mkdir()
+    return tmp_path
+
+
+def test_fuse_overlayfs_form(dirs):
+    cfg = parse_args(
+        [
+            "-f",
+            "-o",
+            f"lowerdir={dirs}/top:{dirs}/bottom,upperdir={dirs}/upper,workdir={dirs}/work",
+            str(dirs / "mnt"),
+        ]
+    )
+    assert cfg.lowers == [str(dirs / "top"), str(dirs / "bottom")]
+    assert cfg.upper == str(dirs / "upper") and cfg.work == str(dirs / "work")
+    assert cfg.foreground and not cfg.readonly
+
+
+def test_mount8_form_with_generic_options(dirs):
+    # what mount.fuse3 runs for `mount -t fuse.layerfs SRC MNT -o lowerdir=...`
+    cfg = parse_args(
+        [
+            "mysrc",
+            str(dirs / "mnt"),
+            "-o",
+            f"rw,lowerdir={dirs}/we\\:ird:{dirs}/bottom,dev,suid,noatime,relatime,"
+            "x-systemd.automount,context=foo",
+        ]
+    )
+    assert cfg.source == "mysrc"
+    assert cfg.lowers == [str(dirs / "we:ird"), str(dirs / "bottom")]
+    assert cfg.readonly and not cfg.foreground
+    assert {"dev", "suid", "noatime"} <= cfg.fuse_options
+    assert "relatime" in cfg.ignored
+
+
+def test_multiple_o_and_glued_o(dirs):
+    cfg = parse_args([f"-olowerdir={dirs}/top", "-o", "ro", "-d", str(dirs / "mnt")])
+    assert cfg.debug and cfg.foreground and "ro" in cfg.fuse_options
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        ("ro", "missing option lowerdir"),
+        ("lowerdir=/nonexistent/layer", "lowerdir /nonexistent/layer"),
+        ("lowerdir={d}/top,upperdir={d}/upper", "upperdir and workdir must be given together"),
+        ("lowerdir={d}/top,upperdir={d}/upper,workdir={d}/upper/w", "separate subtrees"),
+        ("lowerdir={d}/top,upperdir={d}/upper,workdir=/dev/shm", "same filesystem"),
+        ("lowerdir={d}/top,uidmapping=0:1000:1", "not supported"),
+        ("lowerdir={d}/top/f", "not a directory"),
+    ],
+)
+def test_bad_options(dirs, opts, message):
+    (dirs / "upper" / "w").mkdir()
+    (dirs / "top" / "f").write_text("x")
+    if "/dev/shm" in opts and os.stat("/dev/shm").st_dev == os.stat(dirs).st_dev:
+        pytest.skip("/dev/shm is on the same filesystem here")
+    with pytest.raises(OptionError, match=message):
+        parse_args(["-o", opts.format(d=dirs), str(dirs / "mnt")])
+
+
+def test_bad_mountpoint(dirs):
+    with pytest.raises(OptionError, match="mountpoint"):
+        parse_args(["-o", f"lowerdir={dirs}/top", str(dirs / "nope")])
+
+
+def test_command_line_errors_exit_2_without_traceback(dirs):
+    r = subprocess.run(
+        [LAYERFS, "-o", "lowerdir=/nonexistent", str(dirs / "mnt")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 2
+    assert "layerfs: lowerdir /nonexistent" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([LAYERFS, "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "lowerdir" in r.stdout

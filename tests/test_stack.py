@@ -1,0 +1,195 @@
+"""LayerStack, the pure union model, without a mount."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.layerdata import oci_whiteout, opaque, whiteout, write
+from unionfs.errors import NotFound
+from unionfs.stack import LayerStack
+
+
+def resolve(stack: LayerStack, path: str):
+    node = stack.root
+    for part in path.strip("/").split("/"):
+        if part:
+            node = stack.lookup(node, part.encode())
+    return node
+
+
+def names(stack: LayerStack, path: str) -> list[bytes]:
+    return sorted(stack.listing(resolve(stack, path)))
+
+
+def make(tmp_path: Path, n: int) -> list[Path]:
+    layers = [tmp_path / f"l{i}" for i in range(n)]
+    for p in layers:
+        p.mkdir(parents=True)
+    return layers  # bottom first here; LayerStack takes top-first
+
+
+def test_oci_whiteout_hides_only_lower_layers(tmp_path):
+    lo, hi = make(tmp_path, 2)
+    write(lo / "a", b"lower")
+    oci_whiteout(hi / "a")
+    write(hi / "b", b"same layer")
+    oci_whiteout(hi / "b")  # a whiteout does not hide its own layer's entry
+    s = LayerStack([str(hi), str(lo)])
+    assert names(s, "/") == [b"b"]
+
+
+def test_non_directory_ends_a_directory_chain(tmp_path):
+    l0, l1, l2 = make(tmp_path, 3)
+    write(l0 / "d/bottom")
+    write(l1 / "d", b"file in the middle")
+    write(l2 / "d/top")
+    s = LayerStack([str(l2), str(l1), str(l0)])
+    assert names(s, "/d") == [b"top"]
+    assert not resolve(s, "/d").merged
+
+
+def test_whiteout_ends_a_directory_chain(tmp_path):
+    l0, l1, l2 = make(tmp_path, 3)
+    write(l0 / "d/bottom")
+    whiteout(l1 / "d")
+    write(l2 / "d/top")
+    s = LayerStack([str(l2), str(l1), str(l0)])
+    assert names(s, "/d") == [b"top"]
+
+
+@pytest.mark.parametrize("how", ["trusted", "user", "fuseoverlayfs", "oci"])
+def test_opaque_kinds(tmp_path, how):
+    if how == "trusted" and os.geteuid() != 0:
+        pytest.skip("trusted xattrs need root")
+    lo, hi = make(tmp_path, 2)
+    write(lo / "d/old")
+    if how == "oci":
+        write(hi / "d/.wh..wh..opq")
+    else:
+        opaque(
+            hi / "d",
+            {
+                "trusted": "trusted.overlay.opaque",
+                "user": "user.overlay.opaque",
+                "fuseoverlayfs": "user.fuseoverlayfs.opaque",
+            }[how],
+        )
+    write(hi / "d/new")
+    s = LayerStack([str(hi), str(lo)])
+    assert names(s, "/d") == [b"new"]
+    assert s.listxattr(resolve(s, "/d")) == []
+
+
+def test_opaque_x_is_not_opaque_but_enables_xattr_whiteouts(tmp_path):
+    lo, hi = make(tmp_path, 2)
+    write(lo / "d/gone")
+    write(lo / "d/kept")
+    write(hi / "d/gone")
+    os.setxattr(hi / "d/gone", "user.overlay.whiteout", b"y")
+    write(hi / "d/emptyfile")  # zero-size, no whiteout xattr: a real file
+    os.setxattr(hi / "d", "user.overlay.opaque", b"x")
+    s = LayerStack([str(hi), str(lo)])
+    assert names(s, "/d") == [b"emptyfile", b"kept"]
+
+
+def test_lookup_missing_and_internal_xattrs(tmp_path):
+    (lo,) = make(tmp_path, 1)
+    write(lo / "f")
+    os.setxattr(lo / "f", "user.overlay.secret", b"1")
+    os.setxattr(lo / "f", "user.visible", b"2")
+    s = LayerStack([str(lo)])
+    with pytest.raises(NotFound):
+        resolve(s, "/missing")
+    node = resolve(s, "/f")
+    assert s.listxattr(node) == [b"user.visible"]
+    with pytest.raises(OSError) as exc:
+        s.getxattr(node, b"user.overlay.secret")
+    assert exc.value.errno == errno.ENODATA
+
+
+def test_forget_drops_nodes(tmp_path):
+    (lo,) = make(tmp_path, 1)
+    write(lo / "d/f")
+    s = LayerStack([str(lo)])
+    d = s.lookup(s.root, b"d")
+    s.remember(d, 2)
+    f = s.lookup(d, b"f")
+    s.remember(f)
+    assert set(s.nodes) == {1, d.ino, f.ino}
+    s.forget(f.ino, 1)
+    s.forget(d.ino, 1)
+    assert d.ino in s.nodes
+    s.forget(d.ino, 1)
+    assert set(s.nodes) == {1}
+    s.forget(1, 5)  # the root is never forgotten
+    assert 1 in s.nodes
+
+
+def test_lookup_cost_does_not_grow_with_depth(tmp_path, monkeypatch):
+    """A name that lives only in the bottom layer: the real syscalls a lookup makes below a
+    bottom-only directory are the same for 2 and for 200 layers."""
+
+    def cost(depth: int) -> int:
+        layers = make(tmp_path / str(depth), depth)
+        write(layers[0] / "usr/lib/deep/file", b"x")
+        for i, p in enumerate(layers[1:]):
+            write(p / f"own{i}", b"")
+        s = LayerStack([str(p) for p in reversed(layers)])
+        usr = resolve(s, "/usr")
+        calls = 0
+        real = {n: getattr(os, n) for n in ("scandir", "lstat", "stat", "listxattr", "getxattr")}
+
+        def counting(name):
+            def f(*a, **k):
+                nonlocal calls
+                calls += 1
+                return real[name](*a, **k)
+
+            return f
+
+        for n in real:
+            monkeypatch.setattr(os, n, counting(n))
+        node = s.lookup(s.lookup(s.lookup(usr, b"lib"), b"deep"), b"file")
+        s.stat(node)
+        for n, f in real.items():
+            monkeypatch.setattr(os, n, f)
+        return calls
+
+    assert cost(200) == cost(2)
+
+
+def test_handlers_count_lookups(tmp_path):
+    """Handler tier: lookup replies are counted, forget undoes them, ENOENT is a negative entry."""
+    pyfuse3 = pytest.importorskip("pyfuse3")
+    from unionfs.operations import UnionOperations
+
+    (lo,) = make(tmp_path, 1)
+    write(lo / "f", b"data")
+    ops = UnionOperations(LayerStack([str(lo)]))
+
+    async def scenario():
+        a = await ops.lookup(pyfuse3.ROOT_INODE, b"f", None)
+        b = await ops.lookup(pyfuse3.ROOT_INODE, b"f", None)
+        assert a.st_ino == b.st_ino and stat.S_ISREG(a.st_mode) and a.st_size == 4
+        assert ops.stack.nodes[a.st_ino].lookups == 2
+        neg = await ops.lookup(pyfuse3.ROOT_INODE, b"nope", None)
+        assert neg.st_ino == 0
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.getattr(123456789, None)
+        assert exc.value.errno == errno.ESTALE
+        fi = await ops.open(a.st_ino, os.O_RDONLY, None)
+        assert await ops.read(fi.fh, 1, 10) == b"ata"
+        await ops.release(fi.fh)
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.open(a.st_ino, os.O_WRONLY, None)
+        assert exc.value.errno == errno.EROFS
+        await ops.forget([(a.st_ino, 2)])
+        assert a.st_ino not in ops.stack.nodes
+
+    trio.run(scenario)
