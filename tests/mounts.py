@@ -160,11 +160,11 @@ class LayerfsMount:
         finally:
             if proc is not None:
                 try:
-                    proc.wait(timeout=15)
+                    proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     proc.terminate()
                     try:
-                        proc.wait(timeout=5)
+                        proc.wait(timeout=2)
                     except subprocess.TimeoutExpired:
                         proc.kill()
                         proc.wait(timeout=5)
