@@ -6,6 +6,8 @@ Reading accepts every encoding found in the wild, so layers made by other tools 
     directory marked `overlay.opaque=x` (the kernel's rule, which spares an xattr read per file);
   - opaque directory: `overlay.opaque=y` (trusted. as root, user. otherwise),
     `user.fuseoverlayfs.opaque=y`, or an OCI `.wh..wh..opq` file inside it.
+A moved directory carries `overlay.redirect` (the kernel's redirect_dir format): the path,
+from the root, where its lower part lives.
 Writing (the write side) uses the kernel-overlayfs format only.  Internal xattrs are never
 shown to users: `is_internal_xattr` is the single filter.  Pure functions; no state.
 """
@@ -24,6 +26,7 @@ OWN_PREFIXES = (b"trusted.layerfs.", b"user.layerfs.")
 FUSEOVERLAYFS_OPAQUE = b"user.fuseoverlayfs.opaque"
 OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque", FUSEOVERLAYFS_OPAQUE)
 WHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
+REDIRECT_XATTRS = (b"trusted.overlay.redirect", b"user.overlay.redirect")
 
 
 def is_internal_xattr(name: bytes) -> bool:
@@ -58,11 +61,12 @@ def _getxattr(path: bytes, name: bytes) -> bytes | None:
 class DirMarks:
     """What a real directory says about itself: opaque, and whether it holds xattr whiteouts."""
 
-    __slots__ = ("opaque", "xwhiteouts")
+    __slots__ = ("opaque", "xwhiteouts", "redirect")
 
-    def __init__(self, opaque: bool, xwhiteouts: bool) -> None:
+    def __init__(self, opaque: bool, xwhiteouts: bool, redirect: bytes | None = None) -> None:
         self.opaque = opaque
         self.xwhiteouts = xwhiteouts
+        self.redirect = redirect
 
 
 def dir_marks(path: bytes) -> DirMarks:
@@ -74,8 +78,11 @@ def dir_marks(path: bytes) -> DirMarks:
             return DirMarks(False, False)
         raise
     opaque = xwh = False
+    redirect = None
     for raw in names:
         name = os.fsencode(raw)
+        if name in REDIRECT_XATTRS:
+            redirect = _getxattr(path, name)
         if name in OPAQUE_XATTRS:
             value = _getxattr(path, name)
             if value is None:
@@ -85,7 +92,7 @@ def dir_marks(path: bytes) -> DirMarks:
                 opaque = True
             elif value == b"x":
                 xwh = True
-    return DirMarks(opaque, xwh)
+    return DirMarks(opaque, xwh, redirect)
 
 
 def is_xattr_whiteout(path: bytes, st: os.stat_result) -> bool:
@@ -93,3 +100,12 @@ def is_xattr_whiteout(path: bytes, st: os.stat_result) -> bool:
     if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
         return False
     return any(_getxattr(path, name) is not None for name in WHITEOUT_XATTRS)
+
+
+def opaque_xattr() -> bytes:
+    """The opaque marker this process writes: trusted. as root, user. otherwise."""
+    return b"trusted.overlay.opaque" if os.geteuid() == 0 else b"user.overlay.opaque"
+
+
+def redirect_xattr() -> bytes:
+    return b"trusted.overlay.redirect" if os.geteuid() == 0 else b"user.overlay.redirect"

@@ -247,7 +247,7 @@ class UnionOperations(pyfuse3.Operations):
         node = self.stack.node(inode)
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
-        fd = _open_noatime(node.path, os.O_RDONLY)
+        fd = _open_noatime(self.stack.real_path(node), os.O_RDONLY)
         fh = self._new_fh()
         self._files[fh] = fd
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)

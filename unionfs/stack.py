@@ -53,7 +53,8 @@ _DTYPE_KIND = {
 
 @dataclass(slots=True)
 class DirLayer:
-    """One real directory taking part in a merged directory."""
+    """One real directory taking part in a merged directory.  For the upper layer (0 when
+    there is an upper) `path` may be stale after a rename: use `LayerStack.dir_paths`."""
 
     layer: int
     path: bytes
@@ -66,51 +67,39 @@ class Child:
 
     kind: int  # S_IFMT of the topmost object
     layer: int
-    path: bytes
+    path: bytes  # real path when listed (for the upper layer, recomputed from the parent)
     ino: int
     dirs: list[DirLayer] | None  # directories only: every layer where it is a directory
     trimmed: list[DirLayer] | None = None  # `dirs` cut at the first opaque one (lazily)
     node_ino: int = 0  # the merged inode number, once known
+    covers: bool = False  # a lower layer also has this name (a whiteout is due on removal)
 
 
 class Node:
-    """A merged object known to the kernel (or the root).  See the module docstring."""
+    """A merged object known to the kernel (or the root).  See the module docstring.
 
-    __slots__ = (
-        "ino",
-        "parent",
-        "name",
-        "kind",
-        "layer",
-        "path",
-        "dirs",
-        "st",
-        "lookups",
-        "listing",
-        "attrs",
-    )
+    `layer` is where the topmost real object lives; 0 with an upper means "in the upper",
+    and then its real path is derived from `parent` and `name` (so renames of an ancestor
+    never leave stale paths).  Lower objects keep their real path in `lower_path`."""
 
-    def __init__(
-        self,
-        ino: Inode,
-        parent: Node | None,
-        name: bytes,
-        kind: int,
-        layer: int,
-        path: bytes,
-        dirs: list[DirLayer] | None,
-    ) -> None:
+    __slots__ = ("ino", "parent", "name", "kind", "layer", "lower_path", "dirs", "st",
+                 "lookups", "listing", "attrs", "unlinked", "lock")
+
+    def __init__(self, ino: Inode, parent: Node | None, name: bytes, kind: int, layer: int,
+                 lower_path: bytes, dirs: list[DirLayer] | None) -> None:
         self.ino = ino
         self.parent = parent
         self.name = name
         self.kind = kind
         self.layer = layer
-        self.path = path
+        self.lower_path = lower_path
         self.dirs = dirs
         self.st: os.stat_result | None = None
         self.lookups = 0
         self.listing: dict[bytes, Child] | None = None
         self.attrs: object | None = None  # the adapter's cached reply, for immutable objects
+        self.unlinked = False
+        self.lock: object | None = None  # the adapter's per-inode lock, made on demand
 
     @property
     def is_dir(self) -> bool:
@@ -119,6 +108,11 @@ class Node:
     @property
     def merged(self) -> bool:
         return self.dirs is not None and len(self.dirs) > 1
+
+    @property
+    def has_lower(self) -> bool:
+        """A directory with parts in lower layers (renaming it needs a redirect)."""
+        return self.dirs is not None and any(d.layer > 0 for d in self.dirs)
 
     def merged_path(self) -> bytes:
         parts: list[bytes] = []
@@ -130,7 +124,7 @@ class Node:
 
 
 class LayerStack:
-    """The union of `layers` (top-first).  `upper` is True when layers[0] is writable."""
+    """The union of `layers` (top-first).  `has_upper` is True when layers[0] is writable."""
 
     def __init__(self, lowers: list[str], upper: str | None = None) -> None:
         paths = ([upper] if upper is not None else []) + list(lowers)
@@ -139,12 +133,16 @@ class LayerStack:
         self.devs = [os.stat(p).st_dev for p in self.layers]
         self._dev_index: dict[int, int] = {}
         self._fallback: dict[tuple[int, int], Inode] = {}
+        # upper real inode -> merged inode, for objects copied up during this mount, so a
+        # file keeps its st_ino across copy-up even after the kernel forgets it.
+        self.origins: dict[int, Inode] = {}
         self.nodes: dict[Inode, Node] = {}
         root_dirs = [DirLayer(i, p, os.stat(p).st_ino) for i, p in enumerate(self.layers)]
         self.root = Node(ROOT_INODE, None, b"", stat.S_IFDIR, 0, self.layers[0], root_dirs)
         self.root.lookups = 1  # the kernel never forgets the root
         self.nodes[ROOT_INODE] = self.root
-        # Mark directories that may hold xattr whiteouts (overlay.opaque=x).
+        self._lower_view: LayerStack | None = None
+        # Directories that may hold xattr whiteouts (overlay.opaque=x), by real path.
         self._xwh: set[bytes] = set()
         for d in root_dirs:
             if markers.dir_marks(d.path).xwhiteouts:
@@ -152,6 +150,10 @@ class LayerStack:
 
     # ----- inode numbers -------------------------------------------------------------
     def ino_for(self, layer: int, real_ino: int) -> Inode:
+        if self.has_upper and layer == 0:
+            origin = self.origins.get(real_ino)
+            if origin is not None:
+                return origin
         dev = self.devs[layer]
         idx = self._dev_index.setdefault(dev, len(self._dev_index))
         if real_ino < (1 << _XINO_SHIFT) and idx < _XINO_MAX_DEV:
@@ -187,19 +189,46 @@ class LayerStack:
         if node.lookups <= 0 and node is not self.root:
             self.nodes.pop(node.ino, None)
 
+    # ----- real paths ----------------------------------------------------------------
+    def upper_path(self, node: Node) -> bytes:
+        """Where `node` lives (or would live, once copied up) in the upper layer."""
+        parts: list[bytes] = []
+        cur: Node | None = node
+        while cur is not None and cur.parent is not None:
+            parts.append(cur.name)
+            cur = cur.parent
+        return b"/".join([self.layers[0], *reversed(parts)])
+
+    def in_upper(self, node: Node) -> bool:
+        return self.has_upper and node.layer == 0
+
+    def real_path(self, node: Node) -> bytes:
+        """The topmost real object of `node`."""
+        if self.in_upper(node):
+            return self.upper_path(node)
+        if node.dirs is not None:
+            return node.dirs[0].path
+        return node.lower_path
+
+    def dir_paths(self, node: Node) -> list[DirLayer]:
+        assert node.dirs is not None
+        if not self.in_upper(node):
+            return node.dirs
+        first = node.dirs[0]
+        return [DirLayer(first.layer, self.upper_path(node), first.ino), *node.dirs[1:]]
+
     # ----- resolution ----------------------------------------------------------------
     def listing(self, node: Node) -> dict[bytes, Child]:
         if not node.is_dir or node.dirs is None:
             raise NotADirectory()
         if node.listing is None:
-            node.listing = self._merge(node.dirs)
+            node.listing = self._merge(self.dir_paths(node))
         return node.listing
 
     def _merge(self, dirs: list[DirLayer]) -> dict[bytes, Child]:
         result: dict[bytes, Child] = {}
         blocked: set[bytes] = set()  # names a higher layer settled as non-dir or whiteout
-        last = len(dirs) - 1
-        for pos, d in enumerate(dirs):
+        for d in dirs:
             whiteouts: list[bytes] = []
             xwh = d.path in self._xwh
             with os.scandir(d.path) as it:
@@ -219,19 +248,23 @@ class LayerStack:
                         ):
                             whiteouts.append(name)
                             continue
+                    existing = result.get(name)
                     if name in blocked:
+                        if existing is not None:
+                            existing.covers = True
                         continue
                     path: bytes = de.path  # type: ignore[assignment]
-                    existing = result.get(name)
                     if existing is None:
                         isdir = kind == stat.S_IFDIR
                         dl = [DirLayer(d.layer, path, de.inode())] if isdir else None
                         result[name] = Child(kind, d.layer, path, de.inode(), dl)
                         if not isdir:
                             blocked.add(name)
-                    elif existing.dirs is not None and kind == stat.S_IFDIR and pos <= last:
+                    elif existing.dirs is not None and kind == stat.S_IFDIR:
                         existing.dirs.append(DirLayer(d.layer, path, de.inode()))
+                        existing.covers = True
                     else:
+                        existing.covers = True
                         blocked.add(name)
             blocked.update(whiteouts)
         return result
@@ -251,10 +284,10 @@ class LayerStack:
         """The node of a listing entry: the known one, or a new one (not yet remembered)."""
         if child.node_ino:
             node = self.nodes.get(Inode(child.node_ino))
-            if node is not None and (not node.is_dir or node.parent is parent):
+            if node is not None and node.parent is parent and node.name == name:
                 return node
         if child.dirs is not None and child.trimmed is None:
-            child.trimmed = self._trim(child.dirs)
+            child.trimmed = self._trim(parent, name, child.dirs)
         dirs = child.trimmed
         origin_layer, origin_ino = (
             (dirs[-1].layer, dirs[-1].ino) if dirs else (child.layer, child.ino)
@@ -263,46 +296,78 @@ class LayerStack:
         child.node_ino = ino
         node = self.nodes.get(ino)
         if node is not None:
-            if node.is_dir:  # a directory has one place; keep its name current
-                node.parent, node.name = parent, name
+            # a directory has one place; a hard-linked file is reached by its latest name
+            node.parent, node.name = parent, name
             return node
-        return Node(
-            ino,
-            parent,
-            name,
-            child.kind,
-            child.layer,
-            child.path,
-            list(dirs) if dirs is not None else None,
-        )
+        return Node(ino, parent, name, child.kind, child.layer, child.path,
+                    list(dirs) if dirs is not None else None)
 
-    def _trim(self, chain: list[DirLayer]) -> list[DirLayer]:
-        """Cut a directory chain after its first opaque member; note xattr-whiteout dirs."""
-        if len(chain) == 1:
+    def _trim(self, parent: Node, name: bytes, chain: list[DirLayer]) -> list[DirLayer]:
+        """Cut a directory chain after its first opaque member; follow an upper redirect;
+        note directories that hold xattr whiteouts."""
+        upper_first = self.has_upper and chain[0].layer == 0
+        if len(chain) == 1 and not upper_first:
             return list(chain)
         out: list[DirLayer] = []
         for pos, d in enumerate(chain):
+            path = self.upper_path(parent) + b"/" + name if d.layer == 0 and upper_first else d.path
             out.append(d)
-            marks = markers.dir_marks(d.path)
+            marks = markers.dir_marks(path)
             if marks.xwhiteouts:
-                self._xwh.add(d.path)
+                self._xwh.add(path)
+            if d.layer == 0 and upper_first and marks.redirect is not None:
+                if marks.opaque:
+                    return out
+                return out + self._redirected(parent, marks.redirect)
             if pos == len(chain) - 1:
                 break
-            if marks.opaque or _exists(os.path.join(d.path, markers.WH_OPAQUE)):
+            if marks.opaque or _exists(path + b"/" + markers.WH_OPAQUE):
                 break
         return out
+
+    def _redirected(self, parent: Node, redirect: bytes) -> list[DirLayer]:
+        """The lower part of a moved directory: its redirect path resolved through the lower
+        layers only (overlayfs redirect_dir; absolute from the root, or relative to the
+        parent)."""
+        if self._lower_view is None:
+            lowers = [os.fsdecode(p) for p in self.layers[1:]]
+            self._lower_view = LayerStack(lowers)
+        path = redirect if redirect.startswith(b"/") else parent.merged_path() + b"/" + redirect
+        view = self._lower_view
+        node = view.root
+        try:
+            for part in path.strip(b"/").split(b"/"):
+                if part:
+                    node = view.lookup(node, part)
+        except (NotFound, NotADirectory):
+            return []
+        if node.dirs is None:
+            return []
+        return [DirLayer(d.layer + 1, d.path, d.ino) for d in node.dirs]
+
+    def lower_has(self, parent: Node, name: bytes) -> bool:
+        """Would removing the upper object named `name` reveal something below?  Then a
+        whiteout must take its place (and only then: overlayfs creates no needless ones)."""
+        if not self.has_upper:
+            return True
+        child = self.listing(parent).get(name)
+        if child is None:
+            return False
+        if child.layer > 0 or child.covers:
+            return True
+        return child.dirs is not None and any(d.layer > 0 for d in child.dirs)
 
     # ----- attributes and content ---------------------------------------------------
     def immutable(self, node: Node) -> bool:
         """True when nothing can change the node's attributes: it lives in a lower layer."""
-        return not (self.has_upper and node.layer == 0)
+        return not self.in_upper(node)
 
     def stat(self, node: Node) -> os.stat_result:
         """lstat of the node's topmost real object; cached for objects in lower layers."""
         if node.st is not None:
             return node.st
-        st = os.lstat(node.path)
-        if not (self.has_upper and node.layer == 0):
+        st = os.lstat(self.real_path(node))
+        if self.immutable(node):
             node.st = st
         return st
 
@@ -317,15 +382,15 @@ class LayerStack:
     def readlink(self, node: Node) -> bytes:
         if node.kind != stat.S_IFLNK:
             raise OSError(errno.EINVAL, "not a symlink")
-        return os.readlink(node.path)
+        return os.readlink(self.real_path(node))
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
         if markers.is_internal_xattr(name):
             raise OSError(errno.ENODATA, "no such attribute")
-        return os.getxattr(node.path, name, follow_symlinks=False)
+        return os.getxattr(self.real_path(node), name, follow_symlinks=False)
 
     def listxattr(self, node: Node) -> list[bytes]:
-        names = os.listxattr(node.path, follow_symlinks=False)
+        names = os.listxattr(self.real_path(node), follow_symlinks=False)
         return [n for n in map(os.fsencode, names) if not markers.is_internal_xattr(n)]
 
     def statvfs(self) -> os.statvfs_result:

@@ -1,0 +1,119 @@
+"""Real-filesystem primitives the write side needs and `os` lacks: renameat2 flags, sparse
+copies with copy_file_range, metadata copies.  Pure functions over real paths; they block,
+so bulk ones (`copy_data`) run in worker threads.  No shared state.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+AT_FDCWD = -100
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_renameat2 = _libc.renameat2
+_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                       ctypes.c_uint]
+_renameat2.restype = ctypes.c_int
+
+
+def renameat2(src: bytes, dst: bytes, flags: int = 0) -> None:
+    if _renameat2(AT_FDCWD, src, AT_FDCWD, dst, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), src, None, dst)
+
+
+def make_whiteout(path: bytes) -> None:
+    """A kernel-format whiteout: a character device 0/0."""
+    os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+
+
+def copy_data(src: bytes, dst: bytes, mode: int = 0o600) -> None:
+    """Copy a regular file's bytes into a new file, keeping holes (SEEK_DATA/SEEK_HOLE) and
+    using copy_file_range, which the filesystem may turn into a reflink."""
+    with open(src, "rb", buffering=0) as fin:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            size = os.fstat(fin.fileno()).st_size
+            _copy_ranges(fin.fileno(), fd, size)
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+
+def _copy_ranges(fin: int, fout: int, size: int) -> None:
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fin, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole remains
+                return
+            raise
+        hole = os.lseek(fin, data, os.SEEK_HOLE)
+        _copy_range(fin, fout, data, hole - data)
+        pos = hole
+
+
+def _copy_range(fin: int, fout: int, offset: int, length: int) -> None:
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(fin, fout, length - done, offset + done, offset + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            n = _copy_plain(fin, fout, offset + done, length - done)
+        if n == 0:
+            return
+        done += n
+
+
+def _copy_plain(fin: int, fout: int, offset: int, length: int) -> int:
+    data = os.pread(fin, min(length, 1 << 20), offset)
+    return os.pwrite(fout, data, offset) if data else 0
+
+
+def copy_xattrs(src: bytes, dst: bytes, skip) -> None:  # type: ignore[no-untyped-def]
+    """Copy every xattr for which `skip(name)` is false (internal markers stay behind)."""
+    try:
+        names = os.listxattr(src, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return
+        raise
+    for raw in names:
+        name = os.fsencode(raw)
+        if skip(name):
+            continue
+        try:
+            value = os.getxattr(src, name, follow_symlinks=False)
+            os.setxattr(dst, name, value, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
+                raise
+
+
+def copy_meta(st: os.stat_result, dst: bytes) -> None:
+    """Owner, mode (after chown, which clears setuid bits) and times, not following links."""
+    os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def make_like(st: os.stat_result, src: bytes, dst: bytes) -> None:
+    """Create at `dst` a non-regular, non-directory object like `src` (no data to copy)."""
+    kind = stat.S_IFMT(st.st_mode)
+    if kind == stat.S_IFLNK:
+        os.symlink(os.readlink(src), dst)
+    elif kind in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
+        os.mknod(dst, kind | 0o600, st.st_rdev)
+    else:
+        raise OSError(errno.EINVAL, "cannot copy this kind of object", src)
