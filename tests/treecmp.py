@@ -105,7 +105,11 @@ def subdir_count(tree: dict[bytes, Obj], path: bytes) -> int:
 
 
 def diff(
-    ours: dict[bytes, Obj], theirs: dict[bytes, Obj], *, merged_dir_nlink_one=True
+    ours: dict[bytes, Obj],
+    theirs: dict[bytes, Obj],
+    *,
+    merged_dir_nlink_one: bool = True,
+    compare_mtime: bool = True,
 ) -> list[str]:
     """Differences a user could see; empty when the trees agree.  Inode numbers are not
     compared across filesystems, and the kernel's nlink=1 for merged directories is
@@ -116,19 +120,19 @@ def diff(
         if a is None or b is None:
             problems.append(f"{path!r}: only in {'theirs' if a is None else 'ours'}")
             continue
-        for fld in (
+        fields = [
             "kind",
             "mode",
             "uid",
             "gid",
             "size",
-            "mtime_ns",
             "content",
             "target",
             "rdev",
             "xattrs",
             "names",
-        ):
+        ] + (["mtime_ns"] if compare_mtime else [])
+        for fld in fields:
             va, vb = getattr(a, fld), getattr(b, fld)
             if va != vb:
                 problems.append(f"{path!r}: {fld} {va!r} != {vb!r}")

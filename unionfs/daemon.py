@@ -107,11 +107,14 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
 
     from .operations import UnionOperations
     from .stack import LayerStack
+    from .writer import Writer
 
     for ignored in cfg.ignored:
         log.debug("ignoring mount option %s", ignored)
+    os.umask(0)  # modes arrive with the caller's umask applied; ours must not apply twice
     try:
         stack = LayerStack(cfg.lowers, cfg.upper)
+        writer = Writer(stack, cfg.work) if cfg.work is not None else None
     except OSError as exc:
         _report(ready_fd, f"layerfs: cannot open layers: {exc}")
         return EXIT_MOUNT_FAILED
@@ -123,7 +126,7 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
             ready_fd = None
             _detach_stdio(cfg.debug)
 
-    ops = UnionOperations(stack, debug=cfg.debug, on_init=on_init)
+    ops = UnionOperations(stack, writer, debug=cfg.debug, on_init=on_init)
     try:
         pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
     except RuntimeError as exc:

@@ -29,14 +29,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
+from . import markers
 from .errors import UnionError
 from .stack import Child, LayerStack, Node
+from .writer import Writer
 
 log = logging.getLogger("layerfs")
 
 CACHE_TIMEOUT = 86400.0  # seconds; see the module docstring for why this is safe
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
+_O_DIRECT = getattr(os, "O_DIRECT", 0)  # the daemon's buffers are not aligned for it
+SMALL_COPY = 256 << 10  # copy-ups up to this size stay on the trio thread (a hop costs more)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -68,6 +73,17 @@ def _short(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(a for a in args if not isinstance(a, (pyfuse3.RequestContext,)))
 
 
+class FileHandle:
+    """An open file: the real fd (lower until the first write, then upper)."""
+
+    __slots__ = ("node", "fd", "writable")
+
+    def __init__(self, node: Node, fd: int, writable: bool) -> None:
+        self.node = node
+        self.fd = fd
+        self.writable = writable
+
+
 class DirHandle:
     """An open directory: a snapshot of its merged entries, so offsets stay stable."""
 
@@ -83,13 +99,19 @@ class UnionOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(
-        self, stack: LayerStack, debug: bool = False, on_init: Callable[[], None] | None = None
+        self,
+        stack: LayerStack,
+        writer: Writer | None = None,
+        debug: bool = False,
+        on_init: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self.stack = stack
+        self.writer = writer
         self.debug = debug
         self._on_init = on_init
-        self._files: dict[int, int] = {}  # fh -> real fd
+        self._files: dict[int, FileHandle] = {}
+        self._by_node: dict[int, set[int]] = {}  # inode -> open file handles
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
 
@@ -110,7 +132,7 @@ class UnionOperations(pyfuse3.Operations):
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         if node.attrs is not None:
             return node.attrs  # type: ignore[return-value]
-        st = self.stack.stat(node)
+        st = self._stat_for(node)
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
         a.generation = 0
@@ -165,7 +187,7 @@ class UnionOperations(pyfuse3.Operations):
     @_handler
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
         node = self.stack.node(inode)
-        if mode & os.W_OK and not self.stack.has_upper:
+        if mode & os.W_OK and self.writer is None:
             raise pyfuse3.FUSEError(errno.EROFS)
         return _may_access(self.stack.stat(node), mode, ctx)
 
@@ -237,57 +259,299 @@ class UnionOperations(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
-    @_handler
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None
-
     # ----- files -----------------------------------------------------------------------
+    def _handle_fds(self, node: Node) -> list[FileHandle]:
+        return [self._files[fh] for fh in self._by_node.get(node.ino, ())]
+
+    def _add_handle(self, node: Node, fd: int, writable: bool) -> int:
+        fh = self._new_fh()
+        self._files[fh] = FileHandle(node, fd, writable)
+        self._by_node.setdefault(node.ino, set()).add(fh)
+        return fh
+
     @_handler
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         node = self.stack.node(inode)
-        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
-            raise pyfuse3.FUSEError(errno.EROFS)
-        fd = _open_noatime(self.stack.real_path(node), os.O_RDONLY)
-        fh = self._new_fh()
-        self._files[fh] = fd
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if writable:
+            self._need_upper()
+            await self._copy_up(node, with_data=not flags & os.O_TRUNC)
+        oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY | _O_DIRECT)
+        path = self.stack.real_path(node)
+        fd = os.open(path, oflags | os.O_CLOEXEC) if writable else _open_noatime(path, oflags)
+        if flags & os.O_TRUNC:
+            node.st = node.attrs = None
+        return pyfuse3.FileInfo(fh=self._add_handle(node, fd, writable), keep_cache=True)
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self._files[fh], size, off)
+        return os.pread(self._files[fh].fd, size, off)
+
+    @_handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._files[fh]
+        return os.pwrite(handle.fd, buf, off)
 
     @_handler
     async def flush(self, fh: int) -> None:
-        return None
+        return None  # nothing is buffered here: writes reach the upper file as they come
 
     async def release(self, fh: int) -> None:
-        fd = self._files.pop(fh, None)
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                log.exception("release: close failed")
+        handle = self._files.pop(fh, None)
+        if handle is None:
+            return
+        fhs = self._by_node.get(handle.node.ino)
+        if fhs is not None:
+            fhs.discard(fh)
+            if not fhs:
+                del self._by_node[handle.node.ino]
+        try:
+            os.close(handle.fd)
+        except OSError:
+            log.exception("release: close failed")
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        return None
+        fd = self._files[fh].fd
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
 
-    # ----- the write side: read-only until it is built ----------------------------------
-    async def _erofs(self, *args: Any) -> Any:
-        raise pyfuse3.FUSEError(errno.EROFS)
+    @_handler
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        node = self._dirs[fh].node
+        if self.stack.in_upper(node):
+            fd = os.open(self.stack.real_path(node), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                await trio.to_thread.run_sync(os.fsync, fd)
+            finally:
+                os.close(fd)
 
-    setattr = _erofs  # type: ignore[assignment]
-    mknod = _erofs  # type: ignore[assignment]
-    mkdir = _erofs  # type: ignore[assignment]
-    unlink = _erofs  # type: ignore[assignment]
-    rmdir = _erofs  # type: ignore[assignment]
-    symlink = _erofs  # type: ignore[assignment]
-    rename = _erofs  # type: ignore[assignment]
-    link = _erofs  # type: ignore[assignment]
-    create = _erofs  # type: ignore[assignment]
-    write = _erofs  # type: ignore[assignment]
-    setxattr = _erofs  # type: ignore[assignment]
-    removexattr = _erofs  # type: ignore[assignment]
+    # ----- the write side --------------------------------------------------------------
+    def _need_upper(self) -> Writer:
+        if self.writer is None:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return self.writer
+
+    def _lock(self, node: Node) -> trio.Lock:
+        if node.lock is None:
+            node.lock = trio.Lock()
+        return node.lock  # type: ignore[return-value]
+
+    async def _quiesce(self, node: Node | None) -> None:
+        """Wait for a copy-up of `node` in progress; the caller then acts without awaiting."""
+        if node is not None and node.lock is not None:
+            async with node.lock:  # type: ignore[attr-defined]
+                pass
+
+    async def _copy_up(self, node: Node, with_data: bool = True) -> None:
+        """Copy `node` up before its first change.  Data of big files is copied in a worker
+        thread under the node's lock, so other requests go on being served."""
+        writer = self._need_upper()
+        if self.stack.in_upper(node):
+            return
+        if node.is_dir:
+            writer.copy_up_dir(node)
+            return
+        async with self._lock(node):
+            plan = writer.plan_copy_up(node, with_data)
+            if plan is not None:
+                try:
+                    if with_data and plan.st.st_size > SMALL_COPY:
+                        await trio.to_thread.run_sync(Writer.copy_data, plan)
+                    else:
+                        Writer.copy_data(plan)
+                except BaseException:
+                    writer.abort_copy_up(plan)
+                    raise
+                writer.finish_copy_up(plan)
+            self._reopen(node)
+
+    async def _copy_up_linked(self, node: Node) -> None:
+        """Before a name of a hard-linked lower file goes away, copy the file up (which links
+        its other names in the upper), so the names left show the right link count."""
+        if not node.is_dir and not self.stack.in_upper(node) and self.stack.stat(node).st_nlink > 1:
+            await self._copy_up(node)
+
+    def _reopen(self, node: Node) -> None:
+        """Read-only fds opened on the lower file now see the upper copy (overlayfs does not
+        do this; it is why an fd opened before another fd's write sees the new data)."""
+        path = self.stack.real_path(node)
+        for handle in self._handle_fds(node):
+            if not handle.writable:
+                new = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                os.dup2(new, handle.fd)
+                os.close(new)
+
+    def _stat_for(self, node: Node) -> os.stat_result:
+        if node.unlinked:
+            for handle in self._handle_fds(node):
+                return os.fstat(handle.fd)
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self.stack.stat(node)
+
+    @_handler
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: Any,
+    ) -> Any:
+        node = self.stack.node(inode)
+        self._need_upper()
+        truncate_all = fields.update_size and attr.st_size == 0
+        await self._copy_up(node, with_data=not truncate_all)
+        handle = self._files.get(fh) if fh is not None else None
+        target: Any = handle.fd if handle is not None else self.stack.real_path(node)
+        is_link = node.kind == stat.S_IFLNK
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            if isinstance(target, int):
+                os.fchown(target, uid, gid)
+            else:
+                os.chown(target, uid, gid, follow_symlinks=False)
+        if fields.update_mode and not is_link:
+            os.chmod(target, stat.S_IMODE(attr.st_mode))
+        if fields.update_size:
+            os.truncate(target, attr.st_size)
+        if fields.update_atime or fields.update_mtime:
+            cur = self._stat_for(node)
+            times = (
+                attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
+                attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns,
+            )
+            if isinstance(target, int):
+                os.utime(target, ns=times)
+            else:
+                os.utime(target, ns=times, follow_symlinks=False)
+        node.st = node.attrs = None
+        return self._entry(node)
+
+    def _new_entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = self._entry(node)
+        self.stack.remember(node)
+        return attrs
+
+    @_handler
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        writer = self._need_upper()
+        parent = self.stack.node(parent_inode)
+        node, fd = writer.create(parent, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid)
+        fh = self._add_handle(node, fd, True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new_entry(node)
+
+    @_handler
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        writer = self._need_upper()
+        parent = self.stack.node(parent_inode)
+        node = writer.make(
+            parent, name, stat.S_IFMT(mode), mode & ~ctx.umask, ctx.uid, ctx.gid, rdev=rdev
+        )
+        return self._new_entry(node)
+
+    @_handler
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        writer = self._need_upper()
+        parent = self.stack.node(parent_inode)
+        node = writer.make(parent, name, stat.S_IFDIR, mode & ~ctx.umask, ctx.uid, ctx.gid)
+        return self._new_entry(node)
+
+    @_handler
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        writer = self._need_upper()
+        parent = self.stack.node(parent_inode)
+        node = writer.make(parent, name, stat.S_IFLNK, 0o777, ctx.uid, ctx.gid, target=target)
+        return self._new_entry(node)
+
+    @_handler
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        writer = self._need_upper()
+        node = self.stack.node(inode)
+        parent = self.stack.node(new_parent_inode)
+        await self._copy_up(node)
+        writer.link(node, parent, new_name)
+        return self._new_entry(node)
+
+    def _child_node(self, parent: Node, name: bytes) -> Node:
+        return self.stack.lookup(parent, name)
+
+    @_handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        writer = self._need_upper()
+        parent = self.stack.node(parent_inode)
+        node = self._child_node(parent, name)
+        await self._copy_up_linked(node)
+        await self._quiesce(node)
+        writer.unlink(parent, name)
+
+    @_handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        writer = self._need_upper()
+        parent = self.stack.node(parent_inode)
+        writer.rmdir(parent, name)
+
+    @_handler
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
+    ) -> None:
+        writer = self._need_upper()
+        old_parent = self.stack.node(parent_inode_old)
+        new_parent = self.stack.node(parent_inode_new)
+        src = self._child_node(old_parent, name_old)
+        try:
+            dst: Node | None = self._child_node(new_parent, name_new)
+        except UnionError:
+            dst = None
+        if not src.is_dir:
+            await self._copy_up(src)
+        if dst is not None and flags & pyfuse3.RENAME_EXCHANGE and not dst.is_dir:
+            await self._copy_up(dst)
+        if dst is not None:
+            await self._copy_up_linked(dst)
+        await self._quiesce(dst)
+        writer.rename(old_parent, name_old, new_parent, name_new, flags)
+
+    @_handler
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self._need_upper()
+        if markers.is_internal_xattr(name):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        node = self.stack.node(inode)
+        await self._copy_up(node)
+        os.setxattr(self.stack.real_path(node), name, value, follow_symlinks=False)
+        node.st = node.attrs = None
+
+    @_handler
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        self._need_upper()
+        if markers.is_internal_xattr(name):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        node = self.stack.node(inode)
+        await self._copy_up(node)
+        try:
+            os.removexattr(self.stack.real_path(node), name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+        node.st = node.attrs = None
 
 
 def _open_noatime(path: bytes, flags: int) -> int:

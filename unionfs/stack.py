@@ -82,11 +82,32 @@ class Node:
     and then its real path is derived from `parent` and `name` (so renames of an ancestor
     never leave stale paths).  Lower objects keep their real path in `lower_path`."""
 
-    __slots__ = ("ino", "parent", "name", "kind", "layer", "lower_path", "dirs", "st",
-                 "lookups", "listing", "attrs", "unlinked", "lock")
+    __slots__ = (
+        "ino",
+        "parent",
+        "name",
+        "kind",
+        "layer",
+        "lower_path",
+        "dirs",
+        "st",
+        "lookups",
+        "listing",
+        "attrs",
+        "unlinked",
+        "lock",
+    )
 
-    def __init__(self, ino: Inode, parent: Node | None, name: bytes, kind: int, layer: int,
-                 lower_path: bytes, dirs: list[DirLayer] | None) -> None:
+    def __init__(
+        self,
+        ino: Inode,
+        parent: Node | None,
+        name: bytes,
+        kind: int,
+        layer: int,
+        lower_path: bytes,
+        dirs: list[DirLayer] | None,
+    ) -> None:
         self.ino = ino
         self.parent = parent
         self.name = name
@@ -137,6 +158,8 @@ class LayerStack:
         # file keeps its st_ino across copy-up even after the kernel forgets it.
         self.origins: dict[int, Inode] = {}
         self.nodes: dict[Inode, Node] = {}
+        # Other known names of hard-linked files (only for nodes reached by two names).
+        self.aliases: dict[Inode, list[tuple[Node, bytes]]] = {}
         root_dirs = [DirLayer(i, p, os.stat(p).st_ino) for i, p in enumerate(self.layers)]
         self.root = Node(ROOT_INODE, None, b"", stat.S_IFDIR, 0, self.layers[0], root_dirs)
         self.root.lookups = 1  # the kernel never forgets the root
@@ -184,10 +207,35 @@ class LayerStack:
         node.lookups -= count
         if node.lookups <= 0:
             del self.nodes[node.ino]
+            self.aliases.pop(node.ino, None)
 
     def drop_if_unused(self, node: Node) -> None:
         if node.lookups <= 0 and node is not self.root:
             self.nodes.pop(node.ino, None)
+
+    def add_alias(self, node: Node, parent: Node, name: bytes) -> None:
+        known = self.aliases.setdefault(node.ino, [])
+        if not any(p is parent and n == name for p, n in known):
+            known.append((parent, name))
+
+    def forget_alias(self, node: Node, parent: Node, name: bytes) -> bool:
+        """`parent/name` stopped naming `node`.  If it was the node's primary name, switch
+        to another known name that still lists it.  False when no name is known."""
+        known = [
+            (p, n) for p, n in self.aliases.get(node.ino, []) if not (p is parent and n == name)
+        ]
+        if known:
+            self.aliases[node.ino] = known
+        else:
+            self.aliases.pop(node.ino, None)
+        if node.parent is not parent or node.name != name:
+            return True
+        for p, n in known:
+            child = (p.listing or {}).get(n)
+            if child is not None and child.node_ino == node.ino:
+                node.parent, node.name = p, n
+                return True
+        return False
 
     # ----- real paths ----------------------------------------------------------------
     def upper_path(self, node: Node) -> bytes:
@@ -297,10 +345,21 @@ class LayerStack:
         node = self.nodes.get(ino)
         if node is not None:
             # a directory has one place; a hard-linked file is reached by its latest name
+            if not node.is_dir and (node.parent is not parent or node.name != name):
+                if node.parent is not None:
+                    self.add_alias(node, node.parent, node.name)
+                self.add_alias(node, parent, name)
             node.parent, node.name = parent, name
             return node
-        return Node(ino, parent, name, child.kind, child.layer, child.path,
-                    list(dirs) if dirs is not None else None)
+        return Node(
+            ino,
+            parent,
+            name,
+            child.kind,
+            child.layer,
+            child.path,
+            list(dirs) if dirs is not None else None,
+        )
 
     def _trim(self, parent: Node, name: bytes, chain: list[DirLayer]) -> list[DirLayer]:
         """Cut a directory chain after its first opaque member; follow an upper redirect;
@@ -353,9 +412,8 @@ class LayerStack:
         child = self.listing(parent).get(name)
         if child is None:
             return False
-        if child.layer > 0 or child.covers:
-            return True
-        return child.dirs is not None and any(d.layer > 0 for d in child.dirs)
+        # by name, as overlayfs decides: a redirected directory's lower part lives elsewhere
+        return child.layer > 0 or child.covers
 
     # ----- attributes and content ---------------------------------------------------
     def immutable(self, node: Node) -> bool:

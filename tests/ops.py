@@ -1,0 +1,102 @@
+"""File operations applied identically to several mounted trees, with their outcome recorded.
+
+An outcome is ("ok", value) or ("err", errno name): the differential tests compare them
+between layerfs and kernel overlayfs, step by step.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from unionfs import fsutil
+
+
+def outcome(fn, *args):
+    try:
+        return ("ok", fn(*args))
+    except OSError as exc:
+        return ("err", errno.errorcode.get(exc.errno or 0, str(exc.errno)))
+
+
+def write(root: Path, path: str, data: bytes, how: str):
+    flags = {
+        "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+        "a": os.O_WRONLY | os.O_APPEND,
+        "x": os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+        "r+": os.O_RDWR,
+        "c": os.O_WRONLY | os.O_CREAT,
+    }[how]
+    fd = os.open(root / path, flags | os.O_NONBLOCK, 0o644)  # a FIFO must not block
+    try:
+        if how == "r+":
+            os.pwrite(fd, data, 2)
+        else:
+            os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read(root: Path, path: str) -> bytes:
+    fd = os.open(root / path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
+def rename(root: Path, src: str, dst: str, flags: int):
+    fsutil.renameat2(bytes(root / src), bytes(root / dst), flags)
+
+
+def chown(root: Path, path: str, uid: int, gid: int):
+    os.chown(root / path, uid, gid, follow_symlinks=False)
+
+
+def chmod(root: Path, path: str, mode: int):
+    os.chmod(root / path, mode)
+
+
+def truncate(root: Path, path: str, size: int):
+    os.truncate(root / path, size)
+
+
+def utime(root: Path, path: str, mtime: int):
+    os.utime(root / path, (mtime, mtime), follow_symlinks=False)
+
+
+def setxattr(root: Path, path: str, value: bytes):
+    os.setxattr(root / path, "user.k", value, follow_symlinks=False)
+
+
+def removexattr(root: Path, path: str):
+    os.removexattr(root / path, "user.k", follow_symlinks=False)
+
+
+def link(root: Path, src: str, dst: str):
+    os.link(root / src, root / dst, follow_symlinks=False)
+
+
+def symlink(root: Path, target: str, path: str):
+    os.symlink(target, root / path)
+
+
+def mkdir(root: Path, path: str):
+    os.mkdir(root / path, 0o755)
+
+
+def rmdir(root: Path, path: str):
+    os.rmdir(root / path)
+
+
+def unlink(root: Path, path: str):
+    os.unlink(root / path)
+
+
+def mkfifo(root: Path, path: str):
+    os.mkfifo(root / path, 0o644)
+
+
+def listdir(root: Path, path: str):
+    return sorted(os.listdir(root / path))

@@ -1,0 +1,224 @@
+"""Differential test of the write side: the same operations on layerfs and on kernel
+overlayfs (redirect_dir=on,index=on, so the kernel renames directories and keeps hard links
+too), over identical copies of the same layers; after every step the outcome (value or errno)
+and the whole visible tree must agree.  At the end of each example, layerfs's upper is
+mounted by the kernel and must show the very tree the user saw through layerfs.
+
+hypothesis shrinks a failing sequence to a minimal one; CI runs a bounded number of examples
+(HYPOTHESIS_EXAMPLES, default 25).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+
+from tests import layerdata, ops, treecmp
+from tests.mounts import KernelOverlay, LayerfsMount, require_fuse, require_root
+from unionfs import fsutil
+
+pytestmark = pytest.mark.mount
+
+DIRS = ["", "d1", "d1/sub", "d2", "d3", "n"]
+NAMES = ["f", "g", "h", "sub", "n", "d1"]
+PATHS = [os.path.join(d, n) for d in DIRS for n in NAMES]
+KERNEL_OPTS = "redirect_dir=on,index=on"
+EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "25"))
+SHRINK = os.environ.get("HYPOTHESIS_SHRINK", "1") == "1"
+_counter = itertools.count()
+
+
+def build_lowers(root: Path) -> list[Path]:
+    """Two small layers in the kernel's format (top-first), with every situation the
+    write side must handle: merged, opaque, whited-out, hard-linked, symlinked."""
+    l0, l1 = root / "l0", root / "l1"
+    layerdata.write(l0 / "f", b"bottom f\n")
+    layerdata.write(l0 / "d1/f", b"d1/f\n", mode=0o600)
+    os.link(l0 / "d1/f", l0 / "d1/g")
+    layerdata.write(l0 / "d1/sub/f", b"deep\n")
+    os.setxattr(l0 / "d1/sub/f", "user.k", b"lower")
+    layerdata.write(l0 / "d2/f", b"gone\n")
+    layerdata.write(l0 / "d2/g", b"d2/g\n", mode=0o4755)
+    layerdata.write(l0 / "d3/old", b"hidden by opaque\n")
+    os.symlink("f", l0 / "h")
+    layerdata.write(l1 / "d1/h", b"middle\n")
+    layerdata.whiteout(l1 / "d2/f")
+    layerdata.opaque(l1 / "d3")
+    layerdata.write(l1 / "d3/f", b"d3/f\n")
+    layerdata.write(l1 / "g", b"top g\n")
+    for d in (l0, l1):
+        layerdata._fix_dir_times(d)
+    return [l1, l0]
+
+
+def tree_diff(a, b) -> list[str]:
+    """Visible differences; mtimes agree within 2 s (the two sides run a moment apart)."""
+    problems = treecmp.diff(a, b, compare_mtime=False)
+    for path in set(a) & set(b):
+        if abs(a[path].mtime_ns - b[path].mtime_ns) > 2_000_000_000:
+            problems.append(f"{path!r}: mtime {a[path].mtime_ns} != {b[path].mtime_ns}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    require_root()
+    require_fuse()
+    root = tmp_path_factory.mktemp("diff")
+    return root, build_lowers(root / "lowers")
+
+
+class UnionMachine(RuleBasedStateMachine):
+    base: tuple[Path, list[Path]]
+
+    @initialize()
+    def setup(self):
+        root, lowers = self.base
+        self.dir = root / f"ex{next(_counter)}"
+        self.mounts = []
+        self.roots = {}
+        for side in ("layerfs", "kernel"):
+            d = self.dir / side
+            (d / "upper").mkdir(parents=True)
+            (d / "work").mkdir()
+            (d / "mnt").mkdir()
+            copies = []
+            for low in lowers:
+                subprocess.run(["cp", "-a", str(low), str(d / low.name)], check=True)
+                copies.append(d / low.name)
+            if side == "layerfs":
+                m = LayerfsMount(d / "mnt", copies, d / "upper", d / "work")
+            else:
+                m = KernelOverlay(d / "mnt", copies, d / "upper", d / "work", KERNEL_OPTS)
+            m.__enter__()
+            self.mounts.append(m)
+            self.roots[side] = d / "mnt"
+        self.check_trees()
+
+    def teardown(self):
+        try:
+            if getattr(self, "mounts", None) and not getattr(self, "failed_step", False):
+                final = treecmp.snapshot(self.roots["layerfs"])
+                for m in self.mounts:
+                    m.__exit__(None, None, None)
+                self.check_kernel_reads_our_upper(final)
+        finally:
+            for m in getattr(self, "mounts", []):
+                m.__exit__(None, None, None)
+            if getattr(self, "dir", None) is not None:
+                shutil.rmtree(self.dir, ignore_errors=True)
+
+    def check_kernel_reads_our_upper(self, final):
+        d = self.dir / "layerfs"
+        (d / "kcheck").mkdir()
+        (d / "kwork").mkdir()
+        lowers = [d / low.name for low in self.base[1]]
+        with KernelOverlay(d / "kcheck", lowers, d / "upper", d / "kwork", "redirect_dir=on"):
+            seen = treecmp.snapshot(d / "kcheck")
+        problems = tree_diff(final, seen)
+        assert problems == [], "kernel reads our upper differently:\n" + "\n".join(problems)
+
+    def both(self, fn, *args):
+        results = {side: ops.outcome(fn, root, *args) for side, root in self.roots.items()}
+        self.failed_step = True
+        assert results["layerfs"] == results["kernel"], f"{fn.__name__}{args}: {results}"
+        self.check_trees()
+        self.failed_step = False
+
+    def check_trees(self):
+        ours = treecmp.snapshot(self.roots["layerfs"])
+        theirs = treecmp.snapshot(self.roots["kernel"])
+        problems = tree_diff(ours, theirs)
+        assert problems == [], "\n".join(problems[:30])
+        assert treecmp.inode_problems(ours) == []
+
+    paths = st.sampled_from(PATHS)
+
+    @rule(path=paths, data=st.binary(max_size=40), how=st.sampled_from(["w", "a", "x", "r+", "c"]))
+    def write(self, path, data, how):
+        self.both(ops.write, path, data, how)
+
+    @rule(path=paths)
+    def read(self, path):
+        self.both(ops.read, path)
+
+    @rule(path=paths, size=st.integers(0, 30))
+    def truncate(self, path, size):
+        self.both(ops.truncate, path, size)
+
+    @rule(path=paths)
+    def mkdir(self, path):
+        self.both(ops.mkdir, path)
+
+    @rule(path=paths)
+    def rmdir(self, path):
+        self.both(ops.rmdir, path)
+
+    @rule(path=paths)
+    def unlink(self, path):
+        self.both(ops.unlink, path)
+
+    @rule(
+        src=paths,
+        dst=paths,
+        flags=st.sampled_from([0, fsutil.RENAME_NOREPLACE, fsutil.RENAME_EXCHANGE]),
+    )
+    def rename(self, src, dst, flags):
+        self.both(ops.rename, src, dst, flags)
+
+    @rule(src=paths, dst=paths)
+    def link(self, src, dst):
+        self.both(ops.link, src, dst)
+
+    @rule(dest=st.sampled_from(["f", "../f", "nowhere"]), path=paths)
+    def symlink(self, dest, path):
+        self.both(ops.symlink, dest, path)
+
+    @rule(path=paths, mode=st.sampled_from([0o600, 0o755, 0o4755, 0o2711, 0o1777]))
+    def chmod(self, path, mode):
+        self.both(ops.chmod, path, mode)
+
+    @rule(path=paths, uid=st.sampled_from([0, 1000, -1]), gid=st.sampled_from([0, 100, -1]))
+    def chown(self, path, uid, gid):
+        self.both(ops.chown, path, uid, gid)
+
+    @rule(path=paths, mtime=st.sampled_from([0, 1_000_000_000, 2_000_000_000]))
+    def utime(self, path, mtime):
+        self.both(ops.utime, path, mtime)
+
+    @rule(path=paths, value=st.sampled_from([b"", b"v1", b"v2"]))
+    def setxattr(self, path, value):
+        self.both(ops.setxattr, path, value)
+
+    @rule(path=paths)
+    def removexattr(self, path):
+        self.both(ops.removexattr, path)
+
+    @rule(path=paths)
+    def mkfifo(self, path):
+        self.both(ops.mkfifo, path)
+
+    @precondition(lambda self: True)
+    @rule(path=st.sampled_from(DIRS))
+    def listdir(self, path):
+        self.both(ops.listdir, path)
+
+
+def test_differential(base):
+    UnionMachine.base = base
+    UnionMachine.TestCase.settings = settings(
+        max_examples=EXAMPLES,
+        stateful_step_count=30,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[p for p in Phase if SHRINK or p is not Phase.shrink],
+    )
+    UnionMachine.TestCase().runTest()

@@ -1,0 +1,517 @@
+"""Writer: every change to the merged view, made in the upper layer in kernel-overlayfs format.
+
+Owns copy-up, whiteouts, opaque directories, redirects and the bookkeeping that keeps the
+`LayerStack`'s nodes and listings in step with the upper directory.  Synchronous, like the
+model: the one slow step, copying a regular file's data up, is split into `plan_copy_up`
+(synchronous), `copy_data` (run by the adapter in a worker thread, under the node's lock) and
+`finish_copy_up` (synchronous).  Everything else happens between two awaits of the adapter,
+so it is atomic with respect to other requests.
+
+Crash safety (kill -9 at any moment): new objects are built in the work directory and renamed
+into place, so the upper holds the old view or the complete new object.  A name that lower
+layers also have is replaced with renameat2(RENAME_WHITEOUT) or RENAME_EXCHANGE, so there is
+no moment where the lower object shows through.  Leftovers in the work directory are debris,
+removed at the next mount.
+
+Directory renames never fail with EXDEV: a directory with lower parts is copied up (without
+its contents) and gets `overlay.redirect` = its original path, as kernel overlayfs does with
+redirect_dir=on; a pure-upper directory moved over a lower name becomes opaque.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+
+from . import fsutil, markers
+from .errors import Exists, NotEmpty, NotFound, UnionError
+from .stack import Child, DirLayer, Inode, LayerStack, Node
+
+WORK_SUBDIR = "layerfs"
+
+
+@dataclass
+class CopyPlan:
+    """A regular file's copy-up in progress: data goes from `src` to `tmp` in a thread."""
+
+    node: Node
+    src: bytes
+    tmp: bytes
+    st: os.stat_result
+    with_data: bool
+
+
+class Writer:
+    def __init__(self, stack: LayerStack, workdir: str) -> None:
+        self.s = stack
+        self.work = os.fsencode(os.path.join(os.path.abspath(workdir), WORK_SUBDIR))
+        if os.path.lexists(self.work):  # debris of an interrupted run; never referenced
+            shutil.rmtree(self.work)
+        os.mkdir(self.work, 0o700)
+        self._seq = 0
+        self._linkmaps: dict[int, dict[int, list[bytes]]] = {}
+
+    def tmpname(self) -> bytes:
+        self._seq += 1
+        return self.work + b"/t%d" % self._seq
+
+    # ----- copy-up ---------------------------------------------------------------------
+    def copy_up_dir(self, node: Node) -> None:
+        """Make `node` (a directory) and its ancestors exist in the upper, each with its own
+        metadata.  Not opaque: the lower part keeps merging."""
+        s = self.s
+        if s.in_upper(node):
+            return
+        assert node.parent is not None and node.dirs is not None
+        self.copy_up_dir(node.parent)
+        src = node.dirs[0].path
+        st = os.lstat(src)
+        tmp = self.tmpname()
+        os.mkdir(tmp, 0o700)
+        fsutil.copy_xattrs(src, tmp, markers.is_internal_xattr)
+        fsutil.copy_meta(st, tmp)
+        self._into_place(node.parent, tmp, node.name)
+        new = os.lstat(s.upper_path(node))
+        node.dirs.insert(0, DirLayer(0, s.upper_path(node), new.st_ino))
+        node.layer, node.st, node.attrs = 0, None, None
+        child = self._child(node)
+        if child is not None:
+            child.layer, child.covers = 0, True
+            if child.dirs is not None:
+                child.dirs.insert(0, DirLayer(0, s.upper_path(node), new.st_ino))
+            child.trimmed = node.dirs
+
+    def plan_copy_up(self, node: Node, with_data: bool = True) -> CopyPlan | None:
+        """Start copying up a non-directory; None when nothing (more) is to be done."""
+        s = self.s
+        if s.in_upper(node):
+            return None
+        if node.unlinked:
+            raise NotFound("the file was removed")
+        assert node.parent is not None
+        self.copy_up_dir(node.parent)
+        src = s.real_path(node)
+        st = os.lstat(src)
+        tmp = self.tmpname()
+        if not stat.S_ISREG(st.st_mode):
+            fsutil.make_like(st, src, tmp)
+            plan = CopyPlan(node, src, tmp, st, False)
+            self.finish_copy_up(plan)
+            return None
+        if not with_data:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return CopyPlan(node, src, tmp, st, with_data)
+
+    @staticmethod
+    def copy_data(plan: CopyPlan) -> None:
+        """The slow part: runs in a worker thread, touching nothing but the two files."""
+        if plan.with_data:
+            fsutil.copy_data(plan.src, plan.tmp)
+
+    def abort_copy_up(self, plan: CopyPlan) -> None:
+        try:
+            os.unlink(plan.tmp)
+        except FileNotFoundError:
+            pass
+
+    def finish_copy_up(self, plan: CopyPlan) -> None:
+        s, node = self.s, plan.node
+        if node.unlinked or s.in_upper(node):
+            self.abort_copy_up(plan)
+            if node.unlinked:
+                raise NotFound("the file was removed during copy-up")
+            return
+        assert node.parent is not None
+        fsutil.copy_xattrs(plan.src, plan.tmp, markers.is_internal_xattr)
+        fsutil.copy_meta(plan.st, plan.tmp)
+        self._into_place(node.parent, plan.tmp, node.name)
+        self._now_in_upper(node, node.parent, node.name)
+        if stat.S_ISREG(plan.st.st_mode) and plan.st.st_nlink > 1:
+            self._link_siblings(node, plan)
+
+    def _now_in_upper(self, node: Node, parent: Node, name: bytes) -> None:
+        s = self.s
+        upper = os.lstat(s.upper_path(parent) + b"/" + name)
+        s.origins[upper.st_ino] = node.ino
+        node.layer, node.st, node.attrs = 0, None, None
+        child = (parent.listing or {}).get(name)
+        if child is not None:
+            child.layer, child.ino, child.covers = 0, upper.st_ino, True
+            child.node_ino = node.ino
+
+    def _link_siblings(self, node: Node, plan: CopyPlan) -> None:
+        """Names that were hard links of the same lower file stay one inode: link the new
+        upper copy at every other name that still shows that lower file."""
+        layer = self._layer_of(plan.src)
+        if layer is None:
+            return
+        root = self.s.layers[layer]
+        for other in self._linkmap(layer).get(plan.st.st_ino, []):
+            try:
+                parent, name, child = self._resolve_entry(other)
+            except UnionError:
+                continue
+            if child.layer != layer or child.path != root + other:
+                continue  # hidden or replaced in the merged view
+            self.copy_up_dir(parent)
+            pdir = self.s.upper_path(parent)
+            pst = os.lstat(pdir)
+            os.link(self.s.upper_path(node), pdir + b"/" + name)
+            os.utime(pdir, ns=(pst.st_atime_ns, pst.st_mtime_ns))  # a copy-up, not a change
+            child.layer, child.covers, child.node_ino = 0, True, node.ino
+
+    def _layer_of(self, path: bytes) -> int | None:
+        for i, root in enumerate(self.s.layers):
+            if i > 0 and path.startswith(root + b"/"):
+                return i
+        return None
+
+    def _linkmap(self, layer: int) -> dict[int, list[bytes]]:
+        """inode -> paths of multiply-linked files of one lower layer (one walk, cached:
+        lower layers never change)."""
+        found = self._linkmaps.get(layer)
+        if found is None:
+            found = {}
+            root = self.s.layers[layer]
+            for dirpath, _dirs, files in os.walk(root):
+                for f in files:
+                    p = os.path.join(dirpath, f)
+                    st = os.lstat(p)
+                    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                        found.setdefault(st.st_ino, []).append(p[len(root) :])
+            self._linkmaps[layer] = found
+        return found
+
+    def _resolve_entry(self, rel: bytes) -> tuple[Node, bytes, Child]:
+        s = self.s
+        parts = [p for p in rel.split(b"/") if p]
+        node = s.root
+        for part in parts[:-1]:
+            node = s.lookup(node, part)
+            if not node.is_dir:
+                raise NotFound()
+        child = s.listing(node).get(parts[-1])
+        if child is None:
+            raise NotFound()
+        return node, parts[-1], child
+
+    # ----- helpers ------------------------------------------------------------------------
+    def _child(self, node: Node) -> Child | None:
+        if node.parent is None or node.parent.listing is None:
+            return None
+        return node.parent.listing.get(node.name)
+
+    def _into_place(self, parent: Node, tmp: bytes, name: bytes) -> None:
+        """Rename a finished object from the work dir to parent/name, keeping the parent's
+        times (overlayfs does: a copy-up is not a change of the directory)."""
+        pdir = self.s.upper_path(parent)
+        pst = os.lstat(pdir)
+        os.rename(tmp, pdir + b"/" + name)
+        os.utime(pdir, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+
+    def _target(self, parent: Node, name: bytes) -> tuple[bytes, bool]:
+        """Copy up `parent`, and say where `name` goes and whether a whiteout is there."""
+        if name in self.s.listing(parent):
+            raise Exists()
+        self.copy_up_dir(parent)
+        path = self.s.upper_path(parent) + b"/" + name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return path, False
+        if markers.is_chardev_whiteout(st):
+            return path, True
+        raise Exists("an upper object hides here")  # e.g. an OCI .wh. file: do not clobber
+
+    def _owner(self, parent: Node, uid: int, gid: int) -> tuple[int, int, bool]:
+        """The new object's owner: the caller's, or the directory's group when setgid."""
+        pst = os.lstat(self.s.upper_path(parent))
+        if pst.st_mode & stat.S_ISGID:
+            return uid, pst.st_gid, True
+        return uid, gid, False
+
+    def _register(self, parent: Node, name: bytes, covers: bool) -> Node:
+        s = self.s
+        path = s.upper_path(parent) + b"/" + name
+        st = os.lstat(path)
+        kind = stat.S_IFMT(st.st_mode)
+        dirs = [DirLayer(0, path, st.st_ino)] if kind == stat.S_IFDIR else None
+        ino = s.ino_for(0, st.st_ino)
+        child = Child(kind, 0, path, st.st_ino, dirs, list(dirs) if dirs else None, ino, covers)
+        s.listing(parent)[name] = child
+        node = s.nodes.get(ino) or Node(
+            ino, parent, name, kind, 0, b"", list(dirs) if dirs else None
+        )
+        node.parent, node.name, node.st, node.attrs = parent, name, None, None
+        if dirs is not None:
+            node.listing = {}
+        return node
+
+    # ----- creating ----------------------------------------------------------------------
+    def create(
+        self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int
+    ) -> tuple[Node, int]:
+        path, wh = self._target(parent, name)
+        uid, gid, _ = self._owner(parent, uid, gid)
+        oflags = (flags & ~(os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_TRUNC)) | os.O_CLOEXEC
+        dest = self.tmpname() if wh else path
+        fd = os.open(dest, oflags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode))
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, stat.S_IMODE(mode))
+            if wh:
+                os.rename(dest, path)  # atomically replaces the whiteout
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._register(parent, name, wh), fd
+
+    def make(
+        self,
+        parent: Node,
+        name: bytes,
+        kind: int,
+        mode: int,
+        uid: int,
+        gid: int,
+        rdev: int = 0,
+        target: bytes = b"",
+    ) -> Node:
+        """mknod, mkdir and symlink.  A directory made over a whiteout is opaque."""
+        path, wh = self._target(parent, name)
+        uid, gid, sgid = self._owner(parent, uid, gid)
+        tmp = self.tmpname()
+        perm = stat.S_IMODE(mode)
+        if kind == stat.S_IFDIR:
+            os.mkdir(tmp, 0o700)
+            if sgid:
+                perm |= stat.S_ISGID
+            if wh:
+                os.setxattr(tmp, markers.opaque_xattr(), b"y")
+        elif kind == stat.S_IFLNK:
+            os.symlink(target, tmp)
+        else:
+            os.mknod(tmp, kind | 0o600, rdev)
+        os.chown(tmp, uid, gid, follow_symlinks=False)
+        if kind != stat.S_IFLNK:
+            os.chmod(tmp, perm)
+        if kind == stat.S_IFDIR and wh:
+            fsutil.renameat2(tmp, path, fsutil.RENAME_EXCHANGE)
+            os.unlink(tmp)  # the whiteout, now in the work dir
+        else:
+            os.rename(tmp, path)
+        return self._register(parent, name, wh)
+
+    def link(self, node: Node, parent: Node, name: bytes) -> Node:
+        """Hard link (the caller has copied `node` up)."""
+        path, wh = self._target(parent, name)
+        src = self.s.upper_path(node)
+        if wh:
+            tmp = self.tmpname()
+            os.link(src, tmp)
+            os.rename(tmp, path)
+        else:
+            os.link(src, path)
+        primary = (node.parent, node.name)
+        self._register(parent, name, wh)
+        self.s.add_alias(node, *primary)  # type: ignore[arg-type]
+        self.s.add_alias(node, parent, name)
+        node.st = node.attrs = None
+        return node
+
+    # ----- removing ----------------------------------------------------------------------
+    def unlink(self, parent: Node, name: bytes) -> Node | None:
+        child = self.s.listing(parent).get(name)
+        if child is None:
+            raise NotFound()
+        if child.dirs is not None:
+            raise UnionError("is a directory", errno.EISDIR)
+        node = self.s.nodes.get(Inode(child.node_ino)) if child.node_ino else None
+        self._remove(parent, name, child, is_dir=False)
+        if node is not None:
+            self._drop_name(node, parent, name)
+        return node
+
+    def rmdir(self, parent: Node, name: bytes) -> Node:
+        s = self.s
+        child = s.listing(parent).get(name)
+        if child is None:
+            raise NotFound()
+        if child.dirs is None:
+            raise UnionError("not a directory", errno.ENOTDIR)
+        node = s.node_for(parent, name, child)
+        if s.listing(node):
+            raise NotEmpty()
+        self._remove(parent, name, child, is_dir=True)
+        node.unlinked = True
+        return node
+
+    def _remove(self, parent: Node, name: bytes, child: Child, is_dir: bool) -> None:
+        s = self.s
+        whiteout = s.lower_has(parent, name)
+        self.copy_up_dir(parent)
+        path = s.upper_path(parent) + b"/" + name
+        if child.layer == 0:
+            if whiteout:
+                tmp = self.tmpname()
+                fsutil.make_whiteout(tmp)
+                if is_dir:
+                    fsutil.renameat2(tmp, path, fsutil.RENAME_EXCHANGE)
+                    self._purge(tmp)
+                else:
+                    os.rename(tmp, path)
+            elif is_dir:
+                tmp = self.tmpname()
+                os.rename(path, tmp)
+                self._purge(tmp)
+            else:
+                os.unlink(path)
+        else:
+            fsutil.make_whiteout(path)
+        del s.listing(parent)[name]
+
+    def _purge(self, path: bytes) -> None:
+        """Remove a logically empty directory that may still hold whiteouts."""
+        shutil.rmtree(path)
+
+    def _drop_name(self, node: Node, parent: Node, name: bytes) -> None:
+        """`parent/name` no longer names `node`; it lives on if another name is known."""
+        if not self.s.forget_alias(node, parent, name):
+            node.unlinked = True
+        node.st = node.attrs = None
+
+    # ----- renaming ----------------------------------------------------------------------
+    def rename(
+        self, parent: Node, name: bytes, newparent: Node, newname: bytes, flags: int
+    ) -> tuple[Node, Node | None]:
+        """rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE.  The caller has copied up the
+        non-directories involved.  Returns (moved node, replaced node or None)."""
+        s = self.s
+        src = s.listing(parent).get(name)
+        if src is None:
+            raise NotFound()
+        dst = s.listing(newparent).get(newname)
+        if dst is not None and flags & fsutil.RENAME_NOREPLACE:
+            raise Exists()
+        if flags & fsutil.RENAME_EXCHANGE:
+            if dst is None:
+                raise NotFound()
+            return self._exchange(parent, name, src, newparent, newname, dst)
+        node = s.node_for(parent, name, src)
+        old = s.node_for(newparent, newname, dst) if dst is not None else None
+        if old is node:
+            return node, None
+        if old is not None:
+            self._check_replace(node, old)
+        self._prepare_move(node, newparent, newname)
+        whiteout = s.lower_has(parent, name)
+        covers = s.lower_has(newparent, newname)
+        self.copy_up_dir(newparent)
+        spath = s.upper_path(parent) + b"/" + name
+        dpath = s.upper_path(newparent) + b"/" + newname
+        old_links = _nlink(dpath) if old is not None and not old.is_dir else 0
+        self._clear_target(dst, dpath, node.is_dir)
+        if whiteout:
+            try:
+                fsutil.renameat2(spath, dpath, fsutil.RENAME_WHITEOUT)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                os.rename(spath, dpath)
+                fsutil.make_whiteout(spath)
+        else:
+            os.rename(spath, dpath)
+        del s.listing(parent)[name]
+        self._place(node, newparent, newname, covers)
+        if old is not None:
+            self.s.forget_alias(old, newparent, newname)
+            old.unlinked = old.is_dir or old_links <= 1 or not s.in_upper(old)
+            old.st = old.attrs = None
+        return node, old
+
+    def _check_replace(self, node: Node, old: Node) -> None:
+        if node.is_dir and not old.is_dir:
+            raise UnionError("not a directory", errno.ENOTDIR)
+        if not node.is_dir and old.is_dir:
+            raise UnionError("is a directory", errno.EISDIR)
+        if old.is_dir and self.s.listing(old):
+            raise NotEmpty()
+
+    def _prepare_move(self, node: Node, newparent: Node, newname: bytes) -> None:
+        """Copy a moving directory up and mark it so its lower part follows it (redirect),
+        or so a lower directory at the destination does not merge into it (opaque)."""
+        s = self.s
+        if not node.is_dir:
+            return
+        had_lower = node.has_lower
+        origin = node.merged_path()
+        self.copy_up_dir(node)
+        upath = s.upper_path(node)
+        if had_lower:
+            if markers.dir_marks(upath).redirect is None:
+                os.setxattr(upath, markers.redirect_xattr(), origin)
+        elif s.lower_has(newparent, newname):
+            os.setxattr(upath, markers.opaque_xattr(), b"y")
+
+    def _clear_target(self, dst: Child | None, dpath: bytes, moving_dir: bool) -> None:
+        """Make room at the destination for rename(2): an upper directory there (logically
+        empty, maybe holding whiteouts) goes to the work dir; a whiteout under a directory
+        that moves in is removed (rename cannot put a directory over a device)."""
+        try:
+            st = os.lstat(dpath)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            tmp = self.tmpname()
+            os.rename(dpath, tmp)
+            self._purge(tmp)
+        elif moving_dir:
+            os.unlink(dpath)
+
+    def _place(self, node: Node, newparent: Node, newname: bytes, covers: bool) -> None:
+        s = self.s
+        dpath = s.upper_path(newparent) + b"/" + newname
+        st = os.lstat(dpath)
+        dirs = node.dirs
+        child = Child(
+            node.kind,
+            0,
+            dpath,
+            st.st_ino,
+            list(dirs) if dirs else None,
+            list(dirs) if dirs else None,
+            node.ino,
+            covers,
+        )
+        s.listing(newparent)[newname] = child
+        node.parent, node.name, node.st, node.attrs = newparent, newname, None, None
+
+    def _exchange(
+        self, parent: Node, name: bytes, src: Child, newparent: Node, newname: bytes, dst: Child
+    ) -> tuple[Node, Node | None]:
+        s = self.s
+        a = s.node_for(parent, name, src)
+        b = s.node_for(newparent, newname, dst)
+        self._prepare_move(a, newparent, newname)
+        self._prepare_move(b, parent, name)
+        self.copy_up_dir(parent)
+        self.copy_up_dir(newparent)
+        apath = s.upper_path(parent) + b"/" + name
+        bpath = s.upper_path(newparent) + b"/" + newname
+        fsutil.renameat2(apath, bpath, fsutil.RENAME_EXCHANGE)
+        cov_a, cov_b = s.lower_has(parent, name), s.lower_has(newparent, newname)
+        del s.listing(parent)[name]
+        del s.listing(newparent)[newname]
+        self._place(a, newparent, newname, cov_b)
+        self._place(b, parent, name, cov_a)
+        return a, b
+
+
+def _nlink(path: bytes) -> int:
+    try:
+        return os.lstat(path).st_nlink
+    except FileNotFoundError:
+        return 0
