@@ -1,0 +1,379 @@
+"""Named scenarios for each rule of the write side, on real layerfs mounts (and the kernel's,
+for the interop directions)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import treecmp
+from tests.layerdata import opaque, whiteout, write
+from tests.mounts import KernelOverlay, LayerfsMount, is_mounted, need
+
+pytestmark = pytest.mark.mount
+
+
+class Union:
+    """Lower layers + an upper, mounted by layerfs; remountable."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.lo, self.mid = root / "lo", root / "mid"
+        self.upper, self.work, self.mnt = root / "upper", root / "work", root / "mnt"
+        for d in (self.lo, self.mid, self.upper, self.work, self.mnt):
+            d.mkdir(parents=True, exist_ok=True)
+        self.m: LayerfsMount | None = None
+
+    @property
+    def lowers(self) -> list[Path]:
+        return [self.mid, self.lo]
+
+    def mount(self) -> Path:
+        self.m = LayerfsMount(self.mnt, self.lowers, self.upper, self.work)
+        self.m.start()
+        return self.mnt
+
+    def umount(self) -> None:
+        if self.m is not None:
+            self.m.stop()
+            self.m = None
+
+    def kill9(self) -> None:
+        assert self.m is not None and self.m.proc is not None
+        self.m.proc.send_signal(signal.SIGKILL)
+        self.m.proc.wait(timeout=10)
+        subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+        self.m.stop()
+        self.m = None
+
+
+@pytest.fixture
+def u(tmp_path, fuse):
+    union = Union(tmp_path)
+    write(union.lo / "file", b"lower data\n", mode=0o640, mtime=1_500_000_000)
+    os.chown(union.lo / "file", 1234, 5678)
+    os.setxattr(union.lo / "file", "user.color", b"blue")
+    write(union.lo / "dir/sub/deep", b"deep\n")
+    os.chmod(union.lo / "dir", 0o750)
+    os.chown(union.lo / "dir", 42, 43)
+    write(union.lo / "dir/keep", b"keep\n")
+    write(union.mid / "dir/mid", b"mid\n")
+    write(union.lo / "gone", b"x")
+    write(union.lo / "hl1", b"hard\n")
+    os.link(union.lo / "hl1", union.lo / "hl2")
+    write(union.lo / "suid", b"#!", mode=0o4755)
+    yield union
+    union.umount()
+
+
+def upper_entry(u: Union, rel: str) -> os.stat_result | None:
+    try:
+        return os.lstat(u.upper / rel)
+    except FileNotFoundError:
+        return None
+
+
+def test_copy_up_keeps_data_metadata_and_ancestors(u):
+    mnt = u.mount()
+    before = os.stat(mnt / "file")
+    with open(mnt / "file", "ab") as f:
+        f.write(b"more\n")
+    st = os.stat(mnt / "file")
+    assert (mnt / "file").read_bytes() == b"lower data\nmore\n"
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 1234, 5678)
+    assert os.getxattr(mnt / "file", "user.color") == b"blue"
+    assert st.st_ino == before.st_ino
+    # ancestors come up with their own metadata, and their times do not change
+    (mnt / "dir/sub/deep").write_bytes(b"changed\n")
+    dst = os.lstat(u.upper / "dir")
+    src = os.lstat(u.mid / "dir")
+    assert (stat.S_IMODE(dst.st_mode), dst.st_uid, dst.st_gid) == (0o755, 0, 0)  # mid's dir
+    assert dst.st_mtime_ns == src.st_mtime_ns
+    assert os.lstat(u.upper / "dir/sub").st_mtime_ns == os.lstat(u.lo / "dir/sub").st_mtime_ns
+    assert (u.lo / "dir/sub/deep").read_bytes() == b"deep\n"  # lower untouched
+
+
+def test_chmod_chown_utime_xattr_copy_up(u):
+    mnt = u.mount()
+    os.chmod(mnt / "file", 0o600)
+    assert upper_entry(u, "file") is not None
+    os.chown(mnt / "suid", 1000, 1000)
+    assert stat.S_IMODE(os.stat(mnt / "suid").st_mode) & stat.S_ISUID == 0  # cleared by chown
+    os.utime(mnt / "dir/keep", (5, 7))
+    assert os.stat(mnt / "dir/keep").st_mtime == 7
+    os.setxattr(mnt / "dir/sub/deep", "user.new", b"1")
+    assert os.getxattr(u.upper / "dir/sub/deep", "user.new") == b"1"
+    os.setxattr(mnt / "dir", "trusted.x", b"1")
+    with pytest.raises(OSError) as exc:
+        os.setxattr(mnt / "dir", "trusted.overlay.opaque", b"y")
+    assert exc.value.errno == errno.EPERM
+
+
+def test_whiteouts_only_where_a_lower_name_exists(u):
+    mnt = u.mount()
+    (mnt / "fresh").write_bytes(b"new")
+    os.unlink(mnt / "fresh")
+    assert upper_entry(u, "fresh") is None  # nothing below: no whiteout
+    os.unlink(mnt / "gone")
+    st = upper_entry(u, "gone")
+    assert st is not None and stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    assert not (mnt / "gone").exists()
+    (mnt / "gone").write_bytes(b"back")  # re-creating replaces the whiteout
+    assert stat.S_ISREG(os.lstat(u.upper / "gone").st_mode)
+    os.unlink(mnt / "gone")
+    os.symlink("t", mnt / "gone")
+    assert os.readlink(u.upper / "gone") == "t"
+
+
+def test_rmdir_and_opaque_recreation(u):
+    mnt = u.mount()
+    with pytest.raises(OSError) as exc:
+        os.rmdir(mnt / "dir")
+    assert exc.value.errno == errno.ENOTEMPTY
+    for p in ("dir/sub/deep", "dir/keep", "dir/mid"):
+        os.unlink(mnt / p)
+    os.rmdir(mnt / "dir/sub")
+    os.rmdir(mnt / "dir")
+    assert not (mnt / "dir").exists()
+    os.mkdir(mnt / "dir")
+    assert os.listdir(mnt / "dir") == []
+    assert os.getxattr(u.upper / "dir", "trusted.overlay.opaque") == b"y"
+    assert os.listdir(u.upper / "dir") == []  # no whiteout left inside an opaque dir
+
+
+def test_rename_lower_and_merged_directories(u):
+    mnt = u.mount()
+    os.rename(mnt / "dir", mnt / "moved")  # merged (mid + lo): the kernel says EXDEV
+    assert sorted(os.listdir(mnt / "moved")) == ["keep", "mid", "sub"]
+    assert not (mnt / "dir").exists()
+    os.rename(mnt / "moved/sub", mnt / "sub2")  # a lower-only directory
+    assert (mnt / "sub2/deep").read_bytes() == b"deep\n"
+    (mnt / "sub2/deep").write_bytes(b"edited\n")
+    tree = treecmp.snapshot(mnt)
+    u.umount()
+    kmnt = u.root / "kmnt"
+    kmnt.mkdir()
+    (u.root / "kwork").mkdir()
+    with KernelOverlay(kmnt, u.lowers, u.upper, u.root / "kwork", "redirect_dir=on"):
+        seen = treecmp.snapshot(kmnt)
+    assert treecmp.diff(tree, seen, compare_mtime=False) == []
+
+
+def test_st_ino_stable_across_copy_up_and_forget(u):
+    need(os.geteuid() == 0, "drop_caches needs root")
+    mnt = u.mount()
+    ino = os.stat(mnt / "file").st_ino
+    dino = os.stat(mnt / "dir").st_ino
+    (mnt / "file").write_bytes(b"x")
+    (mnt / "dir/new").write_bytes(b"y")
+    Path("/proc/sys/vm/drop_caches").write_text("2")  # the kernel forgets its inodes
+    assert os.stat(mnt / "file").st_ino == ino
+    assert os.stat(mnt / "dir").st_ino == dino
+    with os.scandir(mnt) as it:
+        assert {e.name: e.inode() for e in it}["file"] == ino
+
+
+def test_hard_links_survive_copy_up(u):
+    mnt = u.mount()
+    a = os.stat(mnt / "hl1")
+    with open(mnt / "hl2", "ab") as f:
+        f.write(b"via hl2\n")
+    assert (mnt / "hl1").read_bytes() == b"hard\nvia hl2\n"
+    assert os.stat(mnt / "hl1").st_ino == os.stat(mnt / "hl2").st_ino == a.st_ino
+    assert os.stat(mnt / "hl1").st_nlink == 2
+    os.link(mnt / "file", mnt / "file-link")  # link() of a lower file copies it up
+    assert os.stat(mnt / "file").st_nlink == 2
+    assert os.stat(mnt / "file-link").st_ino == os.stat(mnt / "file").st_ino
+    os.unlink(mnt / "hl1")
+    assert os.stat(mnt / "hl2").st_nlink == 1
+    assert os.stat(mnt / "dir").st_nlink == 3  # '.', '..' and sub
+
+
+def test_read_only_fd_sees_data_after_copy_up(u):
+    mnt = u.mount()
+    ro = os.open(mnt / "file", os.O_RDONLY)
+    try:
+        assert os.pread(ro, 100, 0) == b"lower data\n"
+        with open(mnt / "file", "r+b") as f:
+            f.write(b"UPPER")
+        assert os.pread(ro, 100, 0) == b"UPPER data\n"
+    finally:
+        os.close(ro)
+
+
+def test_open_file_survives_unlink_and_rename_over(u):
+    mnt = u.mount()
+    fd = os.open(mnt / "file", os.O_RDWR)
+    try:
+        os.unlink(mnt / "file")
+        os.pwrite(fd, b"STILL", 0)
+        assert os.pread(fd, 100, 0) == b"STILL data\n"
+        assert os.fstat(fd).st_nlink == 0
+    finally:
+        os.close(fd)
+    (mnt / "a").write_bytes(b"a-data")
+    fd = os.open(mnt / "a", os.O_RDONLY)
+    try:
+        (mnt / "b").write_bytes(b"b-data")
+        os.rename(mnt / "b", mnt / "a")
+        assert os.pread(fd, 100, 0) == b"a-data"
+        assert (mnt / "a").read_bytes() == b"b-data"
+    finally:
+        os.close(fd)
+
+
+def test_new_objects_get_callers_owner_and_setgid_group(u):
+    need(os.geteuid() == 0, "switching users needs root")
+    mnt = u.mount()
+    os.chmod(u.root, 0o755)
+    for parent in u.root.parents:
+        if str(parent) in ("/", "/tmp"):
+            break
+        os.chmod(parent, 0o755)
+    os.mkdir(mnt / "shared", 0o777)
+    os.chmod(mnt / "shared", 0o2777)
+    os.chown(mnt / "shared", 0, 4321)
+    r = subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "sh", "-c",
+                        f"umask 027; touch {mnt}/shared/f; mkdir {mnt}/shared/d"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    f, d = os.stat(mnt / "shared/f"), os.stat(mnt / "shared/d")
+    assert (f.st_uid, f.st_gid, stat.S_IMODE(f.st_mode)) == (1000, 4321, 0o640)
+    assert (d.st_uid, d.st_gid) == (1000, 4321)
+    assert stat.S_IMODE(d.st_mode) == 0o2750
+
+
+def test_sparse_file_stays_sparse(u):
+    with open(u.lo / "sparse", "wb") as f:
+        f.seek(200 << 20)
+        f.write(b"tail")
+    mnt = u.mount()
+    with open(mnt / "sparse", "r+b") as f:
+        f.write(b"head")
+    st = os.lstat(u.upper / "sparse")
+    assert st.st_size == (200 << 20) + 4
+    assert st.st_blocks * 512 < (1 << 20)
+    with open(mnt / "sparse", "rb") as f:
+        f.seek(200 << 20)
+        assert f.read() == b"tail"
+
+
+def test_big_copy_up_does_not_stall_the_mount(u):
+    size = 1 << 30
+    with open(u.lo / "huge", "wb") as f:  # real data, so the copy takes time
+        block = os.urandom(1 << 20)
+        for _ in range(size >> 20):
+            f.write(block)
+    mnt = u.mount()
+    done = threading.Event()
+
+    def append():
+        with open(mnt / "huge", "ab") as f:
+            f.write(b"!")
+        done.set()
+
+    t = threading.Thread(target=append)
+    t.start()
+    try:
+        time.sleep(0.2)
+        answered_during_copy = 0
+        while not done.is_set():
+            t0 = time.monotonic()
+            os.stat(mnt / "dir/keep")
+            (mnt / "dir").exists()
+            if time.monotonic() - t0 < 0.5 and not done.is_set():
+                answered_during_copy += 1
+            time.sleep(0.01)
+    finally:
+        t.join(timeout=300)
+    assert answered_during_copy > 0, "no request was answered while the copy-up ran"
+    assert os.stat(mnt / "huge").st_size == size + 1
+
+
+def test_kill_during_copy_up_leaves_old_or_complete(u):
+    size = 512 << 20
+    with open(u.lo / "big", "wb") as f:
+        block = os.urandom(1 << 20)
+        for _ in range(size >> 20):
+            f.write(block)
+    mnt = u.mount()
+    t = threading.Thread(target=lambda: _try_append(mnt / "big"))
+    t.start()
+    time.sleep(0.3)
+    u.kill9()
+    t.join(timeout=60)
+    mnt = u.mount()
+    st = os.stat(mnt / "big")
+    assert st.st_size in (size, size + 1)  # the old view or the whole new file
+    with open(mnt / "big", "rb") as f, open(u.lo / "big", "rb") as g:
+        assert f.read(1 << 20) == g.read(1 << 20)
+    assert os.listdir(u.work / "layerfs") == []  # debris cleaned at mount
+
+
+def _try_append(path: Path) -> None:
+    try:
+        with open(path, "ab") as f:
+            f.write(b"!")
+    except OSError:
+        pass
+
+
+def test_written_and_closed_data_survives_kill9(u):
+    mnt = u.mount()
+    (mnt / "new").write_bytes(b"closed data")
+    with open(mnt / "file", "r+b") as f:
+        f.write(b"FSYNCED")
+        f.flush()
+        os.fsync(f.fileno())
+    os.mkdir(mnt / "newdir")
+    os.rename(mnt / "dir", mnt / "renamed")
+    u.kill9()
+    assert not is_mounted(u.mnt)
+    mnt = u.mount()
+    assert (mnt / "new").read_bytes() == b"closed data"
+    assert (mnt / "file").read_bytes().startswith(b"FSYNCED")
+    assert (mnt / "newdir").is_dir()
+    assert sorted(os.listdir(mnt / "renamed")) == ["keep", "mid", "sub"]
+
+
+def test_kernel_written_upper_mounts_with_layerfs(u):
+    """The other interop direction: changes made through kernel overlayfs (redirect_dir=on),
+    then the same upper mounted by layerfs shows what the kernel showed."""
+    opaque(u.mid / "opq")
+    write(u.mid / "opq/x", b"x")
+    whiteout(u.mid / "dir/keep")
+    kmnt = u.root / "kmnt"
+    kmnt.mkdir()
+    with KernelOverlay(kmnt, u.lowers, u.upper, u.work, "redirect_dir=on"):
+        (kmnt / "file").write_bytes(b"kernel wrote this")
+        os.unlink(kmnt / "gone")
+        os.rename(kmnt / "dir", kmnt / "kdir")
+        os.mkdir(kmnt / "gone")
+        (kmnt / "gone/in").write_bytes(b"in")
+        os.chmod(kmnt / "suid", 0o755)
+        os.symlink("file", kmnt / "sl")
+        os.link(kmnt / "sl", kmnt / "sl2")
+        os.unlink(kmnt / "kdir/sub/deep")
+        os.rmdir(kmnt / "kdir/sub")
+        os.mkdir(kmnt / "kdir/sub")
+        kernel_tree = treecmp.snapshot(kmnt)
+    mnt = u.mount()
+    ours = treecmp.snapshot(mnt)
+    assert treecmp.diff(ours, kernel_tree) == []
+
+
+def test_read_only_mount_still_refuses_writes(tmp_path, fuse):
+    write(tmp_path / "lo/f", b"x")
+    (tmp_path / "mnt").mkdir()
+    with LayerfsMount(tmp_path / "mnt", [tmp_path / "lo"]):
+        with pytest.raises(OSError) as exc:
+            (tmp_path / "mnt/f").write_bytes(b"y")
+        assert exc.value.errno == errno.EROFS
