@@ -1,0 +1,143 @@
+"""Running `layerfs` and `fusermount3`, and reading the mount table: shared by the commands.
+
+`mount` returns once the mount is live (layerfs daemonizes and reports readiness) and raises
+`ToolFailed` with layerfs's own exit code otherwise; layerfs writes its message to our stderr.
+It refuses a mountpoint that already has a mount on it (layerfs itself would stack one).
+`unmount` is `fusermount3 -u`, idempotent only through `unmount_quietly`, which also falls
+back to a lazy unmount.  Whether a path is mounted is read from /proc/self/mountinfo, never by
+stat-ing it: a hung FUSE mountpoint would hang the stat.  Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import AlreadyMounted, BadInput, NotMounted, ToolFailed, status_of
+
+MOUNT_TIMEOUT = 60.0
+UNMOUNT_TIMEOUT = 30.0
+
+
+def layerfs_executable() -> str:
+    """The `layerfs` of this installation (beside our python), else the one on PATH."""
+    beside = Path(sys.executable).parent / "layerfs"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("layerfs")
+    if found is None:
+        raise ToolFailed("cannot find the layerfs executable (run scripts/setup.sh)")
+    return found
+
+
+def escape_path(path: str) -> str:
+    """Escape a path for a `-o` value: `\\`, `:` and `,` get a backslash (overlayfs rules)."""
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+def mount_options(lowers: Sequence[str], upper: str | None, work: str | None) -> str:
+    """`lowerdir=TOP:...:BOTTOM[,upperdir=U,workdir=W]` from top-first lower directories."""
+    if not lowers:
+        raise BadInput("at least one lower directory is needed")
+    if (upper is None) != (work is None):
+        raise BadInput("--upper and --work must be given together")
+    opts = "lowerdir=" + ":".join(escape_path(os.path.abspath(d)) for d in lowers)
+    if upper is not None and work is not None:
+        opts += f",upperdir={escape_path(os.path.abspath(upper))}"
+        opts += f",workdir={escape_path(os.path.abspath(work))}"
+    return opts
+
+
+def mount(
+    lowers: Sequence[str], mountpoint: str, upper: str | None = None, work: str | None = None
+) -> None:
+    """Mount the union on `mountpoint`; returns once it is live."""
+    cmd = [layerfs_executable(), "-o", mount_options(lowers, upper, work), mountpoint]
+    typ = fstype(canonical_mountpoint(mountpoint))
+    if typ is not None:
+        raise AlreadyMounted(f"{mountpoint} is already mounted ({typ}); unmount it first")
+    # stdio is inherited: layerfs's errors reach the user as it wrote them.
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, timeout=MOUNT_TIMEOUT, check=False)
+    if proc.returncode != 0:
+        raise ToolFailed(exit_code=status_of(proc.returncode))
+
+
+def _unescape_mountinfo(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (`\\040`)."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and len(field) >= i + 4 and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_table() -> list[tuple[str, str]]:
+    """(mountpoint, fstype) of every mount visible to this process, in mount order."""
+    table = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            table.append((_unescape_mountinfo(left.split()[4]), right.split()[0]))
+    return table
+
+
+def fstype(mountpoint: str) -> str | None:
+    """The type of the topmost mount on `mountpoint`, or None when nothing is mounted there."""
+    found = None
+    for path, typ in mount_table():
+        if path == mountpoint:
+            found = typ
+    return found
+
+
+def canonical_mountpoint(path: str) -> str:
+    """Absolute path with the parent's symlinks resolved; the path itself is never stat-ed."""
+    full = os.path.abspath(path)
+    parent, name = os.path.split(full)
+    return os.path.join(os.path.realpath(parent), name) if name else full
+
+
+def unmount(mountpoint: str) -> None:
+    """`fusermount3 -u` a FUSE mount; NotMounted / ToolFailed with fusermount3's message."""
+    target = canonical_mountpoint(mountpoint)
+    typ = fstype(target)
+    if typ is None:
+        raise NotMounted(f"{mountpoint} is not mounted")
+    if not typ.startswith("fuse"):
+        raise ToolFailed(f"{mountpoint} is not a FUSE mount (it is {typ}): use umount(8)")
+    proc = _fusermount(["-u", target])
+    if proc.returncode != 0:
+        detail = proc.stderr.strip() or f"exit status {proc.returncode}"
+        raise ToolFailed(f"unmounting {mountpoint} failed: {detail}")
+
+
+def unmount_quietly(mountpoint: str) -> bool:
+    """Best effort for cleanup paths: `-u`, then `-u -z`.  True when nothing is left mounted."""
+    target = canonical_mountpoint(mountpoint)
+    for flags in (["-u"], ["-u", "-z"]):
+        if fstype(target) is None:
+            return True
+        try:
+            _fusermount([*flags, target])
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return fstype(target) is None
+
+
+def _fusermount(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["fusermount3", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=UNMOUNT_TIMEOUT,
+        check=False,
+    )

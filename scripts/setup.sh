@@ -1,0 +1,114 @@
+#!/bin/bash
+# Set up everything layer needs on a fresh Debian machine, as root.  Idempotent, and quick
+# when already done: apt only for what is missing, pip only when pyproject.toml changed.
+# One line of output per step; the logs of apt and pip are shown only when they fail.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO/.venv"
+STAMP="$VENV/.layer-pyproject.sha256"
+# fuse3: fusermount3, mount.fuse3; libfuse3-dev, pkg-config, gcc: pyfuse3 builds from its
+# sdist; fuse-overlayfs: benchmarks and interop tests; attr: getfattr/setfattr; psmisc: fuser.
+PACKAGES=(fuse3 libfuse3-dev pkg-config gcc fuse-overlayfs attr psmisc util-linux procps)
+
+say() { echo "setup: $*"; }
+die() { echo "setup: $*" >&2; exit 1; }
+
+run_logged() {  # run_logged LOG CMD...: quiet unless it fails
+    local log="$1"; shift
+    if ! "$@" >"$log" 2>&1; then
+        tail -40 "$log" >&2
+        die "failed: $* (full log: $log)"
+    fi
+}
+
+python_headers_present() {
+    python3 -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'
+}
+
+installed() {  # `dpkg -s` alone succeeds for removed packages that left config files behind
+    [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
+}
+
+install_packages() {
+    local missing=() p
+    for p in "${PACKAGES[@]}"; do
+        installed "$p" || missing+=("$p")
+    done
+    python_headers_present || missing+=(python3-dev)
+    if [ ${#missing[@]} -eq 0 ]; then
+        say "packages: all present"
+        return
+    fi
+    say "packages: apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    run_logged /tmp/layer-setup-apt.log apt-get update -q
+    run_logged /tmp/layer-setup-apt.log apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+ensure_dev_fuse() {
+    if [ -e /dev/fuse ]; then
+        say "/dev/fuse: present"
+        return
+    fi
+    modprobe fuse 2>/dev/null || true
+    [ -e /dev/fuse ] || mknod -m 0666 /dev/fuse c 10 229 2>/dev/null || true
+    if [ -e /dev/fuse ]; then
+        say "/dev/fuse: created"
+    else
+        say "/dev/fuse: missing and cannot be created (mount tests will be skipped)" >&2
+    fi
+}
+
+create_venv() {
+    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c '' 2>/dev/null; then
+        return
+    fi
+    say "venv: creating $VENV"
+    if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+        # Debian's own python needs python3-venv (ensurepip) for this.
+        installed python3-venv && die "python3 -m venv $VENV failed"
+        say "venv: apt-get install python3-venv"
+        export DEBIAN_FRONTEND=noninteractive
+        run_logged /tmp/layer-setup-apt.log apt-get install -y -q python3-venv
+        run_logged /tmp/layer-setup-venv.log python3 -m venv "$VENV"
+    fi
+}
+
+install_project() {
+    local want
+    want="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
+    if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/layerfs" ] \
+        && [ -x "$VENV/bin/layer" ]; then
+        say "venv: up to date ($VENV)"
+        return
+    fi
+    say "venv: pip install -e '.[test]'"
+    run_logged "$VENV/pip-install.log" "$VENV/bin/pip" install -q -e "$REPO[test]"
+    "$VENV/bin/python" -c 'import pyfuse3, trio, click, xxhash' || die "imports fail after install"
+    echo "$want" >"$STAMP"
+}
+
+link_tools() {
+    # mount(8) runs helpers without a useful PATH (mount.fuse3 -> sh -c 'layerfs ...'): link
+    # the console scripts, whose shebang is the venv's python by absolute path.
+    local tool changed=""
+    for tool in layerfs layer; do
+        if [ "$(readlink -f "/usr/local/bin/$tool" 2>/dev/null)" != "$(readlink -f "$VENV/bin/$tool")" ]; then
+            ln -sfn "$VENV/bin/$tool" "/usr/local/bin/$tool"
+            changed=1
+        fi
+    done
+    if [ -n "$changed" ]; then
+        say "links: /usr/local/bin/{layerfs,layer} -> $VENV/bin"
+    else
+        say "links: /usr/local/bin/{layerfs,layer} in place"
+    fi
+}
+
+[ "$(id -u)" -eq 0 ] || die "run as root (apt-get, mounts, /usr/local/bin)"
+install_packages
+ensure_dev_fuse
+create_venv
+install_project
+link_tools
