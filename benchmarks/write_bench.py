@@ -54,9 +54,11 @@ def build() -> tuple[Path, Path]:
 
 def mount(engine: str, lower: Path, upper: Path, work: Path, mnt: Path) -> None:
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
-    cmd = {"kernel": ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)],
-           "fuse-overlayfs": ["fuse-overlayfs", "-o", opts, str(mnt)],
-           "layerfs": [LAYERFS, "-o", opts, str(mnt)]}[engine]
+    cmd = {
+        "kernel": ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)],
+        "fuse-overlayfs": ["fuse-overlayfs", "-o", opts, str(mnt)],
+        "layerfs": [LAYERFS, "-o", opts, str(mnt)],
+    }[engine]
     subprocess.run(cmd, check=True)
 
 
@@ -128,8 +130,10 @@ def main() -> int:
         for engine in engines:
             xs = results[(name, engine)]
             ratio = statistics.median(a / b for a, b in zip(xs, base, strict=True))
-            print(f"  {name:7} {engine:15} {statistics.median(xs) * 1e3:9.1f} "
-                  f"({min(xs) * 1e3:.1f}-{max(xs) * 1e3:.1f})  x{ratio:.2f}")
+            print(
+                f"  {name:7} {engine:15} {statistics.median(xs) * 1e3:9.1f} "
+                f"({min(xs) * 1e3:.1f}-{max(xs) * 1e3:.1f})  x{ratio:.2f}"
+            )
     return 0
 
 

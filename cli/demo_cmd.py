@@ -24,7 +24,7 @@ import click
 
 from unionfs import markers
 
-from . import demo_sample, mounts
+from . import demo_copyup, demo_sample, mounts
 from .demo_sample import Layer
 from .errors import DemoFailed
 
@@ -53,6 +53,7 @@ def run(console: Console, keep: bool) -> None:
         with mounted(console, layers, mnt):
             show_merged(console, mnt)
             failures = check_merged(console, layers, mnt)
+        failures += demo_copyup.show_copy_up(console, layers, root)
     finally:
         remove_or_keep(console, root, mnt, keep)
     if failures:
@@ -114,8 +115,13 @@ def check_merged(console: Console, layers: list[Layer], mnt: Path) -> list[str]:
 
 
 def remove_or_keep(console: Console, root: Path, mnt: Path, keep: bool) -> None:
-    if mounts.fstype(mounts.canonical_mountpoint(str(mnt))) is not None:
-        console.warn(f"{mnt} is still mounted: leaving {root} in place")
+    busy = [
+        m
+        for m in (mnt, root / "merged-rw")
+        if mounts.fstype(mounts.canonical_mountpoint(str(m))) is not None
+    ]
+    if busy:
+        console.warn(f"{busy[0]} is still mounted: leaving {root} in place")
     elif keep:
         console.say(f"kept {root} (--keep); layers in {root / 'layers'}")
     else:

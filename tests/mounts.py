@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from cli.mounts import mount_table
+
 LAYERFS = str(Path(sys.executable).parent / "layerfs")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 MOUNT_DEADLINE = 20.0
@@ -40,26 +42,9 @@ def require_root() -> None:
     need(os.geteuid() == 0, "needs root (kernel overlayfs, trusted xattrs, mknod)")
 
 
-def _unescape_mountinfo(field: str) -> str:
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mounts() -> list[tuple[str, str]]:
     """(mountpoint, fstype) of every mount, from /proc/self/mountinfo."""
-    result = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            result.append((_unescape_mountinfo(left.split()[4]), right.split()[0]))
-    return result
+    return mount_table()
 
 
 def is_mounted(path: str | os.PathLike[str]) -> bool:

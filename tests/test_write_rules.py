@@ -241,9 +241,20 @@ def test_new_objects_get_callers_owner_and_setgid_group(u):
     os.mkdir(mnt / "shared", 0o777)
     os.chmod(mnt / "shared", 0o2777)
     os.chown(mnt / "shared", 0, 4321)
-    r = subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "sh", "-c",
-                        f"umask 027; touch {mnt}/shared/f; mkdir {mnt}/shared/d"],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=1000",
+            "--regid=1000",
+            "--clear-groups",
+            "sh",
+            "-c",
+            f"umask 027; touch {mnt}/shared/f; mkdir {mnt}/shared/d",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
     f, d = os.stat(mnt / "shared/f"), os.stat(mnt / "shared/d")
     assert (f.st_uid, f.st_gid, stat.S_IMODE(f.st_mode)) == (1000, 4321, 0o640)
@@ -377,3 +388,33 @@ def test_read_only_mount_still_refuses_writes(tmp_path, fuse):
         with pytest.raises(OSError) as exc:
             (tmp_path / "mnt/f").write_bytes(b"y")
         assert exc.value.errno == errno.EROFS
+
+
+def test_reused_upper_inode_numbers_get_fresh_merged_inodes(u):
+    """ext4 hands a deleted file's inode number to the next new file while the kernel may
+    still know the dead one: each new object must still get a live, distinct inode."""
+    mnt = u.mount()
+    for i in range(30):
+        (mnt / "gone").write_bytes(b"x")
+        dead = os.stat(mnt / "gone").st_ino
+        os.unlink(mnt / "gone")
+        os.symlink("t", mnt / "gone") if i % 2 else os.mkdir(mnt / "gone")
+        st = os.lstat(mnt / "gone")  # failed with ENOENT when the dead node was reused
+        assert stat.S_ISLNK(st.st_mode) if i % 2 else stat.S_ISDIR(st.st_mode)
+        assert dead  # a number may come back only once the kernel forgot the dead inode
+        os.unlink(mnt / "gone") if i % 2 else os.rmdir(mnt / "gone")
+
+
+def test_devices_and_sockets(u):
+    import socket
+
+    mnt = u.mount()
+    os.mknod(mnt / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mknod(mnt / "loop", stat.S_IFBLK | 0o660, os.makedev(7, 1))
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(mnt / "sock"))
+    s.close()
+    assert os.stat(mnt / "null").st_rdev == os.makedev(1, 3)
+    assert stat.S_ISBLK(os.stat(mnt / "loop").st_mode)
+    assert stat.S_ISSOCK(os.lstat(mnt / "sock").st_mode)
+    assert stat.S_ISCHR(os.lstat(u.upper / "null").st_mode)

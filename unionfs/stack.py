@@ -157,6 +157,7 @@ class LayerStack:
         # upper real inode -> merged inode, for objects copied up during this mount, so a
         # file keeps its st_ino across copy-up even after the kernel forgets it.
         self.origins: dict[int, Inode] = {}
+        self._fresh = 0  # count of fresh numbers, kept apart from the fallback ones
         self.nodes: dict[Inode, Node] = {}
         # Other known names of hard-linked files (only for nodes reached by two names).
         self.aliases: dict[Inode, list[tuple[Node, bytes]]] = {}
@@ -174,9 +175,24 @@ class LayerStack:
     # ----- inode numbers -------------------------------------------------------------
     def ino_for(self, layer: int, real_ino: int) -> Inode:
         if self.has_upper and layer == 0:
-            origin = self.origins.get(real_ino)
-            if origin is not None:
-                return origin
+            return self._upper_ino(real_ino)
+        return self._xino(layer, real_ino)
+
+    def _upper_ino(self, real_ino: int) -> Inode:
+        """Upper inode numbers are reused by the filesystem once a file is deleted, while
+        the kernel may still hold the dead file's inode: a number whose node is unlinked is
+        never handed out again for a new object."""
+        ino = self.origins.get(real_ino)
+        if ino is None:
+            ino = self._xino(0, real_ino)
+        node = self.nodes.get(ino)
+        if node is not None and node.unlinked:
+            self._fresh += 1
+            ino = Inode(_FALLBACK_BASE + (1 << 40) + self._fresh)
+            self.origins[real_ino] = ino
+        return ino
+
+    def _xino(self, layer: int, real_ino: int) -> Inode:
         dev = self.devs[layer]
         idx = self._dev_index.setdefault(dev, len(self._dev_index))
         if real_ino < (1 << _XINO_SHIFT) and idx < _XINO_MAX_DEV:
