@@ -418,3 +418,16 @@ def test_devices_and_sockets(u):
     assert stat.S_ISBLK(os.stat(mnt / "loop").st_mode)
     assert stat.S_ISSOCK(os.lstat(mnt / "sock").st_mode)
     assert stat.S_ISCHR(os.lstat(u.upper / "null").st_mode)
+
+
+def test_oci_marker_names_in_the_upper_are_plain_files(u):
+    """The upper is kernel format: a user's `.wh.x` file is a file, and hides nothing."""
+    mnt = u.mount()
+    (mnt / ".wh.file").write_bytes(b"mine")
+    (mnt / "dir/.wh..wh..opq").write_bytes(b"also mine")
+    assert (mnt / "file").read_bytes() == b"lower data\n"
+    assert sorted(os.listdir(mnt / "dir")) == [".wh..wh..opq", "keep", "mid", "sub"]
+    u.umount()
+    mnt = u.mount()
+    assert (mnt / ".wh.file").read_bytes() == b"mine"
+    assert sorted(os.listdir(mnt / "dir")) == [".wh..wh..opq", "keep", "mid", "sub"]

@@ -295,12 +295,15 @@ class LayerStack:
         for d in dirs:
             whiteouts: list[bytes] = []
             xwh = d.path in self._xwh
+            # OCI markers are read in lower layers only: the upper is written in the kernel's
+            # format, and a user's own file named `.wh.x` there is just a file.
+            oci = not (self.has_upper and d.layer == 0)
             with os.scandir(d.path) as it:
                 for de in it:
                     name: bytes = de.name  # type: ignore[assignment]
-                    if name == markers.WH_OPAQUE:
+                    if oci and name == markers.WH_OPAQUE:
                         continue
-                    target = markers.oci_whiteout_target(name)
+                    target = markers.oci_whiteout_target(name) if oci else None
                     if target is not None:
                         whiteouts.append(target)
                         continue
@@ -396,7 +399,8 @@ class LayerStack:
                 return out + self._redirected(parent, marks.redirect)
             if pos == len(chain) - 1:
                 break
-            if marks.opaque or _exists(path + b"/" + markers.WH_OPAQUE):
+            oci = not (upper_first and d.layer == 0)
+            if marks.opaque or (oci and _exists(path + b"/" + markers.WH_OPAQUE)):
                 break
         return out
 
