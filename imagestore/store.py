@@ -1,0 +1,280 @@
+"""Store: the on-disk image store, an OCI image layout with our extra state beside it.
+
+    ROOT/oci-layout, ROOT/index.json, ROOT/blobs/sha256/<hex>   the OCI image layout, as is
+    ROOT/ingest/                 blobs being written (debris after a crash, never referenced)
+    ROOT/layers/<diffid-hex>/diff     each layer unpacked once, shared by every image;
+    ROOT/layers/<diffid-hex>/complete written last: only then does the layer exist
+    ROOT/mounts/<name>/{upper,work,merged}   writable mounts
+
+Lifecycle, as containerd's content store and umoci's cas.Engine state it:
+  - `ingest()` writes a blob under ingest/, hashing while writing; `commit()` fsyncs, verifies
+    digest and size, and renames into blobs/ — atomic and idempotent (an existing blob wins).
+    A resumable ingest (with a key) keeps its partial file between attempts.
+  - `tag()`/`untag()` rewrite index.json atomically (temp file, fsync, rename).
+  - `lock()` is the store-wide advisory lock (flock on ROOT/lock) that every mutating `layer`
+    command holds, so two processes never interleave index or layer writes.
+Threads: an Ingest belongs to one thread; Store methods other than tag/untag are safe to call
+from several threads (they only create new names atomically).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .digest import Digest
+from .errors import BlobNotFound, DigestMismatch, ImageNotFound, StoreBusy
+
+OCI_LAYOUT = {"imageLayoutVersion": "1.0.0"}
+INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
+REF_ANNOTATION = "org.opencontainers.image.ref.name"
+
+
+def default_root() -> Path:
+    env = os.environ.get("LAYER_ROOT")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/layer")
+    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(data) / "layer"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+        self.blobs = self.root / "blobs" / "sha256"
+        self.ingest_dir = self.root / "ingest"
+        self.layers = self.root / "layers"
+        self.mounts = self.root / "mounts"
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str] | None = None) -> Store:
+        """Open the store, creating the layout when it is missing (idempotent)."""
+        store = cls(root if root is not None else default_root())
+        for d in (store.blobs, store.ingest_dir, store.layers, store.mounts):
+            d.mkdir(parents=True, exist_ok=True)
+        if not (store.root / "oci-layout").exists():
+            write_atomic(store.root / "oci-layout", json.dumps(OCI_LAYOUT).encode())
+        if not (store.root / "index.json").exists():
+            store._write_index({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE,
+                                "manifests": []})
+        return store
+
+    # ----- locking ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, wait: bool = True) -> Iterator[None]:
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise StoreBusy(f"another layer process is using {self.root}") from None
+            yield
+        finally:
+            os.close(fd)
+
+    # ----- blobs ---------------------------------------------------------------------------
+    def blob_path(self, digest: Digest) -> Path:
+        if digest.algorithm != "sha256":
+            return self.root / "blobs" / digest.algorithm / digest.hex
+        return self.blobs / digest.hex
+
+    def has_blob(self, digest: Digest) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def open_blob(self, digest: Digest) -> BinaryIO:
+        try:
+            return open(self.blob_path(digest), "rb")
+        except FileNotFoundError:
+            raise BlobNotFound(f"blob {digest} is not in the store") from None
+
+    def read_blob(self, digest: Digest, verify: bool = True) -> bytes:
+        with self.open_blob(digest) as f:
+            data = f.read()
+        if verify and Digest.of(data) != digest:
+            raise DigestMismatch(f"blob {digest} in the store is corrupt")
+        return data
+
+    def read_json(self, digest: Digest) -> Any:
+        return json.loads(self.read_blob(digest))
+
+    def ingest(self, expected: Digest | None = None, size: int | None = None,
+               key: str | None = None) -> Ingest:
+        """A new blob write; with `key`, a partial file from an earlier attempt is resumed."""
+        name = key if key is not None else f"tmp-{secrets.token_hex(8)}"
+        return Ingest(self, self.ingest_dir / name, expected, size, resumable=key is not None)
+
+    def put_bytes(self, data: bytes, expected: Digest | None = None) -> Digest:
+        with self.ingest(expected, len(data)) as ing:
+            ing.write(data)
+            return ing.commit()
+
+    def put_json(self, obj: Any) -> tuple[Digest, int]:
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        return self.put_bytes(data), len(data)
+
+    # ----- index.json: names -------------------------------------------------------------
+    def _read_index(self) -> dict[str, Any]:
+        return json.loads((self.root / "index.json").read_bytes())
+
+    def _write_index(self, index: dict[str, Any]) -> None:
+        write_atomic(self.root / "index.json", json.dumps(index, indent=2).encode() + b"\n")
+
+    def images(self) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for desc in self._read_index().get("manifests", []):
+            name = desc.get("annotations", {}).get(REF_ANNOTATION)
+            if name:
+                out.append((name, desc))
+        return out
+
+    def resolve(self, name: str) -> dict[str, Any]:
+        """The descriptor tagged `name`; a manifest digest (or unique prefix) also works."""
+        images = self.images()
+        for n, desc in images:
+            if n == name:
+                return desc
+        hexpart = name.removeprefix("sha256:")
+        if len(hexpart) >= 12:
+            found = [d for _, d in images if d["digest"].removeprefix("sha256:").startswith(hexpart)]
+            if len({d["digest"] for d in found}) == 1:
+                return found[0]
+        raise ImageNotFound(f"no image {name!r} in {self.root}")
+
+    def tag(self, name: str, desc: dict[str, Any]) -> None:
+        """Point `name` at `desc` (replacing an older image of that name).  Atomic."""
+        index = self._read_index()
+        manifests = [d for d in index.get("manifests", [])
+                     if d.get("annotations", {}).get(REF_ANNOTATION) != name]
+        entry = {k: v for k, v in desc.items() if k in ("mediaType", "digest", "size", "platform")}
+        entry["annotations"] = {**desc.get("annotations", {}), REF_ANNOTATION: name}
+        manifests.append(entry)
+        index["manifests"] = manifests
+        self._write_index(index)
+
+    def untag(self, name: str) -> None:
+        index = self._read_index()
+        before = len(index.get("manifests", []))
+        index["manifests"] = [d for d in index.get("manifests", [])
+                              if d.get("annotations", {}).get(REF_ANNOTATION) != name]
+        if len(index["manifests"]) == before:
+            raise ImageNotFound(f"no image {name!r} in {self.root}")
+        self._write_index(index)
+
+    # ----- unpacked layers ---------------------------------------------------------------
+    def layer_dir(self, diff_id: Digest) -> Path:
+        return self.layers / diff_id.hex / "diff"
+
+    def has_layer(self, diff_id: Digest) -> bool:
+        return (self.layers / diff_id.hex / "complete").exists()
+
+
+class Ingest:
+    """One blob being written: hashed while written, verified and renamed by `commit`."""
+
+    def __init__(self, store: Store, path: Path, expected: Digest | None, size: int | None,
+                 resumable: bool) -> None:
+        self.store = store
+        self.path = path
+        self.expected = expected
+        self.size = size
+        self.resumable = resumable
+        self._hash = (expected.hasher() if expected else Digest("sha256", "").hasher())
+        self.offset = 0
+        if resumable and path.exists():  # rehash what an earlier attempt wrote
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    self._hash.update(chunk)
+                    self.offset += len(chunk)
+        self._file: BinaryIO | None = open(path, "ab")
+        self.done = False
+
+    def __enter__(self) -> Ingest:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if not self.done:
+            self.close()
+            if not (self.resumable and exc_type is not None):
+                self.abort()
+
+    def write(self, chunk: bytes) -> None:
+        assert self._file is not None
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        self.offset += len(chunk)
+        if self.size is not None and self.offset > self.size:
+            raise DigestMismatch(f"blob {self.expected} is larger than the {self.size} bytes "
+                                 "announced")
+
+    def restart(self) -> None:
+        """Throw away what was written (a server that ignored our Range request)."""
+        assert self._file is not None
+        self._file.truncate(0)
+        self._file.seek(0)
+        self._hash = self.expected.hasher() if self.expected else Digest("sha256", "").hasher()
+        self.offset = 0
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def abort(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self.done = True
+
+    def commit(self) -> Digest:
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.close()
+        got = Digest.from_hash(self._hash)
+        if self.size is not None and self.offset != self.size:
+            self.abort()
+            raise DigestMismatch(f"blob {self.expected or got}: got {self.offset} bytes, "
+                                 f"expected {self.size}")
+        if self.expected is not None and got != self.expected:
+            self.abort()
+            raise DigestMismatch(f"blob digest mismatch: expected {self.expected}, got {got}")
+        dest = self.store.blob_path(got)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            self.path.unlink()
+        else:
+            try:
+                os.rename(self.path, dest)
+            except OSError as exc:
+                if exc.errno != errno.EEXIST:
+                    raise
+            _fsync_dir(dest.parent)
+        self.done = True
+        return got
