@@ -7,7 +7,8 @@ Stable codes (scripts may rely on them):
 
     0    success
     1    the operation failed (a mount failed, a path is not mounted, an I/O error, ...)
-    2    usage or bad input (also click's own usage errors)
+    2    usage or bad input (also click's own usage errors); an image that does not exist
+         (as skopeo)
     125  internal error: a bug in layer
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+from imagestore import errors as store_errors
 from unionfs.errors import OptionError, UnionError
 
 EXIT_OK = 0
@@ -64,6 +66,10 @@ def describe(exc: BaseException) -> tuple[int, str | None, bool]:
         return exc.exit_code, exc.message, False
     if isinstance(exc, OptionError):
         return EXIT_USAGE, str(exc), False
+    if isinstance(exc, (store_errors.ImageNotFound, store_errors.BadReference)):
+        return EXIT_USAGE, str(exc), False
+    if isinstance(exc, store_errors.StoreError):
+        return EXIT_FAILURE, str(exc), False
     if isinstance(exc, UnionError):
         return EXIT_FAILURE, f"{exc} ({os.strerror(exc.errno)})", False
     if isinstance(exc, subprocess.TimeoutExpired):

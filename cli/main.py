@@ -13,7 +13,17 @@ from typing import Any
 
 import click
 
-from . import demo_cmd, errors, mount_cmd, umount_cmd
+from . import (
+    demo_cmd,
+    errors,
+    gc_cmd,
+    images_cmd,
+    inspect_cmd,
+    mount_cmd,
+    pull_cmd,
+    tag_cmd,
+    umount_cmd,
+)
 
 
 class Console:
@@ -65,6 +75,14 @@ def cli(ctx: click.Context) -> None:
 cli.add_command(mount_cmd.mount)
 cli.add_command(umount_cmd.umount)
 cli.add_command(demo_cmd.demo)
+cli.add_command(pull_cmd.pull)
+cli.add_command(images_cmd.images)
+cli.add_command(inspect_cmd.inspect)
+cli.add_command(tag_cmd.tag)
+cli.add_command(tag_cmd.rmi)
+cli.add_command(gc_cmd.gc)
+cli.add_command(umount_cmd.ps)
+cli.add_command(umount_cmd.rm)
 
 
 if __name__ == "__main__":

@@ -82,8 +82,7 @@ class Store:
         if not (store.root / "oci-layout").exists():
             write_atomic(store.root / "oci-layout", json.dumps(OCI_LAYOUT).encode())
         if not (store.root / "index.json").exists():
-            store._write_index({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE,
-                                "manifests": []})
+            store._write_index({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": []})
         return store
 
     # ----- locking ------------------------------------------------------------------------
@@ -124,8 +123,9 @@ class Store:
     def read_json(self, digest: Digest) -> Any:
         return json.loads(self.read_blob(digest))
 
-    def ingest(self, expected: Digest | None = None, size: int | None = None,
-               key: str | None = None) -> Ingest:
+    def ingest(
+        self, expected: Digest | None = None, size: int | None = None, key: str | None = None
+    ) -> Ingest:
         """A new blob write; with `key`, a partial file from an earlier attempt is resumed."""
         name = key if key is not None else f"tmp-{secrets.token_hex(8)}"
         return Ingest(self, self.ingest_dir / name, expected, size, resumable=key is not None)
@@ -162,7 +162,9 @@ class Store:
                 return desc
         hexpart = name.removeprefix("sha256:")
         if len(hexpart) >= 12:
-            found = [d for _, d in images if d["digest"].removeprefix("sha256:").startswith(hexpart)]
+            found = [
+                d for _, d in images if d["digest"].removeprefix("sha256:").startswith(hexpart)
+            ]
             if len({d["digest"] for d in found}) == 1:
                 return found[0]
         raise ImageNotFound(f"no image {name!r} in {self.root}")
@@ -170,8 +172,11 @@ class Store:
     def tag(self, name: str, desc: dict[str, Any]) -> None:
         """Point `name` at `desc` (replacing an older image of that name).  Atomic."""
         index = self._read_index()
-        manifests = [d for d in index.get("manifests", [])
-                     if d.get("annotations", {}).get(REF_ANNOTATION) != name]
+        manifests = [
+            d
+            for d in index.get("manifests", [])
+            if d.get("annotations", {}).get(REF_ANNOTATION) != name
+        ]
         entry = {k: v for k, v in desc.items() if k in ("mediaType", "digest", "size", "platform")}
         entry["annotations"] = {**desc.get("annotations", {}), REF_ANNOTATION: name}
         manifests.append(entry)
@@ -181,8 +186,11 @@ class Store:
     def untag(self, name: str) -> None:
         index = self._read_index()
         before = len(index.get("manifests", []))
-        index["manifests"] = [d for d in index.get("manifests", [])
-                              if d.get("annotations", {}).get(REF_ANNOTATION) != name]
+        index["manifests"] = [
+            d
+            for d in index.get("manifests", [])
+            if d.get("annotations", {}).get(REF_ANNOTATION) != name
+        ]
         if len(index["manifests"]) == before:
             raise ImageNotFound(f"no image {name!r} in {self.root}")
         self._write_index(index)
@@ -198,14 +206,15 @@ class Store:
 class Ingest:
     """One blob being written: hashed while written, verified and renamed by `commit`."""
 
-    def __init__(self, store: Store, path: Path, expected: Digest | None, size: int | None,
-                 resumable: bool) -> None:
+    def __init__(
+        self, store: Store, path: Path, expected: Digest | None, size: int | None, resumable: bool
+    ) -> None:
         self.store = store
         self.path = path
         self.expected = expected
         self.size = size
         self.resumable = resumable
-        self._hash = (expected.hasher() if expected else Digest("sha256", "").hasher())
+        self._hash = expected.hasher() if expected else Digest("sha256", "").hasher()
         self.offset = 0
         if resumable and path.exists():  # rehash what an earlier attempt wrote
             with open(path, "rb") as f:
@@ -230,8 +239,9 @@ class Ingest:
         self._hash.update(chunk)
         self.offset += len(chunk)
         if self.size is not None and self.offset > self.size:
-            raise DigestMismatch(f"blob {self.expected} is larger than the {self.size} bytes "
-                                 "announced")
+            raise DigestMismatch(
+                f"blob {self.expected} is larger than the {self.size} bytes announced"
+            )
 
     def restart(self) -> None:
         """Throw away what was written (a server that ignored our Range request)."""
@@ -260,8 +270,9 @@ class Ingest:
         got = Digest.from_hash(self._hash)
         if self.size is not None and self.offset != self.size:
             self.abort()
-            raise DigestMismatch(f"blob {self.expected or got}: got {self.offset} bytes, "
-                                 f"expected {self.size}")
+            raise DigestMismatch(
+                f"blob {self.expected or got}: got {self.offset} bytes, expected {self.size}"
+            )
         if self.expected is not None and got != self.expected:
             self.abort()
             raise DigestMismatch(f"blob digest mismatch: expected {self.expected}, got {got}")

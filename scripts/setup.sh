@@ -8,7 +8,9 @@ VENV="$REPO/.venv"
 STAMP="$VENV/.layer-pyproject.sha256"
 # fuse3: fusermount3, mount.fuse3; libfuse3-dev, pkg-config, gcc: pyfuse3 builds from its
 # sdist; fuse-overlayfs: benchmarks and interop tests; attr: getfattr/setfattr; psmisc: fuser.
-PACKAGES=(fuse3 libfuse3-dev pkg-config gcc fuse-overlayfs attr psmisc util-linux procps)
+# docker-registry, skopeo, umoci: real registry and real clients for the image-store tests.
+PACKAGES=(fuse3 libfuse3-dev pkg-config gcc fuse-overlayfs attr psmisc util-linux procps
+          docker-registry skopeo umoci apache2-utils fio)
 
 say() { echo "setup: $*"; }
 die() { echo "setup: $*" >&2; exit 1; }

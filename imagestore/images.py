@@ -1,0 +1,136 @@
+"""What the store holds: image summaries, inspection, removal of names, garbage collection.
+
+Reads index.json and blobs; `gc` deletes blobs and unpacked layers that no tagged image and
+no mount references.  Mutating calls (`remove`, `gc`) run under the store lock.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+from . import media
+from .digest import Digest
+from .store import Store
+
+
+@dataclass
+class ImageInfo:
+    name: str
+    digest: Digest
+    media_type: str
+    size: int  # manifest + config + layer blobs, as stored
+    layers: int
+    created: str | None
+
+
+def _manifest(store: Store, desc: dict[str, Any]) -> tuple[bytes, media.Manifest]:
+    digest = Digest.parse(desc["digest"])
+    data = store.read_blob(digest)
+    return data, media.parse_manifest(data, media.media_type_of(data, desc.get("mediaType")))
+
+
+def info(store: Store, name: str) -> ImageInfo:
+    desc = store.resolve(name)
+    data, m = _manifest(store, desc)
+    config = store.read_json(m.config.digest)
+    size = len(data) + m.config.size + sum(layer.size for layer in m.layers)
+    label = desc.get("annotations", {}).get("org.opencontainers.image.ref.name", name)
+    return ImageInfo(
+        label,
+        Digest.parse(desc["digest"]),
+        m.media_type,
+        size,
+        len(m.layers),
+        config.get("created"),
+    )
+
+
+def list_images(store: Store) -> list[ImageInfo]:
+    return [info(store, name) for name, _ in store.images()]
+
+
+def inspect(store: Store, name: str) -> dict[str, Any]:
+    desc = store.resolve(name)
+    data, m = _manifest(store, desc)
+    config = store.read_json(m.config.digest)
+    diff_ids = media.diff_ids(json.dumps(config).encode())
+    return {
+        "name": desc.get("annotations", {}).get("org.opencontainers.image.ref.name", name),
+        "digest": desc["digest"],
+        "mediaType": m.media_type,
+        "manifest": json.loads(data),
+        "config": config,
+        "layers": [
+            {
+                "digest": str(layer.digest),
+                "diffID": str(d),
+                "mediaType": layer.media_type,
+                "size": layer.size,
+                "unpacked": str(store.layer_dir(d)) if store.has_layer(d) else None,
+            }
+            for layer, d in zip(m.layers, diff_ids, strict=True)
+        ],
+    }
+
+
+def raw_manifest(store: Store, name: str) -> bytes:
+    return store.read_blob(Digest.parse(store.resolve(name)["digest"]))
+
+
+def referenced(store: Store) -> tuple[set[Digest], set[Digest]]:
+    """(blobs, diff ids) that tagged images and mounts keep alive."""
+    blobs: set[Digest] = set()
+    layers: set[Digest] = set()
+    descs = [d for _, d in store.images()]
+    for mount_info in store.mounts.glob("*/mount.json"):
+        try:
+            descs.append(json.loads(mount_info.read_text())["image"])
+        except (ValueError, KeyError):
+            continue
+    for desc in descs:
+        try:
+            data, m = _manifest(store, desc)
+        except Exception:  # noqa: BLE001 - a broken image keeps what it names, no more
+            continue
+        blobs |= {Digest.parse(desc["digest"]), m.config.digest, *(x.digest for x in m.layers)}
+        if store.has_blob(m.config.digest):
+            layers |= set(media.diff_ids(store.read_blob(m.config.digest)))
+    return blobs, layers
+
+
+def gc(store: Store) -> tuple[int, int, int]:
+    """Remove what nothing references; returns (blobs removed, layers removed, bytes freed)."""
+    with store.lock():
+        blobs, layers = referenced(store)
+        nblobs = nlayers = freed = 0
+        for path in store.blobs.iterdir():
+            if Digest("sha256", path.name) not in blobs:
+                freed += path.stat().st_size
+                path.unlink()
+                nblobs += 1
+        for path in store.layers.iterdir():
+            if path.name.startswith("."):
+                shutil.rmtree(path, ignore_errors=True)  # debris of an interrupted unpack
+                continue
+            if Digest("sha256", path.name) not in layers:
+                freed += _du(path)
+                shutil.rmtree(path)
+                nlayers += 1
+        for path in store.ingest_dir.iterdir():
+            freed += path.stat().st_size
+            path.unlink()
+        return nblobs, nlayers, freed
+
+
+def _du(path: Any) -> int:
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink():
+                total += p.lstat().st_size
+        except OSError:
+            pass
+    return total

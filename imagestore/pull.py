@@ -1,0 +1,136 @@
+"""pull: bring an image from any source into the store, verified, unpacked and tagged.
+
+Steps: the source's manifest (an index is resolved for the platform), the config, every
+layer blob — downloads run concurrently, each verified while streaming and resumable — then
+each layer unpacked once (shared with every image that has it; a layer already unpacked is
+neither downloaded again nor re-extracted), the manifest stored, and the tag written last under
+the store lock.  An interrupted pull leaves no tag and no half blob: partial downloads stay in
+ingest/ to be resumed, never in blobs/.
+
+Threads: a pool of `jobs` workers downloads and unpacks layers; the tag is written by the
+calling thread.  `report` callbacks are called from worker threads.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from . import media
+from .digest import Digest
+from .errors import StoreError
+from .media import BadManifest, Descriptor
+from .sources import DockerArchiveSource, Source, open_source
+from .store import Store
+from .unpack import unpack_layer
+
+
+class Reporter(Protocol):
+    def layer(self, index: int, desc: Descriptor, state: str) -> None: ...
+
+    def progress(self, index: int, done: int, total: int | None) -> None: ...
+
+
+@dataclass
+class PullResult:
+    name: str
+    manifest_digest: Digest
+    media_type: str
+    diff_ids: list[Digest] = field(default_factory=list)
+
+
+def pull(
+    store: Store,
+    text: str,
+    *,
+    name: str | None = None,
+    platform: str | None = None,
+    tls_verify: bool = True,
+    creds: tuple[str, str] | None = None,
+    report: Reporter | None = None,
+    jobs: int = 4,
+) -> PullResult:
+    source = open_source(text, tls_verify=tls_verify, creds=creds)
+    try:
+        return _pull(store, source, name or source.default_name, platform, report, jobs)
+    finally:
+        source.close()
+
+
+def resolve_manifest(source: Source, platform: str | None) -> tuple[bytes, str, Digest]:
+    data, announced, digest = source.manifest()
+    mt = media.media_type_of(data, announced)
+    if mt in media.INDEX_TYPES:
+        entry = media.choose_platform(media.index_entries(data), platform)
+        data, announced, digest = source.manifest(str(entry.digest))
+        mt = media.media_type_of(data, entry.media_type)
+        if digest != entry.digest:
+            raise BadManifest(f"index names {entry.digest} but the source gave {digest}")
+    return data, mt, digest
+
+
+def _pull(
+    store: Store,
+    source: Source,
+    name: str,
+    platform: str | None,
+    report: Reporter | None,
+    jobs: int,
+) -> PullResult:
+    if isinstance(source, DockerArchiveSource):
+        source.bind(store)
+    data, mt, digest = resolve_manifest(source, platform)
+    manifest = media.parse_manifest(data, mt)
+    source.fetch_blob(manifest.config, store, None)
+    diff_ids = media.diff_ids(store.read_blob(manifest.config.digest))
+    if len(diff_ids) != len(manifest.layers):
+        raise BadManifest(f"config lists {len(diff_ids)} layers, manifest {len(manifest.layers)}")
+
+    def one(i: int, desc: Descriptor, diff_id: Digest) -> Digest:
+        if store.has_layer(diff_id):
+            if report is not None:
+                report.layer(i, desc, "already present")
+            return diff_id
+        if report is not None:
+            report.layer(i, desc, "downloading")
+        progress = (lambda done, total: report.progress(i, done, total)) if report else None
+        source.fetch_blob(desc, store, progress)
+        if report is not None:
+            report.layer(i, desc, "unpacking")
+        got = unpack_layer(store, desc.digest, desc.media_type, diff_id)
+        if report is not None:
+            report.layer(i, desc, "done")
+        return got
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+        futures = [pool.submit(one, i, d, diff_ids[i]) for i, d in enumerate(manifest.layers)]
+        try:
+            got = [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    store.put_bytes(data, digest)
+    with store.lock():
+        store.tag(name, {"mediaType": mt, "digest": str(digest), "size": len(data)})
+    return PullResult(name, digest, mt, got)
+
+
+def image_layers(store: Store, name: str) -> list[Path]:
+    """The unpacked layer directories of an image, base first; layers unpacked on demand
+    (after a `gc`, say) from blobs still in the store."""
+    desc = store.resolve(name)
+    digest = Digest.parse(desc["digest"])
+    data = store.read_blob(digest)
+    manifest = media.parse_manifest(data, media.media_type_of(data, desc.get("mediaType")))
+    diff_ids = media.diff_ids(store.read_blob(manifest.config.digest))
+    dirs = []
+    for layer, diff_id in zip(manifest.layers, diff_ids, strict=True):
+        if not store.has_layer(diff_id):
+            if not store.has_blob(layer.digest):
+                raise StoreError(f"layer {diff_id} of {name} is missing; pull the image again")
+            unpack_layer(store, layer.digest, layer.media_type, diff_id)
+        dirs.append(store.layer_dir(diff_id))
+    return dirs

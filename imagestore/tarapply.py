@@ -1,0 +1,440 @@
+"""Applying a layer tar's entries, in order, to a directory in the kernel-overlayfs format.
+
+Safety: nothing is ever followed.  Each parent component is opened with O_NOFOLLOW|O_DIRECTORY
+from the layer root (a symlink or other non-directory as a parent is refused), files are
+created with O_EXCL|O_NOFOLLOW, metadata is set through the fd (or *at(AT_SYMLINK_NOFOLLOW)
+for symlinks).  Symlink entries may point anywhere: they are never followed here.  A hard link
+must name an earlier non-directory entry of this layer.  Names are made safe by `tarsafe`.
+
+OCI apply rules (image-spec layer.md), in the overlay format:
+  - A non-directory entry replaces whatever is at its path; a directory entry over a directory
+    only updates its metadata; duplicate entries: the later one wins.  A directory that
+    replaces a non-directory or a whiteout of this layer is made opaque, since in the OCI
+    model the lower content at that path was removed first.
+  - `.wh.NAME` hides NAME in *lower* layers only (the spec: files present in the same layer
+    stay).  So: NAME absent so far → a whiteout (char device 0/0); NAME a directory of this
+    layer → it becomes opaque and keeps its content; NAME a non-directory of this layer → kept
+    as is (it already hides everything below).  A later entry at NAME replaces the whiteout.
+  - `.wh..wh..opq` marks its directory opaque (`trusted.overlay.opaque=y` as root,
+    `user.overlay.opaque=y` otherwise); entries of the same layer stay, in any order.
+  - An entry below a whiteout of this layer (`.wh.a`, then `a/b`) turns the whiteout into an
+    opaque directory.
+  - The quirk: a whiteout below a non-directory of this layer (`a/b` a file, and `a/b/.wh.c`,
+    in either order) is ignored: the non-directory already hides everything below it.  A real
+    entry below a non-directory (`a/b` a file, then `a/b/c`) is a `CorruptLayer`.
+  - AUFS metadata (`.wh..wh.plnk/…` and friends) is skipped, as Docker does; any other `.wh.`
+    name used as a directory is a `CorruptLayer`.
+
+Not root: ownership is not changed (files belong to the caller); char/block devices are
+skipped with a warning (also as root when mknod is refused); xattrs the kernel refuses
+(trusted.*, security.*) are skipped with a warning; whiteouts stay char devices 0/0 (allowed
+unprivileged since Linux 5.8) and fall back to an empty `.wh.NAME` file where mknod is refused
+(layerfs reads both).  Internal xattrs (`*.overlay.*`, our own) in a layer are dropped.
+Regular files are written densely, except GNU sparse members, whose holes are kept.
+
+One LayerWriter per layer; not thread-safe; it owns the fds of its directory cache (`close`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import stat
+import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import IO
+
+from unionfs import markers
+
+from . import tarsafe
+from .errors import CorruptLayer
+from .tarsafe import pax_xattrs, shown, split_path, times_ns
+
+log = logging.getLogger(__name__)
+
+COPY_CHUNK = 1 << 20
+DIR_CACHE_SIZE = 64  # open directory fds kept for the walks from the root
+MAX_WARNINGS = 20  # kept verbatim; the rest are only counted
+AUFS_META = b".wh..wh."
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# Failures of the machine rather than of the layer: they propagate as OSError.
+ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+)
+_REFUSED = (errno.EPERM, errno.EACCES, errno.ENOTSUP)
+
+
+@dataclass
+class _DirMeta:
+    mode: int
+    atime_ns: int
+    mtime_ns: int
+    ino: int
+
+
+class LayerWriter:
+    """Applies tar members, in order, to the directory open as `root_fd`."""
+
+    def __init__(self, root_fd: int) -> None:
+        self.root_fd = root_fd
+        self.privileged = os.geteuid() == 0
+        self.opaque_xattr = markers.opaque_xattr()
+        self.warnings: list[str] = []  # the first MAX_WARNINGS, for the caller's log
+        self.warning_count = 0
+        self._dirs: dict[bytes, _DirMeta] = {}
+        self._cache: OrderedDict[bytes, int] = OrderedDict()  # path → directory fd, LRU
+        self._wh_files = False  # some whiteouts are `.wh.NAME` files (mknod was refused)
+
+    # ----- entry points ------------------------------------------------------------------
+    def apply(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        """Apply one member; a layer-caused failure becomes a CorruptLayer naming it."""
+        try:
+            self._apply(member, tar)
+        except CorruptLayer:
+            raise
+        except OSError as exc:
+            if exc.errno in ENVIRONMENT_ERRNOS:
+                raise
+            raise CorruptLayer(f"entry {shown(member.name)}: {exc.strerror or exc}") from exc
+        except (tarfile.TarError, ValueError, OverflowError, EOFError) as exc:
+            raise CorruptLayer(f"entry {shown(member.name)}: {exc}") from exc
+
+    def finish(self) -> None:
+        """Directories' modes and times, deepest first, once nothing more is written inside."""
+        for key in sorted(self._dirs, key=lambda k: k.count(b"/") + bool(k), reverse=True):
+            meta = self._dirs[key]
+            fd = self._open_existing(key.split(b"/") if key else [])
+            if fd is None:
+                continue
+            try:
+                if os.fstat(fd).st_ino == meta.ino:  # not since replaced by another directory
+                    os.chmod(fd, meta.mode)
+                    os.utime(fd, ns=(meta.atime_ns, meta.mtime_ns))
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        while self._cache:
+            os.close(self._cache.popitem()[1])
+
+    def warn(self, message: str) -> None:
+        log.debug("%s", message)
+        self.warning_count += 1
+        if len(self.warnings) < MAX_WARNINGS:
+            self.warnings.append(message)
+
+    # ----- dispatch ----------------------------------------------------------------------
+    def _apply(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        entry = shown(member.name)
+        parts = split_path(member.name, entry)
+        for comp in parts[:-1]:
+            if comp.startswith(AUFS_META):
+                return self._skip(entry, "AUFS metadata")
+            if comp.startswith(markers.WH_PREFIX):
+                raise CorruptLayer(f"entry {entry}: a whiteout name used as a directory")
+        base = parts[-1] if parts else b""
+        if base == markers.WH_OPAQUE:
+            return self._opaque(parts, entry)
+        if base.startswith(AUFS_META):
+            return self._skip(entry, "AUFS metadata")
+        if base.startswith(markers.WH_PREFIX):
+            target = markers.oci_whiteout_target(base)
+            if target in (None, b".", b".."):
+                raise CorruptLayer(f"entry {entry}: a whiteout without a valid name")
+            assert target is not None
+            return self._whiteout(parts, target, entry)
+        if member.isdir():
+            return self._directory(parts, member, entry)
+        if not parts:
+            raise CorruptLayer(f"entry {entry}: a non-directory as the layer root")
+        if member.isreg():
+            return self._regular(parts, member, tar, entry)
+        if member.issym():
+            return self._symlink(parts, member, entry)
+        if member.islnk():
+            return self._hardlink(parts, member, entry)
+        if member.isfifo() or member.ischr() or member.isblk():
+            return self._special(parts, member, entry)
+        raise CorruptLayer(f"entry {entry}: unsupported tar entry type {member.type!r}")
+
+    def _skip(self, entry: str, why: str) -> None:
+        log.debug("skipping tar entry %r: %s", entry, why)
+
+    # ----- entry kinds -------------------------------------------------------------------
+    def _directory(self, parts: list[bytes], member: tarfile.TarInfo, entry: str) -> None:
+        if parts:
+            dfd = self._parent(parts, entry)
+            assert dfd is not None
+            fd = self._make_dir(dfd, parts[-1], mode=0o700)
+        else:
+            fd = os.dup(self.root_fd)
+        try:
+            self._owner(fd, member, entry)
+            self._xattrs(fd, member, entry)
+            atime, mtime = times_ns(member)
+            meta = _DirMeta(member.mode & 0o7777, atime, mtime, os.fstat(fd).st_ino)
+            self._dirs[b"/".join(parts)] = meta
+        finally:
+            os.close(fd)
+
+    def _regular(
+        self, parts: list[bytes], member: tarfile.TarInfo, tar: tarfile.TarFile, entry: str
+    ) -> None:
+        limit = tarsafe.MAX_FILE_SIZE
+        if member.size > limit:
+            raise CorruptLayer(f"entry {entry}: {member.size} bytes (limit {limit})")
+        dfd, name = self._place(parts, entry)
+        fd = os.open(name, _NEW_FILE, 0o600, dir_fd=dfd)
+        try:
+            src = tar.extractfile(member)
+            assert src is not None
+            with src:
+                _copy(src, fd, member.size, sparse=member.issparse())
+            self._owner(fd, member, entry)
+            self._xattrs(fd, member, entry)
+            os.chmod(fd, member.mode & 0o7777)
+            os.utime(fd, ns=times_ns(member))
+        finally:
+            os.close(fd)
+
+    def _symlink(self, parts: list[bytes], member: tarfile.TarInfo, entry: str) -> None:
+        dfd, name = self._place(parts, entry)
+        os.symlink(os.fsencode(member.linkname), name, dir_fd=dfd)
+        if self.privileged:
+            os.chown(name, member.uid, member.gid, dir_fd=dfd, follow_symlinks=False)
+        self._xattrs(b"/proc/self/fd/%d/%s" % (dfd, name), member, entry)
+        os.utime(name, ns=times_ns(member), dir_fd=dfd, follow_symlinks=False)
+
+    def _hardlink(self, parts: list[bytes], member: tarfile.TarInfo, entry: str) -> None:
+        target = split_path(member.linkname, entry)
+        tfd = self._open_existing(target[:-1]) if target else None
+        try:
+            st = _lstat(tfd, target[-1]) if tfd is not None else None
+            fake = target and target[-1].startswith(markers.WH_PREFIX)
+            if st is None or stat.S_ISDIR(st.st_mode) or markers.is_chardev_whiteout(st) or fake:
+                link = shown(member.linkname)
+                raise CorruptLayer(
+                    f"entry {entry}: hard link to {link}: not an earlier file of this layer"
+                )
+            if target == parts:
+                return
+            dfd, name = self._place(parts, entry)
+            os.link(target[-1], name, src_dir_fd=tfd, dst_dir_fd=dfd, follow_symlinks=False)
+        finally:
+            if tfd is not None:
+                os.close(tfd)
+
+    def _special(self, parts: list[bytes], member: tarfile.TarInfo, entry: str) -> None:
+        if member.isfifo():
+            kind, dev = stat.S_IFIFO, 0
+        else:
+            if not self.privileged:
+                return self.warn(f"device {entry} skipped (not root)")
+            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+            dev = os.makedev(member.devmajor, member.devminor)
+        dfd, name = self._place(parts, entry)
+        try:
+            os.mknod(name, kind | 0o600, dev, dir_fd=dfd)
+        except PermissionError:
+            return self.warn(f"device {entry} skipped (mknod refused)")
+        self._xattrs(b"/proc/self/fd/%d/%s" % (dfd, name), member, entry)
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            path = f"/proc/self/fd/{fd}"  # the node itself, which is not a symlink
+            if self.privileged:
+                os.chown(path, member.uid, member.gid)
+            os.chmod(path, member.mode & 0o7777)
+            os.utime(path, ns=times_ns(member))
+        finally:
+            os.close(fd)
+
+    # ----- whiteouts ---------------------------------------------------------------------
+    def _whiteout(self, parts: list[bytes], target: bytes, entry: str) -> None:
+        dfd = self._parent(parts, entry, for_whiteout=True)
+        if dfd is None:
+            return self._skip(entry, "a whiteout below a non-directory of this layer")
+        st = _lstat(dfd, target)
+        if st is None:
+            if not (self._wh_files and _lstat(dfd, markers.WH_PREFIX + target)):
+                self._make_whiteout(dfd, target)
+        elif stat.S_ISDIR(st.st_mode):  # a directory of this layer: keep it, hide the lower
+            fd = os.open(target, _DIR_FLAGS, dir_fd=dfd)
+            try:
+                os.setxattr(fd, self.opaque_xattr, b"y")
+            finally:
+                os.close(fd)
+        # else: a non-directory (or a whiteout) of this layer already hides the lower NAME
+
+    def _make_whiteout(self, dfd: int, name: bytes) -> None:
+        try:
+            os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dfd)
+        except PermissionError:
+            os.close(os.open(markers.WH_PREFIX + name, _NEW_FILE, 0o600, dir_fd=dfd))
+            self._wh_files = True
+
+    def _opaque(self, parts: list[bytes], entry: str) -> None:
+        dfd = self._parent(parts, entry, for_whiteout=True)
+        if dfd is None:
+            return self._skip(entry, "an opaque marker below a non-directory of this layer")
+        os.setxattr(dfd, self.opaque_xattr, b"y")
+
+    # ----- paths -------------------------------------------------------------------------
+    def _place(self, parts: list[bytes], entry: str) -> tuple[int, bytes]:
+        """The parent fd and name for a new non-directory, with whatever was there removed."""
+        dfd = self._parent(parts, entry)
+        assert dfd is not None
+        name = parts[-1]
+        st = _lstat(dfd, name)
+        if st is None:
+            self._drop_wh_file(dfd, name)
+        elif stat.S_ISDIR(st.st_mode):
+            self._forget(b"/".join(parts))
+            shutil.rmtree(name, dir_fd=dfd)
+        else:
+            os.unlink(name, dir_fd=dfd)
+        return dfd, name
+
+    def _make_dir(self, dfd: int, name: bytes, mode: int) -> int:
+        """Open the directory `name`, creating it (opaque when it replaces a non-directory or
+        a whiteout of this layer); returns an fd."""
+        st = _lstat(dfd, name)
+        opaque = st is not None and not stat.S_ISDIR(st.st_mode)
+        if st is None:
+            opaque = self._drop_wh_file(dfd, name)
+        elif opaque:
+            os.unlink(name, dir_fd=dfd)
+        if st is None or opaque:
+            os.mkdir(name, mode, dir_fd=dfd)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+        try:
+            if st is None or opaque:
+                os.chmod(fd, mode)  # whatever the umask
+            if opaque:
+                os.setxattr(fd, self.opaque_xattr, b"y")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _drop_wh_file(self, dfd: int, name: bytes) -> bool:
+        """Remove a `.wh.NAME` fallback whiteout, if this layer made one; True if it did."""
+        if not self._wh_files:
+            return False
+        try:
+            os.unlink(markers.WH_PREFIX + name, dir_fd=dfd)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _parent(self, parts: list[bytes], entry: str, for_whiteout: bool = False) -> int | None:
+        """An fd (owned by the cache: use it before the next call) of the directory holding
+        parts[-1], creating missing parents.  None when a whiteout lies below a non-directory
+        (see the module doc).  The walk starts at the deepest cached ancestor."""
+        dirs = parts[:-1]
+        i = len(dirs)
+        while i and b"/".join(dirs[:i]) not in self._cache:
+            i -= 1
+        fd = self.root_fd
+        if i:
+            key = b"/".join(dirs[:i])
+            self._cache.move_to_end(key)
+            fd = self._cache[key]
+        for j in range(i, len(dirs)):
+            nfd = self._step(fd, dirs[j], dirs[: j + 1], entry, for_whiteout)
+            if nfd is None:
+                return None
+            self._cache[b"/".join(dirs[: j + 1])] = fd = nfd
+            if len(self._cache) > DIR_CACHE_SIZE:
+                os.close(self._cache.popitem(last=False)[1])
+        return fd
+
+    def _forget(self, path: bytes) -> None:
+        """Drop cached fds of `path` and below (a directory tree being removed)."""
+        for key in [k for k in self._cache if k == path or k.startswith(path + b"/")]:
+            os.close(self._cache.pop(key))
+
+    def _step(
+        self, dfd: int, comp: bytes, path: list[bytes], entry: str, for_whiteout: bool
+    ) -> int | None:
+        try:
+            return os.open(comp, _DIR_FLAGS, dir_fd=dfd)
+        except FileNotFoundError:
+            if for_whiteout and self._wh_files and _lstat(dfd, markers.WH_PREFIX + comp):
+                return None
+            return self._make_dir(dfd, comp, mode=0o755)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+        st = os.stat(comp, dir_fd=dfd, follow_symlinks=False)
+        if for_whiteout:
+            return None
+        if markers.is_chardev_whiteout(st):
+            return self._make_dir(dfd, comp, mode=0o755)
+        what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        where = os.fsdecode(b"/".join(path))
+        raise CorruptLayer(f"entry {entry}: parent {where!r} is {what}; not writing through it")
+
+    def _open_existing(self, parts: list[bytes]) -> int | None:
+        """An fd of the existing directory at `parts`, or None; never creates or follows."""
+        fd = os.dup(self.root_fd)
+        for comp in parts:
+            try:
+                nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                os.close(fd)
+                return None
+            os.close(fd)
+            fd = nfd
+        return fd
+
+    # ----- metadata ----------------------------------------------------------------------
+    def _owner(self, fd: int, member: tarfile.TarInfo, entry: str) -> None:
+        if not self.privileged:
+            return
+        try:
+            os.chown(fd, member.uid, member.gid)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EPERM):  # unmapped in a user namespace
+                raise
+            self.warn(f"owner {member.uid}:{member.gid} of {entry} not set: {exc.strerror}")
+
+    def _xattrs(self, target: int | bytes, member: tarfile.TarInfo, entry: str) -> None:
+        """Set the entry's xattrs on an fd, or on a path whose last component is never
+        followed."""
+        for name, value in pax_xattrs(member):
+            if markers.is_internal_xattr(name):
+                self.warn(f"internal xattr {name!r} of {entry} dropped")
+                continue
+            try:
+                if isinstance(target, int):
+                    os.setxattr(target, name, value)
+                else:
+                    os.setxattr(target, name, value, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in _REFUSED:
+                    raise
+                self.warn(f"xattr {name!r} of {entry} not set: {exc.strerror}")
+
+
+def _lstat(dfd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _copy(src: IO[bytes], fd: int, size: int, sparse: bool) -> None:
+    zeros = bytes(COPY_CHUNK) if sparse else b""
+    while chunk := src.read(COPY_CHUNK):
+        if sparse and chunk == zeros[: len(chunk)]:
+            os.lseek(fd, len(chunk), os.SEEK_CUR)
+            continue
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+    if sparse:
+        os.ftruncate(fd, size)

@@ -1,0 +1,378 @@
+"""unpack: a layer blob in the store → an unpacked layer directory, in the kernel-overlayfs format.
+
+    unpack_layer(store, blob, media_type, expected_diff_id) -> DiffID
+
+Lifecycle (the store's rules, DESIGN.md):
+  - Idempotent: with `expected_diff_id` and that layer already complete, it returns at once.
+  - Atomic: the tar is applied under `layers/.tmp-<random>/diff`; the DiffID (sha256 of the
+    uncompressed stream, every byte of it, tar padding and end blocks included) is computed
+    while reading, and the blob's own digest is re-checked at the end of the stream.  Then
+    the tree is synced (syncfs), the temp dir renamed to `layers/<diffid-hex>`, and the
+    `complete` marker written last (fsynced, with its directory) — `Store.has_layer` looks
+    only at it.  On any error nothing of the layer stays: the temp dir is removed.
+  - Verifying: a DiffID other than `expected_diff_id` is a DigestMismatch (nothing kept); so is
+    a blob whose bytes no longer hash to its digest.  A hostile or broken layer is a
+    CorruptLayer naming the entry (`tarsafe`, `tarapply` hold the rules and the limits).
+Compression comes from the media type and, when the two disagree, from the magic bytes (gzip
+1f8b, zstd 28b52ffd, else a plain tar: `docker save` layers are often announced as gzip).
+Everything streams: memory use does not grow with the layer.
+
+Concurrency: different layers unpack in parallel threads or processes without coordination
+(each has its own temp dir).  Two unpacks of the same layer in one process are serialised by
+a per-DiffID lock (when the DiffID is known in advance); across processes the rename decides:
+the first complete layer wins and the other copy is deleted.  An incomplete
+`layers/<hex>` (debris of a crash between rename and marker) is replaced after a short wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import gzip
+import logging
+import os
+import secrets
+import shutil
+import tarfile
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import zstandard
+
+from . import tarsafe
+from .digest import Digest
+from .errors import CorruptLayer, DigestMismatch
+from .store import Store, write_atomic
+from .tarapply import LayerWriter
+
+log = logging.getLogger(__name__)
+
+GZIP, ZSTD, PLAIN = "gzip", "zstd", "tar"
+MEDIA_TYPES = {
+    "application/vnd.oci.image.layer.v1.tar": PLAIN,
+    "application/vnd.oci.image.layer.v1.tar+gzip": GZIP,
+    "application/vnd.oci.image.layer.v1.tar+zstd": ZSTD,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar": PLAIN,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": GZIP,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": ZSTD,
+    "application/vnd.docker.image.rootfs.diff.tar": PLAIN,
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": GZIP,
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": GZIP,
+    "": PLAIN,  # unknown (an archive without a manifest): the magic bytes decide
+}
+TAR_BUFSIZE = 1 << 20  # tarfile's reads from the uncompressed stream
+ZSTD_INPUT_CHUNK = 2048  # bounds one decompress() call's output (a zstd bomb) to ~64 MiB
+PUBLISH_WAIT = 2.0  # seconds to wait for another unpacker's marker before calling it debris
+MARKER = "complete"
+
+_DECOMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError)
+_locks_guard = threading.Lock()
+_locks: dict[str, threading.Lock] = {}
+
+
+class _Reader(Protocol):
+    def read(self, n: int = ..., /) -> bytes: ...
+
+
+def unpack_layer(
+    store: Store, blob: Digest, media_type: str, expected_diff_id: Digest | None = None
+) -> Digest:
+    """Unpack the layer blob `blob` into `store.layer_dir(diff_id)`; returns its DiffID."""
+    if expected_diff_id is None:
+        return _unpack(store, blob, media_type, None)
+    with _layer_lock(store, expected_diff_id):
+        if store.has_layer(expected_diff_id):
+            return expected_diff_id
+        return _unpack(store, blob, media_type, expected_diff_id)
+
+
+@contextlib.contextmanager
+def _layer_lock(store: Store, diff_id: Digest) -> Iterator[None]:
+    key = f"{store.layers}/{diff_id.hex}"
+    with _locks_guard:
+        lock = _locks.setdefault(key, threading.Lock())
+    with lock:
+        yield
+
+
+def _unpack(store: Store, blob: Digest, media_type: str, expected: Digest | None) -> Digest:
+    if media_type not in MEDIA_TYPES:
+        raise CorruptLayer(f"layer {blob}: unsupported layer media type {media_type!r}")
+    with store.open_blob(blob) as raw:
+        tmp = store.layers / f".tmp-{secrets.token_hex(8)}"
+        try:
+            os.mkdir(tmp, 0o755)
+            os.chmod(tmp, 0o755)
+            os.mkdir(tmp / "diff", 0o755)
+            os.chmod(tmp / "diff", 0o755)
+            diff_id = _extract(raw, blob, MEDIA_TYPES[media_type], tmp / "diff", expected)
+            _syncfs(tmp)
+            _publish(store, tmp, diff_id)
+        except BaseException:
+            _discard(tmp)
+            raise
+    return diff_id
+
+
+def _extract(
+    raw: BinaryIO, blob: Digest, declared: str, diff: Path, expected: Digest | None
+) -> Digest:
+    compressed = _HashingReader(raw, blob.hasher())
+    kind = _sniff(raw) or declared
+    if kind != declared:
+        log.debug("layer %s: announced as %s, but its bytes are %s", blob.short, declared, kind)
+    source: _Reader = compressed
+    if kind == GZIP:
+        source = gzip.GzipFile(fileobj=compressed, mode="rb")  # type: ignore[call-overload]
+    elif kind == ZSTD:
+        source = _ZstdReader(compressed)
+    stream = _TarStream(source, (expected or Digest("sha256", "")).hasher(), kind)
+    root_fd = os.open(diff, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    writer = LayerWriter(root_fd)
+    try:
+        end = _apply_all(stream, writer)
+        stream.check_end(end)
+        compressed.drain()
+        if Digest.from_hash(compressed.hash) != blob:
+            raise DigestMismatch(f"blob {blob} in the store is corrupt (it hashes differently)")
+        diff_id = Digest.from_hash(stream.hash)
+        if expected is not None and diff_id != expected:
+            raise DigestMismatch(f"layer {blob}: DiffID is {diff_id}, expected {expected}")
+        writer.finish()
+    except CorruptLayer as exc:
+        raise CorruptLayer(f"layer {blob.short}: {exc}") from exc
+    finally:
+        writer.close()
+        os.close(root_fd)
+    if writer.warning_count:
+        more = writer.warning_count - len(writer.warnings)
+        tail = f" (and {more} more)" if more else ""
+        log.warning("layer %s: %s%s", blob.short, "; ".join(writer.warnings), tail)
+    return diff_id
+
+
+def _apply_all(stream: _TarStream, writer: LayerWriter) -> int:
+    """Apply every member; returns the stream offset where the archive's entries end."""
+    try:
+        tar = tarfile.open(
+            fileobj=stream, mode="r|", tarinfo=tarsafe.SafeTarInfo, bufsize=TAR_BUFSIZE
+        )  # type: ignore[call-overload]
+    except tarfile.ReadError as exc:
+        if stream.size == 0:
+            return 0  # an empty stream is an empty layer
+        raise CorruptLayer(f"not a tar archive: {exc}") from exc
+    count = 0
+    while True:
+        try:
+            member = tar.next()
+        except (tarfile.TarError, ValueError, RecursionError, EOFError) as exc:
+            raise CorruptLayer(f"bad tar header after {count} entries: {exc}") from exc
+        if member is None:
+            return tar.offset
+        tar.members.clear()  # streaming: do not keep every member in memory
+        count += 1
+        if count > tarsafe.MAX_ENTRIES:
+            raise CorruptLayer(f"more than {tarsafe.MAX_ENTRIES} entries")
+        writer.apply(member, tar)
+
+
+def _sniff(raw: BinaryIO) -> str | None:
+    head = raw.read(4)
+    raw.seek(0)
+    if head[:2] == b"\x1f\x8b":
+        return GZIP
+    if head == b"\x28\xb5\x2f\xfd":
+        return ZSTD
+    return PLAIN if head else None
+
+
+class _HashingReader:
+    """The blob's bytes as read, hashed on the way (the blob digest, re-checked)."""
+
+    def __init__(self, raw: BinaryIO, hasher: Any) -> None:
+        self._raw = raw
+        self.hash = hasher
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self._raw.read(n)
+        self.hash.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(TAR_BUFSIZE):
+            pass
+
+
+class _ZstdReader:
+    """A zstd stream of any number of frames, decompressed in bounded pieces; unlike
+    zstandard's stream_reader it refuses a stream that ends inside a frame."""
+
+    def __init__(self, src: _HashingReader) -> None:
+        self._src = src
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj: Any = None  # the frame being decompressed
+        self._pending = b""  # input after the end of the last frame
+        self._buf = b""
+        self._pos = 0
+        self._eof = False
+
+    def read(self, n: int = -1, /) -> bytes:
+        while self._pos >= len(self._buf) and not self._eof:
+            self._fill()
+        if n < 0:
+            n = len(self._buf) - self._pos
+        chunk = self._buf[self._pos : self._pos + n]
+        self._pos += len(chunk)
+        return chunk
+
+    def _fill(self) -> None:
+        data, self._pending = self._pending or self._src.read(ZSTD_INPUT_CHUNK), b""
+        self._buf, self._pos = b"", 0
+        if not data:
+            if self._obj is not None:
+                raise CorruptLayer("truncated zstd stream")
+            self._eof = True
+            return
+        if self._obj is None:
+            self._obj = self._dctx.decompressobj()
+        self._buf = self._obj.decompress(data)
+        if self._obj.eof:
+            self._pending = self._obj.unused_data
+            self._obj = None
+
+
+class _TarStream:
+    """The uncompressed tar stream: hashed (the DiffID) and counted as tarfile reads it; keeps
+    the last bytes read so that what follows the last entry can be checked."""
+
+    def __init__(self, src: _Reader, hasher: Any, kind: str) -> None:
+        self._src = src
+        self.hash = hasher
+        self.kind = kind
+        self.size = 0
+        self._tail: deque[tuple[int, bytes]] = deque()
+        self._tail_bytes = 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        try:
+            data = self._src.read(n if n >= 0 else TAR_BUFSIZE)
+        except _DECOMPRESSION_ERRORS as exc:
+            raise CorruptLayer(f"corrupt or truncated {self.kind} stream: {exc}") from exc
+        if data:
+            self.hash.update(data)
+            self._tail.append((self.size, data))
+            self._tail_bytes += len(data)
+            while self._tail_bytes - len(self._tail[0][1]) >= TAR_BUFSIZE + 2 * tarfile.BLOCKSIZE:
+                self._tail_bytes -= len(self._tail.popleft()[1])
+            self.size += len(data)
+        return data
+
+    def check_end(self, end: int) -> None:
+        """After the last entry: up to two blocks of zeros (a non-zero block there means a
+        header tarfile gave up on); then anything, read to the end so that the DiffID covers
+        the whole stream, as other tools compute it."""
+        limit = end + 2 * tarfile.BLOCKSIZE
+        while self.size < limit and self.read(limit - self.size):
+            pass
+        if self._tail and self._tail[0][0] > end:
+            raise AssertionError("tar stream tail lost")  # cannot happen: see read()
+        for start, chunk in self._tail:
+            piece = chunk[max(end - start, 0) : max(limit - start, 0)]
+            if piece.count(0) != len(piece):
+                raise CorruptLayer(f"invalid tar header at offset {end}")
+        while self.read(TAR_BUFSIZE):
+            pass
+
+
+# ----- publishing and cleaning up ----------------------------------------------------------
+def _publish(store: Store, tmp: Path, diff_id: Digest) -> None:
+    """Rename the finished temp dir to layers/<hex>, then write the marker; another complete
+    copy already there wins and ours is discarded."""
+    final = store.layers / diff_id.hex
+    for _ in range(3):
+        try:
+            os.rename(tmp, final)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            if _wait_complete(store, diff_id):
+                _discard(tmp)
+                return
+            stale = store.layers / f".tmp-stale-{secrets.token_hex(8)}"
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(final, stale)  # debris of a crashed unpack
+            _discard(stale)
+            continue
+        try:
+            _fsync_dir(store.layers)
+            write_atomic(final / MARKER, f"{diff_id}\n".encode())
+        except BaseException:
+            _discard(final)
+            raise
+        return
+    raise CorruptLayer(f"layer {diff_id}: could not publish {final} (keeps reappearing)")
+
+
+def _wait_complete(store: Store, diff_id: Digest) -> bool:
+    deadline = time.monotonic() + PUBLISH_WAIT
+    while not store.has_layer(diff_id):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _discard(path: Path) -> None:
+    """Remove a tree of ours, even one whose directories a non-root layer made read-only."""
+    if not os.path.lexists(path):
+        return
+    try:
+        shutil.rmtree(path)
+        return
+    except OSError:
+        pass
+    _make_writable(path)
+    try:
+        shutil.rmtree(path)
+    except OSError as exc:
+        log.error("could not remove %s: %s", path, exc)
+
+
+def _make_writable(top: Path) -> None:
+    stack = [str(top)]
+    while stack:
+        d = stack.pop()
+        with contextlib.suppress(OSError):
+            os.chmod(d, 0o700)
+        try:
+            with os.scandir(d) as it:
+                stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
+        except OSError:
+            continue
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(path: Path) -> None:
+    """Flush the filesystem holding `path`, so the tree is on disk before it is marked."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if getattr(_libc, "syncfs", None) is None or _libc.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
