@@ -24,7 +24,7 @@ import click
 
 from unionfs import markers
 
-from . import demo_copyup, demo_sample, mounts
+from . import demo_copyup, demo_image, demo_sample, mounts
 from .demo_sample import Layer
 from .errors import DemoFailed
 
@@ -54,6 +54,7 @@ def run(console: Console, keep: bool) -> None:
             show_merged(console, mnt)
             failures = check_merged(console, layers, mnt)
         failures += demo_copyup.show_copy_up(console, layers, root)
+        failures += demo_image.show_image(console, root)
     finally:
         remove_or_keep(console, root, mnt, keep)
     if failures:

@@ -22,6 +22,7 @@ def test_demo_runs_and_leaves_nothing_mounted(fuse):
     r = subprocess.run([LAYER, "demo"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "etc/os-release was copied up" in r.stdout and "FAIL" not in r.stdout
+    assert "the change was copied up into the mount's upper" in r.stdout
     assert {mp for mp, _ in mounts()} == before
 
 

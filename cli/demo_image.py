@@ -1,0 +1,144 @@
+"""The demo's third act: the sample as an image — pull it into a temporary store, mount it
+with `layer mount`, change it, unmount.  Runs the real `layer` commands, printed as it goes.
+
+The image is an OCI layout written here with tarfile (two gzip layers, the second with an OCI
+`.wh.` whiteout), so the act needs no network.  Returns the failed checks; always unmounts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import mounts
+
+if TYPE_CHECKING:
+    from .main import Console
+
+LAYER = str(Path(sys.executable).parent / "layer")
+IMAGE_LAYERS = [
+    {
+        "etc/os-release": b'NAME="Layer Demo Linux"\nID=layerdemo\n',
+        "etc/motd": b"Welcome! This line lives in the base layer.\n",
+        "usr/bin/hello": b'#!/bin/sh\necho "hello from the base layer"\n',
+    },
+    {"etc/.wh.motd": b"", "etc/app.conf": b"greeting = hello\n"},
+]
+
+
+def write_sample_image(root: Path) -> None:
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> dict[str, object]:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"digest": f"sha256:{digest}", "size": len(data)}
+
+    tars = []
+    for files in IMAGE_LAYERS:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            for path, data in files.items():
+                info = tarfile.TarInfo(path)
+                info.size, info.mtime = len(data), 1_600_000_000
+                info.mode = 0o755 if path.startswith("usr/bin") else 0o644
+                tf.addfile(info, io.BytesIO(data))
+        tars.append(buf.getvalue())
+    layers = [
+        {
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            **put(gzip.compress(t, mtime=0)),
+        }
+        for t in tars
+    ]
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {
+                "type": "layers",
+                "diff_ids": ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars],
+            },
+        }
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **put(config)},
+            "layers": layers,
+        }
+    ).encode()
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (root / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        **put(manifest),
+                        "annotations": {"org.opencontainers.image.ref.name": "sample"},
+                    }
+                ],
+            }
+        )
+    )
+
+
+def run_layer(console: Console, *args: str) -> str:
+    console.say("$ layer " + " ".join(args))
+    r = subprocess.run([LAYER, *args], capture_output=True, text=True, timeout=120)
+    for line in (r.stdout + r.stderr).splitlines():
+        console.say("  " + line)
+    if r.returncode != 0:
+        raise RuntimeError(f"layer {args[0]} failed ({r.returncode})")
+    return r.stdout
+
+
+def show_image(console: Console, root: Path) -> list[str]:
+    console.heading("An image: pull it into a store, mount it with `layer mount`")
+    layout, store, mnt = root / "image", root / "store", root / "merged-image"
+    write_sample_image(layout)
+    mnt.mkdir()
+    run_layer(
+        console, "pull", "--root", str(store), "--name", "demo/sample:1", f"oci:{layout}:sample"
+    )
+    run_layer(console, "images", "--root", str(store))
+    run_layer(console, "mount", "--root", str(store), "demo/sample:1", str(mnt), "--name", "demo")
+    try:
+        names = sorted(str(p.relative_to(mnt)) for p in mnt.rglob("*"))
+        console.say("merged: " + " ".join(names))
+        (mnt / "etc/app.conf").write_text("greeting = changed in the mount\n")
+        upper = store / "mounts/demo/upper"
+        run_layer(console, "ps", "--root", str(store))
+    finally:
+        if not mounts.unmount_quietly(str(mnt)):
+            console.warn(f"could not unmount {mnt}")
+    console.say(
+        f"after umount, the mount's upper ({upper.relative_to(root)}) keeps: "
+        + " ".join(sorted(str(p.relative_to(upper)) for p in upper.rglob("*")))
+    )
+    checks = [
+        ("the image mounts with its files", "usr/bin/hello" in names),
+        ("the image's whiteout hides etc/motd", "etc/motd" not in names),
+        (
+            "the change was copied up into the mount's upper",
+            (upper / "etc/app.conf").read_text().startswith("greeting = changed"),
+        ),
+    ]
+    failures = []
+    for description, ok in checks:
+        console.say(f"  {'ok  ' if ok else 'FAIL'}  {description}")
+        if not ok:
+            failures.append(description)
+    return failures
