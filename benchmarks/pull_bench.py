@@ -12,10 +12,7 @@ Prints medians and the median of pair-by-pair ratios.  Root only (umoci unpack a
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
 import io
-import json
 import os
 import shutil
 import statistics
@@ -26,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from imagestore.layout_writer import write_oci_image
+
 CACHE = Path("/var/tmp/layer-bench/pull")
 LAYER = str(Path(sys.executable).parent / "layer")
 
@@ -33,15 +32,7 @@ LAYER = str(Path(sys.executable).parent / "layer")
 def build_image(root: Path, files: int) -> None:
     if (root / "index.json").exists():
         return
-    blobs = root / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-
-    def put(data: bytes) -> str:
-        d = hashlib.sha256(data).hexdigest()
-        (blobs / d).write_bytes(data)
-        return f"sha256:{d}"
-
-    tars, descs = [], []
+    tars = []
     rnd = os.urandom(1 << 20)
     for li in range(3):
         buf = io.BytesIO()
@@ -53,54 +44,8 @@ def build_image(root: Path, files: int) -> None:
                 info.mtime = 1_600_000_000
                 off = (i * 4099) % ((1 << 20) - 8192)
                 tf.addfile(info, io.BytesIO(rnd[off : off + size]))
-        raw = buf.getvalue()
-        tars.append(raw)
-        blob = gzip.compress(raw, mtime=0, compresslevel=6)
-        descs.append(
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": put(blob),
-                "size": len(blob),
-            }
-        )
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "rootfs": {
-                "type": "layers",
-                "diff_ids": [f"sha256:{hashlib.sha256(t).hexdigest()}" for t in tars],
-            },
-        }
-    ).encode()
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": put(config),
-                "size": len(config),
-            },
-            "layers": descs,
-        }
-    ).encode()
-    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (root / "index.json").write_text(
-        json.dumps(
-            {
-                "schemaVersion": 2,
-                "manifests": [
-                    {
-                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                        "digest": put(manifest),
-                        "size": len(manifest),
-                        "annotations": {"org.opencontainers.image.ref.name": "v1"},
-                    }
-                ],
-            }
-        )
-    )
+        tars.append(buf.getvalue())
+    write_oci_image(root, tars, "v1")
 
 
 def main() -> int:

@@ -60,12 +60,14 @@ def show_copy_up(console: Console, layers: list[Layer], root: Path) -> list[str]
             (upper / "var/cache.old").is_dir() and _is_whiteout(upper / "var/cache"),
         ),
     ]
-    failures = []
+    return report_checks(console, checks)
+
+
+def report_checks(console: Console, checks: list[tuple[str, bool]]) -> list[str]:
+    """Print each check's verdict; return the descriptions of the failed ones."""
     for description, ok in checks:
         console.say(f"  {'ok  ' if ok else 'FAIL'}  {description}")
-        if not ok:
-            failures.append(description)
-    return failures
+    return [description for description, ok in checks if not ok]
 
 
 def _is_whiteout(path: Path) -> bool:

@@ -7,17 +7,17 @@ The image is an OCI layout written here with tarfile (two gzip layers, the secon
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import io
-import json
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from imagestore.layout_writer import write_oci_image
+
 from . import mounts
+from .demo_copyup import report_checks
 
 if TYPE_CHECKING:
     from .main import Console
@@ -34,14 +34,6 @@ IMAGE_LAYERS = [
 
 
 def write_sample_image(root: Path) -> None:
-    blobs = root / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-
-    def put(data: bytes) -> dict[str, object]:
-        digest = hashlib.sha256(data).hexdigest()
-        (blobs / digest).write_bytes(data)
-        return {"digest": f"sha256:{digest}", "size": len(data)}
-
     tars = []
     for files in IMAGE_LAYERS:
         buf = io.BytesIO()
@@ -52,47 +44,7 @@ def write_sample_image(root: Path) -> None:
                 info.mode = 0o755 if path.startswith("usr/bin") else 0o644
                 tf.addfile(info, io.BytesIO(data))
         tars.append(buf.getvalue())
-    layers = [
-        {
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-            **put(gzip.compress(t, mtime=0)),
-        }
-        for t in tars
-    ]
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {},
-            "rootfs": {
-                "type": "layers",
-                "diff_ids": ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars],
-            },
-        }
-    ).encode()
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **put(config)},
-            "layers": layers,
-        }
-    ).encode()
-    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (root / "index.json").write_text(
-        json.dumps(
-            {
-                "schemaVersion": 2,
-                "manifests": [
-                    {
-                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                        **put(manifest),
-                        "annotations": {"org.opencontainers.image.ref.name": "sample"},
-                    }
-                ],
-            }
-        )
-    )
+    write_oci_image(root, tars, "sample")
 
 
 def run_layer(console: Console, *args: str) -> str:
@@ -136,9 +88,4 @@ def show_image(console: Console, root: Path) -> list[str]:
             (upper / "etc/app.conf").read_text().startswith("greeting = changed"),
         ),
     ]
-    failures = []
-    for description, ok in checks:
-        console.say(f"  {'ok  ' if ok else 'FAIL'}  {description}")
-        if not ok:
-            failures.append(description)
-    return failures
+    return report_checks(console, checks)

@@ -44,6 +44,7 @@ import shutil
 import stat
 import tarfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
@@ -105,17 +106,14 @@ class LayerWriter:
 
     def finish(self) -> None:
         """Directories' modes and times, deepest first, once nothing more is written inside."""
-        for key in sorted(self._dirs, key=lambda k: k.count(b"/") + bool(k), reverse=True):
+        # Reverse byte order visits children before parents (a path sorts before its
+        # extensions), and keeps each subtree together for the directory cache.
+        for key in sorted(self._dirs, reverse=True):
             meta = self._dirs[key]
-            fd = self._open_existing(key.split(b"/") if key else [])
-            if fd is None:
-                continue
-            try:
-                if os.fstat(fd).st_ino == meta.ino:  # not since replaced by another directory
-                    os.chmod(fd, meta.mode)
-                    os.utime(fd, ns=(meta.atime_ns, meta.mtime_ns))
-            finally:
-                os.close(fd)
+            fd = self._lookup(key.split(b"/")) if key else self.root_fd
+            if fd is not None and os.fstat(fd).st_ino == meta.ino:  # not replaced since
+                os.chmod(fd, meta.mode)
+                os.utime(fd, ns=(meta.atime_ns, meta.mtime_ns))
 
     def close(self) -> None:
         while self._cache:
@@ -331,10 +329,20 @@ class LayerWriter:
         return True
 
     def _parent(self, parts: list[bytes], entry: str, for_whiteout: bool = False) -> int | None:
-        """An fd (owned by the cache: use it before the next call) of the directory holding
+        """An fd (owned by the cache: use it before the next walk) of the directory holding
         parts[-1], creating missing parents.  None when a whiteout lies below a non-directory
-        (see the module doc).  The walk starts at the deepest cached ancestor."""
+        (see the module doc)."""
         dirs = parts[:-1]
+        return self._walk(
+            dirs, lambda fd, j: self._step(fd, dirs[j], dirs[: j + 1], entry, for_whiteout)
+        )
+
+    def _lookup(self, dirs: list[bytes]) -> int | None:
+        """Like `_parent`, for an existing directory: never creates; None if it is not one."""
+        return self._walk(dirs, lambda fd, j: _open_dir(fd, dirs[j]))
+
+    def _walk(self, dirs: list[bytes], step: Callable[[int, int], int | None]) -> int | None:
+        """Walk from the deepest cached ancestor of `dirs`, caching each directory reached."""
         i = len(dirs)
         while i and b"/".join(dirs[:i]) not in self._cache:
             i -= 1
@@ -344,7 +352,7 @@ class LayerWriter:
             self._cache.move_to_end(key)
             fd = self._cache[key]
         for j in range(i, len(dirs)):
-            nfd = self._step(fd, dirs[j], dirs[: j + 1], entry, for_whiteout)
+            nfd = step(fd, j)
             if nfd is None:
                 return None
             self._cache[b"/".join(dirs[: j + 1])] = fd = nfd
@@ -379,15 +387,13 @@ class LayerWriter:
         raise CorruptLayer(f"entry {entry}: parent {where!r} is {what}; not writing through it")
 
     def _open_existing(self, parts: list[bytes]) -> int | None:
-        """An fd of the existing directory at `parts`, or None; never creates or follows."""
+        """An fd (the caller's) of the existing directory at `parts`, or None."""
         fd = os.dup(self.root_fd)
         for comp in parts:
-            try:
-                nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
-            except OSError:
-                os.close(fd)
-                return None
+            nfd = _open_dir(fd, comp)
             os.close(fd)
+            if nfd is None:
+                return None
             fd = nfd
         return fd
 
@@ -418,6 +424,14 @@ class LayerWriter:
                 if exc.errno not in _REFUSED:
                     raise
                 self.warn(f"xattr {name!r} of {entry} not set: {exc.strerror}")
+
+
+def _open_dir(dfd: int, name: bytes) -> int | None:
+    """A real directory `name` in `dfd` (never a symlink to one), or None."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dfd)
+    except OSError:
+        return None
 
 
 def _lstat(dfd: int, name: bytes) -> os.stat_result | None:

@@ -66,7 +66,7 @@ MEDIA_TYPES = {
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": GZIP,
     "": PLAIN,  # unknown (an archive without a manifest): the magic bytes decide
 }
-TAR_BUFSIZE = 1 << 20  # tarfile's reads from the uncompressed stream
+TAR_BUFSIZE = 1 << 14  # tarfile's reads (it copies its buffer's rest on every header read)
 ZSTD_INPUT_CHUNK = 2048  # bounds one decompress() call's output (a zstd bomb) to ~64 MiB
 PUBLISH_WAIT = 2.0  # seconds to wait for another unpacker's marker before calling it debris
 MARKER = "complete"

@@ -12,7 +12,6 @@ import pytest
 
 from imagestore.store import Store
 from tests import imagedata, treecmp
-from tests.mounts import is_mounted, lazy_unmount
 from tests.registry_util import (
     FakeServer,
     TokenIssuer,
@@ -21,7 +20,7 @@ from tests.registry_util import (
     skopeo_copy,
     token_auth_config,
 )
-from tests.test_pull import same_as_umoci, umoci_tree
+from tests.test_pull import mounted_tree, same_as_umoci, umoci_tree
 from tests.test_registry_token import PASSWORD, USER, TokenPolicy
 
 LAYER = str(Path(sys.executable).parent / "layer")
@@ -61,15 +60,7 @@ def anon(layouts, tmp_path_factory):
 
 
 def mounted(root: Path, image: str, mnt: Path) -> dict:
-    mnt.mkdir(exist_ok=True)
-    r = layer(root, "mount", image, str(mnt), "--read-only")
-    assert r.returncode == 0, r.stderr
-    try:
-        return treecmp.snapshot(mnt)
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], timeout=30)
-        if is_mounted(mnt):
-            lazy_unmount(str(mnt))
+    return mounted_tree(Store.open(root), image, mnt)
 
 
 @pytest.mark.mount
