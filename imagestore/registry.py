@@ -14,6 +14,13 @@ What it does, and what it promises:
   - Redirects (blob storage on S3, a CDN…) are followed by hand, and the Authorization header
     is sent only to the registry's own origin (scheme, host and port).
 
+Push primitives (the upload sequence itself lives in imagestore.upload):
+  - `send(method, repo, target, …)` is one authenticated request for `repository:<repo>:
+    pull,push` (or a given scope) to a path under `/v2/<repo>/` or to a Location the
+    registry handed out; a 401 renews challenge and token and sends once more.
+  - `expect(resp, what, *codes)` raises the domain error for any other status, and
+    `retrying(fn, what)` retries transient failures (both as for pulls).
+
 Transport, as docker and skopeo do it:
   - normally https only, with certificate verification;
   - a loopback registry (localhost, 127.0.0.0/8, ::1) is tried over plain http first, then
@@ -45,7 +52,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import NoReturn, TypeVar
 
@@ -79,6 +86,7 @@ REDIRECTS = (301, 302, 303, 307, 308)
 USER_AGENT = "layer/0.1 (+python-httpx)"
 
 Progress = Callable[[int, int | None], None]
+Body = bytes | Callable[[], Iterable[bytes]]  # a callable gives the body afresh for a resend
 T = TypeVar("T")
 
 
@@ -213,6 +221,61 @@ class RegistryClient:
                     ing.close()  # keep the partial file: the next call resumes it
                     raise
         raise AssertionError("unreachable")
+
+    # ----- push primitives (see imagestore.upload) -----------------------------------------
+    def send(
+        self,
+        method: str,
+        repo: str,
+        target: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: Body | None = None,
+        scope: str | None = None,
+    ) -> httpx.Response:
+        """One request for the push side, its answer read whole (push answers are small).
+
+        `target` is a path under `/v2/<repo>/` (`blobs/uploads/`) or a Location the registry
+        gave (absolute, or relative to its origin).  Authorization goes to our own origin only.
+        Transport failures raise `_Transient`, for `retrying`."""
+        check_repository(repo)
+        base = self.ping()
+        scope = scope or push_scope(repo)
+        if target.startswith("/") or "://" in target:
+            url = httpx.URL(base).join(target)
+        else:
+            url = httpx.URL(f"{base}/v2/{repo}/{target}")
+        for attempt in range(2):
+            h = dict(headers or {})
+            authz = self._authorization(scope, repo)
+            if authz is not None and _same_origin(url, httpx.URL(base)):
+                h["Authorization"] = authz
+            content = body() if callable(body) else body
+            try:
+                resp = self._client.request(method, url, headers=h, content=content)
+            except httpx.TransportError as exc:
+                raise _Transient(f"{url.host}: {_describe(exc)}") from exc
+            if resp.status_code != 401 or attempt:
+                return resp
+            challenges = auth.parse_www_authenticate(resp.headers.get_list("www-authenticate"))
+            with self._lock:
+                self._challenge = _pick_challenge(challenges) or self._challenge
+                if self._challenge is None:
+                    self._raise_auth(resp, f"{self.host}/{repo}")
+            self._tokens.drop(scope)
+        raise AssertionError("unreachable")
+
+    def expect(self, resp: httpx.Response, what: str, *codes: int) -> None:
+        """Return if `resp` has one of `codes`; else raise AuthError (401/403), RegistryError,
+        or `_Transient` (429, 5xx) for `retrying`."""
+        if resp.status_code in codes:
+            return
+        self._check(resp, what, RegistryError)
+        raise RegistryError(f"{what}: registry answered HTTP {resp.status_code}")
+
+    def retrying(self, fn: Callable[[], T], what: str) -> T:
+        """Call `fn`, retrying transient failures with exponential backoff."""
+        return self._retrying(fn, what)
 
     # ----- blobs ---------------------------------------------------------------------------
     @contextmanager
@@ -403,6 +466,11 @@ class RegistryClient:
 
 
 # ----- helpers ----------------------------------------------------------------------------
+def push_scope(repo: str) -> str:
+    """The token scope a push to `repo` needs (HEAD and mounts read, uploads write)."""
+    return f"repository:{repo}:pull,push"
+
+
 def _pick_challenge(challenges: list[Challenge]) -> Challenge | None:
     """Bearer over Basic (as docker does); unknown schemes are ignored."""
     for scheme in ("bearer", "basic"):

@@ -57,6 +57,7 @@ from .tarsafe import pax_xattrs, shown, split_path, times_ns
 log = logging.getLogger(__name__)
 
 COPY_CHUNK = 1 << 20
+SPARSE_CHUNK = 1 << 16  # the granularity of holes in sparse members
 DIR_CACHE_SIZE = 64  # open directory fds kept for the walks from the root
 MAX_WARNINGS = 20  # kept verbatim; the rest are only counted
 AUFS_META = b".wh..wh."
@@ -167,7 +168,7 @@ class LayerWriter:
         if parts:
             dfd = self._parent(parts, entry)
             assert dfd is not None
-            fd = self._make_dir(dfd, parts[-1], mode=0o700)
+            fd = self._make_dir(dfd, parts[-1], 0o700, entry)
         else:
             fd = os.dup(self.root_fd)
         try:
@@ -262,7 +263,7 @@ class LayerWriter:
         elif stat.S_ISDIR(st.st_mode):  # a directory of this layer: keep it, hide the lower
             fd = os.open(target, _DIR_FLAGS, dir_fd=dfd)
             try:
-                os.setxattr(fd, self.opaque_xattr, b"y")
+                self._set_opaque(fd, entry)
             finally:
                 os.close(fd)
         # else: a non-directory (or a whiteout) of this layer already hides the lower NAME
@@ -278,7 +279,18 @@ class LayerWriter:
         dfd = self._parent(parts, entry, for_whiteout=True)
         if dfd is None:
             return self._skip(entry, "an opaque marker below a non-directory of this layer")
-        os.setxattr(dfd, self.opaque_xattr, b"y")
+        self._set_opaque(dfd, entry)
+
+    def _set_opaque(self, fd: int, entry: str) -> None:
+        """Mark the directory open as `fd` opaque; where the filesystem refuses the xattr,
+        an OCI `.wh..wh..opq` file inside says it instead (layerfs reads both)."""
+        try:
+            os.setxattr(fd, self.opaque_xattr, b"y")
+        except OSError as exc:
+            if exc.errno not in _REFUSED:
+                raise
+            self.warn(f"opaque marker of {entry} kept as a file: {exc.strerror}")
+            os.close(os.open(markers.WH_OPAQUE, _NEW_FILE & ~os.O_EXCL, 0o600, dir_fd=fd))
 
     # ----- paths -------------------------------------------------------------------------
     def _place(self, parts: list[bytes], entry: str) -> tuple[int, bytes]:
@@ -296,7 +308,7 @@ class LayerWriter:
             os.unlink(name, dir_fd=dfd)
         return dfd, name
 
-    def _make_dir(self, dfd: int, name: bytes, mode: int) -> int:
+    def _make_dir(self, dfd: int, name: bytes, mode: int, entry: str) -> int:
         """Open the directory `name`, creating it (opaque when it replaces a non-directory or
         a whiteout of this layer); returns an fd."""
         st = _lstat(dfd, name)
@@ -312,7 +324,7 @@ class LayerWriter:
             if st is None or opaque:
                 os.chmod(fd, mode)  # whatever the umask
             if opaque:
-                os.setxattr(fd, self.opaque_xattr, b"y")
+                self._set_opaque(fd, entry)
         except BaseException:
             os.close(fd)
             raise
@@ -373,7 +385,7 @@ class LayerWriter:
         except FileNotFoundError:
             if for_whiteout and self._wh_files and _lstat(dfd, markers.WH_PREFIX + comp):
                 return None
-            return self._make_dir(dfd, comp, mode=0o755)
+            return self._make_dir(dfd, comp, 0o755, entry)
         except OSError as exc:
             if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
                 raise
@@ -381,7 +393,7 @@ class LayerWriter:
         if for_whiteout:
             return None
         if markers.is_chardev_whiteout(st):
-            return self._make_dir(dfd, comp, mode=0o755)
+            return self._make_dir(dfd, comp, 0o755, entry)
         what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
         where = os.fsdecode(b"/".join(path))
         raise CorruptLayer(f"entry {entry}: parent {where!r} is {what}; not writing through it")
@@ -442,8 +454,10 @@ def _lstat(dfd: int, name: bytes) -> os.stat_result | None:
 
 
 def _copy(src: IO[bytes], fd: int, size: int, sparse: bool) -> None:
-    zeros = bytes(COPY_CHUNK) if sparse else b""
-    while chunk := src.read(COPY_CHUNK):
+    """Copy a member's data; for a sparse member, all-zero pieces become holes."""
+    step = SPARSE_CHUNK if sparse else COPY_CHUNK
+    zeros = bytes(step) if sparse else b""
+    while chunk := src.read(step):
         if sparse and chunk == zeros[: len(chunk)]:
             os.lseek(fd, len(chunk), os.SEEK_CUR)
             continue

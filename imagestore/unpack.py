@@ -72,6 +72,7 @@ PUBLISH_WAIT = 2.0  # seconds to wait for another unpacker's marker before calli
 MARKER = "complete"
 
 _DECOMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError)
+_TAR_ERRORS = (tarfile.TarError, ValueError, RecursionError, EOFError)  # tarfile on bad headers
 _locks_guard = threading.Lock()
 _locks: dict[str, threading.Lock] = {}
 
@@ -163,7 +164,7 @@ def _apply_all(stream: _TarStream, writer: LayerWriter) -> int:
         tar = tarfile.open(
             fileobj=stream, mode="r|", tarinfo=tarsafe.SafeTarInfo, bufsize=TAR_BUFSIZE
         )  # type: ignore[call-overload]
-    except tarfile.ReadError as exc:
+    except _TAR_ERRORS as exc:
         if stream.size == 0:
             return 0  # an empty stream is an empty layer
         raise CorruptLayer(f"not a tar archive: {exc}") from exc
@@ -171,7 +172,7 @@ def _apply_all(stream: _TarStream, writer: LayerWriter) -> int:
     while True:
         try:
             member = tar.next()
-        except (tarfile.TarError, ValueError, RecursionError, EOFError) as exc:
+        except _TAR_ERRORS as exc:
             raise CorruptLayer(f"bad tar header after {count} entries: {exc}") from exc
         if member is None:
             return tar.offset

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import tarfile
 import tempfile
 import threading
@@ -178,6 +179,27 @@ def test_gnu_format_long_names(store: Store) -> None:
     assert os.readlink(root / ("l" * 150)) == "t" * 300
 
 
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar to write sparse members")
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])  # old GNU sparse headers; GNU sparse 1.0 (pax)
+def test_sparse_members(store: Store, tmp_path: Path, fmt: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sparse", "wb") as f:
+        f.truncate(8 << 20)
+        f.seek(3 << 20)
+        f.write(b"middle")
+        f.seek(8 << 20)
+        f.write(b"end")
+    out = subprocess.run(
+        ["tar", "--sparse", f"--format={fmt}", "-C", str(src), "-cf", "-", "sparse"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    root = unpacked(store, out)
+    assert (root / "sparse").read_bytes() == (src / "sparse").read_bytes()
+    assert os.stat(root / "sparse").st_blocks * 512 <= 256 << 10  # the holes stayed holes
+
+
 # ----- compression and media types -----------------------------------------------------------
 SAMPLE = make_tar(
     D("etc"), F("etc/os-release", b"ID=test\n" * 5000), F("bin/sh", os.urandom(70000))
@@ -240,6 +262,15 @@ def test_diff_id_covers_the_whole_stream(store: Store) -> None:
     tar = make_tar(F("a", b"1")) + bytes(10240) + b"trailing bytes after the end blocks"
     root = unpacked(store, tar, OCI_GZIP, blob=gzip.compress(tar))
     assert (root / "a").read_bytes() == b"1"
+
+
+@pytest.mark.parametrize("last", [0, 511, 513, 16385, 70001])
+@pytest.mark.parametrize("pad", [0, 512, 1024, 50000])
+def test_end_of_archive_at_any_offset(store: Store, last: int, pad: int) -> None:
+    body = make_tar(F("a", os.urandom(700)), F("last", b"z" * last)).rstrip(b"\0")
+    tar = body + bytes(-len(body) % 512) + bytes(pad)  # `pad` zeros: 0, 1 or 2+ end blocks
+    root = unpacked(store, tar, OCI_GZIP, blob=gzip.compress(tar))
+    assert (root / "last").stat().st_size == last
 
 
 def test_empty_layers(store: Store) -> None:
@@ -433,6 +464,20 @@ def test_whiteout_fallback_when_mknod_is_refused(store: Store, monkeypatch, capl
     assert is_opaque(root / "p") and os.listdir(root / "p") == ["child"]
     assert os.listdir(root / "p2") == [".wh.x"]
     assert "device 'null' skipped" in caplog.text
+
+
+def test_opaque_marker_fallback_when_xattrs_are_refused(store: Store, monkeypatch) -> None:
+    real_setxattr = os.setxattr
+
+    def setxattr(path, name, value, flags=0, *, follow_symlinks=True):
+        if b"overlay.opaque" in os.fsencode(name):
+            raise OSError(errno.ENOTSUP, "Operation not supported")
+        return real_setxattr(path, name, value, flags, follow_symlinks=follow_symlinks)
+
+    monkeypatch.setattr(os, "setxattr", setxattr)
+    root = unpacked(store, make_tar(D("o"), F("o/.wh..wh..opq"), F("o/f"), F("x", b"1"), D("x")))
+    assert sorted(os.listdir(root / "o")) == [".wh..wh..opq", "f"]
+    assert os.listdir(root / "x") == [".wh..wh..opq"]
 
 
 # ----- hostile layers ------------------------------------------------------------------------

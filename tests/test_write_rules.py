@@ -469,3 +469,37 @@ def test_kill_during_writes_keeps_every_fsynced_record(u):
     complete = [r for r in records if r]
     assert len(complete) >= len(acked)
     assert complete[: len(acked)] == [b"record %06d" % i for i in acked]
+
+
+def test_freeze_holds_writes_but_not_reads(u):
+    """The control socket (used by a live `layer commit`): while frozen, mutating requests
+    wait and reads go on; thawing — or the client going away — lets them through."""
+    from unionfs import control
+
+    mnt = u.mount()
+    done = threading.Event()
+
+    def write():
+        (mnt / "during").write_bytes(b"written while frozen")
+        done.set()
+
+    os.stat(mnt / "dir/keep")  # looked up now: a held create locks its directory in the kernel
+    with control.frozen(u.work):
+        t = threading.Thread(target=write)
+        t.start()
+        time.sleep(0.5)
+        assert not done.is_set()  # held
+        # reads are not held (elsewhere: the kernel locks the directory of a held create)
+        assert (mnt / "dir/keep").read_bytes() == b"keep\n"
+        assert upper_entry(u, "during") is None
+    t.join(timeout=20)
+    assert done.is_set() and (mnt / "during").read_bytes() == b"written while frozen"
+    import socket as _socket
+
+    s = _socket.socket(_socket.AF_UNIX)
+    s.connect(control.socket_path(u.work))
+    s.sendall(b"freeze\n")
+    assert s.recv(64) == b"frozen\n"
+    s.close()  # a client that dies must not leave the mount frozen
+    time.sleep(0.2)
+    (mnt / "after").write_bytes(b"ok")

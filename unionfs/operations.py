@@ -32,6 +32,7 @@ import pyfuse3
 import trio
 
 from . import markers
+from .control import Gate
 from .errors import UnionError
 from .stack import Child, LayerStack, Node
 from .writer import Writer
@@ -65,6 +66,20 @@ def _handler(fn: F) -> F:
         except Exception:
             log.exception("%s%r failed", name, _short(args))
             raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _mutating(fn: F) -> F:
+    """Held while the mount is frozen (`control.Gate`), counted while in flight."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: UnionOperations, *args: Any) -> Any:
+        await self.gate.enter()
+        try:
+            return await fn(self, *args)
+        finally:
+            self.gate.leave()
 
     return wrapper  # type: ignore[return-value]
 
@@ -110,6 +125,7 @@ class UnionOperations(pyfuse3.Operations):
         self.writer = writer
         self.debug = debug
         self._on_init = on_init
+        self.gate = Gate()
         self._files: dict[int, FileHandle] = {}
         self._by_node: dict[int, set[int]] = {}  # inode -> open file handles
         self._dirs: dict[int, DirHandle] = {}
@@ -275,7 +291,11 @@ class UnionOperations(pyfuse3.Operations):
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if writable:
             self._need_upper()
-            await self._copy_up(node, with_data=not flags & os.O_TRUNC)
+            await self.gate.enter()  # a copy-up changes the upper: held while frozen
+            try:
+                await self._copy_up(node, with_data=not flags & os.O_TRUNC)
+            finally:
+                self.gate.leave()
         oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY | _O_DIRECT)
         path = self.stack.real_path(node)
         fd = os.open(path, oflags | os.O_CLOEXEC) if writable else _open_noatime(path, oflags)
@@ -288,6 +308,7 @@ class UnionOperations(pyfuse3.Operations):
         return os.pread(self._files[fh].fd, size, off)
 
     @_handler
+    @_mutating
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._files[fh]
         return os.pwrite(handle.fd, buf, off)
@@ -389,6 +410,7 @@ class UnionOperations(pyfuse3.Operations):
         return self.stack.stat(node)
 
     @_handler
+    @_mutating
     async def setattr(
         self,
         inode: int,
@@ -434,6 +456,7 @@ class UnionOperations(pyfuse3.Operations):
         return attrs
 
     @_handler
+    @_mutating
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
@@ -444,6 +467,7 @@ class UnionOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new_entry(node)
 
     @_handler
+    @_mutating
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
@@ -455,6 +479,7 @@ class UnionOperations(pyfuse3.Operations):
         return self._new_entry(node)
 
     @_handler
+    @_mutating
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
@@ -464,6 +489,7 @@ class UnionOperations(pyfuse3.Operations):
         return self._new_entry(node)
 
     @_handler
+    @_mutating
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: Any
     ) -> pyfuse3.EntryAttributes:
@@ -473,6 +499,7 @@ class UnionOperations(pyfuse3.Operations):
         return self._new_entry(node)
 
     @_handler
+    @_mutating
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
     ) -> pyfuse3.EntryAttributes:
@@ -487,6 +514,7 @@ class UnionOperations(pyfuse3.Operations):
         return self.stack.lookup(parent, name)
 
     @_handler
+    @_mutating
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         writer = self._need_upper()
         parent = self.stack.node(parent_inode)
@@ -496,12 +524,14 @@ class UnionOperations(pyfuse3.Operations):
         writer.unlink(parent, name)
 
     @_handler
+    @_mutating
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         writer = self._need_upper()
         parent = self.stack.node(parent_inode)
         writer.rmdir(parent, name)
 
     @_handler
+    @_mutating
     async def rename(
         self,
         parent_inode_old: int,
@@ -529,6 +559,7 @@ class UnionOperations(pyfuse3.Operations):
         writer.rename(old_parent, name_old, new_parent, name_new, flags)
 
     @_handler
+    @_mutating
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         self._need_upper()
         if markers.is_internal_xattr(name):
@@ -539,6 +570,7 @@ class UnionOperations(pyfuse3.Operations):
         node.st = node.attrs = None
 
     @_handler
+    @_mutating
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         self._need_upper()
         if markers.is_internal_xattr(name):

@@ -1,0 +1,381 @@
+"""Changeset: an upper directory (kernel-overlayfs format) → its changes and an OCI layer tar.
+
+    changes(upper, lowers) -> Changes                  podman-style A / C / D paths
+    write_changeset(upper, lowers, out, source_date_epoch)   the OCI changeset tar (PAX)
+
+Only the upper is walked.  The lower stack (base first, as `pull.image_layers` returns it) is
+consulted by point lookups only where the answer matters: whether a path existed below (A or
+C), whether a whiteout hides something (else it is dropped), whether an opaque directory hides
+a lower directory (else no `.wh..wh..opq`).  The one exception is a moved directory (one
+carrying `overlay.redirect`): its content is its upper part merged with the lower directory at
+the redirect path, and that whole tree is emitted as added at the new path (with an opaque
+marker when a lower directory of the new name exists); the old name's whiteout is in the upper.
+
+Tar layout (image-spec layer.md), the same bytes for the same upper: entries in byte order of
+their names, depth first; in a directory, its entry, then `DIR/.wh..wh..opq` if opaque, then its
+whiteouts (`.wh.NAME`, empty files), then its other children.  The root is not emitted.
+Non-directories seen twice (same st_dev/st_ino) become tar hard links to the first name.
+Numeric owners only, integer mtimes (clamped to `source_date_epoch` when given), xattrs as PAX
+`SCHILY.xattr.*` without the internal ones (`markers.is_internal_xattr`).  Sockets cannot be
+stored in a tar and are skipped, as buildah does.
+
+Concurrency: reads only; the caller keeps the upper still while it runs (the daemon holds
+mutations during a live commit).  Lower layers are read-only by contract.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from unionfs import markers
+
+from .errors import StoreError
+
+OBJ, WHITEOUT, OPAQUE = "obj", "whiteout", "opaque"
+COPY_CHUNK = 1 << 20
+
+
+class ChangesetError(StoreError):
+    """The upper holds something an OCI layer cannot express (a user file named `.wh.*`)."""
+
+
+@dataclass
+class Changes:
+    """Paths from the root (`/etc/passwd`), each list sorted."""
+
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {"added": self.added, "changed": self.changed, "deleted": self.deleted}
+
+    def lines(self) -> list[str]:
+        """`A path` / `C path` / `D path`, sorted by path as podman prints them."""
+        tagged = (
+            [(p, "A") for p in self.added]
+            + [(p, "C") for p in self.changed]
+            + [(p, "D") for p in self.deleted]
+        )
+        return [f"{k} {p}" for p, k in sorted(tagged)]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One changeset entry: `path` relative to the root (no leading slash)."""
+
+    kind: str  # OBJ, WHITEOUT (of `path`) or OPAQUE (the directory `path`)
+    path: bytes
+    real: bytes = b""  # OBJ: the real object whose content and metadata are emitted
+    st: os.stat_result | None = None
+    change: str = ""  # OBJ: "A" or "C"
+
+
+@dataclass
+class _Found:
+    """What the lower stack holds at a name: the topmost object, and for a directory every
+    real directory that merges into it (top-first, cut after the first opaque one)."""
+
+    path: bytes
+    st: os.stat_result
+    chain: list[bytes]
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+
+class _Lower:
+    """Point lookups in the merged lower stack (overlayfs rules, every marker encoding)."""
+
+    def __init__(self, lowers: list[Path]) -> None:
+        self.root = [os.fsencode(os.path.abspath(p)) for p in reversed(lowers)]
+        self._marks: dict[bytes, markers.DirMarks] = {}
+
+    def marks(self, path: bytes) -> markers.DirMarks:
+        m = self._marks.get(path)
+        if m is None:
+            m = self._marks[path] = markers.dir_marks(path)
+        return m
+
+    def child(self, chain: list[bytes], name: bytes) -> _Found | None:
+        dirs: list[bytes] = []
+        for d in chain:
+            p = d + b"/" + name
+            st = _lstat(p)
+            if st is None:
+                if _lstat(d + b"/" + markers.WH_PREFIX + name) is not None:
+                    break
+                continue
+            if markers.is_chardev_whiteout(st) or (
+                self.marks(d).xwhiteouts and markers.is_xattr_whiteout(p, st)
+            ):
+                break
+            if not stat.S_ISDIR(st.st_mode):
+                if not dirs:
+                    return _Found(p, st, [])
+                break
+            dirs.append(p)
+            if self.marks(p).opaque or _lstat(p + b"/" + markers.WH_OPAQUE) is not None:
+                break
+        if not dirs:
+            return None
+        return _Found(dirs[0], os.lstat(dirs[0]), dirs)
+
+    def resolve(self, path: bytes) -> list[bytes]:
+        """The directory chain at an absolute path (a redirect target); [] if none."""
+        chain = self.root
+        for part in path.strip(b"/").split(b"/"):
+            if not part:
+                continue
+            found = self.child(chain, part)
+            if found is None or not found.is_dir:
+                return []
+            chain = found.chain
+        return chain
+
+    def names(self, chain: list[bytes]) -> set[bytes]:
+        """Candidate names of a merged directory (markers excluded; `child` decides)."""
+        out: set[bytes] = set()
+        for d in chain:
+            with os.scandir(d) as it:
+                for de in it:
+                    name: bytes = de.name  # type: ignore[assignment]
+                    if not name.startswith(markers.WH_PREFIX):
+                        out.add(name)
+        return out
+
+
+class _Walker:
+    def __init__(self, upper: Path, lowers: list[Path]) -> None:
+        self.upper = os.fsencode(os.path.abspath(upper))
+        self.lower = _Lower(lowers)
+
+    def items(self) -> Iterator[Item]:
+        yield from self._dir(b"", self.upper, self.lower.root, whole=False)
+
+    def _dir(
+        self, rel: bytes, real: bytes | None, chain: list[bytes], whole: bool
+    ) -> Iterator[Item]:
+        """Children of one directory.  `whole`: emit the merged content (a moved tree);
+        otherwise only what the upper changed, with the whiteouts that matter."""
+        upper: dict[bytes, os.stat_result] = {}
+        hidden: set[bytes] = set()
+        if real is not None:
+            with os.scandir(real) as it:
+                for de in it:
+                    name: bytes = de.name  # type: ignore[assignment]
+                    st = de.stat(follow_symlinks=False)
+                    if markers.is_chardev_whiteout(st):
+                        hidden.add(name)
+                    else:
+                        upper[name] = st
+        if not whole:
+            for name in sorted(hidden):
+                if chain and self.lower.child(chain, name) is not None:
+                    yield Item(WHITEOUT, _join(rel, name))
+        lower_only: list[bytes] = []
+        if whole and chain:
+            lower_only = [n for n in self.lower.names(chain) - hidden if n not in upper]
+        for name in sorted([*upper, *lower_only]):
+            below = self.lower.child(chain, name) if chain else None
+            if name in upper:
+                yield from self._upper_obj(rel, real, name, upper[name], below, whole)
+            elif below is not None:
+                yield from self._lower_obj(_join(rel, name), below)
+
+    def _upper_obj(
+        self,
+        rel: bytes,
+        parent: bytes | None,
+        name: bytes,
+        st: os.stat_result,
+        below: _Found | None,
+        whole: bool,
+    ) -> Iterator[Item]:
+        assert parent is not None
+        path, real = _join(rel, name), parent + b"/" + name
+        if name.startswith(markers.WH_PREFIX):
+            raise ChangesetError(
+                f"{os.fsdecode(b'/' + path)}: a file named .wh.* cannot be stored in a layer"
+            )
+        if stat.S_ISSOCK(st.st_mode):
+            return
+        change = "C" if below is not None and not whole else "A"
+        yield Item(OBJ, path, real, st, change)
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        marks = self.lower.marks(real)
+        lower_dir = below is not None and below.is_dir and not whole
+        if marks.redirect is not None and not marks.opaque:
+            if lower_dir:
+                yield Item(OPAQUE, path)
+            target = marks.redirect.rstrip(b"\0")
+            if not target.startswith(b"/"):
+                target = b"/" + _join(rel, target)
+            yield from self._dir(path, real, self.lower.resolve(target), whole=True)
+        elif marks.opaque:
+            if lower_dir:
+                yield Item(OPAQUE, path)
+            yield from self._dir(path, real, [], whole)
+        else:
+            chain = below.chain if below is not None and below.is_dir else []
+            yield from self._dir(path, real, chain, whole)
+
+    def _lower_obj(self, path: bytes, found: _Found) -> Iterator[Item]:
+        if stat.S_ISSOCK(found.st.st_mode):
+            return
+        yield Item(OBJ, path, found.path, found.st, "A")
+        if found.is_dir:
+            yield from self._dir(path, None, found.chain, whole=True)
+
+
+def _join(rel: bytes, name: bytes) -> bytes:
+    return rel + b"/" + name if rel else name
+
+
+def _lstat(path: bytes) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+
+
+def walk(upper: Path, lowers: list[Path]) -> Iterator[Item]:
+    """The changeset's entries in tar order (see the module docstring)."""
+    return _Walker(upper, lowers).items()
+
+
+def changes(upper: Path, lowers: list[Path]) -> Changes:
+    """Podman-style changes of `upper` over `lowers` (base first).  A directory present below
+    is reported changed whenever it is in the upper (it holds a change, or was copied up)."""
+    out = Changes()
+    for item in walk(upper, lowers):
+        shown = "/" + os.fsdecode(item.path)
+        if item.kind == WHITEOUT:
+            out.deleted.append(shown)
+        elif item.kind == OBJ:
+            (out.added if item.change == "A" else out.changed).append(shown)
+    for lst in (out.added, out.changed, out.deleted):
+        lst.sort()
+    return out
+
+
+# ----- the tar ---------------------------------------------------------------------------
+class _Counter:
+    """A write-only sink for tarfile (which asks for tell())."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self.offset = 0
+
+    def write(self, data: bytes) -> int:
+        self._out.write(data)
+        self.offset += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.offset
+
+
+def write_changeset(
+    upper: Path, lowers: list[Path], out: BinaryIO, source_date_epoch: int | None = None
+) -> None:
+    """Write the OCI changeset tar of `upper` over `lowers` (base first) to `out`."""
+    links: dict[tuple[int, int], str] = {}
+    sink = _Counter(out)
+    with tarfile.open(  # type: ignore[call-overload]
+        fileobj=sink,
+        mode="w",
+        format=tarfile.PAX_FORMAT,
+        encoding="utf-8",
+        errors="surrogateescape",
+    ) as tar:
+        for item in walk(upper, lowers):
+            name = os.fsdecode(item.path)
+            if item.kind == WHITEOUT:
+                head, _, base = name.rpartition("/")
+                wh = f"{head}/.wh.{base}" if head else f".wh.{base}"
+                tar.addfile(_marker(wh))
+            elif item.kind == OPAQUE:
+                tar.addfile(_marker(name + "/" + os.fsdecode(markers.WH_OPAQUE)))
+            else:
+                _add_obj(tar, item, name, links, source_date_epoch)
+
+
+def _marker(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.mode = 0o644
+    info.uname = info.gname = ""
+    return info
+
+
+def _add_obj(
+    tar: tarfile.TarFile,
+    item: Item,
+    name: str,
+    links: dict[tuple[int, int], str],
+    sde: int | None,
+) -> None:
+    st = item.st
+    assert st is not None
+    info = tarfile.TarInfo(name)
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.uid, info.gid = st.st_uid, st.st_gid
+    info.uname = info.gname = ""
+    mtime = int(st.st_mtime)
+    info.mtime = min(mtime, sde) if sde is not None else mtime
+    info.pax_headers = {"SCHILY.xattr." + k: v for k, v in _xattrs(item.real)}
+    fmt = stat.S_IFMT(st.st_mode)
+    ident = (st.st_dev, st.st_ino)
+    if fmt != stat.S_IFDIR and st.st_nlink > 1:
+        first = links.get(ident)
+        if first is not None:
+            info.type, info.linkname = tarfile.LNKTYPE, first
+            tar.addfile(info)
+            return
+        links[ident] = name
+    if fmt == stat.S_IFREG:
+        with open(item.real, "rb") as f:
+            info.size = os.fstat(f.fileno()).st_size
+            tar.addfile(info, f)
+        return
+    if fmt == stat.S_IFDIR:
+        info.type = tarfile.DIRTYPE
+    elif fmt == stat.S_IFLNK:
+        info.type, info.linkname = tarfile.SYMTYPE, os.fsdecode(os.readlink(item.real))
+    elif fmt == stat.S_IFIFO:
+        info.type = tarfile.FIFOTYPE
+    elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+        info.type = tarfile.CHRTYPE if fmt == stat.S_IFCHR else tarfile.BLKTYPE
+        info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    else:
+        raise ChangesetError(f"/{name}: unsupported file type {fmt:o}")
+    tar.addfile(info)
+
+
+def _xattrs(path: bytes) -> list[tuple[str, str]]:
+    """User-visible xattrs, sorted, as PAX wants them (surrogate-escaped text)."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return []
+    out = []
+    for n in sorted(names):
+        raw = os.fsencode(n)
+        if markers.is_internal_xattr(raw):
+            continue
+        try:
+            value = os.getxattr(path, n, follow_symlinks=False)
+        except OSError:
+            continue
+        out.append((n, value.decode("utf-8", "surrogateescape")))
+    return out

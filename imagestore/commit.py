@@ -1,0 +1,536 @@
+"""Commit: an upper directory over an image's layers → a new layer, config, manifest and tag.
+
+    commit(store, upper, lowers, base_image, new_name, ...) -> manifest Digest
+    parse_change("CMD ...") -> (key, value)      the Dockerfile-style --change edits
+
+Lifecycle (DESIGN.md's store rules):
+  - One streaming pass: `changeset.write_changeset` writes the tar through a tee that hashes
+    the uncompressed bytes (the DiffID) while a compressor (gzip without timestamp or name,
+    zstd, or none) feeds `store.ingest()`, which hashes the blob and renames it into blobs/.
+  - Then, optionally, the self-check (`verify`), the config (diff_ids appended, a history
+    entry, the --change edits), the manifest (same media-type family as the base; a Docker
+    base with zstd or no compression becomes OCI), the unpacked layer (`unpack_layer`, so the
+    new image mounts without a pull), and last the tag, under `store.lock()`.
+  - Atomic: an exception anywhere (KeyboardInterrupt included) before the tag removes every
+    blob and unpacked layer this commit created; no tag is written.  Reproducible: with
+    `source_date_epoch` the same upper gives the same manifest digest.
+Concurrency: the caller keeps the upper still (a live mount holds mutations).  Two commits
+may run at once; only the tag step takes the store lock.  A blob this commit created is
+removed on failure even if another process happened to write the same bytes meanwhile (a
+risk only for identical configs, which need identical timestamps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import gzip
+import hashlib
+import json
+import os
+import secrets
+import shlex
+import shutil
+import stat
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from unionfs import markers
+from unionfs.stack import LayerStack, Node
+
+from . import changeset, media, tarsafe
+from .digest import Digest
+from .errors import CorruptLayer, StoreError
+from .store import Store
+from .unpack import unpack_layer
+
+GZIP_LEVEL = 6
+ZSTD_LEVEL = 3
+CREATED_BY = "layer commit"
+COMPRESSIONS = ("gzip", "zstd", "none")
+_OCI_OF_DOCKER = {
+    media.DOCKER_LAYER: media.OCI_LAYER,
+    media.DOCKER_LAYER_GZIP: media.OCI_LAYER_GZIP,
+}
+
+
+class BadChange(StoreError):
+    """A --change instruction that does not parse or is not supported."""
+
+
+class VerifyFailed(StoreError):
+    """The committed layer, applied onto the lower layers, does not reproduce the view."""
+
+
+# ----- --change ----------------------------------------------------------------------------
+def parse_change(text: str) -> tuple[str, Any]:
+    """`CMD ["a","b"]` / `CMD a b` (→ /bin/sh -c), ENTRYPOINT likewise, `ENV k=v …` (or
+    `ENV k v`), `LABEL k=v …`, `WORKDIR /x`, `USER u`.  Returns (config key, value)."""
+    word, _, rest = text.strip().partition(" ")
+    op, rest = word.upper(), rest.strip()
+    if not rest:
+        raise BadChange(f"--change {text!r}: {op or 'it'} needs a value")
+    if op in ("CMD", "ENTRYPOINT"):
+        return ("Cmd" if op == "CMD" else "Entrypoint"), _command(text, rest)
+    if op in ("ENV", "LABEL"):
+        return ("Env" if op == "ENV" else "Labels"), _pairs(text, op, rest)
+    if op == "WORKDIR":
+        return "WorkingDir", rest
+    if op == "USER":
+        return "User", rest
+    raise BadChange(
+        f"--change {text!r}: unsupported instruction {word!r} "
+        "(CMD, ENTRYPOINT, ENV, LABEL, WORKDIR, USER)"
+    )
+
+
+def _command(text: str, rest: str) -> list[str]:
+    if rest.startswith("["):
+        try:
+            value = json.loads(rest)
+        except ValueError:
+            raise BadChange(f"--change {text!r}: not a JSON array of strings") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise BadChange(f"--change {text!r}: not a JSON array of strings")
+        return value
+    return ["/bin/sh", "-c", rest]
+
+
+def _pairs(text: str, op: str, rest: str) -> dict[str, str]:
+    try:
+        words = shlex.split(rest)
+    except ValueError as exc:
+        raise BadChange(f"--change {text!r}: {exc}") from None
+    if "=" not in words[0]:
+        if len(words) < 2:
+            raise BadChange(f"--change {text!r}: {op} wants key=value")
+        return {words[0]: rest[len(rest.split(None, 1)[0]) :].strip()}
+    out = {}
+    for w in words:
+        key, eq, value = w.partition("=")
+        if not eq or not key:
+            raise BadChange(f"--change {text!r}: {w!r} is not key=value")
+        out[key] = value
+    return out
+
+
+def apply_changes(config: dict[str, Any], edits: list[tuple[str, Any]]) -> None:
+    """Apply parsed --change edits to an image config's `config` object, in order."""
+    cfg = config.setdefault("config", {}) or {}
+    config["config"] = cfg
+    for key, value in edits:
+        if key == "Env":
+            env = [e for e in cfg.get("Env") or [] if e.partition("=")[0] not in value]
+            cfg["Env"] = env + [f"{k}={v}" for k, v in value.items()]
+        elif key == "Labels":
+            cfg["Labels"] = {**(cfg.get("Labels") or {}), **value}
+        else:
+            cfg[key] = value
+
+
+# ----- streaming the layer -----------------------------------------------------------------
+class _Tee:
+    """The uncompressed tar: hashed (DiffID) and passed on to the compressor."""
+
+    def __init__(self, sink: Callable[[bytes], Any]) -> None:
+        self.hash = hashlib.sha256()
+        self._sink = sink
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        self._sink(data)
+        return len(data)
+
+
+class _IngestFile:
+    """The ingest as a file object for gzip/zstd writers; hashes too, so that the caller
+    knows the blob's digest before the ingest is committed (was it in the store already?)."""
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self._write = write
+        self.hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        chunk = bytes(data)
+        self.hash.update(chunk)
+        self._write(chunk)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _write_layer(
+    store: Store,
+    created: list[Digest],
+    upper: Path,
+    lowers: list[Path],
+    compress: str,
+    sde: int | None,
+) -> tuple[Digest, int, Digest]:
+    """Stream the changeset into the store; returns (blob digest, size, DiffID) and adds the
+    blob to `created` unless the store had it already."""
+    with store.ingest() as ing:
+        target = _IngestFile(ing.write)
+        comp: Any = None
+        if compress == "gzip":
+            comp = gzip.GzipFile(
+                filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=target, mtime=0
+            )
+        elif compress == "zstd":
+            cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+            comp = cctx.stream_writer(target, closefd=False)  # type: ignore[arg-type]
+        tee = _Tee(comp.write if comp is not None else target.write)
+        changeset.write_changeset(upper, lowers, tee, sde)  # type: ignore[arg-type]
+        if comp is not None:
+            comp.close()
+        size = ing.offset
+        existed = store.has_blob(Digest("sha256", target.hash.hexdigest()))
+        blob = ing.commit()
+    if not existed:
+        created.append(blob)
+    return blob, size, Digest("sha256", tee.hash.hexdigest())
+
+
+# ----- commit ------------------------------------------------------------------------------
+def commit(
+    store: Store,
+    upper: Path,
+    lowers: list[Path],
+    base_image: str,
+    new_name: str,
+    *,
+    message: str | None = None,
+    author: str | None = None,
+    changes: list[str] | None = None,
+    compress: str = "gzip",
+    source_date_epoch: int | None = None,
+    verify: bool = False,
+    merged_view: Path | None = None,
+) -> Digest:
+    """Commit `upper` over `lowers` (base first: the layers of `base_image`) as `new_name`;
+    returns the new manifest's digest.  See the module docstring for the guarantees."""
+    if compress not in COMPRESSIONS:
+        raise StoreError(f"unknown compression {compress!r} (gzip, zstd, none)")
+    edits = [parse_change(c) for c in changes or []]
+    desc = store.resolve(base_image)
+    data = store.read_blob(Digest.parse(desc["digest"]))
+    base = media.parse_manifest(data, media.media_type_of(data, desc.get("mediaType")))
+    config = store.read_json(base.config.digest)
+    docker = base.media_type == media.DOCKER_MANIFEST and compress == "gzip"
+    created: list[Digest] = []
+    new_layer = False
+    try:
+        blob, size, diff_id = _write_layer(
+            store, created, upper, lowers, compress, source_date_epoch
+        )
+        if verify:
+            check(store, base, blob, _layer_type(compress, docker), upper, lowers, merged_view)
+        new_config = _config(config, diff_id, message, author, edits, source_date_epoch)
+        cfg_digest, cfg_size = _put_json(store, created, new_config)
+        manifest = _manifest(base, docker, cfg_digest, cfg_size, blob, size, compress)
+        man_digest, man_size = _put_json(store, created, manifest)
+        new_layer = not store.has_layer(diff_id)
+        unpack_layer(store, blob, _layer_type(compress, docker), diff_id)
+        with store.lock():
+            store.tag(
+                new_name,
+                {"mediaType": manifest["mediaType"], "digest": str(man_digest), "size": man_size},
+            )
+    except BaseException:
+        for d in created:
+            with contextlib.suppress(FileNotFoundError):
+                store.blob_path(d).unlink()
+        if new_layer:
+            with contextlib.suppress(FileNotFoundError):
+                (store.layers / diff_id.hex / "complete").unlink()
+            shutil.rmtree(store.layers / diff_id.hex, ignore_errors=True)
+        raise
+    return man_digest
+
+
+def _put_json(store: Store, created: list[Digest], obj: Any) -> tuple[Digest, int]:
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    existed = store.has_blob(Digest.of(data))
+    digest = store.put_bytes(data)
+    if not existed:
+        created.append(digest)
+    return digest, len(data)
+
+
+def _layer_type(compress: str, docker: bool) -> str:
+    if docker:
+        return media.DOCKER_LAYER_GZIP
+    return {"gzip": media.OCI_LAYER_GZIP, "zstd": media.OCI_LAYER_ZSTD}.get(
+        compress, media.OCI_LAYER
+    )
+
+
+def _rfc3339(sde: int | None) -> str:
+    when = sde if sde is not None else time.time()
+    dt = datetime.datetime.fromtimestamp(when, datetime.UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S") + (
+        "Z" if sde is not None else f".{dt.microsecond:06d}Z"
+    )
+
+
+def _config(
+    base: dict[str, Any],
+    diff_id: Digest,
+    message: str | None,
+    author: str | None,
+    edits: list[tuple[str, Any]],
+    sde: int | None,
+) -> dict[str, Any]:
+    config = copy.deepcopy(base)
+    created = _rfc3339(sde)
+    rootfs = config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+    rootfs["diff_ids"] = [*rootfs.get("diff_ids", []), str(diff_id)]
+    entry: dict[str, Any] = {"created": created, "created_by": CREATED_BY}
+    if author:
+        entry["author"] = author
+        config["author"] = author
+    if message:
+        entry["comment"] = message
+    config["history"] = [*(config.get("history") or []), entry]
+    config["created"] = created
+    apply_changes(config, edits)
+    return config
+
+
+def _manifest(
+    base: media.Manifest,
+    docker: bool,
+    cfg: Digest,
+    cfg_size: int,
+    blob: Digest,
+    size: int,
+    compress: str,
+) -> dict[str, Any]:
+    layers = [d.to_json() for d in base.layers]
+    if not docker:
+        for d in layers:
+            d["mediaType"] = _OCI_OF_DOCKER.get(d["mediaType"], d["mediaType"])
+    layers.append({"mediaType": _layer_type(compress, docker), "digest": str(blob), "size": size})
+    return {
+        "schemaVersion": 2,
+        "mediaType": media.DOCKER_MANIFEST if docker else media.OCI_MANIFEST,
+        "config": {
+            "mediaType": media.DOCKER_CONFIG if docker else media.OCI_CONFIG,
+            "digest": str(cfg),
+            "size": cfg_size,
+        },
+        "layers": layers,
+    }
+
+
+# ----- the self-check ----------------------------------------------------------------------
+def check(
+    store: Store,
+    base: media.Manifest,
+    blob: Digest,
+    media_type: str,
+    upper: Path,
+    lowers: list[Path],
+    merged_view: Path | None,
+) -> None:
+    """Apply the base's layers and the new one to a plain directory and compare it with
+    `merged_view` (or, without one, with the union of upper and lowers); VerifyFailed."""
+    tmp = store.ingest_dir / f"verify-{secrets.token_hex(8)}"
+    os.mkdir(tmp, 0o700)
+    try:
+        for d in base.layers:
+            _apply_blob(store, d.digest, tmp)
+        _apply_blob(store, blob, tmp)
+        got = _snapshot_dir(tmp)
+        want = _snapshot_dir(merged_view) if merged_view else _snapshot_stack(upper, lowers)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    problems = [
+        f"{os.fsdecode(p)}: {got.get(p)!r} != {want.get(p)!r}"
+        for p in sorted(set(got) | set(want))
+        if got.get(p) != want.get(p)
+    ]
+    if problems:
+        raise VerifyFailed(
+            f"the new layer does not reproduce the view ({len(problems)} differences): "
+            + "; ".join(problems[:5])
+        )
+
+
+def _apply_blob(store: Store, blob: Digest, root: Path) -> None:
+    with store.open_blob(blob) as raw:
+        head = raw.read(4)
+        raw.seek(0)
+        src: Any = raw
+        if head[:2] == b"\x1f\x8b":
+            src = gzip.GzipFile(fileobj=raw, mode="rb")
+        elif head == b"\x28\xb5\x2f\xfd":
+            src = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        with tarfile.open(fileobj=src, mode="r|", tarinfo=tarsafe.SafeTarInfo) as tar:
+            _apply_plain(tar, os.fsencode(root))
+
+
+def _apply_plain(tar: tarfile.TarFile, root: bytes) -> None:
+    """The OCI apply rules onto a plain directory (whiteouts delete, opaque clears)."""
+    mine: set[bytes] = set()
+    for m in tar:
+        parts = tarsafe.split_path(m.name, tarsafe.shown(m.name))
+        if not parts:
+            continue
+        parent = _plain_parent(root, parts[:-1])
+        rel, base = b"/".join(parts), parts[-1]
+        if base == markers.WH_OPAQUE:
+            for name in os.listdir(parent):
+                if (b"/".join([*parts[:-1], name])) not in mine:
+                    _remove(parent + b"/" + name)
+            continue
+        target = markers.oci_whiteout_target(base)
+        if target is not None:
+            if b"/".join([*parts[:-1], target]) not in mine:
+                _remove(parent + b"/" + target)
+            continue
+        path = parent + b"/" + base
+        st = _lstat(path)
+        mine.add(rel)
+        keep = st is not None and m.isdir() and stat.S_ISDIR(st.st_mode)
+        if st is not None and not keep:
+            _remove(path)
+        _create(tar, m, root, path, exists=keep)
+
+
+def _plain_parent(root: bytes, dirs: list[bytes]) -> bytes:
+    path = root
+    for comp in dirs:
+        path += b"/" + comp
+        st = _lstat(path)
+        if st is None:
+            os.mkdir(path, 0o755)
+        elif not stat.S_ISDIR(st.st_mode):
+            raise CorruptLayer(f"{os.fsdecode(path)}: parent is not a directory")
+    return path
+
+
+def _create(
+    tar: tarfile.TarFile, m: tarfile.TarInfo, root: bytes, path: bytes, exists: bool
+) -> None:
+    if m.isdir():
+        if not exists:
+            os.mkdir(path, 0o700)
+    elif m.isreg():
+        src = tar.extractfile(m)
+        assert src is not None
+        with open(path, "wb") as f:
+            shutil.copyfileobj(src, f)
+    elif m.issym():
+        os.symlink(os.fsencode(m.linkname), path)
+    elif m.islnk():
+        link = tarsafe.split_path(m.linkname, tarsafe.shown(m.linkname))
+        os.link(root + b"/" + b"/".join(link), path, follow_symlinks=False)
+        return
+    elif m.isfifo():
+        os.mkfifo(path)
+    elif m.ischr() or m.isblk():
+        kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+        os.mknod(path, kind | 0o600, os.makedev(m.devmajor, m.devminor))
+    else:
+        return
+    os.chown(path, m.uid, m.gid, follow_symlinks=False)
+    for name, value in tarsafe.pax_xattrs(m):
+        if not markers.is_internal_xattr(name):
+            os.setxattr(path, name, value, follow_symlinks=False)
+    if not m.issym():
+        os.chmod(path, m.mode & 0o7777)
+
+
+def _remove(path: bytes) -> None:
+    st = _lstat(path)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _lstat(path: bytes) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+Observed = tuple[Any, ...]
+
+
+def _observe(path: bytes, st: os.stat_result, xattrs: list[bytes]) -> Observed | None:
+    """What the comparison looks at (no times, no link counts; sockets are not in tars)."""
+    fmt = stat.S_IFMT(st.st_mode)
+    if fmt == stat.S_IFSOCK:
+        return None
+    content: Any = None
+    if fmt == stat.S_IFREG:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        content = h.hexdigest()
+    elif fmt == stat.S_IFLNK:
+        content = os.readlink(path)
+    elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+        content = st.st_rdev
+    attrs = tuple(
+        sorted(
+            (n, os.getxattr(path, n, follow_symlinks=False))
+            for n in xattrs
+            if not markers.is_internal_xattr(n)
+        )
+    )
+    return (fmt, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, content, attrs)
+
+
+def _snapshot_dir(top: Path) -> dict[bytes, Observed]:
+    out: dict[bytes, Observed] = {}
+    base = os.fsencode(top)
+
+    def visit(rel: bytes) -> None:
+        with os.scandir(base + rel) as it:
+            names = sorted(e.name for e in it)
+        for name in names:
+            r = rel + b"/" + os.fsencode(name)
+            st = os.lstat(base + r)
+            xattrs = [os.fsencode(n) for n in os.listxattr(base + r, follow_symlinks=False)]
+            obs = _observe(base + r, st, xattrs)
+            if obs is not None:
+                out[r] = obs
+            if stat.S_ISDIR(st.st_mode):
+                visit(r)
+
+    visit(b"")
+    return out
+
+
+def _snapshot_stack(upper: Path, lowers: list[Path]) -> dict[bytes, Observed]:
+    """The union view as `unionfs.stack.LayerStack` (the mount's own model) computes it."""
+    stack = LayerStack([str(p) for p in reversed(lowers)], str(upper))
+    out: dict[bytes, Observed] = {}
+
+    def visit(node: Node, rel: bytes) -> None:
+        for name in sorted(stack.listing(node)):
+            child = stack.lookup(node, name)
+            r = rel + b"/" + name
+            real = stack.real_path(child)
+            obs = _observe(real, stack.stat(child), stack.listxattr(child))
+            if obs is not None:
+                out[r] = obs
+            if child.is_dir:
+                visit(child, r)
+
+    visit(stack.root, b"")
+    return out

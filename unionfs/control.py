@@ -1,0 +1,138 @@
+"""The daemon's control socket: freeze and thaw the mount for a consistent snapshot.
+
+`layer commit` of a live mount asks the daemon to hold every mutating request while it reads
+the upper directory (as `docker commit` pauses the container), then to resume.  The socket
+lives in the work dir (`WORKDIR/layerfs/control`, mode 0600, root's when the daemon is root).
+Line protocol: `freeze` → the daemon stops admitting mutating requests, waits for those in
+flight to finish, syncs the upper's filesystem, answers `frozen`; `thaw` (or closing the
+connection, so a crashed client never leaves the mount frozen) → `thawed`.  Reads are never
+held.  Several freezers may overlap; the mount thaws when the last one lets go.
+
+Concurrency: the Gate lives on the daemon's trio thread; `enter`/`leave` bracket each
+mutating handler; no locks needed.  `frozen()` is the synchronous client for the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+
+import trio
+
+SOCKET_NAME = "control"
+
+
+class Gate:
+    def __init__(self) -> None:
+        self._freezers = 0
+        self._thawed: trio.Event | None = None
+        self._inflight = 0
+        self._drained: trio.Event | None = None
+
+    @property
+    def frozen(self) -> bool:
+        return self._thawed is not None
+
+    async def enter(self) -> None:
+        while self._thawed is not None:
+            await self._thawed.wait()
+        self._inflight += 1
+
+    def leave(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0 and self._drained is not None:
+            self._drained.set()
+
+    async def freeze(self) -> None:
+        self._freezers += 1
+        if self._thawed is None:
+            self._thawed = trio.Event()
+        while self._inflight:
+            self._drained = trio.Event()
+            await self._drained.wait()
+        self._drained = None
+
+    def thaw(self) -> None:
+        self._freezers = max(0, self._freezers - 1)
+        if self._freezers == 0 and self._thawed is not None:
+            event, self._thawed = self._thawed, None
+            event.set()
+
+
+async def serve(
+    path: bytes,
+    gate: Gate,
+    sync_dir: bytes,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(8)
+    task_status.started()
+    async with trio.open_nursery() as nursery:
+        while True:
+            conn, _ = await sock.accept()
+            nursery.start_soon(_client, trio.SocketStream(conn), gate, sync_dir)
+
+
+async def _client(stream: trio.SocketStream, gate: Gate, sync_dir: bytes) -> None:
+    frozen = False
+    try:
+        async for data in stream:
+            for cmd in data.split():
+                if cmd == b"freeze" and not frozen:
+                    await gate.freeze()
+                    frozen = True
+                    await trio.to_thread.run_sync(_syncfs, sync_dir)
+                    await stream.send_all(b"frozen\n")
+                elif cmd == b"thaw" and frozen:
+                    gate.thaw()
+                    frozen = False
+                    await stream.send_all(b"thawed\n")
+                elif cmd == b"ping":
+                    await stream.send_all(b"pong\n")
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        if frozen:
+            gate.thaw()
+        with contextlib.suppress(Exception):
+            await stream.aclose()
+
+
+def _syncfs(path: bytes) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+        if hasattr(os, "syncfs"):
+            os.syncfs(fd)  # type: ignore[attr-defined]
+        else:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def socket_path(workdir: str | os.PathLike[str]) -> str:
+    return os.path.join(os.fspath(workdir), "layerfs", SOCKET_NAME)
+
+
+@contextlib.contextmanager
+def frozen(workdir: str | os.PathLike[str], timeout: float = 60.0) -> Iterator[None]:
+    """Hold the live mount that uses `workdir` frozen for the duration of the block."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(socket_path(workdir))
+        s.sendall(b"freeze\n")
+        if not s.recv(64).startswith(b"frozen"):
+            raise OSError("the layerfs daemon did not freeze the mount")
+        yield
+        s.sendall(b"thaw\n")
+        s.recv(64)
+    finally:
+        s.close()
