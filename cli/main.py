@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from . import (
+    commit_cmd,
     demo_cmd,
     errors,
     gc_cmd,
@@ -83,6 +84,9 @@ cli.add_command(tag_cmd.rmi)
 cli.add_command(gc_cmd.gc)
 cli.add_command(umount_cmd.ps)
 cli.add_command(umount_cmd.rm)
+cli.add_command(commit_cmd.diff)
+cli.add_command(commit_cmd.commit)
+cli.add_command(commit_cmd.push)
 
 
 if __name__ == "__main__":

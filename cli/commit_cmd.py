@@ -1,0 +1,168 @@
+"""`layer diff NAME`, `layer commit NAME IMAGE` and `layer push IMAGE DEST`.
+
+diff and commit work on a mount made by `layer mount IMAGE MNT --name NAME`: its upper (kept
+under the store's mounts/NAME) against the image's layers.  Committing a live mount freezes
+it through the daemon's control socket while the upper is read, so the snapshot is
+consistent (as `docker commit` pauses the container); an unmounted NAME needs no daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from imagestore import mountrecords
+from imagestore.changeset import changes as compute_changes
+from imagestore.commit import commit as do_commit
+from imagestore.errors import StoreError
+from imagestore.pull import image_layers
+from imagestore.push import push as do_push
+from imagestore.store import Store
+from unionfs import control
+
+from . import mounts
+from .errors import BadInput
+from .options import format_option, open_store, quiet_option, root_option
+
+if TYPE_CHECKING:
+    from .main import Console
+
+
+def _record(store: Store, name: str) -> mountrecords.MountRecord:
+    rec = mountrecords.load(store, name)
+    if rec is None:
+        raise StoreError(f"no mount named {name} (see `layer ps`)")
+    return rec
+
+
+def _live(rec: mountrecords.MountRecord) -> bool:
+    return mounts.fstype(mounts.canonical_mountpoint(rec.mountpoint)) == "fuse.layerfs"
+
+
+@contextlib.contextmanager
+def _consistent(rec: mountrecords.MountRecord) -> Iterator[None]:
+    if _live(rec):
+        with control.frozen(rec.work):
+            yield
+    else:
+        yield
+
+
+@click.command("diff")
+@root_option
+@format_option
+@click.argument("name")
+@click.pass_obj
+def diff(console: Console, root: str | None, fmt: str, name: str) -> None:
+    """The changes of mount NAME against its image: `A path`, `C path`, `D path`."""
+    store = open_store(root)
+    rec = _record(store, name)
+    lowers = image_layers(store, rec.image["digest"])
+    with _consistent(rec):
+        found = compute_changes(rec.upper, lowers)
+    if fmt == "json":
+        console.say(json.dumps(found.to_json(), indent=2))
+    else:
+        for line in found.lines():
+            console.say(line)
+
+
+@click.command("commit")
+@root_option
+@click.option("-m", "--message", help="Commit message (history comment).")
+@click.option("--author", help="Author of the new layer.")
+@click.option(
+    "--change",
+    "changes",
+    multiple=True,
+    help="Dockerfile-style config edit: CMD, ENTRYPOINT, ENV, WORKDIR, LABEL, USER.",
+)
+@click.option(
+    "--compress", type=click.Choice(["gzip", "zstd", "none"]), default="gzip", show_default=True
+)
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Apply the new layer in a temp dir and compare with the mounted view.",
+)
+@quiet_option
+@click.argument("name")
+@click.argument("image")
+@click.pass_obj
+def commit(
+    console: Console,
+    root: str | None,
+    message: str | None,
+    author: str | None,
+    changes: tuple[str, ...],
+    compress: str,
+    verify: bool,
+    quiet: bool,
+    name: str,
+    image: str,
+) -> None:
+    """Turn mount NAME's changes into a new layer and tag the new image IMAGE."""
+    store = open_store(root)
+    rec = _record(store, name)
+    lowers = image_layers(store, rec.image["digest"])
+    sde = os.environ.get("SOURCE_DATE_EPOCH")
+    try:
+        epoch = int(sde) if sde else None
+    except ValueError:
+        raise BadInput(f"SOURCE_DATE_EPOCH={sde!r} is not a number") from None
+    live = _live(rec)
+    with _consistent(rec):
+        digest = do_commit(
+            store,
+            rec.upper,
+            lowers,
+            rec.image["digest"],
+            image,
+            message=message,
+            author=author,
+            changes=list(changes),
+            compress=compress,
+            source_date_epoch=epoch,
+            verify=verify,
+            merged_view=mounts_path(rec) if live else None,
+        )
+    console.say(str(digest))
+
+
+def mounts_path(rec: mountrecords.MountRecord) -> Path:
+    return Path(rec.mountpoint)
+
+
+@click.command("push")
+@root_option
+@click.option("--tls-verify", type=click.BOOL, default=True, show_default=True)
+@click.option("--creds", metavar="USER:PASS")
+@quiet_option
+@click.argument("image")
+@click.argument("dest")
+@click.pass_obj
+def push(
+    console: Console,
+    root: str | None,
+    tls_verify: bool,
+    creds: str | None,
+    quiet: bool,
+    image: str,
+    dest: str,
+) -> None:
+    """Push IMAGE to DEST: docker://HOST/NAME:TAG, oci:DIR[:REF], oci-archive:FILE[:REF] or
+    docker-archive:FILE[:NAME:TAG]."""
+    user_pass = None
+    if creds is not None:
+        user, sep, password = creds.partition(":")
+        if not sep or not user:
+            raise BadInput("--creds wants USER:PASS")
+        user_pass = (user, password)
+    digest = do_push(open_store(root), image, dest, tls_verify=tls_verify, creds=user_pass)
+    console.say(str(digest))
