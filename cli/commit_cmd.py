@@ -117,7 +117,7 @@ def commit(
     except ValueError:
         raise BadInput(f"SOURCE_DATE_EPOCH={sde!r} is not a number") from None
     live = _live(rec)
-    with _consistent(rec):
+    with store.in_use(), _consistent(rec):
         digest = do_commit(
             store,
             rec.upper,
@@ -164,5 +164,7 @@ def push(
         if not sep or not user:
             raise BadInput("--creds wants USER:PASS")
         user_pass = (user, password)
-    digest = do_push(open_store(root), image, dest, tls_verify=tls_verify, creds=user_pass)
+    store = open_store(root)
+    with store.in_use():
+        digest = do_push(store, image, dest, tls_verify=tls_verify, creds=user_pass)
     console.say(str(digest))

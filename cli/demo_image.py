@@ -73,6 +73,11 @@ def show_image(console: Console, root: Path) -> list[str]:
         (mnt / "etc/app.conf").write_text("greeting = changed in the mount\n")
         upper = store / "mounts/demo/upper"
         run_layer(console, "ps", "--root", str(store))
+        diff = run_layer(console, "diff", "--root", str(store), "demo")
+        new_digest = run_layer(
+            console, "commit", "--root", str(store), "-m", "demo change", "demo", "demo/sample:2"
+        ).strip()
+        run_layer(console, "images", "--root", str(store))
     finally:
         if not mounts.unmount_quietly(str(mnt)):
             console.warn(f"could not unmount {mnt}")
@@ -87,5 +92,7 @@ def show_image(console: Console, root: Path) -> list[str]:
             "the change was copied up into the mount's upper",
             (upper / "etc/app.conf").read_text().startswith("greeting = changed"),
         ),
+        ("layer diff reports the change", "C /etc/app.conf" in diff),
+        ("layer commit made a new image", new_digest.startswith("sha256:")),
     ]
     return report_checks(console, checks)

@@ -103,7 +103,7 @@ def referenced(store: Store) -> tuple[set[Digest], set[Digest]]:
 
 def gc(store: Store) -> tuple[int, int, int]:
     """Remove what nothing references; returns (blobs removed, layers removed, bytes freed)."""
-    with store.lock():
+    with store.collecting(), store.lock():
         blobs, layers = referenced(store)
         nblobs = nlayers = freed = 0
         for path in store.blobs.iterdir():

@@ -54,7 +54,8 @@ def pull(
 ) -> PullResult:
     source = open_source(text, tls_verify=tls_verify, creds=creds)
     try:
-        return _pull(store, source, name or source.default_name, platform, report, jobs)
+        with store.in_use():
+            return _pull(store, source, name or source.default_name, platform, report, jobs)
     finally:
         source.close()
 
@@ -89,14 +90,16 @@ def _pull(
         raise BadManifest(f"config lists {len(diff_ids)} layers, manifest {len(manifest.layers)}")
 
     def one(i: int, desc: Descriptor, diff_id: Digest) -> Digest:
-        if store.has_layer(diff_id):
+        if store.has_layer(diff_id) and store.has_blob(desc.digest):
             if report is not None:
                 report.layer(i, desc, "already present")
             return diff_id
         if report is not None:
             report.layer(i, desc, "downloading")
         progress = (lambda done, total: report.progress(i, done, total)) if report else None
-        source.fetch_blob(desc, store, progress)
+        source.fetch_blob(desc, store, progress)  # the store keeps every image's blobs
+        if store.has_layer(diff_id):
+            return diff_id  # the same content came before under another compression
         if report is not None:
             report.layer(i, desc, "unpacking")
         got = unpack_layer(store, desc.digest, desc.media_type, diff_id)

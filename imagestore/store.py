@@ -88,10 +88,28 @@ class Store:
     # ----- locking ------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, wait: bool = True) -> Iterator[None]:
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        """The index lock: held (exclusively) for every index.json rewrite."""
+        with self._flock("lock", fcntl.LOCK_EX, wait):
+            yield
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Held (shared) by pull, commit and push while they write or read blobs and layers
+        that no tag protects yet; `gc` takes it exclusively, so it never removes them."""
+        with self._flock("gc.lock", fcntl.LOCK_SH, True):
+            yield
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[None]:
+        with self._flock("gc.lock", fcntl.LOCK_EX, True):
+            yield
+
+    @contextlib.contextmanager
+    def _flock(self, name: str, mode: int, wait: bool) -> Iterator[None]:
+        fd = os.open(self.root / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 raise StoreBusy(f"another layer process is using {self.root}") from None
             yield

@@ -36,8 +36,17 @@ def test_live_commit_and_push(tmp_path, fuse):
         assert "A /srv/new/file" in out and "D /usr/bin" in out
         js = json.loads(layer("diff", "--format", "json", "work1", root=root).stdout)
         assert "/srv/new" in js["added"]
-        r = layer("commit", "-m", "a change", "--change", "ENV A=b", "--verify", "work1",
-                  "new:1", root=root)
+        r = layer(
+            "commit",
+            "-m",
+            "a change",
+            "--change",
+            "ENV A=b",
+            "--verify",
+            "work1",
+            "new:1",
+            root=root,
+        )
         digest = r.stdout.strip()
         assert digest.startswith("sha256:")
         view = treecmp.snapshot(mnt)
@@ -55,3 +64,72 @@ def test_live_commit_and_push(tmp_path, fuse):
     archive = tmp_path / "new.tar"
     layer("push", "new:1", f"docker-archive:{archive}:new:1", root=root)
     layer("pull", "-q", f"docker-archive:{archive}", root=tmp_path / "store2")
+
+
+def test_live_commit_while_writing_then_registry_round_trip(tmp_path, fuse):
+    """A process appends 4 KiB records while the mount is committed: the committed file holds
+    whole records only, nothing written is lost, and the image survives a push to the real
+    registry and a pull into a fresh store."""
+    import threading
+
+    from imagestore.pull import image_layers
+    from imagestore.store import Store
+    from tests.registry_util import running_registry
+
+    need_tool("skopeo")
+    root = tmp_path / "store"
+    layout = tmp_path / "layout"
+    imagedata.write_oci_layout(layout)
+    layer("pull", "-q", f"oci:{layout}", "--name", "base", root=root)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    layer("mount", "base", str(mnt), "--name", "w", root=root)
+    stop = threading.Event()
+    written = []
+
+    def writer():
+        with open(mnt / "srv/log", "ab") as f:
+            i = 0
+            while not stop.is_set():
+                f.write(b"%04095d\n" % i)  # one 4 KiB record per write(2)
+                f.flush()
+                written.append(i)
+                i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        while len(written) < 50:
+            pass
+        layer("commit", "--compress", "none", "w", "snap:1", root=root)
+        n_after_commit = len(written)
+        while len(written) < n_after_commit + 50:
+            pass  # writes go on after the commit
+    finally:
+        stop.set()
+        t.join(timeout=30)
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
+        if is_mounted(mnt):
+            lazy_unmount(str(mnt))
+    final = (root / "mounts/w/upper/srv/log").read_bytes()
+    assert len(final) == 4096 * len(written)  # nothing lost
+    store = Store.open(root)
+    snap = image_layers(store, "snap:1")[-1] / "srv/log"
+    data = snap.read_bytes()
+    assert len(data) % 4096 == 0 and 0 < len(data) <= len(final)  # whole records only
+    assert final.startswith(data)
+    with running_registry(tmp_path / "reg") as reg:
+        layer("push", "--tls-verify", "false", "snap:1", f"docker://{reg.host}/t/snap:1", root=root)
+        subprocess.run(
+            ["skopeo", "inspect", "--tls-verify=false", f"docker://{reg.host}/t/snap:1"],
+            check=True,
+            capture_output=True,
+        )
+        fresh = tmp_path / "fresh"
+        layer("pull", "-q", f"docker://{reg.host}/t/snap:1", "--name", "snap", root=fresh)
+    m1, m2 = tmp_path / "m1", tmp_path / "m2"
+    from tests.test_pull import mounted_tree
+
+    a = mounted_tree(Store.open(root), "snap:1", m1)
+    b = mounted_tree(Store.open(fresh), "snap", m2)
+    assert [p for p in treecmp.diff(a, b) if not p.startswith("b'/':")] == []  # root: unpack time

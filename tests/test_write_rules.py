@@ -503,3 +503,14 @@ def test_freeze_holds_writes_but_not_reads(u):
     s.close()  # a client that dies must not leave the mount frozen
     time.sleep(0.2)
     (mnt / "after").write_bytes(b"ok")
+
+
+def test_hard_links_survive_copy_up_after_their_directory_moved(u):
+    write(u.lo / "bin/tool", b"tool\n")
+    os.link(u.lo / "bin/tool", u.lo / "bin/tool2")
+    mnt = u.mount()
+    os.rename(mnt / "bin", mnt / "sbin")
+    os.listdir(mnt / "sbin")
+    os.chmod(mnt / "sbin/tool", 0o700)
+    a, b = os.stat(mnt / "sbin/tool"), os.stat(mnt / "sbin/tool2")
+    assert a.st_ino == b.st_ino and a.st_nlink == 2 and stat.S_IMODE(b.st_mode) == 0o700

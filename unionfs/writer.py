@@ -150,18 +150,34 @@ class Writer:
             return
         root = self.s.layers[layer]
         for other in self._linkmap(layer).get(plan.st.st_ino, []):
-            try:
-                parent, name, child = self._resolve_entry(other)
-            except UnionError:
-                continue
-            if child.layer != layer or child.path != root + other:
+            found = self._visible_name(root, other)
+            if found is None or found[2].layer != layer:
                 continue  # hidden or replaced in the merged view
+            parent, name, child = found
             self.copy_up_dir(parent)
             pdir = self.s.upper_path(parent)
             pst = os.lstat(pdir)
             os.link(self.s.upper_path(node), pdir + b"/" + name)
             os.utime(pdir, ns=(pst.st_atime_ns, pst.st_mtime_ns))  # a copy-up, not a change
             child.layer, child.covers, child.node_ino = 0, True, node.ino
+
+    def _visible_name(self, root: bytes, rel: bytes) -> tuple[Node, bytes, Child] | None:
+        """Where the merged view shows the lower object `root + rel`: at the same path, or —
+        when a directory above it was renamed (redirect) — in the known directory node that
+        merges its lower parent."""
+        try:
+            parent, name, child = self._resolve_entry(rel)
+            if child.path == root + rel:
+                return parent, name, child
+        except UnionError:
+            pass
+        lower_parent, _, name = (root + rel).rpartition(b"/")
+        for node in list(self.s.nodes.values()):
+            if node.dirs is not None and any(d.path == lower_parent for d in node.dirs):
+                child = self.s.listing(node).get(name)
+                if child is not None and child.path == root + rel:
+                    return node, name, child
+        return None
 
     def _layer_of(self, path: bytes) -> int | None:
         for i, root in enumerate(self.s.layers):
