@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import ms, pair_ratio
 from benchmarks.pull_bench import CACHE, build_image
 
 LAYER = str(Path(sys.executable).parent / "layer")
@@ -85,17 +85,10 @@ def main() -> int:
             shutil.rmtree(layout)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ratio = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
     print(f"commit of 1,000 changed files over a {args.files}-file image, {args.rounds} rounds")
-    print(
-        f"  layer commit   {statistics.median(ours) * 1e3:8.1f} ms "
-        f"({min(ours) * 1e3:.0f}-{max(ours) * 1e3:.0f})"
-    )
-    print(
-        f"  umoci repack   {statistics.median(theirs) * 1e3:8.1f} ms "
-        f"({min(theirs) * 1e3:.0f}-{max(theirs) * 1e3:.0f})"
-    )
-    print(f"  ratio (layer / umoci), median of pairs: x{ratio:.2f}")
+    print(f"  layer commit   {ms(ours)}")
+    print(f"  umoci repack   {ms(theirs)}")
+    print(f"  ratio (layer / umoci), median of pairs: x{pair_ratio(ours, theirs):.2f}")
     return 0
 
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import mount, ms, pair_ratio, umount
+
 CACHE = Path("/var/tmp/layer-bench/find")
-LAYERFS = str(Path(sys.executable).parent / "layerfs")
 
 
 def build(files: int) -> list[Path]:
@@ -53,26 +53,6 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3")
 
 
-def mounted(mnt: Path) -> bool:
-    return any(line.split()[4] == str(mnt) for line in open("/proc/self/mountinfo"))
-
-
-def mount(engine: str, lowers: list[Path], mnt: Path) -> None:
-    opts = "lowerdir=" + ":".join(map(str, lowers))
-    if engine == "kernel":
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], check=True)
-    elif engine == "fuse-overlayfs":
-        subprocess.run(["fuse-overlayfs", "-o", opts, str(mnt)], check=True)
-    else:
-        subprocess.run([LAYERFS, "-o", opts, str(mnt)], check=True)
-
-
-def umount(mnt: Path) -> None:
-    if mounted(mnt):
-        if subprocess.run(["umount", str(mnt)]).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)])
-
-
 def timed_find(mnt: Path) -> float:
     t0 = time.perf_counter()
     subprocess.run(["find", str(mnt), "-ls"], stdout=subprocess.DEVNULL, check=True)
@@ -95,7 +75,7 @@ def main() -> int:
         for e, m in mnts.items():
             m.mkdir(parents=True, exist_ok=True)
             umount(m)
-            mount(e, lowers, m)
+            mount(e, "lowerdir=" + ":".join(map(str, lowers)), m)
         for _ in range(args.rounds):
             for e, m in mnts.items():
                 drop_caches()
@@ -119,11 +99,7 @@ def main() -> int:
         base = results[("kernel", mode)]
         for e in engines:
             xs = results[(e, mode)]
-            ratio = statistics.median(a / b for a, b in zip(xs, base, strict=True))
-            print(
-                f"  {mode:4} {e:15} {statistics.median(xs) * 1e3:8.1f} "
-                f"({min(xs) * 1e3:.1f}-{max(xs) * 1e3:.1f})  x{ratio:.2f}"
-            )
+            print(f"  {mode:4} {e:15} {ms(xs)}  x{pair_ratio(xs, base):.2f}")
     return 0
 
 

@@ -15,7 +15,6 @@ import argparse
 import io
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -23,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import ms, pair_ratio
 from imagestore.layout_writer import write_oci_image
 
 CACHE = Path("/var/tmp/layer-bench/pull")
@@ -96,21 +96,14 @@ def main() -> int:
                     shutil.rmtree(d)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ratio = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
     size = sum(p.stat().st_size for p in (image / "blobs" / "sha256").iterdir())
     print(
         f"image: 3 gzip layers, {args.files} files, {size / 1e6:.1f} MB compressed; "
         f"{args.rounds} rounds"
     )
-    print(
-        f"  layer pull             {statistics.median(ours) * 1e3:8.1f} ms "
-        f"({min(ours) * 1e3:.0f}-{max(ours) * 1e3:.0f})"
-    )
-    print(
-        f"  skopeo copy + umoci    {statistics.median(theirs) * 1e3:8.1f} ms "
-        f"({min(theirs) * 1e3:.0f}-{max(theirs) * 1e3:.0f})"
-    )
-    print(f"  ratio (layer / skopeo+umoci), median of pairs: x{ratio:.2f}")
+    print(f"  layer pull             {ms(ours)}")
+    print(f"  skopeo copy + umoci    {ms(theirs)}")
+    print(f"  ratio (layer / skopeo+umoci), median of pairs: x{pair_ratio(ours, theirs):.2f}")
     return 0
 
 

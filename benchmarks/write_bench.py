@@ -16,15 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
 
+from benchmarks.common import mount, ms, pair_ratio, umount
+
 CACHE = Path("/var/tmp/layer-bench/write")
-LAYERFS = str(Path(sys.executable).parent / "layerfs")
 
 
 def build() -> tuple[Path, Path]:
@@ -50,21 +50,6 @@ def build() -> tuple[Path, Path]:
     shutil.rmtree(src)
     (CACHE / "done").touch()
     return lower, tarball
-
-
-def mount(engine: str, lower: Path, upper: Path, work: Path, mnt: Path) -> None:
-    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
-    cmd = {
-        "kernel": ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)],
-        "fuse-overlayfs": ["fuse-overlayfs", "-o", opts, str(mnt)],
-        "layerfs": [LAYERFS, "-o", opts, str(mnt)],
-    }[engine]
-    subprocess.run(cmd, check=True)
-
-
-def umount(mnt: Path) -> None:
-    if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def w_create(mnt: Path, _tar: Path) -> None:
@@ -115,7 +100,8 @@ def main() -> int:
                 shutil.rmtree(run, ignore_errors=True)
                 for d in ("upper", "work", "mnt"):
                     (run / d).mkdir(parents=True)
-                mount(engine, lower, run / "upper", run / "work", run / "mnt")
+                opts = f"lowerdir={lower},upperdir={run / 'upper'},workdir={run / 'work'}"
+                mount(engine, opts, run / "mnt")
                 try:
                     os.sync()
                     t0 = time.perf_counter()
@@ -129,11 +115,7 @@ def main() -> int:
         base = results[(name, "kernel")]
         for engine in engines:
             xs = results[(name, engine)]
-            ratio = statistics.median(a / b for a, b in zip(xs, base, strict=True))
-            print(
-                f"  {name:7} {engine:15} {statistics.median(xs) * 1e3:9.1f} "
-                f"({min(xs) * 1e3:.1f}-{max(xs) * 1e3:.1f})  x{ratio:.2f}"
-            )
+            print(f"  {name:7} {engine:15} {ms(xs)}  x{pair_ratio(xs, base):.2f}")
     return 0
 
 

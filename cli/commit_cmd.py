@@ -28,7 +28,7 @@ from unionfs import control
 
 from . import mounts
 from .errors import BadInput
-from .options import format_option, open_store, quiet_option, root_option
+from .options import format_option, open_store, parse_creds, quiet_option, root_option
 
 if TYPE_CHECKING:
     from .main import Console
@@ -41,13 +41,9 @@ def _record(store: Store, name: str) -> mountrecords.MountRecord:
     return rec
 
 
-def _live(rec: mountrecords.MountRecord) -> bool:
-    return mounts.fstype(mounts.canonical_mountpoint(rec.mountpoint)) == "fuse.layerfs"
-
-
 @contextlib.contextmanager
 def _consistent(rec: mountrecords.MountRecord) -> Iterator[None]:
-    if _live(rec):
+    if mounts.is_live(rec.mountpoint):
         with control.frozen(rec.work):
             yield
     else:
@@ -116,7 +112,7 @@ def commit(
         epoch = int(sde) if sde else None
     except ValueError:
         raise BadInput(f"SOURCE_DATE_EPOCH={sde!r} is not a number") from None
-    live = _live(rec)
+    live = mounts.is_live(rec.mountpoint)
     with store.in_use(), _consistent(rec):
         digest = do_commit(
             store,
@@ -130,13 +126,9 @@ def commit(
             compress=compress,
             source_date_epoch=epoch,
             verify=verify,
-            merged_view=mounts_path(rec) if live else None,
+            merged_view=Path(rec.mountpoint) if live else None,
         )
     console.say(str(digest))
-
-
-def mounts_path(rec: mountrecords.MountRecord) -> Path:
-    return Path(rec.mountpoint)
 
 
 @click.command("push")
@@ -158,12 +150,7 @@ def push(
 ) -> None:
     """Push IMAGE to DEST: docker://HOST/NAME:TAG, oci:DIR[:REF], oci-archive:FILE[:REF] or
     docker-archive:FILE[:NAME:TAG]."""
-    user_pass = None
-    if creds is not None:
-        user, sep, password = creds.partition(":")
-        if not sep or not user:
-            raise BadInput("--creds wants USER:PASS")
-        user_pass = (user, password)
+    user_pass = parse_creds(creds)
     store = open_store(root)
     with store.in_use():
         digest = do_push(store, image, dest, tls_verify=tls_verify, creds=user_pass)

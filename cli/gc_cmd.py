@@ -8,8 +8,7 @@ import click
 
 from imagestore.images import gc as do_gc
 
-from .options import open_store, root_option
-from .pull_cmd import _size
+from .options import human_size, open_store, root_option
 
 if TYPE_CHECKING:
     from .main import Console
@@ -21,4 +20,4 @@ if TYPE_CHECKING:
 def gc(console: Console, root: str | None) -> None:
     """Remove unreferenced blobs and layers; report what was freed."""
     blobs, layers, freed = do_gc(open_store(root))
-    console.say(f"removed {blobs} blobs and {layers} unpacked layers, freed {_size(freed)}")
+    console.say(f"removed {blobs} blobs and {layers} unpacked layers, freed {human_size(freed)}")

@@ -9,8 +9,7 @@ import click
 
 from imagestore.images import list_images
 
-from .options import format_option, open_store, quiet_option, root_option
-from .pull_cmd import _size
+from .options import format_option, human_size, open_store, quiet_option, root_option
 
 if TYPE_CHECKING:
     from .main import Console
@@ -48,6 +47,6 @@ def images(console: Console, root: str | None, fmt: str, quiet: bool) -> None:
         console.say(f"{'NAME':40} {'DIGEST':14} {'LAYERS':>6} {'SIZE':>9}  CREATED")
         for i in found:
             console.say(
-                f"{i.name:40} {i.digest.short:14} {i.layers:>6} {_size(i.size):>9}  "
+                f"{i.name:40} {i.digest.short:14} {i.layers:>6} {human_size(i.size):>9}  "
                 f"{i.created or '-'}"
             )

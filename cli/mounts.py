@@ -98,6 +98,11 @@ def fstype(mountpoint: str) -> str | None:
     return found
 
 
+def is_live(mountpoint: str) -> bool:
+    """A layerfs daemon serves `mountpoint` now (read from the mount table)."""
+    return fstype(canonical_mountpoint(mountpoint)) == "fuse.layerfs"
+
+
 def canonical_mountpoint(path: str) -> str:
     """Absolute path with the parent's symlinks resolved; the path itself is never stat-ed."""
     full = os.path.abspath(path)

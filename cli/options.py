@@ -9,6 +9,8 @@ import click
 
 from imagestore.store import Store
 
+from .errors import BadInput
+
 
 def root_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
@@ -37,3 +39,22 @@ def quiet_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def open_store(root: str | None) -> Store:
     return Store.open(root)
+
+
+def parse_creds(creds: str | None) -> tuple[str, str] | None:
+    """`--creds USER:PASS` as a pair; a value without a user or a colon is bad input."""
+    if creds is None:
+        return None
+    user, sep, password = creds.partition(":")
+    if not sep or not user:
+        raise BadInput("--creds wants USER:PASS")
+    return user, password
+
+
+def human_size(n: int | None) -> str:
+    value = float(n or 0)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1000
+    return f"{value}"

@@ -12,8 +12,7 @@ import click
 from imagestore.media import Descriptor
 from imagestore.pull import pull as do_pull
 
-from .errors import BadInput
-from .options import open_store, quiet_option, root_option
+from .options import human_size, open_store, parse_creds, quiet_option, root_option
 
 if TYPE_CHECKING:
     from .main import Console
@@ -31,7 +30,8 @@ class StderrProgress:
         with self.lock:
             self.started.setdefault(index, time.monotonic())
             click.echo(
-                f"layer {index + 1} {desc.digest.short} ({_size(desc.size)}): {state}", err=True
+                f"layer {index + 1} {desc.digest.short} ({human_size(desc.size)}): {state}",
+                err=True,
             )
 
     def progress(self, index: int, done: int, total: int | None) -> None:
@@ -41,21 +41,12 @@ class StderrProgress:
                 return
             self.last[index] = now
             rate = done / max(now - self.started.get(index, now), 1e-6)
-            of = f"/{_size(total)}" if total else ""
+            of = f"/{human_size(total)}" if total else ""
             click.echo(
-                f"\r  layer {index + 1}: {_size(done)}{of}  {_size(int(rate))}/s",
+                f"\r  layer {index + 1}: {human_size(done)}{of}  {human_size(int(rate))}/s",
                 err=True,
                 nl=done == total,
             )
-
-
-def _size(n: int | None) -> str:
-    value = float(n or 0)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1000
-    return f"{value}"
 
 
 @click.command("pull")
@@ -85,12 +76,7 @@ def pull(
 ) -> None:
     """Pull SOURCE: docker://HOST/NAME[:TAG|@DIGEST] (or NAME[:TAG]), oci:DIR[:REF],
     oci-archive:FILE[:REF] or docker-archive:FILE[:NAME:TAG]."""
-    user_pass = None
-    if creds is not None:
-        user, sep, password = creds.partition(":")
-        if not sep or not user:
-            raise BadInput("--creds wants USER:PASS")
-        user_pass = (user, password)
+    user_pass = parse_creds(creds)
     store = open_store(root)
     report = StderrProgress() if sys.stderr.isatty() and not quiet else None
     result = do_pull(

@@ -30,10 +30,6 @@ def umount(root: str | None, target: str) -> None:
     mounts.unmount(target)
 
 
-def _live(rec: mountrecords.MountRecord) -> bool:
-    return mounts.fstype(mounts.canonical_mountpoint(rec.mountpoint)) == "fuse.layerfs"
-
-
 @click.command("ps")
 @root_option
 @format_option
@@ -50,7 +46,7 @@ def ps(console: Console, root: str | None, fmt: str) -> None:
                         "image": r.image_name,
                         "digest": r.image["digest"],
                         "mountpoint": r.mountpoint,
-                        "live": _live(r),
+                        "live": mounts.is_live(r.mountpoint),
                     }
                     for r in recs
                 ],
@@ -60,9 +56,8 @@ def ps(console: Console, root: str | None, fmt: str) -> None:
         return
     console.say(f"{'NAME':20} {'IMAGE':36} {'STATE':8} MOUNTPOINT")
     for r in recs:
-        console.say(
-            f"{r.name:20} {r.image_name:36} {'live' if _live(r) else 'stopped':8} {r.mountpoint}"
-        )
+        state = "live" if mounts.is_live(r.mountpoint) else "stopped"
+        console.say(f"{r.name:20} {r.image_name:36} {state:8} {r.mountpoint}")
 
 
 @click.command("rm")
@@ -77,7 +72,7 @@ def rm(console: Console, root: str | None, names: tuple[str, ...]) -> None:
             rec = mountrecords.load(store, name)
             if rec is None:
                 raise CliError(f"no mount named {name}")
-            if _live(rec):
+            if mounts.is_live(rec.mountpoint):
                 raise CliError(f"{name} is mounted on {rec.mountpoint}; `layer umount {name}`")
             mountrecords.remove(store, name)
             console.say(f"removed {name}")

@@ -16,6 +16,16 @@ def _sweep_leftover_mounts(tmp_path_factory):
 
 
 @pytest.fixture
+def no_real_credentials(tmp_path, monkeypatch):
+    """No registry test may see (or use) the machine's own registry credentials."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "LAYER_CREDS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
 def fuse():
     mounts.require_fuse()
 

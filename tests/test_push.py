@@ -32,14 +32,7 @@ from tests.registry_util import (
 )
 from tests.test_registry_token import PASSWORD, USER, TokenPolicy
 
-
-@pytest.fixture(autouse=True)
-def _no_real_credentials(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for name in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "LAYER_CREDS"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_real_credentials")
 
 
 @pytest.fixture(scope="module")

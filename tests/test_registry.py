@@ -41,14 +41,7 @@ AMD = make_image({"arch": b"amd64\n"}, "amd64")
 ARM = make_image({"arch": b"arm64\n"}, "arm64")
 
 
-@pytest.fixture(autouse=True)
-def _no_real_credentials(tmp_path, monkeypatch):
-    """No test may see (or use) the machine's own registry credentials."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for name in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "LAYER_CREDS"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_real_credentials")
 
 
 @pytest.fixture(scope="module")

@@ -50,14 +50,7 @@ PUBLIC = frozenset({"test/img"})
 IMG = make_image({"hello.txt": b"hello through a Bearer token\n", "big": bytes(range(256)) * 64})
 
 
-@pytest.fixture(autouse=True)
-def _no_real_credentials(tmp_path, monkeypatch):
-    """No test may see (or use) the machine's own registry credentials."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for name in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "LAYER_CREDS"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_real_credentials")
 
 
 # ----- the token server -------------------------------------------------------------------

@@ -174,9 +174,9 @@ class Writer:
         lower_parent, _, name = (root + rel).rpartition(b"/")
         for node in list(self.s.nodes.values()):
             if node.dirs is not None and any(d.path == lower_parent for d in node.dirs):
-                child = self.s.listing(node).get(name)
-                if child is not None and child.path == root + rel:
-                    return node, name, child
+                entry = self.s.listing(node).get(name)
+                if entry is not None and entry.path == root + rel:
+                    return node, name, entry
         return None
 
     def _layer_of(self, path: bytes) -> int | None:
