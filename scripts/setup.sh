@@ -85,8 +85,8 @@ install_project() {
         say "venv: up to date ($VENV)"
         return
     fi
-    say "venv: pip install -e '.[test]'"
-    run_logged "$VENV/pip-install.log" "$VENV/bin/pip" install -q -e "$REPO[test]"
+    say "venv: pip install -e '.[test,bench]'"
+    run_logged "$VENV/pip-install.log" "$VENV/bin/pip" install -q -e "$REPO[test,bench]"
     "$VENV/bin/python" -c 'import pyfuse3, trio, click, xxhash' || die "imports fail after install"
     echo "$want" >"$STAMP"
 }

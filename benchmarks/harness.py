@@ -1,0 +1,188 @@
+"""The benchmark run: every workload on every engine, interleaved, several rounds.
+
+Order: round by round, workload by workload, engine by engine (A B C A B C …), so slow drifts of
+this noisy machine hit every engine alike and ratios can be taken pair by pair (same round).
+Each workload gets a fresh mount with fresh upper/work dirs under the run dir, and is unmounted
+(lazily if busy) whatever happens; an engine that fails a workload is recorded as failed and the
+run goes on.  Mount time is timed on the dataset's stack of tiny layers with relative layer
+names (cwd = the stack), so 500 layers fit in the kernel's one-page mount options.  Results are
+`Row`s, plain data that `report` prints, saves and draws.  Single process, root only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.common import LAYERFS, umount
+from benchmarks.dataset import Dataset
+from benchmarks.workloads import WORKLOADS, describe
+
+ENGINES = ("kernel", "fuse-overlayfs", "layerfs")
+
+
+@dataclass
+class Row:
+    id: str  # "W1", "M500", "S1"
+    mode: str  # cold | warm | once
+    title: str
+    baseline: str  # the engine the ratios are taken against
+    target: float | None = None  # max ratio (or, for mount time, max seconds)
+    target_kind: str = "ratio"  # ratio | seconds
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def add(self, engine: str, seconds: float) -> None:
+        self.samples.setdefault(engine, []).append(seconds)
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+
+
+def mount(engine: str, opts: str, mnt: Path, cwd: Path | None = None) -> None:
+    cmd = {
+        "kernel": ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)],
+        "fuse-overlayfs": ["fuse-overlayfs", "-o", opts, str(mnt)],
+        "layerfs": [LAYERFS, "-o", opts, str(mnt)],
+    }[engine]
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
+
+
+def _error(exc: BaseException) -> str:
+    if isinstance(exc, subprocess.CalledProcessError):
+        err = (exc.stderr or "").strip().splitlines()
+        return f"{Path(exc.cmd[0]).name} exited {exc.returncode}" + (f": {err[-1]}" if err else "")
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Harness:
+    def __init__(
+        self, ds: Dataset, engines: list[str], run_dir: Path, log: Callable[[str], None] = print
+    ) -> None:
+        self.ds = ds
+        self.engines = engines
+        self.run_dir = run_dir
+        self.log = log
+        self.rows: dict[tuple[str, str], Row] = {}
+
+    def row(self, id: str, mode: str, **kw: object) -> Row:
+        if (id, mode) not in self.rows:
+            self.rows[(id, mode)] = Row(id, mode, **kw)  # type: ignore[arg-type]
+        return self.rows[(id, mode)]
+
+    # --- W1..W10 ---------------------------------------------------------------------------
+
+    def workload_round(self, wid: str) -> None:
+        w = next(w for w in WORKLOADS if w.id == wid)
+        title = describe(w, self.ds)
+        rows = [self.row(w.id, m, title=title, baseline="kernel", target=w.targets.get(m))
+                for m in w.modes]
+        for engine in self.engines:
+            d = self.run_dir / engine
+            shutil.rmtree(d, ignore_errors=True)
+            for sub in ("upper", "work", "mnt"):
+                (d / sub).mkdir(parents=True)
+            mnt = d / "mnt"
+            opts = ("lowerdir=" + ":".join(map(str, self.ds.lowers))
+                    + f",upperdir={d / 'upper'},workdir={d / 'work'}")
+            try:
+                mount(engine, opts, mnt)
+                try:
+                    for i, (mode, row) in enumerate(zip(w.modes, rows, strict=True)):
+                        if mode == "cold":
+                            drop_caches()
+                        elif mode == "warm" and i == 0:
+                            w.run(mnt, self.ds)
+                        elif mode == "once":
+                            os.sync()
+                        t0 = time.perf_counter()
+                        reported = w.run(mnt, self.ds)
+                        took = time.perf_counter() - t0
+                        row.add(engine, reported if reported is not None else took)
+                finally:
+                    umount(mnt)
+            except Exception as exc:  # an engine failing one workload does not stop the run
+                for row in rows:
+                    row.errors[engine] = _error(exc)
+                self.log(f"    {w.id} {engine}: FAILED {_error(exc)}")
+            finally:
+                umount(mnt)
+                shutil.rmtree(d, ignore_errors=True)
+
+    # --- mount time --------------------------------------------------------------------------
+
+    def mount_round(self) -> None:
+        depths = self.ds.sizes.stack_depths
+        for depth in depths:
+            row = self.row(f"M{depth}", "once", title=f"mount {depth} layer(s)",
+                           baseline="kernel", target=2.0 if depth == 500 else None,
+                           target_kind="seconds")
+            names = [f"{i:03d}" for i in reversed(range(depth))]
+            for engine in self.engines:
+                # with an upper, as a container has (the kernel refuses a single lower alone)
+                d = self.run_dir / engine
+                shutil.rmtree(d, ignore_errors=True)
+                for sub in ("upper", "work", "mnt"):
+                    (d / sub).mkdir(parents=True)
+                mnt = d / "mnt"
+                opts = f"lowerdir={':'.join(names)},upperdir={d / 'upper'},workdir={d / 'work'}"
+                try:
+                    t0 = time.perf_counter()
+                    mount(engine, opts, mnt, cwd=self.ds.stack)
+                    took = time.perf_counter() - t0
+                    try:
+                        # it answers: the top layer's own file is there
+                        if not (mnt / f"own{depth - 1}").exists():
+                            raise RuntimeError(f"own{depth - 1} missing from the mount")
+                    finally:
+                        umount(mnt)
+                    row.add(engine, took)
+                except Exception as exc:
+                    row.errors[engine] = _error(exc)
+                    self.log(f"    M{depth} {engine}: FAILED {_error(exc)}")
+                finally:
+                    umount(mnt)
+                    shutil.rmtree(d, ignore_errors=True)
+
+    # --- store -------------------------------------------------------------------------------
+
+    def store_round(self, store: object) -> None:
+        from benchmarks.store import StoreBench
+
+        assert isinstance(store, StoreBench)
+        files = store.files
+        for sid, mode, title, base, fn in (
+            ("S1", "once", f"pull + unpack, 3 gzip layers, {files:,} files",
+             "skopeo+umoci", store.pull_round),
+            ("S2", "once", f"commit ~{min(files, 1000):,} rewritten files",
+             "umoci", store.commit_round),
+        ):
+            row = self.row(sid, mode, title=title, baseline=base)
+            try:
+                for engine, took in fn().items():
+                    row.add(engine, took)
+            except Exception as exc:
+                row.errors["layer"] = _error(exc)
+                self.log(f"    {sid}: FAILED {_error(exc)}")
+
+
+def fuse_overlayfs_available() -> bool:
+    return shutil.which("fuse-overlayfs") is not None
+
+
+def check_root() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (mount, drop_caches)"
+    for tool in ("fio", "dd", "tar", "find"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (scripts/setup.sh installs it)"
+    if not Path(LAYERFS).exists():
+        return f"{LAYERFS} is missing: run scripts/setup.sh"
+    return None

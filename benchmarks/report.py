@@ -1,0 +1,162 @@
+"""Turning `Row`s into the three outputs of a run: the table printed, `results.json` (raw
+seconds of every round, plus the summary), and `ratios.png` (a bar chart of the ratios).
+
+Summaries: per engine the median and min–max over rounds; the ratio to the row's baseline is
+the median of the per-round ratios (pair by pair, the same round), which cancels the slow drifts
+of a noisy machine better than a ratio of medians.  Pure functions; matplotlib is imported
+only to draw, with the Agg backend (no screen).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import Row
+
+
+def pair_ratio(xs: list[float], base: list[float]) -> float | None:
+    pairs = [a / b for a, b in zip(xs, base, strict=False) if b > 0]
+    return statistics.median(pairs) if pairs else None
+
+
+def summary(row: Row) -> dict[str, Any]:
+    base = row.samples.get(row.baseline, [])
+    out: dict[str, Any] = {}
+    for engine, xs in row.samples.items():
+        out[engine] = {
+            "median": statistics.median(xs),
+            "min": min(xs),
+            "max": max(xs),
+            "ratio": pair_ratio(xs, base) if engine != row.baseline else 1.0,
+        }
+    return out
+
+
+def verdict(row: Row, engine: str, s: dict[str, Any]) -> str:
+    if row.target is None or engine not in s:
+        return ""
+    value = s[engine]["median"] if row.target_kind == "seconds" else s[engine]["ratio"]
+    if value is None:
+        return ""
+    return "ok" if value <= row.target else "MISS"
+
+
+def _fmt_time(x: float) -> str:
+    return f"{x:.2f} s" if x >= 10 else f"{x * 1e3:.0f} ms" if x >= 0.1 else f"{x * 1e3:.1f} ms"
+
+
+def table(rows: list[Row], engines: list[str], focus: str = "layerfs") -> str:
+    """One line per (workload, mode): median (min–max) per engine, ×ratio to the baseline, and
+    the target for `focus` with ok/MISS."""
+    lines = []
+    head = f"{'':5} {'':5} {'workload':52}"
+    for e in engines:
+        head += f" {e:>30}"
+    head += f"  {'target':>8}"
+    lines.append(head)
+    store_engines: list[str] = []
+    for row in rows:
+        s = summary(row)
+        cols = engines if row.baseline == "kernel" else [row.baseline, *[
+            e for e in s if e != row.baseline]]
+        if row.baseline != "kernel" and cols != store_engines:
+            store_engines = cols
+            lines.append("")
+            lines.append(f"{'':5} {'':5} {'(store: ours vs the usual tools)':52}"
+                         + "".join(f" {e:>30}" for e in cols))
+        line = f"{row.id:5} {row.mode:5} {row.title[:52]:52}"
+        for e in cols:
+            if e in row.errors:
+                cell = "failed"
+            elif e in s:
+                v = s[e]
+                cell = (f"{_fmt_time(v['median'])} ({_fmt_time(v['min'])}–"
+                        f"{_fmt_time(v['max'])})")
+                if e != row.baseline and v["ratio"] is not None:
+                    cell += f" ×{v['ratio']:.2f}"
+            else:
+                cell = "-"
+            line += f" {cell:>30}"
+        if row.target is not None:
+            t = f"≤{row.target:g} s" if row.target_kind == "seconds" else f"≤×{row.target:g}"
+            line += f"  {t:>8} {verdict(row, focus, s)}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def to_json(rows: list[Row], meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "meta": meta,
+        "rows": [
+            {
+                "id": r.id, "mode": r.mode, "title": r.title, "baseline": r.baseline,
+                "target": r.target, "target_kind": r.target_kind,
+                "samples": r.samples, "errors": r.errors, "summary": summary(r),
+            }
+            for r in rows
+        ],
+    }
+
+
+def from_json(data: dict[str, Any]) -> list[Row]:
+    return [
+        Row(r["id"], r["mode"], r["title"], r["baseline"], r["target"], r["target_kind"],
+            r["samples"], r["errors"])
+        for r in data["rows"]
+    ]
+
+
+def chart(rows: list[Row], path: Path, title: str) -> None:
+    """Horizontal bars: each engine's ratio to the row's baseline (log scale), the target as a
+    tick, the baseline as the line at 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.target_kind == "ratio"]
+    labels, series = [], {}  # engine -> ratios
+    for r in rows:
+        s = summary(r)
+        labels.append(f"{r.id} {r.mode}" if r.mode != "once" else r.id)
+        for e, v in s.items():
+            if e == r.baseline:
+                continue
+            key = e if r.baseline == "kernel" else f"{e} (vs {r.baseline})"
+            key = "layer (vs skopeo/umoci)" if r.baseline != "kernel" else key
+            series.setdefault(key, {})[len(labels) - 1] = v["ratio"]
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(labels) + 1.6))
+    height = 0.8 / max(1, len(series))
+    colors = {"layerfs": "#1f77b4", "fuse-overlayfs": "#ff7f0e"}
+    for k, (name, ratios) in enumerate(series.items()):
+        ys = [i + k * height for i in ratios]
+        xs = [ratios[i] or 0 for i in ratios]
+        ax.barh(ys, xs, height=height, label=name, color=colors.get(name, "#2ca02c"))
+        for y, x in zip(ys, xs, strict=True):
+            ax.text(x * 1.03, y, f"×{x:.2f}", va="center", fontsize=7)
+    for i, r in enumerate(rows):
+        if r.target is not None:
+            ax.plot([r.target, r.target], [i - 0.1, i + 0.9], color="red", lw=1.5)
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("time ratio to kernel overlayfs (store rows: to skopeo+umoci / umoci); "
+                  "red = target")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save(rows: list[Row], meta: dict[str, Any], out: Path, engines: list[str]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    text = table(rows, engines)
+    (out / "results.json").write_text(json.dumps(to_json(rows, meta), indent=1) + "\n")
+    (out / "table.txt").write_text(text + "\n")
+    chart(rows, out / "ratios.png", f"{meta.get('date', '')} {meta.get('machine', '')}")
+    return text
