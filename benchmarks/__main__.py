@@ -1,9 +1,9 @@
 """`python -m benchmarks run`: layerfs versus kernel overlayfs (what Docker's overlay2 uses) and
 fuse-overlayfs on the same layer directories, plus the store versus skopeo/umoci.
 
-    python -m benchmarks run [--quick] [--rounds N] [--only W1 W5 M S ...] [--engines ...]
-                             [--results DIR]
-    python -m benchmarks dataset [--quick]          # build (or find) the cached dataset
+    python -m benchmarks run [--quick] [--rounds N] [--only W1 W5 M R S ...] [--engines ...]
+                             [--results DIR] [--data DIR]
+    python -m benchmarks dataset [--quick] [--data DIR]  # build (or find) the cached dataset
     python -m benchmarks report DIR/results.json    # print and redraw a saved run
 
 Root only.  Writes DIR/results.json (every round's seconds), DIR/table.txt and DIR/ratios.png;
@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import report
-from benchmarks.dataset import dataset
+from benchmarks.dataset import CACHE, dataset
 from benchmarks.harness import ENGINES, Harness, check_root, fuse_overlayfs_available
 from benchmarks.workloads import WORKLOADS
 
-GROUPS = [w.id for w in WORKLOADS] + ["M", "S"]
+GROUPS = [w.id for w in WORKLOADS] + ["M", "R", "S"]
 
 
 def _version(cmd: list[str]) -> str:
@@ -42,17 +42,27 @@ def _version(cmd: list[str]) -> str:
 
 
 def machine(data: Path) -> dict[str, Any]:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                if ln.startswith("model name")), platform.machine())
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in open("/proc/cpuinfo")
+            if ln.startswith("model name")
+        ),
+        platform.machine(),
+    )
     mem = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))
     fstype = _version(["findmnt", "-no", "FSTYPE", "-T", str(data)])
     import pyfuse3
 
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, cwd=Path(__file__).parent).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+    ).stdout.strip()
     return {
         "machine": f"{os.cpu_count()} × {cpu}, {mem / 2**20:.0f} GiB, {fstype}, "
-                   f"Linux {platform.release()}",
+        f"Linux {platform.release()}",
         "python": platform.python_version(),
         "pyfuse3": pyfuse3.__version__ if hasattr(pyfuse3, "__version__") else "?",
         "fuse-overlayfs": _version(["fuse-overlayfs", "--version"]),
@@ -65,24 +75,28 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"benchmarks: {problem}", file=sys.stderr)
         return 2
-    engines = args.engines or [e for e in ENGINES
-                                if e != "fuse-overlayfs" or fuse_overlayfs_available()]
+    engines = args.engines or [
+        e for e in ENGINES if e != "fuse-overlayfs" or fuse_overlayfs_available()
+    ]
     only = [g.upper() for g in (args.only or GROUPS)]
     unknown = [g for g in only if g not in GROUPS]
     if unknown:
-        print(f"benchmarks: unknown workload(s) {', '.join(unknown)}; known: "
-              f"{' '.join(GROUPS)}", file=sys.stderr)
+        print(
+            f"benchmarks: unknown workload(s) {', '.join(unknown)}; known: {' '.join(GROUPS)}",
+            file=sys.stderr,
+        )
         return 2
     rounds = args.rounds or (1 if args.quick else 5)
     print(f"dataset: {'quick' if args.quick else 'full'} (built once, cached)", flush=True)
-    ds = dataset(args.quick)
-    stamp = datetime.datetime.now(datetime.timezone.utc)
-    out = args.results or Path("results") / (stamp.strftime("%Y%m%d-%H%M%S")
-                                             + ("-quick" if args.quick else ""))
+    ds = dataset(args.quick, args.data)
+    stamp = datetime.datetime.now(datetime.UTC)
+    out = args.results or Path("results") / (
+        stamp.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
+    )
     meta: dict[str, Any] = {
         "date": stamp.strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m benchmarks " + " ".join(sys.argv[1:] if len(sys.argv) > 1
-                                                      else ["run"]),
+        "command": "python -m benchmarks "
+        + " ".join(sys.argv[1:] if len(sys.argv) > 1 else ["run"]),
         "rounds": rounds,
         "quick": args.quick,
         "engines": engines,
@@ -95,13 +109,15 @@ def run(args: argparse.Namespace) -> int:
         if "S" in only:
             from benchmarks.store import StoreBench
 
-            store_ctx = StoreBench(ds.sizes.pull_files).__enter__()
+            store_ctx = StoreBench(ds.sizes.pull_files, args.data).__enter__()
         for r in range(rounds):
             print(f"round {r + 1}/{rounds}", flush=True)
             for g in only:
                 print(f"  {g}", flush=True)
                 if g == "M":
                     h.mount_round()
+                elif g == "R":
+                    h.floor_round()
                 elif g == "S":
                     h.store_round(store_ctx)
                 else:
@@ -112,8 +128,10 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
     rows = list(h.rows.values())
     text = report.save(rows, meta, out, engines)
-    print(f"\n{meta['date']}; {meta['machine']}; {rounds} round(s); median (min–max), "
-          "×ratio = median of per-round ratios to the baseline column")
+    print(
+        f"\n{meta['date']}; {meta['machine']}; {rounds} round(s); median (min–max), "
+        "×ratio = median of per-round ratios to the baseline column"
+    )
     print(text)
     print(f"\nresults: {out}/results.json, {out}/table.txt, {out}/ratios.png")
     failed = [f"{r.id} {r.mode} {e}" for r in rows for e in r.errors]
@@ -123,8 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks",
-                                 description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the benchmarks")
     r.add_argument("--quick", action="store_true", help="small dataset, one round (CI)")
@@ -132,15 +149,22 @@ def main() -> int:
     r.add_argument("--only", nargs="+", metavar="W", help=f"subset of {' '.join(GROUPS)}")
     r.add_argument("--engines", nargs="+", choices=ENGINES)
     r.add_argument("--results", type=Path, help="output dir (default results/<time>)")
+    r.add_argument(
+        "--data",
+        type=Path,
+        default=CACHE,
+        help=f"where the dataset is cached and the mounts live (default {CACHE})",
+    )
     d = sub.add_parser("dataset", help="build the cached dataset and print where it is")
     d.add_argument("--quick", action="store_true")
+    d.add_argument("--data", type=Path, default=CACHE)
     p = sub.add_parser("report", help="print and redraw a saved results.json")
     p.add_argument("json", type=Path)
     args = ap.parse_args()
     if args.cmd == "run":
         return run(args)
     if args.cmd == "dataset":
-        print(dataset(args.quick).root)
+        print(dataset(args.quick, args.data).root)
         return 0
     data = json.loads(args.json.read_text())
     rows = report.from_json(data)

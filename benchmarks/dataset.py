@@ -27,7 +27,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-VERSION = 3
+VERSION = 4
 CACHE = Path("/var/tmp/layer-bench")
 MTIME = 1_700_000_000
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -50,10 +50,22 @@ class Sizes:
     pull_files: int
 
 
-FULL = Sizes(15_000, 1 << 30, 10_000, 2_000, 1_000, 100 << 20, 10_000, 1 << 30, 256 << 20,
-             (1, 10, 100, 500), 3_000)
-QUICK = Sizes(1_500, 64 << 20, 1_000, 200, 100, 10 << 20, 1_000, 64 << 20, 16 << 20,
-              (1, 10, 100, 500), 300)
+FULL = Sizes(
+    15_000,
+    1 << 30,
+    10_000,
+    2_000,
+    1_000,
+    100 << 20,
+    10_000,
+    1 << 30,
+    256 << 20,
+    (1, 10, 100, 500),
+    3_000,
+)
+QUICK = Sizes(
+    1_500, 64 << 20, 1_000, 200, 100, 10 << 20, 1_000, 64 << 20, 16 << 20, (1, 10, 100, 500), 300
+)
 
 
 @dataclass(frozen=True)
@@ -115,10 +127,56 @@ _DIRS = [  # (directory pattern, share of the files, file name pattern)
     ("var/lib/dpkg/info", 0.16, "{p}.{e}"),
     ("etc/{p}", 0.08, "{w}.conf"),
 ]
-_SYLL = ["ab", "cor", "de", "fen", "gil", "ho", "ix", "ja", "ku", "lo", "mon", "ne", "or",
-         "pa", "qu", "ri", "sa", "tu", "ul", "ve", "wy", "xe", "yo", "zu"]
-_LANGS = ["de", "fr", "es", "it", "ja", "pt_BR", "ru", "zh_CN", "nl", "sv", "pl", "cs", "da",
-          "fi", "hu", "ko", "nb", "ro", "sk", "tr", "uk", "vi"]
+_SYLL = [
+    "ab",
+    "cor",
+    "de",
+    "fen",
+    "gil",
+    "ho",
+    "ix",
+    "ja",
+    "ku",
+    "lo",
+    "mon",
+    "ne",
+    "or",
+    "pa",
+    "qu",
+    "ri",
+    "sa",
+    "tu",
+    "ul",
+    "ve",
+    "wy",
+    "xe",
+    "yo",
+    "zu",
+]
+_LANGS = [
+    "de",
+    "fr",
+    "es",
+    "it",
+    "ja",
+    "pt_BR",
+    "ru",
+    "zh_CN",
+    "nl",
+    "sv",
+    "pl",
+    "cs",
+    "da",
+    "fi",
+    "hu",
+    "ko",
+    "nb",
+    "ro",
+    "sk",
+    "tr",
+    "uk",
+    "vi",
+]
 
 
 class _Gen:
@@ -153,9 +211,14 @@ def _rootfs(g: _Gen, root: Path, files: int) -> list[str]:
     for pattern, share, name in _DIRS:
         for _ in range(int(files * share)):
             fields = {
-                "w": g.word(), "n": g.rnd.randint(0, 9), "m": g.rnd.randint(1, 8),
-                "p": g.rnd.choice(pkgs), "l": g.rnd.choice(_LANGS), "z": g.word().title(),
-                "P": g.word().title(), "e": g.rnd.choice(["list", "md5sums", "postinst"]),
+                "w": g.word(),
+                "n": g.rnd.randint(0, 9),
+                "m": g.rnd.randint(1, 8),
+                "p": g.rnd.choice(pkgs),
+                "l": g.rnd.choice(_LANGS),
+                "z": g.word().title(),
+                "P": g.word().title(),
+                "e": g.rnd.choice(["list", "md5sums", "postinst"]),
             }
             rel = f"{pattern.format(**fields)}/{name.format(**fields)}"
             p = root / rel
@@ -203,38 +266,50 @@ def _build(ds: Dataset) -> None:
     # whole directories whited out or made opaque must not hide a W7 file
     keep = {str(Path(r).parent) for r in copyup}
 
-    def upper_layer(layer: Path, tag: str, new: int, replaced: int, whiteouts: int,
-                    opaque: int, dir_whiteout: bool) -> None:
+    def upper_layer(
+        layer: Path,
+        tag: str,
+        new: int,
+        replaced: int,
+        whiteouts: int,
+        opaque: int,
+        dir_whiteout: bool,
+    ) -> None:
         for i in range(new):
             g.write(layer / "usr/local" / tag / f"d{i % 50:02d}" / f"n{i:05d}", g.size())
         for rel in g.rnd.sample(rest, replaced):
             g.write(layer / rel, g.size())
-        for rel in g.rnd.sample(rest, whiteouts):
-            p = layer / rel
-            if p.exists():  # replaced above: keep the replacement
-                continue
-            p.parent.mkdir(parents=True, exist_ok=True)
-            os.mknod(p, 0o20000, os.makedev(0, 0))
-        dirs = sorted({str(Path(r).parent) for r in rest if r.startswith("usr/share/locale/")}
-                      - keep)
-        for rel in g.rnd.sample(dirs, min(opaque, len(dirs))):
+        dirs = sorted(
+            {str(Path(r).parent) for r in rest if r.startswith("usr/share/locale/")} - keep
+        )
+        opaque_dirs = g.rnd.sample(dirs, min(opaque, len(dirs)))
+        for rel in opaque_dirs:
             d = layer / rel
             d.mkdir(parents=True, exist_ok=True)
             os.setxattr(d, OPAQUE_XATTR, b"y")
             for i in range(5):
                 g.write(d / f"{tag}-{i}.mo", g.size())
+        for rel in g.rnd.sample(rest, whiteouts):
+            p = layer / rel
+            # kept: a replacement made above; no whiteout inside this layer's own opaque
+            # directories (pointless there, and the kernel lists such a whiteout)
+            if p.exists() or str(Path(rel).parent) in opaque_dirs:
+                continue
+            p.parent.mkdir(parents=True, exist_ok=True)
+            os.mknod(p, 0o20000, os.makedev(0, 0))
         if dir_whiteout:
-            doc = sorted({str(Path(r).parent) for r in rest if r.startswith("usr/share/doc/")}
-                         - keep)
+            doc = sorted(
+                {str(Path(r).parent) for r in rest if r.startswith("usr/share/doc/")} - keep
+            )
             p = layer / g.rnd.choice(doc)
             if not p.exists():
                 p.parent.mkdir(parents=True, exist_ok=True)
                 os.mknod(p, 0o20000, os.makedev(0, 0))
 
-    upper_layer(l1, "l1", s.rootfs_files // 15, s.rootfs_files // 30, s.rootfs_files // 50, 2,
-                False)
-    upper_layer(l2, "l2", s.rootfs_files // 30, s.rootfs_files // 75, s.rootfs_files // 75, 1,
-                True)
+    upper_layer(
+        l1, "l1", s.rootfs_files // 15, s.rootfs_files // 30, s.rootfs_files // 50, 2, False
+    )
+    upper_layer(l2, "l2", s.rootfs_files // 30, s.rootfs_files // 75, s.rootfs_files // 75, 1, True)
 
     with tarfile.open(ds.tarball, "w", format=tarfile.PAX_FORMAT) as tf:
         total = 0

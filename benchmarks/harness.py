@@ -82,16 +82,21 @@ class Harness:
     def workload_round(self, wid: str) -> None:
         w = next(w for w in WORKLOADS if w.id == wid)
         title = describe(w, self.ds)
-        rows = [self.row(w.id, m, title=title, baseline="kernel", target=w.targets.get(m))
-                for m in w.modes]
+        rows = [
+            self.row(w.id, m, title=title, baseline="kernel", target=w.targets.get(m))
+            for m in w.modes
+        ]
         for engine in self.engines:
             d = self.run_dir / engine
             shutil.rmtree(d, ignore_errors=True)
             for sub in ("upper", "work", "mnt"):
                 (d / sub).mkdir(parents=True)
             mnt = d / "mnt"
-            opts = ("lowerdir=" + ":".join(map(str, self.ds.lowers))
-                    + f",upperdir={d / 'upper'},workdir={d / 'work'}")
+            opts = (
+                "lowerdir="
+                + ":".join(map(str, self.ds.lowers))
+                + f",upperdir={d / 'upper'},workdir={d / 'work'}"
+            )
             try:
                 mount(engine, opts, mnt)
                 try:
@@ -121,9 +126,14 @@ class Harness:
     def mount_round(self) -> None:
         depths = self.ds.sizes.stack_depths
         for depth in depths:
-            row = self.row(f"M{depth}", "once", title=f"mount {depth} layer(s)",
-                           baseline="kernel", target=2.0 if depth == 500 else None,
-                           target_kind="seconds")
+            row = self.row(
+                f"M{depth}",
+                "once",
+                title=f"mount {depth} layer(s)",
+                baseline="kernel",
+                target=2.0 if depth == 500 else None,
+                target_kind="seconds",
+            )
             names = [f"{i:03d}" for i in reversed(range(depth))]
             for engine in self.engines:
                 # with an upper, as a container has (the kernel refuses a single lower alone)
@@ -151,6 +161,52 @@ class Harness:
                     umount(mnt)
                     shutil.rmtree(d, ignore_errors=True)
 
+    # --- one request -------------------------------------------------------------------------
+
+    def floor_round(self) -> None:
+        """µs per getxattr and per open+close on each engine, and on a pyfuse3 filesystem that
+        does nothing (the floor any pyfuse3 + trio daemon pays per request here)."""
+        from benchmarks.floor import NULL_FILE, per_request, start_null
+
+        n = 500 if self.ds.sizes.small_files < 5000 else 2000  # quick: fewer calls
+        rows = {
+            op: self.row(f"R{i}", "warm", title=f"one {op} (per call)", baseline="kernel")
+            for i, op in enumerate(("getxattr", "open+close"), 1)
+        }
+        for engine in [*self.engines, "pyfuse3-null"]:
+            d = self.run_dir / engine
+            shutil.rmtree(d, ignore_errors=True)
+            for sub in ("upper", "work", "mnt"):
+                (d / sub).mkdir(parents=True)
+            mnt = d / "mnt"
+            proc = None
+            try:
+                if engine == "pyfuse3-null":
+                    proc = start_null(mnt)
+                    target = mnt / NULL_FILE
+                else:
+                    opts = (
+                        "lowerdir="
+                        + ":".join(map(str, self.ds.lowers))
+                        + f",upperdir={d / 'upper'},workdir={d / 'work'}"
+                    )
+                    mount(engine, opts, mnt)
+                    target = mnt / "small" / "f00000"
+                for op, took in per_request(target, n).items():
+                    rows[op].add(engine, took)
+            except Exception as exc:
+                for row in rows.values():
+                    row.errors[engine] = _error(exc)
+                self.log(f"    R {engine}: FAILED {_error(exc)}")
+            finally:
+                umount(mnt)
+                if proc is not None:
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                shutil.rmtree(d, ignore_errors=True)
+
     # --- store -------------------------------------------------------------------------------
 
     def store_round(self, store: object) -> None:
@@ -159,10 +215,20 @@ class Harness:
         assert isinstance(store, StoreBench)
         files = store.files
         for sid, mode, title, base, fn in (
-            ("S1", "once", f"pull + unpack, 3 gzip layers, {files:,} files",
-             "skopeo+umoci", store.pull_round),
-            ("S2", "once", f"commit ~{min(files, 1000):,} rewritten files",
-             "umoci", store.commit_round),
+            (
+                "S1",
+                "once",
+                f"pull + unpack, 3 gzip layers, {files:,} files",
+                "skopeo+umoci",
+                store.pull_round,
+            ),
+            (
+                "S2",
+                "once",
+                f"commit ~{min(files, 1000):,} rewritten files",
+                "umoci",
+                store.commit_round,
+            ),
         ):
             row = self.row(sid, mode, title=title, baseline=base)
             try:

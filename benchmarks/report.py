@@ -45,36 +45,45 @@ def verdict(row: Row, engine: str, s: dict[str, Any]) -> str:
 
 
 def _fmt_time(x: float) -> str:
-    return f"{x:.2f} s" if x >= 10 else f"{x * 1e3:.0f} ms" if x >= 0.1 else f"{x * 1e3:.1f} ms"
+    if x >= 10:
+        return f"{x:.2f} s"
+    if x >= 0.1:
+        return f"{x * 1e3:.0f} ms"
+    if x >= 0.001:
+        return f"{x * 1e3:.1f} ms"
+    return f"{x * 1e6:.0f} µs"
 
 
 def table(rows: list[Row], engines: list[str], focus: str = "layerfs") -> str:
     """One line per (workload, mode): median (min–max) per engine, ×ratio to the baseline, and
     the target for `focus` with ok/MISS."""
-    lines = []
-    head = f"{'':5} {'':5} {'workload':52}"
-    for e in engines:
-        head += f" {e:>30}"
-    head += f"  {'target':>8}"
-    lines.append(head)
-    store_engines: list[str] = []
+    lines: list[str] = []
+    current: list[str] = []
     for row in rows:
         s = summary(row)
-        cols = engines if row.baseline == "kernel" else [row.baseline, *[
-            e for e in s if e != row.baseline]]
-        if row.baseline != "kernel" and cols != store_engines:
-            store_engines = cols
-            lines.append("")
-            lines.append(f"{'':5} {'':5} {'(store: ours vs the usual tools)':52}"
-                         + "".join(f" {e:>30}" for e in cols))
+        cols = [row.baseline, *[e for e in s if e != row.baseline]]
+        if row.baseline == "kernel":
+            cols = [*engines, *[e for e in s if e not in engines]]
+        if cols != current:  # a section with other columns (store tools, the null fs)
+            what = (
+                "workload"
+                if not current
+                else "(store: ours vs the usual tools)"
+                if row.baseline != "kernel"
+                else ""
+            )
+            current = cols
+            lines.extend([""] if lines else [])
+            lines.append(
+                f"{'':5} {'':5} {what:52}" + "".join(f" {e:>30}" for e in cols) + f"  {'target':>8}"
+            )
         line = f"{row.id:5} {row.mode:5} {row.title[:52]:52}"
         for e in cols:
             if e in row.errors:
                 cell = "failed"
             elif e in s:
                 v = s[e]
-                cell = (f"{_fmt_time(v['median'])} ({_fmt_time(v['min'])}–"
-                        f"{_fmt_time(v['max'])})")
+                cell = f"{_fmt_time(v['median'])} ({_fmt_time(v['min'])}–{_fmt_time(v['max'])})"
                 if e != row.baseline and v["ratio"] is not None:
                     cell += f" ×{v['ratio']:.2f}"
             else:
@@ -92,9 +101,15 @@ def to_json(rows: list[Row], meta: dict[str, Any]) -> dict[str, Any]:
         "meta": meta,
         "rows": [
             {
-                "id": r.id, "mode": r.mode, "title": r.title, "baseline": r.baseline,
-                "target": r.target, "target_kind": r.target_kind,
-                "samples": r.samples, "errors": r.errors, "summary": summary(r),
+                "id": r.id,
+                "mode": r.mode,
+                "title": r.title,
+                "baseline": r.baseline,
+                "target": r.target,
+                "target_kind": r.target_kind,
+                "samples": r.samples,
+                "errors": r.errors,
+                "summary": summary(r),
             }
             for r in rows
         ],
@@ -103,8 +118,16 @@ def to_json(rows: list[Row], meta: dict[str, Any]) -> dict[str, Any]:
 
 def from_json(data: dict[str, Any]) -> list[Row]:
     return [
-        Row(r["id"], r["mode"], r["title"], r["baseline"], r["target"], r["target_kind"],
-            r["samples"], r["errors"])
+        Row(
+            r["id"],
+            r["mode"],
+            r["title"],
+            r["baseline"],
+            r["target"],
+            r["target_kind"],
+            r["samples"],
+            r["errors"],
+        )
         for r in data["rows"]
     ]
 
@@ -144,8 +167,9 @@ def chart(rows: list[Row], path: Path, title: str) -> None:
     ax.set_xscale("log")
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels)
     ax.invert_yaxis()
-    ax.set_xlabel("time ratio to kernel overlayfs (store rows: to skopeo+umoci / umoci); "
-                  "red = target")
+    ax.set_xlabel(
+        "time ratio to kernel overlayfs (store rows: to skopeo+umoci / umoci); red = target"
+    )
     ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

@@ -62,11 +62,12 @@ def _run(cmd: list[str]) -> None:
 
 
 class StoreBench(contextlib.AbstractContextManager["StoreBench"]):
-    def __init__(self, files: int) -> None:
+    def __init__(self, files: int, base: Path = CACHE) -> None:
         self.files = files
-        self.image = CACHE / f"image-{files}"
+        self.image = base / f"image-{files}"
         self._stack = contextlib.ExitStack()
-        self.work = Path(tempfile.mkdtemp(prefix="layer-bench-store-"))
+        base.mkdir(parents=True, exist_ok=True)
+        self.work = Path(tempfile.mkdtemp(prefix="store-", dir=base))
         self._stack.callback(shutil.rmtree, self.work, True)
         self.rounds = 0
 
@@ -81,8 +82,18 @@ class StoreBench(contextlib.AbstractContextManager["StoreBench"]):
             self.src = f"docker://{reg.host}/bench/img:v1"
             skopeo_copy(f"oci:{self.image}:v1", self.src)
             self.store = self.work / "store"
-            _run([LAYER, "pull", "-q", "--root", str(self.store), "--name", "base",
-                  f"oci:{self.image}:v1"])
+            _run(
+                [
+                    LAYER,
+                    "pull",
+                    "-q",
+                    "--root",
+                    str(self.store),
+                    "--name",
+                    "base",
+                    f"oci:{self.image}:v1",
+                ]
+            )
         except BaseException:
             self._stack.close()
             raise
@@ -100,8 +111,17 @@ class StoreBench(contextlib.AbstractContextManager["StoreBench"]):
             _run([LAYER, "pull", "-q", "--root", str(store), self.src])
             ours = time.perf_counter() - t0
             t0 = time.perf_counter()
-            _run(["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false", "-q",
-                  self.src, f"oci:{oci}:v1"])
+            _run(
+                [
+                    "skopeo",
+                    "--insecure-policy",
+                    "copy",
+                    "--src-tls-verify=false",
+                    "-q",
+                    self.src,
+                    f"oci:{oci}:v1",
+                ]
+            )
             _run(["umoci", "unpack", "--image", f"{oci}:v1", str(bundle)])
             theirs = time.perf_counter() - t0
         finally:

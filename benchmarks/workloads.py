@@ -46,19 +46,33 @@ def w2_ls(mnt: Path, ds: Dataset) -> None:
 
 
 def w3_seqread(mnt: Path, ds: Dataset) -> None:
-    subprocess.run(["dd", f"if={mnt / ds.big}", "of=/dev/null", "bs=1M"],
-                   capture_output=True, check=True)
+    subprocess.run(
+        ["dd", f"if={mnt / ds.big}", "of=/dev/null", "bs=1M"], capture_output=True, check=True
+    )
 
 
 def w4_randread(mnt: Path, ds: Dataset) -> float:
     out = subprocess.run(
-        ["fio", "--name=w4", f"--filename={mnt / ds.big}", "--readonly", "--rw=randread",
-         "--bs=4k", "--ioengine=psync", f"--size={ds.sizes.big_bytes}",
-         f"--io_size={ds.sizes.random_read_bytes}", "--randrepeat=1", "--norandommap",
-         "--invalidate=0", "--output-format=json"],
-        capture_output=True, check=True, text=True,
+        [
+            "fio",
+            "--name=w4",
+            f"--filename={mnt / ds.big}",
+            "--readonly",
+            "--rw=randread",
+            "--bs=4k",
+            "--ioengine=psync",
+            f"--size={ds.sizes.big_bytes}",
+            f"--io_size={ds.sizes.random_read_bytes}",
+            "--randrepeat=1",
+            "--norandommap",
+            "--invalidate=0",
+            "--output-format=json",
+        ],
+        capture_output=True,
+        check=True,
+        text=True,
     ).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]
+    job = json.loads(out[out.index("{") :])["jobs"][0]
     return float(job["read"]["runtime"]) / 1e3
 
 
@@ -100,29 +114,57 @@ def w9_untar(mnt: Path, ds: Dataset) -> None:
 
 def w10_seqwrite(mnt: Path, ds: Dataset) -> None:
     subprocess.run(
-        ["dd", "if=/dev/zero", f"of={mnt / 'w10'}", "bs=1M",
-         f"count={ds.sizes.write_bytes >> 20}", "conv=fsync"],
-        capture_output=True, check=True,
+        [
+            "dd",
+            "if=/dev/zero",
+            f"of={mnt / 'w10'}",
+            "bs=1M",
+            f"count={ds.sizes.write_bytes >> 20}",
+            "conv=fsync",
+        ],
+        capture_output=True,
+        check=True,
     )
 
 
 WORKLOADS = [
-    Workload("W1", "find -ls (stat every entry)", ("cold", "warm"), {"cold": 2, "warm": 2},
-             w1_find),
+    Workload(
+        "W1", "find -ls (stat every entry)", ("cold", "warm"), {"cold": 2, "warm": 2}, w1_find
+    ),
     Workload("W2", "ls -lR", ("cold", "warm"), {"warm": 2}, w2_ls),
-    Workload("W3", "sequential read of the big file (dd bs=1M)", ("cold", "warm"),
-             {"cold": 1.3, "warm": 2}, w3_seqread),
-    Workload("W4", "4 KiB random reads of the big file (fio psync)", ("cold", "warm"),
-             {"cold": 2, "warm": 2}, w4_randread, "fio's own runtime"),
-    Workload("W5", "read every small file (cat)", ("cold", "warm"), {"cold": 2.2, "warm": 2.4},
-             w5_smallread),
+    Workload(
+        "W3",
+        "sequential read of the big file (dd bs=1M)",
+        ("cold", "warm"),
+        {"cold": 1.3, "warm": 2},
+        w3_seqread,
+    ),
+    Workload(
+        "W4",
+        "4 KiB random reads of the big file (fio psync)",
+        ("cold", "warm"),
+        {"cold": 2, "warm": 2},
+        w4_randread,
+        "fio's own runtime",
+    ),
+    Workload(
+        "W5",
+        "read every small file (cat)",
+        ("cold", "warm"),
+        {"cold": 2.2, "warm": 2.4},
+        w5_smallread,
+    ),
     Workload("W6", "create small files of 4 KiB + sync", ("once",), {"once": 1.5}, w6_create),
-    Workload("W7", "copy-up: append 1 byte to lower files", ("once",), {"once": 1.2},
-             w7_copyup),
+    Workload("W7", "copy-up: append 1 byte to lower files", ("once",), {"once": 1.2}, w7_copyup),
     Workload("W8", "rm -rf a lower directory", ("once",), {"once": 2}, w8_rmrf),
     Workload("W9", "untar into the merged dir + sync", ("once",), {"once": 1.8}, w9_untar),
-    Workload("W10", "sequential write + fsync (dd bs=1M conv=fsync)", ("once",), {"once": 1.1},
-             w10_seqwrite),
+    Workload(
+        "W10",
+        "sequential write + fsync (dd bs=1M conv=fsync)",
+        ("once",),
+        {"once": 1.1},
+        w10_seqwrite,
+    ),
 ]
 
 

@@ -1,0 +1,112 @@
+"""The cost of one FUSE request on this machine, measured rather than guessed.
+
+Most targets of issue 6 are ratios against kernel overlayfs, which never leaves the kernel; a
+FUSE engine pays a round trip (kernel → daemon → kernel, two context switches and a wake-up)
+for every request the kernel's caches cannot answer.  To tell that floor apart from layerfs's
+own work, this module has:
+  - `NullOps`, a pyfuse3 + trio filesystem that does nothing (one file, every getxattr is
+    ENODATA, open/read answer at once): what pyfuse3 + trio cost with zero work;
+  - `per_request`, which times, on a mounted engine, a loop of lgetxattr (one synchronous
+    request each, never cached by the kernel) and of open+close (OPEN and FLUSH synchronous,
+    RELEASE asynchronous).
+`python -m benchmarks.floor MNT` serves NullOps on MNT in the foreground (the harness starts
+it and unmounts it).  Single-threaded trio, like layerfs.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+NULL_FILE = "f"
+
+
+def _attrs(inode: int) -> Any:
+    import pyfuse3
+
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = inode
+    e.st_mode = (stat.S_IFDIR | 0o755) if inode == pyfuse3.ROOT_INODE else (stat.S_IFREG | 0o644)
+    e.st_nlink = 1
+    e.attr_timeout = e.entry_timeout = 86400.0
+    return e
+
+
+def serve(mountpoint: str) -> int:
+    import pyfuse3
+    import trio
+
+    class NullOps(pyfuse3.Operations):
+        async def getattr(self, inode: int, ctx: Any = None) -> Any:
+            return _attrs(inode)
+
+        async def lookup(self, parent: int, name: bytes, ctx: Any = None) -> Any:
+            if name == NULL_FILE.encode():
+                return _attrs(2)
+            raise pyfuse3.FUSEError(errno.ENOENT)
+
+        async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+
+        async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+            return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+        async def read(self, fh: int, off: int, size: int) -> bytes:
+            return b""
+
+    pyfuse3.init(NullOps(), mountpoint, {"fsname=nullfs", "default_permissions"})
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close()
+    return 0
+
+
+def start_null(mnt: Path) -> subprocess.Popen[bytes]:
+    """Serve NullOps on `mnt`; returns once it answers."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.floor", str(mnt)],
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    deadline = time.monotonic() + 10
+    while not (mnt / NULL_FILE).exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the null pyfuse3 filesystem did not come up")
+        time.sleep(0.05)
+    return proc
+
+
+def per_request(path: Path, n: int) -> dict[str, float]:
+    """Seconds per lgetxattr and per open+close of `path` (median of 3 loops of n)."""
+
+    def getxattr() -> None:
+        try:
+            os.getxattr(path, "security.selinux", follow_symlinks=False)
+        except OSError:
+            pass
+
+    def open_close() -> None:
+        os.close(os.open(path, os.O_RDONLY))
+
+    out = {}
+    for name, fn in (("getxattr", getxattr), ("open+close", open_close)):
+        fn()
+        loops = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            loops.append((time.perf_counter() - t0) / n)
+        out[name] = sorted(loops)[1]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(serve(sys.argv[1]))
