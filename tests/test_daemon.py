@@ -115,6 +115,23 @@ def test_mount_failure_is_reported_by_the_parent(stack):
     assert not is_mounted(mnt)
 
 
+def test_control_socket_in_a_deep_work_dir(stack, tmp_path):
+    """The control socket's path may be longer than an AF_UNIX address holds (107 bytes):
+    the daemon still mounts and a freezer still reaches it."""
+    from unionfs import control
+
+    lo, hi, mnt = stack
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    upper, work = deep / "upper", deep / "work"
+    upper.mkdir(parents=True)
+    work.mkdir()
+    assert len(os.fsencode(control.socket_path(work))) > 107
+    with LayerfsMount(mnt, [hi, lo], upper, work):
+        write(mnt / "new", b"through the mount")
+        with control.frozen(work, timeout=20):
+            assert (upper / "new").read_bytes() == b"through the mount"
+
+
 def test_read_only_without_upper(stack):
     lo, hi, mnt = stack
     with LayerfsMount(mnt, [hi, lo]):

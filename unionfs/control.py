@@ -70,7 +70,8 @@ async def serve(
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(path)
+    with _reachable(path) as short:
+        await sock.bind(short)
     os.chmod(path, 0o600)
     sock.listen(8)
     task_status.started()
@@ -121,13 +122,33 @@ def socket_path(workdir: str | os.PathLike[str]) -> str:
     return os.path.join(os.fspath(workdir), "layerfs", SOCKET_NAME)
 
 
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes, the last one a NUL
+
+
+@contextlib.contextmanager
+def _reachable(path: str | bytes) -> Iterator[bytes]:
+    """`path`, or when it is too long for an AF_UNIX address (a deep work dir), the same
+    place reached through /proc/self/fd/N/NAME of an O_PATH fd on its directory."""
+    raw = os.fsencode(path)
+    if len(raw) <= _SUN_PATH_MAX:
+        yield raw
+        return
+    parent, _, name = raw.rpartition(b"/")
+    fd = os.open(parent or b"/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield b"/proc/self/fd/%d/%s" % (fd, name)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def frozen(workdir: str | os.PathLike[str], timeout: float = 60.0) -> Iterator[None]:
     """Hold the live mount that uses `workdir` frozen for the duration of the block."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
-        s.connect(socket_path(workdir))
+        with _reachable(socket_path(workdir)) as address:
+            s.connect(address)
         s.sendall(b"freeze\n")
         if not s.recv(64).startswith(b"frozen"):
             raise OSError("the layerfs daemon did not freeze the mount")
