@@ -3,10 +3,22 @@
 `layer commit` of a live mount asks the daemon to hold every mutating request while it reads
 the upper directory (as `docker commit` pauses the container), then to resume.  The socket
 lives in the work dir (`WORKDIR/layerfs/control`, mode 0600, root's when the daemon is root).
-Line protocol: `freeze` → the daemon stops admitting mutating requests, waits for those in
-flight to finish, syncs the upper's filesystem, answers `frozen`; `thaw` (or closing the
+Line protocol: `freeze` → the daemon syncs the mount itself (syncfs on the mountpoint, from
+a worker thread while the mount is still served: with the writeback cache, data written
+through the mount may sit dirty in the kernel's page cache, not yet in the upper), then stops
+admitting mutating requests, waits for those in flight to finish, syncs the upper's
+filesystem (that one only: a sync of every filesystem would also write back the mount's own
+dirty pages, WRITE requests the frozen gate holds — a deadlock), answers `frozen` (or
+`error ...` when the mount cannot be synced, and stays thawed); `thaw` (or closing the
 connection, so a crashed client never leaves the mount frozen) → `thawed`.  Reads are never
 held.  Several freezers may overlap; the mount thaws when the last one lets go.
+
+What a freeze guarantees: everything written through the mount before `freeze` was sent is
+in the upper until `thaw`.  With the writeback cache, writes that race with the freeze may
+stay in the kernel's page cache (and a frozen mount's page cache can still take writes until
+the kernel's dirty limit), so while frozen the upper — not the merged view — is the snapshot:
+a freezer must not read files through the mount, since closing one flushes its dirty pages
+with WRITE requests the gate holds.
 
 Concurrency: the Gate lives on the daemon's trio thread; `enter`/`leave` bracket each
 mutating handler; no locks needed.  `frozen()` is the synchronous client for the CLI.
@@ -20,6 +32,8 @@ import socket
 from collections.abc import Iterator
 
 import trio
+
+from .fsutil import syncfs
 
 SOCKET_NAME = "control"
 
@@ -65,6 +79,7 @@ async def serve(
     path: bytes,
     gate: Gate,
     sync_dir: bytes,
+    mountpoint: bytes | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with contextlib.suppress(FileNotFoundError):
@@ -78,18 +93,26 @@ async def serve(
     async with trio.open_nursery() as nursery:
         while True:
             conn, _ = await sock.accept()
-            nursery.start_soon(_client, trio.SocketStream(conn), gate, sync_dir)
+            nursery.start_soon(_client, trio.SocketStream(conn), gate, sync_dir, mountpoint)
 
 
-async def _client(stream: trio.SocketStream, gate: Gate, sync_dir: bytes) -> None:
+async def _client(
+    stream: trio.SocketStream, gate: Gate, sync_dir: bytes, mountpoint: bytes | None
+) -> None:
     frozen = False
     try:
         async for data in stream:
             for cmd in data.split():
                 if cmd == b"freeze" and not frozen:
+                    if mountpoint is not None:
+                        try:  # before the gate closes: the WRITEs it causes must get through
+                            await trio.to_thread.run_sync(syncfs, mountpoint)
+                        except OSError as exc:
+                            await stream.send_all(f"error syncing the mount: {exc}\n".encode())
+                            continue
                     await gate.freeze()
                     frozen = True
-                    await trio.to_thread.run_sync(_syncfs, sync_dir)
+                    await trio.to_thread.run_sync(syncfs, sync_dir)
                     await stream.send_all(b"frozen\n")
                 elif cmd == b"thaw" and frozen:
                     gate.thaw()
@@ -104,18 +127,6 @@ async def _client(stream: trio.SocketStream, gate: Gate, sync_dir: bytes) -> Non
             gate.thaw()
         with contextlib.suppress(Exception):
             await stream.aclose()
-
-
-def _syncfs(path: bytes) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-        if hasattr(os, "syncfs"):
-            os.syncfs(fd)  # type: ignore[attr-defined]
-        else:
-            os.sync()
-    finally:
-        os.close(fd)
 
 
 def socket_path(workdir: str | os.PathLike[str]) -> str:
@@ -150,8 +161,10 @@ def frozen(workdir: str | os.PathLike[str], timeout: float = 60.0) -> Iterator[N
         with _reachable(socket_path(workdir)) as address:
             s.connect(address)
         s.sendall(b"freeze\n")
-        if not s.recv(64).startswith(b"frozen"):
-            raise OSError("the layerfs daemon did not freeze the mount")
+        reply = s.recv(4096)
+        if not reply.startswith(b"frozen"):
+            why = reply.decode(errors="replace").strip() or "no answer"
+            raise OSError(f"the layerfs daemon did not freeze the mount: {why}")
         yield
         s.sendall(b"thaw\n")
         s.recv(64)

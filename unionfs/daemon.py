@@ -134,7 +134,7 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
         return EXIT_MOUNT_FAILED
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
-        trio.run(_run, pyfuse3, trio, ops)
+        trio.run(_run, pyfuse3, trio, ops, cfg.mountpoint)
     except BaseException:
         log.exception("layerfs: main loop failed")
         pyfuse3.close(unmount=True)
@@ -144,7 +144,7 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
     return EXIT_OK
 
 
-async def _run(pyfuse3, trio, ops) -> None:  # type: ignore[no-untyped-def]
+async def _run(pyfuse3, trio, ops, mountpoint) -> None:  # type: ignore[no-untyped-def]
     from . import control
 
     async def on_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
@@ -159,7 +159,9 @@ async def _run(pyfuse3, trio, ops) -> None:  # type: ignore[no-untyped-def]
         await nursery.start(on_signals)
         if ops.writer is not None:
             sock = ops.writer.work + b"/" + control.SOCKET_NAME.encode()
-            await nursery.start(control.serve, sock, ops.gate, ops.stack.layers[0])
+            await nursery.start(
+                control.serve, sock, ops.gate, ops.stack.layers[0], os.fsencode(mountpoint)
+            )
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

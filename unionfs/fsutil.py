@@ -1,5 +1,5 @@
-"""Real-filesystem primitives the write side needs and `os` lacks: renameat2 flags, sparse
-copies with copy_file_range, metadata copies.  Pure functions over real paths; they block,
+"""Real-filesystem primitives the write side needs and `os` lacks: renameat2 flags, syncfs,
+sparse copies with copy_file_range, metadata copies.  Pure functions over real paths; they block,
 so bulk ones (`copy_data`) run in worker threads.  No shared state.
 """
 
@@ -26,6 +26,27 @@ def renameat2(src: bytes, dst: bytes, flags: int = 0) -> None:
     if _renameat2(AT_FDCWD, src, AT_FDCWD, dst, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), src, None, dst)
+
+
+_syncfs = getattr(_libc, "syncfs", None)
+if _syncfs is not None:
+    _syncfs.argtypes = [ctypes.c_int]
+    _syncfs.restype = ctypes.c_int
+
+
+def syncfs(path: bytes) -> None:
+    """syncfs(2) on the filesystem holding the directory `path`, and only that one (os has
+    no syncfs; os.sync would also write back every other filesystem — a FUSE mount among
+    them, whose daemon may be the caller).  Without syncfs in libc: fsync of `path`."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _syncfs is None:
+            os.fsync(fd)
+        elif _syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs: {os.strerror(err)}", path)  # a write-back error
+    finally:
+        os.close(fd)
 
 
 def make_whiteout(path: bytes) -> None:
