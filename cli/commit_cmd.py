@@ -4,6 +4,10 @@ diff and commit work on a mount made by `layer mount IMAGE MNT --name NAME`: its
 under the store's mounts/NAME) against the image's layers.  Committing a live mount freezes
 it through the daemon's control socket while the upper is read, so the snapshot is
 consistent (as `docker commit` pauses the container); an unmounted NAME needs no daemon.
+Nothing here reads through the mount while it is frozen: with the kernel's writeback cache,
+closing a file that has dirty pages waits for WRITE requests the frozen daemon holds (see
+unionfs/control.py), so `--verify` compares with the union of the frozen upper and the
+image's layers, computed by the daemon's own model (`LayerStack`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -85,7 +88,7 @@ def diff(console: Console, root: str | None, fmt: str, name: str) -> None:
 @click.option(
     "--verify",
     is_flag=True,
-    help="Apply the new layer in a temp dir and compare with the mounted view.",
+    help="Apply the new layer in a temp dir and compare with the mount's view of the upper.",
 )
 @quiet_option
 @click.argument("name")
@@ -112,7 +115,6 @@ def commit(
         epoch = int(sde) if sde else None
     except ValueError:
         raise BadInput(f"SOURCE_DATE_EPOCH={sde!r} is not a number") from None
-    live = mounts.is_live(rec.mountpoint)
     with store.in_use(), _consistent(rec):
         digest = do_commit(
             store,
@@ -126,7 +128,6 @@ def commit(
             compress=compress,
             source_date_epoch=epoch,
             verify=verify,
-            merged_view=Path(rec.mountpoint) if live else None,
         )
     console.say(str(digest))
 

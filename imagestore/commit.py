@@ -341,7 +341,9 @@ def check(
     merged_view: Path | None,
 ) -> None:
     """Apply the base's layers and the new one to a plain directory and compare it with
-    `merged_view` (or, without one, with the union of upper and lowers); VerifyFailed."""
+    `merged_view` (or, without one, with the union of upper and lowers); VerifyFailed.
+    `merged_view` is read through, so it must not be a mount that is frozen meanwhile (a
+    close there may wait for WRITE requests the frozen daemon holds: unionfs/control.py)."""
     tmp = store.ingest_dir / f"verify-{secrets.token_hex(8)}"
     os.mkdir(tmp, 0o700)
     try:

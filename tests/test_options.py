@@ -9,7 +9,7 @@ import pytest
 
 from tests.mounts import LAYERFS
 from unionfs.errors import OptionError
-from unionfs.options import parse_args, parse_lowerdir
+from unionfs.options import WRITEBACK_DEFAULT, parse_args, parse_lowerdir
 
 
 def test_lowerdir_is_top_first_with_escapes():
@@ -63,10 +63,21 @@ def test_multiple_o_and_glued_o(dirs):
     assert cfg.debug and cfg.foreground and "ro" in cfg.fuse_options
 
 
+def test_writeback_option(dirs):
+    base = f"lowerdir={dirs}/top,upperdir={dirs}/upper,workdir={dirs}/work"
+    mnt = str(dirs / "mnt")
+    assert parse_args(["-o", base, mnt]).writeback is WRITEBACK_DEFAULT
+    assert parse_args(["-o", base + ",writeback=1", mnt]).writeback is True
+    assert parse_args(["-o", base + ",writeback=0", mnt]).writeback is False
+    cfg = parse_args(["-o", base, "-o", "writeback=0", mnt])
+    assert not cfg.writeback and not any("writeback" in o for o in cfg.fuse_options)
+
+
 @pytest.mark.parametrize(
     "opts, message",
     [
         ("ro", "missing option lowerdir"),
+        ("lowerdir={d}/top,writeback=yes", "writeback=0 or writeback=1"),
         ("lowerdir=/nonexistent/layer", "lowerdir /nonexistent/layer"),
         ("lowerdir={d}/top,upperdir={d}/upper", "upperdir and workdir must be given together"),
         ("lowerdir={d}/top,upperdir={d}/upper,workdir={d}/upper/w", "separate subtrees"),

@@ -2,9 +2,12 @@
 
 Without -f it daemonizes: the parent waits on a pipe and exits 0 only once the kernel has
 sent FUSE_INIT and the mount answers (the `init` hook writes "OK"); it exits != 0 with the
-daemon's own message when mounting fails.  Shutdown is one path: SIGTERM/SIGINT call
-`pyfuse3.terminate()`, in-flight requests finish, the main task unmounts with
-`pyfuse3.close(unmount=True)`; `fusermount3 -u` ends the session loop and takes the same path.
+daemon's own message when mounting fails.  Shutdown is one path: SIGTERM/SIGINT first sync
+the mount (a writable one: with the writeback cache, data of completed write(2)s may still
+be dirty in the kernel's page cache, and libfuse's unmount closes /dev/fuse before the
+kernel could write it back), then call `pyfuse3.terminate()`, in-flight requests finish, the
+main task unmounts with `pyfuse3.close(unmount=True)`; `fusermount3 -u` ends the session loop
+and takes the same path (there the kernel writes dirty pages back before it lets go).
 SIGUSR1 dumps every thread's stack (faulthandler).  pyfuse3 keeps one global session per
 process, so one process serves exactly one mount.
 """
@@ -22,6 +25,8 @@ from .errors import OptionError
 from .options import USAGE, MountConfig, parse_args
 
 log = logging.getLogger("layerfs")
+
+SIGNAL_FLUSH_TIMEOUT = 30.0  # seconds a signal waits for the mount's dirty pages (a freeze)
 
 EXIT_OK = 0
 EXIT_MOUNT_FAILED = 1
@@ -126,7 +131,7 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
             ready_fd = None
             _detach_stdio(cfg.debug)
 
-    ops = UnionOperations(stack, writer, debug=cfg.debug, on_init=on_init)
+    ops = UnionOperations(stack, writer, debug=cfg.debug, on_init=on_init, writeback=cfg.writeback)
     try:
         pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
     except RuntimeError as exc:
@@ -152,6 +157,8 @@ async def _run(pyfuse3, trio, ops, mountpoint) -> None:  # type: ignore[no-untyp
             task_status.started()
             async for signum in sigs:
                 log.info("signal %d: unmounting", signum)
+                if ops.writer is not None:
+                    await _flush_mount(trio, os.fsencode(mountpoint))
                 pyfuse3.terminate()
                 return
 
@@ -164,6 +171,20 @@ async def _run(pyfuse3, trio, ops, mountpoint) -> None:  # type: ignore[no-untyp
             )
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _flush_mount(trio, mountpoint: bytes) -> None:  # type: ignore[no-untyped-def]
+    """syncfs on our own mount, from a worker thread while the session loop still serves the
+    WRITE requests it causes; bounded, since a frozen mount holds them until it thaws."""
+    from .fsutil import syncfs
+
+    with trio.move_on_after(SIGNAL_FLUSH_TIMEOUT) as scope:
+        try:
+            await trio.to_thread.run_sync(syncfs, mountpoint, abandon_on_cancel=True)
+        except OSError as exc:
+            log.warning("syncing %s before unmounting failed: %s", os.fsdecode(mountpoint), exc)
+    if scope.cancelled_caught:
+        log.warning("unmounting without syncing %s: it stayed frozen", os.fsdecode(mountpoint))
 
 
 def _setup_logging(debug: bool, to_stderr: bool) -> None:

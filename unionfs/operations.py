@@ -12,7 +12,24 @@ Kernel caching, and why each cache is safe:
   - `keep_cache` on open: a file's data changes only through this mount, and the kernel
     drops cached pages itself on writes that pass through it;
   - readdirplus (pyfuse3 always uses it) hands the kernel the attributes of every listed
-    entry, priming the dentry cache so `ls -l` and `find` do not look each name up again.
+    entry, priming the dentry cache so `ls -l` and `find` do not look each name up again;
+  - the writeback cache (mount option writeback=1): write(2) only dirties the kernel's page
+    cache, which is written back later in large WRITE requests.  What it asks of us
+    (Documentation/filesystems/fuse-io.rst, libfuse's passthrough_ll.c), and how it is met:
+      * the kernel may READ through any handle opened for writing (to fill a partly written
+        page): the real file is opened O_RDWR even for O_WRONLY (`_open_flags`);
+      * the kernel does O_APPEND itself, from its own i_size: O_APPEND is never passed to the
+        real file (a pwrite on an O_APPEND fd would ignore its offset);
+      * the kernel owns i_size, mtime and ctime of regular files: it sends SETATTR for the
+        times (with or without a handle, also after the name is gone: `_setattr_target`,
+        `_gone_entry`), and our attributes of upper files are never cached, so what it reads
+        back is the real file;
+      * copy-up still happens at open for writing, before the kernel can cache a write;
+      * dirty pages are not in the upper until written back: a freeze (control.py) first
+        syncs the mount itself, and never syncs other filesystems while frozen, since the
+        kernel's WRITE requests are mutating requests the frozen gate holds.
+    It is safe because this daemon is the only writer of the upper while mounted (the same
+    assumption as the long attribute timeouts above).
 Concurrency: trio, one thread; handlers that do not await are atomic with respect to the
 model.  Reads of data use pread on the trio thread (page-cache hits are cheaper than a
 thread hop); bulk copies of the write side go to worker threads.
@@ -111,7 +128,7 @@ class DirHandle:
 
 class UnionOperations(pyfuse3.Operations):
     supports_dot_lookup = True
-    enable_writeback_cache = False
+    enable_writeback_cache = False  # per mount: see __init__
 
     def __init__(
         self,
@@ -119,11 +136,14 @@ class UnionOperations(pyfuse3.Operations):
         writer: Writer | None = None,
         debug: bool = False,
         on_init: Callable[[], None] | None = None,
+        writeback: bool = False,
     ) -> None:
         super().__init__()
         self.stack = stack
         self.writer = writer
         self.debug = debug
+        # pyfuse3's fuse_init reads this attribute; a read-only mount has nothing to write back
+        self.enable_writeback_cache = writeback and writer is not None
         self._on_init = on_init
         self.gate = Gate()
         self._files: dict[int, FileHandle] = {}
@@ -298,10 +318,23 @@ class UnionOperations(pyfuse3.Operations):
                 self.gate.leave()
         oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY | _O_DIRECT)
         path = self.stack.real_path(node)
-        fd = os.open(path, oflags | os.O_CLOEXEC) if writable else _open_noatime(path, oflags)
+        if writable:
+            fd = _open_rw(path, self._open_flags(oflags), oflags)
+        else:
+            fd = _open_noatime(path, oflags)
         if flags & os.O_TRUNC:
             node.st = node.attrs = None
         return pyfuse3.FileInfo(fh=self._add_handle(node, fd, writable), keep_cache=True)
+
+    def _open_flags(self, flags: int) -> int:
+        """Flags for the real file of a handle opened for writing.  O_APPEND is never passed
+        on: the kernel sends the offset to write at (with the writeback cache it does O_APPEND
+        itself), and pwrite on an O_APPEND fd would append anyway.  With the writeback cache
+        the kernel may READ through a write-only handle, so the real file is opened O_RDWR."""
+        flags &= ~os.O_APPEND
+        if self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -421,10 +454,11 @@ class UnionOperations(pyfuse3.Operations):
     ) -> Any:
         node = self.stack.node(inode)
         self._need_upper()
+        if node.unlinked and _times_only(fields) and not self._upper_handles(node):
+            return self._gone_entry(node)
         truncate_all = fields.update_size and attr.st_size == 0
         await self._copy_up(node, with_data=not truncate_all)
-        handle = self._files.get(fh) if fh is not None else None
-        target: Any = handle.fd if handle is not None else self.stack.real_path(node)
+        target = self._setattr_target(node, fh)
         is_link = node.kind == stat.S_IFLNK
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
@@ -450,6 +484,37 @@ class UnionOperations(pyfuse3.Operations):
         node.st = node.attrs = None
         return self._entry(node)
 
+    def _upper_handles(self, node: Node) -> list[FileHandle]:
+        return self._handle_fds(node) if self.stack.in_upper(node) else []
+
+    def _gone_entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """The reply to a SETATTR of times for a file that has no name left and no upper
+        copy open: with the writeback cache the kernel owns the times of regular files and
+        sends them itself (unlink and rename update the ctime), also for a lower file just
+        whited out.  Nobody can see them any more; failing would make the next syncfs or
+        fsync on the mount report the error.  (The kernel ignores this reply.)"""
+        if self._handle_fds(node):
+            return self._entry(node)
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.st_mode = node.kind
+        a.attr_timeout = 0
+        return a
+
+    def _setattr_target(self, node: Node, fh: int | None) -> int | bytes:
+        """The handle's fd when the kernel names one; else the path, or — once the node's
+        last name is gone (the kernel may still send the mtime of an unlinked file it wrote
+        back) — an fd still open on it, never whatever now has the old name."""
+        handle = self._files.get(fh) if fh is not None else None
+        if handle is not None:
+            return handle.fd
+        if not node.unlinked:
+            return self.stack.real_path(node)
+        handles = sorted(self._handle_fds(node), key=lambda h: not h.writable)
+        if not handles:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return handles[0].fd
+
     def _new_entry(self, node: Node) -> pyfuse3.EntryAttributes:
         attrs = self._entry(node)
         self.stack.remember(node)
@@ -462,6 +527,7 @@ class UnionOperations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         writer = self._need_upper()
         parent = self.stack.node(parent_inode)
+        flags = self._open_flags(flags)
         node, fd = writer.create(parent, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid)
         fh = self._add_handle(node, fd, True)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new_entry(node)
@@ -594,6 +660,23 @@ def _open_noatime(path: bytes, flags: int) -> int:
         except PermissionError:
             pass
     return os.open(path, flags | os.O_CLOEXEC)
+
+
+def _times_only(fields: pyfuse3.SetattrFields) -> bool:
+    return not (fields.update_mode or fields.update_uid or fields.update_gid or fields.update_size)
+
+
+def _open_rw(path: bytes, flags: int, asked: int) -> int:
+    """Open the real file with `flags` (O_RDWR for the writeback cache); when only the access
+    the caller asked for is permitted (a daemon that is not root, a file it may not read),
+    fall back to that: the kernel then cannot fill partly written pages, as in libfuse's
+    passthrough_ll with writeback."""
+    try:
+        return os.open(path, flags | os.O_CLOEXEC)
+    except PermissionError:
+        if flags == asked & ~os.O_APPEND:
+            raise
+        return os.open(path, (asked & ~os.O_APPEND) | os.O_CLOEXEC)
 
 
 def _may_access(st: os.stat_result, mode: int, ctx: Any) -> bool:

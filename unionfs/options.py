@@ -6,6 +6,11 @@
 Parsing and validation only: pure, no side effects, so it is unit-tested without a mount.
 Escapes follow overlayfs: `\\:` is a colon inside a lowerdir path, `\\,` a comma inside any
 option value, `\\\\` a backslash.
+
+Options of layerfs itself (besides lowerdir/upperdir/workdir):
+  writeback=0|1   the kernel's writeback cache (FUSE_WRITEBACK_CACHE): write(2) fills the page
+                  cache and the kernel sends large WRITE requests later, instead of one request
+                  per write(2).  Same name and values as fuse-overlayfs.  Default: 0.
 """
 
 from __future__ import annotations
@@ -30,10 +35,17 @@ UNSUPPORTED = frozenset(
     "uidmapping gidmapping squash_to_root squash_to_uid squash_to_gid static_nlink".split()
 )
 
+# The kernel's writeback cache when `writeback=` is not given (see operations.py for what it
+# needs from the daemon and why it is safe).
+WRITEBACK_DEFAULT = False
+
 USAGE = (
     "usage: layerfs [-f] [-d] -o lowerdir=TOP:...:BOTTOM[,upperdir=DIR,workdir=DIR][,OPTS] "
     "MOUNTPOINT\n"
-    "       layerfs SOURCE MOUNTPOINT -o lowerdir=...   (as run by mount -t fuse.layerfs)"
+    "       layerfs SOURCE MOUNTPOINT -o lowerdir=...   (as run by mount -t fuse.layerfs)\n"
+    "options: writeback=0|1  kernel writeback cache: large WRITE requests instead of one per "
+    f"write(2) (default {int(WRITEBACK_DEFAULT)})\n"
+    "         generic mount options (ro, noatime, ...) and FUSE options (allow_other, ...)"
 )
 
 
@@ -50,6 +62,7 @@ class MountConfig:
     debug: bool = False
     fuse_options: set[str] = field(default_factory=set)
     ignored: list[str] = field(default_factory=list)
+    writeback: bool = WRITEBACK_DEFAULT
 
     @property
     def readonly(self) -> bool:
@@ -173,6 +186,7 @@ def _validate(
         for low in lowers:
             if _inside(upper, low) or _inside(low, upper):
                 raise OptionError(f"upperdir {upper} overlaps lowerdir {low}")
+    writeback = _flag01(values.pop("writeback", None), "writeback", WRITEBACK_DEFAULT)
     mnt = _existing_dir(mountpoint, "mountpoint")
     fuse_options: set[str] = set()
     ignored: list[str] = []
@@ -198,7 +212,17 @@ def _validate(
         debug=debug,
         fuse_options=fuse_options,
         ignored=ignored,
+        writeback=writeback,
     )
+
+
+def _flag01(value: str | None, name: str, default: bool) -> bool:
+    """A `name=0|1` option (fuse-overlayfs spells its switches this way)."""
+    if value is None:
+        return default
+    if value not in ("0", "1"):
+        raise OptionError(f"{name}={value}: expected {name}=0 or {name}=1")
+    return value == "1"
 
 
 def _existing_dir(path: str, what: str) -> str:
