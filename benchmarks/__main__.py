@@ -6,7 +6,8 @@ fuse-overlayfs on the same layer directories, plus the store versus skopeo/umoci
     python -m benchmarks dataset [--quick] [--data DIR]  # build (or find) the cached dataset
     python -m benchmarks report DIR/results.json    # print and redraw a saved run
 
-Root only.  Writes DIR/results.json (every round's seconds), DIR/table.txt and DIR/ratios.png;
+Root only.  Writes DIR/results.json (every round's seconds), DIR/table.txt, DIR/table.md and
+DIR/ratios.png;
 DIR defaults to results/<UTC time>[-quick].  `--quick` (one round, a dataset ten times smaller)
 is CI's smoke test: it proves the harness runs, not how fast anything is.
 """
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         "×ratio = median of per-round ratios to the baseline column"
     )
     print(text)
-    print(f"\nresults: {out}/results.json, {out}/table.txt, {out}/ratios.png")
+    print(f"\nresults: {out}/results.json, table.txt, table.md, ratios.png")
     failed = [f"{r.id} {r.mode} {e}" for r in rows for e in r.errors]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

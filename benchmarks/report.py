@@ -96,6 +96,44 @@ def table(rows: list[Row], engines: list[str], focus: str = "layerfs") -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: list[Row], engines: list[str], focus: str = "layerfs") -> str:
+    """The table as Markdown (for the README): median (min–max) and ×ratio per engine."""
+    out = []
+    current: list[str] = []
+    for row in rows:
+        s = summary(row)
+        cols = (
+            [*engines, *[e for e in s if e not in engines]]
+            if row.baseline == "kernel"
+            else [row.baseline, *[e for e in s if e != row.baseline]]
+        )
+        if cols != current:
+            current = cols
+            if out:
+                out.append("")
+            out.append("| workload | " + " | ".join(cols) + " | target |")
+            out.append("|---|" + "---|" * len(cols) + "---|")
+        cells = []
+        for e in cols:
+            if e in row.errors:
+                cells.append("failed")
+            elif e in s:
+                v = s[e]
+                cell = f"{_fmt_time(v['median'])} ({_fmt_time(v['min'])}–{_fmt_time(v['max'])})"
+                if e != row.baseline and v["ratio"] is not None:
+                    cell += f" **×{v['ratio']:.2f}**"
+                cells.append(cell)
+            else:
+                cells.append("–")
+        target = ""
+        if row.target is not None:
+            t = f"≤ {row.target:g} s" if row.target_kind == "seconds" else f"≤ ×{row.target:g}"
+            target = f"{t} {verdict(row, focus, s)}"
+        mode = "" if row.mode == "once" else f" {row.mode}"
+        out.append(f"| {row.id}{mode}: {row.title} | " + " | ".join(cells) + f" | {target} |")
+    return "\n".join(out)
+
+
 def to_json(rows: list[Row], meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "meta": meta,
@@ -182,5 +220,6 @@ def save(rows: list[Row], meta: dict[str, Any], out: Path, engines: list[str]) -
     text = table(rows, engines)
     (out / "results.json").write_text(json.dumps(to_json(rows, meta), indent=1) + "\n")
     (out / "table.txt").write_text(text + "\n")
+    (out / "table.md").write_text(markdown(rows, engines) + "\n")
     chart(rows, out / "ratios.png", f"{meta.get('date', '')} {meta.get('machine', '')}")
     return text
