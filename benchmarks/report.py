@@ -191,7 +191,7 @@ def chart(rows: list[Row], path: Path, title: str) -> None:
             series.setdefault(key, {})[len(labels) - 1] = v["ratio"]
     fig, ax = plt.subplots(figsize=(9, 0.42 * len(labels) + 1.6))
     height = 0.8 / max(1, len(series))
-    colors = {"layerfs": "#1f77b4", "fuse-overlayfs": "#ff7f0e"}
+    colors = {"layerfs": "#1f77b4", "fuse-overlayfs": "#ff7f0e", "pyfuse3-null": "#7f7f7f"}
     for k, (name, ratios) in enumerate(series.items()):
         ys = [i + k * height for i in ratios]
         xs = [ratios[i] or 0 for i in ratios]

@@ -102,7 +102,13 @@ def _mutating(fn: F) -> F:
 
 
 def _short(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(a for a in args if not isinstance(a, (pyfuse3.RequestContext,)))
+    """Arguments as logged with -d: no request context, and data longer than any name (a
+    1 MiB write would otherwise log 4 MB)."""
+    return tuple(
+        f"<{len(a)} bytes>" if isinstance(a, bytes) and len(a) > 256 else a
+        for a in args
+        if not isinstance(a, pyfuse3.RequestContext)
+    )
 
 
 class FileHandle:
