@@ -15,13 +15,13 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.common import LAYERFS, umount
 from benchmarks.dataset import Dataset
-from benchmarks.workloads import WORKLOADS, describe
+from benchmarks.workloads import WORKLOADS, Workload, describe
 
 ENGINES = ("kernel", "fuse-overlayfs", "layerfs")
 
@@ -53,6 +53,25 @@ def mount(engine: str, opts: str, mnt: Path, cwd: Path | None = None) -> None:
         "layerfs": [LAYERFS, "-o", opts, str(mnt)],
     }[engine]
     subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
+
+
+def fresh_mount_dirs(d: Path, lowers: Sequence[str | Path]) -> tuple[Path, str]:
+    """New, empty d/upper, d/work and d/mnt; returns the mountpoint and the mount options."""
+    shutil.rmtree(d, ignore_errors=True)
+    for sub in ("upper", "work", "mnt"):
+        (d / sub).mkdir(parents=True)
+    lowerdir = ":".join(map(str, lowers))
+    return d / "mnt", f"lowerdir={lowerdir},upperdir={d / 'upper'},workdir={d / 'work'}"
+
+
+def prepare(w: Workload, mode: str, first: bool, mnt: Path, ds: Dataset) -> None:
+    """What comes before the timed run of `w` in `mode` (the module docstring of workloads)."""
+    if mode == "cold":
+        drop_caches()
+    elif mode == "warm" and first:
+        w.run(mnt, ds)
+    elif mode == "once":
+        os.sync()
 
 
 def _error(exc: BaseException) -> str:
@@ -88,31 +107,15 @@ class Harness:
         ]
         for engine in self.engines:
             d = self.run_dir / engine
-            shutil.rmtree(d, ignore_errors=True)
-            for sub in ("upper", "work", "mnt"):
-                (d / sub).mkdir(parents=True)
-            mnt = d / "mnt"
-            opts = (
-                "lowerdir="
-                + ":".join(map(str, self.ds.lowers))
-                + f",upperdir={d / 'upper'},workdir={d / 'work'}"
-            )
+            mnt, opts = fresh_mount_dirs(d, self.ds.lowers)
             try:
                 mount(engine, opts, mnt)
-                try:
-                    for i, (mode, row) in enumerate(zip(w.modes, rows, strict=True)):
-                        if mode == "cold":
-                            drop_caches()
-                        elif mode == "warm" and i == 0:
-                            w.run(mnt, self.ds)
-                        elif mode == "once":
-                            os.sync()
-                        t0 = time.perf_counter()
-                        reported = w.run(mnt, self.ds)
-                        took = time.perf_counter() - t0
-                        row.add(engine, reported if reported is not None else took)
-                finally:
-                    umount(mnt)
+                for i, (mode, row) in enumerate(zip(w.modes, rows, strict=True)):
+                    prepare(w, mode, i == 0, mnt, self.ds)
+                    t0 = time.perf_counter()
+                    reported = w.run(mnt, self.ds)
+                    took = time.perf_counter() - t0
+                    row.add(engine, reported if reported is not None else took)
             except Exception as exc:  # an engine failing one workload does not stop the run
                 for row in rows:
                     row.errors[engine] = _error(exc)
@@ -138,21 +141,14 @@ class Harness:
             for engine in self.engines:
                 # with an upper, as a container has (the kernel refuses a single lower alone)
                 d = self.run_dir / engine
-                shutil.rmtree(d, ignore_errors=True)
-                for sub in ("upper", "work", "mnt"):
-                    (d / sub).mkdir(parents=True)
-                mnt = d / "mnt"
-                opts = f"lowerdir={':'.join(names)},upperdir={d / 'upper'},workdir={d / 'work'}"
+                mnt, opts = fresh_mount_dirs(d, names)
                 try:
                     t0 = time.perf_counter()
                     mount(engine, opts, mnt, cwd=self.ds.stack)
                     took = time.perf_counter() - t0
-                    try:
-                        # it answers: the top layer's own file is there
-                        if not (mnt / f"own{depth - 1}").exists():
-                            raise RuntimeError(f"own{depth - 1} missing from the mount")
-                    finally:
-                        umount(mnt)
+                    # it answers: the top layer's own file is there
+                    if not (mnt / f"own{depth - 1}").exists():
+                        raise RuntimeError(f"own{depth - 1} missing from the mount")
                     row.add(engine, took)
                 except Exception as exc:
                     row.errors[engine] = _error(exc)
@@ -175,21 +171,13 @@ class Harness:
         }
         for engine in [*self.engines, "pyfuse3-null"]:
             d = self.run_dir / engine
-            shutil.rmtree(d, ignore_errors=True)
-            for sub in ("upper", "work", "mnt"):
-                (d / sub).mkdir(parents=True)
-            mnt = d / "mnt"
+            mnt, opts = fresh_mount_dirs(d, self.ds.lowers)
             proc = None
             try:
                 if engine == "pyfuse3-null":
                     proc = start_null(mnt)
                     target = mnt / NULL_FILE
                 else:
-                    opts = (
-                        "lowerdir="
-                        + ":".join(map(str, self.ds.lowers))
-                        + f",upperdir={d / 'upper'},workdir={d / 'work'}"
-                    )
                     mount(engine, opts, mnt)
                     target = mnt / "small" / "f00000"
                 for op, took in per_request(target, n).items():

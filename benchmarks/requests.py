@@ -24,7 +24,7 @@ from pathlib import Path
 
 from benchmarks.common import LAYERFS, umount
 from benchmarks.dataset import CACHE, Dataset, dataset
-from benchmarks.harness import drop_caches
+from benchmarks.harness import fresh_mount_dirs, prepare
 from benchmarks.workloads import WORKLOADS
 
 _LINE = re.compile(rb"DEBUG ([a-z_]+)\(")
@@ -38,15 +38,8 @@ def _mark(mnt: Path, tag: str) -> bytes:
 
 def count(ds: Dataset, wid: str, run_dir: Path) -> dict[str, Counter[str]]:
     w = next(w for w in WORKLOADS if w.id == wid)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    for sub in ("upper", "work", "mnt"):
-        (run_dir / sub).mkdir(parents=True)
-    mnt, log = run_dir / "mnt", run_dir / "log"
-    opts = (
-        "lowerdir="
-        + ":".join(map(str, ds.lowers))
-        + f",upperdir={run_dir / 'upper'},workdir={run_dir / 'work'}"
-    )
+    mnt, opts = fresh_mount_dirs(run_dir, ds.lowers)
+    log = run_dir / "log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([LAYERFS, "-d", "-o", opts, str(mnt)], stderr=out)
     marks: list[tuple[str, bytes, bytes]] = []
@@ -57,12 +50,7 @@ def count(ds: Dataset, wid: str, run_dir: Path) -> dict[str, Counter[str]]:
                 raise RuntimeError(f"layerfs -d did not mount: {log.read_text()[-500:]}")
             time.sleep(0.05)
         for i, mode in enumerate(w.modes):
-            if mode == "cold":
-                drop_caches()
-            elif mode == "warm" and i == 0:
-                w.run(mnt, ds)
-            elif mode == "once":
-                os.sync()
+            prepare(w, mode, i == 0, mnt, ds)
             start = _mark(mnt, f"{mode}-start")
             w.run(mnt, ds)
             end = _mark(mnt, f"{mode}-end")
