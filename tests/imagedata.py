@@ -4,7 +4,8 @@
 `write_oci_layout(dir, layers, ...)` writes a complete OCI image layout (blobs, config,
 manifest, index.json with a ref name), optionally as an index with two platforms, with gzip,
 zstd or no compression; `write_docker_archive(file, layers, repo_tag)` writes `docker save`
-output.  All deterministic.
+output.  All deterministic.  `pulled_sample(tmp)` is the sample layout pulled into a new store,
+the setup of the tests that mount or commit an image.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
@@ -216,3 +218,15 @@ def write_docker_archive(
             info.size = len(data)
             info.mtime = MTIME
             tf.addfile(info, io.BytesIO(data))
+
+
+def pulled_sample(tmp: Path, **layout_options: object) -> tuple[Any, list[Path]]:
+    """The sample image written to tmp/src and pulled into a new store at tmp/store as `base`;
+    returns the store and the image's layer dirs (bottom first)."""
+    from imagestore.pull import image_layers, pull
+    from imagestore.store import Store
+
+    write_oci_layout(tmp / "src", **layout_options)  # type: ignore[arg-type]
+    store = Store.open(tmp / "store")
+    pull(store, f"oci:{tmp / 'src'}:latest", name="base")
+    return store, image_layers(store, "base")

@@ -60,10 +60,7 @@ def env(tmp_path_factory):
     require_root()
     require_fuse()
     tmp = tmp_path_factory.mktemp("commit")
-    imagedata.write_oci_layout(tmp / "src")
-    store = Store.open(tmp / "store")
-    pull(store, f"oci:{tmp / 'src'}:latest", name="base")
-    lowers = image_layers(store, "base")
+    store, lowers = imagedata.pulled_sample(tmp)
     upper, work, mnt = tmp / "upper", tmp / "work", tmp / "mnt"
     for d in (upper, work, mnt):
         d.mkdir()
@@ -286,10 +283,7 @@ def test_interrupted_commit_leaves_nothing(env, committed, monkeypatch):
 # ----- without a mount -------------------------------------------------------------------
 def test_docker_base_keeps_docker_types(tmp_path):
     require_root()
-    imagedata.write_oci_layout(tmp_path / "src", docker_types=True)
-    store = Store.open(tmp_path / "store")
-    pull(store, f"oci:{tmp_path / 'src'}:latest", name="base")
-    lowers = image_layers(store, "base")
+    store, lowers = imagedata.pulled_sample(tmp_path, docker_types=True)
     upper = tmp_path / "upper"
     write(upper / "etc/added", b"a")
     whiteout(upper / "etc/passwd")

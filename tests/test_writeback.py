@@ -21,7 +21,7 @@ import pytest
 
 from imagestore import mountrecords
 from imagestore.commit import commit
-from imagestore.pull import image_layers, pull
+from imagestore.pull import image_layers
 from imagestore.store import Store
 from tests import imagedata
 from tests.layerdata import write
@@ -212,10 +212,7 @@ def test_sigterm_keeps_data_not_yet_written_back(tmp_path, fuse):
 def image_mount(tmp_path, fuse):
     """A pulled image mounted with writeback=1, with the upper and work dirs a commit needs."""
     require_root()
-    imagedata.write_oci_layout(tmp_path / "src")
-    store = Store.open(tmp_path / "store")
-    pull(store, f"oci:{tmp_path / 'src'}:latest", name="base")
-    lowers = image_layers(store, "base")
+    store, lowers = imagedata.pulled_sample(tmp_path)
     upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
     for d in (upper, work, mnt):
         d.mkdir()
