@@ -3,6 +3,7 @@ committed image, unpacked by umoci, equals the tree the user saw through the mou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -16,16 +17,29 @@ from tests.test_pull import layer, need_tool, same_as_umoci, umoci_tree
 pytestmark = pytest.mark.mount
 
 
-def test_live_commit_and_push(tmp_path, fuse):
-    need_tool("umoci")
+@contextlib.contextmanager
+def mounted_base(tmp_path, name):
+    """The sample image pulled by `layer pull` into tmp_path/store as `base` and mounted on
+    tmp_path/mnt by `layer mount --name NAME`; yields (store root, mountpoint) and always
+    unmounts."""
     root = tmp_path / "store"
     layout = tmp_path / "layout"
     imagedata.write_oci_layout(layout)
     layer("pull", "-q", f"oci:{layout}", "--name", "base", root=root)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    layer("mount", "base", str(mnt), "--name", "work1", root=root)
+    layer("mount", "base", str(mnt), "--name", name, root=root)
     try:
+        yield root, mnt
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
+        if is_mounted(mnt):
+            lazy_unmount(str(mnt))
+
+
+def test_live_commit_and_push(tmp_path, fuse):
+    need_tool("umoci")
+    with mounted_base(tmp_path, "work1") as (root, mnt):
         (mnt / "etc/hostname").write_text("committed\n")
         os.unlink(mnt / "etc/passwd")
         os.mkdir(mnt / "srv/new")
@@ -51,10 +65,6 @@ def test_live_commit_and_push(tmp_path, fuse):
         assert digest.startswith("sha256:")
         view = treecmp.snapshot(mnt)
         (mnt / "after-commit").write_text("the mount goes on\n")  # not frozen any more
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
-        if is_mounted(mnt):
-            lazy_unmount(str(mnt))
     info = json.loads(layer("inspect", "new:1", root=root).stdout)
     assert "A=b" in info["config"]["config"]["Env"] and len(info["layers"]) == 4
     assert info["config"]["history"][-1]["comment"] == "a change"
@@ -77,40 +87,31 @@ def test_live_commit_while_writing_then_registry_round_trip(tmp_path, fuse):
     from tests.registry_util import running_registry
 
     need_tool("skopeo")
-    root = tmp_path / "store"
-    layout = tmp_path / "layout"
-    imagedata.write_oci_layout(layout)
-    layer("pull", "-q", f"oci:{layout}", "--name", "base", root=root)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    layer("mount", "base", str(mnt), "--name", "w", root=root)
     stop = threading.Event()
     written = []
+    with mounted_base(tmp_path, "w") as (root, mnt):
 
-    def writer():
-        with open(mnt / "srv/log", "ab") as f:
-            i = 0
-            while not stop.is_set():
-                f.write(b"%04095d\n" % i)  # one 4 KiB record per write(2)
-                f.flush()
-                written.append(i)
-                i += 1
+        def writer():
+            with open(mnt / "srv/log", "ab") as f:
+                i = 0
+                while not stop.is_set():
+                    f.write(b"%04095d\n" % i)  # one 4 KiB record per write(2)
+                    f.flush()
+                    written.append(i)
+                    i += 1
 
-    t = threading.Thread(target=writer)
-    t.start()
-    try:
-        while len(written) < 50:
-            pass
-        layer("commit", "--compress", "none", "w", "snap:1", root=root)
-        n_after_commit = len(written)
-        while len(written) < n_after_commit + 50:
-            pass  # writes go on after the commit
-    finally:
-        stop.set()
-        t.join(timeout=30)
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
-        if is_mounted(mnt):
-            lazy_unmount(str(mnt))
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            while len(written) < 50:
+                pass
+            layer("commit", "--compress", "none", "w", "snap:1", root=root)
+            n_after_commit = len(written)
+            while len(written) < n_after_commit + 50:
+                pass  # writes go on after the commit
+        finally:
+            stop.set()
+            t.join(timeout=30)
     final = (root / "mounts/w/upper/srv/log").read_bytes()
     assert len(final) == 4096 * len(written)  # nothing lost
     store = Store.open(root)
