@@ -13,15 +13,12 @@ import pytest
 from imagestore.store import Store
 from tests import imagedata, treecmp
 from tests.registry_util import (
-    FakeServer,
-    TokenIssuer,
     require_tool,
     running_registry,
     skopeo_copy,
-    token_auth_config,
 )
 from tests.test_pull import mounted_tree, same_as_umoci, umoci_tree
-from tests.test_registry_token import PASSWORD, USER, TokenPolicy
+from tests.test_registry_token import PASSWORD, USER, token_registry
 
 LAYER = str(Path(sys.executable).parent / "layer")
 
@@ -135,33 +132,23 @@ def test_basic_auth(layouts, tmp_path):
 
 
 def test_token_auth(layouts, tmp_path):
-    require_tool("openssl", "openssl")
-    issuer = TokenIssuer.create(tmp_path / "issuer")
-    policy = TokenPolicy(issuer, TokenIssuer.create(tmp_path / "forger"))
-    with FakeServer(policy) as tokens:
-
-        def hook(config: dict[str, object]) -> None:
-            config["auth"] = token_auth_config(f"{tokens.url}/token", issuer)
-
-        with running_registry(tmp_path / "reg", config_hook=hook) as reg:
-            skopeo_copy(
-                f"oci:{layouts / 'sample'}:v1",
-                f"docker://{reg.host}/test/img:v1",
-                "--dest-creds",
-                f"{USER}:{PASSWORD}",
-            )
-            root = tmp_path / "store"
-            r = layer(
-                root,
-                "pull",
-                "-q",
-                "--creds",
-                f"{USER}:{PASSWORD}",
-                f"docker://{reg.host}/test/img:v1",
-            )
-            assert r.returncode == 0, r.stderr
-            assert any(
-                i.user == USER and "repository:test/img:pull" in i.scopes for i in policy.issued
-            )
-            r = layer(root, "pull", "--creds", f"{USER}:nope", f"docker://{reg.host}/test/img:v1")
-            assert r.returncode == 1 and "layer: error:" in r.stderr
+    with token_registry(tmp_path) as (reg, _tokens, policy):
+        skopeo_copy(
+            f"oci:{layouts / 'sample'}:v1",
+            f"docker://{reg.host}/test/img:v1",
+            "--dest-creds",
+            f"{USER}:{PASSWORD}",
+        )
+        root = tmp_path / "store"
+        r = layer(
+            root,
+            "pull",
+            "-q",
+            "--creds",
+            f"{USER}:{PASSWORD}",
+            f"docker://{reg.host}/test/img:v1",
+        )
+        assert r.returncode == 0, r.stderr
+        assert any(i.user == USER and "repository:test/img:pull" in i.scopes for i in policy.issued)
+        r = layer(root, "pull", "--creds", f"{USER}:nope", f"docker://{reg.host}/test/img:v1")
+        assert r.returncode == 1 and "layer: error:" in r.stderr

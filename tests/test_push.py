@@ -23,14 +23,11 @@ from imagestore.registry import RegistryClient
 from imagestore.store import Store
 from tests import imagedata
 from tests.registry_util import (
-    FakeServer,
     Registry,
-    TokenIssuer,
     require_tool,
     running_registry,
-    token_auth_config,
 )
-from tests.test_registry_token import PASSWORD, USER, TokenPolicy
+from tests.test_registry_token import PASSWORD, USER, token_registry
 
 pytestmark = pytest.mark.usefixtures("no_real_credentials")
 
@@ -200,27 +197,19 @@ def test_basic_auth(store, tmp_path):
 def test_token_auth(store, tmp_path):
     """Bearer: the token asked for carries the push scope; a mount the token does not cover
     falls back to an upload."""
-    require_tool("openssl", "openssl")
-    issuer = TokenIssuer.create(tmp_path / "issuer")
-    policy = TokenPolicy(issuer, TokenIssuer.create(tmp_path / "forger"))
-    with FakeServer(policy) as tokens:
-
-        def hook(config: dict[str, object]) -> None:
-            config["auth"] = token_auth_config(f"{tokens.url}/token", issuer)
-
-        with running_registry(tmp_path / "reg", config_hook=hook) as reg:
-            dest = f"docker://{reg.host}/test/pushed:v1"
-            with pytest.raises(AuthError):
-                push(store, "sample:gzip", dest)  # anonymous: no push
-            digest = push(store, "sample:gzip", dest, creds=(USER, PASSWORD))
-            assert any("repository:test/pushed:pull,push" in i.scopes for i in policy.issued)
-            states = States()
-            again = f"{reg.host}/test/again:v1"
-            push(store, "sample:gzip", again, creds=(USER, PASSWORD), from_repo="test/pushed",
-                 report=states)  # fmt: skip
-            assert set(states.final()) <= {"mounted", "uploaded"}
-            info = skopeo("inspect", "--tls-verify=false", "--creds", f"{USER}:{PASSWORD}", dest)
-            assert info["Digest"] == str(digest)
+    with token_registry(tmp_path) as (reg, _tokens, policy):
+        dest = f"docker://{reg.host}/test/pushed:v1"
+        with pytest.raises(AuthError):
+            push(store, "sample:gzip", dest)  # anonymous: no push
+        digest = push(store, "sample:gzip", dest, creds=(USER, PASSWORD))
+        assert any("repository:test/pushed:pull,push" in i.scopes for i in policy.issued)
+        states = States()
+        again = f"{reg.host}/test/again:v1"
+        push(store, "sample:gzip", again, creds=(USER, PASSWORD), from_repo="test/pushed",
+             report=states)  # fmt: skip
+        assert set(states.final()) <= {"mounted", "uploaded"}
+        info = skopeo("inspect", "--tls-verify=false", "--creds", f"{USER}:{PASSWORD}", dest)
+        assert info["Digest"] == str(digest)
 
 
 def test_bad_destinations(store):

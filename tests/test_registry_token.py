@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -138,15 +141,14 @@ class Setup:
         return [s for s in self.tokens.seen[start:] if s.path.startswith("/token")]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    require_tool("skopeo", "skopeo")
-    work = tmp_path_factory.mktemp("tokenreg")
+@contextlib.contextmanager
+def token_registry(work: Path) -> Iterator[tuple[Registry, FakeServer, TokenPolicy]]:
+    """A real registry that accepts only Bearer tokens, and the token server (FakeServer under
+    a TokenPolicy) that issues them; yields (registry, token server, policy)."""
+    require_tool("openssl", "openssl")
     issuer = TokenIssuer.create(work / "issuer")
     forger = TokenIssuer.create(work / "forger")  # the same issuer name, an untrusted key
     policy = TokenPolicy(issuer, forger)
-    oci = work / "oci"
-    write_oci_layout(oci, {"v1": IMG})
     with FakeServer(policy) as tokens:
 
         def hook(config: dict[str, object]) -> None:
@@ -154,12 +156,20 @@ def setup(tmp_path_factory):
             config["log"] = {"level": "info", "accesslog": {"disabled": True}}
 
         with running_registry(work / "registry", config_hook=hook) as reg:
-            creds = f"{USER}:{PASSWORD}"
-            for repo in ("test/img", "test/private"):
-                skopeo_copy(
-                    f"oci:{oci}:v1", f"docker://{reg.host}/{repo}:v1", "--dest-creds", creds
-                )
-            yield Setup(reg, tokens, policy)
+            yield reg, tokens, policy
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    require_tool("skopeo", "skopeo")
+    work = tmp_path_factory.mktemp("tokenreg")
+    oci = work / "oci"
+    write_oci_layout(oci, {"v1": IMG})
+    with token_registry(work) as (reg, tokens, policy):
+        creds = f"{USER}:{PASSWORD}"
+        for repo in ("test/img", "test/private"):
+            skopeo_copy(f"oci:{oci}:v1", f"docker://{reg.host}/{repo}:v1", "--dest-creds", creds)
+        yield Setup(reg, tokens, policy)
 
 
 @pytest.fixture
