@@ -54,6 +54,35 @@ def _fmt_time(x: float) -> str:
     return f"{x * 1e6:.0f} µs"
 
 
+def _columns(row: Row, engines: list[str], s: dict[str, Any]) -> list[str]:
+    """The engines of the run for rows against the kernel (plus any extra, like the null fs);
+    otherwise the row's baseline tool first, then ours."""
+    if row.baseline == "kernel":
+        return [*engines, *[e for e in s if e not in engines]]
+    return [row.baseline, *[e for e in s if e != row.baseline]]
+
+
+def _cell(row: Row, engine: str, s: dict[str, Any], ratio_fmt: str, missing: str = "-") -> str:
+    if engine in row.errors:
+        return "failed"
+    if engine not in s:
+        return missing
+    v = s[engine]
+    cell = f"{_fmt_time(v['median'])} ({_fmt_time(v['min'])}–{_fmt_time(v['max'])})"
+    if engine != row.baseline and v["ratio"] is not None:
+        cell += " " + ratio_fmt.format(v["ratio"])
+    return cell
+
+
+def _target(row: Row, focus: str, s: dict[str, Any], sep: str = "") -> tuple[str, str]:
+    """(the target as text, ok/MISS for `focus`), or two empty strings without a target."""
+    if row.target is None:
+        return "", ""
+    if row.target_kind == "seconds":
+        return f"≤{sep}{row.target:g} s", verdict(row, focus, s)
+    return f"≤{sep}×{row.target:g}", verdict(row, focus, s)
+
+
 def table(rows: list[Row], engines: list[str], focus: str = "layerfs") -> str:
     """One line per (workload, mode): median (min–max) per engine, ×ratio to the baseline, and
     the target for `focus` with ok/MISS."""
@@ -61,9 +90,7 @@ def table(rows: list[Row], engines: list[str], focus: str = "layerfs") -> str:
     current: list[str] = []
     for row in rows:
         s = summary(row)
-        cols = [row.baseline, *[e for e in s if e != row.baseline]]
-        if row.baseline == "kernel":
-            cols = [*engines, *[e for e in s if e not in engines]]
+        cols = _columns(row, engines, s)
         if cols != current:  # a section with other columns (store tools, the null fs)
             what = (
                 "workload"
@@ -78,59 +105,32 @@ def table(rows: list[Row], engines: list[str], focus: str = "layerfs") -> str:
                 f"{'':5} {'':5} {what:52}" + "".join(f" {e:>30}" for e in cols) + f"  {'target':>8}"
             )
         line = f"{row.id:5} {row.mode:5} {row.title[:52]:52}"
-        for e in cols:
-            if e in row.errors:
-                cell = "failed"
-            elif e in s:
-                v = s[e]
-                cell = f"{_fmt_time(v['median'])} ({_fmt_time(v['min'])}–{_fmt_time(v['max'])})"
-                if e != row.baseline and v["ratio"] is not None:
-                    cell += f" ×{v['ratio']:.2f}"
-            else:
-                cell = "-"
-            line += f" {cell:>30}"
-        if row.target is not None:
-            t = f"≤{row.target:g} s" if row.target_kind == "seconds" else f"≤×{row.target:g}"
-            line += f"  {t:>8} {verdict(row, focus, s)}"
+        line += "".join(f" {_cell(row, e, s, '×{:.2f}'):>30}" for e in cols)
+        target, ok = _target(row, focus, s)
+        if target:
+            line += f"  {target:>8} {ok}"
         lines.append(line)
     return "\n".join(lines)
 
 
 def markdown(rows: list[Row], engines: list[str], focus: str = "layerfs") -> str:
     """The table as Markdown (for the README): median (min–max) and ×ratio per engine."""
-    out = []
+    out: list[str] = []
     current: list[str] = []
     for row in rows:
         s = summary(row)
-        cols = (
-            [*engines, *[e for e in s if e not in engines]]
-            if row.baseline == "kernel"
-            else [row.baseline, *[e for e in s if e != row.baseline]]
-        )
+        cols = _columns(row, engines, s)
         if cols != current:
             current = cols
             if out:
                 out.append("")
             out.append("| workload | " + " | ".join(cols) + " | target |")
             out.append("|---|" + "---|" * len(cols) + "---|")
-        cells = []
-        for e in cols:
-            if e in row.errors:
-                cells.append("failed")
-            elif e in s:
-                v = s[e]
-                cell = f"{_fmt_time(v['median'])} ({_fmt_time(v['min'])}–{_fmt_time(v['max'])})"
-                if e != row.baseline and v["ratio"] is not None:
-                    cell += f" **×{v['ratio']:.2f}**"
-                cells.append(cell)
-            else:
-                cells.append("–")
-        target = ""
-        if row.target is not None:
-            t = f"≤ {row.target:g} s" if row.target_kind == "seconds" else f"≤ ×{row.target:g}"
-            target = f"{t} {verdict(row, focus, s)}"
+        cells = [_cell(row, e, s, "**×{:.2f}**", missing="–") for e in cols]
+        target, ok = _target(row, focus, s, sep=" ")
         mode = "" if row.mode == "once" else f" {row.mode}"
-        out.append(f"| {row.id}{mode}: {row.title} | " + " | ".join(cells) + f" | {target} |")
+        last = f"{target} {ok}" if target else ""
+        out.append(f"| {row.id}{mode}: {row.title} | " + " | ".join(cells) + f" | {last} |")
     return "\n".join(out)
 
 
