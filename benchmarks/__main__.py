@@ -15,6 +15,7 @@ is CI's smoke test: it proves the harness runs, not how fast anything is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -105,12 +106,13 @@ def run(args: argparse.Namespace) -> int:
     }
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=ds.root.parent))
     h = Harness(ds, engines, run_dir)
-    store_ctx = None
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, run_dir, True)
+        store = None
         if "S" in only:
             from benchmarks.store import StoreBench
 
-            store_ctx = StoreBench(ds.sizes.pull_files, args.data).__enter__()
+            store = cleanup.enter_context(StoreBench(ds.sizes.pull_files, args.data))
         for r in range(rounds):
             print(f"round {r + 1}/{rounds}", flush=True)
             for g in only:
@@ -120,13 +122,9 @@ def run(args: argparse.Namespace) -> int:
                 elif g == "R":
                     h.floor_round()
                 elif g == "S":
-                    h.store_round(store_ctx)
+                    h.store_round(store)
                 else:
                     h.workload_round(g)
-    finally:
-        if store_ctx is not None:
-            store_ctx.__exit__(None, None, None)
-        shutil.rmtree(run_dir, ignore_errors=True)
     rows = list(h.rows.values())
     text = report.save(rows, meta, out, engines)
     print(

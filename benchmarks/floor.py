@@ -27,20 +27,18 @@ from typing import Any
 NULL_FILE = "f"
 
 
-def _attrs(inode: int) -> Any:
-    import pyfuse3
-
-    e = pyfuse3.EntryAttributes()
-    e.st_ino = inode
-    e.st_mode = (stat.S_IFDIR | 0o755) if inode == pyfuse3.ROOT_INODE else (stat.S_IFREG | 0o644)
-    e.st_nlink = 1
-    e.attr_timeout = e.entry_timeout = 86400.0
-    return e
-
-
 def serve(mountpoint: str) -> int:
     import pyfuse3
     import trio
+
+    def _attrs(inode: int) -> Any:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = inode
+        is_root = inode == pyfuse3.ROOT_INODE
+        e.st_mode = (stat.S_IFDIR | 0o755) if is_root else (stat.S_IFREG | 0o644)
+        e.st_nlink = 1
+        e.attr_timeout = e.entry_timeout = 86400.0
+        return e
 
     class NullOps(pyfuse3.Operations):
         async def getattr(self, inode: int, ctx: Any = None) -> Any:
