@@ -9,20 +9,24 @@ own work, this module has:
   - `per_request`, which times, on a mounted engine, a loop of lgetxattr (one synchronous
     request each, never cached by the kernel) and of open+close (OPEN and FLUSH synchronous,
     RELEASE asynchronous).
-`python -m benchmarks.floor MNT` serves NullOps on MNT in the foreground (the harness starts
-it and unmounts it).  Single-threaded trio, like layerfs.
+`python -m benchmarks.floor MNT` serves NullOps on MNT in the foreground; `null_fs(mnt)` runs
+it for the length of a with-block.  Single-threaded trio, like layerfs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from benchmarks.common import umount
 
 NULL_FILE = "f"
 
@@ -66,19 +70,28 @@ def serve(mountpoint: str) -> int:
     return 0
 
 
-def start_null(mnt: Path) -> subprocess.Popen[bytes]:
-    """Serve NullOps on `mnt`; returns once it answers."""
+@contextlib.contextmanager
+def null_fs(mnt: Path) -> Iterator[Path]:
+    """NullOps served on `mnt` while the block runs; yields its one file.  Unmounted (and the
+    server waited for, or killed) whatever happens."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.floor", str(mnt)],
         cwd=Path(__file__).resolve().parent.parent,
     )
-    deadline = time.monotonic() + 10
-    while not (mnt / NULL_FILE).exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
+    try:
+        deadline = time.monotonic() + 10
+        while not (mnt / NULL_FILE).exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the null pyfuse3 filesystem did not come up")
+            time.sleep(0.05)
+        yield mnt / NULL_FILE
+    finally:
+        umount(mnt)  # the server exits once unmounted
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             proc.kill()
-            raise RuntimeError("the null pyfuse3 filesystem did not come up")
-        time.sleep(0.05)
-    return proc
+            proc.wait()
 
 
 def per_request(path: Path, n: int) -> dict[str, float]:

@@ -11,11 +11,12 @@ names (cwd = the stack), so 500 layers fit in the kernel's one-page mount option
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,21 @@ class Harness:
             self.rows[(id, mode)] = Row(id, mode, **kw)  # type: ignore[arg-type]
         return self.rows[(id, mode)]
 
+    @contextlib.contextmanager
+    def attempt(self, rows: Iterable[Row], label: str, engine: str, d: Path) -> Iterator[None]:
+        """One engine's turn on a fresh mount under `d`: a failure is recorded in `rows` and
+        logged, not raised (one engine failing does not stop the run), and d/mnt is unmounted
+        and `d` removed whatever happens."""
+        try:
+            yield
+        except Exception as exc:
+            for row in rows:
+                row.errors[engine] = _error(exc)
+            self.log(f"    {label} {engine}: FAILED {_error(exc)}")
+        finally:
+            umount(d / "mnt")
+            shutil.rmtree(d, ignore_errors=True)
+
     # --- W1..W10 ---------------------------------------------------------------------------
 
     def workload_round(self, wid: str) -> None:
@@ -108,7 +124,7 @@ class Harness:
         for engine in self.engines:
             d = self.run_dir / engine
             mnt, opts = fresh_mount_dirs(d, self.ds.lowers)
-            try:
+            with self.attempt(rows, w.id, engine, d):
                 mount(engine, opts, mnt)
                 for i, (mode, row) in enumerate(zip(w.modes, rows, strict=True)):
                     prepare(w, mode, i == 0, mnt, self.ds)
@@ -116,13 +132,6 @@ class Harness:
                     reported = w.run(mnt, self.ds)
                     took = time.perf_counter() - t0
                     row.add(engine, reported if reported is not None else took)
-            except Exception as exc:  # an engine failing one workload does not stop the run
-                for row in rows:
-                    row.errors[engine] = _error(exc)
-                self.log(f"    {w.id} {engine}: FAILED {_error(exc)}")
-            finally:
-                umount(mnt)
-                shutil.rmtree(d, ignore_errors=True)
 
     # --- mount time --------------------------------------------------------------------------
 
@@ -142,7 +151,7 @@ class Harness:
                 # with an upper, as a container has (the kernel refuses a single lower alone)
                 d = self.run_dir / engine
                 mnt, opts = fresh_mount_dirs(d, names)
-                try:
+                with self.attempt([row], f"M{depth}", engine, d):
                     t0 = time.perf_counter()
                     mount(engine, opts, mnt, cwd=self.ds.stack)
                     took = time.perf_counter() - t0
@@ -150,19 +159,13 @@ class Harness:
                     if not (mnt / f"own{depth - 1}").exists():
                         raise RuntimeError(f"own{depth - 1} missing from the mount")
                     row.add(engine, took)
-                except Exception as exc:
-                    row.errors[engine] = _error(exc)
-                    self.log(f"    M{depth} {engine}: FAILED {_error(exc)}")
-                finally:
-                    umount(mnt)
-                    shutil.rmtree(d, ignore_errors=True)
 
     # --- one request -------------------------------------------------------------------------
 
     def floor_round(self) -> None:
         """µs per getxattr and per open+close on each engine, and on a pyfuse3 filesystem that
         does nothing (the floor any pyfuse3 + trio daemon pays per request here)."""
-        from benchmarks.floor import NULL_FILE, per_request, start_null
+        from benchmarks.floor import null_fs, per_request
 
         n = 500 if self.ds.sizes.small_files < 5000 else 2000  # quick: fewer calls
         rows = {
@@ -172,28 +175,14 @@ class Harness:
         for engine in [*self.engines, "pyfuse3-null"]:
             d = self.run_dir / engine
             mnt, opts = fresh_mount_dirs(d, self.ds.lowers)
-            proc = None
-            try:
+            with self.attempt(rows.values(), "R", engine, d), contextlib.ExitStack() as null:
                 if engine == "pyfuse3-null":
-                    proc = start_null(mnt)
-                    target = mnt / NULL_FILE
+                    target = null.enter_context(null_fs(mnt))
                 else:
                     mount(engine, opts, mnt)
                     target = mnt / "small" / "f00000"
                 for op, took in per_request(target, n).items():
                     rows[op].add(engine, took)
-            except Exception as exc:
-                for row in rows.values():
-                    row.errors[engine] = _error(exc)
-                self.log(f"    R {engine}: FAILED {_error(exc)}")
-            finally:
-                umount(mnt)
-                if proc is not None:
-                    try:
-                        proc.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                shutil.rmtree(d, ignore_errors=True)
 
     # --- store -------------------------------------------------------------------------------
 
