@@ -167,7 +167,11 @@ async def _run(pyfuse3, trio, ops, mountpoint) -> None:  # type: ignore[no-untyp
         if ops.writer is not None:
             sock = ops.writer.work + b"/" + control.SOCKET_NAME.encode()
             await nursery.start(
-                control.serve, sock, ops.gate, ops.stack.layers[0], os.fsencode(mountpoint)
+                control.serve,
+                sock,
+                ops.gate,
+                ops.stack.fs.fd(ops.stack.layers[0]),  # not a path: it may be under the mount
+                os.fsencode(mountpoint),
             )
         await pyfuse3.main()
         nursery.cancel_scope.cancel()

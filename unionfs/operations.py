@@ -30,6 +30,8 @@ Kernel caching, and why each cache is safe:
         kernel's WRITE requests are mutating requests the frozen gate holds.
     It is safe because this daemon is the only writer of the upper while mounted (the same
     assumption as the long attribute timeouts above).
+Every call on a real object goes through `stack.fs` (relative to the layer roots' fds, no
+path-length limit).
 Concurrency: trio, one thread; handlers that do not await are atomic with respect to the
 model.  Reads of data use pread on the trio thread (page-cache hits are cheaper than a
 thread hop); bulk copies of the write side go to worker threads.
@@ -51,6 +53,7 @@ import trio
 from . import markers
 from .control import Gate
 from .errors import UnionError
+from .fsat import Roots
 from .stack import Child, LayerStack, Node
 from .writer import Writer
 
@@ -325,9 +328,9 @@ class UnionOperations(pyfuse3.Operations):
         oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY | _O_DIRECT)
         path = self.stack.real_path(node)
         if writable:
-            fd = _open_rw(path, self._open_flags(oflags), oflags)
+            fd = _open_rw(self.stack.fs, path, self._open_flags(oflags), oflags)
         else:
-            fd = _open_noatime(path, oflags)
+            fd = _open_noatime(self.stack.fs, path, oflags)
         if flags & os.O_TRUNC:
             node.st = node.attrs = None
         return pyfuse3.FileInfo(fh=self._add_handle(node, fd, writable), keep_cache=True)
@@ -383,7 +386,7 @@ class UnionOperations(pyfuse3.Operations):
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         node = self._dirs[fh].node
         if self.stack.in_upper(node):
-            fd = os.open(self.stack.real_path(node), os.O_RDONLY | os.O_DIRECTORY)
+            fd = self.stack.fs.open(self.stack.real_path(node), os.O_RDONLY | os.O_DIRECTORY)
             try:
                 await trio.to_thread.run_sync(os.fsync, fd)
             finally:
@@ -441,7 +444,7 @@ class UnionOperations(pyfuse3.Operations):
         path = self.stack.real_path(node)
         for handle in self._handle_fds(node):
             if not handle.writable:
-                new = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                new = self.stack.fs.open(path, os.O_RDONLY)
                 os.dup2(new, handle.fd)
                 os.close(new)
 
@@ -476,11 +479,11 @@ class UnionOperations(pyfuse3.Operations):
             if isinstance(target, int):
                 os.fchown(target, uid, gid)
             else:
-                os.chown(target, uid, gid, follow_symlinks=False)
+                self.stack.fs.chown(target, uid, gid)
         if fields.update_mode and not is_link:
-            os.chmod(target, stat.S_IMODE(attr.st_mode))
+            self.stack.fs.chmod(target, stat.S_IMODE(attr.st_mode))
         if fields.update_size:
-            os.truncate(target, attr.st_size)
+            self.stack.fs.truncate(target, attr.st_size)
         if fields.update_atime or fields.update_mtime:
             cur = self._stat_for(node)
             times = (
@@ -490,7 +493,7 @@ class UnionOperations(pyfuse3.Operations):
             if isinstance(target, int):
                 os.utime(target, ns=times)
             else:
-                os.utime(target, ns=times, follow_symlinks=False)
+                self.stack.fs.utime(target, ns=times)
         node.st = node.attrs = None
         return self._entry(node)
 
@@ -642,7 +645,7 @@ class UnionOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         node = self.stack.node(inode)
         await self._copy_up(node)
-        os.setxattr(self.stack.real_path(node), name, value, follow_symlinks=False)
+        self.stack.fs.setxattr(self.stack.real_path(node), name, value)
         node.st = node.attrs = None
 
     @_handler
@@ -654,7 +657,7 @@ class UnionOperations(pyfuse3.Operations):
         node = self.stack.node(inode)
         await self._copy_up(node)
         try:
-            os.removexattr(self.stack.real_path(node), name, follow_symlinks=False)
+            self.stack.fs.removexattr(self.stack.real_path(node), name)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
@@ -662,31 +665,31 @@ class UnionOperations(pyfuse3.Operations):
         node.st = node.attrs = None
 
 
-def _open_noatime(path: bytes, flags: int) -> int:
+def _open_noatime(fs: Roots, path: bytes, flags: int) -> int:
     """Open a real file without touching its atime where we may (reading must not write)."""
     if _O_NOATIME:
         try:
-            return os.open(path, flags | _O_NOATIME | os.O_CLOEXEC)
+            return fs.open(path, flags | _O_NOATIME)
         except PermissionError:
             pass
-    return os.open(path, flags | os.O_CLOEXEC)
+    return fs.open(path, flags)
 
 
 def _times_only(fields: pyfuse3.SetattrFields) -> bool:
     return not (fields.update_mode or fields.update_uid or fields.update_gid or fields.update_size)
 
 
-def _open_rw(path: bytes, flags: int, asked: int) -> int:
+def _open_rw(fs: Roots, path: bytes, flags: int, asked: int) -> int:
     """Open the real file with `flags` (O_RDWR for the writeback cache); when only the access
     the caller asked for is permitted (a daemon that is not root, a file it may not read),
     fall back to that: the kernel then cannot fill partly written pages, as in libfuse's
     passthrough_ll with writeback."""
     try:
-        return os.open(path, flags | os.O_CLOEXEC)
+        return fs.open(path, flags)
     except PermissionError:
         if flags == asked & ~os.O_APPEND:
             raise
-        return os.open(path, (asked & ~os.O_APPEND) | os.O_CLOEXEC)
+        return fs.open(path, asked & ~os.O_APPEND)
 
 
 def _may_access(st: os.stat_result, mode: int, ctx: Any) -> bool:

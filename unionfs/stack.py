@@ -21,6 +21,11 @@ are composed like overlayfs's xino: the high bits carry an index of the underlyi
 Each Node counts kernel lookups; `forget` drops it at zero (pyfuse3's contract), so memory
 follows what the kernel caches, not what was ever seen.
 
+Real objects are reached through `fs` (a `fsat.Roots`): every call is relative to the fd of
+its layer root, opened in the constructor — before the daemon mounts, so a mount over one of
+its own layers works — and paths have no length limit.  Names longer than the layers allow
+(`namemax`, the largest f_namemax of them, as overlayfs computes it) fail with ENAMETOOLONG.
+
 Caching: lower layers are read-only by contract (overlayfs: changing them under a mount is
 undefined), so listings and stat results of lower objects are cached for the node's life.
 Concurrency: called from the single trio thread only; no method awaits, so each call is atomic.
@@ -35,7 +40,8 @@ from dataclasses import dataclass
 from typing import NewType
 
 from . import markers
-from .errors import NotADirectory, NotFound, StaleHandle
+from .errors import NameTooLong, NotADirectory, NotFound, StaleHandle
+from .fsat import Roots
 
 Inode = NewType("Inode", int)
 ROOT_INODE = Inode(1)
@@ -147,11 +153,16 @@ class Node:
 class LayerStack:
     """The union of `layers` (top-first).  `has_upper` is True when layers[0] is writable."""
 
-    def __init__(self, lowers: list[str], upper: str | None = None) -> None:
+    def __init__(
+        self, lowers: list[str], upper: str | None = None, fs: Roots | None = None
+    ) -> None:
         paths = ([upper] if upper is not None else []) + list(lowers)
         self.layers: list[bytes] = [os.fsencode(os.path.abspath(p)) for p in paths]
         self.has_upper = upper is not None
-        self.devs = [os.stat(p).st_dev for p in self.layers]
+        self.fs = fs if fs is not None else Roots()
+        root_st = [os.fstat(self.fs.add(p)) for p in self.layers]
+        self.namemax = max(os.fstatvfs(self.fs.add(p)).f_namemax for p in self.layers)
+        self.devs = [st.st_dev for st in root_st]
         self._dev_index: dict[int, int] = {}
         self._fallback: dict[tuple[int, int], Inode] = {}
         # upper real inode -> merged inode, for objects copied up during this mount, so a
@@ -161,7 +172,7 @@ class LayerStack:
         self.nodes: dict[Inode, Node] = {}
         # Other known names of hard-linked files (only for nodes reached by two names).
         self.aliases: dict[Inode, list[tuple[Node, bytes]]] = {}
-        root_dirs = [DirLayer(i, p, os.stat(p).st_ino) for i, p in enumerate(self.layers)]
+        root_dirs = [DirLayer(i, p, root_st[i].st_ino) for i, p in enumerate(self.layers)]
         self.root = Node(ROOT_INODE, None, b"", stat.S_IFDIR, 0, self.layers[0], root_dirs)
         self.root.lookups = 1  # the kernel never forgets the root
         self.nodes[ROOT_INODE] = self.root
@@ -169,7 +180,7 @@ class LayerStack:
         # Directories that may hold xattr whiteouts (overlay.opaque=x), by real path.
         self._xwh: set[bytes] = set()
         for d in root_dirs:
-            if markers.dir_marks(d.path).xwhiteouts:
+            if markers.dir_marks(d.path, self.fs).xwhiteouts:
                 self._xwh.add(d.path)
 
     # ----- inode numbers -------------------------------------------------------------
@@ -298,9 +309,10 @@ class LayerStack:
             # OCI markers are read in lower layers only: the upper is written in the kernel's
             # format, and a user's own file named `.wh.x` there is just a file.
             oci = not (self.has_upper and d.layer == 0)
-            with os.scandir(d.path) as it:
+            with self.fs.scandir(d.path) as it:
                 for de in it:
-                    name: bytes = de.name  # type: ignore[assignment]
+                    name: bytes = de.name
+                    path = d.path + b"/" + name
                     if oci and name == markers.WH_OPAQUE:
                         continue
                     target = markers.oci_whiteout_target(name) if oci else None
@@ -311,7 +323,7 @@ class LayerStack:
                     if kind == stat.S_IFCHR or (xwh and kind == stat.S_IFREG):
                         st = de.stat(follow_symlinks=False)
                         if markers.is_chardev_whiteout(st) or (
-                            xwh and markers.is_xattr_whiteout(de.path, st)  # type: ignore[arg-type]
+                            xwh and markers.is_xattr_whiteout(path, st, self.fs)
                         ):
                             whiteouts.append(name)
                             continue
@@ -320,7 +332,6 @@ class LayerStack:
                         if existing is not None:
                             existing.covers = True
                         continue
-                    path: bytes = de.path  # type: ignore[assignment]
                     if existing is None:
                         isdir = kind == stat.S_IFDIR
                         dl = [DirLayer(d.layer, path, de.inode())] if isdir else None
@@ -342,6 +353,8 @@ class LayerStack:
             return parent
         if name == b"..":
             return parent.parent or self.root
+        if len(name) > self.namemax:
+            raise NameTooLong()
         child = self.listing(parent).get(name)
         if child is None:
             raise NotFound()
@@ -390,7 +403,7 @@ class LayerStack:
         for pos, d in enumerate(chain):
             path = self.upper_path(parent) + b"/" + name if d.layer == 0 and upper_first else d.path
             out.append(d)
-            marks = markers.dir_marks(path)
+            marks = markers.dir_marks(path, self.fs)
             if marks.xwhiteouts:
                 self._xwh.add(path)
             if d.layer == 0 and upper_first and marks.redirect is not None:
@@ -400,7 +413,7 @@ class LayerStack:
             if pos == len(chain) - 1:
                 break
             oci = not (upper_first and d.layer == 0)
-            if marks.opaque or (oci and _exists(path + b"/" + markers.WH_OPAQUE)):
+            if marks.opaque or (oci and self.fs.exists(path + b"/" + markers.WH_OPAQUE)):
                 break
         return out
 
@@ -410,7 +423,7 @@ class LayerStack:
         parent)."""
         if self._lower_view is None:
             lowers = [os.fsdecode(p) for p in self.layers[1:]]
-            self._lower_view = LayerStack(lowers)
+            self._lower_view = LayerStack(lowers, fs=self.fs)
         path = redirect if redirect.startswith(b"/") else parent.merged_path() + b"/" + redirect
         view = self._lower_view
         node = view.root
@@ -444,7 +457,7 @@ class LayerStack:
         """lstat of the node's topmost real object; cached for objects in lower layers."""
         if node.st is not None:
             return node.st
-        st = os.lstat(self.real_path(node))
+        st = self.fs.lstat(self.real_path(node))
         if self.immutable(node):
             node.st = st
         return st
@@ -460,19 +473,19 @@ class LayerStack:
     def readlink(self, node: Node) -> bytes:
         if node.kind != stat.S_IFLNK:
             raise OSError(errno.EINVAL, "not a symlink")
-        return os.readlink(self.real_path(node))
+        return self.fs.readlink(self.real_path(node))
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
         if markers.is_internal_xattr(name):
             raise OSError(errno.ENODATA, "no such attribute")
-        return os.getxattr(self.real_path(node), name, follow_symlinks=False)
+        return self.fs.getxattr(self.real_path(node), name)
 
     def listxattr(self, node: Node) -> list[bytes]:
-        names = os.listxattr(self.real_path(node), follow_symlinks=False)
+        names = self.fs.listxattr(self.real_path(node))
         return [n for n in map(os.fsencode, names) if not markers.is_internal_xattr(n)]
 
     def statvfs(self) -> os.statvfs_result:
-        return os.statvfs(self.layers[0])
+        return self.fs.statvfs(self.layers[0])
 
 
 def _kind(de: os.DirEntry) -> int:  # type: ignore[type-arg]
@@ -484,11 +497,3 @@ def _kind(de: os.DirEntry) -> int:  # type: ignore[type-arg]
     if de.is_file(follow_symlinks=False):
         return stat.S_IFREG
     return stat.S_IFMT(de.stat(follow_symlinks=False).st_mode)
-
-
-def _exists(path: bytes) -> bool:
-    try:
-        os.lstat(path)
-    except FileNotFoundError:
-        return False
-    return True

@@ -16,18 +16,22 @@ removed at the next mount.
 Directory renames never fail with EXDEV: a directory with lower parts is copied up (without
 its contents) and gets `overlay.redirect` = its original path, as kernel overlayfs does with
 redirect_dir=on; a pure-upper directory moved over a lower name becomes opaque.
+
+Every call on the upper, the lowers and the work dir goes through the stack's `fs` (a
+`fsat.Roots`: relative to root fds opened before the mount, no path-length limit); the work
+dir's fds are added to it here, before the mount too.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 from dataclasses import dataclass
 
 from . import fsutil, markers
-from .errors import Exists, NotEmpty, NotFound, UnionError
+from .errors import Exists, NameTooLong, NotEmpty, NotFound, UnionError
+from .fsat import Roots
 from .stack import Child, DirLayer, Inode, LayerStack, Node
 
 WORK_SUBDIR = "layerfs"
@@ -42,15 +46,19 @@ class CopyPlan:
     tmp: bytes
     st: os.stat_result
     with_data: bool
+    fs: Roots
 
 
 class Writer:
     def __init__(self, stack: LayerStack, workdir: str) -> None:
         self.s = stack
         self.work = os.fsencode(os.path.join(os.path.abspath(workdir), WORK_SUBDIR))
-        if os.path.lexists(self.work):  # debris of an interrupted run; never referenced
-            shutil.rmtree(self.work)
-        os.mkdir(self.work, 0o700)
+        self.fs = fs = stack.fs
+        fs.add(os.path.dirname(self.work))
+        if fs.exists(self.work):  # debris of an interrupted run; never referenced
+            fs.rmtree(self.work)
+        fs.mkdir(self.work, 0o700)
+        fs.add(self.work)
         self._seq = 0
         self._linkmaps: dict[int, dict[int, list[bytes]]] = {}
 
@@ -68,13 +76,13 @@ class Writer:
         assert node.parent is not None and node.dirs is not None
         self.copy_up_dir(node.parent)
         src = node.dirs[0].path
-        st = os.lstat(src)
+        st = self.fs.lstat(src)
         tmp = self.tmpname()
-        os.mkdir(tmp, 0o700)
-        fsutil.copy_xattrs(src, tmp, markers.is_internal_xattr)
-        fsutil.copy_meta(st, tmp)
+        self.fs.mkdir(tmp, 0o700)
+        fsutil.copy_xattrs(self.fs, src, tmp, markers.is_internal_xattr)
+        fsutil.copy_meta(self.fs, st, tmp)
         self._into_place(node.parent, tmp, node.name)
-        new = os.lstat(s.upper_path(node))
+        new = self.fs.lstat(s.upper_path(node))
         node.dirs.insert(0, DirLayer(0, s.upper_path(node), new.st_ino))
         node.layer, node.st, node.attrs = 0, None, None
         child = self._child(node)
@@ -94,26 +102,26 @@ class Writer:
         assert node.parent is not None
         self.copy_up_dir(node.parent)
         src = s.real_path(node)
-        st = os.lstat(src)
+        st = self.fs.lstat(src)
         tmp = self.tmpname()
         if not stat.S_ISREG(st.st_mode):
-            fsutil.make_like(st, src, tmp)
-            plan = CopyPlan(node, src, tmp, st, False)
+            fsutil.make_like(self.fs, st, src, tmp)
+            plan = CopyPlan(node, src, tmp, st, False, self.fs)
             self.finish_copy_up(plan)
             return None
         if not with_data:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        return CopyPlan(node, src, tmp, st, with_data)
+            os.close(self.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return CopyPlan(node, src, tmp, st, with_data, self.fs)
 
     @staticmethod
     def copy_data(plan: CopyPlan) -> None:
         """The slow part: runs in a worker thread, touching nothing but the two files."""
         if plan.with_data:
-            fsutil.copy_data(plan.src, plan.tmp)
+            fsutil.copy_data(plan.fs, plan.src, plan.tmp)
 
     def abort_copy_up(self, plan: CopyPlan) -> None:
         try:
-            os.unlink(plan.tmp)
+            self.fs.unlink(plan.tmp)
         except FileNotFoundError:
             pass
 
@@ -125,8 +133,8 @@ class Writer:
                 raise NotFound("the file was removed during copy-up")
             return
         assert node.parent is not None
-        fsutil.copy_xattrs(plan.src, plan.tmp, markers.is_internal_xattr)
-        fsutil.copy_meta(plan.st, plan.tmp)
+        fsutil.copy_xattrs(self.fs, plan.src, plan.tmp, markers.is_internal_xattr)
+        fsutil.copy_meta(self.fs, plan.st, plan.tmp)
         self._into_place(node.parent, plan.tmp, node.name)
         self._now_in_upper(node, node.parent, node.name)
         if stat.S_ISREG(plan.st.st_mode) and plan.st.st_nlink > 1:
@@ -134,7 +142,7 @@ class Writer:
 
     def _now_in_upper(self, node: Node, parent: Node, name: bytes) -> None:
         s = self.s
-        upper = os.lstat(s.upper_path(parent) + b"/" + name)
+        upper = self.fs.lstat(s.upper_path(parent) + b"/" + name)
         s.origins[upper.st_ino] = node.ino
         node.layer, node.st, node.attrs = 0, None, None
         child = (parent.listing or {}).get(name)
@@ -156,9 +164,9 @@ class Writer:
             parent, name, child = found
             self.copy_up_dir(parent)
             pdir = self.s.upper_path(parent)
-            pst = os.lstat(pdir)
-            os.link(self.s.upper_path(node), pdir + b"/" + name)
-            os.utime(pdir, ns=(pst.st_atime_ns, pst.st_mtime_ns))  # a copy-up, not a change
+            pst = self.fs.lstat(pdir)
+            self.fs.link(self.s.upper_path(node), pdir + b"/" + name)
+            self.fs.utime(pdir, ns=(pst.st_atime_ns, pst.st_mtime_ns))  # a copy-up, not a change
             child.layer, child.covers, child.node_ino = 0, True, node.ino
 
     def _visible_name(self, root: bytes, rel: bytes) -> tuple[Node, bytes, Child] | None:
@@ -192,12 +200,9 @@ class Writer:
         if found is None:
             found = {}
             root = self.s.layers[layer]
-            for dirpath, _dirs, files in os.walk(root):
-                for f in files:
-                    p = os.path.join(dirpath, f)
-                    st = os.lstat(p)
-                    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                        found.setdefault(st.st_ino, []).append(p[len(root) :])
+            for p, st in self.fs.walk_stat(root):
+                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    found.setdefault(st.st_ino, []).append(p[len(root) :])
             self._linkmaps[layer] = found
         return found
 
@@ -224,18 +229,20 @@ class Writer:
         """Rename a finished object from the work dir to parent/name, keeping the parent's
         times (overlayfs does: a copy-up is not a change of the directory)."""
         pdir = self.s.upper_path(parent)
-        pst = os.lstat(pdir)
-        os.rename(tmp, pdir + b"/" + name)
-        os.utime(pdir, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+        pst = self.fs.lstat(pdir)
+        self.fs.rename(tmp, pdir + b"/" + name)
+        self.fs.utime(pdir, ns=(pst.st_atime_ns, pst.st_mtime_ns))
 
     def _target(self, parent: Node, name: bytes) -> tuple[bytes, bool]:
         """Copy up `parent`, and say where `name` goes and whether a whiteout is there."""
+        if len(name) > self.s.namemax:
+            raise NameTooLong()
         if name in self.s.listing(parent):
             raise Exists()
         self.copy_up_dir(parent)
         path = self.s.upper_path(parent) + b"/" + name
         try:
-            st = os.lstat(path)
+            st = self.fs.lstat(path)
         except FileNotFoundError:
             return path, False
         if markers.is_chardev_whiteout(st):
@@ -244,7 +251,7 @@ class Writer:
 
     def _owner(self, parent: Node, uid: int, gid: int) -> tuple[int, int, bool]:
         """The new object's owner: the caller's, or the directory's group when setgid."""
-        pst = os.lstat(self.s.upper_path(parent))
+        pst = self.fs.lstat(self.s.upper_path(parent))
         if pst.st_mode & stat.S_ISGID:
             return uid, pst.st_gid, True
         return uid, gid, False
@@ -252,7 +259,7 @@ class Writer:
     def _register(self, parent: Node, name: bytes, covers: bool) -> Node:
         s = self.s
         path = s.upper_path(parent) + b"/" + name
-        st = os.lstat(path)
+        st = self.fs.lstat(path)
         kind = stat.S_IFMT(st.st_mode)
         dirs = [DirLayer(0, path, st.st_ino)] if kind == stat.S_IFDIR else None
         ino = s.ino_for(0, st.st_ino)
@@ -274,12 +281,12 @@ class Writer:
         uid, gid, _ = self._owner(parent, uid, gid)
         oflags = (flags & ~(os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_TRUNC)) | os.O_CLOEXEC
         dest = self.tmpname() if wh else path
-        fd = os.open(dest, oflags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode))
+        fd = self.fs.open(dest, oflags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode))
         try:
             os.fchown(fd, uid, gid)
             os.fchmod(fd, stat.S_IMODE(mode))
             if wh:
-                os.rename(dest, path)  # atomically replaces the whiteout
+                self.fs.rename(dest, path)  # atomically replaces the whiteout
         except BaseException:
             os.close(fd)
             raise
@@ -302,23 +309,23 @@ class Writer:
         tmp = self.tmpname()
         perm = stat.S_IMODE(mode)
         if kind == stat.S_IFDIR:
-            os.mkdir(tmp, 0o700)
+            self.fs.mkdir(tmp, 0o700)
             if sgid:
                 perm |= stat.S_ISGID
             if wh:
-                os.setxattr(tmp, markers.opaque_xattr(), b"y")
+                self.fs.setxattr(tmp, markers.opaque_xattr(), b"y")
         elif kind == stat.S_IFLNK:
-            os.symlink(target, tmp)
+            self.fs.symlink(target, tmp)
         else:
-            os.mknod(tmp, kind | 0o600, rdev)
-        os.chown(tmp, uid, gid, follow_symlinks=False)
+            self.fs.mknod(tmp, kind | 0o600, rdev)
+        self.fs.chown(tmp, uid, gid)
         if kind != stat.S_IFLNK:
-            os.chmod(tmp, perm)
+            self.fs.chmod(tmp, perm)
         if kind == stat.S_IFDIR and wh:
-            fsutil.renameat2(tmp, path, fsutil.RENAME_EXCHANGE)
-            os.unlink(tmp)  # the whiteout, now in the work dir
+            self.fs.renameat2(tmp, path, fsutil.RENAME_EXCHANGE)
+            self.fs.unlink(tmp)  # the whiteout, now in the work dir
         else:
-            os.rename(tmp, path)
+            self.fs.rename(tmp, path)
         return self._register(parent, name, wh)
 
     def link(self, node: Node, parent: Node, name: bytes) -> Node:
@@ -327,10 +334,10 @@ class Writer:
         src = self.s.upper_path(node)
         if wh:
             tmp = self.tmpname()
-            os.link(src, tmp)
-            os.rename(tmp, path)
+            self.fs.link(src, tmp)
+            self.fs.rename(tmp, path)
         else:
-            os.link(src, path)
+            self.fs.link(src, path)
         primary = (node.parent, node.name)
         self._register(parent, name, wh)
         self.s.add_alias(node, *primary)  # type: ignore[arg-type]
@@ -373,25 +380,25 @@ class Writer:
         if child.layer == 0:
             if whiteout:
                 tmp = self.tmpname()
-                fsutil.make_whiteout(tmp)
+                fsutil.make_whiteout(self.fs, tmp)
                 if is_dir:
-                    fsutil.renameat2(tmp, path, fsutil.RENAME_EXCHANGE)
+                    self.fs.renameat2(tmp, path, fsutil.RENAME_EXCHANGE)
                     self._purge(tmp)
                 else:
-                    os.rename(tmp, path)
+                    self.fs.rename(tmp, path)
             elif is_dir:
                 tmp = self.tmpname()
-                os.rename(path, tmp)
+                self.fs.rename(path, tmp)
                 self._purge(tmp)
             else:
-                os.unlink(path)
+                self.fs.unlink(path)
         else:
-            fsutil.make_whiteout(path)
+            fsutil.make_whiteout(self.fs, path)
         del s.listing(parent)[name]
 
     def _purge(self, path: bytes) -> None:
         """Remove a logically empty directory that may still hold whiteouts."""
-        shutil.rmtree(path)
+        self.fs.rmtree(path)
 
     def _drop_name(self, node: Node, parent: Node, name: bytes) -> None:
         """`parent/name` no longer names `node`; it lives on if another name is known."""
@@ -406,6 +413,8 @@ class Writer:
         """rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE.  The caller has copied up the
         non-directories involved.  Returns (moved node, replaced node or None)."""
         s = self.s
+        if len(newname) > s.namemax:
+            raise NameTooLong()
         src = s.listing(parent).get(name)
         if src is None:
             raise NotFound()
@@ -428,18 +437,18 @@ class Writer:
         self.copy_up_dir(newparent)
         spath = s.upper_path(parent) + b"/" + name
         dpath = s.upper_path(newparent) + b"/" + newname
-        old_links = _nlink(dpath) if old is not None and not old.is_dir else 0
+        old_links = _nlink(self.fs, dpath) if old is not None and not old.is_dir else 0
         self._clear_target(dst, dpath, node.is_dir)
         if whiteout:
             try:
-                fsutil.renameat2(spath, dpath, fsutil.RENAME_WHITEOUT)
+                self.fs.renameat2(spath, dpath, fsutil.RENAME_WHITEOUT)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                os.rename(spath, dpath)
-                fsutil.make_whiteout(spath)
+                self.fs.rename(spath, dpath)
+                fsutil.make_whiteout(self.fs, spath)
         else:
-            os.rename(spath, dpath)
+            self.fs.rename(spath, dpath)
         del s.listing(parent)[name]
         self._place(node, newparent, newname, covers)
         if old is not None:
@@ -467,30 +476,30 @@ class Writer:
         self.copy_up_dir(node)
         upath = s.upper_path(node)
         if had_lower:
-            if markers.dir_marks(upath).redirect is None:
-                os.setxattr(upath, markers.redirect_xattr(), origin)
+            if markers.dir_marks(upath, self.fs).redirect is None:
+                self.fs.setxattr(upath, markers.redirect_xattr(), origin)
         elif s.lower_has(newparent, newname):
-            os.setxattr(upath, markers.opaque_xattr(), b"y")
+            self.fs.setxattr(upath, markers.opaque_xattr(), b"y")
 
     def _clear_target(self, dst: Child | None, dpath: bytes, moving_dir: bool) -> None:
         """Make room at the destination for rename(2): an upper directory there (logically
         empty, maybe holding whiteouts) goes to the work dir; a whiteout under a directory
         that moves in is removed (rename cannot put a directory over a device)."""
         try:
-            st = os.lstat(dpath)
+            st = self.fs.lstat(dpath)
         except FileNotFoundError:
             return
         if stat.S_ISDIR(st.st_mode):
             tmp = self.tmpname()
-            os.rename(dpath, tmp)
+            self.fs.rename(dpath, tmp)
             self._purge(tmp)
         elif moving_dir:
-            os.unlink(dpath)
+            self.fs.unlink(dpath)
 
     def _place(self, node: Node, newparent: Node, newname: bytes, covers: bool) -> None:
         s = self.s
         dpath = s.upper_path(newparent) + b"/" + newname
-        st = os.lstat(dpath)
+        st = self.fs.lstat(dpath)
         dirs = node.dirs
         child = Child(
             node.kind,
@@ -517,7 +526,7 @@ class Writer:
         self.copy_up_dir(newparent)
         apath = s.upper_path(parent) + b"/" + name
         bpath = s.upper_path(newparent) + b"/" + newname
-        fsutil.renameat2(apath, bpath, fsutil.RENAME_EXCHANGE)
+        self.fs.renameat2(apath, bpath, fsutil.RENAME_EXCHANGE)
         cov_a, cov_b = s.lower_has(parent, name), s.lower_has(newparent, newname)
         del s.listing(parent)[name]
         del s.listing(newparent)[newname]
@@ -526,8 +535,8 @@ class Writer:
         return a, b
 
 
-def _nlink(path: bytes) -> int:
+def _nlink(fs: Roots, path: bytes) -> int:
     try:
-        return os.lstat(path).st_nlink
+        return fs.lstat(path).st_nlink
     except FileNotFoundError:
         return 0

@@ -1,0 +1,281 @@
+"""Every filesystem call on layers and the work dir, made relative to directory fds.
+
+Role: the model (`stack`, `writer`, `fsutil`, `markers`) names real objects by byte paths
+under a layer root (`/srv/upper/a/b`), as before.  A `Roots` maps such a path to (the fd of
+its root, the path relative to it) and makes the call with the *at family (fstatat, openat,
+mkdirat, renameat2, …).  Two things follow, both kernel-overlayfs behaviour:
+  - no path-length limit: a relative path longer than `SHORT` is walked in chunks with
+    openat(O_PATH | O_DIRECTORY) and the call is made relative to the last directory fd, so
+    objects deeper than PATH_MAX (4,096 bytes) are reachable;
+  - a mount over one of its own layers works: the root fds are opened before mounting, and
+    nothing ever resolves a path string through the mountpoint again.
+xattrs have no *at call, and f*xattr refuses O_PATH fds (EBADF on this kernel): they go
+through `/proc/self/fd/<dirfd>/<relative path>` with the l*xattr calls, which resolve the
+magic link to the directory and do not follow a final symlink.
+
+`Roots(strict=True)` (the daemon's) refuses a path under no registered root rather than
+resolve it from `/`; `PLAIN` (strict=False) makes such paths relative to the cwd — the
+long-path walk without the fds, for callers outside the daemon (imagestore's changeset).
+
+Concurrency: roots are added before the mount, then only read; every call opens and closes
+its own temporary fds, so worker threads (copy-up data) may call in concurrently.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from . import fsutil
+
+SHORT = 3800  # relative paths up to this many bytes go to the kernel in one call
+_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_ROOT_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+
+T = TypeVar("T")
+
+
+class Roots:
+    """Directory fds of layer roots (and the work dir), and the *at calls under them."""
+
+    def __init__(self, strict: bool = True) -> None:
+        self.strict = strict
+        self._fds: dict[bytes, int] = {}
+        self._lengths: list[int] = []  # distinct root-path lengths, longest first
+        self._finalizer = weakref.finalize(self, _close_all, self._fds)
+
+    # ----- roots --------------------------------------------------------------------
+    def add(self, path: bytes) -> int:
+        """Open `path` (absolute, symlinks followed as the kernel follows layer options) as a
+        root; idempotent.  Returns its fd."""
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, _ROOT_FLAGS)
+            self._fds[path] = fd
+            self._lengths = sorted({len(p) for p in self._fds}, reverse=True)
+        return fd
+
+    def fd(self, path: bytes) -> int:
+        """The fd of the registered root `path`."""
+        return self._fds[path]
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def split(self, path: bytes) -> tuple[int, bytes]:
+        """(root fd, relative path, "." for the root itself) of `path`."""
+        size = len(path)
+        for n in self._lengths:
+            if n > size:
+                continue
+            fd = self._fds.get(path[:n])
+            if fd is not None and (size == n or path[n] == 0x2F):
+                return fd, path[n + 1 :] or b"."
+        if self.strict:
+            raise OSError(errno.EXDEV, "path under no layer root", path)
+        return fsutil.AT_FDCWD, path
+
+    def _do(self, path: bytes, fn: Callable[[int, bytes], T]) -> T:
+        fd, rel = self.split(path)
+        if len(rel) <= SHORT:
+            return fn(fd, rel)
+        dfd, name = _walk(fd, rel)
+        try:
+            return fn(dfd, name)
+        finally:
+            os.close(dfd)
+
+    def _do2(self, src: bytes, dst: bytes, fn: Callable[[int, bytes, int, bytes], T]) -> T:
+        sfd, srel = self.split(src)
+        dfd, drel = self.split(dst)
+        owned: list[int] = []
+        try:
+            if len(srel) > SHORT:
+                sfd, srel = _walk(sfd, srel)
+                owned.append(sfd)
+            if len(drel) > SHORT:
+                dfd, drel = _walk(dfd, drel)
+                owned.append(dfd)
+            return fn(sfd, srel, dfd, drel)
+        finally:
+            for fd in owned:
+                os.close(fd)
+
+    # ----- the calls -------------------------------------------------------------------
+    def lstat(self, path: bytes) -> os.stat_result:
+        return self._do(path, lambda d, n: os.stat(n, dir_fd=d, follow_symlinks=False))
+
+    def exists(self, path: bytes) -> bool:
+        """lexists: False only for ENOENT (other errors are raised)."""
+        try:
+            self.lstat(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def open(self, path: bytes, flags: int, mode: int = 0o777) -> int:
+        return self._do(path, lambda d, n: os.open(n, flags | os.O_CLOEXEC, mode, dir_fd=d))
+
+    @contextmanager
+    def scandir(self, path: bytes) -> Iterator[Iterator[os.DirEntry[bytes]]]:
+        """os.scandir of a directory, through /proc/self/fd (os.scandir of an fd would give
+        str names): names are bytes, and each entry's `path` and stat() are valid only
+        inside the `with`."""
+        fd, rel = self.split(path)
+        owned = -1
+        if len(rel) > SHORT:
+            fd, rel = _walk(fd, rel)
+            owned = fd
+        try:
+            with os.scandir(_proc(fd, rel)) as it:
+                yield it
+        finally:
+            if owned >= 0:
+                os.close(owned)
+
+    def readlink(self, path: bytes) -> bytes:
+        return self._do(path, lambda d, n: os.readlink(n, dir_fd=d))
+
+    def mkdir(self, path: bytes, mode: int = 0o777) -> None:
+        self._do(path, lambda d, n: os.mkdir(n, mode, dir_fd=d))
+
+    def mknod(self, path: bytes, mode: int, device: int = 0) -> None:
+        self._do(path, lambda d, n: os.mknod(n, mode, device, dir_fd=d))
+
+    def symlink(self, target: bytes, path: bytes) -> None:
+        self._do(path, lambda d, n: os.symlink(target, n, dir_fd=d))
+
+    def unlink(self, path: bytes) -> None:
+        self._do(path, lambda d, n: os.unlink(n, dir_fd=d))
+
+    def rmdir(self, path: bytes) -> None:
+        self._do(path, lambda d, n: os.rmdir(n, dir_fd=d))
+
+    def rmtree(self, path: bytes) -> None:
+        self._do(path, lambda d, n: shutil.rmtree(n, dir_fd=d))
+
+    def chown(self, path: bytes, uid: int, gid: int) -> None:
+        """lchown."""
+        self._do(path, lambda d, n: os.chown(n, uid, gid, dir_fd=d, follow_symlinks=False))
+
+    def chmod(self, path: bytes | int, mode: int) -> None:
+        """chmod of a non-symlink (fchmodat has no working AT_SYMLINK_NOFOLLOW), or of an fd."""
+        if isinstance(path, int):
+            os.chmod(path, mode)
+            return
+        self._do(path, lambda d, n: os.chmod(n, mode, dir_fd=d))
+
+    def truncate(self, path: bytes | int, length: int) -> None:
+        if isinstance(path, int):
+            os.truncate(path, length)
+            return
+        fd = self.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            os.ftruncate(fd, length)
+        finally:
+            os.close(fd)
+
+    def utime(self, path: bytes, ns: tuple[int, int]) -> None:
+        """lutimes, in nanoseconds."""
+        self._do(path, lambda d, n: os.utime(n, ns=ns, dir_fd=d, follow_symlinks=False))
+
+    def rename(self, src: bytes, dst: bytes) -> None:
+        self._do2(src, dst, lambda sd, s, dd, d: os.rename(s, d, src_dir_fd=sd, dst_dir_fd=dd))
+
+    def renameat2(self, src: bytes, dst: bytes, flags: int) -> None:
+        self._do2(src, dst, lambda sd, s, dd, d: fsutil.renameat2(s, d, flags, sd, dd))
+
+    def link(self, src: bytes, dst: bytes) -> None:
+        self._do2(
+            src,
+            dst,
+            lambda sd, s, dd, d: os.link(s, d, src_dir_fd=sd, dst_dir_fd=dd, follow_symlinks=False),
+        )
+
+    def statvfs(self, path: bytes) -> os.statvfs_result:
+        fd = self.open(path, os.O_PATH)
+        try:
+            return os.fstatvfs(fd)
+        finally:
+            os.close(fd)
+
+    # ----- xattrs (l*xattr through /proc/self/fd: no *at call exists) -------------------
+    def listxattr(self, path: bytes) -> list[str]:
+        return self._do(path, lambda d, n: os.listxattr(_proc(d, n), follow_symlinks=False))
+
+    def getxattr(self, path: bytes, name: bytes) -> bytes:
+        return self._do(path, lambda d, n: os.getxattr(_proc(d, n), name, follow_symlinks=False))
+
+    def setxattr(self, path: bytes, name: bytes, value: bytes) -> None:
+        self._do(path, lambda d, n: os.setxattr(_proc(d, n), name, value, follow_symlinks=False))
+
+    def removexattr(self, path: bytes, name: bytes) -> None:
+        self._do(path, lambda d, n: os.removexattr(_proc(d, n), name, follow_symlinks=False))
+
+    # ----- trees -------------------------------------------------------------------------
+    def walk_stat(self, path: bytes) -> Iterator[tuple[bytes, os.stat_result]]:
+        """(path, lstat) of every non-directory below the directory `path`, at any depth
+        (os.fwalk: each directory is opened relative to its parent's fd)."""
+        fd = self.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for dirpath, _dirs, files, dfd in os.fwalk(b".", dir_fd=fd):
+                base = path + dirpath[1:] + b"/"
+                for f in files:
+                    yield base + f, os.stat(f, dir_fd=dfd, follow_symlinks=False)
+        finally:
+            os.close(fd)
+
+    def call(self, path: bytes, fn: Callable[[int, bytes], Any]) -> Any:
+        """fn(dir_fd, name) for an *at call this class lacks."""
+        return self._do(path, fn)
+
+
+def _proc(dirfd: int, name: bytes) -> bytes:
+    if dirfd == fsutil.AT_FDCWD:
+        return name
+    return b"/proc/self/fd/%d/%s" % (dirfd, name)
+
+
+def _walk(fd: int, rel: bytes) -> tuple[int, bytes]:
+    """Open the directory holding `rel` (relative to `fd`, longer than SHORT) by chunks of at
+    most SHORT bytes; returns (that directory's fd, owned by the caller; the last name)."""
+    parent, _, name = rel.rpartition(b"/")
+    dfd = fd
+    owned = -1
+    try:
+        while parent:
+            if len(parent) <= SHORT:
+                chunk, parent = parent, b""
+            else:
+                cut = parent.rfind(b"/", 0, SHORT + 1)
+                if cut <= 0:
+                    raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), rel)
+                chunk, parent = parent[:cut], parent[cut + 1 :]
+            new = os.open(chunk, _DIR_PATH, dir_fd=dfd)
+            if owned >= 0:
+                os.close(owned)
+            dfd = owned = new
+    except BaseException:
+        if owned >= 0:
+            os.close(owned)
+        raise
+    if owned < 0:  # `rel` was one long name: the kernel's own answer
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), rel)
+    return owned, name
+
+
+def _close_all(fds: dict[bytes, int]) -> None:
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
+PLAIN = Roots(strict=False)
