@@ -19,6 +19,8 @@ Numeric owners only, integer mtimes (clamped to `source_date_epoch` when given),
 `SCHILY.xattr.*` without the internal ones (`markers.is_internal_xattr`).  Sockets cannot be
 stored in a tar and are skipped, as buildah does.
 
+Every read goes through `fsat.PLAIN` (openat chains for paths past PATH_MAX), so an upper
+holding paths longer than 4,096 bytes — which the mount allows — commits like any other.
 Concurrency: reads only; the caller keeps the upper still while it runs (the daemon holds
 mutations during a live commit).  Lower layers are read-only by contract.
 """
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from unionfs import markers
+from unionfs.fsat import PLAIN
 
 from .errors import StoreError
 
@@ -126,7 +129,7 @@ class _Lower:
                 break
         if not dirs:
             return None
-        return _Found(dirs[0], os.lstat(dirs[0]), dirs)
+        return _Found(dirs[0], PLAIN.lstat(dirs[0]), dirs)
 
     def resolve(self, path: bytes) -> list[bytes]:
         """The directory chain at an absolute path (a redirect target); [] if none."""
@@ -144,9 +147,9 @@ class _Lower:
         """Candidate names of a merged directory (markers excluded; `child` decides)."""
         out: set[bytes] = set()
         for d in chain:
-            with os.scandir(d) as it:
+            with PLAIN.scandir(d) as it:
                 for de in it:
-                    name: bytes = de.name  # type: ignore[assignment]
+                    name: bytes = de.name
                     if not name.startswith(markers.WH_PREFIX):
                         out.add(name)
         return out
@@ -168,9 +171,9 @@ class _Walker:
         upper: dict[bytes, os.stat_result] = {}
         hidden: set[bytes] = set()
         if real is not None:
-            with os.scandir(real) as it:
+            with PLAIN.scandir(real) as it:
                 for de in it:
-                    name: bytes = de.name  # type: ignore[assignment]
+                    name: bytes = de.name
                     st = de.stat(follow_symlinks=False)
                     if markers.is_chardev_whiteout(st):
                         hidden.add(name)
@@ -242,7 +245,7 @@ def _join(rel: bytes, name: bytes) -> bytes:
 
 def _lstat(path: bytes) -> os.stat_result | None:
     try:
-        return os.lstat(path)
+        return PLAIN.lstat(path)
     except FileNotFoundError:
         return None
     except NotADirectoryError:
@@ -344,14 +347,14 @@ def _add_obj(
             return
         links[ident] = name
     if fmt == stat.S_IFREG:
-        with open(item.real, "rb") as f:
+        with os.fdopen(PLAIN.open(item.real, os.O_RDONLY), "rb") as f:
             info.size = os.fstat(f.fileno()).st_size
             tar.addfile(info, f)
         return
     if fmt == stat.S_IFDIR:
         info.type = tarfile.DIRTYPE
     elif fmt == stat.S_IFLNK:
-        info.type, info.linkname = tarfile.SYMTYPE, os.fsdecode(os.readlink(item.real))
+        info.type, info.linkname = tarfile.SYMTYPE, os.fsdecode(PLAIN.readlink(item.real))
     elif fmt == stat.S_IFIFO:
         info.type = tarfile.FIFOTYPE
     elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
@@ -365,7 +368,7 @@ def _add_obj(
 def _xattrs(path: bytes) -> list[tuple[str, str]]:
     """User-visible xattrs, sorted, as PAX wants them (surrogate-escaped text)."""
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = PLAIN.listxattr(path)
     except OSError:
         return []
     out = []
@@ -374,7 +377,7 @@ def _xattrs(path: bytes) -> list[tuple[str, str]]:
         if markers.is_internal_xattr(raw):
             continue
         try:
-            value = os.getxattr(path, n, follow_symlinks=False)
+            value = PLAIN.getxattr(path, os.fsencode(n))
         except OSError:
             continue
         out.append((n, value.decode("utf-8", "surrogateescape")))
