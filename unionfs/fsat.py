@@ -28,7 +28,6 @@ import os
 import shutil
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from . import fsutil
@@ -84,11 +83,7 @@ class Roots:
         fd, rel = self.split(path)
         if len(rel) <= SHORT:
             return fn(fd, rel)
-        dfd, name = _walk(fd, rel)
-        try:
-            return fn(dfd, name)
-        finally:
-            os.close(dfd)
+        return _deep(fd, rel, fn)
 
     def _do2(self, src: bytes, dst: bytes, fn: Callable[[int, bytes, int, bytes], T]) -> T:
         sfd, srel = self.split(src)
@@ -107,8 +102,12 @@ class Roots:
                 os.close(fd)
 
     # ----- the calls -------------------------------------------------------------------
+    # (the read side's hot calls spell out the short-path case: no closure per call)
     def lstat(self, path: bytes) -> os.stat_result:
-        return self._do(path, lambda d, n: os.stat(n, dir_fd=d, follow_symlinks=False))
+        fd, rel = self.split(path)
+        if len(rel) <= SHORT:
+            return os.stat(rel, dir_fd=fd, follow_symlinks=False)
+        return _deep(fd, rel, lambda d, n: os.stat(n, dir_fd=d, follow_symlinks=False))
 
     def exists(self, path: bytes) -> bool:
         """lexists: False only for ENOENT (other errors are raised)."""
@@ -119,24 +118,26 @@ class Roots:
         return True
 
     def open(self, path: bytes, flags: int, mode: int = 0o777) -> int:
-        return self._do(path, lambda d, n: os.open(n, flags | os.O_CLOEXEC, mode, dir_fd=d))
+        fd, rel = self.split(path)
+        if len(rel) <= SHORT:
+            return os.open(rel, flags | os.O_CLOEXEC, mode, dir_fd=fd)
+        return _deep(fd, rel, lambda d, n: os.open(n, flags | os.O_CLOEXEC, mode, dir_fd=d))
 
-    @contextmanager
-    def scandir(self, path: bytes) -> Iterator[Iterator[os.DirEntry[bytes]]]:
-        """os.scandir of a directory, through /proc/self/fd (os.scandir of an fd would give
-        str names): names are bytes, and each entry's `path` and stat() are valid only
-        inside the `with`."""
+    def scandir(self, path: bytes) -> _Listing:
+        """os.scandir of a directory, as a context manager, through /proc/self/fd (os.scandir
+        of an fd would give str names): names are bytes, and each entry's `path` and stat()
+        are valid only inside the `with`."""
         fd, rel = self.split(path)
         owned = -1
         if len(rel) > SHORT:
             fd, rel = _walk(fd, rel)
             owned = fd
         try:
-            with os.scandir(_proc(fd, rel)) as it:
-                yield it
-        finally:
+            return _Listing(os.scandir(_proc(fd, rel)), owned)
+        except BaseException:
             if owned >= 0:
                 os.close(owned)
+            raise
 
     def readlink(self, path: bytes) -> bytes:
         return self._do(path, lambda d, n: os.readlink(n, dir_fd=d))
@@ -174,7 +175,8 @@ class Roots:
         if isinstance(path, int):
             os.truncate(path, length)
             return
-        fd = self.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: were it ever asked of a FIFO, open must not wait for a reader
+        fd = self.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:
             os.ftruncate(fd, length)
         finally:
@@ -206,10 +208,16 @@ class Roots:
 
     # ----- xattrs (l*xattr through /proc/self/fd: no *at call exists) -------------------
     def listxattr(self, path: bytes) -> list[str]:
-        return self._do(path, lambda d, n: os.listxattr(_proc(d, n), follow_symlinks=False))
+        fd, rel = self.split(path)
+        if len(rel) <= SHORT:
+            return os.listxattr(_proc(fd, rel), follow_symlinks=False)
+        return _deep(fd, rel, lambda d, n: os.listxattr(_proc(d, n), follow_symlinks=False))
 
     def getxattr(self, path: bytes, name: bytes) -> bytes:
-        return self._do(path, lambda d, n: os.getxattr(_proc(d, n), name, follow_symlinks=False))
+        fd, rel = self.split(path)
+        if len(rel) <= SHORT:
+            return os.getxattr(_proc(fd, rel), name, follow_symlinks=False)
+        return _deep(fd, rel, lambda d, n: os.getxattr(_proc(d, n), name, follow_symlinks=False))
 
     def setxattr(self, path: bytes, name: bytes, value: bytes) -> None:
         self._do(path, lambda d, n: os.setxattr(_proc(d, n), name, value, follow_symlinks=False))
@@ -239,6 +247,35 @@ def _proc(dirfd: int, name: bytes) -> bytes:
     if dirfd == fsutil.AT_FDCWD:
         return name
     return b"/proc/self/fd/%d/%s" % (dirfd, name)
+
+
+class _Listing:
+    """A scandir iterator and the directory fd its entries' paths go through (a plain class:
+    a generator-based context manager costs more than the listing of a small directory)."""
+
+    __slots__ = ("it", "owned")
+
+    def __init__(self, it: Iterator[os.DirEntry[bytes]], owned: int) -> None:
+        self.it = it
+        self.owned = owned
+
+    def __enter__(self) -> Iterator[os.DirEntry[bytes]]:
+        return self.it
+
+    def __exit__(self, *exc: object) -> None:
+        self.it.close()  # type: ignore[attr-defined]
+        if self.owned >= 0:
+            os.close(self.owned)
+            self.owned = -1
+
+
+def _deep(fd: int, rel: bytes, fn: Callable[[int, bytes], T]) -> T:
+    """fn(dirfd, name) for a relative path longer than SHORT."""
+    dfd, name = _walk(fd, rel)
+    try:
+        return fn(dfd, name)
+    finally:
+        os.close(dfd)
 
 
 def _walk(fd: int, rel: bytes) -> tuple[int, bytes]:
