@@ -19,8 +19,11 @@ Numeric owners only, integer mtimes (clamped to `source_date_epoch` when given),
 `SCHILY.xattr.*` without the internal ones (`markers.is_internal_xattr`).  Sockets cannot be
 stored in a tar and are skipped, as buildah does.
 
-Every read goes through `fsat.PLAIN` (openat chains for paths past PATH_MAX), so an upper
-holding paths longer than 4,096 bytes — which the mount allows — commits like any other.
+Every read goes through `fsat.PLAIN` (openat chains for paths past PATH_MAX): an upper whose
+own location makes its absolute paths longer than 4,096 bytes commits like any other, and
+`changes` lists paths of any length.  A path *inside* the layer longer than
+`tarsafe.MAX_PATH_BYTES` — the mount allows it — is refused by `write_changeset` with a
+`ChangesetError` naming it, before any blob is written: the store would refuse to unpack it.
 Concurrency: reads only; the caller keeps the upper still while it runs (the daemon holds
 mutations during a live commit).  Lower layers are read-only by contract.
 """
@@ -38,6 +41,7 @@ from typing import BinaryIO
 from unionfs import markers
 from unionfs.fsat import PLAIN
 
+from . import tarsafe
 from .errors import StoreError
 
 OBJ, WHITEOUT, OPAQUE = "obj", "whiteout", "opaque"
@@ -304,6 +308,8 @@ def write_changeset(
     ) as tar:
         for item in walk(upper, lowers):
             name = os.fsdecode(item.path)
+            if len(item.path) + len(markers.WH_OPAQUE) + 1 > tarsafe.MAX_PATH_BYTES:
+                _check_length(item)
             if item.kind == WHITEOUT:
                 head, _, base = name.rpartition("/")
                 wh = f"{head}/.wh.{base}" if head else f".wh.{base}"
@@ -312,6 +318,22 @@ def write_changeset(
                 tar.addfile(_marker(name + "/" + os.fsdecode(markers.WH_OPAQUE)))
             else:
                 _add_obj(tar, item, name, links, source_date_epoch)
+
+
+def _check_length(item: Item) -> None:
+    """Refuse an entry the store could not unpack (tarsafe's limit), naming it."""
+    head, _, base = item.path.rpartition(b"/")
+    if item.kind == WHITEOUT:
+        entry = head + b"/" + markers.WH_PREFIX + base if head else markers.WH_PREFIX + base
+    elif item.kind == OPAQUE:
+        entry = item.path + b"/" + markers.WH_OPAQUE
+    else:
+        entry = item.path
+    if len(entry) > tarsafe.MAX_PATH_BYTES:
+        raise ChangesetError(
+            f"{tarsafe.shown('/' + os.fsdecode(entry))}: a path longer than "
+            f"{tarsafe.MAX_PATH_BYTES} bytes cannot be stored in a layer"
+        )
 
 
 def _marker(name: str) -> tarfile.TarInfo:

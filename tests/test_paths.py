@@ -284,16 +284,11 @@ def test_mount_over_its_own_lower_with_an_upper(tmp_path, fuse):
 
 
 # ----- commit of an upper holding such paths ----------------------------------------------
-def test_changeset_of_an_upper_beyond_path_max(tmp_path):
-    import io
-    import tarfile
-
-    from imagestore import changeset
-
-    lower, upper = tmp_path / "lower", tmp_path / "upper"
+def _deep_upper(tmp_path: Path, depth: int) -> tuple[Path, Path, list[bytes]]:
+    lower, upper = tmp_path / "lower", tmp_path / ("p" * 200) / "upper"
     lower.mkdir()
-    upper.mkdir()
-    names = level_names()
+    upper.mkdir(parents=True)
+    names = level_names(depth)
     with deep_dir(lower, names, create=True) as dfd:
         write_at(dfd, b"gone", b"old")
     with deep_dir(upper, names, create=True) as dfd:
@@ -301,7 +296,20 @@ def test_changeset_of_an_upper_beyond_path_max(tmp_path):
         os.setxattr(b"/proc/self/fd/%d/f" % dfd, b"user.k", b"v")
         os.symlink(b"f", b"s", dir_fd=dfd)
         os.mknod(b"gone", stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=dfd)
+    return lower, upper, names
+
+
+def test_changeset_of_an_upper_whose_paths_pass_path_max(tmp_path):
+    """Inside the layer the paths fit a tar (< 4,096 bytes); with the upper's own location
+    they pass PATH_MAX, where plain path calls fail."""
+    import io
+    import tarfile
+
+    from imagestore import changeset
+
+    lower, upper, names = _deep_upper(tmp_path, 16)  # 16 × 251 bytes inside the layer
     deep = "/".join(os.fsdecode(n) for n in names)
+    assert len(os.fsencode(upper)) + len(deep) + 3 > 4096
     got = changeset.changes(upper, [lower])
     assert f"/{deep}/f" in got.added and f"/{deep}/gone" in got.deleted
     out = io.BytesIO()
@@ -314,3 +322,31 @@ def test_changeset_of_an_upper_beyond_path_max(tmp_path):
         assert f.pax_headers.get("SCHILY.xattr.user.k") == "v"
         assert members[f"{deep}/s"].linkname == "f"
         assert f"{deep}/.wh.gone" in members
+
+
+def test_commit_of_a_deep_upper(tmp_path):
+    from imagestore.commit import commit
+    from imagestore.pull import image_layers
+    from tests import imagedata
+
+    store, lowers = imagedata.pulled_sample(tmp_path / "img")
+    upper = tmp_path / ("p" * 200) / "upper"
+    upper.mkdir(parents=True)
+    names = level_names(16)
+    with deep_dir(upper, names, create=True) as dfd:
+        write_at(dfd, b"f", b"deep data")
+    commit(store, upper, lowers, "base", "deep", verify=False)
+    with deep_dir(image_layers(store, "deep")[-1], names, create=False) as dfd:
+        assert read_at(dfd, b"f") == b"deep data"
+
+
+def test_changeset_refuses_a_path_no_layer_can_hold(tmp_path):
+    import io
+
+    from imagestore import changeset
+
+    lower, upper, names = _deep_upper(tmp_path, DEPTH)  # 20 × 251 bytes: past tar's limit
+    deep = "/".join(os.fsdecode(n) for n in names)
+    assert f"/{deep}/f" in changeset.changes(upper, [lower]).added
+    with pytest.raises(changeset.ChangesetError, match="longer than 4096 bytes"):
+        changeset.write_changeset(upper, [lower], io.BytesIO())
