@@ -335,7 +335,7 @@ def test_commit_of_a_deep_upper(tmp_path):
     names = level_names(16)
     with deep_dir(upper, names, create=True) as dfd:
         write_at(dfd, b"f", b"deep data")
-    commit(store, upper, lowers, "base", "deep", verify=False)
+    commit(store, upper, lowers, "base", "deep", verify=True)  # the self-check reads it too
     with deep_dir(image_layers(store, "deep")[-1], names, create=False) as dfd:
         assert read_at(dfd, b"f") == b"deep data"
 
