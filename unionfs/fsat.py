@@ -15,7 +15,8 @@ magic link to the directory and do not follow a final symlink.
 
 `Roots(strict=True)` (the daemon's) refuses a path under no registered root rather than
 resolve it from `/`; `PLAIN` (strict=False) makes such paths relative to the cwd — the
-long-path walk without the fds, for callers outside the daemon (imagestore's changeset).
+long-path walk without the fds, for callers outside the daemon (imagestore's changeset and
+commit self-check).
 
 Concurrency: roots are added before the mount, then only read; every call opens and closes
 its own temporary fds, so worker threads (copy-up data) may call in concurrently.
@@ -28,7 +29,7 @@ import os
 import shutil
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from . import fsutil
 
@@ -154,9 +155,6 @@ class Roots:
     def unlink(self, path: bytes) -> None:
         self._do(path, lambda d, n: os.unlink(n, dir_fd=d))
 
-    def rmdir(self, path: bytes) -> None:
-        self._do(path, lambda d, n: os.rmdir(n, dir_fd=d))
-
     def rmtree(self, path: bytes) -> None:
         self._do(path, lambda d, n: shutil.rmtree(n, dir_fd=d))
 
@@ -237,10 +235,6 @@ class Roots:
                     yield base + f, os.stat(f, dir_fd=dfd, follow_symlinks=False)
         finally:
             os.close(fd)
-
-    def call(self, path: bytes, fn: Callable[[int, bytes], Any]) -> Any:
-        """fn(dir_fd, name) for an *at call this class lacks."""
-        return self._do(path, fn)
 
 
 def _proc(dirfd: int, name: bytes) -> bytes:
