@@ -62,6 +62,11 @@ def truncate(root: Path, path: str, size: int):
     os.truncate(root / path, size)
 
 
+def truncate_then_utime(root: Path, path: str, size: int):
+    os.truncate(root / path, size)
+    os.utime(root / path, (1_500_000_000, 1_500_000_000))
+
+
 def utime(root: Path, path: str, mtime: int):
     os.utime(root / path, (mtime, mtime), follow_symlinks=False)
 

@@ -2,7 +2,8 @@
 overlayfs (redirect_dir=on,index=on, so the kernel renames directories and keeps hard links
 too), over identical copies of the same layers; after every step the outcome (value or errno)
 and the whole visible tree must agree.  At the end of each example, layerfs's upper is
-mounted by the kernel and must show the very tree the user saw through layerfs.
+mounted again, by layerfs and by the kernel, and both must show the very tree the user saw
+through layerfs (a redirect or marker that only this mount understood would be lost data).
 
 hypothesis shrinks a failing sequence to a minimal one; CI runs a bounded number of examples
 (HYPOTHESIS_EXAMPLES, default 25).
@@ -44,6 +45,7 @@ def build_lowers(root: Path) -> list[Path]:
     layerdata.write(l0 / "d1/f", b"d1/f\n", mode=0o600)
     os.link(l0 / "d1/f", l0 / "d1/g")
     layerdata.write(l0 / "d1/sub/f", b"deep\n")
+    layerdata.write(l0 / "d1/sub/n/f", b"deeper\n")  # a lower dir nested in a lower dir
     os.setxattr(l0 / "d1/sub/f", "user.k", b"lower")
     layerdata.write(l0 / "d2/f", b"gone\n")
     layerdata.write(l0 / "d2/g", b"d2/g\n", mode=0o4755)
@@ -109,12 +111,24 @@ class UnionMachine(RuleBasedStateMachine):
                 final = treecmp.snapshot(self.roots["layerfs"])
                 for m in self.mounts:
                     m.__exit__(None, None, None)
+                self.check_remount(final)
                 self.check_kernel_reads_our_upper(final)
         finally:
             for m in getattr(self, "mounts", []):
                 m.__exit__(None, None, None)
             if getattr(self, "dir", None) is not None:
                 shutil.rmtree(self.dir, ignore_errors=True)
+
+    def check_remount(self, final):
+        """The same upper mounted again by layerfs shows what the user last saw."""
+        d = self.dir / "layerfs"
+        lowers = [d / low.name for low in self.base[1]]
+        with LayerfsMount(d / "mnt", lowers, d / "upper", d / "work"):
+            seen = treecmp.snapshot(d / "mnt")
+        problems = tree_diff(final, seen)
+        assert problems == [], "layerfs reads its upper differently after remount:\n" + "\n".join(
+            problems
+        )
 
     def check_kernel_reads_our_upper(self, final):
         d = self.dir / "layerfs"
@@ -152,7 +166,15 @@ class UnionMachine(RuleBasedStateMachine):
 
     @rule(path=paths, size=st.integers(0, 30))
     def truncate(self, path, size):
-        self.both(ops.truncate, path, size)
+        kept = self.roots["kernel"] / path
+        if kept.is_file() and not kept.is_symlink() and kept.stat().st_size == size:
+            # The one known difference (README, writeback): a truncate that keeps the size
+            # of a regular file keeps its times under FUSE's writeback cache (POSIX marks them
+            # only for a changed size), where the kernel's overlay marks them.  Outcome and
+            # content are still compared; the times are then set alike on both sides.
+            self.both(ops.truncate_then_utime, path, size)
+        else:
+            self.both(ops.truncate, path, size)
 
     @rule(path=paths)
     def mkdir(self, path):

@@ -111,3 +111,34 @@ def test_command_line_errors_exit_2_without_traceback(dirs):
     assert "layerfs: lowerdir /nonexistent" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([LAYERFS, "--help"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "lowerdir" in r.stdout
+
+
+def test_redirect_dir_values(dirs):
+    base = f"lowerdir={dirs}/top"
+    on = parse_args(["-o", base, str(dirs / "mnt")])
+    assert on.follow_redirects and on.create_redirects
+    for value, follow in (("follow", True), ("off", True), ("nofollow", False)):
+        cfg = parse_args(["-o", f"{base},redirect_dir={value}", str(dirs / "mnt")])
+        assert (cfg.follow_redirects, cfg.create_redirects) == (follow, False), value
+    with pytest.raises(OptionError, match="redirect_dir=sideways"):
+        parse_args(["-o", f"{base},redirect_dir=sideways", str(dirs / "mnt")])
+
+
+@pytest.mark.parametrize(
+    "opt, message",
+    [
+        ("frobnicate", "unknown option 'frobnicate'"),
+        ("colour=blue", "unknown option colour=blue"),
+        ("metacopy=on", "metacopy=on is not supported"),
+        ("fsync=0", "fsync=0 is not supported"),
+    ],
+)
+def test_unknown_or_unsupported_options_fail(dirs, opt, message):
+    with pytest.raises(OptionError, match=message):
+        parse_args(["-o", f"lowerdir={dirs}/top,{opt}", str(dirs / "mnt")])
+
+
+def test_harmless_options_are_accepted(dirs):
+    opts = "xino=auto,metacopy=off,threaded=1,noauto,volatile,x-gvfs-hide"
+    cfg = parse_args(["-o", f"lowerdir={dirs}/top,{opts}", str(dirs / "mnt")])
+    assert {"xino=auto", "metacopy=off", "noauto", "volatile"} <= set(cfg.ignored)

@@ -479,8 +479,17 @@ class UnionOperations(pyfuse3.Operations):
                 os.chown(target, uid, gid, follow_symlinks=False)
         if fields.update_mode and not is_link:
             os.chmod(target, stat.S_IMODE(attr.st_mode))
-        if fields.update_size:
+        if fields.update_size and not self._keeps_times(node, target, attr.st_size):
             os.truncate(target, attr.st_size)
+        if not _changes_ctime(fields):
+            # chown(path, -1, -1) changes nothing but the ctime, of every file type, as on
+            # the kernel.  FUSE sends it as a SETATTR with no field (FATTR_CTIME only for
+            # regular files under the writeback cache); a no-op chown of the real object
+            # marks exactly the ctime.
+            if isinstance(target, int):
+                os.fchown(target, -1, -1)
+            else:
+                os.chown(target, -1, -1, follow_symlinks=False)
         if fields.update_atime or fields.update_mtime:
             cur = self._stat_for(node)
             times = (
@@ -493,6 +502,15 @@ class UnionOperations(pyfuse3.Operations):
                 os.utime(target, ns=times, follow_symlinks=False)
         node.st = node.attrs = None
         return self._entry(node)
+
+    def _keeps_times(self, node: Node, target: int | bytes, size: int) -> bool:
+        """A truncate to the size a regular file already has, under the writeback cache: the
+        kernel then keeps the file's times (POSIX: only a changed size marks them) and never
+        takes ours, so the upper is left alone too, or a remount would show other times."""
+        if not self.enable_writeback_cache or node.kind != stat.S_IFREG:
+            return False
+        st = os.fstat(target) if isinstance(target, int) else os.lstat(target)
+        return st.st_size == size
 
     def _upper_handles(self, node: Node) -> list[FileHandle]:
         return self._handle_fds(node) if self.stack.in_upper(node) else []
@@ -548,6 +566,10 @@ class UnionOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
         writer = self._need_upper()
+        if stat.S_ISCHR(mode) and rdev == 0:
+            # a 0/0 device is a whiteout on disk: it would vanish at the next mount, so the
+            # kernel refuses to create one through an overlay (ovl_mknod), and so do we
+            raise pyfuse3.FUSEError(errno.EPERM)
         parent = self.stack.node(parent_inode)
         node = writer.make(
             parent, name, stat.S_IFMT(mode), mode & ~ctx.umask, ctx.uid, ctx.gid, rdev=rdev
@@ -670,6 +692,18 @@ def _open_noatime(path: bytes, flags: int) -> int:
         except PermissionError:
             pass
     return os.open(path, flags | os.O_CLOEXEC)
+
+
+def _changes_ctime(fields: pyfuse3.SetattrFields) -> bool:
+    """Does another field of this SETATTR already change the ctime of the real object?"""
+    return bool(
+        fields.update_uid
+        or fields.update_gid
+        or fields.update_mode
+        or fields.update_size
+        or fields.update_atime
+        or fields.update_mtime
+    )
 
 
 def _times_only(fields: pyfuse3.SetattrFields) -> bool:

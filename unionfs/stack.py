@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import NewType
 
 from . import markers
-from .errors import NotADirectory, NotFound, StaleHandle
+from .errors import NotADirectory, NotFound, StaleHandle, UnionError
 
 Inode = NewType("Inode", int)
 ROOT_INODE = Inode(1)
@@ -135,22 +135,19 @@ class Node:
         """A directory with parts in lower layers (renaming it needs a redirect)."""
         return self.dirs is not None and any(d.layer > 0 for d in self.dirs)
 
-    def merged_path(self) -> bytes:
-        parts: list[bytes] = []
-        node: Node | None = self
-        while node is not None and node.parent is not None:
-            parts.append(node.name)
-            node = node.parent
-        return b"/" + b"/".join(reversed(parts))
-
 
 class LayerStack:
     """The union of `layers` (top-first).  `has_upper` is True when layers[0] is writable."""
 
-    def __init__(self, lowers: list[str], upper: str | None = None) -> None:
+    def __init__(
+        self, lowers: list[str], upper: str | None = None, follow_redirects: bool = True
+    ) -> None:
         paths = ([upper] if upper is not None else []) + list(lowers)
         self.layers: list[bytes] = [os.fsencode(os.path.abspath(p)) for p in paths]
         self.has_upper = upper is not None
+        # redirect_dir=nofollow: a moved directory found in the upper is refused (EPERM), as
+        # the kernel refuses it, rather than shown without the lower part it was moved with
+        self.follow_redirects = follow_redirects
         self.devs = [os.stat(p).st_dev for p in self.layers]
         self._dev_index: dict[int, int] = {}
         self._fallback: dict[tuple[int, int], Inode] = {}
@@ -396,6 +393,10 @@ class LayerStack:
             if d.layer == 0 and upper_first and marks.redirect is not None:
                 if marks.opaque:
                     return out
+                if not self.follow_redirects:
+                    raise UnionError(
+                        "refusing to follow a redirect (redirect_dir=nofollow)", errno.EPERM
+                    )
                 return out + self._redirected(parent, marks.redirect)
             if pos == len(chain) - 1:
                 break
@@ -411,7 +412,8 @@ class LayerStack:
         if self._lower_view is None:
             lowers = [os.fsdecode(p) for p in self.layers[1:]]
             self._lower_view = LayerStack(lowers)
-        path = redirect if redirect.startswith(b"/") else parent.merged_path() + b"/" + redirect
+        redirect = redirect.rstrip(b"\0")
+        path = redirect if redirect.startswith(b"/") else self.origin_path(parent) + b"/" + redirect
         view = self._lower_view
         node = view.root
         try:
@@ -423,6 +425,31 @@ class LayerStack:
         if node.dirs is None:
             return []
         return [DirLayer(d.layer + 1, d.path, d.ino) for d in node.dirs]
+
+    def origin_path(self, node: Node) -> bytes:
+        """Where `node`'s lower part lives, as a path from the root of the lower stack: the
+        kernel's walk (overlayfs `ovl_get_redirect`).  From `node` up, each directory gives
+        its own redirect if it carries one (an absolute one ends the walk; a relative one is
+        the name it had in its parent's lower part), else its name.  So a path under moved
+        directories is the path where their lower parts are, never the merged one (which
+        means nothing to the lower layers once the upper is mounted again)."""
+        parts: list[bytes] = []
+        cur = node
+        while cur.parent is not None:
+            redirect = self.redirect_of(cur)
+            if redirect is not None and redirect.startswith(b"/"):
+                parts.append(redirect.strip(b"/"))
+                break
+            parts.append(redirect if redirect is not None else cur.name)
+            cur = cur.parent
+        return b"/" + b"/".join(p for p in reversed(parts) if p)
+
+    def redirect_of(self, node: Node) -> bytes | None:
+        """The `overlay.redirect` of a directory in the upper (None when it has none)."""
+        if not (node.is_dir and self.in_upper(node)):
+            return None
+        redirect = markers.dir_marks(self.upper_path(node)).redirect
+        return redirect.rstrip(b"\0") if redirect is not None else None
 
     def lower_has(self, parent: Node, name: bytes) -> bool:
         """Would removing the upper object named `name` reveal something below?  Then a

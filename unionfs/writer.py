@@ -21,6 +21,7 @@ redirect_dir=on; a pure-upper directory moved over a lower name becomes opaque.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import stat
@@ -45,8 +46,15 @@ class CopyPlan:
 
 
 class Writer:
-    def __init__(self, stack: LayerStack, workdir: str) -> None:
+    def __init__(self, stack: LayerStack, workdir: str, create_redirects: bool = True) -> None:
         self.s = stack
+        # redirect_dir=on: a directory with lower parts can move (it gets a redirect); with
+        # follow/off/nofollow it cannot, and rename(2) says EXDEV, as on the kernel
+        self.create_redirects = create_redirects
+        self._locks = [
+            _lock_dir(workdir, "workdir"),
+            _lock_dir(os.fsdecode(stack.layers[0]), "upperdir"),
+        ]
         self.work = os.fsencode(os.path.join(os.path.abspath(workdir), WORK_SUBDIR))
         if os.path.lexists(self.work):  # debris of an interrupted run; never referenced
             shutil.rmtree(self.work)
@@ -422,6 +430,7 @@ class Writer:
             return node, None
         if old is not None:
             self._check_replace(node, old)
+        self._check_movable(node)
         self._prepare_move(node, newparent, newname)
         whiteout = s.lower_has(parent, name)
         covers = s.lower_has(newparent, newname)
@@ -456,6 +465,14 @@ class Writer:
         if old.is_dir and self.s.listing(old):
             raise NotEmpty()
 
+    def _check_movable(self, node: Node) -> None:
+        """Without redirects a directory with lower parts cannot move (overlayfs
+        `ovl_can_move`): EXDEV, so that mv(1) falls back to copying."""
+        if node.is_dir and node.has_lower and not self.create_redirects:
+            raise UnionError(
+                "a directory with lower parts cannot move without redirect_dir=on", errno.EXDEV
+            )
+
     def _prepare_move(self, node: Node, newparent: Node, newname: bytes) -> None:
         """Copy a moving directory up and mark it so its lower part follows it (redirect),
         or so a lower directory at the destination does not merge into it (opaque)."""
@@ -463,12 +480,18 @@ class Writer:
         if not node.is_dir:
             return
         had_lower = node.has_lower
-        origin = node.merged_path()
+        # As the kernel (ovl_set_redirect): within one directory the redirect is relative
+        # (the name the lower part has there), across directories absolute; a relative one
+        # already present becomes absolute when the directory leaves its parent.
+        samedir = newparent is node.parent
+        current = s.redirect_of(node)
+        keep = current is not None and (samedir or current.startswith(b"/"))
+        redirect = s.origin_path(node) if not samedir else current or node.name
         self.copy_up_dir(node)
         upath = s.upper_path(node)
         if had_lower:
-            if markers.dir_marks(upath).redirect is None:
-                os.setxattr(upath, markers.redirect_xattr(), origin)
+            if not keep:
+                os.setxattr(upath, markers.redirect_xattr(), redirect)
         elif s.lower_has(newparent, newname):
             os.setxattr(upath, markers.opaque_xattr(), b"y")
 
@@ -511,6 +534,8 @@ class Writer:
         s = self.s
         a = s.node_for(parent, name, src)
         b = s.node_for(newparent, newname, dst)
+        self._check_movable(a)
+        self._check_movable(b)
         self._prepare_move(a, newparent, newname)
         self._prepare_move(b, parent, name)
         self.copy_up_dir(parent)
@@ -531,3 +556,16 @@ def _nlink(path: bytes) -> int:
         return os.lstat(path).st_nlink
     except FileNotFoundError:
         return 0
+
+
+def _lock_dir(path: str, what: str) -> int:
+    """Hold an exclusive lock on a directory for the life of the mount (the fd stays open):
+    a second mount of the same upper or work dir is refused, as the kernel refuses it,
+    instead of two daemons corrupting each other's view."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UnionError(f"{what} {path} is in use by another mount", errno.EBUSY) from None
+    return fd
