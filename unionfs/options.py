@@ -11,6 +11,10 @@ Options of layerfs itself (besides lowerdir/upperdir/workdir):
   writeback=0|1   the kernel's writeback cache (FUSE_WRITEBACK_CACHE): write(2) fills the page
                   cache and the kernel sends large WRITE requests later, instead of one request
                   per write(2).  Same name and values as fuse-overlayfs.  Default: 1.
+  index=off|on    kernel overlayfs's inode index, as far as hard links go.  off (the kernel's
+                  default, and what podman and Docker get): copying up one name of a hard-linked
+                  lower file breaks the link, that name becomes a file of its own.  on: the names
+                  stay one inode, with the kernel's link count.  Default: off.
 """
 
 from __future__ import annotations
@@ -49,12 +53,17 @@ UNSUPPORTED = frozenset(
 # were neither fsynced nor closed, as a crash can on any filesystem; fsync keeps its meaning.
 WRITEBACK_DEFAULT = True
 
+# Hard links on copy-up, as kernel overlayfs's `index=` (its default is off).
+INDEX_DEFAULT = False
+
 USAGE = (
     "usage: layerfs [-f] [-d] -o lowerdir=TOP:...:BOTTOM[,upperdir=DIR,workdir=DIR][,OPTS] "
     "MOUNTPOINT\n"
     "       layerfs SOURCE MOUNTPOINT -o lowerdir=...   (as run by mount -t fuse.layerfs)\n"
     "options: writeback=0|1  kernel writeback cache: large WRITE requests instead of one per "
     f"write(2) (default {int(WRITEBACK_DEFAULT)})\n"
+    "         index=off|on  on: hard-linked lower files stay one inode after copy-up "
+    f"(default {'on' if INDEX_DEFAULT else 'off'})\n"
     "         generic mount options (ro, noatime, ...) and FUSE options (allow_other, ...)"
 )
 
@@ -73,6 +82,7 @@ class MountConfig:
     fuse_options: set[str] = field(default_factory=set)
     ignored: list[str] = field(default_factory=list)
     writeback: bool = WRITEBACK_DEFAULT
+    index: bool = INDEX_DEFAULT
 
     @property
     def readonly(self) -> bool:
@@ -197,6 +207,7 @@ def _validate(
             if _inside(upper, low) or _inside(low, upper):
                 raise OptionError(f"upperdir {upper} overlaps lowerdir {low}")
     writeback = _flag01(values.pop("writeback", None), "writeback", WRITEBACK_DEFAULT)
+    index = _on_off(values.pop("index", None), "index", INDEX_DEFAULT)
     mnt = _existing_dir(mountpoint, "mountpoint")
     fuse_options: set[str] = set()
     ignored: list[str] = []
@@ -223,6 +234,7 @@ def _validate(
         fuse_options=fuse_options,
         ignored=ignored,
         writeback=writeback,
+        index=index,
     )
 
 
@@ -233,6 +245,15 @@ def _flag01(value: str | None, name: str, default: bool) -> bool:
     if value not in ("0", "1"):
         raise OptionError(f"{name}={value}: expected {name}=0 or {name}=1")
     return value == "1"
+
+
+def _on_off(value: str | None, name: str, default: bool) -> bool:
+    """A `name=on|off` option (kernel overlayfs spells its switches this way)."""
+    if value is None:
+        return default
+    if value not in ("on", "off"):
+        raise OptionError(f"{name}={value}: expected {name}=on or {name}=off")
+    return value == "on"
 
 
 def _existing_dir(path: str, what: str) -> str:
