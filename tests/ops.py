@@ -100,3 +100,15 @@ def mkfifo(root: Path, path: str):
 
 def listdir(root: Path, path: str):
     return sorted(os.listdir(root / path))
+
+
+def unlink_open(root: Path, path: str, names: list[str]):
+    """Open `path`, unlink `names` (its last names, say), and report what fstat says then."""
+    fd = os.open(root / path, os.O_RDONLY)
+    try:
+        for name in names:
+            os.unlink(root / name)
+        st = os.fstat(fd)
+        return st.st_nlink, oct(st.st_mode), os.pread(fd, 100, 0)
+    finally:
+        os.close(fd)

@@ -118,7 +118,7 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
         log.debug("ignoring mount option %s", ignored)
     os.umask(0)  # modes arrive with the caller's umask applied; ours must not apply twice
     try:
-        stack = LayerStack(cfg.lowers, cfg.upper)
+        stack = LayerStack(cfg.lowers, cfg.upper, index=cfg.index)
         writer = Writer(stack, cfg.work) if cfg.work is not None else None
     except OSError as exc:
         _report(ready_fd, f"layerfs: cannot open layers: {exc}")
