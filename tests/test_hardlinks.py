@@ -12,12 +12,15 @@ in two layer directories), with one name whited out above, and with three names.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 
+from imagestore.changeset import write_changeset
 from tests import layerdata, ops, treecmp
 from tests.mounts import KernelOverlay, LayerfsMount, require_fuse, require_root
 from tests.test_differential import tree_diff
@@ -192,3 +195,43 @@ def test_index_off_breaks_the_link_on_copy_up(tmp_path, lowers):
         assert names["g"] == sg.st_ino and names["g2"] == sg2.st_ino
     assert os.lstat(ours / "upper/a/g").st_nlink == 1
     assert not os.path.lexists(ours / "upper/a/g2")
+
+
+@pytest.mark.parametrize("index", ["off", "on"])
+def test_commit_writes_links_only_between_one_inode(tmp_path, lowers, index):
+    """The changeset of each mode, applied over the same lowers, shows what the mount showed:
+    with index=off a name copied up is its own file (no tar link to the name left below),
+    with index=on the names are tar links of one file."""
+    ours, our_lowers = side(tmp_path, "layerfs", lowers)
+    with LayerfsMount(ours / "mnt", our_lowers, ours / "upper", ours / "work", f"index={index}"):
+        m = ours / "mnt"
+        os.chmod(m / "a/g", 0o600)
+        ops.write(m, "b/x2", b"new x\n", "a")
+        os.link(m / "a/t", m / "a/new")
+        view = treecmp.snapshot(m)
+    buf = io.BytesIO()
+    write_changeset(ours / "upper", list(reversed(our_lowers)), buf)
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tar:
+        by = {t.name: t for t in tar.getmembers()}
+        (tmp_path / "new").mkdir()
+        tar.extractall(
+            tmp_path / "new", filter="fully_trusted"
+        )  # OCI `.wh.` files: layerfs reads them
+    if index == "off":
+        assert by["a/g"].isfile() and "a/g2" not in by
+        assert by["b/x2"].isfile() and "a/x" not in by
+        assert by["a/t"].islnk() and by["a/t"].linkname == "a/new"  # both made in the upper
+        assert not any(by[n].islnk() for n in ("a/g", "b/x2", "a/new"))
+    else:
+        groups: dict[str, set[str]] = {}
+        for n, t in by.items():
+            if t.islnk():
+                groups.setdefault(t.linkname, {t.linkname}).add(n)
+        assert sorted(map(sorted, groups.values())) == [
+            ["a/g", "a/g2"],
+            ["a/new", "a/t", "a/t2", "b/t3"],
+            ["a/x", "b/x2"],
+        ], groups
+    (tmp_path / "view").mkdir()
+    with LayerfsMount(tmp_path / "view", [tmp_path / "new", *lowers]):
+        compare(treecmp.snapshot(tmp_path / "view"), view, "the committed layer over the lowers")
