@@ -112,3 +112,14 @@ def unlink_open(root: Path, path: str, names: list[str]):
         return st.st_nlink, oct(st.st_mode), os.pread(fd, 100, 0)
     finally:
         os.close(fd)
+
+
+def write_fstat(root: Path, path: str, data: bytes):
+    """Append through an fd and report what fstat on that fd says before it is closed."""
+    fd = os.open(root / path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, data)
+        st = os.fstat(fd)
+        return st.st_nlink, oct(st.st_mode), st.st_size
+    finally:
+        os.close(fd)

@@ -50,8 +50,9 @@ def build_lowers(root: Path) -> list[Path]:
     return [l1, l0]
 
 
-W, A, CHMOD, TRUNC, LINK, UNLINK, RENAME, GONE = (
+W, A, WSTAT, CHMOD, TRUNC, LINK, UNLINK, RENAME, GONE = (
     "write",
+    "append_fstat",
     "append",
     "chmod",
     "truncate",
@@ -75,8 +76,9 @@ SEQUENCES = {
         (W, "b/x2", b"new x\n"),
         (A, "a/p", b"+p\n"),
         (TRUNC, "a/w", 1),
-        (A, "a/t2", b"t2\n"),
+        (WSTAT, "a/t2", b"t2\n"),
         (A, "a/g", b"again\n"),
+        (WSTAT, "b/t3", b"t3\n"),
     ],
     "link-unlink": [
         (LINK, "a/t", "a/new"),
@@ -110,6 +112,8 @@ def apply(root: Path, step: tuple) -> tuple:
         return ops.outcome(ops.write, root, path, arg, "w")
     if op == A:
         return ops.outcome(ops.write, root, path, arg, "a")
+    if op == WSTAT:
+        return ops.outcome(ops.write_fstat, root, path, arg)
     if op == CHMOD:
         return ops.outcome(ops.chmod, root, path, arg)
     if op == TRUNC:
