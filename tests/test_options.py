@@ -9,7 +9,7 @@ import pytest
 
 from tests.mounts import LAYERFS
 from unionfs.errors import OptionError
-from unionfs.options import WRITEBACK_DEFAULT, parse_args, parse_lowerdir
+from unionfs.options import INDEX_DEFAULT, WRITEBACK_DEFAULT, parse_args, parse_lowerdir
 
 
 def test_lowerdir_is_top_first_with_escapes():
@@ -73,11 +73,25 @@ def test_writeback_option(dirs):
     assert not cfg.writeback and not any("writeback" in o for o in cfg.fuse_options)
 
 
+def test_index_option(dirs):
+    base = f"lowerdir={dirs}/top,upperdir={dirs}/upper,workdir={dirs}/work"
+    mnt = str(dirs / "mnt")
+    assert INDEX_DEFAULT is False  # the kernel's default, and what podman and Docker get
+    assert parse_args(["-o", base, mnt]).index is False
+    assert parse_args(["-o", base + ",index=on", mnt]).index is True
+    cfg = parse_args(["-o", base + ",index=off", mnt])
+    assert cfg.index is False and not any(
+        "index" in o for o in cfg.ignored + list(cfg.fuse_options)
+    )
+
+
 @pytest.mark.parametrize(
     "opts, message",
     [
         ("ro", "missing option lowerdir"),
         ("lowerdir={d}/top,writeback=yes", "writeback=0 or writeback=1"),
+        ("lowerdir={d}/top,index=1", "index=on or index=off"),
+        ("lowerdir={d}/top,index=nfs", "index=on or index=off"),
         ("lowerdir=/nonexistent/layer", "lowerdir /nonexistent/layer"),
         ("lowerdir={d}/top,upperdir={d}/upper", "upperdir and workdir must be given together"),
         ("lowerdir={d}/top,upperdir={d}/upper,workdir={d}/upper/w", "separate subtrees"),

@@ -118,7 +118,9 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
         log.debug("ignoring mount option %s", ignored)
     os.umask(0)  # modes arrive with the caller's umask applied; ours must not apply twice
     try:
-        stack = LayerStack(cfg.lowers, cfg.upper, follow_redirects=cfg.follow_redirects)
+        stack = LayerStack(
+            cfg.lowers, cfg.upper, index=cfg.index, follow_redirects=cfg.follow_redirects
+        )
         writer = (
             Writer(stack, cfg.work, create_redirects=cfg.create_redirects)
             if cfg.work is not None

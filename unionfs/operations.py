@@ -37,6 +37,7 @@ thread hop); bulk copies of the write side go to worker threads.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
@@ -156,6 +157,11 @@ class UnionOperations(pyfuse3.Operations):
         self._by_node: dict[int, set[int]] = {}  # inode -> open file handles
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
+        if _SHOWN_INO_OFFSET is None and writer is not None and not stack.index:
+            log.warning(
+                "pyfuse3's reply layout is unknown: hard links broken by copy-up "
+                "show one st_ino until remount"
+            )
 
     # ----- lifecycle -----------------------------------------------------------------
     def init(self) -> None:
@@ -177,6 +183,7 @@ class UnionOperations(pyfuse3.Operations):
         st = self._stat_for(node)
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
+        _set_shown_ino(a, self.stack.st_ino(node))
         a.generation = 0
         a.entry_timeout = CACHE_TIMEOUT
         a.attr_timeout = CACHE_TIMEOUT
@@ -430,9 +437,11 @@ class UnionOperations(pyfuse3.Operations):
             self._reopen(node)
 
     async def _copy_up_linked(self, node: Node) -> None:
-        """Before a name of a hard-linked lower file goes away, copy the file up (which links
-        its other names in the upper), so the names left show the right link count."""
-        if not node.is_dir and not self.stack.in_upper(node) and self.stack.stat(node).st_nlink > 1:
+        """index=on: before a name of a hard-linked lower file goes away, copy the file up
+        (which links its other names in the upper), so the names left show the kernel's count."""
+        if not self.stack.index or node.is_dir or self.stack.in_upper(node):
+            return  # with index=off the other names simply keep the lower file
+        if self.stack.stat(node).st_nlink > 1:
             await self._copy_up(node)
 
     def _reopen(self, node: Node) -> None:
@@ -674,6 +683,10 @@ class UnionOperations(pyfuse3.Operations):
         if markers.is_internal_xattr(name):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         node = self.stack.node(inode)
+        if not self.stack.in_upper(node):
+            # as the kernel (ovl_xattr_set): removing an attribute the lower object does not
+            # have fails before any copy-up, so it neither copies nor breaks a hard link
+            self.stack.getxattr(node, name)
         await self._copy_up(node)
         try:
             os.removexattr(self.stack.real_path(node), name, follow_symlinks=False)
@@ -682,6 +695,33 @@ class UnionOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
             raise
         node.st = node.attrs = None
+
+
+def _shown_ino_offset() -> int | None:
+    """Where pyfuse3's EntryAttributes keeps the reply's attr.st_ino.  pyfuse3 sets the node id
+    and attr.st_ino to one value; FUSE keeps them apart (the node id names the kernel's inode,
+    attr.ino is what stat and readdir show), and index=off needs them apart (stack.py).  Found
+    by probing a fuse_entry_param {ino, generation, struct stat attr} with marker values; None
+    when the layout is not that one (then stat shows node numbers)."""
+    probe = pyfuse3.EntryAttributes()
+    ino, gen = 0x5A171E550B5E55ED, 0x1234567887654321
+    probe.st_ino, probe.generation = ino, gen
+    raw = ctypes.string_at(id(probe), type(probe).__basicsize__)
+    marks = [i for i in range(len(raw) - 7) if raw[i : i + 8] == ino.to_bytes(8, "little")]
+    if len(marks) != 2 or raw[marks[0] + 8 : marks[0] + 16] != gen.to_bytes(8, "little"):
+        return None
+    if marks[1] != marks[0] + 24:  # ino, generation, attr.st_dev, attr.st_ino
+        return None
+    return marks[1]
+
+
+_SHOWN_INO_OFFSET = _shown_ino_offset()
+
+
+def _set_shown_ino(attrs: pyfuse3.EntryAttributes, ino: int) -> None:
+    """Make the reply show `ino` as st_ino while it keeps its node id (set st_ino first)."""
+    if ino != attrs.st_ino and _SHOWN_INO_OFFSET is not None:
+        ctypes.c_uint64.from_address(id(attrs) + _SHOWN_INO_OFFSET).value = ino
 
 
 def _open_noatime(path: bytes, flags: int) -> int:

@@ -12,6 +12,10 @@ Options of layerfs itself (besides lowerdir/upperdir/workdir):
                   cache and the kernel sends large WRITE requests later, instead of one request
                   per write(2).  Same name and values as fuse-overlayfs.  Default: 1.
 Options of kernel overlayfs, with the kernel's meaning:
+  index=off|on    kernel overlayfs's inode index, as far as hard links go.  off (the kernel's
+                  default, and what podman and Docker get): copying up one name of a hard-linked
+                  lower file breaks the link, that name becomes a file of its own.  on: the names
+                  stay one inode, with the kernel's link count.  Default: off.
   redirect_dir=on|follow|off|nofollow   on (default): a directory with lower parts can be
                   renamed (it gets `overlay.redirect`); follow and off: existing redirects are
                   followed, renaming such a directory gives EXDEV; nofollow: neither, and a
@@ -91,12 +95,17 @@ REDIRECT_DIR = {
 # were neither fsynced nor closed, as a crash can on any filesystem; fsync keeps its meaning.
 WRITEBACK_DEFAULT = True
 
+# Hard links on copy-up, as kernel overlayfs's `index=` (its default is off).
+INDEX_DEFAULT = False
+
 USAGE = (
     "usage: layerfs [-f] [-d] -o lowerdir=TOP:...:BOTTOM[,upperdir=DIR,workdir=DIR][,OPTS] "
     "MOUNTPOINT\n"
     "       layerfs SOURCE MOUNTPOINT -o lowerdir=...   (as run by mount -t fuse.layerfs)\n"
     "options: writeback=0|1  kernel writeback cache: large WRITE requests instead of one per "
     f"write(2) (default {int(WRITEBACK_DEFAULT)})\n"
+    "         index=off|on  on: hard-linked lower files stay one inode after copy-up "
+    f"(default {'on' if INDEX_DEFAULT else 'off'})\n"
     "         generic mount options (ro, noatime, ...) and FUSE options (allow_other, ...)"
 )
 
@@ -115,6 +124,7 @@ class MountConfig:
     fuse_options: set[str] = field(default_factory=set)
     ignored: list[str] = field(default_factory=list)
     writeback: bool = WRITEBACK_DEFAULT
+    index: bool = INDEX_DEFAULT
     follow_redirects: bool = True
     create_redirects: bool = True
 
@@ -241,6 +251,7 @@ def _validate(
             if _inside(upper, low) or _inside(low, upper):
                 raise OptionError(f"upperdir {upper} overlaps lowerdir {low}")
     writeback = _flag01(values.pop("writeback", None), "writeback", WRITEBACK_DEFAULT)
+    index = _on_off(values.pop("index", None), "index", INDEX_DEFAULT)
     redirect_dir = values.pop("redirect_dir", "on")
     if redirect_dir not in REDIRECT_DIR:
         raise OptionError(f"redirect_dir={redirect_dir}: expected one of {', '.join(REDIRECT_DIR)}")
@@ -273,6 +284,7 @@ def _validate(
         fuse_options=fuse_options,
         ignored=ignored,
         writeback=writeback,
+        index=index,
         follow_redirects=follow_redirects,
         create_redirects=create_redirects,
     )
@@ -299,6 +311,15 @@ def _flag01(value: str | None, name: str, default: bool) -> bool:
     if value not in ("0", "1"):
         raise OptionError(f"{name}={value}: expected {name}=0 or {name}=1")
     return value == "1"
+
+
+def _on_off(value: str | None, name: str, default: bool) -> bool:
+    """A `name=on|off` option (kernel overlayfs spells its switches this way)."""
+    if value is None:
+        return default
+    if value not in ("on", "off"):
+        raise OptionError(f"{name}={value}: expected {name}=on or {name}=off")
+    return value == "on"
 
 
 def _existing_dir(path: str, what: str) -> str:

@@ -13,6 +13,15 @@ layers also have is replaced with renameat2(RENAME_WHITEOUT) or RENAME_EXCHANGE,
 no moment where the lower object shows through.  Leftovers in the work directory are debris,
 removed at the next mount.
 
+Hard-linked lower files (overlayfs's `index=`): with index=off, copy-up of one name breaks
+the link (the stack then reports that name's own upper file).  With index=on the names stay
+one inode, and the upper says so by itself: copy-up links the upper copy at every other name
+that shows the lower file, and keeps one more link in `INDEX_SUBDIR` of the work dir for each
+name of the lower file the merged view does not show (whited out, hidden), so the upper file's
+link count is the kernel's (the lower count, then changed by link and unlink) for this mount,
+after a remount, for the kernel mounting this upper, and for a commit (which sees the names
+as one file).
+
 Directory renames never fail with EXDEV: a directory with lower parts is copied up (without
 its contents) and gets `overlay.redirect` = its original path, as kernel overlayfs does with
 redirect_dir=on; a pure-upper directory moved over a lower name becomes opaque.
@@ -32,6 +41,7 @@ from .errors import Exists, NotEmpty, NotFound, UnionError
 from .stack import Child, DirLayer, Inode, LayerStack, Node
 
 WORK_SUBDIR = "layerfs"
+INDEX_SUBDIR = "layerfs-index"  # index=on: links that stand for lower names not shown
 
 
 @dataclass
@@ -59,8 +69,9 @@ class Writer:
         if os.path.lexists(self.work):  # debris of an interrupted run; never referenced
             shutil.rmtree(self.work)
         os.mkdir(self.work, 0o700)
+        self.index_dir = os.fsencode(os.path.join(os.path.abspath(workdir), INDEX_SUBDIR))
         self._seq = 0
-        self._linkmaps: dict[int, dict[int, list[bytes]]] = {}
+        self._linkmap_cache: dict[tuple[int, int], list[tuple[int, bytes]]] | None = None
 
     def tmpname(self) -> bytes:
         self._seq += 1
@@ -136,11 +147,14 @@ class Writer:
         fsutil.copy_xattrs(plan.src, plan.tmp, markers.is_internal_xattr)
         fsutil.copy_meta(plan.st, plan.tmp)
         self._into_place(node.parent, plan.tmp, node.name)
-        self._now_in_upper(node, node.parent, node.name)
-        if stat.S_ISREG(plan.st.st_mode) and plan.st.st_nlink > 1:
+        upper_ino = self._now_in_upper(node, node.parent, node.name)
+        if plan.st.st_nlink > 1 and not s.index:
+            s.break_link(node, upper_ino)
+        elif stat.S_ISREG(plan.st.st_mode) and plan.st.st_nlink > 1:
             self._link_siblings(node, plan)
 
-    def _now_in_upper(self, node: Node, parent: Node, name: bytes) -> None:
+    def _now_in_upper(self, node: Node, parent: Node, name: bytes) -> int:
+        """Bookkeeping once `parent/name` is in the upper; returns its real inode number."""
         s = self.s
         upper = os.lstat(s.upper_path(parent) + b"/" + name)
         s.origins[upper.st_ino] = node.ino
@@ -149,25 +163,31 @@ class Writer:
         if child is not None:
             child.layer, child.ino, child.covers = 0, upper.st_ino, True
             child.node_ino = node.ino
+        return upper.st_ino
 
     def _link_siblings(self, node: Node, plan: CopyPlan) -> None:
-        """Names that were hard links of the same lower file stay one inode: link the new
-        upper copy at every other name that still shows that lower file."""
-        layer = self._layer_of(plan.src)
-        if layer is None:
-            return
-        root = self.s.layers[layer]
-        for other in self._linkmap(layer).get(plan.st.st_ino, []):
-            found = self._visible_name(root, other)
+        """index=on: link the new upper copy at every other name (in any lower layer) that
+        still shows the same lower file, and once in the index for each name not shown."""
+        s = self.s
+        shown = 1
+        for layer, rel in self._linkmap().get((plan.st.st_dev, plan.st.st_ino), []):
+            root = s.layers[layer]
+            found = self._visible_name(root, rel)
             if found is None or found[2].layer != layer:
-                continue  # hidden or replaced in the merged view
+                continue  # hidden or replaced in the merged view, or the name just copied
             parent, name, child = found
             self.copy_up_dir(parent)
-            pdir = self.s.upper_path(parent)
+            pdir = s.upper_path(parent)
             pst = os.lstat(pdir)
-            os.link(self.s.upper_path(node), pdir + b"/" + name)
+            os.link(s.upper_path(node), pdir + b"/" + name)
             os.utime(pdir, ns=(pst.st_atime_ns, pst.st_mtime_ns))  # a copy-up, not a change
             child.layer, child.covers, child.node_ino = 0, True, node.ino
+            shown += 1
+        if plan.st.st_nlink > shown:
+            os.makedirs(self.index_dir, 0o700, exist_ok=True)
+            for _ in range(plan.st.st_nlink - shown):
+                name = b"%d-%s" % (plan.st.st_ino, os.urandom(8).hex().encode())
+                os.link(s.upper_path(node), self.index_dir + b"/" + name)
 
     def _visible_name(self, root: bytes, rel: bytes) -> tuple[Node, bytes, Child] | None:
         """Where the merged view shows the lower object `root + rel`: at the same path, or —
@@ -187,26 +207,23 @@ class Writer:
                     return node, name, entry
         return None
 
-    def _layer_of(self, path: bytes) -> int | None:
-        for i, root in enumerate(self.s.layers):
-            if i > 0 and path.startswith(root + b"/"):
-                return i
-        return None
-
-    def _linkmap(self, layer: int) -> dict[int, list[bytes]]:
-        """inode -> paths of multiply-linked files of one lower layer (one walk, cached:
-        lower layers never change)."""
-        found = self._linkmaps.get(layer)
+    def _linkmap(self) -> dict[tuple[int, int], list[tuple[int, bytes]]]:
+        """(st_dev, st_ino) -> (layer, path in layer) of every multiply-linked regular file of
+        the lower layers (one walk, cached: lower layers never change)."""
+        found = self._linkmap_cache
         if found is None:
             found = {}
-            root = self.s.layers[layer]
-            for dirpath, _dirs, files in os.walk(root):
-                for f in files:
-                    p = os.path.join(dirpath, f)
-                    st = os.lstat(p)
-                    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                        found.setdefault(st.st_ino, []).append(p[len(root) :])
-            self._linkmaps[layer] = found
+            for layer in range(1 if self.s.has_upper else 0, len(self.s.layers)):
+                root = self.s.layers[layer]
+                for dirpath, _dirs, files in os.walk(root):
+                    for f in files:
+                        p = os.path.join(dirpath, f)
+                        st = os.lstat(p)
+                        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                            found.setdefault((st.st_dev, st.st_ino), []).append(
+                                (layer, p[len(root) :])
+                            )
+            self._linkmap_cache = found
         return found
 
     def _resolve_entry(self, rel: bytes) -> tuple[Node, bytes, Child]:
