@@ -576,13 +576,27 @@ def _nlink(path: bytes) -> int:
 
 
 def _lock_dir(path: str, what: str) -> int:
-    """Hold an exclusive lock on a directory for the life of the mount (the fd stays open):
-    a second mount of the same upper or work dir is refused, as the kernel refuses it,
-    instead of two daemons corrupting each other's view."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """Hold an exclusive lock on a directory for the life of the mount: a second mount of the
+    same upper or work dir is refused, as the kernel refuses it, instead of two daemons
+    corrupting each other's view.  The lock is a file named by the directory's identity
+    (st_dev:st_ino) under the runtime dir, not an fd on the directory itself: an fd there
+    would keep the upper's filesystem busy until this process is gone, and `umount MNT;
+    umount UPPERFS` (which the kernel's overlay allows at once) would fail."""
+    st = os.stat(path)
+    locks = os.path.join(_runtime_dir(), f"layerfs-locks-{os.geteuid()}")
+    os.makedirs(locks, mode=0o700, exist_ok=True)
+    name = os.path.join(locks, f"{st.st_dev}:{st.st_ino}")
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise UnionError(f"{what} {path} is in use by another mount", errno.EBUSY) from None
     return fd
+
+
+def _runtime_dir() -> str:
+    """/run as root; the user's XDG_RUNTIME_DIR (else /tmp) otherwise."""
+    if os.geteuid() == 0 and os.access("/run", os.W_OK):
+        return "/run"
+    return os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
