@@ -90,8 +90,8 @@ def test_index_option(dirs):
     [
         ("ro", "missing option lowerdir"),
         ("lowerdir={d}/top,writeback=yes", "writeback=0 or writeback=1"),
-        ("lowerdir={d}/top,index=1", "index=on or index=off"),
-        ("lowerdir={d}/top,index=nfs", "index=on or index=off"),
+        ("lowerdir={d}/top,index=1", "index=off or index=on"),
+        ("lowerdir={d}/top,index=nfs", "index=off or index=on"),
         ("lowerdir=/nonexistent/layer", "lowerdir /nonexistent/layer"),
         ("lowerdir={d}/top,upperdir={d}/upper", "upperdir and workdir must be given together"),
         ("lowerdir={d}/top,upperdir={d}/upper,workdir={d}/upper/w", "separate subtrees"),

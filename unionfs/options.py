@@ -250,8 +250,8 @@ def _validate(
         for low in lowers:
             if _inside(upper, low) or _inside(low, upper):
                 raise OptionError(f"upperdir {upper} overlaps lowerdir {low}")
-    writeback = _flag01(values.pop("writeback", None), "writeback", WRITEBACK_DEFAULT)
-    index = _on_off(values.pop("index", None), "index", INDEX_DEFAULT)
+    writeback = _switch(values.pop("writeback", None), "writeback", WRITEBACK_DEFAULT, ("0", "1"))
+    index = _switch(values.pop("index", None), "index", INDEX_DEFAULT, ("off", "on"))
     redirect_dir = values.pop("redirect_dir", "on")
     if redirect_dir not in REDIRECT_DIR:
         raise OptionError(f"redirect_dir={redirect_dir}: expected one of {', '.join(REDIRECT_DIR)}")
@@ -304,22 +304,14 @@ def _harmless(key: str, val: str) -> str:
     return f"{key}={val}"
 
 
-def _flag01(value: str | None, name: str, default: bool) -> bool:
-    """A `name=0|1` option (fuse-overlayfs spells its switches this way)."""
+def _switch(value: str | None, name: str, default: bool, words: tuple[str, str]) -> bool:
+    """A two-valued option spelt `words` = (off, on): fuse-overlayfs says 0|1, the kernel
+    off|on."""
     if value is None:
         return default
-    if value not in ("0", "1"):
-        raise OptionError(f"{name}={value}: expected {name}=0 or {name}=1")
-    return value == "1"
-
-
-def _on_off(value: str | None, name: str, default: bool) -> bool:
-    """A `name=on|off` option (kernel overlayfs spells its switches this way)."""
-    if value is None:
-        return default
-    if value not in ("on", "off"):
-        raise OptionError(f"{name}={value}: expected {name}=on or {name}=off")
-    return value == "on"
+    if value not in words:
+        raise OptionError(f"{name}={value}: expected {name}={words[0]} or {name}={words[1]}")
+    return value == words[1]
 
 
 def _existing_dir(path: str, what: str) -> str:
