@@ -193,7 +193,7 @@ class _Walker:
         for name in sorted([*upper, *lower_only]):
             below = self.lower.child(chain, name) if chain else None
             if name in upper:
-                yield from self._upper_obj(rel, real, name, upper[name], below, whole)
+                yield from self._upper_obj(rel, real, name, upper[name], below, chain, whole)
             elif below is not None:
                 yield from self._lower_obj(_join(rel, name), below)
 
@@ -204,8 +204,10 @@ class _Walker:
         name: bytes,
         st: os.stat_result,
         below: _Found | None,
+        chain: list[bytes],
         whole: bool,
     ) -> Iterator[Item]:
+        """One upper object; `chain` is its parent's lower part (where `below` was found)."""
         assert parent is not None
         path, real = _join(rel, name), parent + b"/" + name
         if name.startswith(markers.WH_PREFIX):
@@ -223,10 +225,15 @@ class _Walker:
         if marks.redirect is not None and not marks.opaque:
             if lower_dir:
                 yield Item(OPAQUE, path)
+            # the kernel's redirect: absolute from the lower root, or relative, a name in the
+            # parent's lower part (which is itself where the parent's redirect led)
             target = marks.redirect.rstrip(b"\0")
-            if not target.startswith(b"/"):
-                target = b"/" + _join(rel, target)
-            yield from self._dir(path, real, self.lower.resolve(target), whole=True)
+            if target.startswith(b"/"):
+                moved = self.lower.resolve(target)
+            else:
+                found = self.lower.child(chain, target) if chain else None
+                moved = found.chain if found is not None and found.is_dir else []
+            yield from self._dir(path, real, moved, whole=True)
         elif marks.opaque:
             if lower_dir:
                 yield Item(OPAQUE, path)

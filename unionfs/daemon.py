@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 
-from .errors import OptionError
+from .errors import OptionError, UnionError
 from .options import USAGE, MountConfig, parse_args
 
 log = logging.getLogger("layerfs")
@@ -118,8 +118,17 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
         log.debug("ignoring mount option %s", ignored)
     os.umask(0)  # modes arrive with the caller's umask applied; ours must not apply twice
     try:
-        stack = LayerStack(cfg.lowers, cfg.upper)
-        writer = Writer(stack, cfg.work) if cfg.work is not None else None
+        stack = LayerStack(
+            cfg.lowers, cfg.upper, index=cfg.index, follow_redirects=cfg.follow_redirects
+        )
+        writer = (
+            Writer(stack, cfg.work, create_redirects=cfg.create_redirects)
+            if cfg.work is not None
+            else None
+        )
+    except UnionError as exc:
+        _report(ready_fd, f"layerfs: {exc}")
+        return EXIT_MOUNT_FAILED
     except OSError as exc:
         _report(ready_fd, f"layerfs: cannot open layers: {exc}")
         return EXIT_MOUNT_FAILED

@@ -26,6 +26,15 @@ its layer root, opened in the constructor — before the daemon mounts, so a mou
 its own layers works — and paths have no length limit.  Names longer than the layers allow
 (`namemax`, the largest f_namemax of them, as overlayfs computes it) fail with ENAMETOOLONG.
 
+Hard links (overlayfs's `index=`).  With `index=off` (the kernel's default) on a writable
+stack, each name of a multiply-linked lower non-directory is a node of its own (the kernel
+does not hash such inodes by their lower inode, because copy-up will break the link): its
+number is fresh per (layer, real path), while stat reports the lower object's number, so the
+names still show one st_ino and the lower link count until one of them is copied up; from
+then on that name reports its upper file's number and link count.  `shown` holds the st_ino
+of every node whose reported number differs from its node number.  With `index=on` (and on
+read-only stacks) the names share one node, and copy-up links them in the upper (writer.py).
+
 Caching: lower layers are read-only by contract (overlayfs: changing them under a mount is
 undefined), so listings and stat results of lower objects are cached for the node's life.
 Concurrency: called from the single trio thread only; no method awaits, so each call is atomic.
@@ -40,7 +49,7 @@ from dataclasses import dataclass
 from typing import NewType
 
 from . import markers
-from .errors import NameTooLong, NotADirectory, NotFound, StaleHandle
+from .errors import NameTooLong, NotADirectory, NotFound, StaleHandle, UnionError
 from .fsat import Roots
 
 Inode = NewType("Inode", int)
@@ -49,6 +58,7 @@ ROOT_INODE = Inode(1)
 _XINO_SHIFT = 48
 _XINO_MAX_DEV = (1 << 15) - 1
 _FALLBACK_BASE = 1 << 63
+_PER_NAME_BASE = _FALLBACK_BASE + (1 << 41)  # index=off: one node per name of a lower link
 
 _DTYPE_KIND = {
     "dir": stat.S_IFDIR,
@@ -141,24 +151,25 @@ class Node:
         """A directory with parts in lower layers (renaming it needs a redirect)."""
         return self.dirs is not None and any(d.layer > 0 for d in self.dirs)
 
-    def merged_path(self) -> bytes:
-        parts: list[bytes] = []
-        node: Node | None = self
-        while node is not None and node.parent is not None:
-            parts.append(node.name)
-            node = node.parent
-        return b"/" + b"/".join(reversed(parts))
-
 
 class LayerStack:
     """The union of `layers` (top-first).  `has_upper` is True when layers[0] is writable."""
 
     def __init__(
-        self, lowers: list[str], upper: str | None = None, fs: Roots | None = None
+        self,
+        lowers: list[str],
+        upper: str | None = None,
+        index: bool = False,
+        follow_redirects: bool = True,
+        fs: Roots | None = None,
     ) -> None:
         paths = ([upper] if upper is not None else []) + list(lowers)
         self.layers: list[bytes] = [os.fsencode(os.path.abspath(p)) for p in paths]
         self.has_upper = upper is not None
+        self.index = index
+        # redirect_dir=nofollow: a moved directory found in the upper is refused (EPERM), as
+        # the kernel refuses it, rather than shown without the lower part it was moved with
+        self.follow_redirects = follow_redirects
         self.fs = fs if fs is not None else Roots()
         root_st = [os.fstat(self.fs.add(p)) for p in self.layers]
         self.namemax = max(os.fstatvfs(self.fs.add(p)).f_namemax for p in self.layers)
@@ -169,6 +180,10 @@ class LayerStack:
         # file keeps its st_ino across copy-up even after the kernel forgets it.
         self.origins: dict[int, Inode] = {}
         self._fresh = 0  # count of fresh numbers, kept apart from the fallback ones
+        # index=off: node number of each name of a multiply-linked lower file, by real path,
+        # and the st_ino to report for nodes whose number is not what stat shows.
+        self._per_name: dict[tuple[int, bytes], Inode] = {}
+        self.shown: dict[Inode, int] = {}
         self.nodes: dict[Inode, Node] = {}
         # Other known names of hard-linked files (only for nodes reached by two names).
         self.aliases: dict[Inode, list[tuple[Node, bytes]]] = {}
@@ -188,6 +203,33 @@ class LayerStack:
         if self.has_upper and layer == 0:
             return self._upper_ino(real_ino)
         return self._xino(layer, real_ino)
+
+    def st_ino(self, node: Node) -> int:
+        """The number stat(2) and readdir report for `node` (not always its node number)."""
+        return self.shown.get(node.ino, node.ino)
+
+    def _name_ino(self, child: Child, shared: Inode) -> tuple[Inode, os.stat_result | None]:
+        """The node number of a lower non-directory's name: with index=off on a writable stack
+        a multiply-linked one gets a number of its own (see the module docstring).  Also the
+        lstat made to decide, if one was made (the new node keeps it: lower stats are cached)."""
+        if self.index or not self.has_upper or child.layer == 0 or child.dirs is not None:
+            return shared, None
+        key = (child.layer, child.path)
+        found = self._per_name.get(key)
+        if found is not None:
+            return found, None
+        st = self.fs.lstat(child.path)
+        if st.st_nlink <= 1:
+            return shared, st
+        found = Inode(_PER_NAME_BASE + len(self._per_name))
+        self._per_name[key] = found
+        self.shown[found] = shared
+        return found, st
+
+    def break_link(self, node: Node, upper_ino: int) -> None:
+        """index=off: `node`'s name of a hard-linked lower file was copied up alone, so from
+        now on it reports its own upper file's number, as the kernel does."""
+        self.shown[node.ino] = self._xino(0, upper_ino)
 
     def _upper_ino(self, real_ino: int) -> Inode:
         """Upper inode numbers are reused by the filesystem once a file is deleted, while
@@ -372,7 +414,7 @@ class LayerStack:
         origin_layer, origin_ino = (
             (dirs[-1].layer, dirs[-1].ino) if dirs else (child.layer, child.ino)
         )
-        ino = self.ino_for(origin_layer, origin_ino)
+        ino, st = self._name_ino(child, self.ino_for(origin_layer, origin_ino))
         child.node_ino = ino
         node = self.nodes.get(ino)
         if node is not None:
@@ -383,7 +425,7 @@ class LayerStack:
                 self.add_alias(node, parent, name)
             node.parent, node.name = parent, name
             return node
-        return Node(
+        node = Node(
             ino,
             parent,
             name,
@@ -392,6 +434,8 @@ class LayerStack:
             child.path,
             list(dirs) if dirs is not None else None,
         )
+        node.st = st
+        return node
 
     def _trim(self, parent: Node, name: bytes, chain: list[DirLayer]) -> list[DirLayer]:
         """Cut a directory chain after its first opaque member; follow an upper redirect;
@@ -409,6 +453,10 @@ class LayerStack:
             if d.layer == 0 and upper_first and marks.redirect is not None:
                 if marks.opaque:
                     return out
+                if not self.follow_redirects:
+                    raise UnionError(
+                        "refusing to follow a redirect (redirect_dir=nofollow)", errno.EPERM
+                    )
                 return out + self._redirected(parent, marks.redirect)
             if pos == len(chain) - 1:
                 break
@@ -424,7 +472,8 @@ class LayerStack:
         if self._lower_view is None:
             lowers = [os.fsdecode(p) for p in self.layers[1:]]
             self._lower_view = LayerStack(lowers, fs=self.fs)
-        path = redirect if redirect.startswith(b"/") else parent.merged_path() + b"/" + redirect
+        redirect = redirect.rstrip(b"\0")
+        path = redirect if redirect.startswith(b"/") else self.origin_path(parent) + b"/" + redirect
         view = self._lower_view
         node = view.root
         try:
@@ -436,6 +485,31 @@ class LayerStack:
         if node.dirs is None:
             return []
         return [DirLayer(d.layer + 1, d.path, d.ino) for d in node.dirs]
+
+    def origin_path(self, node: Node) -> bytes:
+        """Where `node`'s lower part lives, as a path from the root of the lower stack: the
+        kernel's walk (overlayfs `ovl_get_redirect`).  From `node` up, each directory gives
+        its own redirect if it carries one (an absolute one ends the walk; a relative one is
+        the name it had in its parent's lower part), else its name.  So a path under moved
+        directories is the path where their lower parts are, never the merged one (which
+        means nothing to the lower layers once the upper is mounted again)."""
+        parts: list[bytes] = []
+        cur = node
+        while cur.parent is not None:
+            redirect = self.redirect_of(cur)
+            if redirect is not None and redirect.startswith(b"/"):
+                parts.append(redirect.strip(b"/"))
+                break
+            parts.append(redirect if redirect is not None else cur.name)
+            cur = cur.parent
+        return b"/" + b"/".join(p for p in reversed(parts) if p)
+
+    def redirect_of(self, node: Node) -> bytes | None:
+        """The `overlay.redirect` of a directory in the upper (None when it has none)."""
+        if not (node.is_dir and self.in_upper(node)):
+            return None
+        redirect = markers.dir_marks(self.upper_path(node), self.fs).redirect
+        return redirect.rstrip(b"\0") if redirect is not None else None
 
     def lower_has(self, parent: Node, name: bytes) -> bool:
         """Would removing the upper object named `name` reveal something below?  Then a

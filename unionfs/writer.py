@@ -13,6 +13,15 @@ layers also have is replaced with renameat2(RENAME_WHITEOUT) or RENAME_EXCHANGE,
 no moment where the lower object shows through.  Leftovers in the work directory are debris,
 removed at the next mount.
 
+Hard-linked lower files (overlayfs's `index=`): with index=off, copy-up of one name breaks
+the link (the stack then reports that name's own upper file).  With index=on the names stay
+one inode, and the upper says so by itself: copy-up links the upper copy at every other name
+that shows the lower file, and keeps one more link in `INDEX_SUBDIR` of the work dir for each
+name of the lower file the merged view does not show (whited out, hidden), so the upper file's
+link count is the kernel's (the lower count, then changed by link and unlink) for this mount,
+after a remount, for the kernel mounting this upper, and for a commit (which sees the names
+as one file).
+
 Directory renames never fail with EXDEV: a directory with lower parts is copied up (without
 its contents) and gets `overlay.redirect` = its original path, as kernel overlayfs does with
 redirect_dir=on; a pure-upper directory moved over a lower name becomes opaque.
@@ -25,6 +34,7 @@ dir's fds are added to it here, before the mount too.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from dataclasses import dataclass
@@ -35,6 +45,7 @@ from .fsat import Roots
 from .stack import Child, DirLayer, Inode, LayerStack, Node
 
 WORK_SUBDIR = "layerfs"
+INDEX_SUBDIR = "layerfs-index"  # index=on: links that stand for lower names not shown
 
 
 @dataclass
@@ -50,8 +61,15 @@ class CopyPlan:
 
 
 class Writer:
-    def __init__(self, stack: LayerStack, workdir: str) -> None:
+    def __init__(self, stack: LayerStack, workdir: str, create_redirects: bool = True) -> None:
         self.s = stack
+        # redirect_dir=on: a directory with lower parts can move (it gets a redirect); with
+        # follow/off/nofollow it cannot, and rename(2) says EXDEV, as on the kernel
+        self.create_redirects = create_redirects
+        self._locks = [
+            _lock_dir(workdir, "workdir"),
+            _lock_dir(os.fsdecode(stack.layers[0]), "upperdir"),
+        ]
         self.work = os.fsencode(os.path.join(os.path.abspath(workdir), WORK_SUBDIR))
         self.fs = fs = stack.fs
         fs.add(os.path.dirname(self.work))
@@ -59,8 +77,9 @@ class Writer:
             fs.rmtree(self.work)
         fs.mkdir(self.work, 0o700)
         fs.add(self.work)
+        self.index_dir = os.fsencode(os.path.join(os.path.abspath(workdir), INDEX_SUBDIR))
         self._seq = 0
-        self._linkmaps: dict[int, dict[int, list[bytes]]] = {}
+        self._linkmap_cache: dict[tuple[int, int], list[tuple[int, bytes]]] | None = None
 
     def tmpname(self) -> bytes:
         self._seq += 1
@@ -136,11 +155,14 @@ class Writer:
         fsutil.copy_xattrs(self.fs, plan.src, plan.tmp, markers.is_internal_xattr)
         fsutil.copy_meta(self.fs, plan.st, plan.tmp)
         self._into_place(node.parent, plan.tmp, node.name)
-        self._now_in_upper(node, node.parent, node.name)
-        if stat.S_ISREG(plan.st.st_mode) and plan.st.st_nlink > 1:
+        upper_ino = self._now_in_upper(node, node.parent, node.name)
+        if plan.st.st_nlink > 1 and not s.index:
+            s.break_link(node, upper_ino)
+        elif stat.S_ISREG(plan.st.st_mode) and plan.st.st_nlink > 1:
             self._link_siblings(node, plan)
 
-    def _now_in_upper(self, node: Node, parent: Node, name: bytes) -> None:
+    def _now_in_upper(self, node: Node, parent: Node, name: bytes) -> int:
+        """Bookkeeping once `parent/name` is in the upper; returns its real inode number."""
         s = self.s
         upper = self.fs.lstat(s.upper_path(parent) + b"/" + name)
         s.origins[upper.st_ino] = node.ino
@@ -149,25 +171,32 @@ class Writer:
         if child is not None:
             child.layer, child.ino, child.covers = 0, upper.st_ino, True
             child.node_ino = node.ino
+        return upper.st_ino
 
     def _link_siblings(self, node: Node, plan: CopyPlan) -> None:
-        """Names that were hard links of the same lower file stay one inode: link the new
-        upper copy at every other name that still shows that lower file."""
-        layer = self._layer_of(plan.src)
-        if layer is None:
-            return
-        root = self.s.layers[layer]
-        for other in self._linkmap(layer).get(plan.st.st_ino, []):
-            found = self._visible_name(root, other)
+        """index=on: link the new upper copy at every other name (in any lower layer) that
+        still shows the same lower file, and once in the index for each name not shown."""
+        s = self.s
+        shown = 1
+        for layer, rel in self._linkmap().get((plan.st.st_dev, plan.st.st_ino), []):
+            root = s.layers[layer]
+            found = self._visible_name(root, rel)
             if found is None or found[2].layer != layer:
-                continue  # hidden or replaced in the merged view
+                continue  # hidden or replaced in the merged view, or the name just copied
             parent, name, child = found
             self.copy_up_dir(parent)
-            pdir = self.s.upper_path(parent)
+            pdir = s.upper_path(parent)
             pst = self.fs.lstat(pdir)
-            self.fs.link(self.s.upper_path(node), pdir + b"/" + name)
+            self.fs.link(s.upper_path(node), pdir + b"/" + name)
             self.fs.utime(pdir, ns=(pst.st_atime_ns, pst.st_mtime_ns))  # a copy-up, not a change
             child.layer, child.covers, child.node_ino = 0, True, node.ino
+            shown += 1
+        if plan.st.st_nlink > shown:
+            if not self.fs.exists(self.index_dir):
+                self.fs.mkdir(self.index_dir, 0o700)
+            for _ in range(plan.st.st_nlink - shown):
+                name = b"%d-%s" % (plan.st.st_ino, os.urandom(8).hex().encode())
+                self.fs.link(s.upper_path(node), self.index_dir + b"/" + name)
 
     def _visible_name(self, root: bytes, rel: bytes) -> tuple[Node, bytes, Child] | None:
         """Where the merged view shows the lower object `root + rel`: at the same path, or —
@@ -187,23 +216,18 @@ class Writer:
                     return node, name, entry
         return None
 
-    def _layer_of(self, path: bytes) -> int | None:
-        for i, root in enumerate(self.s.layers):
-            if i > 0 and path.startswith(root + b"/"):
-                return i
-        return None
-
-    def _linkmap(self, layer: int) -> dict[int, list[bytes]]:
-        """inode -> paths of multiply-linked files of one lower layer (one walk, cached:
-        lower layers never change)."""
-        found = self._linkmaps.get(layer)
+    def _linkmap(self) -> dict[tuple[int, int], list[tuple[int, bytes]]]:
+        """(st_dev, st_ino) -> (layer, path in layer) of every multiply-linked regular file of
+        the lower layers (one walk, cached: lower layers never change)."""
+        found = self._linkmap_cache
         if found is None:
             found = {}
-            root = self.s.layers[layer]
-            for p, st in self.fs.walk_stat(root):
-                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                    found.setdefault(st.st_ino, []).append(p[len(root) :])
-            self._linkmaps[layer] = found
+            for layer in range(1 if self.s.has_upper else 0, len(self.s.layers)):
+                root = self.s.layers[layer]
+                for p, st in self.fs.walk_stat(root):
+                    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                        found.setdefault((st.st_dev, st.st_ino), []).append((layer, p[len(root) :]))
+            self._linkmap_cache = found
         return found
 
     def _resolve_entry(self, rel: bytes) -> tuple[Node, bytes, Child]:
@@ -431,6 +455,7 @@ class Writer:
             return node, None
         if old is not None:
             self._check_replace(node, old)
+        self._check_movable(node)
         self._prepare_move(node, newparent, newname)
         whiteout = s.lower_has(parent, name)
         covers = s.lower_has(newparent, newname)
@@ -465,6 +490,14 @@ class Writer:
         if old.is_dir and self.s.listing(old):
             raise NotEmpty()
 
+    def _check_movable(self, node: Node) -> None:
+        """Without redirects a directory with lower parts cannot move (overlayfs
+        `ovl_can_move`): EXDEV, so that mv(1) falls back to copying."""
+        if node.is_dir and node.has_lower and not self.create_redirects:
+            raise UnionError(
+                "a directory with lower parts cannot move without redirect_dir=on", errno.EXDEV
+            )
+
     def _prepare_move(self, node: Node, newparent: Node, newname: bytes) -> None:
         """Copy a moving directory up and mark it so its lower part follows it (redirect),
         or so a lower directory at the destination does not merge into it (opaque)."""
@@ -472,12 +505,18 @@ class Writer:
         if not node.is_dir:
             return
         had_lower = node.has_lower
-        origin = node.merged_path()
+        # As the kernel (ovl_set_redirect): within one directory the redirect is relative
+        # (the name the lower part has there), across directories absolute; a relative one
+        # already present becomes absolute when the directory leaves its parent.
+        samedir = newparent is node.parent
+        current = s.redirect_of(node)
+        keep = current is not None and (samedir or current.startswith(b"/"))
+        redirect = s.origin_path(node) if not samedir else current or node.name
         self.copy_up_dir(node)
         upath = s.upper_path(node)
         if had_lower:
-            if markers.dir_marks(upath, self.fs).redirect is None:
-                self.fs.setxattr(upath, markers.redirect_xattr(), origin)
+            if not keep:
+                self.fs.setxattr(upath, markers.redirect_xattr(), redirect)
         elif s.lower_has(newparent, newname):
             self.fs.setxattr(upath, markers.opaque_xattr(), b"y")
 
@@ -520,6 +559,8 @@ class Writer:
         s = self.s
         a = s.node_for(parent, name, src)
         b = s.node_for(newparent, newname, dst)
+        self._check_movable(a)
+        self._check_movable(b)
         self._prepare_move(a, newparent, newname)
         self._prepare_move(b, parent, name)
         self.copy_up_dir(parent)
@@ -540,3 +581,30 @@ def _nlink(fs: Roots, path: bytes) -> int:
         return fs.lstat(path).st_nlink
     except FileNotFoundError:
         return 0
+
+
+def _lock_dir(path: str, what: str) -> int:
+    """Hold an exclusive lock on a directory for the life of the mount: a second mount of the
+    same upper or work dir is refused, as the kernel refuses it, instead of two daemons
+    corrupting each other's view.  The lock is a file named by the directory's identity
+    (st_dev:st_ino) under the runtime dir, not an fd on the directory itself: an fd there
+    would keep the upper's filesystem busy until this process is gone, and `umount MNT;
+    umount UPPERFS` (which the kernel's overlay allows at once) would fail."""
+    st = os.stat(path)
+    locks = os.path.join(_runtime_dir(), f"layerfs-locks-{os.geteuid()}")
+    os.makedirs(locks, mode=0o700, exist_ok=True)
+    name = os.path.join(locks, f"{st.st_dev}:{st.st_ino}")
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UnionError(f"{what} {path} is in use by another mount", errno.EBUSY) from None
+    return fd
+
+
+def _runtime_dir() -> str:
+    """/run as root; the user's XDG_RUNTIME_DIR (else /tmp) otherwise."""
+    if os.geteuid() == 0 and os.access("/run", os.W_OK):
+        return "/run"
+    return os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
