@@ -110,6 +110,7 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
     import pyfuse3
     import trio
 
+    from .fsat import Roots
     from .operations import UnionOperations
     from .stack import LayerStack
     from .writer import Writer
@@ -119,7 +120,11 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
     os.umask(0)  # modes arrive with the caller's umask applied; ours must not apply twice
     try:
         stack = LayerStack(
-            cfg.lowers, cfg.upper, index=cfg.index, follow_redirects=cfg.follow_redirects
+            cfg.lowers,
+            cfg.upper,
+            index=cfg.index,
+            follow_redirects=cfg.follow_redirects,
+            fs=Roots(shadow=os.fsencode(cfg.mountpoint)),
         )
         writer = (
             Writer(stack, cfg.work, create_redirects=cfg.create_redirects)
@@ -179,7 +184,7 @@ async def _run(pyfuse3, trio, ops, mountpoint) -> None:  # type: ignore[no-untyp
                 control.serve,
                 sock,
                 ops.gate,
-                ops.stack.fs.fd(ops.stack.layers[0]),  # not a path: it may be under the mount
+                ops.stack.fs.handle(ops.stack.layers[0]),  # an fd if under the mount
                 os.fsencode(mountpoint),
             )
         await pyfuse3.main()

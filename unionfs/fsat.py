@@ -7,8 +7,13 @@ mkdirat, renameat2, …).  Two things follow, both kernel-overlayfs behaviour:
   - no path-length limit: a relative path longer than `SHORT` is walked in chunks with
     openat(O_PATH | O_DIRECTORY) and the call is made relative to the last directory fd, so
     objects deeper than PATH_MAX (4,096 bytes) are reachable;
-  - a mount over one of its own layers works: the root fds are opened before mounting, and
-    nothing ever resolves a path string through the mountpoint again.
+  - a mount over one of its own layers works: a root that the mountpoint shadows (the
+    mountpoint itself, or a directory below it: `shadow`) is opened before mounting and kept
+    as an fd, so nothing resolves a path through the mountpoint again.
+Other roots are *not* held open: they are reached by their absolute path (AT_FDCWD), as the
+kernel reaches them through its dcache.  An fd held on a layer would keep its filesystem busy
+until the daemon has exited, and FUSE's unmount does not wait for that: `umount MNT; umount
+LOWERFS`, which works at once with kernel overlayfs, would fail with EBUSY.
 xattrs have no *at call, and f*xattr refuses O_PATH fds (EBADF on this kernel): they go
 through `/proc/self/fd/<dirfd>/<relative path>` with the l*xattr calls, which resolve the
 magic link to the directory and do not follow a final symlink.
@@ -43,26 +48,37 @@ T = TypeVar("T")
 class Roots:
     """Directory fds of layer roots (and the work dir), and the *at calls under them."""
 
-    def __init__(self, strict: bool = True) -> None:
+    def __init__(self, strict: bool = True, shadow: bytes | None = None) -> None:
         self.strict = strict
-        self._fds: dict[bytes, int] = {}
+        # the mountpoint (a real path): roots at or below it are held as fds
+        self.shadow = os.path.realpath(shadow) if shadow is not None else None
+        self._fds: dict[bytes, int] = {}  # root -> its fd, or AT_FDCWD when reached by path
         self._lengths: list[int] = []  # distinct root-path lengths, longest first
         self._finalizer = weakref.finalize(self, _close_all, self._fds)
 
     # ----- roots --------------------------------------------------------------------
-    def add(self, path: bytes) -> int:
-        """Open `path` (absolute, symlinks followed as the kernel follows layer options) as a
-        root; idempotent.  Returns its fd."""
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = os.open(path, _ROOT_FLAGS)
-            self._fds[path] = fd
-            self._lengths = sorted({len(p) for p in self._fds}, reverse=True)
-        return fd
+    def add(self, path: bytes) -> os.stat_result:
+        """Register `path` (absolute, symlinks followed as the kernel follows layer options)
+        as a root; idempotent.  Returns its fstat."""
+        fd = os.open(path, _ROOT_FLAGS)
+        try:
+            st = os.fstat(fd)
+            if path not in self._fds:
+                shadowed = self.shadow is not None and _inside(os.path.realpath(path), self.shadow)
+                self._fds[path] = fd if shadowed else fsutil.AT_FDCWD
+                self._lengths = sorted({len(p) for p in self._fds}, reverse=True)
+                if shadowed:
+                    fd = -1  # kept
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        return st
 
-    def fd(self, path: bytes) -> int:
-        """The fd of the registered root `path`."""
-        return self._fds[path]
+    def handle(self, path: bytes) -> bytes | int:
+        """How to name the registered root `path` outside this module: its fd when the
+        mount shadows it, else the path itself."""
+        fd = self._fds[path]
+        return path if fd == fsutil.AT_FDCWD else fd
 
     def close(self) -> None:
         self._finalizer()
@@ -75,6 +91,8 @@ class Roots:
                 continue
             fd = self._fds.get(path[:n])
             if fd is not None and (size == n or path[n] == 0x2F):
+                if fd == fsutil.AT_FDCWD:
+                    return fd, path
                 return fd, path[n + 1 :] or b"."
         if self.strict:
             raise OSError(errno.EXDEV, "path under no layer root", path)
@@ -300,8 +318,14 @@ def _walk(fd: int, rel: bytes) -> tuple[int, bytes]:
     return owned, name
 
 
+def _inside(path: bytes, root: bytes) -> bool:
+    return path == root or path.startswith(root.rstrip(b"/") + b"/")
+
+
 def _close_all(fds: dict[bytes, int]) -> None:
     for fd in fds.values():
+        if fd == fsutil.AT_FDCWD:
+            continue
         try:
             os.close(fd)
         except OSError:

@@ -171,8 +171,8 @@ class LayerStack:
         # the kernel refuses it, rather than shown without the lower part it was moved with
         self.follow_redirects = follow_redirects
         self.fs = fs if fs is not None else Roots()
-        root_st = [os.fstat(self.fs.add(p)) for p in self.layers]
-        self.namemax = max(os.fstatvfs(self.fs.add(p)).f_namemax for p in self.layers)
+        root_st = [self.fs.add(p) for p in self.layers]
+        self.namemax = max(self.fs.statvfs(p).f_namemax for p in self.layers)
         self.devs = [st.st_dev for st in root_st]
         self._dev_index: dict[int, int] = {}
         self._fallback: dict[tuple[int, int], Inode] = {}
