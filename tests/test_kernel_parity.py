@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from imagestore import changeset
-from tests import treecmp
+from tests import mounts, treecmp
 from tests.layerdata import write
 from tests.mounts import LAYERFS, KernelOverlay, LayerfsMount, overlay_options
 from unionfs import fsutil, markers
@@ -190,3 +190,38 @@ def test_a_second_mount_of_the_same_upper_is_refused(union, tmp_path):
     with LayerfsMount(mnt2, [lo], up, wk2):
         assert (mnt2 / "mine").read_bytes() == b"first mount\n"
     shutil.rmtree(wk2)
+
+
+def test_the_daemon_pins_no_layer_filesystem(tmp_path, fuse, root):
+    """Kernel overlayfs lets `umount MNT; umount LAYERFS` run back to back.  FUSE's unmount
+    does not wait for the daemon to exit, so the daemon must hold nothing open on its
+    layers' filesystems while it idles (lock files and sockets live elsewhere)."""
+    fss = [tmp_path / "lofs", tmp_path / "upfs"]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for fs in fss:
+        fs.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "layertest", str(fs)], check=True, timeout=30)
+    try:
+        write(fss[0] / "f", b"lower\n")
+        (fss[1] / "u").mkdir()
+        (fss[1] / "w").mkdir()
+        devs = {os.stat(fs).st_dev for fs in fss}
+        with LayerfsMount(mnt, [fss[0]], fss[1] / "u", fss[1] / "w") as m:
+            (mnt / "f").write_bytes(b"changed\n")
+            assert (mnt / "f").read_bytes() == b"changed\n"
+            assert m.proc is not None
+            fd_dir = Path(f"/proc/{m.proc.pid}/fd")
+            deadline = time.monotonic() + 5  # the kernel sends RELEASE after close() returns
+            while True:
+                pinned = [os.readlink(p) for p in fd_dir.iterdir() if os.stat(p).st_dev in devs]
+                if not pinned or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert pinned == []
+    finally:
+        for fs in fss:
+            subprocess.run(["umount", str(fs)], timeout=30)
+    assert (tmp_path / "upfs").exists() and not any(
+        mp.startswith(str(tmp_path)) for mp, _ in mounts.mounts()
+    )
