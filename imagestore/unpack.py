@@ -18,10 +18,12 @@ Compression comes from the media type and, when the two disagree, from the magic
 Everything streams: memory use does not grow with the layer.
 
 Concurrency: different layers unpack in parallel threads or processes without coordination
-(each has its own temp dir).  Two unpacks of the same layer in one process are serialised by
-a per-DiffID lock (when the DiffID is known in advance); across processes the rename decides:
-the first complete layer wins and the other copy is deleted.  An incomplete
-`layers/<hex>` (debris of a crash between rename and marker) is replaced after a short wait.
+(each has its own temp dir).  Two unpacks of the same layer are serialised by a per-DiffID
+lock (when the DiffID is known in advance): a thread lock within a process and a flock on
+`ingest/layer-<hex>.lock` across processes, so the second finds the layer complete.  Without
+a known DiffID the rename decides: the first complete layer wins and the other copy is
+deleted.  An incomplete `layers/<hex>` (debris of a crash between rename and marker) is
+replaced after a short wait.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import zstandard
 from . import tarsafe
 from .digest import Digest
 from .errors import CorruptLayer, DigestMismatch
-from .store import Store, write_atomic
+from .store import Store, locked_file, write_atomic
 from .tarapply import LayerWriter
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,13 @@ def _layer_lock(store: Store, diff_id: Digest) -> Iterator[None]:
     with _locks_guard:
         lock = _locks.setdefault(key, threading.Lock())
     with lock:
-        yield
+        fd = locked_file(store.ingest_dir / f"layer-{diff_id.hex}.lock")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(store.ingest_dir / f"layer-{diff_id.hex}.lock")  # waiters start over
+            os.close(fd)
 
 
 def _unpack(store: Store, blob: Digest, media_type: str, expected: Digest | None) -> Digest:
