@@ -206,29 +206,53 @@ def test_a_commit_whose_daemon_is_killed_fails_whole_and_ps_says_dead(tmp_path, 
 
 
 # ----- item 6: overlapping freezes on a busy mount ------------------------------------------
-def test_two_diffs_at_once_on_a_busy_mount_finish(tmp_path, base):
-    m1 = tmp_path / "m1"
-    ok(base, "mount", "base", str(m1), "--name", "x")
-    stop = threading.Event()
+BIG_FILES, BIG = 48, 24 << 20
+
+
+@pytest.fixture
+def big_lower(tmp_path, fuse) -> Path:
+    """A store whose image `big` has BIG_FILES files of BIG bytes each: every first write to
+    one of them is a long copy-up, a mutating request in flight while a freeze waits."""
+    root = tmp_path / "store"
+    files = [(f"f{i}", "file", bytes(BIG)) for i in range(BIG_FILES)]
+    imagedata.write_oci_layout(tmp_path / "layout", [files])
+    ok(root, "pull", "-q", f"oci:{tmp_path / 'layout'}", "--name", "big")
+    (tmp_path / "m1").mkdir()
+    try:
+        yield root
+    finally:
+        unmount(tmp_path / "m1")
+
+
+def test_two_diffs_at_once_on_a_busy_mount_finish(tmp_path, big_lower):
+    root, m1 = big_lower, tmp_path / "m1"
+    ok(root, "mount", "big", str(m1), "--name", "x")
+    todo = list(range(BIG_FILES))
+    lock = threading.Lock()
     errors: list[BaseException] = []
 
-    def writer() -> None:
+    def writer() -> None:  # copies the big files up, one after another
         try:
-            i = 0
-            while not stop.is_set():
-                (m1 / f"f{i % 50}").write_bytes(b"x" * 4096)
-                i += 1
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    i = todo.pop()
+                with open(m1 / f"f{i}", "r+b") as f:
+                    f.write(b"w")
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=writer) for _ in range(3)]
+    threads = [threading.Thread(target=writer) for _ in range(2)]
     for t in threads:
         t.start()
+    rounds = 0
     try:
-        for _ in range(6):
+        while todo or rounds < 2:
+            rounds += 1
             procs = [
                 subprocess.Popen(
-                    [LAYER, "diff", "--root", str(base), "x"],
+                    [LAYER, "diff", "--root", str(root), "x"],
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     text=True,
@@ -240,14 +264,14 @@ def test_two_diffs_at_once_on_a_busy_mount_finish(tmp_path, base):
                     _, err = p.communicate(timeout=60)
                     assert p.returncode == 0, err
             except subprocess.TimeoutExpired:
-                pytest.fail("two overlapping `layer diff` runs left the mount frozen")
+                pytest.fail(f"two overlapping `layer diff` runs left the mount frozen ({rounds})")
             finally:
                 for p in procs:
                     with contextlib.suppress(ProcessLookupError):
                         p.kill()
     finally:
-        stop.set()
-        rec = mountrecords.load(Store.open(base), "x")
+        todo.clear()
+        rec = mountrecords.load(Store.open(root), "x")
         for t in threads:
             t.join(timeout=5)
         if any(t.is_alive() for t in threads) and rec is not None and rec.daemon:
@@ -256,4 +280,4 @@ def test_two_diffs_at_once_on_a_busy_mount_finish(tmp_path, base):
                 t.join(timeout=30)
     assert errors == []
     (m1 / "after").write_text("usable\n")
-    assert (base / "mounts/x/upper/after").read_text() == "usable\n"
+    assert (root / "mounts/x/upper/after").read_text() == "usable\n"
