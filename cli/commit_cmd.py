@@ -73,9 +73,10 @@ def diff(console: Console, root: str | None, fmt: str, name: str) -> None:
     """The changes of mount NAME against its image: `A path`, `C path`, `D path`."""
     store = open_store(root)
     rec = _record(store, name)
-    lowers = descriptor_layers(store, rec.image)
-    with _consistent(rec):
-        found = compute_changes(rec.upper, lowers)
+    with store.in_use():  # gc waits: the layers may be unpacked on demand
+        lowers = descriptor_layers(store, rec.image)
+        with _consistent(rec):
+            found = compute_changes(rec.upper, lowers)
     if fmt == "json":
         console.say(json.dumps(found.to_json(), indent=2))
     else:
@@ -120,27 +121,28 @@ def commit(
     """Turn mount NAME's changes into a new layer and tag the new image IMAGE."""
     store = open_store(root)
     rec = _record(store, name)
-    lowers = descriptor_layers(store, rec.image)
     sde = os.environ.get("SOURCE_DATE_EPOCH")
     try:
         epoch = int(sde) if sde else None
     except ValueError:
         raise BadInput(f"SOURCE_DATE_EPOCH={sde!r} is not a number") from None
-    with store.in_use(), _consistent(rec) as hold:
-        digest = do_commit(
-            store,
-            rec.upper,
-            lowers,
-            rec.image,
-            image,
-            message=message,
-            author=author,
-            changes=list(changes),
-            compress=compress,
-            source_date_epoch=epoch,
-            verify=verify,
-            before_tag=hold.thaw if hold is not None else None,  # the daemon held on
-        )
+    with store.in_use():  # gc waits: blobs and layers no tag protects yet
+        lowers = descriptor_layers(store, rec.image)  # unpacked before the mount is frozen
+        with _consistent(rec) as hold:
+            digest = do_commit(
+                store,
+                rec.upper,
+                lowers,
+                rec.image,
+                image,
+                message=message,
+                author=author,
+                changes=list(changes),
+                compress=compress,
+                source_date_epoch=epoch,
+                verify=verify,
+                before_tag=hold.thaw if hold is not None else None,  # the daemon held on
+            )
     console.say(str(digest))
 
 

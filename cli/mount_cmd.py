@@ -108,6 +108,11 @@ def _check_free(store: Store, name: str) -> mountrecords.MountRecord | None:
 
 
 def _existing_dir(path: str) -> str:
+    """`path`, a directory that nothing is mounted on.  The mount table is read first: a
+    stat of a hung FUSE mountpoint would hang."""
+    typ = mounts.fstype(mounts.canonical_mountpoint(path))
+    if typ is not None:
+        raise AlreadyMounted(f"{path} is already mounted ({typ}); unmount it first")
     if not os.path.isdir(path):
         raise BadInput(f"{path}: not a directory")
     return path

@@ -281,3 +281,28 @@ def test_two_diffs_at_once_on_a_busy_mount_finish(tmp_path, big_lower):
     assert errors == []
     (m1 / "after").write_text("usable\n")
     assert (root / "mounts/x/upper/after").read_text() == "usable\n"
+
+
+# ----- item 12: a hung mountpoint is never stat-ed ------------------------------------------
+def test_a_hung_mount_is_reported_and_unmounted_without_a_stat(tmp_path, base):
+    m1 = tmp_path / "m1"
+    ok(base, "mount", "base", str(m1), "--name", "x")
+    rec = mountrecords.load(Store.open(base), "x")
+    assert rec is not None and rec.daemon is not None
+    pid = rec.daemon["pid"]
+    os.kill(pid, signal.SIGSTOP)  # the daemon answers nothing: a stat of m1 would hang
+    try:
+        r = run(base, "mount", "base", str(m1), "--name", "y", timeout=20)
+        assert "already mounted" in clean_error(r)
+        assert ps(base)["x"]["state"] == "live"
+        r = run(base, "umount", str(m1), timeout=20)
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(m1)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 20
+    while os.path.exists(f"/proc/{pid}"):  # unmounted: the daemon exits once it runs
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
