@@ -124,7 +124,7 @@ def _unpack(store: Store, blob: Digest, media_type: str, expected: Digest | None
             _syncfs(tmp)
             _publish(store, tmp, diff_id)
         except BaseException:
-            _discard(tmp)
+            remove_tree(tmp)
             raise
     return diff_id
 
@@ -311,18 +311,18 @@ def _publish(store: Store, tmp: Path, diff_id: Digest) -> None:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
             if _wait_complete(store, diff_id):
-                _discard(tmp)
+                remove_tree(tmp)
                 return
             stale = store.layers / f".tmp-stale-{secrets.token_hex(8)}"
             with contextlib.suppress(FileNotFoundError):
                 os.rename(final, stale)  # debris of a crashed unpack
-            _discard(stale)
+            remove_tree(stale)
             continue
         try:
             _fsync_dir(store.layers)
             write_atomic(final / MARKER, f"{diff_id}\n".encode())
         except BaseException:
-            _discard(final)
+            remove_tree(final)
             raise
         return
     raise CorruptLayer(f"layer {diff_id}: could not publish {final} (keeps reappearing)")
@@ -337,8 +337,9 @@ def _wait_complete(store: Store, diff_id: Digest) -> bool:
     return True
 
 
-def _discard(path: Path) -> None:
-    """Remove a tree of ours, even one whose directories a non-root layer made read-only."""
+def remove_tree(path: Path) -> None:
+    """Remove a tree of ours, even one whose directories a non-root layer made read-only
+    (unpack debris, a `commit --verify` scratch dir); logs what it cannot remove."""
     if not os.path.lexists(path):
         return
     try:

@@ -141,3 +141,31 @@ def test_two_pulls_at_once_leave_a_consistent_store(tmp_path, shared_blob_regist
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
     _assert_consistent(root, [f"{tag}{i}" for i, tag in enumerate(tags)])
+
+
+# ----- gc and the debris of interrupted work ----------------------------------------------
+def test_gc_removes_verify_scratch_dirs_and_lock_debris(tmp_path):
+    """An interrupted `commit --verify` leaves ingest/verify-* trees (issue 12, item 14)."""
+    root = tmp_path / "store"
+    store = Store.open(root)
+    scratch = store.ingest_dir / "verify-0123456789abcdef"
+    (scratch / "etc/ro").mkdir(parents=True)
+    (scratch / "etc/ro/file").write_bytes(b"x" * 100)
+    os.chmod(scratch / "etc/ro", 0o555)  # as a layer's read-only directory
+    (store.ingest_dir / "dl-partial").write_bytes(b"partial")
+    r = _layer(root, "gc")
+    assert r.returncode == 0, r.stderr
+    assert list(store.ingest_dir.iterdir()) == []
+
+
+def test_gc_refuses_a_damaged_mount_record_rather_than_drop_its_pin(tmp_path):
+    root = tmp_path / "store"
+    store = Store.open(root)
+    data, digest = _blob(100)
+    store.put_bytes(data)
+    (store.mounts / "m").mkdir()
+    (store.mounts / "m/mount.json").write_text('{"image": 3}')
+    r = _layer(root, "gc")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "mount.json is damaged" in r.stderr
+    assert store.has_blob(digest)
