@@ -1,7 +1,10 @@
 """`layer diff NAME`, `layer commit NAME IMAGE` and `layer push IMAGE DEST`.
 
 diff and commit work on a mount made by `layer mount IMAGE MNT --name NAME`: its upper (kept
-under the store's mounts/NAME) against the image's layers.  Committing a live mount freezes
+under the store's mounts/NAME) against the layers of the image its record pins (by manifest
+digest: whatever happened to the tag since).  A commit writes its tag last, only after the
+daemon confirmed the thaw: a daemon that died during the commit fails it, and nothing of it
+stays.  Committing a live mount freezes
 it through the daemon's control socket while the upper is read, so the snapshot is
 consistent (as `docker commit` pauses the container); an unmounted NAME needs no daemon.
 Nothing here reads through the mount while it is frozen: with the kernel's writeback cache,
@@ -24,13 +27,13 @@ from imagestore import mountrecords
 from imagestore.changeset import changes as compute_changes
 from imagestore.commit import commit as do_commit
 from imagestore.errors import StoreError
-from imagestore.pull import image_layers
+from imagestore.pull import descriptor_layers
 from imagestore.push import push as do_push
 from imagestore.store import Store
 from unionfs import control
 
 from . import mounts
-from .errors import BadInput
+from .errors import BadInput, CliError
 from .options import format_option, open_store, parse_creds, quiet_option, root_option
 
 if TYPE_CHECKING:
@@ -45,12 +48,20 @@ def _record(store: Store, name: str) -> mountrecords.MountRecord:
 
 
 @contextlib.contextmanager
-def _consistent(rec: mountrecords.MountRecord) -> Iterator[None]:
-    if mounts.is_live(rec.mountpoint):
-        with control.frozen(rec.work):
-            yield
+def _consistent(rec: mountrecords.MountRecord) -> Iterator[control.Freeze | None]:
+    """The mount held still: frozen through its daemon when live, refused when dead (its
+    upper may hold a half-done operation: `layer umount` it first)."""
+    st = mounts.state(rec.mountpoint, rec.daemon)
+    if st == mounts.DEAD:
+        raise CliError(
+            f"mount {rec.name} is dead (its layerfs daemon is gone); "
+            f"`layer umount {rec.name}` first"
+        )
+    if st == mounts.LIVE:
+        with control.frozen(rec.work) as hold:
+            yield hold
     else:
-        yield
+        yield None
 
 
 @click.command("diff")
@@ -62,9 +73,10 @@ def diff(console: Console, root: str | None, fmt: str, name: str) -> None:
     """The changes of mount NAME against its image: `A path`, `C path`, `D path`."""
     store = open_store(root)
     rec = _record(store, name)
-    lowers = image_layers(store, rec.image["digest"])
-    with _consistent(rec):
-        found = compute_changes(rec.upper, lowers)
+    with store.in_use():  # gc waits: the layers may be unpacked on demand
+        lowers = descriptor_layers(store, rec.image)
+        with _consistent(rec):
+            found = compute_changes(rec.upper, lowers)
     if fmt == "json":
         console.say(json.dumps(found.to_json(), indent=2))
     else:
@@ -109,26 +121,28 @@ def commit(
     """Turn mount NAME's changes into a new layer and tag the new image IMAGE."""
     store = open_store(root)
     rec = _record(store, name)
-    lowers = image_layers(store, rec.image["digest"])
     sde = os.environ.get("SOURCE_DATE_EPOCH")
     try:
         epoch = int(sde) if sde else None
     except ValueError:
         raise BadInput(f"SOURCE_DATE_EPOCH={sde!r} is not a number") from None
-    with store.in_use(), _consistent(rec):
-        digest = do_commit(
-            store,
-            rec.upper,
-            lowers,
-            rec.image["digest"],
-            image,
-            message=message,
-            author=author,
-            changes=list(changes),
-            compress=compress,
-            source_date_epoch=epoch,
-            verify=verify,
-        )
+    with store.in_use():  # gc waits: blobs and layers no tag protects yet
+        lowers = descriptor_layers(store, rec.image)  # unpacked before the mount is frozen
+        with _consistent(rec) as hold:
+            digest = do_commit(
+                store,
+                rec.upper,
+                lowers,
+                rec.image,
+                image,
+                message=message,
+                author=author,
+                changes=list(changes),
+                compress=compress,
+                source_date_epoch=epoch,
+                verify=verify,
+                before_tag=hold.thaw if hold is not None else None,  # the daemon held on
+            )
     console.say(str(digest))
 
 

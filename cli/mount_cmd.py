@@ -1,5 +1,10 @@
 """`layer mount`: mount an image (writable, its upper kept under the store's mounts/NAME),
-or a stack of directories given with --lower (lowers top-first, as lowerdir)."""
+or a stack of directories given with --lower (lowers top-first, as lowerdir).
+
+Every image mount, read-only ones too, has a record under mounts/NAME that pins the image by
+manifest digest (gc keeps it until `layer rm`, whatever happens to its tag) and names the
+daemon serving it.  A NAME is unique while its mount is live (or dead: mounted, its daemon
+gone); the per-name claim makes the check and the mount one step for concurrent commands."""
 
 from __future__ import annotations
 
@@ -9,9 +14,11 @@ from typing import TYPE_CHECKING
 import click
 
 from imagestore import mountrecords
+from imagestore.pull import descriptor_layers
+from imagestore.store import Store
 
 from . import mounts
-from .errors import BadInput
+from .errors import AlreadyMounted, BadInput
 from .options import open_store, root_option
 
 if TYPE_CHECKING:
@@ -61,23 +68,51 @@ def mount(
     if len(args) != 2:
         raise BadInput("usage: layer mount IMAGE MOUNTPOINT [--name NAME]")
     image, mountpoint = args[0], _existing_dir(args[1])
-    from imagestore.pull import image_layers
-
-    store = open_store(root)
-    layer_dirs = image_layers(store, image)
-    lowers_top_first = [str(p) for p in reversed(layer_dirs)]
-    if read_only:
-        mounts.mount(lowers_top_first, mountpoint)
-        return
     name = mountrecords.check_name(name or os.path.basename(os.path.abspath(mountpoint)))
-    desc = store.resolve(image)
-    with store.lock():
-        rec = mountrecords.save(store, name, image, desc, os.path.abspath(mountpoint), False)
-    mounts.mount(lowers_top_first, mountpoint, upper=str(rec.upper), work=str(rec.work))
+    store = open_store(root)
+    with store.in_use(), mountrecords.claim(store, name):  # gc waits; the name is ours
+        old = _check_free(store, name)
+        if old is not None and not old.read_only and image in (old.image_name, old.digest):
+            desc, image_name = old.image, old.image_name  # a writable mount keeps its image
+        else:
+            desc, image_name = mountrecords.resolve(store, image), image
+        lowers_top_first = [str(p) for p in reversed(descriptor_layers(store, desc, image))]
+        where = os.path.abspath(mountpoint)
+        with store.lock():  # the record pins the image before the mount uses it
+            rec = mountrecords.save(store, name, image_name, desc, where, read_only)
+        try:
+            if read_only:
+                mounts.mount(lowers_top_first, mountpoint)
+            else:
+                mounts.mount(lowers_top_first, mountpoint, str(rec.upper), str(rec.work))
+        except BaseException:
+            if read_only:  # nothing to keep
+                with store.lock():
+                    mountrecords.remove(store, name)
+            raise
+        daemon = mounts.daemon_of(mountpoint)
+        with store.lock():
+            mountrecords.save(store, name, image_name, desc, where, read_only, daemon)
     console.say(name)
 
 
+def _check_free(store: Store, name: str) -> mountrecords.MountRecord | None:
+    """The stopped record NAME, or None; AlreadyMounted when its mount is live or dead."""
+    old = mountrecords.load(store, name)
+    if old is not None:
+        st = mounts.state(old.mountpoint, old.daemon)
+        if st != mounts.STOPPED:
+            hint = "`layer umount` it first" if st == mounts.DEAD else "use another --name"
+            raise AlreadyMounted(f"mount {name} is {st} on {old.mountpoint}; {hint}")
+    return old
+
+
 def _existing_dir(path: str) -> str:
+    """`path`, a directory that nothing is mounted on.  The mount table is read first: a
+    stat of a hung FUSE mountpoint would hang."""
+    typ = mounts.fstype(mounts.canonical_mountpoint(path))
+    if typ is not None:
+        raise AlreadyMounted(f"{path} is already mounted ({typ}); unmount it first")
     if not os.path.isdir(path):
         raise BadInput(f"{path}: not a directory")
     return path

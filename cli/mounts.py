@@ -5,7 +5,10 @@
 It refuses a mountpoint that already has a mount on it (layerfs itself would stack one).
 `unmount` is `fusermount3 -u`, idempotent only through `unmount_quietly`, which also falls
 back to a lazy unmount.  Whether a path is mounted is read from /proc/self/mountinfo, never by
-stat-ing it: a hung FUSE mountpoint would hang the stat.  Nothing here prints.
+stat-ing it: a hung FUSE mountpoint would hang the stat.  `daemon_of` finds the layerfs
+process serving a mountpoint (its pid and start time, from /proc), and `state` says whether
+an image mount's record is live (in the mount table and its daemon alive), dead (still in the
+mount table, its daemon gone: `layer umount` it) or stopped.  Nothing here prints.
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ def mount(
     lowers: Sequence[str], mountpoint: str, upper: str | None = None, work: str | None = None
 ) -> None:
     """Mount the union on `mountpoint`; returns once it is live."""
-    cmd = [layerfs_executable(), "-o", mount_options(lowers, upper, work), mountpoint]
-    typ = fstype(canonical_mountpoint(mountpoint))
+    target = canonical_mountpoint(mountpoint)
+    cmd = [layerfs_executable(), "-o", mount_options(lowers, upper, work), target]
+    typ = fstype(target)
     if typ is not None:
         raise AlreadyMounted(f"{mountpoint} is already mounted ({typ}); unmount it first")
     # stdio is inherited: layerfs's errors reach the user as it wrote them.
@@ -101,6 +105,64 @@ def fstype(mountpoint: str) -> str | None:
 def is_live(mountpoint: str) -> bool:
     """A layerfs daemon serves `mountpoint` now (read from the mount table)."""
     return fstype(canonical_mountpoint(mountpoint)) == "fuse.layerfs"
+
+
+LIVE, DEAD, STOPPED = "live", "dead", "stopped"
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks after boot): with the pid, names one process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    try:  # the command name may hold spaces and parentheses: split after the last ')'
+        return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    except (ValueError, IndexError):
+        return None
+
+
+def daemon_of(mountpoint: str) -> dict[str, int] | None:
+    """{"pid", "start"} of the layerfs daemon started on `mountpoint` by `mount`, or None.
+
+    `mount` gives layerfs the canonical mountpoint as its last argument, and the daemon is
+    the only layerfs process left with that command line once `mount` returned."""
+    target = os.fsencode(canonical_mountpoint(mountpoint))
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")[:-1]
+        except OSError:
+            continue
+        if not argv or argv[-1] != target:
+            continue
+        if not any(os.path.basename(a) == b"layerfs" for a in argv[:2]):
+            continue
+        start = _start_time(int(entry))
+        if start is not None:
+            return {"pid": int(entry), "start": start}
+    return None
+
+
+def daemon_alive(daemon: dict[str, int]) -> bool:
+    return _start_time(daemon["pid"]) == daemon["start"]
+
+
+def state(mountpoint: str, daemon: dict[str, int] | None) -> str:
+    """LIVE, DEAD or STOPPED (see the module docstring).  The daemon recorded at mount time,
+    else any layerfs process serving the mountpoint (one started by hand on the same upper)
+    counts; with neither known, the mount table alone decides."""
+    if not is_live(mountpoint):
+        return STOPPED
+    if daemon is not None and daemon_alive(daemon):
+        return LIVE
+    found = daemon_of(mountpoint)
+    if found is not None or daemon is None:
+        return LIVE
+    return DEAD
 
 
 def canonical_mountpoint(path: str) -> str:

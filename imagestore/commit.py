@@ -12,8 +12,9 @@ Lifecycle (DESIGN.md's store rules):
     base with zstd or no compression becomes OCI), the unpacked layer (`unpack_layer`, so the
     new image mounts without a pull), and last the tag, under `store.lock()`.
   - Atomic: an exception anywhere (KeyboardInterrupt included) before the tag removes every
-    blob and unpacked layer this commit created; no tag is written.  Reproducible: with
-    `source_date_epoch` the same upper gives the same manifest digest.
+    blob and unpacked layer this commit created (and nothing else); no tag is written.  The
+    tag is the last write, after `before_tag` (the caller's last check) succeeded.
+    Reproducible: with `source_date_epoch` the same upper gives the same manifest digest.
 The self-check reads and writes through `fsat.PLAIN` (openat chains), so paths past PATH_MAX
 — an upper or a store located deep enough — are checked like any other.
 Concurrency: the caller keeps the upper still (a live mount holds mutations).  Two commits
@@ -206,7 +207,7 @@ def commit(
     store: Store,
     upper: Path,
     lowers: list[Path],
-    base_image: str,
+    base_image: str | dict[str, Any],
     new_name: str,
     *,
     message: str | None = None,
@@ -216,13 +217,18 @@ def commit(
     source_date_epoch: int | None = None,
     verify: bool = False,
     merged_view: Path | None = None,
+    before_tag: Callable[[], None] | None = None,
 ) -> Digest:
-    """Commit `upper` over `lowers` (base first: the layers of `base_image`) as `new_name`;
-    returns the new manifest's digest.  See the module docstring for the guarantees."""
+    """Commit `upper` over `lowers` (base first: the layers of `base_image`, a name or a
+    manifest descriptor) as `new_name`; returns the new manifest's digest.
+
+    `before_tag` runs once everything but the tag is written (a live mount's thaw, which
+    must succeed for the snapshot to count); if it raises, the commit is undone like any
+    other failure and no tag is written.  See the module docstring for the guarantees."""
     if compress not in COMPRESSIONS:
         raise StoreError(f"unknown compression {compress!r} (gzip, zstd, none)")
     edits = [parse_change(c) for c in changes or []]
-    desc = store.resolve(base_image)
+    desc = store.resolve(base_image) if isinstance(base_image, str) else base_image
     data = store.read_blob(Digest.parse(desc["digest"]))
     base = media.parse_manifest(data, media.media_type_of(data, desc.get("mediaType")))
     config = store.read_json(base.config.digest)
@@ -241,6 +247,8 @@ def commit(
         man_digest, man_size = _put_json(store, created, manifest)
         new_layer = not store.has_layer(diff_id)
         unpack_layer(store, blob, _layer_type(compress, docker), diff_id)
+        if before_tag is not None:
+            before_tag()
         with store.lock():
             store.tag(
                 new_name,

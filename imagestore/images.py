@@ -1,7 +1,8 @@
 """What the store holds: image summaries, inspection, removal of names, garbage collection.
 
 Reads index.json and blobs; `gc` deletes blobs and unpacked layers that no tagged image and
-no mount references.  Mutating calls (`remove`, `gc`) run under the store lock.
+no mount record pins (read-only mounts included).  Mutating calls (`remove`, `gc`) run under
+the store lock.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-from . import media
+from . import media, mountrecords
 from .digest import Digest
 from .store import Store
+from .unpack import remove_tree
 
 
 @dataclass
@@ -85,11 +87,8 @@ def referenced(store: Store) -> tuple[set[Digest], set[Digest]]:
     blobs: set[Digest] = set()
     layers: set[Digest] = set()
     descs = [d for _, d in store.images()]
-    for mount_info in store.mounts.glob("*/mount.json"):
-        try:
-            descs.append(json.loads(mount_info.read_text())["image"])
-        except (ValueError, KeyError):
-            continue
+    # a damaged record raises (StoreError naming it): gc must not drop the image it pins
+    descs += [rec.image for rec in mountrecords.all_records(store)]
     for desc in descs:
         try:
             data, m = _manifest(store, desc)
@@ -119,9 +118,13 @@ def gc(store: Store) -> tuple[int, int, int]:
                 freed += _du(path)
                 shutil.rmtree(path)
                 nlayers += 1
-        for path in store.ingest_dir.iterdir():
-            freed += path.stat().st_size
-            path.unlink()
+        for path in store.ingest_dir.iterdir():  # debris: nobody writes while we collect
+            if path.is_dir() and not path.is_symlink():  # a `commit --verify` scratch dir
+                freed += _du(path)
+                remove_tree(path)
+            else:
+                freed += path.lstat().st_size
+                path.unlink()
         return nblobs, nlayers, freed
 
 

@@ -1,22 +1,35 @@
-"""Writable mounts of images: ROOT/mounts/<name>/{upper,work,mount.json}.
+"""Image mounts: ROOT/mounts/<name>/{mount.json,upper,work}.
 
-A record names the image (its descriptor, so `gc` keeps its blobs and layers) and the last
-mountpoint.  The upper survives umount/mount; `remove` deletes it.  Records are written
-atomically under the store lock; whether a mount is live is the caller's question (the mount
-table), since the store knows nothing of FUSE.
+A record pins its image by manifest descriptor (digest, media type, size): the mount works
+whatever happens to tags afterwards (`rmi`, a newer pull of the same name, a commit to the
+base's own name), and `gc` keeps the pinned image's blobs and layers (images.referenced)
+until `layer rm`.  A writable record owns an upper that survives umount/mount; a read-only
+record (`read_only`) has none and pins its image while mounted.  `daemon` is what the CLI
+learnt about the layerfs process serving the mount (pid and start time), opaque here.
+
+Lifecycle: `claim(name)` is an exclusive per-name flock held by whoever checks, creates,
+mounts or removes the record NAME, so two `layer mount --name X` never both decide the name
+is free.  `save` and `remove` run under it and under the store lock; records are written
+atomically.  Whether a mount is live is the caller's question (the mount table and the
+daemon), since the store knows nothing of FUSE.  A record that does not parse raises
+StoreError naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BadReference, StoreError
-from .store import Store, write_atomic
+from .digest import Digest
+from .errors import BadReference, ImageNotFound, StoreError
+from .store import Store, locked_file, write_atomic
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -29,6 +42,12 @@ class MountRecord:
     mountpoint: str
     read_only: bool
     path: Path
+    daemon: dict[str, int] | None = None
+
+    @property
+    def digest(self) -> str:
+        """The pinned manifest digest."""
+        return str(self.image["digest"])
 
     @property
     def upper(self) -> Path:
@@ -45,15 +64,45 @@ def check_name(name: str) -> str:
     return name
 
 
+@contextlib.contextmanager
+def claim(store: Store, name: str) -> Iterator[None]:
+    """Hold the name NAME exclusively (waits for another holder); see the module docstring."""
+    lock = store.mounts / f".{check_name(name)}.lock"
+    fd = locked_file(lock)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)  # a waiter finds the name gone and starts over
+        os.close(fd)
+
+
 def load(store: Store, name: str) -> MountRecord | None:
     path = store.mounts / check_name(name)
     try:
-        obj = json.loads((path / "mount.json").read_text())
+        text = (path / "mount.json").read_text()
     except FileNotFoundError:
         return None
-    return MountRecord(
-        name, obj["image_name"], obj["image"], obj["mountpoint"], obj.get("read_only", False), path
-    )
+    try:
+        obj = json.loads(text)
+        image = obj["image"]
+        Digest.parse(image["digest"])
+        daemon = obj.get("daemon")
+        if daemon is not None and not (
+            isinstance(daemon.get("pid"), int) and isinstance(daemon.get("start"), int)
+        ):
+            daemon = None
+        return MountRecord(
+            name,
+            str(obj["image_name"]),
+            image,
+            str(obj["mountpoint"]),
+            bool(obj.get("read_only", False)),
+            path,
+            daemon,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError, BadReference) as exc:
+        raise StoreError(f"mount record {path / 'mount.json'} is damaged: {exc}") from None
 
 
 def all_records(store: Store) -> list[MountRecord]:
@@ -65,6 +114,25 @@ def all_records(store: Store) -> list[MountRecord]:
     return out
 
 
+def resolve(store: Store, ref: str) -> dict[str, Any]:
+    """The descriptor of image `ref`: a tag or digest the store resolves, else the manifest
+    digest (or a unique prefix of 12+ hex digits) a mount record pins."""
+    try:
+        return store.resolve(ref)
+    except ImageNotFound:
+        hexpart = ref.removeprefix("sha256:")
+        if len(hexpart) < 12:
+            raise
+        pinned = {
+            r.digest: r.image
+            for r in all_records(store)
+            if r.digest.removeprefix("sha256:").startswith(hexpart)
+        }
+        if len(pinned) != 1:
+            raise
+        return next(iter(pinned.values()))
+
+
 def save(
     store: Store,
     name: str,
@@ -72,34 +140,42 @@ def save(
     image: dict[str, Any],
     mountpoint: str,
     read_only: bool,
+    daemon: dict[str, int] | None = None,
 ) -> MountRecord:
-    """Create or update the record (and its upper/work dirs) for `name`."""
+    """Create or update the record (and for a writable mount its upper/work dirs) for `name`.
+
+    A writable record keeps its image: saving another digest under its name is refused.
+    A read-only record has nothing to lose and is replaced."""
     path = store.mounts / check_name(name)
     old = load(store, name)
-    if old is not None and old.image["digest"] != image["digest"]:
+    if old is not None and not old.read_only and old.digest != image["digest"]:
         raise StoreError(
             f"mount {name} belongs to image {old.image_name} "
-            f"({old.image['digest'][:19]}); use another --name or `layer rm {name}`"
+            f"({old.digest[:19]}); use another --name or `layer rm {name}`"
         )
-    (path / "upper").mkdir(parents=True, exist_ok=True)
-    (path / "work").mkdir(exist_ok=True)
-    write_atomic(
-        path / "mount.json",
-        json.dumps(
-            {
-                "image_name": image_name,
-                "image": image,
-                "mountpoint": mountpoint,
-                "read_only": read_only,
-            },
-            indent=2,
-        ).encode(),
-    )
-    return MountRecord(name, image_name, image, mountpoint, read_only, path)
+    if old is not None and not old.read_only and read_only:
+        raise StoreError(f"mount {name} has an upper; use another --name for a read-only mount")
+    path.mkdir(parents=True, exist_ok=True)
+    if not read_only:
+        (path / "upper").mkdir(exist_ok=True)
+        (path / "work").mkdir(exist_ok=True)
+    obj: dict[str, Any] = {
+        "image_name": image_name,
+        "image": {k: v for k, v in image.items() if k in ("mediaType", "digest", "size")},
+        "mountpoint": mountpoint,
+        "read_only": read_only,
+    }
+    if daemon is not None:
+        obj["daemon"] = daemon
+    write_atomic(path / "mount.json", json.dumps(obj, indent=2).encode())
+    return MountRecord(name, image_name, obj["image"], mountpoint, read_only, path, daemon)
 
 
 def remove(store: Store, name: str) -> None:
     path = store.mounts / check_name(name)
     if not (path / "mount.json").exists():
         raise StoreError(f"no mount named {name}")
-    shutil.rmtree(path)
+    # the record goes first, atomically: a crash half way leaves debris, never a half record
+    trash = store.mounts / f".rm-{name}-{os.getpid()}"
+    os.rename(path, trash)
+    shutil.rmtree(trash)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import media
 from .digest import Digest
@@ -124,7 +124,13 @@ def _pull(
 def image_layers(store: Store, name: str) -> list[Path]:
     """The unpacked layer directories of an image, base first; layers unpacked on demand
     (after a `gc`, say) from blobs still in the store."""
-    desc = store.resolve(name)
+    return descriptor_layers(store, store.resolve(name), name)
+
+
+def descriptor_layers(store: Store, desc: dict[str, Any], name: str | None = None) -> list[Path]:
+    """`image_layers` of the image a manifest descriptor names, tagged or not (a mount's
+    pinned image)."""
+    name = name or str(desc["digest"])
     digest = Digest.parse(desc["digest"])
     data = store.read_blob(digest)
     manifest = media.parse_manifest(data, media.media_type_of(data, desc.get("mediaType")))

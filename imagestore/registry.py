@@ -6,6 +6,8 @@ What it does, and what it promises:
     `Docker-Content-Digest` header and, when `ref` is a digest, against `ref`.
   - `fetch_blob(repo, digest, size, store)` streams a blob into `store.ingest(key="dl-<hex>")`,
     verifying digest and size in `commit()`: a blob becomes visible only when it is right.
+    The ingest is locked: a second process pulling the same blob waits for the first, then
+    finds the blob in the store (or resumes the partial file the first one left).
     Transient failures (connection dropped, timeouts, HTTP 429/5xx) are retried with
     exponential backoff, resuming with `Range: bytes=N-`; a server that answers 200 instead of
     206 makes us start the ingest over.  A partial file survives a failed call, and the next
@@ -208,7 +210,9 @@ class RegistryClient:
             if store.has_blob(digest):
                 return digest
             for attempt in range(2):
-                ing = store.ingest(digest, size, key=f"dl-{digest.hex}")
+                ing = store.ingest(digest, size, key=f"dl-{digest.hex}")  # waits for its writer
+                if ing.present:  # another process downloaded it while we waited
+                    return ing.commit()
                 resumed = ing.offset > 0
                 try:
                     return self._download(repo, digest, size, ing, progress)

@@ -10,6 +10,11 @@ Lifecycle, as containerd's content store and umoci's cas.Engine state it:
   - `ingest()` writes a blob under ingest/, hashing while writing; `commit()` fsyncs, verifies
     digest and size, and renames into blobs/ — atomic and idempotent (an existing blob wins).
     A resumable ingest (with a key) keeps its partial file between attempts.
+  - One writer per ingest file, across threads and processes: an Ingest holds an exclusive
+    flock on its file from open to commit/abort/close (`locked_file`).  Another process that
+    wants the same key waits; it then finds the blob committed (`Ingest.present`), or the
+    partial file left by a writer that failed, which it rehashes and resumes.  `commit`
+    checks that the file holds exactly the bytes it hashed before renaming it into blobs/.
   - `tag()`/`untag()` rewrite index.json atomically (temp file, fsync, rename).
   - `lock()` is the store-wide advisory lock (flock on ROOT/lock) that every mutating `layer`
     command holds, so two processes never interleave index or layer writes.
@@ -20,7 +25,6 @@ from several threads (they only create new names atomically).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -55,6 +59,29 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def locked_file(path: Path, flags: int = os.O_RDWR | os.O_CREAT) -> int:
+    """Open (creating) `path` and take an exclusive flock on it, waiting for its holder.
+
+    The lock holder may rename or unlink the file before it lets go; a waiter that then
+    finds another file (or none) under the name starts over, so the fd returned is locked
+    and is the file `path` names now.  The caller closes the fd to release the lock."""
+    while True:
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                st = None
+            here = os.fstat(fd)
+            if st is not None and (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -222,7 +249,11 @@ class Store:
 
 
 class Ingest:
-    """One blob being written: hashed while written, verified and renamed by `commit`."""
+    """One blob being written: hashed while written, verified and renamed by `commit`.
+
+    The file is locked (exclusive flock) while this object has it open, so it never has two
+    writers; constructing an Ingest waits for another holder of the same key.  When that
+    holder committed the blob meanwhile, `present` is true and `commit` just returns it."""
 
     def __init__(
         self, store: Store, path: Path, expected: Digest | None, size: int | None, resumable: bool
@@ -234,21 +265,36 @@ class Ingest:
         self.resumable = resumable
         self._hash = expected.hasher() if expected else Digest("sha256", "").hasher()
         self.offset = 0
-        if resumable and path.exists():  # rehash what an earlier attempt wrote
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    self._hash.update(chunk)
-                    self.offset += len(chunk)
-        self._file: BinaryIO | None = open(path, "ab")
         self.done = False
+        self._file: BinaryIO | None = None
+        fd = locked_file(path)
+        try:
+            self._file = os.fdopen(fd, "r+b")
+        except BaseException:
+            os.close(fd)
+            raise
+        if resumable:  # rehash what an earlier attempt wrote; nobody else writes it now
+            self._file.seek(0)
+            while chunk := self._file.read(1 << 20):
+                self._hash.update(chunk)
+                self.offset += len(chunk)
+        else:
+            self._file.truncate(0)
+        self._file.seek(self.offset)
+
+    @property
+    def present(self) -> bool:
+        """The expected blob is in the store already (another writer committed it)."""
+        return self.expected is not None and self.store.has_blob(self.expected)
 
     def __enter__(self) -> Ingest:
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if not self.done:
-            self.close()
-            if not (self.resumable and exc_type is not None):
+            if self.resumable and exc_type is not None:
+                self.close()  # keep the partial file for the next attempt
+            else:
                 self.abort()
 
     def write(self, chunk: bytes) -> None:
@@ -275,17 +321,29 @@ class Ingest:
             self._file = None
 
     def abort(self) -> None:
+        """Delete the partial file (while still holding its lock), then let go."""
+        if self._file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
         self.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
         self.done = True
 
     def commit(self) -> Digest:
         assert self._file is not None
+        if self.present:  # committed by the writer we waited for; our file is a leftover
+            assert self.expected is not None
+            self.abort()
+            return self.expected
         self._file.flush()
         os.fsync(self._file.fileno())
-        self.close()
+        on_disk = os.fstat(self._file.fileno()).st_size
         got = Digest.from_hash(self._hash)
+        if on_disk != self.offset:
+            self.abort()
+            raise DigestMismatch(
+                f"blob {self.expected or got}: {self.path.name} holds {on_disk} bytes, "
+                f"{self.offset} were written (another writer?)"
+            )
         if self.size is not None and self.offset != self.size:
             self.abort()
             raise DigestMismatch(
@@ -296,14 +354,12 @@ class Ingest:
             raise DigestMismatch(f"blob digest mismatch: expected {self.expected}, got {got}")
         dest = self.store.blob_path(got)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        # Still under our lock: a waiter wakes to find the name gone and the blob present.
         if dest.exists():
             self.path.unlink()
         else:
-            try:
-                os.rename(self.path, dest)
-            except OSError as exc:
-                if exc.errno != errno.EEXIST:
-                    raise
+            os.rename(self.path, dest)
             _fsync_dir(dest.parent)
+        self.close()
         self.done = True
         return got

@@ -18,10 +18,12 @@ Compression comes from the media type and, when the two disagree, from the magic
 Everything streams: memory use does not grow with the layer.
 
 Concurrency: different layers unpack in parallel threads or processes without coordination
-(each has its own temp dir).  Two unpacks of the same layer in one process are serialised by
-a per-DiffID lock (when the DiffID is known in advance); across processes the rename decides:
-the first complete layer wins and the other copy is deleted.  An incomplete
-`layers/<hex>` (debris of a crash between rename and marker) is replaced after a short wait.
+(each has its own temp dir).  Two unpacks of the same layer are serialised by a per-DiffID
+lock (when the DiffID is known in advance): a thread lock within a process and a flock on
+`ingest/layer-<hex>.lock` across processes, so the second finds the layer complete.  Without
+a known DiffID the rename decides: the first complete layer wins and the other copy is
+deleted.  An incomplete `layers/<hex>` (debris of a crash between rename and marker) is
+replaced after a short wait.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import zstandard
 from . import tarsafe
 from .digest import Digest
 from .errors import CorruptLayer, DigestMismatch
-from .store import Store, write_atomic
+from .store import Store, locked_file, write_atomic
 from .tarapply import LayerWriter
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,13 @@ def _layer_lock(store: Store, diff_id: Digest) -> Iterator[None]:
     with _locks_guard:
         lock = _locks.setdefault(key, threading.Lock())
     with lock:
-        yield
+        fd = locked_file(store.ingest_dir / f"layer-{diff_id.hex}.lock")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(store.ingest_dir / f"layer-{diff_id.hex}.lock")  # waiters start over
+            os.close(fd)
 
 
 def _unpack(store: Store, blob: Digest, media_type: str, expected: Digest | None) -> Digest:
@@ -116,7 +124,7 @@ def _unpack(store: Store, blob: Digest, media_type: str, expected: Digest | None
             _syncfs(tmp)
             _publish(store, tmp, diff_id)
         except BaseException:
-            _discard(tmp)
+            remove_tree(tmp)
             raise
     return diff_id
 
@@ -303,18 +311,18 @@ def _publish(store: Store, tmp: Path, diff_id: Digest) -> None:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
             if _wait_complete(store, diff_id):
-                _discard(tmp)
+                remove_tree(tmp)
                 return
             stale = store.layers / f".tmp-stale-{secrets.token_hex(8)}"
             with contextlib.suppress(FileNotFoundError):
                 os.rename(final, stale)  # debris of a crashed unpack
-            _discard(stale)
+            remove_tree(stale)
             continue
         try:
             _fsync_dir(store.layers)
             write_atomic(final / MARKER, f"{diff_id}\n".encode())
         except BaseException:
-            _discard(final)
+            remove_tree(final)
             raise
         return
     raise CorruptLayer(f"layer {diff_id}: could not publish {final} (keeps reappearing)")
@@ -329,8 +337,9 @@ def _wait_complete(store: Store, diff_id: Digest) -> bool:
     return True
 
 
-def _discard(path: Path) -> None:
-    """Remove a tree of ours, even one whose directories a non-root layer made read-only."""
+def remove_tree(path: Path) -> None:
+    """Remove a tree of ours, even one whose directories a non-root layer made read-only
+    (unpack debris, a `commit --verify` scratch dir); logs what it cannot remove."""
     if not os.path.lexists(path):
         return
     try:

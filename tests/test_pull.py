@@ -202,6 +202,8 @@ def test_writable_mount_keeps_its_upper(tmp_path, store, fuse):
                 "image": "img",
                 "digest": ps[0]["digest"],
                 "mountpoint": str(mnt),
+                "read_only": False,
+                "state": "live",
                 "live": True,
             }
         ]

@@ -21,12 +21,20 @@ a freezer must not read files through the mount, since closing one flushes its d
 with WRITE requests the gate holds.
 
 Concurrency: the Gate lives on the daemon's trio thread; `enter`/`leave` bracket each
-mutating handler; no locks needed.  `frozen()` is the synchronous client for the CLI.
+mutating handler; no locks needed (code between two awaits is atomic).  Every freezer that
+waits for the in-flight requests to drain waits on the same event, which the last `leave`
+sets, so overlapping freezes all complete; a freeze that is cancelled while it waits undoes
+itself.  The daemon keeps watching a client's connection while its freeze waits: a client
+that hangs up (or dies) then gives the freeze up.  `Freeze` / `frozen()` are the synchronous
+client for the CLI; `Freeze.thaw` fails unless the daemon confirms, so a caller learns that
+the daemon died while the mount was frozen.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -36,14 +44,17 @@ import trio
 from .fsutil import syncfs
 
 SOCKET_NAME = "control"
+log = logging.getLogger(__name__)
 
 
 class Gate:
+    """Holds mutating requests while at least one freezer holds the mount."""
+
     def __init__(self) -> None:
         self._freezers = 0
-        self._thawed: trio.Event | None = None
+        self._thawed: trio.Event | None = None  # set when the last freezer lets go
         self._inflight = 0
-        self._drained: trio.Event | None = None
+        self._drained: trio.Event | None = None  # shared by every freezer waiting to drain
 
     @property
     def frozen(self) -> bool:
@@ -57,16 +68,23 @@ class Gate:
     def leave(self) -> None:
         self._inflight -= 1
         if self._inflight == 0 and self._drained is not None:
-            self._drained.set()
+            event, self._drained = self._drained, None
+            event.set()
 
     async def freeze(self) -> None:
+        """Stop admitting mutating requests, then wait until those in flight have left.
+        Cancelled while waiting, it lets go of its hold again."""
         self._freezers += 1
         if self._thawed is None:
             self._thawed = trio.Event()
-        while self._inflight:
-            self._drained = trio.Event()
-            await self._drained.wait()
-        self._drained = None
+        try:
+            while self._inflight:
+                if self._drained is None:
+                    self._drained = trio.Event()
+                await self._drained.wait()
+        except BaseException:
+            self.thaw()
+            raise
 
     def thaw(self) -> None:
         self._freezers = max(0, self._freezers - 1)
@@ -93,40 +111,103 @@ async def serve(
     async with trio.open_nursery() as nursery:
         while True:
             conn, _ = await sock.accept()
-            nursery.start_soon(_client, trio.SocketStream(conn), gate, sync_dir, mountpoint)
+            session = _Session(trio.SocketStream(conn), gate, sync_dir, mountpoint)
+            nursery.start_soon(session.run)
 
 
-async def _client(
-    stream: trio.SocketStream, gate: Gate, sync_dir: bytes | int, mountpoint: bytes | None
-) -> None:
-    frozen = False
-    try:
-        async for data in stream:
-            for cmd in data.split():
-                if cmd == b"freeze" and not frozen:
-                    if mountpoint is not None:
-                        try:  # before the gate closes: the WRITEs it causes must get through
-                            await trio.to_thread.run_sync(syncfs, mountpoint)
-                        except OSError as exc:
-                            await stream.send_all(f"error syncing the mount: {exc}\n".encode())
-                            continue
-                    await gate.freeze()
-                    frozen = True
-                    await trio.to_thread.run_sync(syncfs, sync_dir)
-                    await stream.send_all(b"frozen\n")
-                elif cmd == b"thaw" and frozen:
-                    gate.thaw()
-                    frozen = False
-                    await stream.send_all(b"thawed\n")
-                elif cmd == b"ping":
-                    await stream.send_all(b"pong\n")
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    finally:
-        if frozen:
-            gate.thaw()
-        with contextlib.suppress(Exception):
-            await stream.aclose()
+class _Session:
+    """One client connection.  Never raises: a failure closes the connection and thaws."""
+
+    def __init__(
+        self, stream: trio.SocketStream, gate: Gate, sync_dir: bytes | int, mountpoint: bytes | None
+    ) -> None:
+        self.stream = stream
+        self.gate = gate
+        self.sync_dir = sync_dir
+        self.mountpoint = mountpoint
+        self.frozen = False
+        self.pending: collections.deque[bytes] = collections.deque()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                if not self.pending:
+                    data = await self.stream.receive_some(4096)
+                    if not data:
+                        return
+                    self.pending.extend(data.split())
+                    continue
+                if not await self._command(self.pending.popleft()):
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:  # noqa: BLE001 - a client must never take the daemon down
+            log.exception("control client failed")
+        finally:
+            if self.frozen:
+                self.frozen = False
+                self.gate.thaw()
+            with contextlib.suppress(Exception):
+                await self.stream.aclose()
+
+    async def _command(self, cmd: bytes) -> bool:
+        """Run one command; False when the client went away."""
+        if cmd == b"freeze" and not self.frozen:
+            return await self._freeze()
+        if cmd == b"thaw" and self.frozen:
+            self.frozen = False
+            self.gate.thaw()
+            await self.stream.send_all(b"thawed\n")
+        elif cmd == b"ping":
+            await self.stream.send_all(b"pong\n")
+        return True
+
+    async def _freeze(self) -> bool:
+        if self.mountpoint is not None:
+            try:  # before the gate closes: the WRITEs it causes must get through
+                await trio.to_thread.run_sync(syncfs, self.mountpoint)
+            except OSError as exc:
+                await self.stream.send_all(f"error syncing the mount: {exc}\n".encode())
+                return True
+        if not await self._freeze_while_connected():
+            return False
+        self.frozen = True
+        try:
+            await trio.to_thread.run_sync(syncfs, self.sync_dir)
+        except OSError as exc:
+            self.frozen = False
+            self.gate.thaw()
+            await self.stream.send_all(f"error syncing the upper: {exc}\n".encode())
+            return True
+        await self.stream.send_all(b"frozen\n")
+        return True
+
+    async def _freeze_while_connected(self) -> bool:
+        """`gate.freeze()`, given up when the client hangs up while it waits for the drain.
+        What the client sends meanwhile is kept for later.  True when frozen."""
+        gone = froze = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal gone
+                while True:
+                    try:
+                        data = await self.stream.receive_some(4096)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
+                    if not data:
+                        gone = True
+                        nursery.cancel_scope.cancel()
+                        return
+                    self.pending.extend(data.split())
+
+            nursery.start_soon(watch)
+            await self.gate.freeze()
+            froze = True
+            nursery.cancel_scope.cancel()
+        if gone and froze:
+            self.gate.thaw()
+        return froze and not gone
 
 
 def socket_path(workdir: str | os.PathLike[str]) -> str:
@@ -152,21 +233,55 @@ def _reachable(path: str | bytes) -> Iterator[bytes]:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def frozen(workdir: str | os.PathLike[str], timeout: float = 60.0) -> Iterator[None]:
-    """Hold the live mount that uses `workdir` frozen for the duration of the block."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        with _reachable(socket_path(workdir)) as address:
-            s.connect(address)
-        s.sendall(b"freeze\n")
-        reply = s.recv(4096)
+class Freeze:
+    """A client's hold on the live mount that uses `workdir`: `freeze()`, then `thaw()`.
+
+    `thaw` raises OSError unless the daemon answers `thawed`: the daemon died (or hung) while
+    the mount was frozen, so what was read meanwhile may not be what the mount holds.
+    `close` without `thaw` lets the daemon thaw by itself (it sees the connection close)."""
+
+    def __init__(self, workdir: str | os.PathLike[str], timeout: float = 60.0) -> None:
+        self.workdir = workdir
+        self.held = False
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+
+    def freeze(self) -> None:
+        with _reachable(socket_path(self.workdir)) as address:
+            self._sock.connect(address)
+        self._sock.sendall(b"freeze\n")
+        reply = self._sock.recv(4096)
         if not reply.startswith(b"frozen"):
             why = reply.decode(errors="replace").strip() or "no answer"
             raise OSError(f"the layerfs daemon did not freeze the mount: {why}")
-        yield
-        s.sendall(b"thaw\n")
-        s.recv(64)
+        self.held = True
+
+    def thaw(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        try:
+            self._sock.sendall(b"thaw\n")
+            reply = self._sock.recv(64)
+        except OSError as exc:
+            raise OSError(
+                f"the layerfs daemon went away while the mount was frozen: {exc}"
+            ) from None
+        if not reply.startswith(b"thawed"):
+            raise OSError("the layerfs daemon went away while the mount was frozen")
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@contextlib.contextmanager
+def frozen(workdir: str | os.PathLike[str], timeout: float = 60.0) -> Iterator[Freeze]:
+    """Hold the live mount that uses `workdir` frozen for the duration of the block (or until
+    the block calls `thaw()` on what it gets); leaving normally checks the daemon thawed."""
+    hold = Freeze(workdir, timeout)
+    try:
+        hold.freeze()
+        yield hold
+        hold.thaw()
     finally:
-        s.close()
+        hold.close()
