@@ -107,6 +107,26 @@ def fuse_options(cfg: MountConfig) -> set[str]:
 
 def serve(cfg: MountConfig, ready_fd: int | None) -> int:
     """Mount, serve until unmounted or signalled, unmount.  Returns the exit code."""
+    for ignored in cfg.ignored:
+        log.debug("ignoring mount option %s", ignored)
+    os.umask(0)  # modes arrive with the caller's umask applied; ours must not apply twice
+    if cfg.transport == "native":
+        from .fuse.run import serve_native
+
+        def report(message: str) -> None:
+            nonlocal ready_fd
+            if message != "OK":
+                _report(ready_fd, message)
+            elif ready_fd is not None:
+                _report(ready_fd, "OK")
+                _detach_stdio(cfg.debug)
+            ready_fd = None
+
+        return serve_native(cfg, fuse_options(cfg), report)
+    return _serve_pyfuse3(cfg, ready_fd)
+
+
+def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
     import pyfuse3
     import trio
 
@@ -114,9 +134,6 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
     from .stack import LayerStack
     from .writer import Writer
 
-    for ignored in cfg.ignored:
-        log.debug("ignoring mount option %s", ignored)
-    os.umask(0)  # modes arrive with the caller's umask applied; ours must not apply twice
     try:
         stack = LayerStack(cfg.lowers, cfg.upper)
         writer = Writer(stack, cfg.work) if cfg.work is not None else None

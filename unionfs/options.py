@@ -11,6 +11,9 @@ Options of layerfs itself (besides lowerdir/upperdir/workdir):
   writeback=0|1   the kernel's writeback cache (FUSE_WRITEBACK_CACHE): write(2) fills the page
                   cache and the kernel sends large WRITE requests later, instead of one request
                   per write(2).  Same name and values as fuse-overlayfs.  Default: 1.
+  fuse=native|pyfuse3
+                  the FUSE transport: our own session over /dev/fuse (unionfs/fuse/) or
+                  pyfuse3 (libfuse).  Default: $LAYERFS_FUSE, else TRANSPORT_DEFAULT.
 """
 
 from __future__ import annotations
@@ -49,12 +52,18 @@ UNSUPPORTED = frozenset(
 # were neither fsynced nor closed, as a crash can on any filesystem; fsync keeps its meaning.
 WRITEBACK_DEFAULT = True
 
+TRANSPORTS = ("native", "pyfuse3")
+TRANSPORT_DEFAULT = "pyfuse3"
+TRANSPORT_ENV = "LAYERFS_FUSE"
+
 USAGE = (
     "usage: layerfs [-f] [-d] -o lowerdir=TOP:...:BOTTOM[,upperdir=DIR,workdir=DIR][,OPTS] "
     "MOUNTPOINT\n"
     "       layerfs SOURCE MOUNTPOINT -o lowerdir=...   (as run by mount -t fuse.layerfs)\n"
     "options: writeback=0|1  kernel writeback cache: large WRITE requests instead of one per "
     f"write(2) (default {int(WRITEBACK_DEFAULT)})\n"
+    "         fuse=native|pyfuse3  the FUSE transport (default $LAYERFS_FUSE, else "
+    f"{TRANSPORT_DEFAULT})\n"
     "         generic mount options (ro, noatime, ...) and FUSE options (allow_other, ...)"
 )
 
@@ -73,6 +82,7 @@ class MountConfig:
     fuse_options: set[str] = field(default_factory=set)
     ignored: list[str] = field(default_factory=list)
     writeback: bool = WRITEBACK_DEFAULT
+    transport: str = TRANSPORT_DEFAULT
 
     @property
     def readonly(self) -> bool:
@@ -197,6 +207,7 @@ def _validate(
             if _inside(upper, low) or _inside(low, upper):
                 raise OptionError(f"upperdir {upper} overlaps lowerdir {low}")
     writeback = _flag01(values.pop("writeback", None), "writeback", WRITEBACK_DEFAULT)
+    transport = _transport(values.pop("fuse", None))
     mnt = _existing_dir(mountpoint, "mountpoint")
     fuse_options: set[str] = set()
     ignored: list[str] = []
@@ -223,7 +234,20 @@ def _validate(
         fuse_options=fuse_options,
         ignored=ignored,
         writeback=writeback,
+        transport=transport,
     )
+
+
+def _transport(value: str | None) -> str:
+    """`fuse=` wins over $LAYERFS_FUSE, which wins over the default."""
+    source = "fuse="
+    if value is None:
+        value, source = os.environ.get(TRANSPORT_ENV) or None, f"{TRANSPORT_ENV}="
+    if value is None:
+        return TRANSPORT_DEFAULT
+    if value not in TRANSPORTS:
+        raise OptionError(f"{source}{value}: expected one of {', '.join(TRANSPORTS)}")
+    return value
 
 
 def _flag01(value: str | None, name: str, default: bool) -> bool:
