@@ -25,7 +25,7 @@ from typing import Any
 
 from . import opcodes, wire
 from .init import Conn, Wanted, negotiate
-from .opcodes import INLINE, NOREPLY, TASK
+from .opcodes import NOREPLY, TASK
 from .wire import Header, Malformed
 
 log = logging.getLogger("layerfs")
