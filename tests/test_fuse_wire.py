@@ -142,7 +142,9 @@ def _requests():
     return st.tuples(codes, st.sampled_from([0, 1, 2, 12345]), st.binary(max_size=200))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(reqs=st.lists(_requests(), max_size=8), cut=st.integers(0, 300))
 def test_random_requests_never_escape_the_loop(tree, reqs, cut):
     """Random opcodes, nodeids and bodies, and truncated reads: every request is answered at
