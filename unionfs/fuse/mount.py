@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import socket
-import subprocess
+from typing import Any
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_SYNCHRONOUS, MS_DIRSYNC, MS_NOATIME, MS_NODIRATIME = 16, 128, 1024, 2048
@@ -34,7 +33,7 @@ class Mounted:
     """A live connection: the device fd, and how to take the mount down."""
 
     def __init__(self, fd: int, mountpoint: str, via_fusermount: bool,
-                 keepalive: socket.socket | None = None) -> None:  # fmt: skip
+                 keepalive: Any = None) -> None:  # fmt: skip
         self.fd = fd
         self.mountpoint = mountpoint
         self.via_fusermount = via_fusermount
@@ -44,6 +43,8 @@ class Mounted:
         """Lazily unmount (idempotent: an already unmounted mountpoint is fine), close fd."""
         try:
             if self.via_fusermount or os.geteuid() != 0:
+                import subprocess
+
                 subprocess.run(["fusermount3", "-u", "-q", "-z", "--", self.mountpoint],
                                capture_output=True, timeout=30)  # fmt: skip
             else:
@@ -110,6 +111,9 @@ def mount(mountpoint: str, options: set[str]) -> Mounted:
 
 
 def _fusermount(mountpoint: str, options: set[str]) -> Mounted:
+    import socket  # here, not at the top: a mount as root needs neither (start-up time)
+    import subprocess
+
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
     opts = ",".join(sorted(options))
