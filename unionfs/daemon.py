@@ -1,5 +1,9 @@
 """`layerfs`: the daemon's entry point — parse, mount, serve, unmount.
 
+Two transports over the one handler layer (operations.UnionOperations): our own FUSE session
+(`unionfs/fuse/`, the default: see `fuse/run.py` for its start-up order and shutdown) and
+pyfuse3 (`-o fuse=pyfuse3` or LAYERFS_FUSE=pyfuse3), described below.
+
 Without -f it daemonizes: the parent waits on a pipe and exits 0 only once the kernel has
 sent FUSE_INIT and the mount answers (the `init` hook writes "OK"); it exits != 0 with the
 daemon's own message when mounting fails.  Shutdown is one path: SIGTERM/SIGINT first sync

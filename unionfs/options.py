@@ -53,7 +53,7 @@ UNSUPPORTED = frozenset(
 WRITEBACK_DEFAULT = True
 
 TRANSPORTS = ("native", "pyfuse3")
-TRANSPORT_DEFAULT = "pyfuse3"
+TRANSPORT_DEFAULT = "native"
 TRANSPORT_ENV = "LAYERFS_FUSE"
 
 USAGE = (
