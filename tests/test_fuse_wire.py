@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -316,3 +317,19 @@ def test_interrupt_cancels_a_waiting_request(tmp_path):
         trio.run(scenario)
     finally:
         h.close()
+
+
+def test_setattr_arguments():
+    from unionfs.fuse.bridge import setattr_args
+
+    valid = wire.FATTR_SIZE | wire.FATTR_MTIME | wire.FATTR_ATIME_NOW | wire.FATTR_FH
+    raw = wire.SETATTR_IN.pack(valid, 0, 9, 123, 0, 5, 7, 0, 6, 8, 0, 0o644, 0, 1, 2, 0)
+    (fields,) = opcodes.OPCODES[4].decode(wire.parse_header(memoryview(
+        wire.pack_request(4, 1, 1, raw))))  # fmt: skip
+    attrs, which, fh = setattr_args(fields)
+    assert fh == 9 and attrs.st_size == 123 and attrs.st_mtime_ns == 7_000_000_008
+    assert which.update_size and which.update_mtime and which.update_atime
+    assert not (which.update_mode or which.update_uid or which.update_gid)
+    assert abs(attrs.st_atime_ns - time.time_ns()) < 5_000_000_000  # ATIME_NOW: now
+    _, _, fh = setattr_args((wire.FATTR_MODE,) + fields[1:])
+    assert fh is None  # no FATTR_FH: the kernel named no handle

@@ -16,6 +16,7 @@ RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
 AT_FDCWD = -100
 
+
 def _load_libc() -> ctypes.CDLL:
     """glibc's soname directly; find_library (which runs ldconfig: ~10 ms of every mount's
     start-up) only where that is not it (musl)."""

@@ -74,16 +74,21 @@ class NewAttrs:
     __slots__ = ("st_mode", "st_uid", "st_gid", "st_size", "st_atime_ns", "st_mtime_ns",
                  "st_ctime_ns")  # fmt: skip
 
+    def __init__(self, mode: int, uid: int, gid: int, size: int, times: tuple[int, int, int]):
+        self.st_mode, self.st_uid, self.st_gid, self.st_size = mode, uid, gid, size
+        self.st_atime_ns, self.st_mtime_ns, self.st_ctime_ns = times
+
 
 def setattr_args(fields: tuple[int, ...]) -> tuple[NewAttrs, SetattrFields, int | None]:
     valid, _, fh, size, _lo, atime, mtime, ctime, atns, mtns, ctns, mode, _, uid, gid, _ = fields
-    a = NewAttrs()
     now = time.time_ns()
-    a.st_mode, a.st_uid, a.st_gid, a.st_size = mode, uid, gid, size
-    a.st_atime_ns = now if valid & wire.FATTR_ATIME_NOW else atime * 1_000_000_000 + atns
-    a.st_mtime_ns = now if valid & wire.FATTR_MTIME_NOW else mtime * 1_000_000_000 + mtns
-    a.st_ctime_ns = ctime * 1_000_000_000 + ctns
-    return a, SetattrFields(valid), (fh if valid & wire.FATTR_FH else None)
+    times = (
+        now if valid & wire.FATTR_ATIME_NOW else atime * 1_000_000_000 + atns,
+        now if valid & wire.FATTR_MTIME_NOW else mtime * 1_000_000_000 + mtns,
+        ctime * 1_000_000_000 + ctns,
+    )
+    attrs = NewAttrs(mode, uid, gid, size, times)
+    return attrs, SetattrFields(valid), (fh if valid & wire.FATTR_FH else None)
 
 
 class DirBuffer:
