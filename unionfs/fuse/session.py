@@ -2,8 +2,10 @@
 one reply each.  Like go-fuse's `fuse/server.go`, over trio.
 
 Reading: the device fd is non-blocking; the loop reads until EAGAIN, then sleeps in
-`trio.lowlevel.wait_readable` (no thread hop per request: a wake-up across CPUs costs more
-than the request).  Each request is parsed with bounds checks (`wire`, `opcodes`); a short,
+`trio.lowlevel.wait_readable`.  Measured against a dedicated reader thread handing requests
+to trio: one getxattr round trip 16-19 µs this way, 90-120 µs with the thread (two more
+wake-ups per request), on the 2-vCPU VM, pinned or not.
+Each request is parsed with bounds checks (`wire`, `opcodes`); a short,
 malformed or unknown request is answered with an errno and the loop goes on.  INLINE handlers
 are awaited by the loop itself (they never block); TASK handlers run in the `tasks` nursery,
 each in its own cancel scope, so INTERRUPT can cancel one (answered EINTR) and a request that
@@ -172,6 +174,7 @@ class Session:
         if op.mode == NOREPLY:
             await self._noreply(op, h, args)
         elif op.mode == TASK and not (op.inline_if is not None and op.inline_if(args)):
+            h.body = memoryview(b"")  # the loop reuses its buffer; args are copies already
             tasks.start_soon(self._task, h, args)
             return True
         else:
