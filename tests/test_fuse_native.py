@@ -214,3 +214,23 @@ def test_rootless_mount_through_fusermount(fuse):
         assert not is_mounted(mnt)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_unmounted_daemon_leaves_the_next_mount_alone(tmp_path, lower, fuse):
+    """Unmounted from outside, a daemon must not unmount the mountpoint on its way out: a new
+    mount may already sit there (libfuse checks the same: POLLERR on its device fd)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    first = native(mnt, [lower])
+    first.start()
+    second = native(mnt, [lower], extra="fsname=second")
+    try:
+        proc = first.proc
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True, timeout=30)
+        second.start()  # while the first daemon may still be shutting down
+        assert proc.wait(timeout=20) == 0
+        time.sleep(0.2)
+        assert is_mounted(mnt) and (mnt / "dir" / "f3").read_bytes() == b"3" * 100
+    finally:
+        second.stop()
+        first.stop()

@@ -39,9 +39,23 @@ class Mounted:
         self.via_fusermount = via_fusermount
         self.keepalive = keepalive
 
+    def connected(self) -> bool:
+        """False once the kernel has let go of the connection (unmounted from outside):
+        poll reports POLLERR on the device (libfuse's fuse_kern_unmount checks the same)."""
+        if self.fd < 0:
+            return False
+        import select
+
+        poller = select.poll()
+        poller.register(self.fd, 0)
+        return not any(ev & select.POLLERR for _, ev in poller.poll(0))
+
     def unmount(self) -> None:
-        """Lazily unmount (idempotent: an already unmounted mountpoint is fine), close fd."""
+        """Lazily unmount, unless the connection is already gone — then the mountpoint may
+        hold somebody else's new mount, which must not be touched.  Closes the fd."""
         try:
+            if not self.connected():
+                return
             if self.via_fusermount or os.geteuid() != 0:
                 import subprocess
 
