@@ -19,6 +19,11 @@ Numeric owners only, integer mtimes (clamped to `source_date_epoch` when given),
 `SCHILY.xattr.*` without the internal ones (`markers.is_internal_xattr`).  Sockets cannot be
 stored in a tar and are skipped, as buildah does.
 
+Every read goes through `fsat.PLAIN` (openat chains for paths past PATH_MAX): an upper whose
+own location makes its absolute paths longer than 4,096 bytes commits like any other, and
+`changes` lists paths of any length.  A path *inside* the layer longer than
+`tarsafe.MAX_PATH_BYTES` — the mount allows it — is refused by `write_changeset` with a
+`ChangesetError` naming it, before any blob is written: the store would refuse to unpack it.
 Concurrency: reads only; the caller keeps the upper still while it runs (the daemon holds
 mutations during a live commit).  Lower layers are read-only by contract.
 """
@@ -34,7 +39,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from unionfs import markers
+from unionfs.fsat import PLAIN
 
+from . import tarsafe
 from .errors import StoreError
 
 OBJ, WHITEOUT, OPAQUE = "obj", "whiteout", "opaque"
@@ -126,7 +133,7 @@ class _Lower:
                 break
         if not dirs:
             return None
-        return _Found(dirs[0], os.lstat(dirs[0]), dirs)
+        return _Found(dirs[0], PLAIN.lstat(dirs[0]), dirs)
 
     def resolve(self, path: bytes) -> list[bytes]:
         """The directory chain at an absolute path (a redirect target); [] if none."""
@@ -144,9 +151,9 @@ class _Lower:
         """Candidate names of a merged directory (markers excluded; `child` decides)."""
         out: set[bytes] = set()
         for d in chain:
-            with os.scandir(d) as it:
+            with PLAIN.scandir(d) as it:
                 for de in it:
-                    name: bytes = de.name  # type: ignore[assignment]
+                    name: bytes = de.name
                     if not name.startswith(markers.WH_PREFIX):
                         out.add(name)
         return out
@@ -168,9 +175,9 @@ class _Walker:
         upper: dict[bytes, os.stat_result] = {}
         hidden: set[bytes] = set()
         if real is not None:
-            with os.scandir(real) as it:
+            with PLAIN.scandir(real) as it:
                 for de in it:
-                    name: bytes = de.name  # type: ignore[assignment]
+                    name: bytes = de.name
                     st = de.stat(follow_symlinks=False)
                     if markers.is_chardev_whiteout(st):
                         hidden.add(name)
@@ -186,7 +193,7 @@ class _Walker:
         for name in sorted([*upper, *lower_only]):
             below = self.lower.child(chain, name) if chain else None
             if name in upper:
-                yield from self._upper_obj(rel, real, name, upper[name], below, whole)
+                yield from self._upper_obj(rel, real, name, upper[name], below, chain, whole)
             elif below is not None:
                 yield from self._lower_obj(_join(rel, name), below)
 
@@ -197,8 +204,10 @@ class _Walker:
         name: bytes,
         st: os.stat_result,
         below: _Found | None,
+        chain: list[bytes],
         whole: bool,
     ) -> Iterator[Item]:
+        """One upper object; `chain` is its parent's lower part (where `below` was found)."""
         assert parent is not None
         path, real = _join(rel, name), parent + b"/" + name
         if name.startswith(markers.WH_PREFIX):
@@ -216,10 +225,15 @@ class _Walker:
         if marks.redirect is not None and not marks.opaque:
             if lower_dir:
                 yield Item(OPAQUE, path)
+            # the kernel's redirect: absolute from the lower root, or relative, a name in the
+            # parent's lower part (which is itself where the parent's redirect led)
             target = marks.redirect.rstrip(b"\0")
-            if not target.startswith(b"/"):
-                target = b"/" + _join(rel, target)
-            yield from self._dir(path, real, self.lower.resolve(target), whole=True)
+            if target.startswith(b"/"):
+                moved = self.lower.resolve(target)
+            else:
+                found = self.lower.child(chain, target) if chain else None
+                moved = found.chain if found is not None and found.is_dir else []
+            yield from self._dir(path, real, moved, whole=True)
         elif marks.opaque:
             if lower_dir:
                 yield Item(OPAQUE, path)
@@ -242,7 +256,7 @@ def _join(rel: bytes, name: bytes) -> bytes:
 
 def _lstat(path: bytes) -> os.stat_result | None:
     try:
-        return os.lstat(path)
+        return PLAIN.lstat(path)
     except FileNotFoundError:
         return None
     except NotADirectoryError:
@@ -301,6 +315,8 @@ def write_changeset(
     ) as tar:
         for item in walk(upper, lowers):
             name = os.fsdecode(item.path)
+            if len(item.path) + len(markers.WH_OPAQUE) + 1 > tarsafe.MAX_PATH_BYTES:
+                _check_length(item)
             if item.kind == WHITEOUT:
                 head, _, base = name.rpartition("/")
                 wh = f"{head}/.wh.{base}" if head else f".wh.{base}"
@@ -309,6 +325,22 @@ def write_changeset(
                 tar.addfile(_marker(name + "/" + os.fsdecode(markers.WH_OPAQUE)))
             else:
                 _add_obj(tar, item, name, links, source_date_epoch)
+
+
+def _check_length(item: Item) -> None:
+    """Refuse an entry the store could not unpack (tarsafe's limit), naming it."""
+    head, _, base = item.path.rpartition(b"/")
+    if item.kind == WHITEOUT:
+        entry = head + b"/" + markers.WH_PREFIX + base if head else markers.WH_PREFIX + base
+    elif item.kind == OPAQUE:
+        entry = item.path + b"/" + markers.WH_OPAQUE
+    else:
+        entry = item.path
+    if len(entry) > tarsafe.MAX_PATH_BYTES:
+        raise ChangesetError(
+            f"{tarsafe.shown('/' + os.fsdecode(entry))}: a path longer than "
+            f"{tarsafe.MAX_PATH_BYTES} bytes cannot be stored in a layer"
+        )
 
 
 def _marker(name: str) -> tarfile.TarInfo:
@@ -344,14 +376,14 @@ def _add_obj(
             return
         links[ident] = name
     if fmt == stat.S_IFREG:
-        with open(item.real, "rb") as f:
+        with os.fdopen(PLAIN.open(item.real, os.O_RDONLY), "rb") as f:
             info.size = os.fstat(f.fileno()).st_size
             tar.addfile(info, f)
         return
     if fmt == stat.S_IFDIR:
         info.type = tarfile.DIRTYPE
     elif fmt == stat.S_IFLNK:
-        info.type, info.linkname = tarfile.SYMTYPE, os.fsdecode(os.readlink(item.real))
+        info.type, info.linkname = tarfile.SYMTYPE, os.fsdecode(PLAIN.readlink(item.real))
     elif fmt == stat.S_IFIFO:
         info.type = tarfile.FIFOTYPE
     elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
@@ -365,7 +397,7 @@ def _add_obj(
 def _xattrs(path: bytes) -> list[tuple[str, str]]:
     """User-visible xattrs, sorted, as PAX wants them (surrogate-escaped text)."""
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = PLAIN.listxattr(path)
     except OSError:
         return []
     out = []
@@ -374,7 +406,7 @@ def _xattrs(path: bytes) -> list[tuple[str, str]]:
         if markers.is_internal_xattr(raw):
             continue
         try:
-            value = os.getxattr(path, n, follow_symlinks=False)
+            value = PLAIN.getxattr(path, os.fsencode(n))
         except OSError:
             continue
         out.append((n, value.decode("utf-8", "surrogateescape")))

@@ -14,6 +14,8 @@ Lifecycle (DESIGN.md's store rules):
   - Atomic: an exception anywhere (KeyboardInterrupt included) before the tag removes every
     blob and unpacked layer this commit created; no tag is written.  Reproducible: with
     `source_date_epoch` the same upper gives the same manifest digest.
+The self-check reads and writes through `fsat.PLAIN` (openat chains), so paths past PATH_MAX
+— an upper or a store located deep enough — are checked like any other.
 Concurrency: the caller keeps the upper still (a live mount holds mutations).  Two commits
 may run at once; only the tag step takes the store lock.  A blob this commit created is
 removed on failure even if another process happened to write the same bytes meanwhile (a
@@ -42,6 +44,7 @@ from typing import Any
 import zstandard
 
 from unionfs import markers
+from unionfs.fsat import PLAIN
 from unionfs.stack import LayerStack, Node
 
 from . import changeset, media, tarsafe
@@ -389,7 +392,9 @@ def _apply_plain(tar: tarfile.TarFile, root: bytes) -> None:
         parent = _plain_parent(root, parts[:-1])
         rel, base = b"/".join(parts), parts[-1]
         if base == markers.WH_OPAQUE:
-            for name in os.listdir(parent):
+            with PLAIN.scandir(parent) as it:
+                names = [de.name for de in it]
+            for name in names:
                 if (b"/".join([*parts[:-1], name])) not in mine:
                     _remove(parent + b"/" + name)
             continue
@@ -413,7 +418,7 @@ def _plain_parent(root: bytes, dirs: list[bytes]) -> bytes:
         path += b"/" + comp
         st = _lstat(path)
         if st is None:
-            os.mkdir(path, 0o755)
+            PLAIN.mkdir(path, 0o755)
         elif not stat.S_ISDIR(st.st_mode):
             raise CorruptLayer(f"{os.fsdecode(path)}: parent is not a directory")
     return path
@@ -424,31 +429,31 @@ def _create(
 ) -> None:
     if m.isdir():
         if not exists:
-            os.mkdir(path, 0o700)
+            PLAIN.mkdir(path, 0o700)
     elif m.isreg():
         src = tar.extractfile(m)
         assert src is not None
-        with open(path, "wb") as f:
+        with os.fdopen(PLAIN.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "wb") as f:
             shutil.copyfileobj(src, f)
     elif m.issym():
-        os.symlink(os.fsencode(m.linkname), path)
+        PLAIN.symlink(os.fsencode(m.linkname), path)
     elif m.islnk():
         link = tarsafe.split_path(m.linkname, tarsafe.shown(m.linkname))
-        os.link(root + b"/" + b"/".join(link), path, follow_symlinks=False)
+        PLAIN.link(root + b"/" + b"/".join(link), path)
         return
     elif m.isfifo():
-        os.mkfifo(path)
+        PLAIN.mknod(path, stat.S_IFIFO | 0o666)
     elif m.ischr() or m.isblk():
         kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
-        os.mknod(path, kind | 0o600, os.makedev(m.devmajor, m.devminor))
+        PLAIN.mknod(path, kind | 0o600, os.makedev(m.devmajor, m.devminor))
     else:
         return
-    os.chown(path, m.uid, m.gid, follow_symlinks=False)
+    PLAIN.chown(path, m.uid, m.gid)
     for name, value in tarsafe.pax_xattrs(m):
         if not markers.is_internal_xattr(name):
-            os.setxattr(path, name, value, follow_symlinks=False)
+            PLAIN.setxattr(path, name, value)
     if not m.issym():
-        os.chmod(path, m.mode & 0o7777)
+        PLAIN.chmod(path, m.mode & 0o7777)
 
 
 def _remove(path: bytes) -> None:
@@ -456,14 +461,14 @@ def _remove(path: bytes) -> None:
     if st is None:
         return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
+        PLAIN.rmtree(path)
     else:
-        os.unlink(path)
+        PLAIN.unlink(path)
 
 
 def _lstat(path: bytes) -> os.stat_result | None:
     try:
-        return os.lstat(path)
+        return PLAIN.lstat(path)
     except FileNotFoundError:
         return None
 
@@ -479,20 +484,16 @@ def _observe(path: bytes, st: os.stat_result, xattrs: list[bytes]) -> Observed |
     content: Any = None
     if fmt == stat.S_IFREG:
         h = hashlib.sha256()
-        with open(path, "rb") as f:
+        with os.fdopen(PLAIN.open(path, os.O_RDONLY), "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
         content = h.hexdigest()
     elif fmt == stat.S_IFLNK:
-        content = os.readlink(path)
+        content = PLAIN.readlink(path)
     elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
         content = st.st_rdev
     attrs = tuple(
-        sorted(
-            (n, os.getxattr(path, n, follow_symlinks=False))
-            for n in xattrs
-            if not markers.is_internal_xattr(n)
-        )
+        sorted((n, PLAIN.getxattr(path, n)) for n in xattrs if not markers.is_internal_xattr(n))
     )
     return (fmt, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, content, attrs)
 
@@ -502,12 +503,12 @@ def _snapshot_dir(top: Path) -> dict[bytes, Observed]:
     base = os.fsencode(top)
 
     def visit(rel: bytes) -> None:
-        with os.scandir(base + rel) as it:
+        with PLAIN.scandir(base + rel) as it:
             names = sorted(e.name for e in it)
         for name in names:
             r = rel + b"/" + os.fsencode(name)
-            st = os.lstat(base + r)
-            xattrs = [os.fsencode(n) for n in os.listxattr(base + r, follow_symlinks=False)]
+            st = PLAIN.lstat(base + r)
+            xattrs = [os.fsencode(n) for n in PLAIN.listxattr(base + r)]
             obs = _observe(base + r, st, xattrs)
             if obs is not None:
                 out[r] = obs

@@ -62,6 +62,11 @@ def truncate(root: Path, path: str, size: int):
     os.truncate(root / path, size)
 
 
+def truncate_then_utime(root: Path, path: str, size: int):
+    os.truncate(root / path, size)
+    os.utime(root / path, (1_500_000_000, 1_500_000_000))
+
+
 def utime(root: Path, path: str, mtime: int):
     os.utime(root / path, (mtime, mtime), follow_symlinks=False)
 
@@ -100,3 +105,26 @@ def mkfifo(root: Path, path: str):
 
 def listdir(root: Path, path: str):
     return sorted(os.listdir(root / path))
+
+
+def unlink_open(root: Path, path: str, names: list[str]):
+    """Open `path`, unlink `names` (its last names, say), and report what fstat says then."""
+    fd = os.open(root / path, os.O_RDONLY)
+    try:
+        for name in names:
+            os.unlink(root / name)
+        st = os.fstat(fd)
+        return st.st_nlink, oct(st.st_mode), os.pread(fd, 100, 0)
+    finally:
+        os.close(fd)
+
+
+def write_fstat(root: Path, path: str, data: bytes):
+    """Append through an fd and report what fstat on that fd says before it is closed."""
+    fd = os.open(root / path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, data)
+        st = os.fstat(fd)
+        return st.st_nlink, oct(st.st_mode), st.st_size
+    finally:
+        os.close(fd)

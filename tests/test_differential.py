@@ -1,8 +1,10 @@
 """Differential test of the write side: the same operations on layerfs and on kernel
-overlayfs (redirect_dir=on,index=on, so the kernel renames directories and keeps hard links
-too), over identical copies of the same layers; after every step the outcome (value or errno)
-and the whole visible tree must agree.  At the end of each example, layerfs's upper is
-mounted by the kernel and must show the very tree the user saw through layerfs.
+overlayfs (redirect_dir=on, so the kernel renames directories too; index=off and index=on,
+the two ways hard links behave), over identical copies of the same layers; after every step
+the outcome (value or errno) and the whole visible tree, which names are one inode included,
+must agree.  At the end of each example, layerfs's upper is mounted again, by layerfs and by
+the kernel (same index mode), and both must show the very tree the user saw through layerfs
+(a redirect or marker that only this mount understood would be lost data).
 
 hypothesis shrinks a failing sequence to a minimal one; CI runs a bounded number of examples
 (HYPOTHESIS_EXAMPLES, default 25).
@@ -30,7 +32,7 @@ pytestmark = pytest.mark.mount
 DIRS = ["", "d1", "d1/sub", "d2", "d3", "n"]
 NAMES = ["f", "g", "h", "sub", "n", "d1"]
 PATHS = [os.path.join(d, n) for d in DIRS for n in NAMES]
-KERNEL_OPTS = "redirect_dir=on,index=on"
+KERNEL_OPTS = "redirect_dir=on"
 EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "25"))
 SHRINK = os.environ.get("HYPOTHESIS_SHRINK", "1") == "1"
 _counter = itertools.count()
@@ -38,18 +40,21 @@ _counter = itertools.count()
 
 def build_lowers(root: Path) -> list[Path]:
     """Two small layers in the kernel's format (top-first), with every situation the
-    write side must handle: merged, opaque, whited-out, hard-linked, symlinked."""
+    write side must handle: merged, opaque, whited-out, hard-linked (in one directory, across
+    layers, with a name hidden), symlinked."""
     l0, l1 = root / "l0", root / "l1"
     layerdata.write(l0 / "f", b"bottom f\n")
     layerdata.write(l0 / "d1/f", b"d1/f\n", mode=0o600)
     os.link(l0 / "d1/f", l0 / "d1/g")
     layerdata.write(l0 / "d1/sub/f", b"deep\n")
+    layerdata.write(l0 / "d1/sub/n/f", b"deeper\n")  # a lower dir nested in a lower dir
     os.setxattr(l0 / "d1/sub/f", "user.k", b"lower")
     layerdata.write(l0 / "d2/f", b"gone\n")
     layerdata.write(l0 / "d2/g", b"d2/g\n", mode=0o4755)
     layerdata.write(l0 / "d3/old", b"hidden by opaque\n")
     os.symlink("f", l0 / "h")
     layerdata.write(l1 / "d1/h", b"middle\n")
+    os.link(l0 / "f", l1 / "d1/f")  # across layers, and hides one name of d1/f's own link
     layerdata.whiteout(l1 / "d2/f")
     layerdata.opaque(l1 / "d3")
     layerdata.write(l1 / "d3/f", b"d3/f\n")
@@ -78,6 +83,7 @@ def base(tmp_path_factory):
 
 class UnionMachine(RuleBasedStateMachine):
     base: tuple[Path, list[Path]]
+    index = "off"
 
     @initialize()
     def setup(self):
@@ -90,18 +96,21 @@ class UnionMachine(RuleBasedStateMachine):
             (d / "upper").mkdir(parents=True)
             (d / "work").mkdir()
             (d / "mnt").mkdir()
-            copies = []
-            for low in lowers:
-                subprocess.run(["cp", "-a", str(low), str(d / low.name)], check=True)
-                copies.append(d / low.name)
+            # one copy of all layers, so links across layers stay links
+            subprocess.run(["cp", "-a", str(lowers[0].parent), str(d / "lowers")], check=True)
+            copies = [d / "lowers" / low.name for low in lowers]
             if side == "layerfs":
-                m = LayerfsMount(d / "mnt", copies, d / "upper", d / "work")
+                m = LayerfsMount(d / "mnt", copies, d / "upper", d / "work", self.opts())
             else:
-                m = KernelOverlay(d / "mnt", copies, d / "upper", d / "work", KERNEL_OPTS)
+                opts = f"{KERNEL_OPTS},{self.opts()}"
+                m = KernelOverlay(d / "mnt", copies, d / "upper", d / "work", opts)
             m.__enter__()
             self.mounts.append(m)
             self.roots[side] = d / "mnt"
         self.check_trees()
+
+    def opts(self) -> str:
+        return f"index={self.index}"
 
     def teardown(self):
         try:
@@ -109,6 +118,7 @@ class UnionMachine(RuleBasedStateMachine):
                 final = treecmp.snapshot(self.roots["layerfs"])
                 for m in self.mounts:
                     m.__exit__(None, None, None)
+                self.check_remount(final)
                 self.check_kernel_reads_our_upper(final)
         finally:
             for m in getattr(self, "mounts", []):
@@ -116,14 +126,26 @@ class UnionMachine(RuleBasedStateMachine):
             if getattr(self, "dir", None) is not None:
                 shutil.rmtree(self.dir, ignore_errors=True)
 
+    def check_remount(self, final):
+        """The same upper mounted again by layerfs shows what the user last saw."""
+        d = self.dir / "layerfs"
+        lowers = [d / "lowers" / low.name for low in self.base[1]]
+        with LayerfsMount(d / "mnt", lowers, d / "upper", d / "work", self.opts()):
+            seen = treecmp.snapshot(d / "mnt")
+        problems = tree_diff(final, seen) + treecmp.link_group_problems(final, seen)
+        assert problems == [], "layerfs reads its upper differently after remount:\n" + "\n".join(
+            problems
+        )
+
     def check_kernel_reads_our_upper(self, final):
         d = self.dir / "layerfs"
         (d / "kcheck").mkdir()
         (d / "kwork").mkdir()
-        lowers = [d / low.name for low in self.base[1]]
-        with KernelOverlay(d / "kcheck", lowers, d / "upper", d / "kwork", "redirect_dir=on"):
+        lowers = [d / "lowers" / low.name for low in self.base[1]]
+        opts = f"{KERNEL_OPTS},{self.opts()}"
+        with KernelOverlay(d / "kcheck", lowers, d / "upper", d / "kwork", opts):
             seen = treecmp.snapshot(d / "kcheck")
-        problems = tree_diff(final, seen)
+        problems = tree_diff(final, seen) + treecmp.link_group_problems(final, seen)
         assert problems == [], "kernel reads our upper differently:\n" + "\n".join(problems)
 
     def both(self, fn, *args):
@@ -136,7 +158,7 @@ class UnionMachine(RuleBasedStateMachine):
     def check_trees(self):
         ours = treecmp.snapshot(self.roots["layerfs"])
         theirs = treecmp.snapshot(self.roots["kernel"])
-        problems = tree_diff(ours, theirs)
+        problems = tree_diff(ours, theirs) + treecmp.link_group_problems(ours, theirs)
         assert problems == [], "\n".join(problems[:30])
         assert treecmp.inode_problems(ours) == []
 
@@ -152,7 +174,15 @@ class UnionMachine(RuleBasedStateMachine):
 
     @rule(path=paths, size=st.integers(0, 30))
     def truncate(self, path, size):
-        self.both(ops.truncate, path, size)
+        kept = self.roots["kernel"] / path
+        if kept.is_file() and not kept.is_symlink() and kept.stat().st_size == size:
+            # The one known difference (README, writeback): a truncate that keeps the size
+            # of a regular file keeps its times under FUSE's writeback cache (POSIX marks them
+            # only for a changed size), where the kernel's overlay marks them.  Outcome and
+            # content are still compared; the times are then set alike on both sides.
+            self.both(ops.truncate_then_utime, path, size)
+        else:
+            self.both(ops.truncate, path, size)
 
     @rule(path=paths)
     def mkdir(self, path):
@@ -212,8 +242,10 @@ class UnionMachine(RuleBasedStateMachine):
         self.both(ops.listdir, path)
 
 
-def test_differential(base):
+@pytest.mark.parametrize("index", ["off", "on"])
+def test_differential(base, index):
     UnionMachine.base = base
+    UnionMachine.index = index
     UnionMachine.TestCase.settings = settings(
         max_examples=EXAMPLES,
         stateful_step_count=30,

@@ -9,7 +9,7 @@ import pytest
 
 from tests.mounts import LAYERFS
 from unionfs.errors import OptionError
-from unionfs.options import WRITEBACK_DEFAULT, parse_args, parse_lowerdir
+from unionfs.options import INDEX_DEFAULT, WRITEBACK_DEFAULT, parse_args, parse_lowerdir
 
 
 def test_lowerdir_is_top_first_with_escapes():
@@ -73,11 +73,25 @@ def test_writeback_option(dirs):
     assert not cfg.writeback and not any("writeback" in o for o in cfg.fuse_options)
 
 
+def test_index_option(dirs):
+    base = f"lowerdir={dirs}/top,upperdir={dirs}/upper,workdir={dirs}/work"
+    mnt = str(dirs / "mnt")
+    assert INDEX_DEFAULT is False  # the kernel's default, and what podman and Docker get
+    assert parse_args(["-o", base, mnt]).index is False
+    assert parse_args(["-o", base + ",index=on", mnt]).index is True
+    cfg = parse_args(["-o", base + ",index=off", mnt])
+    assert cfg.index is False and not any(
+        "index" in o for o in cfg.ignored + list(cfg.fuse_options)
+    )
+
+
 @pytest.mark.parametrize(
     "opts, message",
     [
         ("ro", "missing option lowerdir"),
         ("lowerdir={d}/top,writeback=yes", "writeback=0 or writeback=1"),
+        ("lowerdir={d}/top,index=1", "index=off or index=on"),
+        ("lowerdir={d}/top,index=nfs", "index=off or index=on"),
         ("lowerdir=/nonexistent/layer", "lowerdir /nonexistent/layer"),
         ("lowerdir={d}/top,upperdir={d}/upper", "upperdir and workdir must be given together"),
         ("lowerdir={d}/top,upperdir={d}/upper,workdir={d}/upper/w", "separate subtrees"),
@@ -111,6 +125,37 @@ def test_command_line_errors_exit_2_without_traceback(dirs):
     assert "layerfs: lowerdir /nonexistent" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([LAYERFS, "--help"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "lowerdir" in r.stdout
+
+
+def test_redirect_dir_values(dirs):
+    base = f"lowerdir={dirs}/top"
+    on = parse_args(["-o", base, str(dirs / "mnt")])
+    assert on.follow_redirects and on.create_redirects
+    for value, follow in (("follow", True), ("off", True), ("nofollow", False)):
+        cfg = parse_args(["-o", f"{base},redirect_dir={value}", str(dirs / "mnt")])
+        assert (cfg.follow_redirects, cfg.create_redirects) == (follow, False), value
+    with pytest.raises(OptionError, match="redirect_dir=sideways"):
+        parse_args(["-o", f"{base},redirect_dir=sideways", str(dirs / "mnt")])
+
+
+@pytest.mark.parametrize(
+    "opt, message",
+    [
+        ("frobnicate", "unknown option 'frobnicate'"),
+        ("colour=blue", "unknown option colour=blue"),
+        ("metacopy=on", "metacopy=on is not supported"),
+        ("fsync=0", "fsync=0 is not supported"),
+    ],
+)
+def test_unknown_or_unsupported_options_fail(dirs, opt, message):
+    with pytest.raises(OptionError, match=message):
+        parse_args(["-o", f"lowerdir={dirs}/top,{opt}", str(dirs / "mnt")])
+
+
+def test_harmless_options_are_accepted(dirs):
+    opts = "xino=auto,metacopy=off,threaded=1,noauto,volatile,x-gvfs-hide"
+    cfg = parse_args(["-o", f"lowerdir={dirs}/top,{opts}", str(dirs / "mnt")])
+    assert {"xino=auto", "metacopy=off", "noauto", "volatile"} <= set(cfg.ignored)
 
 
 def test_transport_option_and_environment(dirs, monkeypatch):

@@ -113,6 +113,27 @@ def test_lookup_missing_and_internal_xattrs(tmp_path):
     assert exc.value.errno == errno.ENODATA
 
 
+@pytest.mark.parametrize("upper, index", [(True, False), (True, True), (False, False)])
+def test_names_of_a_lower_hard_link(tmp_path, upper, index):
+    """index=off with an upper: a node per name (copy-up will break the link), showing the
+    lower file's number; index=on, or no upper: one node for every name."""
+    lo, up = make(tmp_path, 2)
+    write(lo / "d/g", b"g")
+    os.link(lo / "d/g", lo / "g2")
+    write(lo / "single", b"s")
+    stack = LayerStack([str(lo)], str(up) if upper else None, index=index)
+    real = os.lstat(lo / "d/g").st_ino
+    g = resolve(stack, "d/g")
+    stack.remember(g)
+    g2 = resolve(stack, "g2")
+    stack.remember(g2)
+    assert stack.st_ino(g) == stack.st_ino(g2) == stack.ino_for(1 if upper else 0, real)
+    assert (g is g2) == (g.ino == g2.ino) == (index or not upper)
+    assert resolve(stack, "d/g").ino == g.ino  # a name keeps its node number
+    one = resolve(stack, "single")
+    assert stack.st_ino(one) == one.ino
+
+
 def test_forget_drops_nodes(tmp_path):
     (lo,) = make(tmp_path, 1)
     write(lo / "d/f")

@@ -36,8 +36,8 @@ class Union:
     def lowers(self) -> list[Path]:
         return [self.mid, self.lo]
 
-    def mount(self) -> Path:
-        self.m = LayerfsMount(self.mnt, self.lowers, self.upper, self.work)
+    def mount(self, opts: str = "") -> Path:
+        self.m = LayerfsMount(self.mnt, self.lowers, self.upper, self.work, opts)
         self.m.start()
         return self.mnt
 
@@ -181,8 +181,8 @@ def test_st_ino_stable_across_copy_up_and_forget(u):
         assert {e.name: e.inode() for e in it}["file"] == ino
 
 
-def test_hard_links_survive_copy_up(u):
-    mnt = u.mount()
+def test_hard_links_survive_copy_up_with_index_on(u):
+    mnt = u.mount("index=on")
     a = os.stat(mnt / "hl1")
     with open(mnt / "hl2", "ab") as f:
         f.write(b"via hl2\n")
@@ -195,6 +195,26 @@ def test_hard_links_survive_copy_up(u):
     os.unlink(mnt / "hl1")
     assert os.stat(mnt / "hl2").st_nlink == 1
     assert os.stat(mnt / "dir").st_nlink == 3  # '.', '..' and sub
+
+
+def test_hard_links_break_on_copy_up_by_default(u):
+    """index=off, the kernel's default: the name written to becomes a file of its own."""
+    mnt = u.mount()
+    a = os.stat(mnt / "hl1")
+    assert os.stat(mnt / "hl2").st_ino == a.st_ino and a.st_nlink == 2
+    with open(mnt / "hl2", "ab") as f:
+        f.write(b"via hl2\n")
+    assert (mnt / "hl1").read_bytes() == b"hard\n"
+    assert (mnt / "hl2").read_bytes() == b"hard\nvia hl2\n"
+    one, two = os.stat(mnt / "hl1"), os.stat(mnt / "hl2")
+    assert (one.st_ino, one.st_nlink) == (a.st_ino, 2)
+    assert two.st_ino != a.st_ino and two.st_nlink == 1
+    os.unlink(mnt / "hl1")  # a whiteout; nothing is copied up
+    assert not os.path.lexists(u.upper / "hl1") or stat.S_ISCHR(os.lstat(u.upper / "hl1").st_mode)
+    u.umount()
+    mnt = u.mount()
+    two = os.stat(mnt / "hl2")
+    assert two.st_nlink == 1 and (mnt / "hl2").read_bytes() == b"hard\nvia hl2\n"
 
 
 def test_read_only_fd_sees_data_after_copy_up(u):
@@ -508,7 +528,7 @@ def test_freeze_holds_writes_but_not_reads(u):
 def test_hard_links_survive_copy_up_after_their_directory_moved(u):
     write(u.lo / "bin/tool", b"tool\n")
     os.link(u.lo / "bin/tool", u.lo / "bin/tool2")
-    mnt = u.mount()
+    mnt = u.mount("index=on")
     os.rename(mnt / "bin", mnt / "sbin")
     os.listdir(mnt / "sbin")
     os.chmod(mnt / "sbin/tool", 0o700)

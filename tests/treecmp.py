@@ -153,3 +153,23 @@ def inode_problems(tree: dict[bytes, Obj]) -> list[str]:
             if child.ino != d_ino:
                 problems.append(f"{prefix + b'/' + name!r}: st_ino {child.ino} != d_ino {d_ino}")
     return problems
+
+
+def link_groups(tree: dict[bytes, Obj]) -> dict[bytes, tuple[bytes, ...]]:
+    """Each non-directory's path -> every path showing the same st_ino (itself included):
+    which names are one inode, comparable across filesystems."""
+    by_ino: dict[int, list[bytes]] = {}
+    for path, obj in tree.items():
+        if obj.kind != "dir":
+            by_ino.setdefault(obj.ino, []).append(path)
+    return {p: tuple(sorted(by_ino[o.ino])) for p, o in tree.items() if o.kind != "dir"}
+
+
+def link_group_problems(ours: dict[bytes, Obj], theirs: dict[bytes, Obj]) -> list[str]:
+    """Names that are one inode on one side and not on the other."""
+    a, b = link_groups(ours), link_groups(theirs)
+    return [
+        f"{path!r}: one inode with {a[path]!r} != {b[path]!r}"
+        for path in sorted(set(a) & set(b))
+        if a[path] != b[path]
+    ]

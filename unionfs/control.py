@@ -78,7 +78,7 @@ class Gate:
 async def serve(
     path: bytes,
     gate: Gate,
-    sync_dir: bytes,
+    sync_dir: bytes | int,
     mountpoint: bytes | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -97,7 +97,7 @@ async def serve(
 
 
 async def _client(
-    stream: trio.SocketStream, gate: Gate, sync_dir: bytes, mountpoint: bytes | None
+    stream: trio.SocketStream, gate: Gate, sync_dir: bytes | int, mountpoint: bytes | None
 ) -> None:
     frozen = False
     try:

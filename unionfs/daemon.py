@@ -23,8 +23,10 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
-from .errors import OptionError
+from .errors import OptionError, UnionError
 from .options import USAGE, MountConfig, parse_args
 
 log = logging.getLogger("layerfs")
@@ -129,20 +131,45 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
     return _serve_pyfuse3(cfg, ready_fd)
 
 
+def open_stack(cfg: MountConfig, report: Callable[[str], None]) -> tuple[Any, Any] | None:
+    """The LayerStack and Writer of `cfg` (one place for both transports), or None after
+    reporting why they cannot be opened."""
+    from .fsat import Roots
+    from .stack import LayerStack
+    from .writer import Writer
+
+    try:
+        stack = LayerStack(
+            cfg.lowers,
+            cfg.upper,
+            index=cfg.index,
+            follow_redirects=cfg.follow_redirects,
+            fs=Roots(shadow=os.fsencode(cfg.mountpoint)),
+        )
+        writer = (
+            Writer(stack, cfg.work, create_redirects=cfg.create_redirects)
+            if cfg.work is not None
+            else None
+        )
+    except UnionError as exc:
+        report(f"layerfs: {exc}")
+        return None
+    except OSError as exc:
+        report(f"layerfs: cannot open layers: {exc}")
+        return None
+    return stack, writer
+
+
 def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
     import pyfuse3
     import trio
 
     from .operations import UnionOperations
-    from .stack import LayerStack
-    from .writer import Writer
 
-    try:
-        stack = LayerStack(cfg.lowers, cfg.upper)
-        writer = Writer(stack, cfg.work) if cfg.work is not None else None
-    except OSError as exc:
-        _report(ready_fd, f"layerfs: cannot open layers: {exc}")
+    opened = open_stack(cfg, lambda message: _report(ready_fd, message))
+    if opened is None:
         return EXIT_MOUNT_FAILED
+    stack, writer = opened
 
     def on_init() -> None:
         nonlocal ready_fd
@@ -187,7 +214,11 @@ async def _run(pyfuse3, trio, ops, mountpoint) -> None:  # type: ignore[no-untyp
         if ops.writer is not None:
             sock = ops.writer.work + b"/" + control.SOCKET_NAME.encode()
             await nursery.start(
-                control.serve, sock, ops.gate, ops.stack.layers[0], os.fsencode(mountpoint)
+                control.serve,
+                sock,
+                ops.gate,
+                ops.stack.fs.handle(ops.stack.layers[0]),  # an fd if under the mount
+                os.fsencode(mountpoint),
             )
         await pyfuse3.main()
         nursery.cancel_scope.cancel()

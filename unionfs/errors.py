@@ -36,6 +36,12 @@ class NotEmpty(UnionError):
     errno = errno.ENOTEMPTY
 
 
+class NameTooLong(UnionError):
+    """A name longer than the layers' filesystems allow (NAME_MAX, usually 255 bytes)."""
+
+    errno = errno.ENAMETOOLONG
+
+
 class Exists(UnionError):
     errno = errno.EEXIST
 

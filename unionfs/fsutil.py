@@ -1,6 +1,7 @@
 """Real-filesystem primitives the write side needs and `os` lacks: renameat2 flags, syncfs,
-sparse copies with copy_file_range, metadata copies.  Pure functions over real paths; they block,
-so bulk ones (`copy_data`) run in worker threads.  No shared state.
+sparse copies with copy_file_range, metadata copies.  Pure functions over real paths, each
+reached through a `fsat.Roots` (relative to a layer root's fd, no path-length limit); they
+block, so bulk ones (`copy_data`) run in worker threads.  No shared state.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ import ctypes.util
 import errno
 import os
 import stat
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .fsat import Roots
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -32,8 +37,10 @@ _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_cha
 _renameat2.restype = ctypes.c_int
 
 
-def renameat2(src: bytes, dst: bytes, flags: int = 0) -> None:
-    if _renameat2(AT_FDCWD, src, AT_FDCWD, dst, flags) != 0:
+def renameat2(
+    src: bytes, dst: bytes, flags: int = 0, src_dir_fd: int = AT_FDCWD, dst_dir_fd: int = AT_FDCWD
+) -> None:
+    if _renameat2(src_dir_fd, src, dst_dir_fd, dst, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), src, None, dst)
 
@@ -44,10 +51,12 @@ if _syncfs is not None:
     _syncfs.restype = ctypes.c_int
 
 
-def syncfs(path: bytes) -> None:
-    """syncfs(2) on the filesystem holding the directory `path`, and only that one (os has
-    no syncfs; os.sync would also write back every other filesystem — a FUSE mount among
-    them, whose daemon may be the caller).  Without syncfs in libc: fsync of `path`."""
+def syncfs(path: bytes | int) -> None:
+    """syncfs(2) on the filesystem holding the directory `path` (or a directory fd), and only
+    that one (os has no syncfs; os.sync would also write back every other filesystem — a FUSE
+    mount among them, whose daemon may be the caller).  Without syncfs in libc: fsync."""
+    if isinstance(path, int):  # an O_PATH fd cannot be synced: reopen it through /proc
+        path = b"/proc/self/fd/%d" % path
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         if _syncfs is None:
@@ -59,22 +68,25 @@ def syncfs(path: bytes) -> None:
         os.close(fd)
 
 
-def make_whiteout(path: bytes) -> None:
+def make_whiteout(fs: Roots, path: bytes) -> None:
     """A kernel-format whiteout: a character device 0/0."""
-    os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+    fs.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
 
 
-def copy_data(src: bytes, dst: bytes, mode: int = 0o600) -> None:
+def copy_data(fs: Roots, src: bytes, dst: bytes, mode: int = 0o600) -> None:
     """Copy a regular file's bytes into a new file, keeping holes (SEEK_DATA/SEEK_HOLE) and
     using copy_file_range, which the filesystem may turn into a reflink."""
-    with open(src, "rb", buffering=0) as fin:
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    fin = fs.open(src, os.O_RDONLY)
+    try:
+        fd = fs.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
-            size = os.fstat(fin.fileno()).st_size
-            _copy_ranges(fin.fileno(), fd, size)
+            size = os.fstat(fin).st_size
+            _copy_ranges(fin, fd, size)
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
+    finally:
+        os.close(fin)
 
 
 def _copy_ranges(fin: int, fout: int, size: int) -> None:
@@ -110,10 +122,10 @@ def _copy_plain(fin: int, fout: int, offset: int, length: int) -> int:
     return os.pwrite(fout, data, offset) if data else 0
 
 
-def copy_xattrs(src: bytes, dst: bytes, skip) -> None:  # type: ignore[no-untyped-def]
+def copy_xattrs(fs: Roots, src: bytes, dst: bytes, skip) -> None:  # type: ignore[no-untyped-def]
     """Copy every xattr for which `skip(name)` is false (internal markers stay behind)."""
     try:
-        names = os.listxattr(src, follow_symlinks=False)
+        names = fs.listxattr(src)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EPERM):
             return
@@ -123,27 +135,27 @@ def copy_xattrs(src: bytes, dst: bytes, skip) -> None:  # type: ignore[no-untype
         if skip(name):
             continue
         try:
-            value = os.getxattr(src, name, follow_symlinks=False)
-            os.setxattr(dst, name, value, follow_symlinks=False)
+            value = fs.getxattr(src, name)
+            fs.setxattr(dst, name, value)
         except OSError as exc:
             if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
                 raise
 
 
-def copy_meta(st: os.stat_result, dst: bytes) -> None:
+def copy_meta(fs: Roots, st: os.stat_result, dst: bytes) -> None:
     """Owner, mode (after chown, which clears setuid bits) and times, not following links."""
-    os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
+    fs.chown(dst, st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
-        os.chmod(dst, stat.S_IMODE(st.st_mode))
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        fs.chmod(dst, stat.S_IMODE(st.st_mode))
+    fs.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def make_like(st: os.stat_result, src: bytes, dst: bytes) -> None:
+def make_like(fs: Roots, st: os.stat_result, src: bytes, dst: bytes) -> None:
     """Create at `dst` a non-regular, non-directory object like `src` (no data to copy)."""
     kind = stat.S_IFMT(st.st_mode)
     if kind == stat.S_IFLNK:
-        os.symlink(os.readlink(src), dst)
+        fs.symlink(fs.readlink(src), dst)
     elif kind in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
-        os.mknod(dst, kind | 0o600, st.st_rdev)
+        fs.mknod(dst, kind | 0o600, st.st_rdev)
     else:
         raise OSError(errno.EINVAL, "cannot copy this kind of object", src)

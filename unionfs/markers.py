@@ -10,6 +10,8 @@ A moved directory carries `overlay.redirect` (the kernel's redirect_dir format):
 from the root, where its lower part lives.
 Writing (the write side) uses the kernel-overlayfs format only.  Internal xattrs are never
 shown to users: `is_internal_xattr` is the single filter.  Pure functions; no state.
+xattrs are read through a `fsat.Roots` (the daemon's layer-root fds; `fsat.PLAIN` for plain
+paths), so markers deeper than PATH_MAX are read too.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+
+from .fsat import PLAIN, Roots
 
 WH_PREFIX = b".wh."
 WH_OPAQUE = b".wh..wh..opq"
@@ -49,9 +53,9 @@ def is_chardev_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _getxattr(path: bytes, name: bytes) -> bytes | None:
+def _getxattr(fs: Roots, path: bytes, name: bytes) -> bytes | None:
     try:
-        return os.getxattr(path, name, follow_symlinks=False)
+        return fs.getxattr(path, name)
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
             return None
@@ -69,10 +73,10 @@ class DirMarks:
         self.redirect = redirect
 
 
-def dir_marks(path: bytes) -> DirMarks:
+def dir_marks(path: bytes, fs: Roots = PLAIN) -> DirMarks:
     """Read a directory's opaque markers (one listxattr, plus a getxattr per marker present)."""
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = fs.listxattr(path)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EACCES, errno.EPERM):
             return DirMarks(False, False)
@@ -82,9 +86,9 @@ def dir_marks(path: bytes) -> DirMarks:
     for raw in names:
         name = os.fsencode(raw)
         if name in REDIRECT_XATTRS:
-            redirect = _getxattr(path, name)
+            redirect = _getxattr(fs, path, name)
         if name in OPAQUE_XATTRS:
-            value = _getxattr(path, name)
+            value = _getxattr(fs, path, name)
             if value is None:
                 continue
             value = value.rstrip(b"\0")
@@ -95,11 +99,11 @@ def dir_marks(path: bytes) -> DirMarks:
     return DirMarks(opaque, xwh, redirect)
 
 
-def is_xattr_whiteout(path: bytes, st: os.stat_result) -> bool:
+def is_xattr_whiteout(path: bytes, st: os.stat_result, fs: Roots = PLAIN) -> bool:
     """A zero-size regular file carrying `overlay.whiteout` (only asked inside opaque=x dirs)."""
     if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
         return False
-    return any(_getxattr(path, name) is not None for name in WHITEOUT_XATTRS)
+    return any(_getxattr(fs, path, name) is not None for name in WHITEOUT_XATTRS)
 
 
 def opaque_xattr() -> bytes:

@@ -30,6 +30,8 @@ Kernel caching, and why each cache is safe:
         kernel's WRITE requests are mutating requests the frozen gate holds.
     It is safe because this daemon is the only writer of the upper while mounted (the same
     assumption as the long attribute timeouts above).
+Every call on a real object goes through `stack.fs` (relative to the layer roots' fds, no
+path-length limit).
 Concurrency: trio, one thread; handlers that do not await are atomic with respect to the
 model.  Reads of data use pread on the trio thread (page-cache hits are cheaper than a
 thread hop); bulk copies of the write side go to worker threads.
@@ -37,6 +39,7 @@ thread hop); bulk copies of the write side go to worker threads.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
@@ -51,6 +54,7 @@ import trio
 from . import markers
 from .control import Gate
 from .errors import UnionError
+from .fsat import Roots
 from .stack import Child, LayerStack, Node
 from .writer import Writer
 
@@ -159,6 +163,11 @@ class UnionOperations(pyfuse3.Operations):
         self._by_node: dict[int, set[int]] = {}  # inode -> open file handles
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
+        if _SHOWN_INO_OFFSET is None and writer is not None and not stack.index:
+            log.warning(
+                "pyfuse3's reply layout is unknown: hard links broken by copy-up "
+                "show one st_ino until remount"
+            )
 
     # ----- lifecycle -----------------------------------------------------------------
     def init(self) -> None:
@@ -180,6 +189,7 @@ class UnionOperations(pyfuse3.Operations):
         st = self._stat_for(node)
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
+        _set_shown_ino(a, self.stack.st_ino(node))
         a.generation = 0
         a.entry_timeout = CACHE_TIMEOUT
         a.attr_timeout = CACHE_TIMEOUT
@@ -328,9 +338,9 @@ class UnionOperations(pyfuse3.Operations):
         oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY | _O_DIRECT)
         path = self.stack.real_path(node)
         if writable:
-            fd = _open_rw(path, self._open_flags(oflags), oflags)
+            fd = _open_rw(self.stack.fs, path, self._open_flags(oflags), oflags)
         else:
-            fd = _open_noatime(path, oflags)
+            fd = _open_noatime(self.stack.fs, path, oflags)
         if flags & os.O_TRUNC:
             node.st = node.attrs = None
         return pyfuse3.FileInfo(fh=self._add_handle(node, fd, writable), keep_cache=True)
@@ -386,7 +396,7 @@ class UnionOperations(pyfuse3.Operations):
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         node = self._dirs[fh].node
         if self.stack.in_upper(node):
-            fd = os.open(self.stack.real_path(node), os.O_RDONLY | os.O_DIRECTORY)
+            fd = self.stack.fs.open(self.stack.real_path(node), os.O_RDONLY | os.O_DIRECTORY)
             try:
                 await trio.to_thread.run_sync(os.fsync, fd)
             finally:
@@ -433,9 +443,11 @@ class UnionOperations(pyfuse3.Operations):
             self._reopen(node)
 
     async def _copy_up_linked(self, node: Node) -> None:
-        """Before a name of a hard-linked lower file goes away, copy the file up (which links
-        its other names in the upper), so the names left show the right link count."""
-        if not node.is_dir and not self.stack.in_upper(node) and self.stack.stat(node).st_nlink > 1:
+        """index=on: before a name of a hard-linked lower file goes away, copy the file up
+        (which links its other names in the upper), so the names left show the kernel's count."""
+        if not self.stack.index or node.is_dir or self.stack.in_upper(node):
+            return  # with index=off the other names simply keep the lower file
+        if self.stack.stat(node).st_nlink > 1:
             await self._copy_up(node)
 
     def _reopen(self, node: Node) -> None:
@@ -444,7 +456,7 @@ class UnionOperations(pyfuse3.Operations):
         path = self.stack.real_path(node)
         for handle in self._handle_fds(node):
             if not handle.writable:
-                new = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                new = self.stack.fs.open(path, os.O_RDONLY)
                 os.dup2(new, handle.fd)
                 os.close(new)
 
@@ -479,11 +491,20 @@ class UnionOperations(pyfuse3.Operations):
             if isinstance(target, int):
                 os.fchown(target, uid, gid)
             else:
-                os.chown(target, uid, gid, follow_symlinks=False)
+                self.stack.fs.chown(target, uid, gid)
         if fields.update_mode and not is_link:
-            os.chmod(target, stat.S_IMODE(attr.st_mode))
-        if fields.update_size:
-            os.truncate(target, attr.st_size)
+            self.stack.fs.chmod(target, stat.S_IMODE(attr.st_mode))
+        if fields.update_size and not self._keeps_times(node, target, attr.st_size):
+            self.stack.fs.truncate(target, attr.st_size)
+        if not _changes_ctime(fields):
+            # chown(path, -1, -1) changes nothing but the ctime, of every file type, as on
+            # the kernel.  FUSE sends it as a SETATTR with no field (FATTR_CTIME only for
+            # regular files under the writeback cache); a no-op chown of the real object
+            # marks exactly the ctime.
+            if isinstance(target, int):
+                os.fchown(target, -1, -1)
+            else:
+                self.stack.fs.chown(target, -1, -1)
         if fields.update_atime or fields.update_mtime:
             cur = self._stat_for(node)
             times = (
@@ -493,9 +514,18 @@ class UnionOperations(pyfuse3.Operations):
             if isinstance(target, int):
                 os.utime(target, ns=times)
             else:
-                os.utime(target, ns=times, follow_symlinks=False)
+                self.stack.fs.utime(target, ns=times)
         node.st = node.attrs = None
         return self._entry(node)
+
+    def _keeps_times(self, node: Node, target: int | bytes, size: int) -> bool:
+        """A truncate to the size a regular file already has, under the writeback cache: the
+        kernel then keeps the file's times (POSIX: only a changed size marks them) and never
+        takes ours, so the upper is left alone too, or a remount would show other times."""
+        if not self.enable_writeback_cache or node.kind != stat.S_IFREG:
+            return False
+        st = os.fstat(target) if isinstance(target, int) else self.stack.fs.lstat(target)
+        return st.st_size == size
 
     def _upper_handles(self, node: Node) -> list[FileHandle]:
         return self._handle_fds(node) if self.stack.in_upper(node) else []
@@ -551,6 +581,10 @@ class UnionOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
         writer = self._need_upper()
+        if stat.S_ISCHR(mode) and rdev == 0:
+            # a 0/0 device is a whiteout on disk: it would vanish at the next mount, so the
+            # kernel refuses to create one through an overlay (ovl_mknod), and so do we
+            raise pyfuse3.FUSEError(errno.EPERM)
         parent = self.stack.node(parent_inode)
         node = writer.make(
             parent, name, stat.S_IFMT(mode), mode & ~ctx.umask, ctx.uid, ctx.gid, rdev=rdev
@@ -645,7 +679,7 @@ class UnionOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         node = self.stack.node(inode)
         await self._copy_up(node)
-        os.setxattr(self.stack.real_path(node), name, value, follow_symlinks=False)
+        self.stack.fs.setxattr(self.stack.real_path(node), name, value)
         node.st = node.attrs = None
 
     @_handler
@@ -655,9 +689,13 @@ class UnionOperations(pyfuse3.Operations):
         if markers.is_internal_xattr(name):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         node = self.stack.node(inode)
+        if not self.stack.in_upper(node):
+            # as the kernel (ovl_xattr_set): removing an attribute the lower object does not
+            # have fails before any copy-up, so it neither copies nor breaks a hard link
+            self.stack.getxattr(node, name)
         await self._copy_up(node)
         try:
-            os.removexattr(self.stack.real_path(node), name, follow_symlinks=False)
+            self.stack.fs.removexattr(self.stack.real_path(node), name)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
@@ -665,31 +703,70 @@ class UnionOperations(pyfuse3.Operations):
         node.st = node.attrs = None
 
 
-def _open_noatime(path: bytes, flags: int) -> int:
+def _shown_ino_offset() -> int | None:
+    """Where pyfuse3's EntryAttributes keeps the reply's attr.st_ino.  pyfuse3 sets the node id
+    and attr.st_ino to one value; FUSE keeps them apart (the node id names the kernel's inode,
+    attr.ino is what stat and readdir show), and index=off needs them apart (stack.py).  Found
+    by probing a fuse_entry_param {ino, generation, struct stat attr} with marker values; None
+    when the layout is not that one (then stat shows node numbers)."""
+    probe = pyfuse3.EntryAttributes()
+    ino, gen = 0x5A171E550B5E55ED, 0x1234567887654321
+    probe.st_ino, probe.generation = ino, gen
+    raw = ctypes.string_at(id(probe), type(probe).__basicsize__)
+    marks = [i for i in range(len(raw) - 7) if raw[i : i + 8] == ino.to_bytes(8, "little")]
+    if len(marks) != 2 or raw[marks[0] + 8 : marks[0] + 16] != gen.to_bytes(8, "little"):
+        return None
+    if marks[1] != marks[0] + 24:  # ino, generation, attr.st_dev, attr.st_ino
+        return None
+    return marks[1]
+
+
+_SHOWN_INO_OFFSET = _shown_ino_offset()
+
+
+def _set_shown_ino(attrs: pyfuse3.EntryAttributes, ino: int) -> None:
+    """Make the reply show `ino` as st_ino while it keeps its node id (set st_ino first)."""
+    if ino != attrs.st_ino and _SHOWN_INO_OFFSET is not None:
+        ctypes.c_uint64.from_address(id(attrs) + _SHOWN_INO_OFFSET).value = ino
+
+
+def _open_noatime(fs: Roots, path: bytes, flags: int) -> int:
     """Open a real file without touching its atime where we may (reading must not write)."""
     if _O_NOATIME:
         try:
-            return os.open(path, flags | _O_NOATIME | os.O_CLOEXEC)
+            return fs.open(path, flags | _O_NOATIME)
         except PermissionError:
             pass
-    return os.open(path, flags | os.O_CLOEXEC)
+    return fs.open(path, flags)
+
+
+def _changes_ctime(fields: pyfuse3.SetattrFields) -> bool:
+    """Does another field of this SETATTR already change the ctime of the real object?"""
+    return bool(
+        fields.update_uid
+        or fields.update_gid
+        or fields.update_mode
+        or fields.update_size
+        or fields.update_atime
+        or fields.update_mtime
+    )
 
 
 def _times_only(fields: pyfuse3.SetattrFields) -> bool:
     return not (fields.update_mode or fields.update_uid or fields.update_gid or fields.update_size)
 
 
-def _open_rw(path: bytes, flags: int, asked: int) -> int:
+def _open_rw(fs: Roots, path: bytes, flags: int, asked: int) -> int:
     """Open the real file with `flags` (O_RDWR for the writeback cache); when only the access
     the caller asked for is permitted (a daemon that is not root, a file it may not read),
     fall back to that: the kernel then cannot fill partly written pages, as in libfuse's
     passthrough_ll with writeback."""
     try:
-        return os.open(path, flags | os.O_CLOEXEC)
+        return fs.open(path, flags)
     except PermissionError:
         if flags == asked & ~os.O_APPEND:
             raise
-        return os.open(path, (asked & ~os.O_APPEND) | os.O_CLOEXEC)
+        return fs.open(path, asked & ~os.O_APPEND)
 
 
 def _may_access(st: os.stat_result, mode: int, ctx: Any) -> bool:

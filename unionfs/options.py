@@ -14,6 +14,18 @@ Options of layerfs itself (besides lowerdir/upperdir/workdir):
   fuse=native|pyfuse3
                   the FUSE transport: our own session over /dev/fuse (unionfs/fuse/) or
                   pyfuse3 (libfuse).  Default: $LAYERFS_FUSE, else TRANSPORT_DEFAULT.
+Options of kernel overlayfs, with the kernel's meaning:
+  index=off|on    kernel overlayfs's inode index, as far as hard links go.  off (the kernel's
+                  default, and what podman and Docker get): copying up one name of a hard-linked
+                  lower file breaks the link, that name becomes a file of its own.  on: the names
+                  stay one inode, with the kernel's link count.  Default: off.
+  redirect_dir=on|follow|off|nofollow   on (default): a directory with lower parts can be
+                  renamed (it gets `overlay.redirect`); follow and off: existing redirects are
+                  followed, renaming such a directory gives EXDEV; nofollow: neither, and a
+                  redirected directory cannot be looked up (EPERM).
+Every other option is either understood, harmless here (listed below, logged under -d), or
+refused with a message: a mount that silently ignores what it was asked would look right and
+behave wrongly.
 """
 
 from __future__ import annotations
@@ -38,6 +50,40 @@ UNSUPPORTED = frozenset(
     "uidmapping gidmapping squash_to_root squash_to_uid squash_to_gid static_nlink".split()
 )
 
+# Flags that change nothing for a FUSE daemon: mount(8)'s own (fstab, atime policy, which
+# the kernel applies) and fuse-overlayfs's tuning switches (threading, ACL caching).
+HARMLESS_FLAGS = frozenset(
+    "defaults auto noauto nofail user nouser users _netdev relatime norelatime strictatime "
+    "nostrictatime lazytime nolazytime silent loud threaded noacl".split()
+) | ({"userxattr"} if os.geteuid() != 0 else set())  # markers are user.overlay.* then anyway
+# `volatile` (podman's --rm containers): the kernel then skips syncs; layerfs syncs anyway,
+# which keeps every promise volatile makes.  (Its crash marker is not written yet.)
+HARMLESS_FLAGS |= {"volatile"}
+# Valued options that are harmless with the values listed (None: with any value): the ones
+# that name what layerfs does anyway (xino: inode numbers always carry the layer, as
+# xino=on; no metacopy or NFS export), and fuse-overlayfs's cache timeout.
+HARMLESS_VALUES: dict[str, frozenset[str] | None] = {
+    "xino": frozenset({"auto", "on"}),
+    "metacopy": frozenset({"off"}),
+    "nfs_export": frozenset({"off"}),
+    "uuid": None,
+    "timeout": None,
+    "fast_ino": frozenset({"0", "1"}),
+    "threaded": frozenset({"0", "1"}),
+    "fsync": frozenset({"1"}),
+}
+# SELinux labels (podman passes context=): meaningless where the host has no SELinux.
+if not os.path.exists("/sys/fs/selinux"):
+    HARMLESS_VALUES.update(dict.fromkeys(["context", "fscontext", "defcontext", "rootcontext"]))
+# redirect_dir values: (follow existing redirects, create new ones).  The kernel's `off`
+# follows them too (its redirect_always_follow parameter is on by default).
+REDIRECT_DIR = {
+    "on": (True, True),
+    "follow": (True, False),
+    "off": (True, False),
+    "nofollow": (False, False),
+}
+
 # The kernel's writeback cache is on unless `writeback=0` is given (as in fuse-overlayfs).
 # Why: large WRITE requests instead of one per write(2): untar of 256 KiB files and a 1 GiB dd
 # ran 1.5-2.1x faster (upper on ext4 or tmpfs); 10,000 small files about even; 1-byte appends
@@ -52,6 +98,9 @@ UNSUPPORTED = frozenset(
 # were neither fsynced nor closed, as a crash can on any filesystem; fsync keeps its meaning.
 WRITEBACK_DEFAULT = True
 
+# Hard links on copy-up, as kernel overlayfs's `index=` (its default is off).
+INDEX_DEFAULT = False
+
 TRANSPORTS = ("native", "pyfuse3")
 TRANSPORT_DEFAULT = "native"
 TRANSPORT_ENV = "LAYERFS_FUSE"
@@ -64,6 +113,8 @@ USAGE = (
     f"write(2) (default {int(WRITEBACK_DEFAULT)})\n"
     "         fuse=native|pyfuse3  the FUSE transport (default $LAYERFS_FUSE, else "
     f"{TRANSPORT_DEFAULT})\n"
+    "         index=off|on  on: hard-linked lower files stay one inode after copy-up "
+    f"(default {'on' if INDEX_DEFAULT else 'off'})\n"
     "         generic mount options (ro, noatime, ...) and FUSE options (allow_other, ...)"
 )
 
@@ -83,6 +134,9 @@ class MountConfig:
     ignored: list[str] = field(default_factory=list)
     writeback: bool = WRITEBACK_DEFAULT
     transport: str = TRANSPORT_DEFAULT
+    index: bool = INDEX_DEFAULT
+    follow_redirects: bool = True
+    create_redirects: bool = True
 
     @property
     def readonly(self) -> bool:
@@ -206,8 +260,13 @@ def _validate(
         for low in lowers:
             if _inside(upper, low) or _inside(low, upper):
                 raise OptionError(f"upperdir {upper} overlaps lowerdir {low}")
-    writeback = _flag01(values.pop("writeback", None), "writeback", WRITEBACK_DEFAULT)
+    writeback = _switch(values.pop("writeback", None), "writeback", WRITEBACK_DEFAULT, ("0", "1"))
+    index = _switch(values.pop("index", None), "index", INDEX_DEFAULT, ("off", "on"))
     transport = _transport(values.pop("fuse", None))
+    redirect_dir = values.pop("redirect_dir", "on")
+    if redirect_dir not in REDIRECT_DIR:
+        raise OptionError(f"redirect_dir={redirect_dir}: expected one of {', '.join(REDIRECT_DIR)}")
+    follow_redirects, create_redirects = REDIRECT_DIR[redirect_dir]
     mnt = _existing_dir(mountpoint, "mountpoint")
     fuse_options: set[str] = set()
     ignored: list[str] = []
@@ -215,13 +274,15 @@ def _validate(
         if flag in FUSE_MOUNT_FLAGS or flag in FUSE_PASSTHROUGH or flag == "debug":
             fuse_options.add(flag)
             debug = debug or flag == "debug"
-        else:
+        elif flag in HARMLESS_FLAGS or flag.startswith("x-"):
             ignored.append(flag)
+        else:
+            raise OptionError(f"unknown option {flag!r}")
     for key, val in sorted(values.items()):
         if key in FUSE_PASSTHROUGH:
             fuse_options.add(f"{key}={unescape(val)}")
         else:
-            ignored.append(f"{key}={val}")
+            ignored.append(_harmless(key, val))
     fuse_options.discard("debug")
     return MountConfig(
         lowers=lowers,
@@ -234,6 +295,9 @@ def _validate(
         fuse_options=fuse_options,
         ignored=ignored,
         writeback=writeback,
+        index=index,
+        follow_redirects=follow_redirects,
+        create_redirects=create_redirects,
         transport=transport,
     )
 
@@ -250,13 +314,28 @@ def _transport(value: str | None) -> str:
     return value
 
 
-def _flag01(value: str | None, name: str, default: bool) -> bool:
-    """A `name=0|1` option (fuse-overlayfs spells its switches this way)."""
+def _harmless(key: str, val: str) -> str:
+    """`key=val` when it changes nothing here; else the OptionError that says why."""
+    if key.startswith("x-"):
+        return f"{key}={val}"
+    if key not in HARMLESS_VALUES:
+        raise OptionError(f"unknown option {key}={val}")
+    allowed = HARMLESS_VALUES[key]
+    if allowed is not None and val not in allowed:
+        raise OptionError(
+            f"option {key}={val} is not supported by layerfs (only {', '.join(sorted(allowed))})"
+        )
+    return f"{key}={val}"
+
+
+def _switch(value: str | None, name: str, default: bool, words: tuple[str, str]) -> bool:
+    """A two-valued option spelt `words` = (off, on): fuse-overlayfs says 0|1, the kernel
+    off|on."""
     if value is None:
         return default
-    if value not in ("0", "1"):
-        raise OptionError(f"{name}={value}: expected {name}=0 or {name}=1")
-    return value == "1"
+    if value not in words:
+        raise OptionError(f"{name}={value}: expected {name}={words[0]} or {name}={words[1]}")
+    return value == words[1]
 
 
 def _existing_dir(path: str, what: str) -> str:

@@ -21,6 +21,20 @@ are composed like overlayfs's xino: the high bits carry an index of the underlyi
 Each Node counts kernel lookups; `forget` drops it at zero (pyfuse3's contract), so memory
 follows what the kernel caches, not what was ever seen.
 
+Real objects are reached through `fs` (a `fsat.Roots`): every call is relative to the fd of
+its layer root, opened in the constructor — before the daemon mounts, so a mount over one of
+its own layers works — and paths have no length limit.  Names longer than the layers allow
+(`namemax`, the largest f_namemax of them, as overlayfs computes it) fail with ENAMETOOLONG.
+
+Hard links (overlayfs's `index=`).  With `index=off` (the kernel's default) on a writable
+stack, each name of a multiply-linked lower non-directory is a node of its own (the kernel
+does not hash such inodes by their lower inode, because copy-up will break the link): its
+number is fresh per (layer, real path), while stat reports the lower object's number, so the
+names still show one st_ino and the lower link count until one of them is copied up; from
+then on that name reports its upper file's number and link count.  `shown` holds the st_ino
+of every node whose reported number differs from its node number.  With `index=on` (and on
+read-only stacks) the names share one node, and copy-up links them in the upper (writer.py).
+
 Caching: lower layers are read-only by contract (overlayfs: changing them under a mount is
 undefined), so listings and stat results of lower objects are cached for the node's life.
 Concurrency: called from the single trio thread only; no method awaits, so each call is atomic.
@@ -35,7 +49,8 @@ from dataclasses import dataclass
 from typing import NewType
 
 from . import markers
-from .errors import NotADirectory, NotFound, StaleHandle
+from .errors import NameTooLong, NotADirectory, NotFound, StaleHandle, UnionError
+from .fsat import Roots
 
 Inode = NewType("Inode", int)
 ROOT_INODE = Inode(1)
@@ -43,6 +58,7 @@ ROOT_INODE = Inode(1)
 _XINO_SHIFT = 48
 _XINO_MAX_DEV = (1 << 15) - 1
 _FALLBACK_BASE = 1 << 63
+_PER_NAME_BASE = _FALLBACK_BASE + (1 << 41)  # index=off: one node per name of a lower link
 
 _DTYPE_KIND = {
     "dir": stat.S_IFDIR,
@@ -135,33 +151,43 @@ class Node:
         """A directory with parts in lower layers (renaming it needs a redirect)."""
         return self.dirs is not None and any(d.layer > 0 for d in self.dirs)
 
-    def merged_path(self) -> bytes:
-        parts: list[bytes] = []
-        node: Node | None = self
-        while node is not None and node.parent is not None:
-            parts.append(node.name)
-            node = node.parent
-        return b"/" + b"/".join(reversed(parts))
-
 
 class LayerStack:
     """The union of `layers` (top-first).  `has_upper` is True when layers[0] is writable."""
 
-    def __init__(self, lowers: list[str], upper: str | None = None) -> None:
+    def __init__(
+        self,
+        lowers: list[str],
+        upper: str | None = None,
+        index: bool = False,
+        follow_redirects: bool = True,
+        fs: Roots | None = None,
+    ) -> None:
         paths = ([upper] if upper is not None else []) + list(lowers)
         self.layers: list[bytes] = [os.fsencode(os.path.abspath(p)) for p in paths]
         self.has_upper = upper is not None
-        self.devs = [os.stat(p).st_dev for p in self.layers]
+        self.index = index
+        # redirect_dir=nofollow: a moved directory found in the upper is refused (EPERM), as
+        # the kernel refuses it, rather than shown without the lower part it was moved with
+        self.follow_redirects = follow_redirects
+        self.fs = fs if fs is not None else Roots()
+        root_st = [self.fs.add(p) for p in self.layers]
+        self.namemax = max(self.fs.statvfs(p).f_namemax for p in self.layers)
+        self.devs = [st.st_dev for st in root_st]
         self._dev_index: dict[int, int] = {}
         self._fallback: dict[tuple[int, int], Inode] = {}
         # upper real inode -> merged inode, for objects copied up during this mount, so a
         # file keeps its st_ino across copy-up even after the kernel forgets it.
         self.origins: dict[int, Inode] = {}
         self._fresh = 0  # count of fresh numbers, kept apart from the fallback ones
+        # index=off: node number of each name of a multiply-linked lower file, by real path,
+        # and the st_ino to report for nodes whose number is not what stat shows.
+        self._per_name: dict[tuple[int, bytes], Inode] = {}
+        self.shown: dict[Inode, int] = {}
         self.nodes: dict[Inode, Node] = {}
         # Other known names of hard-linked files (only for nodes reached by two names).
         self.aliases: dict[Inode, list[tuple[Node, bytes]]] = {}
-        root_dirs = [DirLayer(i, p, os.stat(p).st_ino) for i, p in enumerate(self.layers)]
+        root_dirs = [DirLayer(i, p, root_st[i].st_ino) for i, p in enumerate(self.layers)]
         self.root = Node(ROOT_INODE, None, b"", stat.S_IFDIR, 0, self.layers[0], root_dirs)
         self.root.lookups = 1  # the kernel never forgets the root
         self.nodes[ROOT_INODE] = self.root
@@ -169,7 +195,7 @@ class LayerStack:
         # Directories that may hold xattr whiteouts (overlay.opaque=x), by real path.
         self._xwh: set[bytes] = set()
         for d in root_dirs:
-            if markers.dir_marks(d.path).xwhiteouts:
+            if markers.dir_marks(d.path, self.fs).xwhiteouts:
                 self._xwh.add(d.path)
 
     # ----- inode numbers -------------------------------------------------------------
@@ -177,6 +203,33 @@ class LayerStack:
         if self.has_upper and layer == 0:
             return self._upper_ino(real_ino)
         return self._xino(layer, real_ino)
+
+    def st_ino(self, node: Node) -> int:
+        """The number stat(2) and readdir report for `node` (not always its node number)."""
+        return self.shown.get(node.ino, node.ino)
+
+    def _name_ino(self, child: Child, shared: Inode) -> tuple[Inode, os.stat_result | None]:
+        """The node number of a lower non-directory's name: with index=off on a writable stack
+        a multiply-linked one gets a number of its own (see the module docstring).  Also the
+        lstat made to decide, if one was made (the new node keeps it: lower stats are cached)."""
+        if self.index or not self.has_upper or child.layer == 0 or child.dirs is not None:
+            return shared, None
+        key = (child.layer, child.path)
+        found = self._per_name.get(key)
+        if found is not None:
+            return found, None
+        st = self.fs.lstat(child.path)
+        if st.st_nlink <= 1:
+            return shared, st
+        found = Inode(_PER_NAME_BASE + len(self._per_name))
+        self._per_name[key] = found
+        self.shown[found] = shared
+        return found, st
+
+    def break_link(self, node: Node, upper_ino: int) -> None:
+        """index=off: `node`'s name of a hard-linked lower file was copied up alone, so from
+        now on it reports its own upper file's number, as the kernel does."""
+        self.shown[node.ino] = self._xino(0, upper_ino)
 
     def _upper_ino(self, real_ino: int) -> Inode:
         """Upper inode numbers are reused by the filesystem once a file is deleted, while
@@ -298,9 +351,10 @@ class LayerStack:
             # OCI markers are read in lower layers only: the upper is written in the kernel's
             # format, and a user's own file named `.wh.x` there is just a file.
             oci = not (self.has_upper and d.layer == 0)
-            with os.scandir(d.path) as it:
+            with self.fs.scandir(d.path) as it:
                 for de in it:
-                    name: bytes = de.name  # type: ignore[assignment]
+                    name: bytes = de.name
+                    path = d.path + b"/" + name
                     if oci and name == markers.WH_OPAQUE:
                         continue
                     target = markers.oci_whiteout_target(name) if oci else None
@@ -311,7 +365,7 @@ class LayerStack:
                     if kind == stat.S_IFCHR or (xwh and kind == stat.S_IFREG):
                         st = de.stat(follow_symlinks=False)
                         if markers.is_chardev_whiteout(st) or (
-                            xwh and markers.is_xattr_whiteout(de.path, st)  # type: ignore[arg-type]
+                            xwh and markers.is_xattr_whiteout(path, st, self.fs)
                         ):
                             whiteouts.append(name)
                             continue
@@ -320,7 +374,6 @@ class LayerStack:
                         if existing is not None:
                             existing.covers = True
                         continue
-                    path: bytes = de.path  # type: ignore[assignment]
                     if existing is None:
                         isdir = kind == stat.S_IFDIR
                         dl = [DirLayer(d.layer, path, de.inode())] if isdir else None
@@ -342,6 +395,8 @@ class LayerStack:
             return parent
         if name == b"..":
             return parent.parent or self.root
+        if len(name) > self.namemax:
+            raise NameTooLong()
         child = self.listing(parent).get(name)
         if child is None:
             raise NotFound()
@@ -359,7 +414,7 @@ class LayerStack:
         origin_layer, origin_ino = (
             (dirs[-1].layer, dirs[-1].ino) if dirs else (child.layer, child.ino)
         )
-        ino = self.ino_for(origin_layer, origin_ino)
+        ino, st = self._name_ino(child, self.ino_for(origin_layer, origin_ino))
         child.node_ino = ino
         node = self.nodes.get(ino)
         if node is not None:
@@ -370,7 +425,7 @@ class LayerStack:
                 self.add_alias(node, parent, name)
             node.parent, node.name = parent, name
             return node
-        return Node(
+        node = Node(
             ino,
             parent,
             name,
@@ -379,6 +434,8 @@ class LayerStack:
             child.path,
             list(dirs) if dirs is not None else None,
         )
+        node.st = st
+        return node
 
     def _trim(self, parent: Node, name: bytes, chain: list[DirLayer]) -> list[DirLayer]:
         """Cut a directory chain after its first opaque member; follow an upper redirect;
@@ -390,17 +447,21 @@ class LayerStack:
         for pos, d in enumerate(chain):
             path = self.upper_path(parent) + b"/" + name if d.layer == 0 and upper_first else d.path
             out.append(d)
-            marks = markers.dir_marks(path)
+            marks = markers.dir_marks(path, self.fs)
             if marks.xwhiteouts:
                 self._xwh.add(path)
             if d.layer == 0 and upper_first and marks.redirect is not None:
                 if marks.opaque:
                     return out
+                if not self.follow_redirects:
+                    raise UnionError(
+                        "refusing to follow a redirect (redirect_dir=nofollow)", errno.EPERM
+                    )
                 return out + self._redirected(parent, marks.redirect)
             if pos == len(chain) - 1:
                 break
             oci = not (upper_first and d.layer == 0)
-            if marks.opaque or (oci and _exists(path + b"/" + markers.WH_OPAQUE)):
+            if marks.opaque or (oci and self.fs.exists(path + b"/" + markers.WH_OPAQUE)):
                 break
         return out
 
@@ -410,8 +471,9 @@ class LayerStack:
         parent)."""
         if self._lower_view is None:
             lowers = [os.fsdecode(p) for p in self.layers[1:]]
-            self._lower_view = LayerStack(lowers)
-        path = redirect if redirect.startswith(b"/") else parent.merged_path() + b"/" + redirect
+            self._lower_view = LayerStack(lowers, fs=self.fs)
+        redirect = redirect.rstrip(b"\0")
+        path = redirect if redirect.startswith(b"/") else self.origin_path(parent) + b"/" + redirect
         view = self._lower_view
         node = view.root
         try:
@@ -423,6 +485,31 @@ class LayerStack:
         if node.dirs is None:
             return []
         return [DirLayer(d.layer + 1, d.path, d.ino) for d in node.dirs]
+
+    def origin_path(self, node: Node) -> bytes:
+        """Where `node`'s lower part lives, as a path from the root of the lower stack: the
+        kernel's walk (overlayfs `ovl_get_redirect`).  From `node` up, each directory gives
+        its own redirect if it carries one (an absolute one ends the walk; a relative one is
+        the name it had in its parent's lower part), else its name.  So a path under moved
+        directories is the path where their lower parts are, never the merged one (which
+        means nothing to the lower layers once the upper is mounted again)."""
+        parts: list[bytes] = []
+        cur = node
+        while cur.parent is not None:
+            redirect = self.redirect_of(cur)
+            if redirect is not None and redirect.startswith(b"/"):
+                parts.append(redirect.strip(b"/"))
+                break
+            parts.append(redirect if redirect is not None else cur.name)
+            cur = cur.parent
+        return b"/" + b"/".join(p for p in reversed(parts) if p)
+
+    def redirect_of(self, node: Node) -> bytes | None:
+        """The `overlay.redirect` of a directory in the upper (None when it has none)."""
+        if not (node.is_dir and self.in_upper(node)):
+            return None
+        redirect = markers.dir_marks(self.upper_path(node), self.fs).redirect
+        return redirect.rstrip(b"\0") if redirect is not None else None
 
     def lower_has(self, parent: Node, name: bytes) -> bool:
         """Would removing the upper object named `name` reveal something below?  Then a
@@ -444,7 +531,7 @@ class LayerStack:
         """lstat of the node's topmost real object; cached for objects in lower layers."""
         if node.st is not None:
             return node.st
-        st = os.lstat(self.real_path(node))
+        st = self.fs.lstat(self.real_path(node))
         if self.immutable(node):
             node.st = st
         return st
@@ -460,19 +547,19 @@ class LayerStack:
     def readlink(self, node: Node) -> bytes:
         if node.kind != stat.S_IFLNK:
             raise OSError(errno.EINVAL, "not a symlink")
-        return os.readlink(self.real_path(node))
+        return self.fs.readlink(self.real_path(node))
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
         if markers.is_internal_xattr(name):
             raise OSError(errno.ENODATA, "no such attribute")
-        return os.getxattr(self.real_path(node), name, follow_symlinks=False)
+        return self.fs.getxattr(self.real_path(node), name)
 
     def listxattr(self, node: Node) -> list[bytes]:
-        names = os.listxattr(self.real_path(node), follow_symlinks=False)
+        names = self.fs.listxattr(self.real_path(node))
         return [n for n in map(os.fsencode, names) if not markers.is_internal_xattr(n)]
 
     def statvfs(self) -> os.statvfs_result:
-        return os.statvfs(self.layers[0])
+        return self.fs.statvfs(self.layers[0])
 
 
 def _kind(de: os.DirEntry) -> int:  # type: ignore[type-arg]
@@ -484,11 +571,3 @@ def _kind(de: os.DirEntry) -> int:  # type: ignore[type-arg]
     if de.is_file(follow_symlinks=False):
         return stat.S_IFREG
     return stat.S_IFMT(de.stat(follow_symlinks=False).st_mode)
-
-
-def _exists(path: bytes) -> bool:
-    try:
-        os.lstat(path)
-    except FileNotFoundError:
-        return False
-    return True

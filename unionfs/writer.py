@@ -13,24 +13,39 @@ layers also have is replaced with renameat2(RENAME_WHITEOUT) or RENAME_EXCHANGE,
 no moment where the lower object shows through.  Leftovers in the work directory are debris,
 removed at the next mount.
 
+Hard-linked lower files (overlayfs's `index=`): with index=off, copy-up of one name breaks
+the link (the stack then reports that name's own upper file).  With index=on the names stay
+one inode, and the upper says so by itself: copy-up links the upper copy at every other name
+that shows the lower file, and keeps one more link in `INDEX_SUBDIR` of the work dir for each
+name of the lower file the merged view does not show (whited out, hidden), so the upper file's
+link count is the kernel's (the lower count, then changed by link and unlink) for this mount,
+after a remount, for the kernel mounting this upper, and for a commit (which sees the names
+as one file).
+
 Directory renames never fail with EXDEV: a directory with lower parts is copied up (without
 its contents) and gets `overlay.redirect` = its original path, as kernel overlayfs does with
 redirect_dir=on; a pure-upper directory moved over a lower name becomes opaque.
+
+Every call on the upper, the lowers and the work dir goes through the stack's `fs` (a
+`fsat.Roots`: relative to root fds opened before the mount, no path-length limit); the work
+dir's fds are added to it here, before the mount too.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
-import shutil
 import stat
 from dataclasses import dataclass
 
 from . import fsutil, markers
-from .errors import Exists, NotEmpty, NotFound, UnionError
+from .errors import Exists, NameTooLong, NotEmpty, NotFound, UnionError
+from .fsat import Roots
 from .stack import Child, DirLayer, Inode, LayerStack, Node
 
 WORK_SUBDIR = "layerfs"
+INDEX_SUBDIR = "layerfs-index"  # index=on: links that stand for lower names not shown
 
 
 @dataclass
@@ -42,17 +57,29 @@ class CopyPlan:
     tmp: bytes
     st: os.stat_result
     with_data: bool
+    fs: Roots
 
 
 class Writer:
-    def __init__(self, stack: LayerStack, workdir: str) -> None:
+    def __init__(self, stack: LayerStack, workdir: str, create_redirects: bool = True) -> None:
         self.s = stack
+        # redirect_dir=on: a directory with lower parts can move (it gets a redirect); with
+        # follow/off/nofollow it cannot, and rename(2) says EXDEV, as on the kernel
+        self.create_redirects = create_redirects
+        self._locks = [
+            _lock_dir(workdir, "workdir"),
+            _lock_dir(os.fsdecode(stack.layers[0]), "upperdir"),
+        ]
         self.work = os.fsencode(os.path.join(os.path.abspath(workdir), WORK_SUBDIR))
-        if os.path.lexists(self.work):  # debris of an interrupted run; never referenced
-            shutil.rmtree(self.work)
-        os.mkdir(self.work, 0o700)
+        self.fs = fs = stack.fs
+        fs.add(os.path.dirname(self.work))
+        if fs.exists(self.work):  # debris of an interrupted run; never referenced
+            fs.rmtree(self.work)
+        fs.mkdir(self.work, 0o700)
+        fs.add(self.work)
+        self.index_dir = os.fsencode(os.path.join(os.path.abspath(workdir), INDEX_SUBDIR))
         self._seq = 0
-        self._linkmaps: dict[int, dict[int, list[bytes]]] = {}
+        self._linkmap_cache: dict[tuple[int, int], list[tuple[int, bytes]]] | None = None
 
     def tmpname(self) -> bytes:
         self._seq += 1
@@ -68,13 +95,13 @@ class Writer:
         assert node.parent is not None and node.dirs is not None
         self.copy_up_dir(node.parent)
         src = node.dirs[0].path
-        st = os.lstat(src)
+        st = self.fs.lstat(src)
         tmp = self.tmpname()
-        os.mkdir(tmp, 0o700)
-        fsutil.copy_xattrs(src, tmp, markers.is_internal_xattr)
-        fsutil.copy_meta(st, tmp)
+        self.fs.mkdir(tmp, 0o700)
+        fsutil.copy_xattrs(self.fs, src, tmp, markers.is_internal_xattr)
+        fsutil.copy_meta(self.fs, st, tmp)
         self._into_place(node.parent, tmp, node.name)
-        new = os.lstat(s.upper_path(node))
+        new = self.fs.lstat(s.upper_path(node))
         node.dirs.insert(0, DirLayer(0, s.upper_path(node), new.st_ino))
         node.layer, node.st, node.attrs = 0, None, None
         child = self._child(node)
@@ -94,26 +121,26 @@ class Writer:
         assert node.parent is not None
         self.copy_up_dir(node.parent)
         src = s.real_path(node)
-        st = os.lstat(src)
+        st = self.fs.lstat(src)
         tmp = self.tmpname()
         if not stat.S_ISREG(st.st_mode):
-            fsutil.make_like(st, src, tmp)
-            plan = CopyPlan(node, src, tmp, st, False)
+            fsutil.make_like(self.fs, st, src, tmp)
+            plan = CopyPlan(node, src, tmp, st, False, self.fs)
             self.finish_copy_up(plan)
             return None
         if not with_data:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        return CopyPlan(node, src, tmp, st, with_data)
+            os.close(self.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return CopyPlan(node, src, tmp, st, with_data, self.fs)
 
     @staticmethod
     def copy_data(plan: CopyPlan) -> None:
         """The slow part: runs in a worker thread, touching nothing but the two files."""
         if plan.with_data:
-            fsutil.copy_data(plan.src, plan.tmp)
+            fsutil.copy_data(plan.fs, plan.src, plan.tmp)
 
     def abort_copy_up(self, plan: CopyPlan) -> None:
         try:
-            os.unlink(plan.tmp)
+            self.fs.unlink(plan.tmp)
         except FileNotFoundError:
             pass
 
@@ -125,41 +152,51 @@ class Writer:
                 raise NotFound("the file was removed during copy-up")
             return
         assert node.parent is not None
-        fsutil.copy_xattrs(plan.src, plan.tmp, markers.is_internal_xattr)
-        fsutil.copy_meta(plan.st, plan.tmp)
+        fsutil.copy_xattrs(self.fs, plan.src, plan.tmp, markers.is_internal_xattr)
+        fsutil.copy_meta(self.fs, plan.st, plan.tmp)
         self._into_place(node.parent, plan.tmp, node.name)
-        self._now_in_upper(node, node.parent, node.name)
-        if stat.S_ISREG(plan.st.st_mode) and plan.st.st_nlink > 1:
+        upper_ino = self._now_in_upper(node, node.parent, node.name)
+        if plan.st.st_nlink > 1 and not s.index:
+            s.break_link(node, upper_ino)
+        elif stat.S_ISREG(plan.st.st_mode) and plan.st.st_nlink > 1:
             self._link_siblings(node, plan)
 
-    def _now_in_upper(self, node: Node, parent: Node, name: bytes) -> None:
+    def _now_in_upper(self, node: Node, parent: Node, name: bytes) -> int:
+        """Bookkeeping once `parent/name` is in the upper; returns its real inode number."""
         s = self.s
-        upper = os.lstat(s.upper_path(parent) + b"/" + name)
+        upper = self.fs.lstat(s.upper_path(parent) + b"/" + name)
         s.origins[upper.st_ino] = node.ino
         node.layer, node.st, node.attrs = 0, None, None
         child = (parent.listing or {}).get(name)
         if child is not None:
             child.layer, child.ino, child.covers = 0, upper.st_ino, True
             child.node_ino = node.ino
+        return upper.st_ino
 
     def _link_siblings(self, node: Node, plan: CopyPlan) -> None:
-        """Names that were hard links of the same lower file stay one inode: link the new
-        upper copy at every other name that still shows that lower file."""
-        layer = self._layer_of(plan.src)
-        if layer is None:
-            return
-        root = self.s.layers[layer]
-        for other in self._linkmap(layer).get(plan.st.st_ino, []):
-            found = self._visible_name(root, other)
+        """index=on: link the new upper copy at every other name (in any lower layer) that
+        still shows the same lower file, and once in the index for each name not shown."""
+        s = self.s
+        shown = 1
+        for layer, rel in self._linkmap().get((plan.st.st_dev, plan.st.st_ino), []):
+            root = s.layers[layer]
+            found = self._visible_name(root, rel)
             if found is None or found[2].layer != layer:
-                continue  # hidden or replaced in the merged view
+                continue  # hidden or replaced in the merged view, or the name just copied
             parent, name, child = found
             self.copy_up_dir(parent)
-            pdir = self.s.upper_path(parent)
-            pst = os.lstat(pdir)
-            os.link(self.s.upper_path(node), pdir + b"/" + name)
-            os.utime(pdir, ns=(pst.st_atime_ns, pst.st_mtime_ns))  # a copy-up, not a change
+            pdir = s.upper_path(parent)
+            pst = self.fs.lstat(pdir)
+            self.fs.link(s.upper_path(node), pdir + b"/" + name)
+            self.fs.utime(pdir, ns=(pst.st_atime_ns, pst.st_mtime_ns))  # a copy-up, not a change
             child.layer, child.covers, child.node_ino = 0, True, node.ino
+            shown += 1
+        if plan.st.st_nlink > shown:
+            if not self.fs.exists(self.index_dir):
+                self.fs.mkdir(self.index_dir, 0o700)
+            for _ in range(plan.st.st_nlink - shown):
+                name = b"%d-%s" % (plan.st.st_ino, os.urandom(8).hex().encode())
+                self.fs.link(s.upper_path(node), self.index_dir + b"/" + name)
 
     def _visible_name(self, root: bytes, rel: bytes) -> tuple[Node, bytes, Child] | None:
         """Where the merged view shows the lower object `root + rel`: at the same path, or —
@@ -179,26 +216,18 @@ class Writer:
                     return node, name, entry
         return None
 
-    def _layer_of(self, path: bytes) -> int | None:
-        for i, root in enumerate(self.s.layers):
-            if i > 0 and path.startswith(root + b"/"):
-                return i
-        return None
-
-    def _linkmap(self, layer: int) -> dict[int, list[bytes]]:
-        """inode -> paths of multiply-linked files of one lower layer (one walk, cached:
-        lower layers never change)."""
-        found = self._linkmaps.get(layer)
+    def _linkmap(self) -> dict[tuple[int, int], list[tuple[int, bytes]]]:
+        """(st_dev, st_ino) -> (layer, path in layer) of every multiply-linked regular file of
+        the lower layers (one walk, cached: lower layers never change)."""
+        found = self._linkmap_cache
         if found is None:
             found = {}
-            root = self.s.layers[layer]
-            for dirpath, _dirs, files in os.walk(root):
-                for f in files:
-                    p = os.path.join(dirpath, f)
-                    st = os.lstat(p)
+            for layer in range(1 if self.s.has_upper else 0, len(self.s.layers)):
+                root = self.s.layers[layer]
+                for p, st in self.fs.walk_stat(root):
                     if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                        found.setdefault(st.st_ino, []).append(p[len(root) :])
-            self._linkmaps[layer] = found
+                        found.setdefault((st.st_dev, st.st_ino), []).append((layer, p[len(root) :]))
+            self._linkmap_cache = found
         return found
 
     def _resolve_entry(self, rel: bytes) -> tuple[Node, bytes, Child]:
@@ -224,18 +253,20 @@ class Writer:
         """Rename a finished object from the work dir to parent/name, keeping the parent's
         times (overlayfs does: a copy-up is not a change of the directory)."""
         pdir = self.s.upper_path(parent)
-        pst = os.lstat(pdir)
-        os.rename(tmp, pdir + b"/" + name)
-        os.utime(pdir, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+        pst = self.fs.lstat(pdir)
+        self.fs.rename(tmp, pdir + b"/" + name)
+        self.fs.utime(pdir, ns=(pst.st_atime_ns, pst.st_mtime_ns))
 
     def _target(self, parent: Node, name: bytes) -> tuple[bytes, bool]:
         """Copy up `parent`, and say where `name` goes and whether a whiteout is there."""
+        if len(name) > self.s.namemax:
+            raise NameTooLong()
         if name in self.s.listing(parent):
             raise Exists()
         self.copy_up_dir(parent)
         path = self.s.upper_path(parent) + b"/" + name
         try:
-            st = os.lstat(path)
+            st = self.fs.lstat(path)
         except FileNotFoundError:
             return path, False
         if markers.is_chardev_whiteout(st):
@@ -244,7 +275,7 @@ class Writer:
 
     def _owner(self, parent: Node, uid: int, gid: int) -> tuple[int, int, bool]:
         """The new object's owner: the caller's, or the directory's group when setgid."""
-        pst = os.lstat(self.s.upper_path(parent))
+        pst = self.fs.lstat(self.s.upper_path(parent))
         if pst.st_mode & stat.S_ISGID:
             return uid, pst.st_gid, True
         return uid, gid, False
@@ -252,7 +283,7 @@ class Writer:
     def _register(self, parent: Node, name: bytes, covers: bool) -> Node:
         s = self.s
         path = s.upper_path(parent) + b"/" + name
-        st = os.lstat(path)
+        st = self.fs.lstat(path)
         kind = stat.S_IFMT(st.st_mode)
         dirs = [DirLayer(0, path, st.st_ino)] if kind == stat.S_IFDIR else None
         ino = s.ino_for(0, st.st_ino)
@@ -274,12 +305,12 @@ class Writer:
         uid, gid, _ = self._owner(parent, uid, gid)
         oflags = (flags & ~(os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_TRUNC)) | os.O_CLOEXEC
         dest = self.tmpname() if wh else path
-        fd = os.open(dest, oflags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode))
+        fd = self.fs.open(dest, oflags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode))
         try:
             os.fchown(fd, uid, gid)
             os.fchmod(fd, stat.S_IMODE(mode))
             if wh:
-                os.rename(dest, path)  # atomically replaces the whiteout
+                self.fs.rename(dest, path)  # atomically replaces the whiteout
         except BaseException:
             os.close(fd)
             raise
@@ -302,23 +333,23 @@ class Writer:
         tmp = self.tmpname()
         perm = stat.S_IMODE(mode)
         if kind == stat.S_IFDIR:
-            os.mkdir(tmp, 0o700)
+            self.fs.mkdir(tmp, 0o700)
             if sgid:
                 perm |= stat.S_ISGID
             if wh:
-                os.setxattr(tmp, markers.opaque_xattr(), b"y")
+                self.fs.setxattr(tmp, markers.opaque_xattr(), b"y")
         elif kind == stat.S_IFLNK:
-            os.symlink(target, tmp)
+            self.fs.symlink(target, tmp)
         else:
-            os.mknod(tmp, kind | 0o600, rdev)
-        os.chown(tmp, uid, gid, follow_symlinks=False)
+            self.fs.mknod(tmp, kind | 0o600, rdev)
+        self.fs.chown(tmp, uid, gid)
         if kind != stat.S_IFLNK:
-            os.chmod(tmp, perm)
+            self.fs.chmod(tmp, perm)
         if kind == stat.S_IFDIR and wh:
-            fsutil.renameat2(tmp, path, fsutil.RENAME_EXCHANGE)
-            os.unlink(tmp)  # the whiteout, now in the work dir
+            self.fs.renameat2(tmp, path, fsutil.RENAME_EXCHANGE)
+            self.fs.unlink(tmp)  # the whiteout, now in the work dir
         else:
-            os.rename(tmp, path)
+            self.fs.rename(tmp, path)
         return self._register(parent, name, wh)
 
     def link(self, node: Node, parent: Node, name: bytes) -> Node:
@@ -327,10 +358,10 @@ class Writer:
         src = self.s.upper_path(node)
         if wh:
             tmp = self.tmpname()
-            os.link(src, tmp)
-            os.rename(tmp, path)
+            self.fs.link(src, tmp)
+            self.fs.rename(tmp, path)
         else:
-            os.link(src, path)
+            self.fs.link(src, path)
         primary = (node.parent, node.name)
         self._register(parent, name, wh)
         self.s.add_alias(node, *primary)  # type: ignore[arg-type]
@@ -373,25 +404,25 @@ class Writer:
         if child.layer == 0:
             if whiteout:
                 tmp = self.tmpname()
-                fsutil.make_whiteout(tmp)
+                fsutil.make_whiteout(self.fs, tmp)
                 if is_dir:
-                    fsutil.renameat2(tmp, path, fsutil.RENAME_EXCHANGE)
+                    self.fs.renameat2(tmp, path, fsutil.RENAME_EXCHANGE)
                     self._purge(tmp)
                 else:
-                    os.rename(tmp, path)
+                    self.fs.rename(tmp, path)
             elif is_dir:
                 tmp = self.tmpname()
-                os.rename(path, tmp)
+                self.fs.rename(path, tmp)
                 self._purge(tmp)
             else:
-                os.unlink(path)
+                self.fs.unlink(path)
         else:
-            fsutil.make_whiteout(path)
+            fsutil.make_whiteout(self.fs, path)
         del s.listing(parent)[name]
 
     def _purge(self, path: bytes) -> None:
         """Remove a logically empty directory that may still hold whiteouts."""
-        shutil.rmtree(path)
+        self.fs.rmtree(path)
 
     def _drop_name(self, node: Node, parent: Node, name: bytes) -> None:
         """`parent/name` no longer names `node`; it lives on if another name is known."""
@@ -406,6 +437,8 @@ class Writer:
         """rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE.  The caller has copied up the
         non-directories involved.  Returns (moved node, replaced node or None)."""
         s = self.s
+        if len(newname) > s.namemax:
+            raise NameTooLong()
         src = s.listing(parent).get(name)
         if src is None:
             raise NotFound()
@@ -422,24 +455,25 @@ class Writer:
             return node, None
         if old is not None:
             self._check_replace(node, old)
+        self._check_movable(node)
         self._prepare_move(node, newparent, newname)
         whiteout = s.lower_has(parent, name)
         covers = s.lower_has(newparent, newname)
         self.copy_up_dir(newparent)
         spath = s.upper_path(parent) + b"/" + name
         dpath = s.upper_path(newparent) + b"/" + newname
-        old_links = _nlink(dpath) if old is not None and not old.is_dir else 0
+        old_links = _nlink(self.fs, dpath) if old is not None and not old.is_dir else 0
         self._clear_target(dst, dpath, node.is_dir)
         if whiteout:
             try:
-                fsutil.renameat2(spath, dpath, fsutil.RENAME_WHITEOUT)
+                self.fs.renameat2(spath, dpath, fsutil.RENAME_WHITEOUT)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                os.rename(spath, dpath)
-                fsutil.make_whiteout(spath)
+                self.fs.rename(spath, dpath)
+                fsutil.make_whiteout(self.fs, spath)
         else:
-            os.rename(spath, dpath)
+            self.fs.rename(spath, dpath)
         del s.listing(parent)[name]
         self._place(node, newparent, newname, covers)
         if old is not None:
@@ -456,6 +490,14 @@ class Writer:
         if old.is_dir and self.s.listing(old):
             raise NotEmpty()
 
+    def _check_movable(self, node: Node) -> None:
+        """Without redirects a directory with lower parts cannot move (overlayfs
+        `ovl_can_move`): EXDEV, so that mv(1) falls back to copying."""
+        if node.is_dir and node.has_lower and not self.create_redirects:
+            raise UnionError(
+                "a directory with lower parts cannot move without redirect_dir=on", errno.EXDEV
+            )
+
     def _prepare_move(self, node: Node, newparent: Node, newname: bytes) -> None:
         """Copy a moving directory up and mark it so its lower part follows it (redirect),
         or so a lower directory at the destination does not merge into it (opaque)."""
@@ -463,34 +505,40 @@ class Writer:
         if not node.is_dir:
             return
         had_lower = node.has_lower
-        origin = node.merged_path()
+        # As the kernel (ovl_set_redirect): within one directory the redirect is relative
+        # (the name the lower part has there), across directories absolute; a relative one
+        # already present becomes absolute when the directory leaves its parent.
+        samedir = newparent is node.parent
+        current = s.redirect_of(node)
+        keep = current is not None and (samedir or current.startswith(b"/"))
+        redirect = s.origin_path(node) if not samedir else current or node.name
         self.copy_up_dir(node)
         upath = s.upper_path(node)
         if had_lower:
-            if markers.dir_marks(upath).redirect is None:
-                os.setxattr(upath, markers.redirect_xattr(), origin)
+            if not keep:
+                self.fs.setxattr(upath, markers.redirect_xattr(), redirect)
         elif s.lower_has(newparent, newname):
-            os.setxattr(upath, markers.opaque_xattr(), b"y")
+            self.fs.setxattr(upath, markers.opaque_xattr(), b"y")
 
     def _clear_target(self, dst: Child | None, dpath: bytes, moving_dir: bool) -> None:
         """Make room at the destination for rename(2): an upper directory there (logically
         empty, maybe holding whiteouts) goes to the work dir; a whiteout under a directory
         that moves in is removed (rename cannot put a directory over a device)."""
         try:
-            st = os.lstat(dpath)
+            st = self.fs.lstat(dpath)
         except FileNotFoundError:
             return
         if stat.S_ISDIR(st.st_mode):
             tmp = self.tmpname()
-            os.rename(dpath, tmp)
+            self.fs.rename(dpath, tmp)
             self._purge(tmp)
         elif moving_dir:
-            os.unlink(dpath)
+            self.fs.unlink(dpath)
 
     def _place(self, node: Node, newparent: Node, newname: bytes, covers: bool) -> None:
         s = self.s
         dpath = s.upper_path(newparent) + b"/" + newname
-        st = os.lstat(dpath)
+        st = self.fs.lstat(dpath)
         dirs = node.dirs
         child = Child(
             node.kind,
@@ -511,13 +559,15 @@ class Writer:
         s = self.s
         a = s.node_for(parent, name, src)
         b = s.node_for(newparent, newname, dst)
+        self._check_movable(a)
+        self._check_movable(b)
         self._prepare_move(a, newparent, newname)
         self._prepare_move(b, parent, name)
         self.copy_up_dir(parent)
         self.copy_up_dir(newparent)
         apath = s.upper_path(parent) + b"/" + name
         bpath = s.upper_path(newparent) + b"/" + newname
-        fsutil.renameat2(apath, bpath, fsutil.RENAME_EXCHANGE)
+        self.fs.renameat2(apath, bpath, fsutil.RENAME_EXCHANGE)
         cov_a, cov_b = s.lower_has(parent, name), s.lower_has(newparent, newname)
         del s.listing(parent)[name]
         del s.listing(newparent)[newname]
@@ -526,8 +576,35 @@ class Writer:
         return a, b
 
 
-def _nlink(path: bytes) -> int:
+def _nlink(fs: Roots, path: bytes) -> int:
     try:
-        return os.lstat(path).st_nlink
+        return fs.lstat(path).st_nlink
     except FileNotFoundError:
         return 0
+
+
+def _lock_dir(path: str, what: str) -> int:
+    """Hold an exclusive lock on a directory for the life of the mount: a second mount of the
+    same upper or work dir is refused, as the kernel refuses it, instead of two daemons
+    corrupting each other's view.  The lock is a file named by the directory's identity
+    (st_dev:st_ino) under the runtime dir, not an fd on the directory itself: an fd there
+    would keep the upper's filesystem busy until this process is gone, and `umount MNT;
+    umount UPPERFS` (which the kernel's overlay allows at once) would fail."""
+    st = os.stat(path)
+    locks = os.path.join(_runtime_dir(), f"layerfs-locks-{os.geteuid()}")
+    os.makedirs(locks, mode=0o700, exist_ok=True)
+    name = os.path.join(locks, f"{st.st_dev}:{st.st_ino}")
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UnionError(f"{what} {path} is in use by another mount", errno.EBUSY) from None
+    return fd
+
+
+def _runtime_dir() -> str:
+    """/run as root; the user's XDG_RUNTIME_DIR (else /tmp) otherwise."""
+    if os.geteuid() == 0 and os.access("/run", os.W_OK):
+        return "/run"
+    return os.environ.get("XDG_RUNTIME_DIR") or "/tmp"

@@ -32,15 +32,12 @@ EXIT_OK, EXIT_MOUNT_FAILED = 0, 1
 def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> int:
     """Serve `cfg` over our own FUSE session.  `report` is called once: "OK" when the mount
     is live, or the reason it could not be made."""
-    from ..stack import LayerStack
-    from ..writer import Writer
+    from ..daemon import open_stack
 
-    try:
-        stack = LayerStack(cfg.lowers, cfg.upper)
-        writer = Writer(stack, cfg.work) if cfg.work is not None else None
-    except OSError as exc:
-        report(f"layerfs: cannot open layers: {exc}")
+    opened = open_stack(cfg, report)
+    if opened is None:
         return EXIT_MOUNT_FAILED
+    stack, writer = opened
     try:
         mounted = mount(cfg.mountpoint, options)
     except OSError as exc:

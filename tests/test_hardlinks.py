@@ -1,0 +1,241 @@
+"""Hard links against kernel overlayfs, with `index=off` (the default) and `index=on`.
+
+The same steps run on layerfs and on the kernel, over copies of the same layers; after every
+step the outcome (value or errno, fstat of open files included) and the visible tree must
+agree: contents, modes, st_nlink, and which names are one inode.  Then each side is remounted
+on its own upper (same index mode) and compared again, and the kernel mounts layerfs's upper
+and must show the very tree layerfs shows after its remount.
+
+The layers have hard links in one directory, across directories, across layers (one inode
+in two layer directories), with one name whited out above, and with three names.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from imagestore.changeset import write_changeset
+from tests import layerdata, ops, treecmp
+from tests.mounts import KernelOverlay, LayerfsMount, require_fuse, require_root
+from tests.test_differential import tree_diff
+
+pytestmark = pytest.mark.mount
+
+
+def build_lowers(root: Path) -> list[Path]:
+    """Two layers (returned top-first) in one directory, so one `cp -a` keeps every link."""
+    l0, l1 = root / "l0", root / "l1"
+    layerdata.write(l0 / "a/g", b"g\n")
+    os.link(l0 / "a/g", l0 / "a/g2")  # one directory
+    layerdata.write(l0 / "a/x", b"x\n", mode=0o600)
+    (l0 / "b").mkdir()
+    os.link(l0 / "a/x", l0 / "b/x2")  # two directories
+    layerdata.write(l0 / "a/p", b"p\n")
+    (l1 / "a").mkdir(parents=True)
+    os.link(l0 / "a/p", l1 / "a/q")  # across layers: one inode in two layer directories
+    layerdata.write(l0 / "a/w", b"w\n")
+    os.link(l0 / "a/w", l0 / "a/w2")
+    layerdata.whiteout(l1 / "a/w2")  # one name whited out above
+    layerdata.write(l0 / "a/t", b"t\n", mode=0o755)
+    os.link(l0 / "a/t", l0 / "a/t2")
+    os.link(l0 / "a/t", l0 / "b/t3")  # three names
+    for d in (l0, l1):
+        layerdata._fix_dir_times(d)
+    return [l1, l0]
+
+
+W, A, WSTAT, CHMOD, TRUNC, LINK, UNLINK, RENAME, GONE = (
+    "write",
+    "append_fstat",
+    "append",
+    "chmod",
+    "truncate",
+    "link",
+    "unlink",
+    "rename",
+    "unlink_open",
+)
+
+SEQUENCES = {
+    "chmod-each": [
+        (CHMOD, "a/g", 0o600),
+        (CHMOD, "a/x", 0o640),
+        (CHMOD, "a/q", 0o600),
+        (CHMOD, "a/w", 0o600),
+        (CHMOD, "b/t3", 0o700),
+        (CHMOD, "a/g2", 0o604),
+    ],
+    "write-each": [
+        (A, "a/g2", b"more\n"),
+        (W, "b/x2", b"new x\n"),
+        (A, "a/p", b"+p\n"),
+        (TRUNC, "a/w", 1),
+        (WSTAT, "a/t2", b"t2\n"),
+        (A, "a/g", b"again\n"),
+        (WSTAT, "b/t3", b"t3\n"),
+    ],
+    "link-unlink": [
+        (LINK, "a/t", "a/new"),
+        (UNLINK, "a/t2"),
+        (GONE, "b/t3", ["b/t3"]),
+        (LINK, "a/g", "b/g3"),
+        (UNLINK, "a/g"),
+        (LINK, "a/w", "b/w3"),
+        (UNLINK, "a/q"),
+    ],
+    "unlink-open": [
+        (GONE, "a/g2", ["a/g2", "a/g"]),
+        (CHMOD, "a/x", 0o644),
+        (GONE, "a/x", ["a/x", "b/x2"]),
+        (GONE, "a/w", ["a/w"]),
+        (GONE, "a/t", ["a/t2", "a/t"]),
+    ],
+    "rename": [
+        (RENAME, "a/g", "b/g"),
+        (RENAME, "b/x2", "a/g2"),
+        (RENAME, "a/t", "a/p"),
+        (CHMOD, "a/q", 0o600),
+        (A, "b/t3", b"t3\n"),
+    ],
+}
+
+
+def apply(root: Path, step: tuple) -> tuple:
+    op, path, arg = step[0], step[1], step[2] if len(step) > 2 else None
+    if op == W:
+        return ops.outcome(ops.write, root, path, arg, "w")
+    if op == A:
+        return ops.outcome(ops.write, root, path, arg, "a")
+    if op == WSTAT:
+        return ops.outcome(ops.write_fstat, root, path, arg)
+    if op == CHMOD:
+        return ops.outcome(ops.chmod, root, path, arg)
+    if op == TRUNC:
+        return ops.outcome(ops.truncate, root, path, arg)
+    if op == LINK:
+        return ops.outcome(ops.link, root, path, arg)
+    if op == UNLINK:
+        return ops.outcome(ops.unlink, root, path)
+    if op == RENAME:
+        return ops.outcome(ops.rename, root, path, arg, 0)
+    assert op == GONE
+    return ops.outcome(ops.unlink_open, root, path, arg)
+
+
+def compare(ours: dict, theirs: dict, what: str) -> None:
+    problems = tree_diff(ours, theirs) + treecmp.link_group_problems(ours, theirs)
+    assert problems == [], f"{what}:\n" + "\n".join(problems[:40])
+    assert treecmp.inode_problems(ours) == []
+
+
+@pytest.fixture(scope="module")
+def lowers(tmp_path_factory):
+    require_root()
+    require_fuse()
+    root = tmp_path_factory.mktemp("hardlinks")
+    return build_lowers(root / "lowers")
+
+
+def side(base: Path, name: str, lowers: list[Path]) -> tuple[Path, list[Path]]:
+    d = base / name
+    for sub in ("upper", "work", "mnt"):
+        (d / sub).mkdir(parents=True)
+    subprocess.run(["cp", "-a", str(lowers[0].parent), str(d / "lowers")], check=True)
+    return d, [d / "lowers" / low.name for low in lowers]
+
+
+@pytest.mark.parametrize("seq", sorted(SEQUENCES))
+@pytest.mark.parametrize("index", ["off", "on"])
+def test_hard_links_like_the_kernel(tmp_path, lowers, index, seq):
+    opts = f"index={index}"
+    ours, our_lowers = side(tmp_path, "layerfs", lowers)
+    theirs, their_lowers = side(tmp_path, "kernel", lowers)
+    with (
+        LayerfsMount(ours / "mnt", our_lowers, ours / "upper", ours / "work", opts),
+        KernelOverlay(theirs / "mnt", their_lowers, theirs / "upper", theirs / "work", opts),
+    ):
+        compare(treecmp.snapshot(ours / "mnt"), treecmp.snapshot(theirs / "mnt"), "at start")
+        for step in SEQUENCES[seq]:
+            got = {who: apply(d / "mnt", step) for who, d in (("ours", ours), ("theirs", theirs))}
+            assert got["ours"] == got["theirs"], f"{step}: {got}"
+            compare(
+                treecmp.snapshot(ours / "mnt"), treecmp.snapshot(theirs / "mnt"), f"after {step}"
+            )
+    # each side remounted on its own upper
+    with (
+        LayerfsMount(ours / "mnt", our_lowers, ours / "upper", ours / "work", opts),
+        KernelOverlay(theirs / "mnt", their_lowers, theirs / "upper", theirs / "work", opts),
+    ):
+        again = treecmp.snapshot(ours / "mnt")
+        compare(again, treecmp.snapshot(theirs / "mnt"), "after remount")
+    # the kernel reads layerfs's upper as layerfs does
+    (ours / "kwork").mkdir()
+    with KernelOverlay(ours / "mnt", our_lowers, ours / "upper", ours / "kwork", opts):
+        compare(again, treecmp.snapshot(ours / "mnt"), "kernel on layerfs's upper")
+
+
+def test_index_off_breaks_the_link_on_copy_up(tmp_path, lowers):
+    """The issue's own case, spelled out: chmod of one name leaves the other name alone."""
+    ours, our_lowers = side(tmp_path, "layerfs", lowers)
+    with LayerfsMount(ours / "mnt", our_lowers, ours / "upper", ours / "work"):
+        g, g2 = ours / "mnt/a/g", ours / "mnt/a/g2"
+        assert os.lstat(g).st_ino == os.lstat(g2).st_ino and os.lstat(g).st_nlink == 2
+        os.chmod(g, 0o600)
+        sg, sg2 = os.lstat(g), os.lstat(g2)
+        assert (sg.st_nlink, sg.st_mode & 0o777) == (1, 0o600)
+        assert (sg2.st_nlink, sg2.st_mode & 0o777) == (2, 0o644)
+        assert sg.st_ino != sg2.st_ino
+        with open(g, "ab") as f:
+            f.write(b"only g\n")
+            assert os.fstat(f.fileno()).st_ino == sg.st_ino
+        assert g2.read_bytes() == b"g\n" and g.read_bytes() == b"g\nonly g\n"
+        names = {e.name: e.inode() for e in os.scandir(ours / "mnt/a")}
+        assert names["g"] == sg.st_ino and names["g2"] == sg2.st_ino
+    assert os.lstat(ours / "upper/a/g").st_nlink == 1
+    assert not os.path.lexists(ours / "upper/a/g2")
+
+
+@pytest.mark.parametrize("index", ["off", "on"])
+def test_commit_writes_links_only_between_one_inode(tmp_path, lowers, index):
+    """The changeset of each mode, applied over the same lowers, shows what the mount showed:
+    with index=off a name copied up is its own file (no tar link to the name left below),
+    with index=on the names are tar links of one file."""
+    ours, our_lowers = side(tmp_path, "layerfs", lowers)
+    with LayerfsMount(ours / "mnt", our_lowers, ours / "upper", ours / "work", f"index={index}"):
+        m = ours / "mnt"
+        os.chmod(m / "a/g", 0o600)
+        ops.write(m, "b/x2", b"new x\n", "a")
+        os.link(m / "a/t", m / "a/new")
+        view = treecmp.snapshot(m)
+    buf = io.BytesIO()
+    write_changeset(ours / "upper", list(reversed(our_lowers)), buf)
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tar:
+        by = {t.name: t for t in tar.getmembers()}
+        (tmp_path / "new").mkdir()
+        tar.extractall(
+            tmp_path / "new", filter="fully_trusted"
+        )  # OCI `.wh.` files: layerfs reads them
+    if index == "off":
+        assert by["a/g"].isfile() and "a/g2" not in by
+        assert by["b/x2"].isfile() and "a/x" not in by
+        assert by["a/t"].islnk() and by["a/t"].linkname == "a/new"  # both made in the upper
+        assert not any(by[n].islnk() for n in ("a/g", "b/x2", "a/new"))
+    else:
+        groups: dict[str, set[str]] = {}
+        for n, t in by.items():
+            if t.islnk():
+                groups.setdefault(t.linkname, {t.linkname}).add(n)
+        assert sorted(map(sorted, groups.values())) == [
+            ["a/g", "a/g2"],
+            ["a/new", "a/t", "a/t2", "b/t3"],
+            ["a/x", "b/x2"],
+        ], groups
+    (tmp_path / "view").mkdir()
+    with LayerfsMount(tmp_path / "view", [tmp_path / "new", *lowers]):
+        compare(treecmp.snapshot(tmp_path / "view"), view, "the committed layer over the lowers")

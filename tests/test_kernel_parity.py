@@ -1,0 +1,192 @@
+"""Named scenarios where layerfs must do exactly what kernel overlayfs does, each found by a
+conformance run (pjdfstest, a differential fuzzer) against an earlier layerfs:
+
+  - a redirect written under a moved directory names where the lower part *is* (the kernel's
+    format), so the upper means the same after a remount, to layerfs, the kernel and commit;
+  - chown(path, -1, -1) updates the ctime of every file type;
+  - mknod of a 0/0 character device (a whiteout on disk) is refused with EPERM;
+  - redirect_dir=off/follow/nofollow: moving a directory with lower parts gives EXDEV, and
+    nofollow refuses to look up a directory that carries a redirect;
+  - one upper and work dir serve one mount at a time.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from imagestore import changeset
+from tests import treecmp
+from tests.layerdata import write
+from tests.mounts import LAYERFS, KernelOverlay, LayerfsMount, overlay_options
+from unionfs import fsutil, markers
+
+pytestmark = pytest.mark.mount
+
+
+def _redirect_lower(lower: Path) -> None:
+    """The layer of the reported data loss (names with spaces, dots and non-ASCII)."""
+    for d in ("a 3/.h2/a", "a 3/.h2/é2", "a/sub/日本語/é2", "a/long name .txt 3/x"):
+        (lower / d).mkdir(parents=True)
+    write(lower / "a 3/.h2/f2 3", b"f2\n")
+    write(lower / "a/long name .txt 3/x/y", b"y\n")
+
+
+def _moves(mnt: Path) -> None:
+    m = os.fsencode(mnt) + b"/"
+    u = os.fsencode
+    fsutil.renameat2(m + u("a 3"), m + u("a/sub/日本語/f1"), fsutil.RENAME_NOREPLACE)
+    os.rename(m + u("a/sub/日本語/f1/.h2/a"), m + u("a/sub/日本語/é2"))
+    fsutil.renameat2(
+        m + u("a/sub/日本語/f1/.h2"), m + u("a/long name .txt 3"), fsutil.RENAME_EXCHANGE
+    )
+
+
+def _side(root: Path, name: str) -> tuple[Path, Path, Path, Path]:
+    d = root / name
+    lower, upper, work, mnt = d / "lower", d / "upper", d / "work", d / "mnt"
+    for p in (upper, work, mnt):
+        p.mkdir(parents=True)
+    _redirect_lower(lower)
+    return lower, upper, work, mnt
+
+
+def test_redirects_under_moved_directories_survive_a_remount(tmp_path, fuse, root):
+    lo, up, wk, mnt = _side(tmp_path, "layerfs")
+    klo, kup, kwk, kmnt = _side(tmp_path, "kernel")
+    with LayerfsMount(mnt, [lo], up, wk):
+        _moves(mnt)
+        ours = treecmp.snapshot(mnt)
+    with KernelOverlay(kmnt, [klo], kup, kwk, "redirect_dir=on"):
+        _moves(kmnt)
+        theirs = treecmp.snapshot(kmnt)
+    assert (
+        b"/a/long name .txt 3/f2 3" in ours
+        and b"/a/sub/\xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9e/\xc3\xa92/a" not in ours
+    )
+    assert treecmp.diff(ours, theirs, compare_mtime=False) == []
+    # the kernel's format: the path where the lower part lives, not the merged path
+    moved = os.fsencode(up / "a/long name .txt 3")
+    assert os.getxattr(moved, markers.redirect_xattr()) == b"/a 3/.h2"
+    assert os.getxattr(up / "a/sub/日本語/é2", markers.redirect_xattr()) == b"/a 3/.h2/a"
+    with LayerfsMount(mnt, [lo], up, wk):
+        again = treecmp.snapshot(mnt)
+    assert treecmp.diff(ours, again, compare_mtime=False) == []
+    kcheck, kwork2 = tmp_path / "kcheck", tmp_path / "kwork2"
+    kcheck.mkdir()
+    kwork2.mkdir()
+    with KernelOverlay(kcheck, [lo], up, kwork2, "redirect_dir=on"):
+        kernel_reads = treecmp.snapshot(kcheck)
+    assert treecmp.diff(ours, kernel_reads, compare_mtime=False) == []
+    added = changeset.changes(up, [lo]).added
+    assert "/a/long name .txt 3/f2 3" in added and "/a/sub/日本語/é2/é2" not in added
+
+
+def test_relative_redirect_inside_a_moved_parent(tmp_path, fuse, root):
+    """A rename within one directory writes a relative redirect (as the kernel does); when
+    that directory's parent moved, it resolves in the parent's lower part."""
+    lo, up, wk, mnt = tmp_path / "lo", tmp_path / "up", tmp_path / "wk", tmp_path / "mnt"
+    for p in (up, wk, mnt):
+        p.mkdir()
+    write(lo / "p/c/file", b"deep\n")
+    with LayerfsMount(mnt, [lo], up, wk):
+        os.rename(mnt / "p", mnt / "q")
+        os.rename(mnt / "q/c", mnt / "q/c2")
+        assert (mnt / "q/c2/file").read_bytes() == b"deep\n"
+    assert os.getxattr(up / "q/c2", markers.redirect_xattr()) == b"c"
+    with LayerfsMount(mnt, [lo], up, wk):
+        assert (mnt / "q/c2/file").read_bytes() == b"deep\n"
+    kmnt, kwk = tmp_path / "kmnt", tmp_path / "kwk"
+    kmnt.mkdir()
+    kwk.mkdir()
+    with KernelOverlay(kmnt, [lo], up, kwk, "redirect_dir=on"):
+        assert (kmnt / "q/c2/file").read_bytes() == b"deep\n"
+    assert "/q/c2/file" in changeset.changes(up, [lo]).added
+
+
+@pytest.fixture
+def union(tmp_path, fuse, root):
+    lo, up, wk, mnt = tmp_path / "lo", tmp_path / "up", tmp_path / "wk", tmp_path / "mnt"
+    for p in (up, wk, mnt):
+        p.mkdir()
+    write(lo / "d/f", b"f\n")
+    write(lo / "file", b"file\n")
+    os.symlink("file", lo / "link")
+    os.mkfifo(lo / "fifo")
+    return lo, up, wk, mnt
+
+
+def test_chown_minus_one_updates_ctime_of_every_type(union):
+    lo, up, wk, mnt = union
+    with LayerfsMount(mnt, [lo], up, wk):
+        for name in ("d", "file", "link", "fifo"):
+            os.chown(mnt / name, 0, 0, follow_symlinks=False)  # copied up: a later ctime
+            time.sleep(0.02)  # is the chown's own, not the copy's
+            before = os.lstat(mnt / name).st_ctime_ns
+            time.sleep(0.02)  # ext4 stamps times with a coarse clock
+            os.chown(mnt / name, -1, -1, follow_symlinks=False)
+            assert os.lstat(mnt / name).st_ctime_ns > before, name
+
+
+def test_mknod_of_a_whiteout_device_is_refused(union):
+    lo, up, wk, mnt = union
+    with LayerfsMount(mnt, [lo], up, wk):
+        with pytest.raises(PermissionError):
+            os.mknod(mnt / "wh", 0o600 | 0o020000, os.makedev(0, 0))
+        assert not (mnt / "wh").exists() and not (up / "wh").exists()
+        os.mknod(mnt / "null", 0o600 | 0o020000, os.makedev(1, 3))  # any other device works
+        assert os.lstat(mnt / "null").st_rdev == os.makedev(1, 3)
+
+
+@pytest.mark.parametrize("mode", ["off", "follow", "nofollow"])
+def test_redirect_dir_without_on_gives_exdev(union, mode):
+    lo, up, wk, mnt = union
+    with LayerfsMount(mnt, [lo], up, wk, extra_opts=f"redirect_dir={mode}"):
+        with pytest.raises(OSError) as exc:
+            os.rename(mnt / "d", mnt / "e")
+        assert exc.value.errno == errno.EXDEV
+        os.mkdir(mnt / "new")  # a directory of the upper alone still moves
+        os.rename(mnt / "new", mnt / "new2")
+        os.rename(mnt / "file", mnt / "file2")  # and non-directories always do
+        assert sorted(os.listdir(mnt)) == ["d", "fifo", "file2", "link", "new2"]
+
+
+def test_redirect_dir_nofollow_refuses_a_redirected_directory(union):
+    lo, up, wk, mnt = union
+    with LayerfsMount(mnt, [lo], up, wk):
+        os.rename(mnt / "d", mnt / "e")
+    for mode, expect in (("follow", b"f\n"), ("nofollow", None)):
+        with LayerfsMount(mnt, [lo], up, wk, extra_opts=f"redirect_dir={mode}"):
+            if expect is None:
+                with pytest.raises(PermissionError):
+                    os.stat(mnt / "e")
+            else:
+                assert (mnt / "e/f").read_bytes() == expect
+
+
+def test_a_second_mount_of_the_same_upper_is_refused(union, tmp_path):
+    lo, up, wk, mnt = union
+    mnt2, wk2 = tmp_path / "mnt2", tmp_path / "wk2"
+    mnt2.mkdir()
+    wk2.mkdir()
+    with LayerfsMount(mnt, [lo], up, wk):
+        (mnt / "mine").write_bytes(b"first mount\n")
+        for work in (wk, wk2):  # the same work dir, or the same upper with another one
+            opts = overlay_options([lo], up, work)
+            r = subprocess.run(
+                [LAYERFS, "-o", opts, str(mnt2)], capture_output=True, text=True, timeout=30
+            )
+            assert r.returncode != 0
+            assert "in use by another mount" in r.stderr
+        assert (mnt / "mine").read_bytes() == b"first mount\n"
+        assert sorted(os.listdir(wk)) == ["layerfs"]  # its work area was left alone
+    # once unmounted, the same dirs mount again
+    with LayerfsMount(mnt2, [lo], up, wk2):
+        assert (mnt2 / "mine").read_bytes() == b"first mount\n"
+    shutil.rmtree(wk2)
