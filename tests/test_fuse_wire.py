@@ -68,13 +68,13 @@ def test_entry_and_attr_packing():
         st_atime_ns, st_mtime_ns, st_ctime_ns = 1_500_000_001, 2_000_000_002, 3
         entry_timeout, attr_timeout = 1.5, 86400.0
 
-    e = wire.ENTRY_OUT.unpack(wire.pack_entry(A))
+    e = wire.ENTRY_OUT.unpack(wire.pack_entry(A, 7))
     assert e[:6] == (7, 0, 1, 86400, 500_000_000, 0)
     assert e[6:] == (7, 10, 1, 1, 2, 0, 500_000_001, 2, 3, 0o100644, 1, 1, 2, 0, 4096, 0)
-    a = wire.ATTR_OUT.unpack(wire.pack_attr_out(A))
-    assert a[0] == 86400 and a[3] == 7
+    a = wire.ATTR_OUT.unpack(wire.pack_attr_out(A, 99))
+    assert a[0] == 86400 and a[3] == 99  # the shown st_ino, apart from the node id
     A.st_ino = 0  # a negative entry: nodeid 0, only the entry timeout
-    assert wire.ENTRY_OUT.unpack(wire.pack_entry(A))[:3] == (0, 0, 1)
+    assert wire.ENTRY_OUT.unpack(wire.pack_entry(A, 0))[:3] == (0, 0, 1)
 
 
 def test_cstrings_need_their_terminator():

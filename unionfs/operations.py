@@ -730,6 +730,14 @@ def _set_shown_ino(attrs: pyfuse3.EntryAttributes, ino: int) -> None:
         ctypes.c_uint64.from_address(id(attrs) + _SHOWN_INO_OFFSET).value = ino
 
 
+def shown_ino(attrs: pyfuse3.EntryAttributes) -> int:
+    """The st_ino a reply shows (`_set_shown_ino`), for a transport that packs replies itself;
+    `attrs.st_ino` is the node id."""
+    if _SHOWN_INO_OFFSET is None:
+        return int(attrs.st_ino)
+    return int(ctypes.c_uint64.from_address(id(attrs) + _SHOWN_INO_OFFSET).value)
+
+
 def _open_noatime(fs: Roots, path: bytes, flags: int) -> int:
     """Open a real file without touching its atime where we may (reading must not write)."""
     if _O_NOATIME:

@@ -29,9 +29,19 @@ import os
 import time
 from typing import Any
 
+from ..operations import shown_ino  # imported after INIT (run.py): it loads pyfuse3
 from . import wire
 from .init import Conn
 from .wire import Header
+
+
+def _entry(attrs: Any) -> bytes:
+    """fuse_entry_out of a handler's EntryAttributes (node id and shown st_ino apart)."""
+    return wire.pack_entry(attrs, shown_ino(attrs))
+
+
+def _attr_out(attrs: Any) -> bytes:
+    return wire.pack_attr_out(attrs, shown_ino(attrs))
 
 
 class Ctx:
@@ -109,10 +119,11 @@ class DirBuffer:
         dot = name in (b".", b"..")
         entry = None
         if self.plus:
-            entry = bytes(wire.ENTRY_OUT.size) if dot else wire.pack_entry(attrs)
+            entry = bytes(wire.ENTRY_OUT.size) if dot else _entry(attrs)
         elif not dot:
-            self.counted.append(attrs.st_ino)
-        self.parts.append(wire.pack_dirent(attrs.st_ino, next_id, attrs.st_mode, name, entry))
+            self.counted.append(attrs.st_ino)  # the node id
+        ino = shown_ino(attrs)  # d_ino is what stat shows
+        self.parts.append(wire.pack_dirent(ino, next_id, attrs.st_mode, name, entry))
         self.used += reclen
         return True
 
@@ -140,7 +151,7 @@ class Bridge:
 
     # ----- names and attributes --------------------------------------------------------
     async def lookup(self, h: Header, name: bytes) -> bytes:
-        return wire.pack_entry(await self.ops.lookup(h.nodeid, name, Ctx(h)))
+        return _entry(await self.ops.lookup(h.nodeid, name, Ctx(h)))
 
     async def forget(self, h: Header, pairs: list[tuple[int, int]]) -> None:
         await self.ops.forget(pairs)
@@ -163,11 +174,11 @@ class Bridge:
             await self._drop_node_handles(ino)
 
     async def getattr(self, h: Header) -> bytes:
-        return wire.pack_attr_out(await self.ops.getattr(h.nodeid, Ctx(h)))
+        return _attr_out(await self.ops.getattr(h.nodeid, Ctx(h)))
 
     async def setattr(self, h: Header, fields: tuple[int, ...]) -> bytes:
         attrs, which, fh = setattr_args(fields)
-        return wire.pack_attr_out(await self.ops.setattr(h.nodeid, attrs, which, fh, Ctx(h)))
+        return _attr_out(await self.ops.setattr(h.nodeid, attrs, which, fh, Ctx(h)))
 
     async def readlink(self, h: Header) -> bytes:
         return bytes(await self.ops.readlink(h.nodeid, Ctx(h)))
@@ -200,16 +211,16 @@ class Bridge:
 
     # ----- the namespace --------------------------------------------------------------------
     async def mknod(self, h: Header, name: bytes, mode: int, rdev: int, umask: int) -> bytes:
-        return wire.pack_entry(await self.ops.mknod(h.nodeid, name, mode, rdev, Ctx(h, umask)))
+        return _entry(await self.ops.mknod(h.nodeid, name, mode, rdev, Ctx(h, umask)))
 
     async def mkdir(self, h: Header, name: bytes, mode: int, umask: int) -> bytes:
-        return wire.pack_entry(await self.ops.mkdir(h.nodeid, name, mode, Ctx(h, umask)))
+        return _entry(await self.ops.mkdir(h.nodeid, name, mode, Ctx(h, umask)))
 
     async def symlink(self, h: Header, name: bytes, target: bytes) -> bytes:
-        return wire.pack_entry(await self.ops.symlink(h.nodeid, name, target, Ctx(h)))
+        return _entry(await self.ops.symlink(h.nodeid, name, target, Ctx(h)))
 
     async def link(self, h: Header, old: int, name: bytes) -> bytes:
-        return wire.pack_entry(await self.ops.link(old, h.nodeid, name, Ctx(h)))
+        return _entry(await self.ops.link(old, h.nodeid, name, Ctx(h)))
 
     async def unlink(self, h: Header, name: bytes) -> bytes:
         await self.ops.unlink(h.nodeid, name, Ctx(h))
@@ -240,7 +251,7 @@ class Bridge:
 
     async def create(self, h: Header, name: bytes, mode: int, flags: int, umask: int) -> bytes:
         info, attrs = await self.ops.create(h.nodeid, name, mode, flags, Ctx(h, umask))
-        return wire.pack_entry(attrs) + wire.OPEN_OUT.pack(info.fh, self._open_flags(info), 0)
+        return _entry(attrs) + wire.OPEN_OUT.pack(info.fh, self._open_flags(info), 0)
 
     async def _file(self, h: Header, fh: int) -> int:
         if fh == 0 and self.conn.no_open:

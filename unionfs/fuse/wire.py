@@ -178,11 +178,12 @@ def cstrings(body: memoryview, offset: int, count: int) -> tuple[list[bytes], in
     return out, offset + pos
 
 
-def pack_attr_fields(a) -> tuple:  # type: ignore[no-untyped-def]
-    """The 16 fields of fuse_attr from an object with pyfuse3 EntryAttributes' names."""
+def pack_attr_fields(a, ino: int) -> tuple:  # type: ignore[no-untyped-def]
+    """The 16 fields of fuse_attr from an object with pyfuse3 EntryAttributes' names; `ino`
+    is the st_ino to show (the node id is `a.st_ino`, they differ for index=off links)."""
     at, mt, ct = a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns
     return (
-        a.st_ino, a.st_size, a.st_blocks,
+        ino, a.st_size, a.st_blocks,
         at // 1_000_000_000, mt // 1_000_000_000, ct // 1_000_000_000,
         at % 1_000_000_000, mt % 1_000_000_000, ct % 1_000_000_000,
         a.st_mode, a.st_nlink, a.st_uid, a.st_gid, a.st_rdev & 0xFFFFFFFF, a.st_blksize, 0,
@@ -194,18 +195,19 @@ def _split_timeout(t: float) -> tuple[int, int]:
     return sec, int((t - sec) * 1e9)
 
 
-def pack_entry(a) -> bytes:  # type: ignore[no-untyped-def]
-    """fuse_entry_out; st_ino 0 is a negative entry (nodeid 0, cached for entry_timeout)."""
+def pack_entry(a, ino: int) -> bytes:  # type: ignore[no-untyped-def]
+    """fuse_entry_out for node `a.st_ino` showing st_ino `ino`; `a.st_ino` 0 is a negative
+    entry (nodeid 0, cached for entry_timeout)."""
     es, ens = _split_timeout(a.entry_timeout)
     if a.st_ino == 0:
         return ENTRY_OUT.pack(0, 0, es, 0, ens, 0, *((0,) * 16))
     ats, atn = _split_timeout(a.attr_timeout)
-    return ENTRY_OUT.pack(a.st_ino, a.generation, es, ats, ens, atn, *pack_attr_fields(a))
+    return ENTRY_OUT.pack(a.st_ino, a.generation, es, ats, ens, atn, *pack_attr_fields(a, ino))
 
 
-def pack_attr_out(a) -> bytes:  # type: ignore[no-untyped-def]
+def pack_attr_out(a, ino: int) -> bytes:  # type: ignore[no-untyped-def]
     ats, atn = _split_timeout(a.attr_timeout)
-    return ATTR_OUT.pack(ats, atn, 0, *pack_attr_fields(a))
+    return ATTR_OUT.pack(ats, atn, 0, *pack_attr_fields(a, ino))
 
 
 def dirent_size(name: bytes, plus: bool) -> int:
