@@ -36,7 +36,13 @@ def root():
 
 
 def pytest_report_header(config):
+    # Every layerfs a test starts inherits LAYERFS_FUSE: `LAYERFS_FUSE=pyfuse3 pytest
+    # tests/test_oracle.py tests/test_differential.py` runs the oracles on the fallback.
+    from unionfs.options import TRANSPORT_DEFAULT, TRANSPORT_ENV
+
+    transport = os.environ.get(TRANSPORT_ENV) or f"{TRANSPORT_DEFAULT} (default)"
     return (
         f"CI={os.environ.get('CI', '')} euid={os.geteuid()} "
-        f"/dev/fuse={'yes' if os.path.exists('/dev/fuse') else 'no'} layerfs={mounts.LAYERFS}"
+        f"/dev/fuse={'yes' if os.path.exists('/dev/fuse') else 'no'} layerfs={mounts.LAYERFS} "
+        f"transport={transport}"
     )

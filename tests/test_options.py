@@ -156,3 +156,21 @@ def test_harmless_options_are_accepted(dirs):
     opts = "xino=auto,metacopy=off,threaded=1,noauto,volatile,x-gvfs-hide"
     cfg = parse_args(["-o", f"lowerdir={dirs}/top,{opts}", str(dirs / "mnt")])
     assert {"xino=auto", "metacopy=off", "noauto", "volatile"} <= set(cfg.ignored)
+
+
+def test_transport_option_and_environment(dirs, monkeypatch):
+    from unionfs.options import TRANSPORT_DEFAULT, TRANSPORT_ENV
+
+    base = f"lowerdir={dirs}/top"
+    mnt = str(dirs / "mnt")
+    monkeypatch.delenv(TRANSPORT_ENV, raising=False)
+    assert parse_args(["-o", base, mnt]).transport == TRANSPORT_DEFAULT
+    monkeypatch.setenv(TRANSPORT_ENV, "pyfuse3")
+    assert parse_args(["-o", base, mnt]).transport == "pyfuse3"
+    cfg = parse_args(["-o", base + ",fuse=native", mnt])  # the option wins over the env
+    assert cfg.transport == "native" and not any("fuse=" in o for o in cfg.fuse_options)
+    with pytest.raises(OptionError, match="fuse=libfuse: expected one of native, pyfuse3"):
+        parse_args(["-o", base + ",fuse=libfuse", mnt])
+    monkeypatch.setenv(TRANSPORT_ENV, "bogus")
+    with pytest.raises(OptionError, match="LAYERFS_FUSE=bogus"):
+        parse_args(["-o", base, mnt])

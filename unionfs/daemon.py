@@ -1,5 +1,9 @@
 """`layerfs`: the daemon's entry point — parse, mount, serve, unmount.
 
+Two transports over the one handler layer (operations.UnionOperations): our own FUSE session
+(`unionfs/fuse/`, the default: see `fuse/run.py` for its start-up order and shutdown) and
+pyfuse3 (`-o fuse=pyfuse3` or LAYERFS_FUSE=pyfuse3), described below.
+
 Without -f it daemonizes: the parent waits on a pipe and exits 0 only once the kernel has
 sent FUSE_INIT and the mount answers (the `init` hook writes "OK"); it exits != 0 with the
 daemon's own message when mounting fails.  Shutdown is one path: SIGTERM/SIGINT first sync
@@ -16,10 +20,11 @@ from __future__ import annotations
 
 import faulthandler
 import logging
-import logging.handlers
 import os
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from .errors import OptionError, UnionError
 from .options import USAGE, MountConfig, parse_args
@@ -107,17 +112,32 @@ def fuse_options(cfg: MountConfig) -> set[str]:
 
 def serve(cfg: MountConfig, ready_fd: int | None) -> int:
     """Mount, serve until unmounted or signalled, unmount.  Returns the exit code."""
-    import pyfuse3
-    import trio
-
-    from .fsat import Roots
-    from .operations import UnionOperations
-    from .stack import LayerStack
-    from .writer import Writer
-
     for ignored in cfg.ignored:
         log.debug("ignoring mount option %s", ignored)
     os.umask(0)  # modes arrive with the caller's umask applied; ours must not apply twice
+    if cfg.transport == "native":
+        from .fuse.run import serve_native
+
+        def report(message: str) -> None:
+            nonlocal ready_fd
+            if message != "OK":
+                _report(ready_fd, message)
+            elif ready_fd is not None:
+                _report(ready_fd, "OK")
+                _detach_stdio(cfg.debug)
+            ready_fd = None
+
+        return serve_native(cfg, fuse_options(cfg), report)
+    return _serve_pyfuse3(cfg, ready_fd)
+
+
+def open_stack(cfg: MountConfig, report: Callable[[str], None]) -> tuple[Any, Any] | None:
+    """The LayerStack and Writer of `cfg` (one place for both transports), or None after
+    reporting why they cannot be opened."""
+    from .fsat import Roots
+    from .stack import LayerStack
+    from .writer import Writer
+
     try:
         stack = LayerStack(
             cfg.lowers,
@@ -132,11 +152,24 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
             else None
         )
     except UnionError as exc:
-        _report(ready_fd, f"layerfs: {exc}")
-        return EXIT_MOUNT_FAILED
+        report(f"layerfs: {exc}")
+        return None
     except OSError as exc:
-        _report(ready_fd, f"layerfs: cannot open layers: {exc}")
+        report(f"layerfs: cannot open layers: {exc}")
+        return None
+    return stack, writer
+
+
+def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
+    import pyfuse3
+    import trio
+
+    from .operations import UnionOperations
+
+    opened = open_stack(cfg, lambda message: _report(ready_fd, message))
+    if opened is None:
         return EXIT_MOUNT_FAILED
+    stack, writer = opened
 
     def on_init() -> None:
         nonlocal ready_fd
@@ -218,6 +251,8 @@ def _setup_logging(debug: bool, to_stderr: bool) -> None:
 
 def _detach_stdio(debug: bool) -> None:
     """Once the mount is live the parent has gone: log to syslog, drop the terminal."""
+    import logging.handlers  # here: it costs ~6 ms of start-up, and only a daemon needs it
+
     root = logging.getLogger()
     root.handlers.clear()
     if os.path.exists("/dev/log"):

@@ -147,8 +147,11 @@ class UnionOperations(pyfuse3.Operations):
         debug: bool = False,
         on_init: Callable[[], None] | None = None,
         writeback: bool = False,
+        readdir_reply: Callable[[Any, bytes, Any, int], bool] | None = None,
     ) -> None:
         super().__init__()
+        # How readdir hands each entry to the transport: pyfuse3's, or the native bridge's.
+        self._readdir_reply = readdir_reply or pyfuse3.readdir_reply
         self.stack = stack
         self.writer = writer
         self.debug = debug
@@ -294,7 +297,7 @@ class UnionOperations(pyfuse3.Operations):
         for pos in range(start_id, len(handle.entries) + 2):
             if pos < 2:
                 name, target = specials[pos]
-                if not pyfuse3.readdir_reply(token, name, self._entry(target), pos + 1):
+                if not self._readdir_reply(token, name, self._entry(target), pos + 1):
                     return
                 continue
             name, child = handle.entries[pos - 2]
@@ -304,7 +307,7 @@ class UnionOperations(pyfuse3.Operations):
             except OSError as exc:  # vanished from a layer: skip rather than fail the listing
                 log.warning("readdir: skipping %r: %s", name, exc)
                 continue
-            if not pyfuse3.readdir_reply(token, name, attrs, pos + 1):
+            if not self._readdir_reply(token, name, attrs, pos + 1):
                 return
             self.stack.remember(entry_node)
 
@@ -725,6 +728,14 @@ def _set_shown_ino(attrs: pyfuse3.EntryAttributes, ino: int) -> None:
     """Make the reply show `ino` as st_ino while it keeps its node id (set st_ino first)."""
     if ino != attrs.st_ino and _SHOWN_INO_OFFSET is not None:
         ctypes.c_uint64.from_address(id(attrs) + _SHOWN_INO_OFFSET).value = ino
+
+
+def shown_ino(attrs: pyfuse3.EntryAttributes) -> int:
+    """The st_ino a reply shows (`_set_shown_ino`), for a transport that packs replies itself;
+    `attrs.st_ino` is the node id."""
+    if _SHOWN_INO_OFFSET is None:
+        return int(attrs.st_ino)
+    return int(ctypes.c_uint64.from_address(id(attrs) + _SHOWN_INO_OFFSET).value)
 
 
 def _open_noatime(fs: Roots, path: bytes, flags: int) -> int:

@@ -11,6 +11,9 @@ Options of layerfs itself (besides lowerdir/upperdir/workdir):
   writeback=0|1   the kernel's writeback cache (FUSE_WRITEBACK_CACHE): write(2) fills the page
                   cache and the kernel sends large WRITE requests later, instead of one request
                   per write(2).  Same name and values as fuse-overlayfs.  Default: 1.
+  fuse=native|pyfuse3
+                  the FUSE transport: our own session over /dev/fuse (unionfs/fuse/) or
+                  pyfuse3 (libfuse).  Default: $LAYERFS_FUSE, else TRANSPORT_DEFAULT.
 Options of kernel overlayfs, with the kernel's meaning:
   index=off|on    kernel overlayfs's inode index, as far as hard links go.  off (the kernel's
                   default, and what podman and Docker get): copying up one name of a hard-linked
@@ -98,12 +101,18 @@ WRITEBACK_DEFAULT = True
 # Hard links on copy-up, as kernel overlayfs's `index=` (its default is off).
 INDEX_DEFAULT = False
 
+TRANSPORTS = ("native", "pyfuse3")
+TRANSPORT_DEFAULT = "native"
+TRANSPORT_ENV = "LAYERFS_FUSE"
+
 USAGE = (
     "usage: layerfs [-f] [-d] -o lowerdir=TOP:...:BOTTOM[,upperdir=DIR,workdir=DIR][,OPTS] "
     "MOUNTPOINT\n"
     "       layerfs SOURCE MOUNTPOINT -o lowerdir=...   (as run by mount -t fuse.layerfs)\n"
     "options: writeback=0|1  kernel writeback cache: large WRITE requests instead of one per "
     f"write(2) (default {int(WRITEBACK_DEFAULT)})\n"
+    "         fuse=native|pyfuse3  the FUSE transport (default $LAYERFS_FUSE, else "
+    f"{TRANSPORT_DEFAULT})\n"
     "         index=off|on  on: hard-linked lower files stay one inode after copy-up "
     f"(default {'on' if INDEX_DEFAULT else 'off'})\n"
     "         generic mount options (ro, noatime, ...) and FUSE options (allow_other, ...)"
@@ -124,6 +133,7 @@ class MountConfig:
     fuse_options: set[str] = field(default_factory=set)
     ignored: list[str] = field(default_factory=list)
     writeback: bool = WRITEBACK_DEFAULT
+    transport: str = TRANSPORT_DEFAULT
     index: bool = INDEX_DEFAULT
     follow_redirects: bool = True
     create_redirects: bool = True
@@ -252,6 +262,7 @@ def _validate(
                 raise OptionError(f"upperdir {upper} overlaps lowerdir {low}")
     writeback = _switch(values.pop("writeback", None), "writeback", WRITEBACK_DEFAULT, ("0", "1"))
     index = _switch(values.pop("index", None), "index", INDEX_DEFAULT, ("off", "on"))
+    transport = _transport(values.pop("fuse", None))
     redirect_dir = values.pop("redirect_dir", "on")
     if redirect_dir not in REDIRECT_DIR:
         raise OptionError(f"redirect_dir={redirect_dir}: expected one of {', '.join(REDIRECT_DIR)}")
@@ -287,7 +298,20 @@ def _validate(
         index=index,
         follow_redirects=follow_redirects,
         create_redirects=create_redirects,
+        transport=transport,
     )
+
+
+def _transport(value: str | None) -> str:
+    """`fuse=` wins over $LAYERFS_FUSE, which wins over the default."""
+    source = "fuse="
+    if value is None:
+        value, source = os.environ.get(TRANSPORT_ENV) or None, f"{TRANSPORT_ENV}="
+    if value is None:
+        return TRANSPORT_DEFAULT
+    if value not in TRANSPORTS:
+        raise OptionError(f"{source}{value}: expected one of {', '.join(TRANSPORTS)}")
+    return value
 
 
 def _harmless(key: str, val: str) -> str:

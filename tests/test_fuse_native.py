@@ -1,0 +1,236 @@
+"""Real mounts through the native FUSE transport (`-o fuse=native`): the mount itself
+(mount(2) as root, fusermount3 for auto_unmount and for a user that is not root), the
+caching features, measured by the requests the daemon saw, and a clean SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.mounts import LAYERFS, LayerfsMount, fstype, is_mounted, need, require_fuse
+
+pytestmark = pytest.mark.mount
+
+
+def counts(log: str) -> dict[str, int]:
+    """The per-opcode request counts the daemon logs at exit under -o debug."""
+    found = re.findall(r"requests: (.*)", log)
+    assert found, log[-2000:]
+    return {k: int(v) for k, v in (p.split("=") for p in found[-1].split(", "))}
+
+
+@pytest.fixture
+def lower(tmp_path: Path) -> Path:
+    lo = tmp_path / "lo"
+    (lo / "dir").mkdir(parents=True)
+    for i in range(20):
+        (lo / "dir" / f"f{i}").write_bytes(b"%d" % i * 100)
+    (lo / "big").write_bytes(os.urandom(3 << 20))
+    os.symlink("big", lo / "link")
+    return lo
+
+
+def native(mnt: Path, lowers, upper=None, work=None, extra: str = "") -> LayerfsMount:
+    opts = "fuse=native,debug" + (f",{extra}" if extra else "")
+    return LayerfsMount(mnt, lowers, upper, work, extra_opts=opts)
+
+
+def read_all(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((root / "dir").iterdir())}
+
+
+def test_read_only_stack_no_open_and_cached_listings(tmp_path, lower, fuse):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    m = native(mnt, [lower])
+    with m:
+        assert fstype(mnt) == "fuse.layerfs"
+        first = read_all(mnt)
+        assert first == read_all(lower)
+        assert read_all(mnt) == first  # warm: served by the kernel's caches
+        assert (mnt / "big").read_bytes() == (lower / "big").read_bytes()
+        assert os.readlink(mnt / "link") == "big" and os.readlink(mnt / "link") == "big"
+        with pytest.raises(OSError):
+            (mnt / "new").write_bytes(b"x")
+    c = counts(m.log())
+    assert c.get("OPEN", 0) <= 1 and c.get("OPENDIR", 0) <= 1  # ENOSYS once, then never
+    assert c.get("READDIRPLUS", 0) <= 4  # root and dir, listed once each (+ EOF reads)
+    assert c.get("READLINK", 0) == 1  # CACHE_SYMLINKS
+    # 20 small files once (the second pass is served from the page cache: no READ), and
+    # the big file in readahead-sized requests (128 KiB or more)
+    assert c.get("READ", 0) <= 20 + (3 << 20) // (128 << 10) + 4
+    assert c.get("FLUSH", 0) <= 1  # no-open handles have no NOFLUSH: one ENOSYS ends them
+
+
+def test_read_write_stack(tmp_path, lower, fuse):
+    mnt, up, wk = (tmp_path / n for n in ("mnt", "up", "wk"))
+    for d in (mnt, up, wk):
+        d.mkdir()
+    m = native(mnt, [lower], up, wk)
+    with m:
+        data = os.urandom((2 << 20) + 123)
+        with open(mnt / "new", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        assert (mnt / "new").read_bytes() == data
+        with open(mnt / "dir" / "f1", "ab") as f:  # copy-up by append
+            f.write(b"+")
+        os.rename(mnt / "dir" / "f2", mnt / "dir" / "g2")
+        os.unlink(mnt / "dir" / "f3")
+        (mnt / "sub").mkdir(mode=0o750)
+        os.setxattr(mnt / "sub", "user.k", b"v")
+        os.chmod(mnt / "new", 0o600)
+        os.truncate(mnt / "new", 10)
+        names = sorted(os.listdir(mnt / "dir"))
+        assert "g2" in names and "f2" not in names and "f3" not in names
+        assert os.getxattr(mnt / "sub", "user.k") == b"v"
+        assert os.stat(mnt / "new").st_size == 10
+    assert (up / "new").read_bytes() == data[:10]
+    assert (up / "dir" / "f1").read_bytes() == b"1" * 100 + b"+"
+    assert (lower / "dir" / "f1").read_bytes() == b"1" * 100  # the lower is untouched
+    assert os.stat(up / "sub").st_mode & 0o777 == 0o750 & ~os.umask(os.umask(0))
+    c = counts(m.log())
+    # the writeback cache makes the kernel flush on close despite FOPEN_NOFLUSH; the first
+    # FLUSH is answered ENOSYS and ends them
+    assert c.get("FLUSH", 0) <= 1
+
+
+def test_lower_directory_listing_is_cached_until_changed(tmp_path, lower, fuse):
+    mnt, up, wk = (tmp_path / n for n in ("mnt", "up", "wk"))
+    for d in (mnt, up, wk):
+        d.mkdir()
+    m = native(mnt, [lower], up, wk)
+    with m:
+        for _ in range(3):
+            assert len(os.listdir(mnt / "dir")) == 20
+        before = m.log().count("READDIRPLUS #")
+        (mnt / "dir" / "added").write_bytes(b"x")  # the kernel drops its cached listing
+        assert "added" in os.listdir(mnt / "dir")
+        os.unlink(mnt / "dir" / "f0")
+        assert "f0" not in os.listdir(mnt / "dir")
+    log = m.log()
+    assert before <= 2, log[-3000:]  # one listing (and its EOF read) for three opendirs
+
+
+def test_sigterm_unmounts_and_auto_unmount_through_fusermount(tmp_path, lower, fuse):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    m = native(mnt, [lower], extra="auto_unmount")
+    with m:
+        assert (mnt / "dir" / "f5").read_bytes() == b"5" * 100
+        m.proc.send_signal(signal.SIGTERM)
+        assert m.proc.wait(timeout=20) == 0
+        assert not is_mounted(mnt)
+    m = native(mnt, [lower], extra="auto_unmount")
+    with m:
+        m.proc.kill()  # fusermount3 unmounts once the daemon's end of the socket closes
+        deadline = time.monotonic() + 10
+        while is_mounted(mnt) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not is_mounted(mnt)
+
+
+def test_daemonized_mount_and_its_failure(tmp_path, lower, fuse):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = dict(os.environ, LAYERFS_FUSE="native")
+    r = subprocess.run(
+        [LAYERFS, "-o", f"lowerdir={lower}", str(mnt)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    try:
+        assert r.returncode == 0, r.stderr
+        assert fstype(mnt) == "fuse.layerfs"
+        assert (mnt / "dir" / "f7").read_bytes() == b"7" * 100
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
+    assert not is_mounted(mnt)
+    # the kernel refuses the mount data: the parent exits non-zero with the daemon's reason
+    r = subprocess.run(
+        [LAYERFS, "-o", f"lowerdir={lower},max_read=notanumber", str(mnt)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 1 and "mounting" in r.stderr and "Invalid argument" in r.stderr
+    assert not is_mounted(mnt)
+
+
+def test_rootless_mount_through_fusermount(fuse):
+    need(os.geteuid() == 0, "needs root to switch to an unprivileged user")
+    need(shutil.which("setpriv") is not None, "setpriv is missing")
+    require_fuse()
+    need(os.stat("/dev/fuse").st_mode & 0o006 == 0o006, "/dev/fuse is not open to users here")
+    base = Path(tempfile.mkdtemp(prefix="nat-rootless-", dir="/tmp"))
+    try:
+        lo, mnt = base / "lo", base / "mnt"
+        lo.mkdir()
+        mnt.mkdir()
+        (lo / "f").write_bytes(b"rootless")
+        for p in (base, lo, mnt, lo / "f"):
+            os.chown(p, 65534, 65534)
+        cmd = [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            LAYERFS,
+            "-o",
+            f"lowerdir={lo},fuse=native",
+            str(mnt),
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        try:
+            assert fstype(mnt) == "fuse.layerfs"
+            out = subprocess.run(
+                [
+                    "setpriv",
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "cat",
+                    str(mnt / "f"),
+                ],
+                capture_output=True,
+                timeout=30,
+            )
+            assert out.stdout == b"rootless"
+        finally:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=30)
+        assert not is_mounted(mnt)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_unmounted_daemon_leaves_the_next_mount_alone(tmp_path, lower, fuse):
+    """Unmounted from outside, a daemon must not unmount the mountpoint on its way out: a new
+    mount may already sit there (libfuse checks the same: POLLERR on its device fd)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    first = native(mnt, [lower])
+    first.start()
+    second = native(mnt, [lower], extra="fsname=second")
+    try:
+        proc = first.proc
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True, timeout=30)
+        second.start()  # while the first daemon may still be shutting down
+        assert proc.wait(timeout=20) == 0
+        time.sleep(0.2)
+        assert is_mounted(mnt) and (mnt / "dir" / "f3").read_bytes() == b"3" * 100
+    finally:
+        second.stop()
+        first.stop()

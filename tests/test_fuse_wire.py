@@ -1,0 +1,335 @@
+"""The native FUSE transport without a mount: wire parsing, INIT negotiation, the session's
+answers to malformed requests, lookup accounting through FORGET, and the bridge's replies."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.fusewire import Harness, entry_nodeid, forget_batch, parse_direntplus, read_in
+from unionfs.fuse import opcodes, wire
+from unionfs.fuse.init import Wanted, negotiate
+from unionfs.stack import LayerStack
+
+LOOKUP, FORGET, GETATTR, OPEN, READ, GETXATTR = 1, 2, 3, 14, 15, 22
+OPENDIR, READDIR, INTERRUPT, BATCH_FORGET, READDIRPLUS, WRITE = 27, 28, 36, 42, 44, 16
+
+
+def init_body(minor=45, flags=0xFFFFFFFF, flags2=0xFFFFFFFF, major=7) -> bytes:
+    return struct.pack("<IIIII", major, minor, 1 << 17, flags, flags2) + bytes(44)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    lo = tmp_path / "lo"
+    (lo / "d").mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        (lo / name).write_bytes(b"data of " + name.encode())
+    return lo
+
+
+@pytest.fixture
+def harness(tree):
+    h = Harness(LayerStack([str(tree)]))
+    yield h
+    h.close()
+
+
+# ----- wire ------------------------------------------------------------------------------
+def test_header_round_trip():
+    raw = wire.pack_request(LOOKUP, 42, 1, b"name\0", uid=5, gid=6, pid=7)
+    h = wire.parse_header(memoryview(raw))
+    assert (h.opcode, h.unique, h.nodeid, h.uid, h.gid, h.pid) == (LOOKUP, 42, 1, 5, 6, 7)
+    assert bytes(h.body) == b"name\0"
+
+
+def test_short_and_inconsistent_headers():
+    with pytest.raises(wire.Malformed) as exc:
+        wire.parse_header(memoryview(bytes(39)))
+    assert exc.value.errno == errno.EIO and getattr(exc.value, "unique", 0) == 0
+    raw = wire.pack_request(LOOKUP, 9, 1, b"name\0")
+    with pytest.raises(wire.Malformed) as exc:
+        wire.parse_header(memoryview(raw[:-2]))  # header length disagrees with the read
+    assert exc.value.errno == errno.EIO and exc.value.unique == 9  # type: ignore[attr-defined]
+
+
+def test_entry_and_attr_packing():
+    class A:
+        st_ino, generation, st_size, st_blocks, st_mode, st_nlink = 7, 0, 10, 1, 0o100644, 1
+        st_uid, st_gid, st_rdev, st_blksize = 1, 2, 0, 4096
+        st_atime_ns, st_mtime_ns, st_ctime_ns = 1_500_000_001, 2_000_000_002, 3
+        entry_timeout, attr_timeout = 1.5, 86400.0
+
+    e = wire.ENTRY_OUT.unpack(wire.pack_entry(A, 7))
+    assert e[:6] == (7, 0, 1, 86400, 500_000_000, 0)
+    assert e[6:] == (7, 10, 1, 1, 2, 0, 500_000_001, 2, 3, 0o100644, 1, 1, 2, 0, 4096, 0)
+    a = wire.ATTR_OUT.unpack(wire.pack_attr_out(A, 99))
+    assert a[0] == 86400 and a[3] == 99  # the shown st_ino, apart from the node id
+    A.st_ino = 0  # a negative entry: nodeid 0, only the entry timeout
+    assert wire.ENTRY_OUT.unpack(wire.pack_entry(A, 0))[:3] == (0, 0, 1)
+
+
+def test_cstrings_need_their_terminator():
+    assert wire.cstrings(memoryview(b"ab\0cd\0"), 0, 2) == ([b"ab", b"cd"], 6)
+    with pytest.raises(wire.Malformed):
+        wire.cstrings(memoryview(b"ab\0cd"), 0, 2)
+
+
+# ----- INIT ------------------------------------------------------------------------------
+def test_negotiation_grants_only_what_the_kernel_offers():
+    payload, conn, err = negotiate(memoryview(init_body()), Wanted(writeback=True))
+    assert err == 0 and conn is not None and len(payload) == 64
+    assert conn.flags & wire.WRITEBACK_CACHE and conn.flags & wire.CACHE_SYMLINKS
+    assert not conn.no_open and conn.max_write == 1 << 20
+    assert not conn.flags & wire.POSIX_ACL and not conn.flags & wire.HANDLE_KILLPRIV_V2
+    fields = wire.INIT_OUT.unpack(payload)
+    assert fields[:2] == (7, 45) and fields[8] == 256  # max_pages
+    offered = wire.ASYNC_READ | wire.DO_READDIRPLUS  # an old-fashioned kernel
+    _, conn, _ = negotiate(memoryview(init_body(flags=offered, flags2=0)), Wanted(writeback=True))
+    assert conn is not None and conn.flags == offered and conn.max_write == 32 * 4096
+
+
+def test_negotiation_no_open_only_for_read_only_stacks():
+    _, ro, _ = negotiate(memoryview(init_body()), Wanted(read_only=True))
+    _, rw, _ = negotiate(memoryview(init_body()), Wanted(read_only=False))
+    assert ro.no_open and ro.no_opendir and not ro.flags & wire.WRITEBACK_CACHE
+    assert not rw.no_open and not rw.no_opendir
+    no_flag = 0xFFFFFFFF & ~(wire.NO_OPEN_SUPPORT | wire.NO_OPENDIR_SUPPORT)
+    _, old, _ = negotiate(memoryview(init_body(flags=no_flag)), Wanted(read_only=True))
+    assert not old.no_open and not old.no_opendir
+
+
+def test_negotiation_minor_gates():
+    _, conn, err = negotiate(memoryview(init_body(minor=30)), Wanted())
+    assert conn is None and err == errno.EPROTO
+    _, conn, _ = negotiate(memoryview(init_body(minor=31, flags2=0)), Wanted())
+    assert conn.minor == 31 and not conn.noflush and conn.cache_dir
+    payload, conn, err = negotiate(memoryview(init_body(major=8)), Wanted())
+    assert conn is None and err == 0 and wire.INIT_OUT.unpack(payload)[:2] == (7, 45)
+    with pytest.raises(wire.Malformed):
+        negotiate(memoryview(b"\7\0\0\0"), Wanted())
+
+
+# ----- the session: malformed requests --------------------------------------------------
+def test_unknown_and_truncated_requests_get_errnos(harness):
+    async def scenario():
+        assert (await harness.call(4242, 1))[0] == errno.ENOSYS
+        assert (await harness.call(LOOKUP, 1, b"no-terminator"))[0] == errno.EINVAL
+        assert (await harness.call(READ, 1, b"\0" * 8))[0] == errno.EINVAL
+        assert (await harness.call(GETXATTR, 1, b"\0\0\0\0"))[0] == errno.EINVAL
+        body = wire.WRITE_IN.pack(1, 0, 100, 0, 0, 0, 0) + b"short"
+        assert (await harness.call(WRITE, 1, body))[0] == errno.EINVAL
+        many = struct.pack("<II", 1000, 0) + wire.FORGET_ONE.pack(1, 1)
+        unique, raw = harness.request(BATCH_FORGET, 0, many)
+        await harness.send_raw(raw)  # no reply, no exception
+        unique, raw = harness.request(LOOKUP, 1, b"a\0")
+        await harness.send_raw(raw[:-1])  # the read is shorter than its header says
+        assert harness.replies() == [(unique, errno.EIO, b"")]
+        assert (await harness.call(LOOKUP, 1, b"a\0"))[0] == 0  # still serving
+
+    trio.run(scenario)
+
+
+def _requests():
+    codes = st.sampled_from(sorted(opcodes.OPCODES) + [0, 26, 99, 2**32 - 1])
+    return st.tuples(codes, st.sampled_from([0, 1, 2, 12345]), st.binary(max_size=200))
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(reqs=st.lists(_requests(), max_size=8), cut=st.integers(0, 300))
+def test_random_requests_never_escape_the_loop(tree, reqs, cut):
+    """Random opcodes, nodeids and bodies, and truncated reads: every request is answered at
+    most once, never with a raise out of dispatch, and the session still serves afterwards."""
+    h = Harness(LayerStack([str(tree)]))
+    try:
+
+        async def scenario():
+            sent = []
+            for code, nodeid, body in reqs:
+                unique, raw = h.request(code, nodeid, body)
+                sent.append(unique)
+                await h.send_raw(raw)
+                await h.send_raw(raw[: cut % (len(raw) + 1)])
+            replies = h.replies()
+            uniques = [u for u, _, _ in replies]
+            assert set(uniques) <= set(sent) and all(e >= 0 for _, e, _ in replies)
+            assert (await h.call(LOOKUP, 1, b"a\0"))[0] == 0
+
+        trio.run(scenario)
+    finally:
+        h.close()
+
+
+# ----- lookup accounting -----------------------------------------------------------------
+def test_forget_accounting_lookup_and_readdirplus(harness):
+    nodes = harness.ops.stack.nodes
+
+    async def scenario():
+        err, payload = await harness.call(LOOKUP, 1, b"a\0")
+        a = entry_nodeid(payload)
+        await harness.call(LOOKUP, 1, b"a\0")
+        assert nodes[a].lookups == 2
+        err, dh = await harness.call(OPENDIR, 1, wire.OPEN_IN.pack(os.O_RDONLY, 0))
+        fh = wire.OPEN_OUT.unpack(dh)[0]
+        err, listing = await harness.call(READDIRPLUS, 1, read_in(fh, 0, 4096))
+        entries = {name: nodeid for name, nodeid, _ in parse_direntplus(listing)}
+        assert set(entries) == {b".", b"..", b"a", b"b", b"c", b"d"}
+        assert entries[b"."] == 0 and entries[b".."] == 0  # dots: no entry, no count
+        assert nodes[a].lookups == 3 and nodes[entries[b"b"]].lookups == 1
+        err, plain = await harness.call(READDIR, 1, read_in(fh, 0, 4096))
+        assert err == 0 and nodes[a].lookups == 3  # plain READDIR makes no references
+        unique, raw = harness.request(FORGET, a, wire.FORGET_IN.pack(1))
+        await harness.send_raw(raw)
+        assert nodes[a].lookups == 2
+        pairs = [(a, 2)] + [(entries[n], 1) for n in (b"b", b"c", b"d")]
+        unique, raw = harness.request(BATCH_FORGET, 0, forget_batch(pairs))
+        await harness.send_raw(raw)
+        assert harness.replies() == []  # FORGETs are never answered
+        assert set(nodes) == {1}
+
+    trio.run(scenario)
+
+
+def test_readdirplus_stops_at_the_buffer_and_counts_only_what_fits(harness):
+    nodes = harness.ops.stack.nodes
+
+    async def scenario():
+        _, dh = await harness.call(OPENDIR, 1, wire.OPEN_IN.pack(os.O_RDONLY, 0))
+        fh = wire.OPEN_OUT.unpack(dh)[0]
+        one = wire.dirent_size(b"a", plus=True)
+        _, part = await harness.call(READDIRPLUS, 1, read_in(fh, 0, 3 * one))
+        got = parse_direntplus(part)
+        assert [n for n, _, _ in got][:2] == [b".", b".."] and len(got) == 3
+        assert sum(n.lookups for ino, n in nodes.items() if ino != 1) == 1
+        _, rest = await harness.call(READDIRPLUS, 1, read_in(fh, got[-1][2], 4096))
+        names = [got[2][0]] + [n for n, _, _ in parse_direntplus(rest)]
+        assert sorted(names) == [b"a", b"b", b"c", b"d"]
+
+    trio.run(scenario)
+
+
+# ----- replies of the bridge ---------------------------------------------------------------
+def test_getxattr_sizes_and_read(harness, tree):
+    os.setxattr(tree / "a", b"user.k", b"value")
+
+    async def scenario():
+        _, payload = await harness.call(LOOKUP, 1, b"a\0")
+        a = entry_nodeid(payload)
+        err, out = await harness.call(GETXATTR, a, wire.GETXATTR_IN.pack(0, 0) + b"user.k\0")
+        assert err == 0 and wire.GETXATTR_OUT.unpack(out)[0] == 5
+        err, _ = await harness.call(GETXATTR, a, wire.GETXATTR_IN.pack(2, 0) + b"user.k\0")
+        assert err == errno.ERANGE
+        err, out = await harness.call(GETXATTR, a, wire.GETXATTR_IN.pack(64, 0) + b"user.k\0")
+        assert (err, out) == (0, b"value")
+        err, oo = await harness.call(OPEN, a, wire.OPEN_IN.pack(os.O_RDONLY, 0))
+        fh, oflags, _ = wire.OPEN_OUT.unpack(oo)
+        assert oflags & wire.FOPEN_KEEP_CACHE and oflags & wire.FOPEN_NOFLUSH
+        assert await harness.call(READ, a, read_in(fh, 2, 100)) == (0, b"ta of a")
+        err, _ = await harness.call(OPEN, a, wire.OPEN_IN.pack(os.O_WRONLY, 0))
+        assert err == errno.EROFS
+
+    trio.run(scenario)
+
+
+def test_no_open_reads_by_inode_and_releases_at_forget(tree):
+    h = Harness(LayerStack([str(tree)]), no_open=True, no_opendir=True)
+
+    async def scenario():
+        _, payload = await h.call(LOOKUP, 1, b"b\0")
+        b = entry_nodeid(payload)
+        assert (await h.call(OPEN, b, wire.OPEN_IN.pack(os.O_RDONLY, 0)))[0] == errno.ENOSYS
+        assert (await h.call(OPENDIR, 1, wire.OPEN_IN.pack(os.O_RDONLY, 0)))[0] == errno.ENOSYS
+        assert await h.call(READ, b, read_in(0, 0, 100)) == (0, b"data of b")
+        _, listing = await h.call(READDIRPLUS, 1, read_in(0, 0, 4096))
+        assert len(parse_direntplus(listing)) == 6
+        assert len(h.ops._files) == 1
+        unique, raw = h.request(FORGET, b, wire.FORGET_IN.pack(2))
+        await h.send_raw(raw)
+        assert b not in h.ops.stack.nodes and not h.ops._files  # its fd is closed
+
+    try:
+        trio.run(scenario)
+    finally:
+        h.close()
+
+
+def test_opendir_caches_only_directories_outside_the_upper(tmp_path):
+    from unionfs.writer import Writer
+
+    lo, up, wk = (tmp_path / n for n in ("lo", "up", "wk"))
+    for d in (lo / "low", up / "both", lo / "both", wk):
+        d.mkdir(parents=True)
+    stack = LayerStack([str(lo)], str(up))
+    h = Harness(stack, Writer(stack, str(wk)))
+
+    async def scenario():
+        flags = {}
+        for name in (b"low", b"both"):
+            _, payload = await h.call(LOOKUP, 1, name + b"\0")
+            _, oo = await h.call(OPENDIR, entry_nodeid(payload), wire.OPEN_IN.pack(0, 0))
+            flags[name] = wire.OPEN_OUT.unpack(oo)[1]
+        assert flags[b"low"] == wire.FOPEN_CACHE_DIR | wire.FOPEN_KEEP_CACHE
+        assert flags[b"both"] == 0
+
+    try:
+        trio.run(scenario)
+    finally:
+        h.close()
+
+
+def test_interrupt_cancels_a_waiting_request(tmp_path):
+    from unionfs.writer import Writer
+
+    lo, up, wk = (tmp_path / n for n in ("lo", "up", "wk"))
+    for d in (lo, up, wk):
+        d.mkdir()
+    (lo / "f").write_bytes(b"x")
+    stack = LayerStack([str(lo)], str(up))
+    h = Harness(stack, Writer(stack, str(wk)))
+
+    async def scenario():
+        _, payload = await h.call(LOOKUP, 1, b"f\0")
+        f = entry_nodeid(payload)
+        await h.ops.gate.freeze()  # a frozen mount holds every mutating request
+        async with trio.open_nursery() as tasks:
+            unique, raw = h.request(OPEN, f, wire.OPEN_IN.pack(os.O_WRONLY, 0))
+            assert await h.session.dispatch(memoryview(raw), tasks)  # started as a task
+            await trio.testing.wait_all_tasks_blocked()
+            assert h.replies() == []  # held, and the loop was not stalled
+            err, _ = await h.call(GETATTR, f, bytes(16))
+            assert err == 0
+            _, intr = h.request(INTERRUPT, 0, wire.INTERRUPT_IN.pack(unique))
+            await h.session.dispatch(memoryview(intr), tasks)
+        assert h.replies() == [(unique, errno.EINTR, b"")]
+        h.ops.gate.thaw()
+
+    try:
+        trio.run(scenario)
+    finally:
+        h.close()
+
+
+def test_setattr_arguments():
+    from unionfs.fuse.bridge import setattr_args
+
+    valid = wire.FATTR_SIZE | wire.FATTR_MTIME | wire.FATTR_ATIME_NOW | wire.FATTR_FH
+    raw = wire.SETATTR_IN.pack(valid, 0, 9, 123, 0, 5, 7, 0, 6, 8, 0, 0o644, 0, 1, 2, 0)
+    (fields,) = opcodes.OPCODES[4].decode(wire.parse_header(memoryview(
+        wire.pack_request(4, 1, 1, raw))))  # fmt: skip
+    attrs, which, fh = setattr_args(fields)
+    assert fh == 9 and attrs.st_size == 123 and attrs.st_mtime_ns == 7_000_000_008
+    assert which.update_size and which.update_mtime and which.update_atime
+    assert not (which.update_mode or which.update_uid or which.update_gid)
+    assert abs(attrs.st_atime_ns - time.time_ns()) < 5_000_000_000  # ATIME_NOW: now
+    _, _, fh = setattr_args((wire.FATTR_MODE,) + fields[1:])
+    assert fh is None  # no FATTR_FH: the kernel named no handle

@@ -1,0 +1,325 @@
+"""The bridge: drives the shared handler class (`UnionOperations`) from wire requests.
+
+Like go-fuse's `fs/bridge.go`: each method takes the request header and the decoded arguments,
+calls the same handler the pyfuse3 transport calls, and packs the handler's pyfuse3 objects
+(EntryAttributes, FileInfo, StatvfsData) into the wire reply.  Failures are not translated
+here: the handlers raise FUSEError (which carries an errno) and the session turns any
+exception into an errno in one place (`session.errno_of`).  So both transports sit over one
+handler layer and cannot drift.
+
+Kernel caching decided here, each only when INIT negotiated it (`Conn`):
+  - OPEN answers FOPEN_KEEP_CACHE (when the handler asks, as today) and FOPEN_NOFLUSH;
+  - OPENDIR answers FOPEN_CACHE_DIR|FOPEN_KEEP_CACHE for directories that are not in the
+    upper (lower-only: their listing changes only by a request through this mount, and the
+    kernel drops its cached listing itself when it sends one: fuse_dir_changed bumps the
+    directory's i_version); upper directories are not cached;
+  - a stack without an upper answers OPEN/OPENDIR with ENOSYS (no-open): the kernel then
+    sends fh 0, and this bridge keeps one handle per inode, released at FORGET.
+Lookup counts: the handlers count every entry they hand out (lookup, create, every
+READDIRPLUS entry but . and ..); for plain READDIR, which creates no kernel reference, the
+bridge gives the counts back.
+Concurrency: trio, one thread; no state is held across an await except the no-open maps,
+which are filled after the await that opened the handle.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from typing import Any
+
+from ..operations import shown_ino  # imported after INIT (run.py): it loads pyfuse3
+from . import wire
+from .init import Conn
+from .wire import Header
+
+
+def _entry(attrs: Any) -> bytes:
+    """fuse_entry_out of a handler's EntryAttributes (node id and shown st_ino apart)."""
+    return wire.pack_entry(attrs, shown_ino(attrs))
+
+
+def _attr_out(attrs: Any) -> bytes:
+    return wire.pack_attr_out(attrs, shown_ino(attrs))
+
+
+class Ctx:
+    """What pyfuse3's RequestContext offers handlers."""
+
+    __slots__ = ("uid", "gid", "pid", "umask")
+
+    def __init__(self, h: Header, umask: int = 0) -> None:
+        self.uid, self.gid, self.pid, self.umask = h.uid, h.gid, h.pid, umask
+
+    def __repr__(self) -> str:
+        return f"ctx(uid={self.uid},gid={self.gid},pid={self.pid})"
+
+
+class Errno(Exception):
+    def __init__(self, err: int) -> None:
+        super().__init__(os.strerror(err))
+        self.errno = err
+
+
+class SetattrFields:
+    """pyfuse3.SetattrFields' names, settable."""
+
+    __slots__ = ("update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid",
+                 "update_gid", "update_size")  # fmt: skip
+
+    def __init__(self, valid: int) -> None:
+        self.update_atime = bool(valid & (wire.FATTR_ATIME | wire.FATTR_ATIME_NOW))
+        self.update_mtime = bool(valid & (wire.FATTR_MTIME | wire.FATTR_MTIME_NOW))
+        self.update_ctime = bool(valid & wire.FATTR_CTIME)
+        self.update_mode = bool(valid & wire.FATTR_MODE)
+        self.update_uid = bool(valid & wire.FATTR_UID)
+        self.update_gid = bool(valid & wire.FATTR_GID)
+        self.update_size = bool(valid & wire.FATTR_SIZE)
+
+
+class NewAttrs:
+    """The values of a SETATTR, with EntryAttributes' names."""
+
+    __slots__ = ("st_mode", "st_uid", "st_gid", "st_size", "st_atime_ns", "st_mtime_ns",
+                 "st_ctime_ns")  # fmt: skip
+
+    def __init__(self, mode: int, uid: int, gid: int, size: int, times: tuple[int, int, int]):
+        self.st_mode, self.st_uid, self.st_gid, self.st_size = mode, uid, gid, size
+        self.st_atime_ns, self.st_mtime_ns, self.st_ctime_ns = times
+
+
+def setattr_args(fields: tuple[int, ...]) -> tuple[NewAttrs, SetattrFields, int | None]:
+    valid, _, fh, size, _lo, atime, mtime, ctime, atns, mtns, ctns, mode, _, uid, gid, _ = fields
+    now = time.time_ns()
+    times = (
+        now if valid & wire.FATTR_ATIME_NOW else atime * 1_000_000_000 + atns,
+        now if valid & wire.FATTR_MTIME_NOW else mtime * 1_000_000_000 + mtns,
+        ctime * 1_000_000_000 + ctns,
+    )
+    attrs = NewAttrs(mode, uid, gid, size, times)
+    return attrs, SetattrFields(valid), (fh if valid & wire.FATTR_FH else None)
+
+
+class DirBuffer:
+    """The readdir token: entries packed until the kernel's buffer is full."""
+
+    __slots__ = ("size", "plus", "parts", "used", "counted")
+
+    def __init__(self, size: int, plus: bool) -> None:
+        self.size, self.plus = size, plus
+        self.parts: list[bytes] = []
+        self.used = 0
+        self.counted: list[int] = []  # inodes the handler counted for a plain READDIR
+
+    def add(self, name: bytes, attrs: Any, next_id: int) -> bool:
+        reclen = wire.dirent_size(name, self.plus)
+        if self.used + reclen > self.size:
+            return False
+        dot = name in (b".", b"..")
+        entry = None
+        if self.plus:
+            entry = bytes(wire.ENTRY_OUT.size) if dot else _entry(attrs)
+        elif not dot:
+            self.counted.append(attrs.st_ino)  # the node id
+        ino = shown_ino(attrs)  # d_ino is what stat shows
+        self.parts.append(wire.pack_dirent(ino, next_id, attrs.st_mode, name, entry))
+        self.used += reclen
+        return True
+
+
+def readdir_reply(token: DirBuffer, name: bytes, attrs: Any, next_id: int) -> bool:
+    """The emission function handed to UnionOperations (pyfuse3.readdir_reply's shape)."""
+    return token.add(name, attrs, next_id)
+
+
+def _sized(value: bytes, size: int) -> bytes:
+    """getxattr/listxattr: size 0 asks for the length; a short buffer is ERANGE."""
+    if size == 0:
+        return wire.GETXATTR_OUT.pack(len(value), 0)
+    if len(value) > size:
+        raise Errno(errno.ERANGE)
+    return value
+
+
+class Bridge:
+    def __init__(self, ops: Any, conn: Conn) -> None:
+        self.ops = ops
+        self.conn = conn
+        self._node_fh: dict[int, int] = {}  # no-open: inode → the handler's file handle
+        self._node_dh: dict[int, int] = {}  # no-opendir: inode → the handler's dir handle
+
+    # ----- names and attributes --------------------------------------------------------
+    async def lookup(self, h: Header, name: bytes) -> bytes:
+        return _entry(await self.ops.lookup(h.nodeid, name, Ctx(h)))
+
+    async def forget(self, h: Header, pairs: list[tuple[int, int]]) -> None:
+        await self.ops.forget(pairs)
+        nodes = self.ops.stack.nodes
+        for ino, _ in pairs:
+            if ino not in nodes:
+                await self._drop_node_handles(ino)
+
+    async def _drop_node_handles(self, ino: int) -> None:
+        fh = self._node_fh.pop(ino, None)
+        if fh is not None:
+            await self.ops.release(fh)
+        dh = self._node_dh.pop(ino, None)
+        if dh is not None:
+            await self.ops.releasedir(dh)
+
+    async def close(self) -> None:
+        """Release the no-open handles (at the end of the session)."""
+        for ino in list(self._node_fh) + list(self._node_dh):
+            await self._drop_node_handles(ino)
+
+    async def getattr(self, h: Header) -> bytes:
+        return _attr_out(await self.ops.getattr(h.nodeid, Ctx(h)))
+
+    async def setattr(self, h: Header, fields: tuple[int, ...]) -> bytes:
+        attrs, which, fh = setattr_args(fields)
+        return _attr_out(await self.ops.setattr(h.nodeid, attrs, which, fh, Ctx(h)))
+
+    async def readlink(self, h: Header) -> bytes:
+        return bytes(await self.ops.readlink(h.nodeid, Ctx(h)))
+
+    async def access(self, h: Header, mask: int) -> bytes:
+        if not await self.ops.access(h.nodeid, mask, Ctx(h)):
+            raise Errno(errno.EACCES)
+        return b""
+
+    async def statfs(self, h: Header) -> bytes:
+        s = await self.ops.statfs(Ctx(h))
+        return wire.STATFS_OUT.pack(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree,
+                                    s.f_bsize, s.f_namemax, s.f_frsize, 0)  # fmt: skip
+
+    # ----- xattrs -------------------------------------------------------------------------
+    async def getxattr(self, h: Header, name: bytes, size: int) -> bytes:
+        return _sized(await self.ops.getxattr(h.nodeid, name, Ctx(h)), size)
+
+    async def listxattr(self, h: Header, size: int) -> bytes:
+        names = await self.ops.listxattr(h.nodeid, Ctx(h))
+        return _sized(b"".join(n + b"\0" for n in names), size)
+
+    async def setxattr(self, h: Header, name: bytes, value: bytes) -> bytes:
+        await self.ops.setxattr(h.nodeid, name, value, Ctx(h))
+        return b""
+
+    async def removexattr(self, h: Header, name: bytes) -> bytes:
+        await self.ops.removexattr(h.nodeid, name, Ctx(h))
+        return b""
+
+    # ----- the namespace --------------------------------------------------------------------
+    async def mknod(self, h: Header, name: bytes, mode: int, rdev: int, umask: int) -> bytes:
+        return _entry(await self.ops.mknod(h.nodeid, name, mode, rdev, Ctx(h, umask)))
+
+    async def mkdir(self, h: Header, name: bytes, mode: int, umask: int) -> bytes:
+        return _entry(await self.ops.mkdir(h.nodeid, name, mode, Ctx(h, umask)))
+
+    async def symlink(self, h: Header, name: bytes, target: bytes) -> bytes:
+        return _entry(await self.ops.symlink(h.nodeid, name, target, Ctx(h)))
+
+    async def link(self, h: Header, old: int, name: bytes) -> bytes:
+        return _entry(await self.ops.link(old, h.nodeid, name, Ctx(h)))
+
+    async def unlink(self, h: Header, name: bytes) -> bytes:
+        await self.ops.unlink(h.nodeid, name, Ctx(h))
+        return b""
+
+    async def rmdir(self, h: Header, name: bytes) -> bytes:
+        await self.ops.rmdir(h.nodeid, name, Ctx(h))
+        return b""
+
+    async def rename(self, h: Header, old: bytes, newdir: int, new: bytes, flags: int) -> bytes:
+        await self.ops.rename(h.nodeid, old, newdir, new, flags, Ctx(h))
+        return b""
+
+    # ----- files ------------------------------------------------------------------------------
+    def _open_flags(self, info: Any) -> int:
+        flags = wire.FOPEN_KEEP_CACHE if info.keep_cache else 0
+        if info.direct_io:
+            flags |= wire.FOPEN_DIRECT_IO
+        if self.conn.noflush:
+            flags |= wire.FOPEN_NOFLUSH
+        return flags
+
+    async def open(self, h: Header, flags: int) -> bytes:
+        if self.conn.no_open:
+            raise Errno(errno.ENOSYS)  # once: the kernel stops sending OPEN/RELEASE/FLUSH
+        info = await self.ops.open(h.nodeid, flags, Ctx(h))
+        return wire.OPEN_OUT.pack(info.fh, self._open_flags(info), 0)
+
+    async def create(self, h: Header, name: bytes, mode: int, flags: int, umask: int) -> bytes:
+        info, attrs = await self.ops.create(h.nodeid, name, mode, flags, Ctx(h, umask))
+        return _entry(attrs) + wire.OPEN_OUT.pack(info.fh, self._open_flags(info), 0)
+
+    async def _file(self, h: Header, fh: int) -> int:
+        if fh == 0 and self.conn.no_open:
+            fh = self._node_fh.get(h.nodeid, 0)
+            if fh == 0:
+                fh = (await self.ops.open(h.nodeid, os.O_RDONLY, Ctx(h))).fh
+                self._node_fh[h.nodeid] = fh
+        return fh
+
+    async def read(self, h: Header, fh: int, off: int, size: int) -> bytes:
+        return bytes(await self.ops.read(await self._file(h, fh), off, size))
+
+    async def write(self, h: Header, fh: int, off: int, data: bytes) -> bytes:
+        return wire.WRITE_OUT.pack(await self.ops.write(fh, off, data), 0)
+
+    async def flush(self, h: Header, fh: int) -> bytes:
+        await self.ops.flush(fh)
+        return b""
+
+    async def release(self, h: Header, fh: int) -> bytes:
+        await self.ops.release(fh)
+        return b""
+
+    async def fsync(self, h: Header, fh: int, datasync: bool) -> bytes:
+        await self.ops.fsync(await self._file(h, fh), datasync)
+        return b""
+
+    # ----- directories --------------------------------------------------------------------------
+    async def opendir(self, h: Header, flags: int) -> bytes:
+        if self.conn.no_opendir:
+            raise Errno(errno.ENOSYS)  # once: the kernel caches listings itself from now on
+        fh = await self.ops.opendir(h.nodeid, Ctx(h))
+        oflags = 0
+        if self.conn.cache_dir and not self.ops.stack.in_upper(self.ops.stack.node(h.nodeid)):
+            oflags = wire.FOPEN_CACHE_DIR | wire.FOPEN_KEEP_CACHE
+        return wire.OPEN_OUT.pack(fh, oflags, 0)
+
+    async def _dir(self, h: Header, fh: int) -> int:
+        if fh == 0 and self.conn.no_opendir:
+            fh = self._node_dh.get(h.nodeid, 0)
+            if fh == 0:
+                fh = await self.ops.opendir(h.nodeid, Ctx(h))
+                self._node_dh[h.nodeid] = fh
+        return fh
+
+    async def readdirplus(self, h: Header, fh: int, off: int, size: int) -> bytes:
+        token = DirBuffer(size, plus=True)
+        await self.ops.readdir(await self._dir(h, fh), off, token)
+        return b"".join(token.parts)
+
+    async def readdir(self, h: Header, fh: int, off: int, size: int) -> bytes:
+        token = DirBuffer(size, plus=False)
+        await self.ops.readdir(await self._dir(h, fh), off, token)
+        for ino in token.counted:  # no kernel reference was made: give the counts back
+            self.ops.stack.forget(ino, 1)
+        return b"".join(token.parts)
+
+    async def releasedir(self, h: Header, fh: int) -> bytes:
+        await self.ops.releasedir(fh)
+        return b""
+
+    async def fsyncdir(self, h: Header, fh: int, datasync: bool) -> bytes:
+        await self.ops.fsyncdir(await self._dir(h, fh), datasync)
+        return b""
+
+    async def destroy(self, h: Header) -> bytes:
+        await self.close()
+        return b""
+
+    async def interrupt(self, h: Header, unique: int) -> None:  # handled by the session
+        return None

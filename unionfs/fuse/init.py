@@ -1,0 +1,128 @@
+"""INIT negotiation: what we ask for, gated on what the kernel offers and its minor.
+
+`negotiate` is pure (request bytes in, reply bytes and a `Conn` out), so every branch is unit
+tested.  No feature is assumed: each is asked for only when the kernel's INIT flags offer it
+(and, for open-reply flags, when the minor defines it); the result is logged under -d.
+Concurrency: none.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from . import wire
+from .wire import Malformed
+
+PAGE = 4096
+MAX_PAGES = 256  # 1 MiB WRITE/READ requests
+MAX_BACKGROUND = 16
+CONGESTION_THRESHOLD = 12
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What the mount would like; `negotiate` grants the subset the kernel offers."""
+
+    writeback: bool = False  # FUSE_WRITEBACK_CACHE
+    read_only: bool = False  # a stack without an upper: no-open / no-opendir
+    cache_symlinks: bool = True
+
+
+@dataclass(frozen=True)
+class Conn:
+    """The negotiated connection."""
+
+    minor: int
+    kernel_flags: int
+    flags: int
+    max_write: int
+    max_readahead: int
+    no_open: bool  # answer OPEN/FLUSH with ENOSYS (kernel: fh 0, KEEP_CACHE)
+    no_opendir: bool  # answer OPENDIR with ENOSYS (kernel: fh 0, KEEP_CACHE|CACHE_DIR)
+    cache_dir: bool  # FOPEN_CACHE_DIR known to the kernel (7.28)
+    noflush: bool  # FOPEN_NOFLUSH known to the kernel (7.35)
+
+    @property
+    def bufsize(self) -> int:
+        """A read buffer for any request: the largest WRITE plus headers."""
+        return self.max_write + PAGE
+
+    def describe(self) -> str:
+        return (
+            f"protocol 7.{self.minor}; kernel offers {wire.flag_names(self.kernel_flags)}; "
+            f"negotiated {wire.flag_names(self.flags)}; max_write {self.max_write}; "
+            f"no_open={self.no_open} no_opendir={self.no_opendir} cache_dir={self.cache_dir} "
+            f"noflush={self.noflush}"
+        )
+
+
+def base_flags(want: Wanted) -> int:
+    """What every mount asks for (libfuse's defaults that pyfuse3 uses, plus the caches)."""
+    flags = (
+        wire.ASYNC_READ
+        | wire.ATOMIC_O_TRUNC
+        | wire.EXPORT_SUPPORT
+        | wire.BIG_WRITES
+        | wire.AUTO_INVAL_DATA
+        | wire.DO_READDIRPLUS
+        | wire.PARALLEL_DIROPS
+        | wire.MAX_PAGES
+        | wire.INIT_EXT
+    )
+    if want.writeback and not want.read_only:
+        flags |= wire.WRITEBACK_CACHE
+    if want.cache_symlinks:
+        flags |= wire.CACHE_SYMLINKS
+    return flags
+
+
+def parse_init(body: memoryview) -> tuple[int, int, int, int]:
+    """(major, minor, max_readahead, flags incl. flags2 << 32) of a fuse_init_in."""
+    if len(body) < wire.INIT_IN_COMPAT.size:
+        raise Malformed(f"init_in: {len(body)} bytes", errno.EIO)
+    major, minor, max_ra, flags = wire.INIT_IN_COMPAT.unpack_from(body, 0)
+    if flags & wire.INIT_EXT and len(body) >= wire.INIT_IN.size:
+        flags |= wire.INIT_IN.unpack_from(body, 0)[4] << 32
+    return major, minor, max_ra, flags
+
+
+def negotiate(body: memoryview, want: Wanted) -> tuple[bytes, Conn | None, int]:
+    """The INIT reply payload, the connection (None when refused) and the errno (0 = ok)."""
+    major, minor, max_ra, kflags = parse_init(body)
+    if major != wire.KERNEL_VERSION or minor < wire.MIN_MINOR:
+        # A newer major: answer with ours and the kernel retries (protocol rule); an older
+        # minor than we support: refuse.
+        if major > wire.KERNEL_VERSION:
+            return wire.INIT_OUT.pack(wire.KERNEL_VERSION, wire.OUR_MINOR, *(0,) * 10), None, 0
+        return b"", None, errno.EPROTO
+    granted = base_flags(want) & kflags
+    no_open = want.read_only and bool(kflags & wire.NO_OPEN_SUPPORT)
+    no_opendir = want.read_only and bool(kflags & wire.NO_OPENDIR_SUPPORT)
+    max_write = MAX_PAGES * PAGE if granted & wire.MAX_PAGES else 32 * PAGE
+    conn = Conn(
+        minor=min(minor, wire.OUR_MINOR),
+        kernel_flags=kflags,
+        flags=granted,
+        max_write=max_write,
+        max_readahead=max_ra,
+        no_open=no_open,
+        no_opendir=no_opendir,
+        cache_dir=minor >= 28,
+        noflush=minor >= 35,
+    )
+    payload = wire.INIT_OUT.pack(
+        wire.KERNEL_VERSION,
+        conn.minor,
+        max_ra,
+        granted & 0xFFFFFFFF,
+        MAX_BACKGROUND,
+        CONGESTION_THRESHOLD,
+        max_write,
+        1,  # time_gran: nanoseconds
+        MAX_PAGES if granted & wire.MAX_PAGES else 0,
+        0,  # map_alignment
+        granted >> 32,
+        0,  # max_stack_depth (no passthrough)
+    )
+    return payload, conn, 0

@@ -1,0 +1,227 @@
+"""The opcode table: per opcode its name, how its arguments are decoded (bounds-checked),
+which bridge method serves it, and how the session runs it.
+
+Like go-fuse's `fuse/opcode.go`: the session looks an opcode up here, decodes the arguments
+(`wire.Malformed` → an errno reply), and calls `bridge.<method>(header, *args)`.  Modes:
+  INLINE   awaited by the session loop itself: handlers that never block (no await that
+           can wait: lookups, attributes, reads of data, listings);
+  TASK     started as a task, so a request that waits (the freeze gate, a copy-up of a big
+           file in a worker thread, fsync) never stalls the others;
+  NOREPLY  FORGET, BATCH_FORGET, INTERRUPT: synchronous, the kernel expects no answer.
+Pure: decoders only read the request's bytes.  Concurrency: none.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import wire
+from .wire import Header, Malformed, cstrings, unpack
+
+INLINE, TASK, NOREPLY = "inline", "task", "noreply"
+
+
+@dataclass(frozen=True)
+class Op:
+    code: int
+    name: str
+    decode: Callable[[Header], tuple[Any, ...]]
+    method: str
+    mode: str
+    inline_if: Callable[[tuple[Any, ...]], bool] | None = None  # a TASK that may run inline
+
+
+def _none(h: Header) -> tuple[Any, ...]:
+    return ()
+
+
+def _name(h: Header) -> tuple[Any, ...]:
+    (name,), _ = cstrings(h.body, 0, 1)
+    return (name,)
+
+
+def _two_names(h: Header) -> tuple[Any, ...]:
+    (a, b), _ = cstrings(h.body, 0, 2)
+    return (a, b)
+
+
+def _forget(h: Header) -> tuple[Any, ...]:
+    (n,) = unpack(wire.FORGET_IN, h.body, "forget_in")
+    return ([(h.nodeid, n)],)
+
+
+def _batch_forget(h: Header) -> tuple[Any, ...]:
+    count, _ = unpack(wire.BATCH_FORGET_IN, h.body, "batch_forget_in")
+    need = wire.BATCH_FORGET_IN.size + count * wire.FORGET_ONE.size
+    if len(h.body) < need:
+        raise Malformed(f"batch_forget: {count} entries need {need} bytes, have {len(h.body)}")
+    one = wire.FORGET_ONE
+    base = wire.BATCH_FORGET_IN.size
+    return ([one.unpack_from(h.body, base + i * one.size) for i in range(count)],)
+
+
+def _interrupt(h: Header) -> tuple[Any, ...]:
+    return unpack(wire.INTERRUPT_IN, h.body, "interrupt_in")
+
+
+def _getattr(h: Header) -> tuple[Any, ...]:
+    return ()  # fuse_getattr_in (flags, fh) is not needed: attributes are per inode
+
+
+def _setattr(h: Header) -> tuple[Any, ...]:
+    return (unpack(wire.SETATTR_IN, h.body, "setattr_in"),)
+
+
+def _mknod(h: Header) -> tuple[Any, ...]:
+    mode, rdev, umask, _ = unpack(wire.MKNOD_IN, h.body, "mknod_in")
+    (name,), _ = cstrings(h.body, wire.MKNOD_IN.size, 1)
+    return (name, mode, rdev, umask)
+
+
+def _mkdir(h: Header) -> tuple[Any, ...]:
+    mode, umask = unpack(wire.MKDIR_IN, h.body, "mkdir_in")
+    (name,), _ = cstrings(h.body, wire.MKDIR_IN.size, 1)
+    return (name, mode, umask)
+
+
+def _symlink(h: Header) -> tuple[Any, ...]:
+    (name, target), _ = cstrings(h.body, 0, 2)
+    return (name, target)
+
+
+def _rename(h: Header) -> tuple[Any, ...]:
+    (newdir,) = unpack(wire.RENAME_IN, h.body, "rename_in")
+    (old, new), _ = cstrings(h.body, wire.RENAME_IN.size, 2)
+    return (old, newdir, new, 0)
+
+
+def _rename2(h: Header) -> tuple[Any, ...]:
+    newdir, flags, _ = unpack(wire.RENAME2_IN, h.body, "rename2_in")
+    (old, new), _ = cstrings(h.body, wire.RENAME2_IN.size, 2)
+    return (old, newdir, new, flags)
+
+
+def _link(h: Header) -> tuple[Any, ...]:
+    (old,) = unpack(wire.LINK_IN, h.body, "link_in")
+    (name,), _ = cstrings(h.body, wire.LINK_IN.size, 1)
+    return (old, name)
+
+
+def _open(h: Header) -> tuple[Any, ...]:
+    flags, _ = unpack(wire.OPEN_IN, h.body, "open_in")
+    return (flags,)
+
+
+def _create(h: Header) -> tuple[Any, ...]:
+    flags, mode, umask, _ = unpack(wire.CREATE_IN, h.body, "create_in")
+    (name,), _ = cstrings(h.body, wire.CREATE_IN.size, 1)
+    return (name, mode, flags, umask)
+
+
+def _read(h: Header) -> tuple[Any, ...]:
+    fh, off, size, *_ = unpack(wire.READ_IN, h.body, "read_in")
+    return (fh, off, size)
+
+
+def _write(h: Header) -> tuple[Any, ...]:
+    fh, off, size, *_ = unpack(wire.WRITE_IN, h.body, "write_in")
+    start = wire.WRITE_IN.size
+    if len(h.body) - start < size:
+        raise Malformed(f"write: {size} bytes announced, {len(h.body) - start} sent")
+    return (fh, off, bytes(h.body[start : start + size]))
+
+
+def _release(h: Header) -> tuple[Any, ...]:
+    fh, *_ = unpack(wire.RELEASE_IN, h.body, "release_in")
+    return (fh,)
+
+
+def _fsync(h: Header) -> tuple[Any, ...]:
+    fh, flags, _ = unpack(wire.FSYNC_IN, h.body, "fsync_in")
+    return (fh, bool(flags & wire.FSYNC_FDATASYNC))
+
+
+def _setxattr(h: Header) -> tuple[Any, ...]:
+    size, _flags = unpack(wire.SETXATTR_IN, h.body, "setxattr_in")
+    (name,), end = cstrings(h.body, wire.SETXATTR_IN.size, 1)
+    if len(h.body) - end < size:
+        raise Malformed(f"setxattr: value of {size} bytes announced, {len(h.body) - end} sent")
+    return (name, bytes(h.body[end : end + size]))
+
+
+def _getxattr(h: Header) -> tuple[Any, ...]:
+    size, _ = unpack(wire.GETXATTR_IN, h.body, "getxattr_in")
+    (name,), _ = cstrings(h.body, wire.GETXATTR_IN.size, 1)
+    return (name, size)
+
+
+def _listxattr(h: Header) -> tuple[Any, ...]:
+    size, _ = unpack(wire.GETXATTR_IN, h.body, "getxattr_in")
+    return (size,)
+
+
+def _access(h: Header) -> tuple[Any, ...]:
+    mask, _ = unpack(wire.ACCESS_IN, h.body, "access_in")
+    return (mask & (os.R_OK | os.W_OK | os.X_OK),)
+
+
+def _read_only_open(args: tuple[Any, ...]) -> bool:
+    """An open for reading never waits (no copy-up, not held by a freeze)."""
+    flags = args[0]
+    return (flags & os.O_ACCMODE) == os.O_RDONLY and not flags & os.O_TRUNC
+
+
+_TABLE = [
+    Op(1, "LOOKUP", _name, "lookup", INLINE),
+    Op(2, "FORGET", _forget, "forget", NOREPLY),
+    Op(3, "GETATTR", _getattr, "getattr", INLINE),
+    Op(4, "SETATTR", _setattr, "setattr", TASK),
+    Op(5, "READLINK", _none, "readlink", INLINE),
+    Op(6, "SYMLINK", _symlink, "symlink", TASK),
+    Op(8, "MKNOD", _mknod, "mknod", TASK),
+    Op(9, "MKDIR", _mkdir, "mkdir", TASK),
+    Op(10, "UNLINK", _name, "unlink", TASK),
+    Op(11, "RMDIR", _name, "rmdir", TASK),
+    Op(12, "RENAME", _rename, "rename", TASK),
+    Op(13, "LINK", _link, "link", TASK),
+    Op(14, "OPEN", _open, "open", TASK, _read_only_open),
+    Op(15, "READ", _read, "read", INLINE),
+    Op(16, "WRITE", _write, "write", TASK),
+    Op(17, "STATFS", _none, "statfs", INLINE),
+    Op(18, "RELEASE", _release, "release", INLINE),
+    Op(20, "FSYNC", _fsync, "fsync", TASK),
+    Op(21, "SETXATTR", _setxattr, "setxattr", TASK),
+    Op(22, "GETXATTR", _getxattr, "getxattr", INLINE),
+    Op(23, "LISTXATTR", _listxattr, "listxattr", INLINE),
+    Op(24, "REMOVEXATTR", _name, "removexattr", TASK),
+    Op(25, "FLUSH", _release, "flush", INLINE),
+    Op(27, "OPENDIR", _open, "opendir", INLINE),
+    Op(28, "READDIR", _read, "readdir", INLINE),
+    Op(29, "RELEASEDIR", _release, "releasedir", INLINE),
+    Op(30, "FSYNCDIR", _fsync, "fsyncdir", TASK),
+    Op(34, "ACCESS", _access, "access", INLINE),
+    Op(35, "CREATE", _create, "create", TASK),
+    Op(36, "INTERRUPT", _interrupt, "interrupt", NOREPLY),
+    Op(38, "DESTROY", _none, "destroy", INLINE),
+    Op(42, "BATCH_FORGET", _batch_forget, "forget", NOREPLY),
+    Op(44, "READDIRPLUS", _read, "readdirplus", INLINE),
+    Op(45, "RENAME2", _rename2, "rename", TASK),
+]
+
+OPCODES: dict[int, Op] = {op.code: op for op in _TABLE}
+INIT = 26
+INTERRUPT = 36
+DESTROY = 38
+NAMES: dict[int, str] = {op.code: op.name for op in _TABLE} | {INIT: "INIT"}
+# Answered ENOSYS by the session without a handler (unknown opcodes too): the kernel then
+# stops sending most of them (GETLK/SETLK: locks stay local, as with pyfuse3).
+UNSUPPORTED_ERRNO = errno.ENOSYS
+
+
+def decode(op: Op, h: Header) -> tuple[Any, ...]:
+    """The arguments of `h` for `op`'s bridge method; raises wire.Malformed."""
+    return op.decode(h)

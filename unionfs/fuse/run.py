@@ -1,0 +1,119 @@
+"""The native transport's `serve`: open the layers, mount, answer INIT, then import the rest.
+
+Order matters for start-up time: the kernel queues requests until INIT is answered, so the
+mount goes live (and the waiting `layerfs` parent is told "OK") before trio, pyfuse3 and the
+handlers are imported; requests that arrive meanwhile wait in the kernel.  The layers are
+opened first, so a mount that cannot work is refused with its reason, not mounted.
+Shutdown: SIGTERM/SIGINT/SIGHUP sync a writable mount (its dirty pages), stop the session,
+let requests in flight finish, then unmount lazily and close the device; an unmount from
+outside (ENODEV) or DESTROY takes the same path.
+Concurrency: blocking until INIT is answered; then one trio thread (see session.py).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from . import wire
+from .init import Wanted
+from .mount import mount
+from .session import InitFailed, handshake
+
+log = logging.getLogger("layerfs")
+
+EXIT_OK, EXIT_MOUNT_FAILED = 0, 1
+
+
+def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> int:
+    """Serve `cfg` over our own FUSE session.  `report` is called once: "OK" when the mount
+    is live, or the reason it could not be made."""
+    from ..daemon import open_stack
+
+    opened = open_stack(cfg, report)
+    if opened is None:
+        return EXIT_MOUNT_FAILED
+    stack, writer = opened
+    try:
+        mounted = mount(cfg.mountpoint, options)
+    except OSError as exc:
+        report(f"layerfs: mounting {cfg.mountpoint} failed: {exc}")
+        return EXIT_MOUNT_FAILED
+    try:
+        want = Wanted(writeback=cfg.writeback and writer is not None, read_only=writer is None)
+        conn = handshake(mounted.fd, want)
+    except (InitFailed, OSError) as exc:
+        mounted.unmount()
+        report(f"layerfs: mounting {cfg.mountpoint} failed: {exc}")
+        return EXIT_MOUNT_FAILED
+    log.debug("INIT: %s", conn.describe())
+    report("OK")
+    try:
+        return _serve(cfg, stack, writer, conn, mounted)
+    finally:
+        mounted.unmount()
+        log.debug("unmounted %s", cfg.mountpoint)
+
+
+def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
+    import trio
+
+    from ..operations import UnionOperations
+    from .bridge import Bridge, readdir_reply
+    from .session import Session
+
+    ops = UnionOperations(
+        stack,
+        writer,
+        debug=cfg.debug,
+        writeback=bool(conn.flags & wire.WRITEBACK_CACHE),
+        readdir_reply=readdir_reply,
+    )
+    ops.init()
+    bridge = Bridge(ops, conn)
+    session = Session(mounted.fd, conn, bridge)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    try:
+        trio.run(_main, trio, ops, session, bridge, cfg.mountpoint)
+    except BaseException:
+        log.exception("layerfs: main loop failed")
+        return EXIT_MOUNT_FAILED
+    if cfg.debug:
+        log.debug("requests: %s", _counts(session.counts))
+    return EXIT_OK
+
+
+async def _main(trio: Any, ops: Any, session: Any, bridge: Any, mountpoint: str) -> None:
+    from .. import control
+    from ..daemon import _flush_mount
+
+    async def on_signals(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            task_status.started()
+            async for signum in sigs:
+                log.info("signal %d: unmounting", signum)
+                if ops.writer is not None:
+                    await _flush_mount(trio, os.fsencode(mountpoint))
+                session.terminate()
+                return
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(on_signals)
+        if ops.writer is not None:
+            sock = ops.writer.work + b"/" + control.SOCKET_NAME.encode()
+            await nursery.start(
+                control.serve, sock, ops.gate, ops.stack.layers[0], os.fsencode(mountpoint)
+            )
+        await session.serve()
+        await bridge.close()
+        nursery.cancel_scope.cancel()
+
+
+def _counts(counts: dict[int, int]) -> str:
+    from .opcodes import NAMES
+
+    return ", ".join(f"{NAMES.get(k, k)}={v}" for k, v in sorted(counts.items()))

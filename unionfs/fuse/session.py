@@ -1,0 +1,223 @@
+"""The session: read requests from /dev/fuse, dispatch them through the opcode table, write
+one reply each.  Like go-fuse's `fuse/server.go`, over trio.
+
+Reading: the device fd is non-blocking; the loop reads until EAGAIN, then sleeps in
+`trio.lowlevel.wait_readable`.  Measured against a dedicated reader thread handing requests
+to trio: one getxattr round trip 16-19 µs this way, 90-120 µs with the thread (two more
+wake-ups per request), on the 2-vCPU VM, pinned or not.
+Each request is parsed with bounds checks (`wire`, `opcodes`); a short,
+malformed or unknown request is answered with an errno and the loop goes on.  INLINE handlers
+are awaited by the loop itself (they never block); TASK handlers run in the `tasks` nursery,
+each in its own cancel scope, so INTERRUPT can cancel one (answered EINTR) and a request that
+waits (a frozen mount, a copy-up in a thread, fsync) never stalls the rest.  FORGET and
+BATCH_FORGET are applied in order on the loop, so lookup counts are exact.
+Shutdown: `terminate()` stops reading; requests in flight finish and are answered; DESTROY or
+ENODEV (unmounted) ends the loop too.  The caller then unmounts and closes the fd.
+Concurrency: one trio thread.  `_inflight` is touched only between awaits.  The INIT
+handshake (`handshake`) runs before trio starts, blocking, so a mount is live before the
+heavy imports.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Any
+
+from . import opcodes, wire
+from .init import Conn, Wanted, negotiate
+from .opcodes import NOREPLY, TASK
+from .wire import Header, Malformed
+
+log = logging.getLogger("layerfs")
+
+YIELD_EVERY = 32  # inline requests between two scheduler checkpoints (lets tasks run)
+
+
+class InitFailed(Exception):
+    pass
+
+
+def write_reply(fd: int, unique: int, error: int, payload: bytes = b"") -> bool:
+    """One reply; False when the connection is gone.  ENOENT means the request was
+    interrupted and the kernel dropped it: not an error."""
+    header = wire.OUT_HEADER.pack(wire.OUT_HEADER.size + len(payload), -error, unique)
+    try:
+        if payload:
+            os.writev(fd, [header, payload])
+        else:
+            os.write(fd, header)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return True
+        if exc.errno in (errno.ENODEV, errno.ECONNABORTED, errno.EBADF):
+            return False
+        raise
+    return True
+
+
+def handshake(fd: int, want: Wanted) -> Conn:
+    """Blocking: read requests until INIT, answer it.  Anything else first gets EIO."""
+    while True:
+        try:
+            raw = os.read(fd, 1 << 21)
+        except InterruptedError:
+            continue
+        try:
+            h = wire.parse_header(memoryview(raw))
+        except Malformed as exc:
+            raise InitFailed(f"bad first request: {exc}") from None
+        if h.opcode != opcodes.INIT:
+            write_reply(fd, h.unique, errno.EIO)
+            continue
+        try:
+            payload, conn, err = negotiate(h.body, want)
+        except Malformed as exc:
+            write_reply(fd, h.unique, exc.errno)
+            raise InitFailed(str(exc)) from None
+        write_reply(fd, h.unique, err, payload)
+        if conn is not None:
+            return conn
+        if err:
+            raise InitFailed(f"kernel FUSE protocol too old (need 7.{wire.MIN_MINOR})")
+
+
+def errno_of(exc: BaseException) -> int:
+    """The one place an exception becomes an errno: anything carrying a positive errno
+    (OSError, pyfuse3.FUSEError, UnionError, wire.Malformed) answers with it; anything else
+    is a bug — logged with its traceback, EIO."""
+    err = getattr(exc, "errno", None)
+    if isinstance(err, int) and err > 0:
+        return err
+    log.error("request failed", exc_info=exc)
+    return errno.EIO
+
+
+class Session:
+    def __init__(self, fd: int, conn: Conn, bridge: Any) -> None:
+        self.fd = fd
+        self.conn = conn
+        self.bridge = bridge
+        self.debug = log.isEnabledFor(logging.DEBUG)
+        self.counts: dict[int, int] = {}
+        self._inflight: dict[int, Any] = {}  # unique → CancelScope of a TASK request
+        self._loop_scope: Any = None
+        self._stopping = False
+        self._handlers = {code: getattr(bridge, op.method) for code, op in opcodes.OPCODES.items()}
+
+    def terminate(self) -> None:
+        self._stopping = True
+        if self._loop_scope is not None:
+            self._loop_scope.cancel()
+
+    async def serve(self) -> None:
+        import trio
+
+        os.set_blocking(self.fd, False)
+        async with trio.open_nursery() as tasks:
+            with trio.CancelScope() as self._loop_scope:
+                if not self._stopping:
+                    await self._loop(trio, tasks)
+
+    async def _loop(self, trio: Any, tasks: Any) -> None:
+        buf = bytearray(self.conn.bufsize)
+        view = memoryview(buf)
+        readv, fd = os.readv, self.fd
+        since_yield = 0
+        while not self._stopping:
+            try:
+                n = readv(fd, [buf])
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                since_yield = 0
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.EINTR):
+                    continue
+                if exc.errno in (errno.ENODEV, errno.ECONNABORTED):
+                    log.debug("connection closed: unmounted")
+                    return
+                raise
+            spawned = await self.dispatch(view[:n], tasks)
+            since_yield += 1
+            if spawned or since_yield >= YIELD_EVERY:
+                await trio.lowlevel.checkpoint()
+                since_yield = 0
+
+    async def dispatch(self, raw: memoryview, tasks: Any) -> bool:
+        """Parse and serve one request.  True when it was started as a task."""
+        try:
+            h = wire.parse_header(raw)
+        except Malformed as exc:
+            log.warning("malformed request: %s", exc)
+            unique = getattr(exc, "unique", 0)
+            if unique:
+                self.reply(unique, exc.errno)
+            return False
+        self.counts[h.opcode] = self.counts.get(h.opcode, 0) + 1
+        op = opcodes.OPCODES.get(h.opcode)
+        if op is None:
+            if self.debug:
+                log.debug("unsupported opcode %d: ENOSYS", h.opcode)
+            self.reply(h.unique, opcodes.UNSUPPORTED_ERRNO)
+            return False
+        try:
+            args = op.decode(h)
+        except Malformed as exc:
+            log.warning("%s: malformed: %s", op.name, exc)
+            if op.mode != NOREPLY:
+                self.reply(h.unique, exc.errno)
+            return False
+        if self.debug:
+            log.debug("%s #%d node %d %r", op.name, h.unique, h.nodeid, _short(args))
+        if op.mode == NOREPLY:
+            await self._noreply(op, h, args)
+        elif op.mode == TASK and not (op.inline_if is not None and op.inline_if(args)):
+            h.body = memoryview(b"")  # the loop reuses its buffer; args are copies already
+            tasks.start_soon(self._task, h, args)
+            return True
+        else:
+            await self._answer(h, args)
+        return False
+
+    async def _noreply(self, op: opcodes.Op, h: Header, args: tuple[Any, ...]) -> None:
+        if op.code == opcodes.INTERRUPT:
+            scope = self._inflight.get(args[0])
+            if scope is not None:
+                scope.cancel()
+            return
+        try:
+            await self._handlers[op.code](h, *args)
+        except Exception:  # forget never fails the loop
+            log.exception("%s failed", op.name)
+
+    async def _answer(self, h: Header, args: tuple[Any, ...]) -> None:
+        try:
+            payload = await self._handlers[h.opcode](h, *args)
+        except Exception as exc:
+            self.reply(h.unique, errno_of(exc))
+            return
+        self.reply(h.unique, 0, payload)
+        if h.opcode == opcodes.DESTROY:  # answered; the session ends
+            self.terminate()
+
+    async def _task(self, h: Header, args: tuple[Any, ...]) -> None:
+        import trio
+
+        with trio.CancelScope() as scope:
+            self._inflight[h.unique] = scope
+            try:
+                await self._answer(h, args)
+            finally:
+                del self._inflight[h.unique]
+        if scope.cancelled_caught:
+            self.reply(h.unique, errno.EINTR)
+
+    def reply(self, unique: int, error: int, payload: bytes = b"") -> None:
+        if not write_reply(self.fd, unique, error, payload):
+            self.terminate()
+
+
+def _short(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(f"<{len(a)} bytes>" if isinstance(a, bytes) and len(a) > 64 else a for a in args)
