@@ -51,8 +51,10 @@ def pull(
     creds: tuple[str, str] | None = None,
     report: Reporter | None = None,
     jobs: int = 4,
+    limits: Any = None,
 ) -> PullResult:
-    source = open_source(text, tls_verify=tls_verify, creds=creds)
+    """`limits`: an imagestore.transfer.Limits for a registry (stall timeout, deadline)."""
+    source = open_source(text, tls_verify=tls_verify, creds=creds, limits=limits)
     try:
         with store.in_use():
             return _pull(store, source, name or source.default_name, platform, report, jobs)

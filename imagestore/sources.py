@@ -44,9 +44,14 @@ class Source(Protocol):
 
 
 def open_source(
-    text: str, *, tls_verify: bool = True, creds: tuple[str, str] | None = None
+    text: str,
+    *,
+    tls_verify: bool = True,
+    creds: tuple[str, str] | None = None,
+    limits: Any = None,
 ) -> Source:
-    """Parse a transport reference and open its source (registries: no I/O yet)."""
+    """Parse a transport reference and open its source (registries: no I/O yet).
+    `limits` (an imagestore.transfer.Limits) bounds a registry's transfers in time."""
     if text.startswith("oci:"):
         path, _, ref = text[4:].partition(":")
         return OciLayoutSource(Path(path), ref or None)
@@ -65,7 +70,7 @@ def open_source(
         )
     from .registry_source import RegistrySource  # imports httpx only when needed
 
-    return RegistrySource(text, tls_verify=tls_verify, creds=creds)
+    return RegistrySource(text, tls_verify=tls_verify, creds=creds, limits=limits)
 
 
 def copy_verified(
