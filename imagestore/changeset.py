@@ -36,7 +36,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from unionfs import markers
 from unionfs.fsat import PLAIN
@@ -165,11 +165,26 @@ class _Walker:
         self.lower = _Lower(lowers)
 
     def items(self) -> Iterator[Item]:
-        yield from self._dir(b"", self.upper, self.lower.root, whole=False)
+        """Drive the walk with an explicit stack: `_dir`, `_upper_obj` and `_lower_obj` yield
+        Items, or a generator for a subtree, run before their next item (the order of a
+        recursive walk, at any depth: no Python recursion)."""
+        stack: list[Iterator[Item | Iterator[Any]]] = [
+            self._dir(b"", self.upper, self.lower.root, whole=False)
+        ]
+        while stack:
+            try:
+                got = next(stack[-1])
+            except StopIteration:
+                stack.pop()
+                continue
+            if isinstance(got, Item):
+                yield got
+            else:
+                stack.append(got)
 
     def _dir(
         self, rel: bytes, real: bytes | None, chain: list[bytes], whole: bool
-    ) -> Iterator[Item]:
+    ) -> Iterator[Any]:
         """Children of one directory.  `whole`: emit the merged content (a moved tree);
         otherwise only what the upper changed, with the whiteouts that matter."""
         upper: dict[bytes, os.stat_result] = {}
@@ -193,9 +208,9 @@ class _Walker:
         for name in sorted([*upper, *lower_only]):
             below = self.lower.child(chain, name) if chain else None
             if name in upper:
-                yield from self._upper_obj(rel, real, name, upper[name], below, chain, whole)
+                yield self._upper_obj(rel, real, name, upper[name], below, chain, whole)
             elif below is not None:
-                yield from self._lower_obj(_join(rel, name), below)
+                yield self._lower_obj(_join(rel, name), below)
 
     def _upper_obj(
         self,
@@ -206,7 +221,7 @@ class _Walker:
         below: _Found | None,
         chain: list[bytes],
         whole: bool,
-    ) -> Iterator[Item]:
+    ) -> Iterator[Any]:
         """One upper object; `chain` is its parent's lower part (where `below` was found)."""
         assert parent is not None
         path, real = _join(rel, name), parent + b"/" + name
@@ -233,21 +248,21 @@ class _Walker:
             else:
                 found = self.lower.child(chain, target) if chain else None
                 moved = found.chain if found is not None and found.is_dir else []
-            yield from self._dir(path, real, moved, whole=True)
+            yield self._dir(path, real, moved, whole=True)
         elif marks.opaque:
             if lower_dir:
                 yield Item(OPAQUE, path)
-            yield from self._dir(path, real, [], whole)
+            yield self._dir(path, real, [], whole)
         else:
             chain = below.chain if below is not None and below.is_dir else []
-            yield from self._dir(path, real, chain, whole)
+            yield self._dir(path, real, chain, whole)
 
-    def _lower_obj(self, path: bytes, found: _Found) -> Iterator[Item]:
+    def _lower_obj(self, path: bytes, found: _Found) -> Iterator[Any]:
         if stat.S_ISSOCK(found.st.st_mode):
             return
         yield Item(OBJ, path, found.path, found.st, "A")
         if found.is_dir:
-            yield from self._dir(path, None, found.chain, whole=True)
+            yield self._dir(path, None, found.chain, whole=True)
 
 
 def _join(rel: bytes, name: bytes) -> bytes:

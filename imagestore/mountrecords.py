@@ -21,12 +21,12 @@ import contextlib
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import fstree
 from .digest import Digest
 from .errors import BadReference, ImageNotFound, StoreError
 from .store import Store, locked_file, write_atomic
@@ -178,4 +178,4 @@ def remove(store: Store, name: str) -> None:
     # the record goes first, atomically: a crash half way leaves debris, never a half record
     trash = store.mounts / f".rm-{name}-{os.getpid()}"
     os.rename(path, trash)
-    shutil.rmtree(trash)
+    fstree.remove_tree(trash)

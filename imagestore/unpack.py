@@ -35,7 +35,6 @@ import gzip
 import logging
 import os
 import secrets
-import shutil
 import tarfile
 import threading
 import time
@@ -47,7 +46,7 @@ from typing import Any, BinaryIO, Protocol
 
 import zstandard
 
-from . import tarsafe
+from . import fstree, tarsafe
 from .digest import Digest
 from .errors import CorruptLayer, DigestMismatch
 from .store import Store, locked_file, write_atomic
@@ -338,33 +337,9 @@ def _wait_complete(store: Store, diff_id: Digest) -> bool:
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a tree of ours, even one whose directories a non-root layer made read-only
-    (unpack debris, a `commit --verify` scratch dir); logs what it cannot remove."""
-    if not os.path.lexists(path):
-        return
-    try:
-        shutil.rmtree(path)
-        return
-    except OSError:
-        pass
-    _make_writable(path)
-    try:
-        shutil.rmtree(path)
-    except OSError as exc:
-        log.error("could not remove %s: %s", path, exc)
-
-
-def _make_writable(top: Path) -> None:
-    stack = [str(top)]
-    while stack:
-        d = stack.pop()
-        with contextlib.suppress(OSError):
-            os.chmod(d, 0o700)
-        try:
-            with os.scandir(d) as it:
-                stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
-        except OSError:
-            continue
+    """Remove a tree of ours, of any depth, even one whose directories a non-root layer made
+    read-only (unpack debris, a `commit --verify` scratch dir); logs what it cannot remove."""
+    fstree.remove_tree(path, quietly=True)
 
 
 def _fsync_dir(path: Path) -> None:
