@@ -51,7 +51,7 @@ from unionfs.stack import LayerStack, Node
 from . import changeset, fstree, media, tarsafe
 from .digest import Digest
 from .errors import CorruptLayer, StoreError
-from .store import Store
+from .store import Store, check_tag_name
 from .unpack import remove_tree, unpack_layer
 
 GZIP_LEVEL = 6
@@ -227,6 +227,7 @@ def commit(
     other failure and no tag is written.  See the module docstring for the guarantees."""
     if compress not in COMPRESSIONS:
         raise StoreError(f"unknown compression {compress!r} (gzip, zstd, none)")
+    check_tag_name(new_name)
     edits = [parse_change(c) for c in changes or []]
     desc = store.resolve(base_image) if isinstance(base_image, str) else base_image
     data = store.read_blob(Digest.parse(desc["digest"]))

@@ -14,6 +14,8 @@ calling thread.  `report` callbacks are called from worker threads.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,7 +25,7 @@ from .digest import Digest
 from .errors import StoreError
 from .media import BadManifest, Descriptor
 from .sources import DockerArchiveSource, Source, open_source
-from .store import Store
+from .store import Store, check_tag_name
 from .unpack import unpack_layer
 
 
@@ -54,10 +56,13 @@ def pull(
     limits: Any = None,
 ) -> PullResult:
     """`limits`: an imagestore.transfer.Limits for a registry (stall timeout, deadline)."""
+    if name is not None:
+        check_tag_name(name)
     source = open_source(text, tls_verify=tls_verify, creds=creds, limits=limits)
     try:
         with store.in_use():
-            return _pull(store, source, name or source.default_name, platform, report, jobs)
+            name = check_tag_name(name or source.default_name)
+            return _pull(store, source, name, platform, report, jobs)
     finally:
         source.close()
 
@@ -84,10 +89,13 @@ def _pull(
 ) -> PullResult:
     if isinstance(source, DockerArchiveSource):
         source.bind(store)
-    data, mt, digest = resolve_manifest(source, platform)
-    manifest = media.parse_manifest(data, mt)
+    with _about(name):
+        data, mt, digest = resolve_manifest(source, platform)
+    with _about(f"{name}: manifest {digest}"):
+        manifest = media.parse_manifest(data, mt)
     source.fetch_blob(manifest.config, store, None)
-    diff_ids = media.diff_ids(store.read_blob(manifest.config.digest))
+    with _about(f"{name}: config {manifest.config.digest}"):
+        diff_ids = media.diff_ids(store.read_blob(manifest.config.digest))
     if len(diff_ids) != len(manifest.layers):
         raise BadManifest(f"config lists {len(diff_ids)} layers, manifest {len(manifest.layers)}")
 
@@ -121,6 +129,15 @@ def _pull(
     with store.lock():
         store.tag(name, {"mediaType": mt, "digest": str(digest), "size": len(data)})
     return PullResult(name, digest, mt, got)
+
+
+@contextlib.contextmanager
+def _about(what: str) -> Iterator[None]:
+    """Name the document a BadManifest is about (the user sees which one, and the field)."""
+    try:
+        yield
+    except BadManifest as exc:
+        raise BadManifest(f"{what}: {exc}") from None
 
 
 def image_layers(store: Store, name: str) -> list[Path]:

@@ -372,7 +372,7 @@ class RegistryClient:
         scope = f"repository:{repo}:pull"
         url = f"{base}/v2/{repo}/{path}"
         resp = self._follow(url, headers, self._authorization(scope, repo))
-        if resp.status_code == 401:
+        if resp.status_code == 401 and _same_origin(resp.url, httpx.URL(base)):
             body = read_limited(resp, MAX_ERROR_BODY)
             challenges = auth.parse_www_authenticate(resp.headers.get_list("www-authenticate"))
             resp.close()
@@ -445,6 +445,14 @@ class RegistryClient:
         detail = _error_detail(body)
         if code == 404:
             raise not_found(f"{what} not found{detail}")
+        elsewhere = self._base is not None and not _same_origin(resp.url, httpx.URL(self._base))
+        if code in (401, 403) and elsewhere:
+            # a redirect target (blob storage, a CDN) got no credentials from us: it is its
+            # own refusal (an expired signed URL, a private bucket), not our credentials'
+            raise RegistryError(
+                f"{what}: {resp.url.scheme}://{resp.url.netloc.decode()}, where "
+                f"{self.host} redirected us, answered HTTP {code}{detail}"
+            )
         if code in (401, 403):
             self._raise_auth(resp, what, body)
         if code == 429 or code >= 500:

@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .digest import Digest
-from .errors import BlobNotFound, DigestMismatch, ImageNotFound, StoreBusy
+from .errors import (
+    BadReference,
+    BlobNotFound,
+    DamagedStore,
+    DigestMismatch,
+    ImageNotFound,
+    StoreBusy,
+)
 
 OCI_LAYOUT = {"imageLayoutVersion": "1.0.0"}
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -90,6 +97,22 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+MAX_TAG_NAME = 255
+
+
+def check_tag_name(name: str) -> str:
+    """An image name for index.json: not empty, at most MAX_TAG_NAME characters, no control
+    characters and no white space (a name is one word on every line `layer images` prints)."""
+    if not name:
+        raise BadReference("an image name cannot be empty")
+    if len(name) > MAX_TAG_NAME:
+        raise BadReference(f"an image name is at most {MAX_TAG_NAME} characters")
+    bad = next((c for c in name if not c.isprintable() or c.isspace()), None)
+    if bad is not None:
+        raise BadReference(f"image name {name!r} holds {bad!r} (no spaces or control characters)")
+    return name
 
 
 class Store:
@@ -165,8 +188,11 @@ class Store:
             raise DigestMismatch(f"blob {digest} in the store is corrupt")
         return data
 
-    def read_json(self, digest: Digest) -> Any:
-        return json.loads(self.read_blob(digest))
+    def read_json(self, digest: Digest) -> dict[str, Any]:
+        """A JSON-object blob (an image config); BadManifest for anything else."""
+        from .media import load
+
+        return load(self.read_blob(digest), f"blob {digest}")
 
     def ingest(
         self, expected: Digest | None = None, size: int | None = None, key: str | None = None
@@ -186,7 +212,20 @@ class Store:
 
     # ----- index.json: names -------------------------------------------------------------
     def _read_index(self) -> dict[str, Any]:
-        return json.loads((self.root / "index.json").read_bytes())
+        """index.json, checked: every entry a descriptor (DamagedStore naming the field)."""
+        from .media import BadManifest, Descriptor, load
+
+        path = self.root / "index.json"
+        try:
+            index = load(path.read_bytes(), "the index")
+            manifests = index.get("manifests", [])
+            if not isinstance(manifests, list):
+                raise BadManifest("'manifests' is not a list")
+            for i, entry in enumerate(manifests):
+                Descriptor.from_json(entry, f"manifests[{i}]")
+        except BadManifest as exc:
+            raise DamagedStore(f"store index {path} is damaged: {exc}") from None
+        return index
 
     def _write_index(self, index: dict[str, Any]) -> None:
         write_atomic(self.root / "index.json", json.dumps(index, indent=2).encode() + b"\n")
@@ -216,6 +255,7 @@ class Store:
 
     def tag(self, name: str, desc: dict[str, Any]) -> None:
         """Point `name` at `desc` (replacing an older image of that name).  Atomic."""
+        check_tag_name(name)
         index = self._read_index()
         manifests = [
             d
