@@ -41,7 +41,7 @@ from typing import Any, BinaryIO
 from unionfs import markers
 from unionfs.fsat import PLAIN
 
-from . import tarsafe
+from . import sparse, tarsafe
 from .errors import StoreError
 
 OBJ, WHITEOUT, OPAQUE = "obj", "whiteout", "opaque"
@@ -299,14 +299,34 @@ def changes(upper: Path, lowers: list[Path]) -> Changes:
 
 
 # ----- the tar ---------------------------------------------------------------------------
-class _Counter:
-    """A write-only sink for tarfile (which asks for tell())."""
+def max_layer_bytes() -> int:
+    """What one commit may write (the uncompressed tar): $LAYER_MAX_COMMIT_SIZE bytes, else
+    MAX_LAYER_BYTES.  Sparse files count by their data, not their apparent size."""
+    text = os.environ.get("LAYER_MAX_COMMIT_SIZE", "")
+    try:
+        return int(text) if text else MAX_LAYER_BYTES
+    except ValueError:
+        raise ChangesetError(
+            f"LAYER_MAX_COMMIT_SIZE must be a number of bytes, not {text!r}"
+        ) from None
 
-    def __init__(self, out: BinaryIO) -> None:
+
+MAX_LAYER_BYTES = 256 << 30
+
+
+class _Counter:
+    """A write-only sink for tarfile (which asks for tell()) that stops past `limit`."""
+
+    def __init__(self, out: BinaryIO, limit: int) -> None:
         self._out = out
         self.offset = 0
+        self.limit = limit
 
     def write(self, data: bytes) -> int:
+        if self.offset + len(data) > self.limit:
+            raise ChangesetError(
+                f"the layer would pass {self.limit} bytes (LAYER_MAX_COMMIT_SIZE); not committed"
+            )
         self._out.write(data)
         self.offset += len(data)
         return len(data)
@@ -320,7 +340,7 @@ def write_changeset(
 ) -> None:
     """Write the OCI changeset tar of `upper` over `lowers` (base first) to `out`."""
     links: dict[tuple[int, int], str] = {}
-    sink = _Counter(out)
+    sink = _Counter(out, max_layer_bytes())
     with tarfile.open(  # type: ignore[call-overload]
         fileobj=sink,
         mode="w",
@@ -392,8 +412,17 @@ def _add_obj(
         links[ident] = name
     if fmt == stat.S_IFREG:
         with os.fdopen(PLAIN.open(item.real, os.O_RDONLY), "rb") as f:
-            info.size = os.fstat(f.fileno()).st_size
-            tar.addfile(info, f)
+            size = os.fstat(f.fileno()).st_size
+            if size > tarsafe.MAX_FILE_SIZE:
+                raise ChangesetError(
+                    f"/{name}: {size} bytes; a layer file is at most {tarsafe.MAX_FILE_SIZE}"
+                )
+            regions = sparse.data_regions(f.fileno(), size)
+            if regions is not None:
+                tar.addfile(info, sparse.sparse_member(info, f.fileno(), size, regions))
+            else:
+                info.size = size
+                tar.addfile(info, f)
         return
     if fmt == stat.S_IFDIR:
         info.type = tarfile.DIRTYPE
