@@ -29,6 +29,7 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -127,6 +128,7 @@ class Store:
     def open(cls, root: str | os.PathLike[str] | None = None) -> Store:
         """Open the store, creating the layout when it is missing (idempotent)."""
         store = cls(root if root is not None else default_root())
+        store._private_root()
         for d in (store.blobs, store.ingest_dir, store.layers, store.mounts):
             d.mkdir(parents=True, exist_ok=True)
         if not (store.root / "oci-layout").exists():
@@ -134,6 +136,18 @@ class Store:
         if not (store.root / "index.json").exists():
             store._write_index({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": []})
         return store
+
+    def _private_root(self) -> None:
+        """The root is 0700, as /var/lib/docker and containers-storage keep theirs: unpacked
+        layers hold files that images white out, uppers hold users' data, and default
+        mountpoints live here.  Created so; an older store of ours (0755) is narrowed."""
+        try:
+            self.root.mkdir(mode=0o700, parents=True)
+        except FileExistsError:
+            pass
+        st = os.stat(self.root)
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.chmod(self.root, stat.S_IMODE(st.st_mode) & 0o700)
 
     # ----- locking ------------------------------------------------------------------------
     @contextlib.contextmanager
