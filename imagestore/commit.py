@@ -240,6 +240,7 @@ def commit(
         blob, size, diff_id = _write_layer(
             store, created, upper, lowers, compress, source_date_epoch
         )
+        store.record_diff_id(blob, diff_id)  # hashed while it was compressed: verified
         if verify:
             check(store, base, blob, _layer_type(compress, docker), upper, lowers, merged_view)
         new_config = _config(config, diff_id, message, author, edits, source_date_epoch)

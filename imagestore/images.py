@@ -109,6 +109,7 @@ def gc(store: Store) -> tuple[int, int, int]:
             if Digest("sha256", path.name) not in blobs:
                 freed += path.stat().st_size
                 path.unlink()
+                (store.diffids / path.name).unlink(missing_ok=True)
                 nblobs += 1
         for path in store.layers.iterdir():
             if path.name.startswith("."):

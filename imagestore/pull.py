@@ -26,7 +26,7 @@ from .errors import StoreError
 from .media import BadManifest, Descriptor
 from .sources import DockerArchiveSource, Source, open_source
 from .store import Store, check_tag_name
-from .unpack import unpack_layer
+from .unpack import unpack_layer, verify_diff_id
 
 
 class Reporter(Protocol):
@@ -100,7 +100,9 @@ def _pull(
         raise BadManifest(f"config lists {len(diff_ids)} layers, manifest {len(manifest.layers)}")
 
     def one(i: int, desc: Descriptor, diff_id: Digest) -> Digest:
+        # every path ends in verify_diff_id: the blob's own DiffID, not the store's word
         if store.has_layer(diff_id) and store.has_blob(desc.digest):
+            verify_diff_id(store, desc.digest, desc.media_type, diff_id)
             if report is not None:
                 report.layer(i, desc, "already present")
             return diff_id
@@ -108,14 +110,14 @@ def _pull(
             report.layer(i, desc, "downloading")
         progress = (lambda done, total: report.progress(i, done, total)) if report else None
         source.fetch_blob(desc, store, progress)  # the store keeps every image's blobs
-        if store.has_layer(diff_id):
-            return diff_id  # the same content came before under another compression
-        if report is not None:
-            report.layer(i, desc, "unpacking")
-        got = unpack_layer(store, desc.digest, desc.media_type, diff_id)
+        if not store.has_layer(diff_id):
+            if report is not None:
+                report.layer(i, desc, "unpacking")
+            unpack_layer(store, desc.digest, desc.media_type, diff_id)
+        verify_diff_id(store, desc.digest, desc.media_type, diff_id)
         if report is not None:
             report.layer(i, desc, "done")
-        return got
+        return diff_id
 
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
         futures = [pool.submit(one, i, d, diff_ids[i]) for i, d in enumerate(manifest.layers)]

@@ -123,13 +123,14 @@ class Store:
         self.ingest_dir = self.root / "ingest"
         self.layers = self.root / "layers"
         self.mounts = self.root / "mounts"
+        self.diffids = self.root / "diffids"  # verified blob → DiffID, one file per blob
 
     @classmethod
     def open(cls, root: str | os.PathLike[str] | None = None) -> Store:
         """Open the store, creating the layout when it is missing (idempotent)."""
         store = cls(root if root is not None else default_root())
         store._private_root()
-        for d in (store.blobs, store.ingest_dir, store.layers, store.mounts):
+        for d in (store.blobs, store.ingest_dir, store.layers, store.mounts, store.diffids):
             d.mkdir(parents=True, exist_ok=True)
         if not (store.root / "oci-layout").exists():
             write_atomic(store.root / "oci-layout", json.dumps(OCI_LAYOUT).encode())
@@ -223,6 +224,19 @@ class Store:
     def put_json(self, obj: Any) -> tuple[Digest, int]:
         data = json.dumps(obj, separators=(",", ":")).encode()
         return self.put_bytes(data), len(data)
+
+    # ----- verified DiffIDs ----------------------------------------------------------------
+    def verified_diff_id(self, blob: Digest) -> Digest | None:
+        """The DiffID `blob` was found to hold when it was decompressed and hashed (by an
+        unpack or `unpack.verify_diff_id`), or None when no one has checked yet."""
+        try:
+            return Digest.parse((self.diffids / blob.hex).read_text().strip())
+        except (FileNotFoundError, BadReference):
+            return None
+
+    def record_diff_id(self, blob: Digest, diff_id: Digest) -> None:
+        """Write down a mapping that was just verified (derivable: it is a cache)."""
+        write_atomic(self.diffids / blob.hex, f"{diff_id}\n".encode())
 
     # ----- index.json: names -------------------------------------------------------------
     def _read_index(self) -> dict[str, Any]:
