@@ -343,3 +343,16 @@ def test_cli_damaged_store_index_and_record(tmp_path):
     line = one_line(layer("ps", "--root", str(tmp_path / "t")))
     assert "mount.json" in line, line
     os.remove(tmp_path / "t" / "mounts" / "m" / "mount.json")
+
+
+@SETTINGS
+@given(index=documents)
+def test_push_into_an_oci_layout_with_any_index(tmp_path_factory, index):
+    from imagestore.push import push
+
+    tmp = tmp_path_factory.mktemp("p")
+    store, _ = imagedata.pulled_sample(tmp / "img")
+    dest = tmp / "dest"
+    dest.mkdir()
+    (dest / "index.json").write_bytes(index)
+    domain_error_or_nothing(lambda: push(store, "base", f"oci:{dest}:x"))
