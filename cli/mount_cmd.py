@@ -9,6 +9,7 @@ gone); the per-name claim makes the check and the mount one step for concurrent 
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING
 
 import click
@@ -53,10 +54,12 @@ def mount(
     read_only: bool,
     args: tuple[str, ...],
 ) -> None:
-    """Mount IMAGE on MOUNTPOINT (`layer mount IMAGE MOUNTPOINT`), or the union of --lower
+    """Mount IMAGE on MOUNTPOINT (`layer mount IMAGE [MOUNTPOINT]`), or the union of --lower
     directories (`layer mount --lower A --lower B MOUNTPOINT`).
 
-    Returns once the mount is live; the layerfs daemon serves it until `layer umount`."""
+    Without a MOUNTPOINT, the mount goes on ROOT/mounts/NAME/merged, inside the store (0700):
+    other users cannot reach it.  Mounts are nosuid,nodev.  Prints the mount's name; returns
+    once the mount is live; the layerfs daemon serves it until `layer umount`."""
     if lowers:
         if len(args) != 1:
             raise BadInput("with --lower, give only the MOUNTPOINT")
@@ -65,13 +68,18 @@ def mount(
         return
     if upper or work:
         raise BadInput("--upper/--work go with --lower; an image mount keeps its own upper")
-    if len(args) != 2:
-        raise BadInput("usage: layer mount IMAGE MOUNTPOINT [--name NAME]")
-    image, mountpoint = args[0], _existing_dir(args[1])
-    name = mountrecords.check_name(name or os.path.basename(os.path.abspath(mountpoint)))
+    if len(args) not in (1, 2):
+        raise BadInput("usage: layer mount IMAGE [MOUNTPOINT] [--name NAME]")
+    image = args[0]
+    mountpoint = _existing_dir(args[1]) if len(args) == 2 else None
+    if name is None:
+        name = os.path.basename(os.path.abspath(mountpoint)) if mountpoint else _name_for(image)
+    name = mountrecords.check_name(name)
     store = open_store(root)
     with store.in_use(), mountrecords.claim(store, name):  # gc waits; the name is ours
         old = _check_free(store, name)
+        if mountpoint is None:
+            mountpoint = _default_mountpoint(store, name)
         if old is not None and not old.read_only and image in (old.image_name, old.digest):
             desc, image_name = old.image, old.image_name  # a writable mount keeps its image
         else:
@@ -105,6 +113,20 @@ def _check_free(store: Store, name: str) -> mountrecords.MountRecord | None:
             hint = "`layer umount` it first" if st == mounts.DEAD else "use another --name"
             raise AlreadyMounted(f"mount {name} is {st} on {old.mountpoint}; {hint}")
     return old
+
+
+def _name_for(image: str) -> str:
+    """A mount name from an image reference: its last component, `repo:tag` → `repo-tag`."""
+    base = image.rsplit("/", 1)[-1].replace(":", "-").replace("@", "-")
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", base).lstrip("_.-")[:128]
+    return base or "mount"
+
+
+def _default_mountpoint(store: Store, name: str) -> str:
+    """ROOT/mounts/NAME/merged: under the 0700 store, so no other user reaches the mount."""
+    path = store.mounts / name / "merged"
+    path.mkdir(parents=True, exist_ok=True)
+    return _existing_dir(str(path))
 
 
 def _existing_dir(path: str) -> str:

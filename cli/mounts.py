@@ -58,9 +58,11 @@ def mount_options(lowers: Sequence[str], upper: str | None, work: str | None) ->
 def mount(
     lowers: Sequence[str], mountpoint: str, upper: str | None = None, work: str | None = None
 ) -> None:
-    """Mount the union on `mountpoint`; returns once it is live."""
+    """Mount the union on `mountpoint`, `nosuid,nodev` (only the raw `layerfs` mounts suid
+    and dev as root, for containers: README "setuid and devices"); returns once it is live."""
     target = canonical_mountpoint(mountpoint)
-    cmd = [layerfs_executable(), "-o", mount_options(lowers, upper, work), target]
+    opts = mount_options(lowers, upper, work) + ",nosuid,nodev"
+    cmd = [layerfs_executable(), "-o", opts, target]
     typ = fstype(target)
     if typ is not None:
         raise AlreadyMounted(f"{mountpoint} is already mounted ({typ}); unmount it first")

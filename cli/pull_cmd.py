@@ -11,6 +11,7 @@ import click
 
 from imagestore.media import Descriptor
 from imagestore.pull import pull as do_pull
+from imagestore.transfer import Limits
 
 from .options import human_size, open_store, parse_creds, quiet_option, root_option
 
@@ -61,6 +62,17 @@ class StderrProgress:
 )
 @click.option("--creds", metavar="USER:PASS", help="Registry credentials.")
 @click.option("--name", help="Tag for the image in the store (default: from SOURCE).")
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=0.1, max=1e6),
+    help="Give up on a transfer that gets under 1 KiB in this many seconds "
+    "(it is retried, resuming; default 30, or $LAYER_STALL_TIMEOUT).",
+)
+@click.option(
+    "--deadline",
+    type=click.FloatRange(min=0.1, max=1e9),
+    help="Give the whole pull up after this many seconds (default none, or $LAYER_DEADLINE).",
+)
 @quiet_option
 @click.argument("source")
 @click.pass_obj
@@ -71,12 +83,16 @@ def pull(
     tls_verify: bool,
     creds: str | None,
     name: str | None,
+    stall_timeout: float | None,
+    deadline: float | None,
     quiet: bool,
     source: str,
 ) -> None:
     """Pull SOURCE: docker://HOST/NAME[:TAG|@DIGEST] (or NAME[:TAG]), oci:DIR[:REF],
     oci-archive:FILE[:REF] or docker-archive:FILE[:NAME:TAG]."""
     user_pass = parse_creds(creds)
+    env = Limits.from_env()
+    limits = Limits(stall_timeout or env.stall, deadline or env.deadline)
     store = open_store(root)
     report = StderrProgress() if sys.stderr.isatty() and not quiet else None
     result = do_pull(
@@ -87,6 +103,7 @@ def pull(
         tls_verify=tls_verify,
         creds=user_pass,
         report=report,
+        limits=limits,
     )
     if not quiet and not sys.stderr.isatty():
         click.echo(f"pulled {result.name} ({len(result.diff_ids)} layers)", err=True)

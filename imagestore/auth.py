@@ -37,6 +37,7 @@ from pathlib import Path
 import httpx
 
 from .errors import AuthError, RegistryError
+from .transfer import read_limited
 
 Credentials = tuple[str, str]
 TOKEN_DEFAULT_LIFETIME = 60.0
@@ -212,21 +213,33 @@ def fetch_token(
         params["account"] = creds[0]
     auth = httpx.BasicAuth(*creds) if creds is not None else None
     try:
-        resp = client.get(realm, params=params, auth=auth, follow_redirects=True)
+        url = httpx.URL(realm)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("not an http(s) URL")
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise RegistryError(f"the registry's Bearer realm {realm!r} is not a URL: {exc}") from None
+    try:
+        with client.stream("GET", url, params=params, auth=auth, follow_redirects=True) as resp:
+            status = resp.status_code
+            body = read_limited(resp, MAX_TOKEN_BODY + 1) if status == 200 else b""
     except httpx.TransportError as exc:
         raise RegistryError(f"cannot reach the token server {realm}: {exc}") from exc
-    if resp.status_code in (401, 403):
+    except httpx.TooManyRedirects:
+        raise RegistryError(f"the token server {realm} redirects too often") from None
+    if status in (401, 403):
         who = f"user {creds[0]!r}" if creds else "anonymous access"
         raise AuthError(f"the token server {realm} refused {who} for {scope or 'the registry'}")
-    if resp.status_code != 200:
-        raise RegistryError(f"the token server {realm} answered HTTP {resp.status_code}")
-    if len(resp.content) > MAX_TOKEN_BODY:
+    if status != 200:
+        raise RegistryError(f"the token server {realm} answered HTTP {status}")
+    if len(body) > MAX_TOKEN_BODY:
         raise RegistryError(f"the token server {realm} sent an oversized answer")
     try:
-        data = resp.json()
+        data = json.loads(body)
         token = data.get("token") or data.get("access_token")
         lifetime = float(data.get("expires_in") or TOKEN_DEFAULT_LIFETIME)
-    except (ValueError, AttributeError, TypeError):
+        if not 0 < lifetime < 1e9:
+            raise ValueError("expires_in out of range")
+    except (ValueError, AttributeError, TypeError, OverflowError):
         raise RegistryError(f"the token server {realm} sent an unreadable answer") from None
     if not isinstance(token, str) or not token:
         raise RegistryError(f"the token server {realm} sent no token")

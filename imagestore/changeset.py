@@ -36,12 +36,12 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from unionfs import markers
 from unionfs.fsat import PLAIN
 
-from . import tarsafe
+from . import sparse, tarsafe
 from .errors import StoreError
 
 OBJ, WHITEOUT, OPAQUE = "obj", "whiteout", "opaque"
@@ -165,11 +165,26 @@ class _Walker:
         self.lower = _Lower(lowers)
 
     def items(self) -> Iterator[Item]:
-        yield from self._dir(b"", self.upper, self.lower.root, whole=False)
+        """Drive the walk with an explicit stack: `_dir`, `_upper_obj` and `_lower_obj` yield
+        Items, or a generator for a subtree, run before their next item (the order of a
+        recursive walk, at any depth: no Python recursion)."""
+        stack: list[Iterator[Item | Iterator[Any]]] = [
+            self._dir(b"", self.upper, self.lower.root, whole=False)
+        ]
+        while stack:
+            try:
+                got = next(stack[-1])
+            except StopIteration:
+                stack.pop()
+                continue
+            if isinstance(got, Item):
+                yield got
+            else:
+                stack.append(got)
 
     def _dir(
         self, rel: bytes, real: bytes | None, chain: list[bytes], whole: bool
-    ) -> Iterator[Item]:
+    ) -> Iterator[Any]:
         """Children of one directory.  `whole`: emit the merged content (a moved tree);
         otherwise only what the upper changed, with the whiteouts that matter."""
         upper: dict[bytes, os.stat_result] = {}
@@ -193,9 +208,9 @@ class _Walker:
         for name in sorted([*upper, *lower_only]):
             below = self.lower.child(chain, name) if chain else None
             if name in upper:
-                yield from self._upper_obj(rel, real, name, upper[name], below, chain, whole)
+                yield self._upper_obj(rel, real, name, upper[name], below, chain, whole)
             elif below is not None:
-                yield from self._lower_obj(_join(rel, name), below)
+                yield self._lower_obj(_join(rel, name), below)
 
     def _upper_obj(
         self,
@@ -206,7 +221,7 @@ class _Walker:
         below: _Found | None,
         chain: list[bytes],
         whole: bool,
-    ) -> Iterator[Item]:
+    ) -> Iterator[Any]:
         """One upper object; `chain` is its parent's lower part (where `below` was found)."""
         assert parent is not None
         path, real = _join(rel, name), parent + b"/" + name
@@ -233,21 +248,21 @@ class _Walker:
             else:
                 found = self.lower.child(chain, target) if chain else None
                 moved = found.chain if found is not None and found.is_dir else []
-            yield from self._dir(path, real, moved, whole=True)
+            yield self._dir(path, real, moved, whole=True)
         elif marks.opaque:
             if lower_dir:
                 yield Item(OPAQUE, path)
-            yield from self._dir(path, real, [], whole)
+            yield self._dir(path, real, [], whole)
         else:
             chain = below.chain if below is not None and below.is_dir else []
-            yield from self._dir(path, real, chain, whole)
+            yield self._dir(path, real, chain, whole)
 
-    def _lower_obj(self, path: bytes, found: _Found) -> Iterator[Item]:
+    def _lower_obj(self, path: bytes, found: _Found) -> Iterator[Any]:
         if stat.S_ISSOCK(found.st.st_mode):
             return
         yield Item(OBJ, path, found.path, found.st, "A")
         if found.is_dir:
-            yield from self._dir(path, None, found.chain, whole=True)
+            yield self._dir(path, None, found.chain, whole=True)
 
 
 def _join(rel: bytes, name: bytes) -> bytes:
@@ -284,14 +299,34 @@ def changes(upper: Path, lowers: list[Path]) -> Changes:
 
 
 # ----- the tar ---------------------------------------------------------------------------
-class _Counter:
-    """A write-only sink for tarfile (which asks for tell())."""
+def max_layer_bytes() -> int:
+    """What one commit may write (the uncompressed tar): $LAYER_MAX_COMMIT_SIZE bytes, else
+    MAX_LAYER_BYTES.  Sparse files count by their data, not their apparent size."""
+    text = os.environ.get("LAYER_MAX_COMMIT_SIZE", "")
+    try:
+        return int(text) if text else MAX_LAYER_BYTES
+    except ValueError:
+        raise ChangesetError(
+            f"LAYER_MAX_COMMIT_SIZE must be a number of bytes, not {text!r}"
+        ) from None
 
-    def __init__(self, out: BinaryIO) -> None:
+
+MAX_LAYER_BYTES = 256 << 30
+
+
+class _Counter:
+    """A write-only sink for tarfile (which asks for tell()) that stops past `limit`."""
+
+    def __init__(self, out: BinaryIO, limit: int) -> None:
         self._out = out
         self.offset = 0
+        self.limit = limit
 
     def write(self, data: bytes) -> int:
+        if self.offset + len(data) > self.limit:
+            raise ChangesetError(
+                f"the layer would pass {self.limit} bytes (LAYER_MAX_COMMIT_SIZE); not committed"
+            )
         self._out.write(data)
         self.offset += len(data)
         return len(data)
@@ -305,7 +340,7 @@ def write_changeset(
 ) -> None:
     """Write the OCI changeset tar of `upper` over `lowers` (base first) to `out`."""
     links: dict[tuple[int, int], str] = {}
-    sink = _Counter(out)
+    sink = _Counter(out, max_layer_bytes())
     with tarfile.open(  # type: ignore[call-overload]
         fileobj=sink,
         mode="w",
@@ -377,8 +412,17 @@ def _add_obj(
         links[ident] = name
     if fmt == stat.S_IFREG:
         with os.fdopen(PLAIN.open(item.real, os.O_RDONLY), "rb") as f:
-            info.size = os.fstat(f.fileno()).st_size
-            tar.addfile(info, f)
+            size = os.fstat(f.fileno()).st_size
+            if size > tarsafe.MAX_FILE_SIZE:
+                raise ChangesetError(
+                    f"/{name}: {size} bytes; a layer file is at most {tarsafe.MAX_FILE_SIZE}"
+                )
+            regions = sparse.data_regions(f.fileno(), size)
+            if regions is not None:
+                tar.addfile(info, sparse.sparse_member(info, f.fileno(), size, regions))
+            else:
+                info.size = size
+                tar.addfile(info, f)
         return
     if fmt == stat.S_IFDIR:
         info.type = tarfile.DIRTYPE

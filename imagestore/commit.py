@@ -48,11 +48,11 @@ from unionfs import markers
 from unionfs.fsat import PLAIN
 from unionfs.stack import LayerStack, Node
 
-from . import changeset, media, tarsafe
+from . import changeset, fstree, media, tarsafe
 from .digest import Digest
 from .errors import CorruptLayer, StoreError
-from .store import Store
-from .unpack import unpack_layer
+from .store import Store, check_tag_name
+from .unpack import remove_tree, unpack_layer
 
 GZIP_LEVEL = 6
 ZSTD_LEVEL = 3
@@ -227,6 +227,7 @@ def commit(
     other failure and no tag is written.  See the module docstring for the guarantees."""
     if compress not in COMPRESSIONS:
         raise StoreError(f"unknown compression {compress!r} (gzip, zstd, none)")
+    check_tag_name(new_name)
     edits = [parse_change(c) for c in changes or []]
     desc = store.resolve(base_image) if isinstance(base_image, str) else base_image
     data = store.read_blob(Digest.parse(desc["digest"]))
@@ -239,6 +240,7 @@ def commit(
         blob, size, diff_id = _write_layer(
             store, created, upper, lowers, compress, source_date_epoch
         )
+        store.record_diff_id(blob, diff_id)  # hashed while it was compressed: verified
         if verify:
             check(store, base, blob, _layer_type(compress, docker), upper, lowers, merged_view)
         new_config = _config(config, diff_id, message, author, edits, source_date_epoch)
@@ -261,7 +263,7 @@ def commit(
         if new_layer:
             with contextlib.suppress(FileNotFoundError):
                 (store.layers / diff_id.hex / "complete").unlink()
-            shutil.rmtree(store.layers / diff_id.hex, ignore_errors=True)
+            remove_tree(store.layers / diff_id.hex)
         raise
     return man_digest
 
@@ -364,7 +366,7 @@ def check(
         got = _snapshot_dir(tmp)
         want = _snapshot_dir(merged_view) if merged_view else _snapshot_stack(upper, lowers)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
     problems = [
         f"{os.fsdecode(p)}: {got.get(p)!r} != {want.get(p)!r}"
         for p in sorted(set(got) | set(want))
@@ -468,10 +470,15 @@ def _remove(path: bytes) -> None:
     st = _lstat(path)
     if st is None:
         return
-    if stat.S_ISDIR(st.st_mode):
-        PLAIN.rmtree(path)
-    else:
+    if not stat.S_ISDIR(st.st_mode):
         PLAIN.unlink(path)
+        return
+    parent, _, name = path.rpartition(b"/")
+    fd = PLAIN.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fstree.remove_at(fd, name)  # any depth (shutil.rmtree recurses per level)
+    finally:
+        os.close(fd)
 
 
 def _lstat(path: bytes) -> os.stat_result | None:
@@ -509,8 +516,9 @@ def _observe(path: bytes, st: os.stat_result, xattrs: list[bytes]) -> Observed |
 def _snapshot_dir(top: Path) -> dict[bytes, Observed]:
     out: dict[bytes, Observed] = {}
     base = os.fsencode(top)
-
-    def visit(rel: bytes) -> None:
+    todo = [b""]  # directories still to read (iterative: any depth)
+    while todo:
+        rel = todo.pop()
         with PLAIN.scandir(base + rel) as it:
             names = sorted(e.name for e in it)
         for name in names:
@@ -521,9 +529,7 @@ def _snapshot_dir(top: Path) -> dict[bytes, Observed]:
             if obs is not None:
                 out[r] = obs
             if stat.S_ISDIR(st.st_mode):
-                visit(r)
-
-    visit(b"")
+                todo.append(r)
     return out
 
 
@@ -531,8 +537,9 @@ def _snapshot_stack(upper: Path, lowers: list[Path]) -> dict[bytes, Observed]:
     """The union view as `unionfs.stack.LayerStack` (the mount's own model) computes it."""
     stack = LayerStack([str(p) for p in reversed(lowers)], str(upper))
     out: dict[bytes, Observed] = {}
-
-    def visit(node: Node, rel: bytes) -> None:
+    todo: list[tuple[Node, bytes]] = [(stack.root, b"")]
+    while todo:
+        node, rel = todo.pop()
         for name in sorted(stack.listing(node)):
             child = stack.lookup(node, name)
             r = rel + b"/" + name
@@ -541,7 +548,5 @@ def _snapshot_stack(upper: Path, lowers: list[Path]) -> dict[bytes, Observed]:
             if obs is not None:
                 out[r] = obs
             if child.is_dir:
-                visit(child, r)
-
-    visit(stack.root, b"")
+                todo.append((child, r))
     return out

@@ -35,5 +35,15 @@ class AuthError(RegistryError):
     """The registry refused our credentials (or demanded some we do not have)."""
 
 
+class DamagedStore(StoreError):
+    """A file of the store itself (index.json, a mount record) does not parse or lacks a
+    field; the message names the file and the field."""
+
+
+class BadArchive(StoreError):
+    """An oci-archive or docker-archive that cannot be read safely (not a tar, a member that
+    is missing, not a regular file, oversized, a document that does not parse)."""
+
+
 class StoreBusy(StoreError):
     """Another `layer` process holds the store lock."""

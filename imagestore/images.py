@@ -8,11 +8,11 @@ the store lock.
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from dataclasses import dataclass
 from typing import Any
 
-from . import media, mountrecords
+from . import fstree, media, mountrecords
 from .digest import Digest
 from .store import Store
 from .unpack import remove_tree
@@ -109,14 +109,15 @@ def gc(store: Store) -> tuple[int, int, int]:
             if Digest("sha256", path.name) not in blobs:
                 freed += path.stat().st_size
                 path.unlink()
+                (store.diffids / path.name).unlink(missing_ok=True)
                 nblobs += 1
         for path in store.layers.iterdir():
             if path.name.startswith("."):
-                shutil.rmtree(path, ignore_errors=True)  # debris of an interrupted unpack
+                remove_tree(path)  # debris of an interrupted unpack
                 continue
             if Digest("sha256", path.name) not in layers:
                 freed += _du(path)
-                shutil.rmtree(path)
+                fstree.remove_tree(path)
                 nlayers += 1
         for path in store.ingest_dir.iterdir():  # debris: nobody writes while we collect
             if path.is_dir() and not path.is_symlink():  # a `commit --verify` scratch dir
@@ -129,11 +130,18 @@ def gc(store: Store) -> tuple[int, int, int]:
 
 
 def _du(path: Any) -> int:
-    total = 0
-    for p in path.rglob("*"):
+    """Bytes in the regular files of a tree (iterative; what cannot be reached, a path past
+    PATH_MAX, is not counted: the figure is for the report only)."""
+    total, stack = 0, [os.fsencode(path)]
+    while stack:
+        d = stack.pop()
         try:
-            if p.is_file() and not p.is_symlink():
-                total += p.lstat().st_size
+            with os.scandir(d) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                    elif e.is_file(follow_symlinks=False):
+                        total += e.stat(follow_symlinks=False).st_size
         except OSError:
-            pass
+            continue
     return total

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .digest import Digest
-from .errors import ImageNotFound, StoreError
+from .errors import BadReference, ImageNotFound, StoreError
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -34,6 +34,48 @@ class BadManifest(StoreError):
     """A manifest, index or config that does not parse or lacks what it must hold."""
 
 
+MAX_SIZE = 1 << 62  # a descriptor's size: any real blob, never a float or a bignum
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), "null" if value is None else f"a {type(value).__name__}"
+    )
+
+
+def _want(obj: dict[str, Any], key: str, typ: type, where: str, required: bool = True) -> Any:
+    """obj[key] if it is a `typ` (None when absent and not required); else BadManifest."""
+    if key not in obj or (obj[key] is None and not required):
+        if required:
+            raise BadManifest(f"{where} lacks {key!r}")
+        return None
+    value = obj[key]
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        name = {dict: "an object", list: "a list", str: "a string", int: "an integer"}[typ]
+        raise BadManifest(f"{where}: {key!r} is {_kind(value)}, not {name}")
+    return value
+
+
+def _str_map(value: Any, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise BadManifest(f"{where} is {_kind(value)}, not an object of strings")
+    return value
+
+
+def _check_platform(value: Any, where: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BadManifest(f"{where}: 'platform' is {_kind(value)}, not an object")
+    for key in ("os", "architecture", "variant", "os.version"):
+        _want(value, key, str, f"{where} platform", required=False)
+    return value
+
+
 @dataclass(frozen=True)
 class Descriptor:
     media_type: str
@@ -43,17 +85,25 @@ class Descriptor:
     annotations: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> Descriptor:
+    def from_json(cls, obj: Any, where: str = "descriptor") -> Descriptor:
+        """A descriptor checked field by field; BadManifest names `where` and the field."""
+        if not isinstance(obj, dict):
+            raise BadManifest(f"{where} is {_kind(obj)}, not an object")
+        media_type = _want(obj, "mediaType", str, where)
         try:
-            return cls(
-                obj["mediaType"],
-                Digest.parse(obj["digest"]),
-                int(obj["size"]),
-                obj.get("platform"),
-                obj.get("annotations") or {},
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BadManifest(f"bad descriptor {obj!r}: {exc}") from None
+            digest = Digest.parse(_want(obj, "digest", str, where))
+        except BadReference as exc:
+            raise BadManifest(f"{where}: {exc}") from None
+        size = _want(obj, "size", int, where)
+        if not 0 <= size <= MAX_SIZE:
+            raise BadManifest(f"{where}: 'size' {size} is out of range")
+        return cls(
+            media_type,
+            digest,
+            size,
+            _check_platform(obj.get("platform"), where),
+            _str_map(obj.get("annotations"), f"{where}: 'annotations'"),
+        )
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -75,39 +125,43 @@ class Manifest:
     layers: list[Descriptor]
 
 
-def load(data: bytes) -> dict[str, Any]:
+def load(data: bytes, what: str = "document") -> dict[str, Any]:
+    """A JSON object (BadManifest for anything else: not JSON, an array, a number...)."""
     try:
         obj = json.loads(data)
-    except ValueError as exc:
-        raise BadManifest(f"not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise BadManifest(f"{what} is not JSON: {exc}") from None
     if not isinstance(obj, dict):
-        raise BadManifest("not a JSON object")
+        raise BadManifest(f"{what} is {_kind(obj)}, not a JSON object")
     return obj
 
 
 def media_type_of(data: bytes, announced: str | None = None) -> str:
     """The type a document says it is (its own mediaType wins over a transport's header)."""
     obj = load(data)
-    mt = obj.get("mediaType") or announced
+    mt = _want(obj, "mediaType", str, "document", required=False) or announced
     if not mt:
         mt = OCI_INDEX if "manifests" in obj else OCI_MANIFEST
     return str(mt)
 
 
 def parse_manifest(data: bytes, media_type: str) -> Manifest:
-    obj = load(data)
+    obj = load(data, "manifest")
     if media_type not in MANIFEST_TYPES:
         raise BadManifest(f"unsupported manifest type {media_type}")
-    try:
-        config = Descriptor.from_json(obj["config"])
-        layers = [Descriptor.from_json(layer) for layer in obj.get("layers", [])]
-    except KeyError as exc:
-        raise BadManifest(f"manifest lacks {exc}") from None
-    return Manifest(media_type, config, layers)
+    config = Descriptor.from_json(_want(obj, "config", dict, "manifest"), "manifest config")
+    layers = _want(obj, "layers", list, "manifest")
+    return Manifest(
+        media_type,
+        config,
+        [Descriptor.from_json(d, f"manifest layer {i}") for i, d in enumerate(layers)],
+    )
 
 
 def index_entries(data: bytes) -> list[Descriptor]:
-    return [Descriptor.from_json(m) for m in load(data).get("manifests", [])]
+    obj = load(data, "index")
+    entries = _want(obj, "manifests", list, "index", required=False) or []
+    return [Descriptor.from_json(m, f"index entry {i}") for i, m in enumerate(entries)]
 
 
 def this_platform() -> str:
@@ -153,8 +207,15 @@ def choose_platform(entries: list[Descriptor], wanted: str | None) -> Descriptor
 
 
 def diff_ids(config: bytes) -> list[Digest]:
-    obj = load(config)
-    try:
-        return [Digest.parse(d) for d in obj["rootfs"]["diff_ids"]]
-    except (KeyError, TypeError) as exc:
-        raise BadManifest(f"image config lacks rootfs.diff_ids: {exc}") from None
+    obj = load(config, "image config")
+    rootfs = _want(obj, "rootfs", dict, "image config")
+    ids = _want(rootfs, "diff_ids", list, "image config rootfs")
+    out = []
+    for i, d in enumerate(ids):
+        if not isinstance(d, str):
+            raise BadManifest(f"image config: diff_ids[{i}] is {_kind(d)}, not a string")
+        try:
+            out.append(Digest.parse(d))
+        except BadReference as exc:
+            raise BadManifest(f"image config: diff_ids[{i}]: {exc}") from None
+    return out

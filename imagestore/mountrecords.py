@@ -21,14 +21,14 @@ import contextlib
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .digest import Digest
-from .errors import BadReference, ImageNotFound, StoreError
+from . import fstree, media
+from .errors import BadReference, DamagedStore, ImageNotFound, StoreError
+from .media import BadManifest
 from .store import Store, locked_file, write_atomic
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -80,29 +80,34 @@ def claim(store: Store, name: str) -> Iterator[None]:
 def load(store: Store, name: str) -> MountRecord | None:
     path = store.mounts / check_name(name)
     try:
-        text = (path / "mount.json").read_text()
+        text = (path / "mount.json").read_bytes()
     except FileNotFoundError:
         return None
     try:
-        obj = json.loads(text)
-        image = obj["image"]
-        Digest.parse(image["digest"])
+        obj = media.load(text, "the record")
+        image = obj.get("image")
+        if not isinstance(image, dict):
+            raise BadManifest("'image' is missing or not an object")
+        media.Descriptor.from_json(image, "'image'")
+        for key in ("image_name", "mountpoint"):
+            if not isinstance(obj.get(key), str):
+                raise BadManifest(f"{key!r} is missing or not a string")
         daemon = obj.get("daemon")
-        if daemon is not None and not (
+        if not isinstance(daemon, dict) or not (
             isinstance(daemon.get("pid"), int) and isinstance(daemon.get("start"), int)
         ):
             daemon = None
         return MountRecord(
             name,
-            str(obj["image_name"]),
+            obj["image_name"],
             image,
-            str(obj["mountpoint"]),
-            bool(obj.get("read_only", False)),
+            obj["mountpoint"],
+            obj.get("read_only") is True,
             path,
             daemon,
         )
-    except (ValueError, KeyError, TypeError, AttributeError, BadReference) as exc:
-        raise StoreError(f"mount record {path / 'mount.json'} is damaged: {exc}") from None
+    except BadManifest as exc:
+        raise DamagedStore(f"mount record {path / 'mount.json'} is damaged: {exc}") from None
 
 
 def all_records(store: Store) -> list[MountRecord]:
@@ -178,4 +183,4 @@ def remove(store: Store, name: str) -> None:
     # the record goes first, atomically: a crash half way leaves debris, never a half record
     trash = store.mounts / f".rm-{name}-{os.getpid()}"
     os.rename(path, trash)
-    shutil.rmtree(trash)
+    fstree.remove_tree(trash)

@@ -14,6 +14,8 @@ calling thread.  `report` callbacks are called from worker threads.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,8 +25,8 @@ from .digest import Digest
 from .errors import StoreError
 from .media import BadManifest, Descriptor
 from .sources import DockerArchiveSource, Source, open_source
-from .store import Store
-from .unpack import unpack_layer
+from .store import Store, check_tag_name
+from .unpack import unpack_layer, verify_diff_id
 
 
 class Reporter(Protocol):
@@ -51,11 +53,16 @@ def pull(
     creds: tuple[str, str] | None = None,
     report: Reporter | None = None,
     jobs: int = 4,
+    limits: Any = None,
 ) -> PullResult:
-    source = open_source(text, tls_verify=tls_verify, creds=creds)
+    """`limits`: an imagestore.transfer.Limits for a registry (stall timeout, deadline)."""
+    if name is not None:
+        check_tag_name(name)
+    source = open_source(text, tls_verify=tls_verify, creds=creds, limits=limits)
     try:
         with store.in_use():
-            return _pull(store, source, name or source.default_name, platform, report, jobs)
+            name = check_tag_name(name or source.default_name)
+            return _pull(store, source, name, platform, report, jobs)
     finally:
         source.close()
 
@@ -82,15 +89,20 @@ def _pull(
 ) -> PullResult:
     if isinstance(source, DockerArchiveSource):
         source.bind(store)
-    data, mt, digest = resolve_manifest(source, platform)
-    manifest = media.parse_manifest(data, mt)
+    with _about(name):
+        data, mt, digest = resolve_manifest(source, platform)
+    with _about(f"{name}: manifest {digest}"):
+        manifest = media.parse_manifest(data, mt)
     source.fetch_blob(manifest.config, store, None)
-    diff_ids = media.diff_ids(store.read_blob(manifest.config.digest))
+    with _about(f"{name}: config {manifest.config.digest}"):
+        diff_ids = media.diff_ids(store.read_blob(manifest.config.digest))
     if len(diff_ids) != len(manifest.layers):
         raise BadManifest(f"config lists {len(diff_ids)} layers, manifest {len(manifest.layers)}")
 
     def one(i: int, desc: Descriptor, diff_id: Digest) -> Digest:
+        # every path ends in verify_diff_id: the blob's own DiffID, not the store's word
         if store.has_layer(diff_id) and store.has_blob(desc.digest):
+            verify_diff_id(store, desc.digest, desc.media_type, diff_id)
             if report is not None:
                 report.layer(i, desc, "already present")
             return diff_id
@@ -98,14 +110,14 @@ def _pull(
             report.layer(i, desc, "downloading")
         progress = (lambda done, total: report.progress(i, done, total)) if report else None
         source.fetch_blob(desc, store, progress)  # the store keeps every image's blobs
-        if store.has_layer(diff_id):
-            return diff_id  # the same content came before under another compression
-        if report is not None:
-            report.layer(i, desc, "unpacking")
-        got = unpack_layer(store, desc.digest, desc.media_type, diff_id)
+        if not store.has_layer(diff_id):
+            if report is not None:
+                report.layer(i, desc, "unpacking")
+            unpack_layer(store, desc.digest, desc.media_type, diff_id)
+        verify_diff_id(store, desc.digest, desc.media_type, diff_id)
         if report is not None:
             report.layer(i, desc, "done")
-        return got
+        return diff_id
 
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
         futures = [pool.submit(one, i, d, diff_ids[i]) for i, d in enumerate(manifest.layers)]
@@ -119,6 +131,15 @@ def _pull(
     with store.lock():
         store.tag(name, {"mediaType": mt, "digest": str(digest), "size": len(data)})
     return PullResult(name, digest, mt, got)
+
+
+@contextlib.contextmanager
+def _about(what: str) -> Iterator[None]:
+    """Name the document a BadManifest is about (the user sees which one, and the field)."""
+    try:
+        yield
+    except BadManifest as exc:
+        raise BadManifest(f"{what}: {exc}") from None
 
 
 def image_layers(store: Store, name: str) -> list[Path]:

@@ -206,13 +206,18 @@ def _to_layout(
     _copy_blob(store, top, blobs)
     index_path = root / "index.json"
     if index_path.exists():
-        index = media.load(index_path.read_bytes())
+        data = index_path.read_bytes()
+        try:
+            media.index_entries(data)  # every entry a descriptor, before we rewrite it
+        except BadManifest as exc:
+            raise BadManifest(f"{index_path}: {exc}") from None
+        index = media.load(data)
     else:
         index = {"schemaVersion": 2, "mediaType": media.OCI_INDEX, "manifests": []}
     entry = top.to_json()
     if ref is not None:
         entry["annotations"] = {REF_ANNOTATION: ref}
-    index["manifests"] = [e for e in index.get("manifests", []) if not _same_name(e, entry)]
+    index["manifests"] = [e for e in index.get("manifests") or [] if not _same_name(e, entry)]
     index["manifests"].append(entry)
     write_atomic(index_path, json.dumps(index, indent=2).encode() + b"\n")
 

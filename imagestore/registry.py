@@ -74,6 +74,7 @@ from .errors import (
 from .media import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from .reference import TAG_RE, canonical_host, check_repository, is_loopback
 from .store import Ingest, Store
+from .transfer import Limits, Meter, install, read_limited
 
 ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 KNOWN_MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)
@@ -106,6 +107,7 @@ class RegistryClient:
         timeout: float = 30.0,
         retries: int = 5,
         backoff: float = 0.5,
+        limits: Limits | None = None,
     ) -> None:
         self.host = canonical_host(host)
         self.tls_verify = tls_verify
@@ -116,8 +118,11 @@ class RegistryClient:
             verify=tls_verify,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             follow_redirects=False,
-            headers={"User-Agent": USER_AGENT},
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
         )
+        self.limits = limits or Limits.from_env()
+        self._meter = Meter(self.limits)
+        install(self._client, self._meter)
         self._lock = threading.Lock()  # the probe, the challenge, the credentials
         self._base: str | None = None
         self._challenge: Challenge | None = None
@@ -147,7 +152,8 @@ class RegistryClient:
             for scheme in self.schemes():
                 url = f"{scheme}://{self.host}/v2/"
                 try:
-                    resp = self._client.get(url)
+                    with self._client.stream("GET", url) as resp:
+                        pass  # status and headers only: the body is never read
                 except httpx.TransportError as exc:
                     failures.append(f"{url}: {_describe(exc)}")
                     continue
@@ -255,17 +261,25 @@ class RegistryClient:
             if authz is not None and _same_origin(url, httpx.URL(base)):
                 h["Authorization"] = authz
             content = body() if callable(body) else body
+            req = self._client.build_request(method, url, headers=h, content=content)
             try:
-                resp = self._client.request(method, url, headers=h, content=content)
+                streamed = self._client.send(req, stream=True)
+                try:
+                    answer = read_limited(streamed, MAX_ERROR_BODY)
+                finally:
+                    streamed.close()
             except httpx.TransportError as exc:
                 raise _Transient(f"{url.host}: {_describe(exc)}") from exc
+            resp = httpx.Response(
+                streamed.status_code, headers=streamed.headers, content=answer, request=req
+            )
             if resp.status_code != 401 or attempt:
                 return resp
             challenges = auth.parse_www_authenticate(resp.headers.get_list("www-authenticate"))
             with self._lock:
                 self._challenge = _pick_challenge(challenges) or self._challenge
                 if self._challenge is None:
-                    self._raise_auth(resp, f"{self.host}/{repo}")
+                    self._raise_auth(resp, f"{self.host}/{repo}", resp.content)
             self._tokens.drop(scope)
         raise AssertionError("unreachable")
 
@@ -358,14 +372,14 @@ class RegistryClient:
         scope = f"repository:{repo}:pull"
         url = f"{base}/v2/{repo}/{path}"
         resp = self._follow(url, headers, self._authorization(scope, repo))
-        if resp.status_code == 401:
-            resp.read()
+        if resp.status_code == 401 and _same_origin(resp.url, httpx.URL(base)):
+            body = read_limited(resp, MAX_ERROR_BODY)
             challenges = auth.parse_www_authenticate(resp.headers.get_list("www-authenticate"))
             resp.close()
             with self._lock:
                 self._challenge = _pick_challenge(challenges) or self._challenge
                 if self._challenge is None:
-                    self._raise_auth(resp, f"{self.host}/{repo}")
+                    self._raise_auth(resp, f"{self.host}/{repo}", body)
             self._tokens.drop(scope)
             resp = self._follow(url, headers, self._authorization(scope, repo))
         try:
@@ -427,19 +441,27 @@ class RegistryClient:
         code = resp.status_code
         if code in (200, 206):
             return
-        resp.read()
-        detail = _error_detail(resp)
+        body = read_limited(resp, MAX_ERROR_BODY)
+        detail = _error_detail(body)
         if code == 404:
             raise not_found(f"{what} not found{detail}")
+        elsewhere = self._base is not None and not _same_origin(resp.url, httpx.URL(self._base))
+        if code in (401, 403) and elsewhere:
+            # a redirect target (blob storage, a CDN) got no credentials from us: it is its
+            # own refusal (an expired signed URL, a private bucket), not our credentials'
+            raise RegistryError(
+                f"{what}: {resp.url.scheme}://{resp.url.netloc.decode()}, where "
+                f"{self.host} redirected us, answered HTTP {code}{detail}"
+            )
         if code in (401, 403):
-            self._raise_auth(resp, what)
+            self._raise_auth(resp, what, body)
         if code == 429 or code >= 500:
             raise _Transient(f"HTTP {code}{detail}")
         raise RegistryError(f"{what}: registry answered HTTP {code}{detail}")
 
-    def _raise_auth(self, resp: httpx.Response, what: str) -> NoReturn:
+    def _raise_auth(self, resp: httpx.Response, what: str, body: bytes = b"") -> NoReturn:
         creds = self._creds if self._creds_looked_up else None
-        detail = _error_detail(resp)
+        detail = _error_detail(body)
         if resp.status_code == 403:
             raise AuthError(f"{self.host} denied access to {what}{detail}")
         if creds is not None:
@@ -460,7 +482,8 @@ class RegistryClient:
             try:
                 return fn()
             except (_Transient, httpx.TransportError) as exc:
-                if attempt == self.retries:
+                left = self._meter.remaining()
+                if attempt == self.retries or (left is not None and left <= delay):
                     raise RegistryError(
                         f"{what}: {_describe(exc)} (gave up after {attempt + 1} attempts)"
                     ) from exc
@@ -505,9 +528,9 @@ def _content_range_start(resp: httpx.Response) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _error_detail(resp: httpx.Response) -> str:
+def _error_detail(body: bytes) -> str:
     """': CODE: message' from a distribution error body, or a snippet of the text."""
-    body = resp.content[:MAX_ERROR_BODY]
+    body = body[:MAX_ERROR_BODY]
     try:
         errors = json.loads(body).get("errors") or []
         parts = [f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors]

@@ -12,14 +12,22 @@ from .reference import parse_reference
 from .registry import RegistryClient
 from .sources import Progress
 from .store import Store
+from .transfer import Limits
 
 
 class RegistrySource:
     def __init__(
-        self, text: str, *, tls_verify: bool = True, creds: tuple[str, str] | None = None
+        self,
+        text: str,
+        *,
+        tls_verify: bool = True,
+        creds: tuple[str, str] | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.ref = parse_reference(text)
-        self.client = RegistryClient(self.ref.host, tls_verify=tls_verify, creds=creds)
+        self.client = RegistryClient(
+            self.ref.host, tls_verify=tls_verify, creds=creds, limits=limits
+        )
         self.default_name = str(self.ref)
 
     def manifest(self, ref: str | None = None) -> tuple[bytes, str, Digest]:

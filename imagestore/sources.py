@@ -14,17 +14,16 @@ size.  A Source is used by one `pull` at a time; `fetch_blob` may run in several
 from __future__ import annotations
 
 import json
-import shutil
-import tarfile
-import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from . import media
+from .archive import DirFiles, Missing, TarFiles
 from .digest import Digest
-from .errors import BadReference, BlobNotFound, ImageNotFound
-from .media import Descriptor
+from .errors import BadArchive, BadReference, BlobNotFound, DigestMismatch, ImageNotFound
+from .media import BadManifest, Descriptor
 from .store import REF_ANNOTATION, Store
 
 Progress = Callable[[int, int | None], None]
@@ -44,9 +43,14 @@ class Source(Protocol):
 
 
 def open_source(
-    text: str, *, tls_verify: bool = True, creds: tuple[str, str] | None = None
+    text: str,
+    *,
+    tls_verify: bool = True,
+    creds: tuple[str, str] | None = None,
+    limits: Any = None,
 ) -> Source:
-    """Parse a transport reference and open its source (registries: no I/O yet)."""
+    """Parse a transport reference and open its source (registries: no I/O yet).
+    `limits` (an imagestore.transfer.Limits) bounds a registry's transfers in time."""
     if text.startswith("oci:"):
         path, _, ref = text[4:].partition(":")
         return OciLayoutSource(Path(path), ref or None)
@@ -65,7 +69,7 @@ def open_source(
         )
     from .registry_source import RegistrySource  # imports httpx only when needed
 
-    return RegistrySource(text, tls_verify=tls_verify, creds=creds)
+    return RegistrySource(text, tls_verify=tls_verify, creds=creds, limits=limits)
 
 
 def copy_verified(
@@ -88,28 +92,43 @@ def copy_verified(
         return ing.commit()
 
 
-class OciLayoutSource:
-    """An OCI image layout directory (what skopeo copy oci:DIR writes, and our own store)."""
+MAX_INDEX = 128 << 20  # an index.json (a layout may hold many images)
+MAX_DOCUMENT = 4 << 20  # a manifest or docker-archive manifest.json (containers/image's limit)
+MAX_CONFIG = 64 << 20  # an image config
+NAMES_SHOWN = 10  # images named in "which one?" errors
 
-    def __init__(self, root: Path, ref: str | None) -> None:
+
+class OciLayoutSource:
+    """An OCI image layout: a directory (what skopeo copy oci:DIR writes, and our own store)
+    or, through `files`, a tar of one (oci-archive:).  Only regular files are read; documents
+    are size-bounded and checked field by field (BadManifest naming the file)."""
+
+    def __init__(self, root: Path, ref: str | None, files: DirFiles | TarFiles | None = None):
         self.root = root
         self.ref = ref
-        if not (root / "index.json").is_file():
-            raise ImageNotFound(f"{root} is not an OCI image layout (no index.json)")
+        self.files = files or DirFiles(root)
+        try:
+            index = self.files.read("index.json", MAX_INDEX)
+        except Missing:
+            raise ImageNotFound(
+                f"{self.files.where} is not an OCI image layout (no index.json)"
+            ) from None
+        try:
+            self.entries = media.index_entries(index)
+        except BadManifest as exc:
+            raise BadManifest(f"{self.files.where}: index.json: {exc}") from None
         self.default_name = ref or root.resolve().name
 
-    def _blob(self, digest: Digest) -> Path:
-        return self.root / "blobs" / digest.algorithm / digest.hex
+    def _blob(self, digest: Digest) -> str:
+        return f"blobs/{digest.algorithm}/{digest.hex}"
 
     def _read(self, digest: Digest) -> bytes:
         try:
-            data = self._blob(digest).read_bytes()
-        except FileNotFoundError:
-            raise BlobNotFound(f"{self.root} lacks blob {digest}") from None
+            data = self.files.read(self._blob(digest), MAX_DOCUMENT)
+        except Missing:
+            raise BlobNotFound(f"{self.files.where} lacks blob {digest}") from None
         if Digest.of(data) != digest:
-            from .errors import DigestMismatch
-
-            raise DigestMismatch(f"blob {digest} in {self.root} is corrupt")
+            raise DigestMismatch(f"blob {digest} in {self.files.where} is corrupt")
         return data
 
     def manifest(self, ref: str | None = None) -> tuple[bytes, str, Digest]:
@@ -117,55 +136,95 @@ class OciLayoutSource:
             digest = Digest.parse(ref)
             data = self._read(digest)
             return data, media.media_type_of(data), digest
-        index = media.load((self.root / "index.json").read_bytes())
-        entries = index.get("manifests", [])
+        entries = self.entries
         if self.ref is not None:
-            entries = [
-                e for e in entries if (e.get("annotations") or {}).get(REF_ANNOTATION) == self.ref
-            ]
+            entries = [e for e in entries if e.annotations.get(REF_ANNOTATION) == self.ref]
             if not entries:
-                raise ImageNotFound(f"no image {self.ref!r} in {self.root}")
+                raise ImageNotFound(f"no image {self.ref!r} in {self.files.where}")
         elif len(entries) != 1:
-            names = [
-                (e.get("annotations") or {}).get(REF_ANNOTATION, e.get("digest")) for e in entries
-            ]
+            names = [e.annotations.get(REF_ANNOTATION, str(e.digest)) for e in entries]
+            shown = ", ".join(names[:NAMES_SHOWN])
+            if len(names) > NAMES_SHOWN:
+                shown += f", … ({len(names)} in all)"
             raise ImageNotFound(
-                f"{self.root} holds {len(entries)} images; name one of "
-                f"{', '.join(map(str, names))} as oci:{self.root}:REF"
+                f"{self.files.where} holds {len(entries)} images; name one"
+                f"{f' of {shown}' if shown else ''} as :REF"
             )
-        desc = Descriptor.from_json(entries[-1])
+        desc = entries[-1]
         data = self._read(desc.digest)
         return data, media.media_type_of(data, desc.media_type), desc.digest
 
     def fetch_blob(self, desc: Descriptor, store: Store, progress: Progress | None) -> Digest:
+        if store.has_blob(desc.digest):
+            return desc.digest
         try:
-            with open(self._blob(desc.digest), "rb") as f:
+            with self.files.open(self._blob(desc.digest)) as f:
                 return copy_verified(f, store, desc.digest, desc.size, progress)
-        except FileNotFoundError:
-            raise BlobNotFound(f"{self.root} lacks blob {desc.digest}") from None
+        except Missing:
+            raise BlobNotFound(f"{self.files.where} lacks blob {desc.digest}") from None
 
     def close(self) -> None:
         pass
 
 
 class OciArchiveSource(OciLayoutSource):
-    """An OCI layout packed in a tar file: unpacked (safely) to a temp dir first."""
+    """An OCI layout packed in a tar file, read in place: only what the index references is
+    read, streaming (nothing is extracted to disk)."""
 
     def __init__(self, path: Path, ref: str | None) -> None:
-        if not path.is_file():
-            raise ImageNotFound(f"{path}: no such file")
-        self._tmp = Path(tempfile.mkdtemp(prefix="layer-oci-archive-"))
+        files = _open_tar(path, "oci-archive")
         try:
-            with tarfile.open(path) as tf:
-                tf.extractall(self._tmp, filter="data")
-            super().__init__(self._tmp, ref)
+            super().__init__(path, ref, files)
         except BaseException:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            files.close()
             raise
+        self._tar = files
         self.default_name = ref or path.name.split(".")[0]
 
     def close(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tar.close()
+
+
+def _open_tar(path: Path, kind: str) -> TarFiles:
+    if not path.is_file():
+        raise ImageNotFound(f"{path}: no such file")
+    try:
+        return TarFiles(path, kind)
+    except Missing:
+        raise ImageNotFound(f"{path}: no such file") from None
+
+
+@dataclass(frozen=True)
+class _DockerEntry:
+    config: str
+    layers: list[str]
+    tags: list[str]
+
+
+def _docker_entries(data: bytes, where: str) -> list[_DockerEntry]:
+    """manifest.json of a docker-archive, checked (BadArchive naming the entry and field)."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise BadArchive(f"{where}: manifest.json is not JSON: {exc}") from None
+    if not isinstance(obj, list):
+        raise BadArchive(f"{where}: manifest.json is not a list of images")
+    out = []
+    for i, e in enumerate(obj):
+        at = f"{where}: manifest.json entry {i}"
+        if not isinstance(e, dict):
+            raise BadArchive(f"{at} is not an object")
+        config, layers, tags = e.get("Config"), e.get("Layers"), e.get("RepoTags")
+        if not isinstance(config, str):
+            raise BadArchive(f"{at}: 'Config' is missing or not a string")
+        if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+            raise BadArchive(f"{at}: 'Layers' is not a list of strings")
+        if tags is None:
+            tags = []
+        if not isinstance(tags, list) or not all(isinstance(x, str) for x in tags):
+            raise BadArchive(f"{at}: 'RepoTags' is not a list of strings")
+        out.append(_DockerEntry(config, layers, tags))
+    return out
 
 
 class DockerArchiveSource:
@@ -176,34 +235,32 @@ class DockerArchiveSource:
     their digests are known only once read."""
 
     def __init__(self, path: Path, name: str | None) -> None:
-        if not path.is_file():
-            raise ImageNotFound(f"{path}: no such file")
         self.path = path
+        self.files = _open_tar(path, "docker-archive")
         try:
-            self.tar = tarfile.open(path)
-        except tarfile.TarError as exc:
-            raise ImageNotFound(f"{path} is not a docker-archive: {exc}") from None
-        entries = json.loads(self._member("manifest.json").read())
-        if name is not None:
-            entries = [e for e in entries if name in (e.get("RepoTags") or [])]
-            if not entries:
-                raise ImageNotFound(f"no image {name!r} in {path}")
-        if not entries:
-            raise ImageNotFound(f"{path} holds no image")
-        self.entry: dict[str, Any] = entries[0]
-        tags = self.entry.get("RepoTags") or []
+            entries = self._entries(name)
+        except BaseException:
+            self.files.close()
+            raise
+        self.entry = entries[0]
+        tags = self.entry.tags
         self.default_name = name or (tags[0] if tags else path.name.split(".")[0])
         self._made: tuple[bytes, str, Digest] | None = None
         self._store: Store | None = None
 
-    def _member(self, name: str) -> BinaryIO:
+    def _entries(self, name: str | None) -> list[_DockerEntry]:
         try:
-            f = self.tar.extractfile(name)
-        except KeyError:
-            f = None
-        if f is None:
-            raise ImageNotFound(f"{self.path} lacks {name}")
-        return f  # type: ignore[return-value]
+            data = self.files.read("manifest.json", MAX_DOCUMENT)
+        except Missing:
+            raise BadArchive(f"{self.files.where} lacks manifest.json") from None
+        entries = _docker_entries(data, self.files.where)
+        if name is not None:
+            entries = [e for e in entries if name in e.tags]
+            if not entries:
+                raise ImageNotFound(f"no image {name!r} in {self.path}")
+        if not entries:
+            raise ImageNotFound(f"{self.path} holds no image")
+        return entries
 
     def bind(self, store: Store) -> None:
         self._store = store
@@ -214,16 +271,19 @@ class DockerArchiveSource:
         store = self._store
         if store is None:
             raise RuntimeError("DockerArchiveSource.bind(store) first")
-        config_name = self.entry["Config"]
-        config = self._member(config_name).read()
-        config_digest = store.put_bytes(config)
-        layers = []
-        for name in self.entry.get("Layers", []):
-            member = self.tar.getmember(name)
-            digest = copy_verified(self._member(name), store, None, member.size)
-            layers.append(
-                {"mediaType": media.DOCKER_LAYER, "size": member.size, "digest": str(digest)}
-            )
+        try:
+            config = self.files.read(self.entry.config, MAX_CONFIG)
+            config_digest = store.put_bytes(config)
+            layers = []
+            for name in self.entry.layers:
+                size = self.files.size(name)
+                with self.files.open(name) as f:
+                    digest = copy_verified(f, store, None, size)
+                layers.append(
+                    {"mediaType": media.DOCKER_LAYER, "size": size, "digest": str(digest)}
+                )
+        except Missing as exc:
+            raise BadArchive(str(exc)) from None
         manifest = {
             "schemaVersion": 2,
             "mediaType": media.DOCKER_MANIFEST,
@@ -246,4 +306,4 @@ class DockerArchiveSource:
         return desc.digest
 
     def close(self) -> None:
-        self.tar.close()
+        self.files.close()

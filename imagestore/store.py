@@ -29,12 +29,20 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from .digest import Digest
-from .errors import BlobNotFound, DigestMismatch, ImageNotFound, StoreBusy
+from .errors import (
+    BadReference,
+    BlobNotFound,
+    DamagedStore,
+    DigestMismatch,
+    ImageNotFound,
+    StoreBusy,
+)
 
 OCI_LAYOUT = {"imageLayoutVersion": "1.0.0"}
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -92,6 +100,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+MAX_TAG_NAME = 255
+
+
+def check_tag_name(name: str) -> str:
+    """An image name for index.json: not empty, at most MAX_TAG_NAME characters, no control
+    characters and no white space (a name is one word on every line `layer images` prints)."""
+    if not name:
+        raise BadReference("an image name cannot be empty")
+    if len(name) > MAX_TAG_NAME:
+        raise BadReference(f"an image name is at most {MAX_TAG_NAME} characters")
+    bad = next((c for c in name if not c.isprintable() or c.isspace()), None)
+    if bad is not None:
+        raise BadReference(f"image name {name!r} holds {bad!r} (no spaces or control characters)")
+    return name
+
+
 class Store:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).absolute()
@@ -99,18 +123,32 @@ class Store:
         self.ingest_dir = self.root / "ingest"
         self.layers = self.root / "layers"
         self.mounts = self.root / "mounts"
+        self.diffids = self.root / "diffids"  # verified blob → DiffID, one file per blob
 
     @classmethod
     def open(cls, root: str | os.PathLike[str] | None = None) -> Store:
         """Open the store, creating the layout when it is missing (idempotent)."""
         store = cls(root if root is not None else default_root())
-        for d in (store.blobs, store.ingest_dir, store.layers, store.mounts):
+        store._private_root()
+        for d in (store.blobs, store.ingest_dir, store.layers, store.mounts, store.diffids):
             d.mkdir(parents=True, exist_ok=True)
         if not (store.root / "oci-layout").exists():
             write_atomic(store.root / "oci-layout", json.dumps(OCI_LAYOUT).encode())
         if not (store.root / "index.json").exists():
             store._write_index({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": []})
         return store
+
+    def _private_root(self) -> None:
+        """The root is 0700, as /var/lib/docker and containers-storage keep theirs: unpacked
+        layers hold files that images white out, uppers hold users' data, and default
+        mountpoints live here.  Created so; an older store of ours (0755) is narrowed."""
+        try:
+            self.root.mkdir(mode=0o700, parents=True)
+        except FileExistsError:
+            pass
+        st = os.stat(self.root)
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.chmod(self.root, stat.S_IMODE(st.st_mode) & 0o700)
 
     # ----- locking ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -165,8 +203,11 @@ class Store:
             raise DigestMismatch(f"blob {digest} in the store is corrupt")
         return data
 
-    def read_json(self, digest: Digest) -> Any:
-        return json.loads(self.read_blob(digest))
+    def read_json(self, digest: Digest) -> dict[str, Any]:
+        """A JSON-object blob (an image config); BadManifest for anything else."""
+        from .media import load
+
+        return load(self.read_blob(digest), f"blob {digest}")
 
     def ingest(
         self, expected: Digest | None = None, size: int | None = None, key: str | None = None
@@ -184,9 +225,35 @@ class Store:
         data = json.dumps(obj, separators=(",", ":")).encode()
         return self.put_bytes(data), len(data)
 
+    # ----- verified DiffIDs ----------------------------------------------------------------
+    def verified_diff_id(self, blob: Digest) -> Digest | None:
+        """The DiffID `blob` was found to hold when it was decompressed and hashed (by an
+        unpack or `unpack.verify_diff_id`), or None when no one has checked yet."""
+        try:
+            return Digest.parse((self.diffids / blob.hex).read_text().strip())
+        except (FileNotFoundError, BadReference):
+            return None
+
+    def record_diff_id(self, blob: Digest, diff_id: Digest) -> None:
+        """Write down a mapping that was just verified (derivable: it is a cache)."""
+        write_atomic(self.diffids / blob.hex, f"{diff_id}\n".encode())
+
     # ----- index.json: names -------------------------------------------------------------
     def _read_index(self) -> dict[str, Any]:
-        return json.loads((self.root / "index.json").read_bytes())
+        """index.json, checked: every entry a descriptor (DamagedStore naming the field)."""
+        from .media import BadManifest, Descriptor, load
+
+        path = self.root / "index.json"
+        try:
+            index = load(path.read_bytes(), "the index")
+            manifests = index.get("manifests", [])
+            if not isinstance(manifests, list):
+                raise BadManifest("'manifests' is not a list")
+            for i, entry in enumerate(manifests):
+                Descriptor.from_json(entry, f"manifests[{i}]")
+        except BadManifest as exc:
+            raise DamagedStore(f"store index {path} is damaged: {exc}") from None
+        return index
 
     def _write_index(self, index: dict[str, Any]) -> None:
         write_atomic(self.root / "index.json", json.dumps(index, indent=2).encode() + b"\n")
@@ -216,6 +283,7 @@ class Store:
 
     def tag(self, name: str, desc: dict[str, Any]) -> None:
         """Point `name` at `desc` (replacing an older image of that name).  Atomic."""
+        check_tag_name(name)
         index = self._read_index()
         manifests = [
             d

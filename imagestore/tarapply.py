@@ -40,7 +40,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import stat
 import tarfile
 from collections import OrderedDict
@@ -50,7 +49,7 @@ from typing import IO
 
 from unionfs import markers
 
-from . import tarsafe
+from . import fstree, tarsafe
 from .errors import CorruptLayer
 from .tarsafe import pax_xattrs, shown, split_path, times_ns
 
@@ -303,7 +302,7 @@ class LayerWriter:
             self._drop_wh_file(dfd, name)
         elif stat.S_ISDIR(st.st_mode):
             self._forget(b"/".join(parts))
-            shutil.rmtree(name, dir_fd=dfd)
+            fstree.remove_at(dfd, name)
         else:
             os.unlink(name, dir_fd=dfd)
         return dfd, name

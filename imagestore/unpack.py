@@ -32,10 +32,10 @@ import contextlib
 import ctypes
 import errno
 import gzip
+import hashlib
 import logging
 import os
 import secrets
-import shutil
 import tarfile
 import threading
 import time
@@ -47,7 +47,7 @@ from typing import Any, BinaryIO, Protocol
 
 import zstandard
 
-from . import tarsafe
+from . import fstree, tarsafe
 from .digest import Digest
 from .errors import CorruptLayer, DigestMismatch
 from .store import Store, locked_file, write_atomic
@@ -95,6 +95,45 @@ def unpack_layer(
         return _unpack(store, blob, media_type, expected_diff_id)
 
 
+def verify_diff_id(store: Store, blob: Digest, media_type: str, diff_id: Digest) -> None:
+    """Check that `blob` decompresses to `diff_id` (DigestMismatch if not), decompressing and
+    hashing it only when no earlier check was recorded; records the result.  Pull and commit
+    call it for every layer before they tag: a layer already in the store under that DiffID is
+    no proof that this blob holds it."""
+    got = store.verified_diff_id(blob)
+    if got is None:
+        got = _diff_id_of(store, blob, media_type)
+        store.record_diff_id(blob, got)
+    if got != diff_id:
+        raise DigestMismatch(
+            f"layer blob {blob} decompresses to DiffID {got}, but the image config says {diff_id}"
+        )
+
+
+def _diff_id_of(store: Store, blob: Digest, media_type: str) -> Digest:
+    """sha256 of the blob's uncompressed stream (every byte), the blob's digest re-checked."""
+    if media_type not in MEDIA_TYPES:
+        raise CorruptLayer(f"layer {blob}: unsupported layer media type {media_type!r}")
+    with store.open_blob(blob) as raw:
+        compressed = _HashingReader(raw, blob.hasher())
+        kind = _sniff(raw) or MEDIA_TYPES[media_type]
+        source: _Reader = compressed
+        if kind == GZIP:
+            source = gzip.GzipFile(fileobj=compressed, mode="rb")  # type: ignore[call-overload]
+        elif kind == ZSTD:
+            source = _ZstdReader(compressed)
+        h = hashlib.sha256()
+        try:
+            while chunk := source.read(1 << 20):
+                h.update(chunk)
+            compressed.drain()
+        except _DECOMPRESSION_ERRORS as exc:
+            raise CorruptLayer(f"layer {blob.short}: bad compression: {exc}") from None
+    if Digest.from_hash(compressed.hash) != blob:
+        raise DigestMismatch(f"blob {blob} in the store is corrupt (it hashes differently)")
+    return Digest.from_hash(h)
+
+
 @contextlib.contextmanager
 def _layer_lock(store: Store, diff_id: Digest) -> Iterator[None]:
     key = f"{store.layers}/{diff_id.hex}"
@@ -121,6 +160,7 @@ def _unpack(store: Store, blob: Digest, media_type: str, expected: Digest | None
             os.mkdir(tmp / "diff", 0o755)
             os.chmod(tmp / "diff", 0o755)
             diff_id = _extract(raw, blob, MEDIA_TYPES[media_type], tmp / "diff", expected)
+            store.record_diff_id(blob, diff_id)  # hashed from the blob just now
             _syncfs(tmp)
             _publish(store, tmp, diff_id)
         except BaseException:
@@ -338,33 +378,9 @@ def _wait_complete(store: Store, diff_id: Digest) -> bool:
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a tree of ours, even one whose directories a non-root layer made read-only
-    (unpack debris, a `commit --verify` scratch dir); logs what it cannot remove."""
-    if not os.path.lexists(path):
-        return
-    try:
-        shutil.rmtree(path)
-        return
-    except OSError:
-        pass
-    _make_writable(path)
-    try:
-        shutil.rmtree(path)
-    except OSError as exc:
-        log.error("could not remove %s: %s", path, exc)
-
-
-def _make_writable(top: Path) -> None:
-    stack = [str(top)]
-    while stack:
-        d = stack.pop()
-        with contextlib.suppress(OSError):
-            os.chmod(d, 0o700)
-        try:
-            with os.scandir(d) as it:
-                stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
-        except OSError:
-            continue
+    """Remove a tree of ours, of any depth, even one whose directories a non-root layer made
+    read-only (unpack debris, a `commit --verify` scratch dir); logs what it cannot remove."""
+    fstree.remove_tree(path, quietly=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -109,6 +109,34 @@ def test_bad_options(dirs, opts, message):
         parse_args(["-o", opts.format(d=dirs), str(dirs / "mnt")])
 
 
+@pytest.mark.parametrize(
+    "upper, lower",
+    [
+        ("{d}/into-top/up", "{d}/top"),  # the upper reached through a symlink into a lower
+        ("{d}/upper", "{d}/into-upper/low"),  # a lower reached through one into the upper
+        ("{d}/into-top", "{d}/top"),  # the very same directory by another name
+        ("{d}/top/../top/up", "{d}/top"),  # '..' spellings
+    ],
+)
+def test_overlap_is_checked_by_identity_not_spelling(dirs, upper, lower):
+    """Issue 12, item 17: the lexical check let an upper reached through a symlink into a
+    lower pass, and the lower was written."""
+    (dirs / "into-top").symlink_to(dirs / "top")
+    (dirs / "into-upper").symlink_to(dirs / "upper")
+    (dirs / "top" / "up").mkdir()
+    (dirs / "upper" / "low").mkdir()
+    opts = f"lowerdir={lower},upperdir={upper},workdir={{d}}/work".format(d=dirs)
+    with pytest.raises(OptionError, match="overlaps lowerdir"):
+        parse_args(["-o", opts, str(dirs / "mnt")])
+
+
+def test_workdir_through_a_symlink_into_the_upper(dirs):
+    (dirs / "into-upper").symlink_to(dirs / "upper")
+    opts = f"lowerdir={dirs}/top,upperdir={dirs}/upper,workdir={dirs}/into-upper"
+    with pytest.raises(OptionError, match="separate subtrees"):
+        parse_args(["-o", opts, str(dirs / "mnt")])
+
+
 def test_bad_mountpoint(dirs):
     with pytest.raises(OptionError, match="mountpoint"):
         parse_args(["-o", f"lowerdir={dirs}/top", str(dirs / "nope")])

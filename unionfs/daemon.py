@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import OptionError, UnionError
+from .fdlimit import raise_nofile
 from .options import USAGE, MountConfig, parse_args
 
 log = logging.getLogger("layerfs")
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except OptionError as exc:
         print(f"layerfs: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    raise_nofile()  # one user's open files must not exhaust the daemon (issue 12, item 10)
     if cfg.foreground:
         _setup_logging(cfg.debug, to_stderr=True)
         return serve(cfg, ready_fd=None)

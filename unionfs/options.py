@@ -351,4 +351,16 @@ def _existing_dir(path: str, what: str) -> str:
 
 
 def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
+    """Whether `path` is `root` or below it, by identity, not spelling: a symlink or a bind
+    mount that leads into `root` counts.  Compares `root`'s st_dev/st_ino with those of each
+    real ancestor of `path` (its realpath, then every parent up to /)."""
+    want = os.stat(root)
+    here = os.path.realpath(path)
+    while True:
+        st = os.stat(here)
+        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+            return True
+        parent = os.path.dirname(here)
+        if parent == here:
+            return False
+        here = parent
