@@ -51,14 +51,20 @@ install_packages() {
 ensure_dev_fuse() {
     if [ -e /dev/fuse ]; then
         say "/dev/fuse: present"
-        return
-    fi
-    modprobe fuse 2>/dev/null || true
-    [ -e /dev/fuse ] || mknod -m 0666 /dev/fuse c 10 229 2>/dev/null || true
-    if [ -e /dev/fuse ]; then
-        say "/dev/fuse: created"
     else
-        say "/dev/fuse: missing and cannot be created (mount tests will be skipped)" >&2
+        modprobe fuse 2>/dev/null || true
+        [ -e /dev/fuse ] || mknod -m 0666 /dev/fuse c 10 229 2>/dev/null || true
+        if [ -e /dev/fuse ]; then
+            say "/dev/fuse: created"
+        else
+            say "/dev/fuse: missing and cannot be created (mount tests will be skipped)" >&2
+            return
+        fi
+    fi
+    # Debian's fuse3 ships the udev rule KERNEL=="fuse", MODE="0666": users mount through
+    # fusermount3 (rootless layerfs).  Containers and machines without udev leave the node 0600.
+    if [ "$(stat -c %a /dev/fuse)" != 666 ]; then
+        chmod 0666 /dev/fuse 2>/dev/null && say "/dev/fuse: mode 0666, as fuse3's udev rule sets it"
     fi
 }
 
