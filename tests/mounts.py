@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -92,8 +93,10 @@ class LayerfsMount:
         work=None,
         extra_opts: str = "",
         log_path: str | os.PathLike[str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.mnt = str(mnt)
+        self.prefix = list(prefix)  # a wrapper command (prlimit, setpriv, ...)
         self.opts = overlay_options(lowers, upper, work) + (f",{extra_opts}" if extra_opts else "")
         self.log_path = str(log_path or (Path(self.mnt).parent / (Path(self.mnt).name + ".log")))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -109,7 +112,7 @@ class LayerfsMount:
         require_fuse()
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [LAYERFS, "-f", "-o", self.opts, self.mnt],
+            [*self.prefix, LAYERFS, "-f", "-o", self.opts, self.mnt],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

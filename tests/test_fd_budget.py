@@ -1,9 +1,11 @@
 """Issue 12, item 10: one unprivileged user holding many files open through an allow_other
 mount does not exhaust the daemon's descriptors: root's opens still work.  The daemon raises
-RLIMIT_NOFILE (unionfs.fdlimit) to fs.nr_open as root."""
+RLIMIT_NOFILE (unionfs.fdlimit) to fs.nr_open as root, and shares its limit among the openers
+(FdBudget), which is what protects root where the hard limit cannot be raised."""
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import subprocess
@@ -15,6 +17,19 @@ from tests.mounts import LayerfsMount, require_root
 from unionfs import fdlimit
 
 pytestmark = pytest.mark.mount
+
+GREEDY = r"""
+import os, resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+fds = []
+try:
+    while True:
+        fds.append(os.open(sys.argv[1], os.O_RDONLY))
+except OSError as exc:
+    print(len(fds), exc.errno, flush=True)
+sys.stdin.read()
+"""
 
 HOLDER = r"""
 import os, resource, sys
@@ -84,3 +99,74 @@ def test_many_open_files_of_another_user_leave_root_able_to_open(tmp_path):
             for h in holders:
                 h.kill()
                 h.communicate(timeout=30)
+
+
+def test_budget_shares_the_pool():
+    b = fdlimit.FdBudget(1024)
+    assert b.reserve == 128 and b.pool == 896
+    for _ in range(b.user_cap):
+        b.take(1000)
+    with pytest.raises(OSError) as exc:
+        b.take(1000)  # one user: half the pool
+    assert exc.value.errno == errno.ENFILE
+    for _ in range(b.users_cap - b.user_cap):
+        b.take(1001)
+    with pytest.raises(OSError):
+        b.take(1002)  # all users together: three quarters
+    for _ in range(b.pool - b.users_cap):
+        b.take(0)  # root: the rest of the pool
+    with pytest.raises(OSError):
+        b.take(0)  # but never the reserve
+    b.give(1000)
+    b.take(1002)  # a released handle is free again
+    with pytest.raises(OSError):
+        b.take(1001)
+    b.give(12345)  # an unknown uid's release changes nothing
+    with pytest.raises(OSError):
+        b.take(0)
+
+
+def test_one_user_cannot_exhaust_a_daemon_whose_limit_cannot_grow(tmp_path):
+    """The daemon runs with RLIMIT_NOFILE 4096 and without CAP_SYS_RESOURCE (as in a container):
+    a user who opens until refused gets exactly its share, and root and a second user still
+    open files, create files, and the daemon still copies up."""
+    require_root()
+    limit = 4096
+    budget = fdlimit.FdBudget(limit)
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower, upper, work, mnt):
+        d.mkdir()
+    (lower / "f").write_text("data")
+    (lower / "g").write_text("root's")
+    for p in [tmp_path, *tmp_path.parents]:  # let nobody reach the mount
+        if str(p) in ("/", "/tmp"):
+            break
+        os.chmod(p, 0o755)
+    prefix = ["prlimit", f"--nofile={limit}:{limit}", "setpriv", "--bounding-set=-sys_resource"]
+    greedy = None
+    with LayerfsMount(mnt, [lower], upper, work, extra_opts="allow_other", prefix=prefix):
+        try:
+            greedy = subprocess.Popen(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                 sys.executable, "-c", GREEDY, str(mnt / "f")],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert greedy.stdout is not None
+            line = greedy.stdout.readline().split()
+            assert line, greedy.stderr.read() if greedy.stderr else ""
+            assert (int(line[0]), int(line[1])) == (budget.user_cap, errno.ENFILE)
+            with open(mnt / "g") as f:  # root reads
+                assert f.read() == "root's"
+            (mnt / "new").write_text("written")  # root creates
+            with open(mnt / "f", "a") as f:  # root copies up
+                f.write("+")
+            assert (upper / "f").read_text() == "data+"
+            other = subprocess.run(
+                ["setpriv", "--reuid=65533", "--regid=65533", "--clear-groups",
+                 "cat", str(mnt / "g")], capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert other.returncode == 0 and other.stdout == "root's", other.stderr
+        finally:
+            if greedy is not None:
+                greedy.kill()
+                greedy.communicate(timeout=30)

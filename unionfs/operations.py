@@ -54,6 +54,7 @@ import trio
 from . import markers
 from .control import Gate
 from .errors import UnionError
+from .fdlimit import FdBudget
 from .fsat import Roots
 from .stack import Child, LayerStack, Node
 from .writer import Writer
@@ -118,12 +119,13 @@ def _short(args: tuple[Any, ...]) -> tuple[Any, ...]:
 class FileHandle:
     """An open file: the real fd (lower until the first write, then upper)."""
 
-    __slots__ = ("node", "fd", "writable")
+    __slots__ = ("node", "fd", "writable", "uid")
 
-    def __init__(self, node: Node, fd: int, writable: bool) -> None:
+    def __init__(self, node: Node, fd: int, writable: bool, uid: int) -> None:
         self.node = node
         self.fd = fd
         self.writable = writable
+        self.uid = uid  # whose descriptor budget it counts against
 
 
 class DirHandle:
@@ -160,6 +162,7 @@ class UnionOperations(pyfuse3.Operations):
         self._on_init = on_init
         self.gate = Gate()
         self._files: dict[int, FileHandle] = {}
+        self.budget = FdBudget()  # after fdlimit.raise_nofile(): the limit now in force
         self._by_node: dict[int, set[int]] = {}  # inode -> open file handles
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
@@ -318,9 +321,10 @@ class UnionOperations(pyfuse3.Operations):
     def _handle_fds(self, node: Node) -> list[FileHandle]:
         return [self._files[fh] for fh in self._by_node.get(node.ino, ())]
 
-    def _add_handle(self, node: Node, fd: int, writable: bool) -> int:
+    def _add_handle(self, node: Node, fd: int, writable: bool, uid: int) -> int:
+        """Register an open fd whose budget `uid` has already taken."""
         fh = self._new_fh()
-        self._files[fh] = FileHandle(node, fd, writable)
+        self._files[fh] = FileHandle(node, fd, writable, uid)
         self._by_node.setdefault(node.ino, set()).add(fh)
         return fh
 
@@ -337,13 +341,19 @@ class UnionOperations(pyfuse3.Operations):
                 self.gate.leave()
         oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY | _O_DIRECT)
         path = self.stack.real_path(node)
-        if writable:
-            fd = _open_rw(self.stack.fs, path, self._open_flags(oflags), oflags)
-        else:
-            fd = _open_noatime(self.stack.fs, path, oflags)
+        self.budget.take(ctx.uid)
+        try:
+            if writable:
+                fd = _open_rw(self.stack.fs, path, self._open_flags(oflags), oflags)
+            else:
+                fd = _open_noatime(self.stack.fs, path, oflags)
+        except BaseException:
+            self.budget.give(ctx.uid)
+            raise
         if flags & os.O_TRUNC:
             node.st = node.attrs = None
-        return pyfuse3.FileInfo(fh=self._add_handle(node, fd, writable), keep_cache=True)
+        fh = self._add_handle(node, fd, writable, ctx.uid)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     def _open_flags(self, flags: int) -> int:
         """Flags for the real file of a handle opened for writing.  O_APPEND is never passed
@@ -382,6 +392,7 @@ class UnionOperations(pyfuse3.Operations):
             fhs.discard(fh)
             if not fhs:
                 del self._by_node[handle.node.ino]
+        self.budget.give(handle.uid)
         try:
             os.close(handle.fd)
         except OSError:
@@ -571,8 +582,13 @@ class UnionOperations(pyfuse3.Operations):
         writer = self._need_upper()
         parent = self.stack.node(parent_inode)
         flags = self._open_flags(flags)
-        node, fd = writer.create(parent, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid)
-        fh = self._add_handle(node, fd, True)
+        self.budget.take(ctx.uid)  # before the file exists: a refused create leaves nothing
+        try:
+            node, fd = writer.create(parent, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid)
+        except BaseException:
+            self.budget.give(ctx.uid)
+            raise
+        fh = self._add_handle(node, fd, True, ctx.uid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new_entry(node)
 
     @_handler
