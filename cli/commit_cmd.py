@@ -34,7 +34,7 @@ from unionfs import control
 
 from . import mounts
 from .errors import BadInput, CliError
-from .options import format_option, open_store, parse_creds, quiet_option, root_option
+from .options import format_option, open_store, parse_creds, root_option
 
 if TYPE_CHECKING:
     from .main import Console
@@ -102,7 +102,6 @@ def diff(console: Console, root: str | None, fmt: str, name: str) -> None:
     is_flag=True,
     help="Apply the new layer in a temp dir and compare with the mount's view of the upper.",
 )
-@quiet_option
 @click.argument("name")
 @click.argument("image")
 @click.pass_obj
@@ -114,7 +113,6 @@ def commit(
     changes: tuple[str, ...],
     compress: str,
     verify: bool,
-    quiet: bool,
     name: str,
     image: str,
 ) -> None:
@@ -150,7 +148,6 @@ def commit(
 @root_option
 @click.option("--tls-verify", type=click.BOOL, default=True, show_default=True)
 @click.option("--creds", metavar="USER:PASS")
-@quiet_option
 @click.argument("image")
 @click.argument("dest")
 @click.pass_obj
@@ -159,7 +156,6 @@ def push(
     root: str | None,
     tls_verify: bool,
     creds: str | None,
-    quiet: bool,
     image: str,
     dest: str,
 ) -> None:

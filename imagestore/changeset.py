@@ -45,7 +45,6 @@ from . import sparse, tarsafe
 from .errors import StoreError
 
 OBJ, WHITEOUT, OPAQUE = "obj", "whiteout", "opaque"
-COPY_CHUNK = 1 << 20
 
 
 class ChangesetError(StoreError):

@@ -48,7 +48,7 @@ from unionfs import markers
 from unionfs.fsat import PLAIN
 from unionfs.stack import LayerStack, Node
 
-from . import changeset, fstree, media, tarsafe
+from . import changeset, compression, fstree, media, tarsafe
 from .digest import Digest
 from .errors import CorruptLayer, StoreError
 from .store import Store, check_tag_name
@@ -381,12 +381,12 @@ def check(
 
 def _apply_blob(store: Store, blob: Digest, root: Path) -> None:
     with store.open_blob(blob) as raw:
-        head = raw.read(4)
+        kind = compression.sniff(raw.read(compression.SNIFF_BYTES))
         raw.seek(0)
         src: Any = raw
-        if head[:2] == b"\x1f\x8b":
+        if kind == compression.GZIP:
             src = gzip.GzipFile(fileobj=raw, mode="rb")
-        elif head == b"\x28\xb5\x2f\xfd":
+        elif kind == compression.ZSTD:
             src = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
         with tarfile.open(fileobj=src, mode="r|", tarinfo=tarsafe.SafeTarInfo) as tar:
             _apply_plain(tar, os.fsencode(root))

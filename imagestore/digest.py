@@ -2,8 +2,10 @@
 
 Three hashes are never confused (DESIGN.md): a blob's digest (sha256 of the stored, maybe
 compressed bytes), a layer's DiffID (sha256 of the uncompressed tar) and a ChainID (identity of
-a stack prefix).  All three are Digests; the names of variables say which.  xxhash values are
-fingerprints and never become Digests.  Immutable values; thread-safe.
+a stack prefix; the store keys unpacked layers by DiffID and computes no ChainID, since each
+layer is unpacked on its own rather than on top of its parent).  All three are Digests; the
+names of variables say which.  xxhash values are fingerprints and never become Digests.
+Immutable values; thread-safe.
 """
 
 from __future__ import annotations
@@ -50,11 +52,3 @@ class Digest:
     @property
     def short(self) -> str:
         return self.hex[:12]
-
-
-def chain_ids(diff_ids: list[Digest]) -> list[Digest]:
-    """ChainID(L0) = DiffID(L0); ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
-    out: list[Digest] = []
-    for d in diff_ids:
-        out.append(d if not out else Digest.of(f"{out[-1]} {d}".encode()))
-    return out

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO, Protocol
 
 import zstandard
 
-from . import media, upload
+from . import compression, media, upload
 from .digest import Digest
 from .errors import BadReference, BlobNotFound, CorruptLayer, DigestMismatch, StoreError
 from .media import BadManifest, Descriptor, Manifest
@@ -46,8 +46,6 @@ from .reference import DEFAULT_TAG, parse_reference
 from .store import OCI_LAYOUT, REF_ANNOTATION, Store, write_atomic
 
 CHUNK = 1 << 20
-_GZIP_MAGIC = b"\x1f\x8b"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 class _Readable(Protocol):
@@ -352,12 +350,12 @@ def _decompress(store: Store, desc: Descriptor, diff_id: Digest, out_path: Path)
 @contextlib.contextmanager
 def _uncompressed(raw: BinaryIO) -> Iterator[_Readable]:
     """A reader of the plain tar: compression by magic bytes (media types can lie)."""
-    head = raw.read(4)
+    kind = compression.sniff(raw.read(compression.SNIFF_BYTES))
     raw.seek(0)
-    if head.startswith(_GZIP_MAGIC):
+    if kind == compression.GZIP:
         with gzip.GzipFile(fileobj=raw, mode="rb") as g:
             yield g
-    elif head == _ZSTD_MAGIC:
+    elif kind == compression.ZSTD:
         dctx = zstandard.ZstdDecompressor()
         with dctx.stream_reader(raw, read_across_frames=True) as z:
             yield z

@@ -71,12 +71,11 @@ from .errors import (
     ImageNotFound,
     RegistryError,
 )
-from .media import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from .media import ACCEPT, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from .reference import TAG_RE, canonical_host, check_repository, is_loopback
 from .store import Ingest, Store
 from .transfer import Limits, Meter, install, read_limited
 
-ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 KNOWN_MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)
 SCHEMA1_TYPES = (
     "application/vnd.docker.distribution.manifest.v1+json",

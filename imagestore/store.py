@@ -221,10 +221,6 @@ class Store:
             ing.write(data)
             return ing.commit()
 
-    def put_json(self, obj: Any) -> tuple[Digest, int]:
-        data = json.dumps(obj, separators=(",", ":")).encode()
-        return self.put_bytes(data), len(data)
-
     # ----- verified DiffIDs ----------------------------------------------------------------
     def verified_diff_id(self, blob: Digest) -> Digest | None:
         """The DiffID `blob` was found to hold when it was decompressed and hashed (by an

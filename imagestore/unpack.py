@@ -48,6 +48,7 @@ from typing import Any, BinaryIO, Protocol
 import zstandard
 
 from . import fstree, tarsafe
+from .compression import GZIP, PLAIN, SNIFF_BYTES, ZSTD, sniff
 from .digest import Digest
 from .errors import CorruptLayer, DigestMismatch
 from .store import Store, locked_file, write_atomic
@@ -55,7 +56,6 @@ from .tarapply import LayerWriter
 
 log = logging.getLogger(__name__)
 
-GZIP, ZSTD, PLAIN = "gzip", "zstd", "tar"
 MEDIA_TYPES = {
     "application/vnd.oci.image.layer.v1.tar": PLAIN,
     "application/vnd.oci.image.layer.v1.tar+gzip": GZIP,
@@ -232,13 +232,9 @@ def _apply_all(stream: _TarStream, writer: LayerWriter) -> int:
 
 
 def _sniff(raw: BinaryIO) -> str | None:
-    head = raw.read(4)
+    head = raw.read(SNIFF_BYTES)
     raw.seek(0)
-    if head[:2] == b"\x1f\x8b":
-        return GZIP
-    if head == b"\x28\xb5\x2f\xfd":
-        return ZSTD
-    return PLAIN if head else None
+    return sniff(head)
 
 
 class _HashingReader:

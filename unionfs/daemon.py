@@ -19,6 +19,7 @@ process, so one process serves exactly one mount.
 from __future__ import annotations
 
 import faulthandler
+import importlib.metadata
 import logging
 import os
 import signal
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return EXIT_OK
     if any(a in ("-V", "--version") for a in args):
-        print("layerfs 0.1.0")
+        # the one version is pyproject.toml's, as installed (`layer --version` reads it too)
+        print(f"layerfs {importlib.metadata.version('layer')}")
         return EXIT_OK
     try:
         cfg = parse_args(args)
@@ -214,7 +216,7 @@ async def _run(pyfuse3, trio, ops, mountpoint) -> None:  # type: ignore[no-untyp
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signals)
         if ops.writer is not None:
-            sock = ops.writer.work + b"/" + control.SOCKET_NAME.encode()
+            sock = os.fsencode(control.socket_path(ops.writer.workdir))
             await nursery.start(
                 control.serve,
                 sock,

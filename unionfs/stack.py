@@ -58,14 +58,11 @@ ROOT_INODE = Inode(1)
 _XINO_SHIFT = 48
 _XINO_MAX_DEV = (1 << 15) - 1
 _FALLBACK_BASE = 1 << 63
+# Numbers that no (device, inode) pair can produce, in disjoint ranges above _FALLBACK_BASE:
+# [+0, +2^40) fallback numbers for devices past _XINO_MAX_DEV, [+2^40, +2^41) fresh numbers for
+# upper inodes reused while the dead file's node lives, [+2^41, ...) per-name nodes.
+_FRESH_BASE = _FALLBACK_BASE + (1 << 40)  # an upper inode number reused after an unlink
 _PER_NAME_BASE = _FALLBACK_BASE + (1 << 41)  # index=off: one node per name of a lower link
-
-_DTYPE_KIND = {
-    "dir": stat.S_IFDIR,
-    "reg": stat.S_IFREG,
-    "lnk": stat.S_IFLNK,
-}
-
 
 @dataclass(slots=True)
 class DirLayer:
@@ -241,7 +238,7 @@ class LayerStack:
         node = self.nodes.get(ino)
         if node is not None and node.unlinked:
             self._fresh += 1
-            ino = Inode(_FALLBACK_BASE + (1 << 40) + self._fresh)
+            ino = Inode(_FRESH_BASE + self._fresh)
             self.origins[real_ino] = ino
         return ino
 
@@ -277,10 +274,6 @@ class LayerStack:
         if node.lookups <= 0:
             del self.nodes[node.ino]
             self.aliases.pop(node.ino, None)
-
-    def drop_if_unused(self, node: Node) -> None:
-        if node.lookups <= 0 and node is not self.root:
-            self.nodes.pop(node.ino, None)
 
     def add_alias(self, node: Node, parent: Node, name: bytes) -> None:
         known = self.aliases.setdefault(node.ino, [])

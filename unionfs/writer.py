@@ -70,7 +70,8 @@ class Writer:
             _lock_dir(workdir, "workdir"),
             _lock_dir(os.fsdecode(stack.layers[0]), "upperdir"),
         ]
-        self.work = os.fsencode(os.path.join(os.path.abspath(workdir), WORK_SUBDIR))
+        self.workdir = os.path.abspath(workdir)  # as given by workdir=
+        self.work = os.fsencode(os.path.join(self.workdir, WORK_SUBDIR))
         self.fs = fs = stack.fs
         fs.add(os.path.dirname(self.work))
         if fs.exists(self.work):  # debris of an interrupted run; never referenced

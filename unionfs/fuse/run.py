@@ -104,7 +104,7 @@ async def _main(trio: Any, ops: Any, session: Any, bridge: Any, mountpoint: str)
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signals)
         if ops.writer is not None:
-            sock = ops.writer.work + b"/" + control.SOCKET_NAME.encode()
+            sock = os.fsencode(control.socket_path(ops.writer.workdir))
             await nursery.start(
                 control.serve, sock, ops.gate, ops.stack.layers[0], os.fsencode(mountpoint)
             )
