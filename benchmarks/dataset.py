@@ -323,9 +323,9 @@ def _build(ds: Dataset) -> None:
             i += 1
 
     for depth in range(max(s.stack_depths)):
-        d = ds.stack / f"{depth:03d}"
-        (d / "shared").mkdir(parents=True)
-        g.write(d / f"own{depth}", 64)
-        g.write(d / "shared" / f"s{depth}", 64)
+        layer_dir = ds.stack / f"{depth:03d}"
+        (layer_dir / "shared").mkdir(parents=True)
+        g.write(layer_dir / f"own{depth}", 64)
+        g.write(layer_dir / "shared" / f"s{depth}", 64)
 
     (ds.root / "manifest.json").write_text(json.dumps({"copyup": copyup}, indent=0))

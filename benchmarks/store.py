@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from benchmarks.dataset import CACHE
+from benchmarks.registry import running_registry, skopeo_copy
 from imagestore.layout_writer import write_oci_image
 
 LAYER = str(Path(sys.executable).parent / "layer")
@@ -72,10 +73,6 @@ class StoreBench(contextlib.AbstractContextManager["StoreBench"]):
         self.rounds = 0
 
     def __enter__(self) -> StoreBench:
-        # the registry helpers live with the tests, which start the same registry
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from tests.registry_util import running_registry, skopeo_copy
-
         build_image(self.image, self.files)
         try:
             reg = self._stack.enter_context(running_registry(self.work / "registry"))

@@ -37,7 +37,7 @@ from .errors import BadInput, CliError
 from .options import format_option, open_store, parse_creds, root_option
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 def _record(store: Store, name: str) -> mountrecords.MountRecord:

@@ -29,7 +29,7 @@ from .demo_sample import Layer
 from .errors import DemoFailed
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 @click.command("demo")

@@ -17,7 +17,7 @@ from . import mounts
 from .demo_sample import Layer
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 def show_copy_up(console: Console, layers: list[Layer], root: Path) -> list[str]:

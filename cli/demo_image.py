@@ -20,7 +20,7 @@ from . import mounts
 from .demo_copyup import report_checks
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 LAYER = str(Path(sys.executable).parent / "layer")
 IMAGE_LAYERS = [

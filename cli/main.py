@@ -25,23 +25,7 @@ from . import (
     tag_cmd,
     umount_cmd,
 )
-
-
-class Console:
-    """Where commands write: results to stdout, warnings and errors to stderr."""
-
-    def say(self, text: str = "") -> None:
-        click.echo(text)
-
-    def heading(self, text: str) -> None:
-        click.echo()
-        click.echo(click.style(f"== {text}", bold=True))
-
-    def warn(self, text: str) -> None:
-        click.echo(f"layer: warning: {text}", err=True)
-
-    def error(self, text: str) -> None:
-        click.echo(f"layer: error: {text}", err=True)
+from .console import Console
 
 
 class LayerGroup(click.Group):

@@ -23,7 +23,7 @@ from .errors import AlreadyMounted, BadInput
 from .options import open_store, root_option
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 _DIR = click.Path(exists=True, file_okay=False, dir_okay=True)
 
@@ -60,6 +60,7 @@ def mount(
     Without a MOUNTPOINT, the mount goes on ROOT/mounts/NAME/merged, inside the store (0700):
     other users cannot reach it.  Mounts are nosuid,nodev.  Prints the mount's name; returns
     once the mount is live; the layerfs daemon serves it until `layer umount`."""
+    mountpoint: str | None
     if lowers:
         if len(args) != 1:
             raise BadInput("with --lower, give only the MOUNTPOINT")

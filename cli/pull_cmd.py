@@ -16,7 +16,7 @@ from imagestore.transfer import Limits
 from .options import human_size, open_store, parse_creds, quiet_option, root_option
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 class StderrProgress:

@@ -9,7 +9,7 @@ import click
 from .options import open_store, root_option
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 @click.command("tag")

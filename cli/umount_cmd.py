@@ -14,7 +14,7 @@ from .errors import CliError
 from .options import format_option, open_store, root_option
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 @click.command("umount")

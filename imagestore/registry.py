@@ -50,6 +50,7 @@ processes are kept out by the store lock that `layer pull` holds.
 from __future__ import annotations
 
 import base64
+import importlib.metadata
 import json
 import re
 import threading
@@ -72,6 +73,7 @@ from .errors import (
     RegistryError,
 )
 from .media import ACCEPT, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from .progress import Progress
 from .reference import TAG_RE, canonical_host, check_repository, is_loopback
 from .store import Ingest, Store
 from .transfer import Limits, Meter, install, read_limited
@@ -85,9 +87,8 @@ MAX_MANIFEST = 4 << 20  # containers/image's limit
 MAX_ERROR_BODY = 64 << 10
 MAX_REDIRECTS = 5
 REDIRECTS = (301, 302, 303, 307, 308)
-USER_AGENT = "layer/0.1 (+python-httpx)"
+USER_AGENT = f"layer/{importlib.metadata.version('layer')} (+python-httpx)"
 
-Progress = Callable[[int, int | None], None]
 Body = bytes | Callable[[], Iterable[bytes]]  # a callable gives the body afresh for a resend
 T = TypeVar("T")
 

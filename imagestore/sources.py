@@ -14,7 +14,6 @@ size.  A Source is used by one `pull` at a time; `fetch_blob` may run in several
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -24,9 +23,9 @@ from .archive import DirFiles, Missing, TarFiles
 from .digest import Digest
 from .errors import BadArchive, BadReference, BlobNotFound, DigestMismatch, ImageNotFound
 from .media import BadManifest, Descriptor
+from .progress import Progress
 from .store import REF_ANNOTATION, Store
 
-Progress = Callable[[int, int | None], None]
 CHUNK = 1 << 20
 
 

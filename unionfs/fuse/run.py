@@ -32,7 +32,7 @@ EXIT_OK, EXIT_MOUNT_FAILED = 0, 1
 def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> int:
     """Serve `cfg` over our own FUSE session.  `report` is called once: "OK" when the mount
     is live, or the reason it could not be made."""
-    from ..daemon import open_stack
+    from ..serving import open_stack
 
     opened = open_stack(cfg, report)
     if opened is None:
@@ -89,7 +89,7 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
 
 async def _main(trio: Any, ops: Any, session: Any, bridge: Any, mountpoint: str) -> None:
     from .. import control
-    from ..daemon import _flush_mount
+    from ..serving import flush_mount
 
     async def on_signals(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -97,7 +97,7 @@ async def _main(trio: Any, ops: Any, session: Any, bridge: Any, mountpoint: str)
             async for signum in sigs:
                 log.info("signal %d: unmounting", signum)
                 if ops.writer is not None:
-                    await _flush_mount(trio, os.fsencode(mountpoint))
+                    await flush_mount(trio, os.fsencode(mountpoint))
                 session.terminate()
                 return
 
