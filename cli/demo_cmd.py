@@ -170,7 +170,8 @@ def _visible_markers(mnt: Path) -> list[str]:
     return [
         rel
         for rel, st in walk(mnt)
-        if markers.is_chardev_whiteout(st) or os.path.basename(rel).startswith(".wh.")
+        if markers.is_chardev_whiteout(st)
+        or os.fsencode(os.path.basename(rel)).startswith(markers.WH_PREFIX)
     ]
 
 

@@ -116,7 +116,7 @@ class _Lower:
             p = d + b"/" + name
             st = _lstat(p)
             if st is None:
-                if _lstat(d + b"/" + markers.WH_PREFIX + name) is not None:
+                if _lstat(d + b"/" + markers.oci_whiteout_name(name)) is not None:
                     break
                 continue
             if markers.is_chardev_whiteout(st) or (
@@ -128,7 +128,7 @@ class _Lower:
                     return _Found(p, st, [])
                 break
             dirs.append(p)
-            if self.marks(p).opaque or _lstat(p + b"/" + markers.WH_OPAQUE) is not None:
+            if self.marks(p).opaque or _lstat(markers.oci_opaque_path(p)) is not None:
                 break
         if not dirs:
             return None
@@ -352,22 +352,19 @@ def write_changeset(
             if len(item.path) + len(markers.WH_OPAQUE) + 1 > tarsafe.MAX_PATH_BYTES:
                 _check_length(item)
             if item.kind == WHITEOUT:
-                head, _, base = name.rpartition("/")
-                wh = f"{head}/.wh.{base}" if head else f".wh.{base}"
-                tar.addfile(_marker(wh))
+                tar.addfile(_marker(os.fsdecode(markers.oci_whiteout_path(item.path))))
             elif item.kind == OPAQUE:
-                tar.addfile(_marker(name + "/" + os.fsdecode(markers.WH_OPAQUE)))
+                tar.addfile(_marker(os.fsdecode(markers.oci_opaque_path(item.path))))
             else:
                 _add_obj(tar, item, name, links, source_date_epoch)
 
 
 def _check_length(item: Item) -> None:
     """Refuse an entry the store could not unpack (tarsafe's limit), naming it."""
-    head, _, base = item.path.rpartition(b"/")
     if item.kind == WHITEOUT:
-        entry = head + b"/" + markers.WH_PREFIX + base if head else markers.WH_PREFIX + base
+        entry = markers.oci_whiteout_path(item.path)
     elif item.kind == OPAQUE:
-        entry = item.path + b"/" + markers.WH_OPAQUE
+        entry = markers.oci_opaque_path(item.path)
     else:
         entry = item.path
     if len(entry) > tarsafe.MAX_PATH_BYTES:

@@ -59,7 +59,6 @@ COPY_CHUNK = 1 << 20
 SPARSE_CHUNK = 1 << 16  # the granularity of holes in sparse members
 DIR_CACHE_SIZE = 64  # open directory fds kept for the walks from the root
 MAX_WARNINGS = 20  # kept verbatim; the rest are only counted
-AUFS_META = b".wh..wh."
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # Failures of the machine rather than of the layer: they propagate as OSError.
@@ -83,7 +82,6 @@ class LayerWriter:
     def __init__(self, root_fd: int) -> None:
         self.root_fd = root_fd
         self.privileged = os.geteuid() == 0
-        self.opaque_xattr = markers.opaque_xattr()
         self.warnings: list[str] = []  # the first MAX_WARNINGS, for the caller's log
         self.warning_count = 0
         self._dirs: dict[bytes, _DirMeta] = {}
@@ -130,14 +128,14 @@ class LayerWriter:
         entry = shown(member.name)
         parts = split_path(member.name, entry)
         for comp in parts[:-1]:
-            if comp.startswith(AUFS_META):
+            if comp.startswith(markers.AUFS_META_PREFIX):
                 return self._skip(entry, "AUFS metadata")
             if comp.startswith(markers.WH_PREFIX):
                 raise CorruptLayer(f"entry {entry}: a whiteout name used as a directory")
         base = parts[-1] if parts else b""
         if base == markers.WH_OPAQUE:
             return self._opaque(parts, entry)
-        if base.startswith(AUFS_META):
+        if base.startswith(markers.AUFS_META_PREFIX):
             return self._skip(entry, "AUFS metadata")
         if base.startswith(markers.WH_PREFIX):
             target = markers.oci_whiteout_target(base)
@@ -257,7 +255,7 @@ class LayerWriter:
             return self._skip(entry, "a whiteout below a non-directory of this layer")
         st = _lstat(dfd, target)
         if st is None:
-            if not (self._wh_files and _lstat(dfd, markers.WH_PREFIX + target)):
+            if not (self._wh_files and _lstat(dfd, markers.oci_whiteout_name(target))):
                 self._make_whiteout(dfd, target)
         elif stat.S_ISDIR(st.st_mode):  # a directory of this layer: keep it, hide the lower
             fd = os.open(target, _DIR_FLAGS, dir_fd=dfd)
@@ -269,9 +267,9 @@ class LayerWriter:
 
     def _make_whiteout(self, dfd: int, name: bytes) -> None:
         try:
-            os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dfd)
+            markers.make_whiteout_at(dfd, name)
         except PermissionError:
-            os.close(os.open(markers.WH_PREFIX + name, _NEW_FILE, 0o600, dir_fd=dfd))
+            os.close(os.open(markers.oci_whiteout_name(name), _NEW_FILE, 0o600, dir_fd=dfd))
             self._wh_files = True
 
     def _opaque(self, parts: list[bytes], entry: str) -> None:
@@ -284,7 +282,7 @@ class LayerWriter:
         """Mark the directory open as `fd` opaque; where the filesystem refuses the xattr,
         an OCI `.wh..wh..opq` file inside says it instead (layerfs reads both)."""
         try:
-            os.setxattr(fd, self.opaque_xattr, b"y")
+            markers.set_opaque_fd(fd)
         except OSError as exc:
             if exc.errno not in _REFUSED:
                 raise
@@ -334,7 +332,7 @@ class LayerWriter:
         if not self._wh_files:
             return False
         try:
-            os.unlink(markers.WH_PREFIX + name, dir_fd=dfd)
+            os.unlink(markers.oci_whiteout_name(name), dir_fd=dfd)
         except FileNotFoundError:
             return False
         return True
@@ -382,7 +380,7 @@ class LayerWriter:
         try:
             return os.open(comp, _DIR_FLAGS, dir_fd=dfd)
         except FileNotFoundError:
-            if for_whiteout and self._wh_files and _lstat(dfd, markers.WH_PREFIX + comp):
+            if for_whiteout and self._wh_files and _lstat(dfd, markers.oci_whiteout_name(comp)):
                 return None
             return self._make_dir(dfd, comp, 0o755, entry)
         except OSError as exc:

@@ -25,11 +25,6 @@ from .syscalls import (  # noqa: F401 (re-exported: the write side's callers use
 )
 
 
-def make_whiteout(fs: Roots, path: bytes) -> None:
-    """A kernel-format whiteout: a character device 0/0."""
-    fs.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
-
-
 def copy_data(fs: Roots, src: bytes, dst: bytes, mode: int = 0o600) -> None:
     """Copy a regular file's bytes into a new file, keeping holes (SEEK_DATA/SEEK_HOLE) and
     using copy_file_range, which the filesystem may turn into a reflink."""

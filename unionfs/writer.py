@@ -338,7 +338,7 @@ class Writer:
             if sgid:
                 perm |= stat.S_ISGID
             if wh:
-                self.fs.setxattr(tmp, markers.opaque_xattr(), b"y")
+                markers.set_opaque(tmp, self.fs)
         elif kind == stat.S_IFLNK:
             self.fs.symlink(target, tmp)
         else:
@@ -405,7 +405,7 @@ class Writer:
         if child.layer == 0:
             if whiteout:
                 tmp = self.tmpname()
-                fsutil.make_whiteout(self.fs, tmp)
+                markers.make_whiteout(tmp, self.fs)
                 if is_dir:
                     self.fs.renameat2(tmp, path, fsutil.RENAME_EXCHANGE)
                     self._purge(tmp)
@@ -418,7 +418,7 @@ class Writer:
             else:
                 self.fs.unlink(path)
         else:
-            fsutil.make_whiteout(self.fs, path)
+            markers.make_whiteout(path, self.fs)
         del s.listing(parent)[name]
 
     def _purge(self, path: bytes) -> None:
@@ -472,7 +472,7 @@ class Writer:
                 if exc.errno != errno.EINVAL:
                     raise
                 self.fs.rename(spath, dpath)
-                fsutil.make_whiteout(self.fs, spath)
+                markers.make_whiteout(spath, self.fs)
         else:
             self.fs.rename(spath, dpath)
         del s.listing(parent)[name]
@@ -517,9 +517,9 @@ class Writer:
         upath = s.upper_path(node)
         if had_lower:
             if not keep:
-                self.fs.setxattr(upath, markers.redirect_xattr(), redirect)
+                markers.set_redirect(upath, redirect, self.fs)
         elif s.lower_has(newparent, newname):
-            self.fs.setxattr(upath, markers.opaque_xattr(), b"y")
+            markers.set_opaque(upath, self.fs)
 
     def _clear_target(self, dst: Child | None, dpath: bytes, moving_dir: bool) -> None:
         """Make room at the destination for rename(2): an upper directory there (logically
