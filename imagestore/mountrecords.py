@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from . import fstree, media
+from .durable import write_atomic
 from .errors import BadReference, DamagedStore, ImageNotFound, StoreError
 from .media import BadManifest
-from .store import Store, locked_file, write_atomic
+from .store import Store, locked_file
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 

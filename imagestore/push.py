@@ -26,8 +26,6 @@ import contextlib
 import gzip
 import io
 import json
-import os
-import secrets
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -39,11 +37,12 @@ import zstandard
 
 from . import compression, media, upload
 from .digest import Digest
+from .durable import AtomicFile, write_atomic
 from .errors import BadReference, BlobNotFound, CorruptLayer, DigestMismatch, StoreError
 from .media import BadManifest, Descriptor, Manifest
 from .pull import Reporter
 from .reference import DEFAULT_TAG, parse_reference
-from .store import OCI_LAYOUT, REF_ANNOTATION, Store, write_atomic
+from .store import OCI_LAYOUT, REF_ANNOTATION, Store
 
 CHUNK = 1 << 20
 
@@ -234,23 +233,15 @@ def _copy_blob(store: Store, desc: Descriptor, blobs: Path) -> None:
     dest = blobs / desc.digest.hex
     if dest.is_file() and dest.stat().st_size == desc.size:
         return
-    tmp = blobs / f".{desc.digest.hex}.{secrets.token_hex(4)}.tmp"
     try:
-        hasher = desc.digest.hasher()
-        size = 0
-        with store.open_blob(desc.digest) as src, open(tmp, "wb") as out:
+        with (
+            store.open_blob(desc.digest) as src,
+            AtomicFile(dest, expected=desc.digest, size=desc.size) as out,
+        ):
             while chunk := src.read(CHUNK):
-                hasher.update(chunk)
-                size += len(chunk)
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        if Digest.from_hash(hasher) != desc.digest or size != desc.size:
-            raise DigestMismatch(f"blob {desc.digest} in the store is corrupt")
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    except DigestMismatch:
+        raise DigestMismatch(f"blob {desc.digest} in the store is corrupt") from None
 
 
 def _to_oci_archive(
@@ -259,7 +250,7 @@ def _to_oci_archive(
     with tempfile.TemporaryDirectory(prefix=".layer-oci-", dir=path.parent or ".") as tmp:
         layout = Path(tmp) / "layout"
         _to_layout(store, img, layout, ref, report)
-        with _atomic_file(path) as f, tarfile.open(fileobj=f, mode="w") as tf:
+        with AtomicFile(path) as f, tarfile.open(fileobj=f.file, mode="w") as tf:
             for name in ("oci-layout", "index.json", "blobs", "blobs/sha256"):
                 tf.add(layout / name, arcname=name, recursive=False, filter=_plain)
             for blob in sorted((layout / "blobs" / "sha256").iterdir()):
@@ -270,21 +261,6 @@ def _plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A file written under a temp name beside `path`, fsynced and renamed over it on success."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 # ----- docker-archive: ---------------------------------------------------------------------
@@ -311,8 +287,8 @@ def _to_docker_archive(
     entry = {"Config": config_name, "RepoTags": [repo_tag] if repo_tag else [], "Layers": names}
     with (
         tempfile.TemporaryDirectory(prefix=".layer-save-", dir=path.parent or ".") as tmp,
-        _atomic_file(path) as f,
-        tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf,
+        AtomicFile(path) as f,
+        tarfile.open(fileobj=f.file, mode="w", format=tarfile.PAX_FORMAT) as tf,
     ):
         written: set[str] = set()
         for i, (desc, diff_id) in enumerate(zip(img.manifest.layers, diff_ids, strict=True)):

@@ -15,7 +15,8 @@ Lifecycle, as containerd's content store and umoci's cas.Engine state it:
     wants the same key waits; it then finds the blob committed (`Ingest.present`), or the
     partial file left by a writer that failed, which it rehashes and resumes.  `commit`
     checks that the file holds exactly the bytes it hashed before renaming it into blobs/.
-  - `tag()`/`untag()` rewrite index.json atomically (temp file, fsync, rename).
+  - `tag()`/`untag()` rewrite index.json atomically (durable.write_atomic: temp file, fsync,
+    rename, fsync the directory); every durable write of the store goes through durable.py.
   - `lock()` is the store-wide advisory lock (flock on ROOT/lock) that every mutating `layer`
     command holds, so two processes never interleave index or layer writes.
 Threads: an Ingest belongs to one thread; Store methods other than tag/untag are safe to call
@@ -34,7 +35,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from . import durable
 from .digest import Digest
+from .durable import write_atomic
 from .errors import (
     BadReference,
     BlobNotFound,
@@ -59,16 +62,6 @@ def default_root() -> Path:
     return Path(data) / "layer"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def locked_file(path: Path, flags: int = os.O_RDWR | os.O_CREAT) -> int:
     """Open (creating) `path` and take an exclusive flock on it, waiting for its holder.
 
@@ -89,14 +82,6 @@ def locked_file(path: Path, flags: int = os.O_RDWR | os.O_CREAT) -> int:
         except BaseException:
             os.close(fd)
             raise
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
         os.close(fd)
 
 
@@ -398,8 +383,7 @@ class Ingest:
             assert self.expected is not None
             self.abort()
             return self.expected
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        durable.sync_file(self._file)
         on_disk = os.fstat(self._file.fileno()).st_size
         got = Digest.from_hash(self._hash)
         if on_disk != self.offset:
@@ -419,11 +403,7 @@ class Ingest:
         dest = self.store.blob_path(got)
         dest.parent.mkdir(parents=True, exist_ok=True)
         # Still under our lock: a waiter wakes to find the name gone and the blob present.
-        if dest.exists():
-            self.path.unlink()
-        else:
-            os.rename(self.path, dest)
-            _fsync_dir(dest.parent)
+        durable.publish(self.path, dest, replace=False)
         self.close()
         self.done = True
         return got

@@ -29,7 +29,6 @@ replaced after a short wait.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import gzip
 import hashlib
@@ -47,11 +46,14 @@ from typing import Any, BinaryIO, Protocol
 
 import zstandard
 
+from unionfs.syscalls import syncfs
+
 from . import fstree, tarsafe
 from .compression import GZIP, PLAIN, SNIFF_BYTES, ZSTD, sniff
 from .digest import Digest
+from .durable import fsync_dir, write_atomic
 from .errors import CorruptLayer, DigestMismatch
-from .store import Store, locked_file, write_atomic
+from .store import Store, locked_file
 from .tarapply import LayerWriter
 
 log = logging.getLogger(__name__)
@@ -161,7 +163,7 @@ def _unpack(store: Store, blob: Digest, media_type: str, expected: Digest | None
             os.chmod(tmp / "diff", 0o755)
             diff_id = _extract(raw, blob, MEDIA_TYPES[media_type], tmp / "diff", expected)
             store.record_diff_id(blob, diff_id)  # hashed from the blob just now
-            _syncfs(tmp)
+            syncfs(os.fsencode(tmp))  # the tree is on disk before it is published
             _publish(store, tmp, diff_id)
         except BaseException:
             remove_tree(tmp)
@@ -355,7 +357,7 @@ def _publish(store: Store, tmp: Path, diff_id: Digest) -> None:
             remove_tree(stale)
             continue
         try:
-            _fsync_dir(store.layers)
+            fsync_dir(store.layers)
             write_atomic(final / MARKER, f"{diff_id}\n".encode())
         except BaseException:
             remove_tree(final)
@@ -377,24 +379,3 @@ def remove_tree(path: Path) -> None:
     """Remove a tree of ours, of any depth, even one whose directories a non-root layer made
     read-only (unpack debris, a `commit --verify` scratch dir); logs what it cannot remove."""
     fstree.remove_tree(path, quietly=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _syncfs(path: Path) -> None:
-    """Flush the filesystem holding `path`, so the tree is on disk before it is marked."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if getattr(_libc, "syncfs", None) is None or _libc.syncfs(fd) != 0:
-            os.sync()
-    finally:
-        os.close(fd)

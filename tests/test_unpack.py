@@ -623,7 +623,7 @@ def _nobody_unpack(work: Path, tar: bytes, expected: Digest | None, fail_late: b
         def syncfs(path: Path) -> None:
             raise OSError(errno.EIO, "simulated I/O error")
 
-        unpack._syncfs = syncfs
+        unpack.syncfs = syncfs
     try:
         diff_id = unpack_layer(store, digest, OCI_TAR, expected)
     except (DigestMismatch, OSError) as exc:
