@@ -87,7 +87,7 @@ def mount(
             desc, image_name = mountrecords.resolve(store, image), image
         lowers_top_first = [str(p) for p in reversed(descriptor_layers(store, desc, image))]
         where = os.path.abspath(mountpoint)
-        with store.lock():  # the record pins the image before the mount uses it
+        with store.transaction():  # the record pins the image before the mount uses it
             rec = mountrecords.save(store, name, image_name, desc, where, read_only)
         try:
             if read_only:
@@ -96,11 +96,11 @@ def mount(
                 mounts.mount(lowers_top_first, mountpoint, str(rec.upper), str(rec.work))
         except BaseException:
             if read_only:  # nothing to keep
-                with store.lock():
+                with store.transaction():
                     mountrecords.remove(store, name)
             raise
         daemon = mounts.daemon_of(mountpoint)
-        with store.lock():
+        with store.transaction():
             mountrecords.save(store, name, image_name, desc, where, read_only, daemon)
     console.say(name)
 

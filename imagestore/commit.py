@@ -10,7 +10,7 @@ Lifecycle (DESIGN.md's store rules):
   - Then, optionally, the self-check (`verify`), the config (diff_ids appended, a history
     entry, the --change edits), the manifest (same media-type family as the base; a Docker
     base with zstd or no compression becomes OCI), the unpacked layer (`unpack_layer`, so the
-    new image mounts without a pull), and last the tag, under `store.lock()`.
+    new image mounts without a pull), and last the tag, in a `store.transaction()`.
   - Atomic: an exception anywhere (KeyboardInterrupt included) before the tag removes every
     blob and unpacked layer this commit created (and nothing else); no tag is written.  The
     tag is the last write, after `before_tag` (the caller's last check) succeeded.
@@ -251,8 +251,8 @@ def commit(
         unpack_layer(store, blob, _layer_type(compress, docker), diff_id)
         if before_tag is not None:
             before_tag()
-        with store.lock():
-            store.tag(
+        with store.transaction() as txn:
+            txn.tag(
                 new_name,
                 {"mediaType": manifest["mediaType"], "digest": str(man_digest), "size": man_size},
             )

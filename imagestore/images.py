@@ -102,7 +102,7 @@ def referenced(store: Store) -> tuple[set[Digest], set[Digest]]:
 
 def gc(store: Store) -> tuple[int, int, int]:
     """Remove what nothing references; returns (blobs removed, layers removed, bytes freed)."""
-    with store.collecting(), store.lock():
+    with store.collecting(), store.transaction():
         blobs, layers = referenced(store)
         nblobs = nlayers = freed = 0
         for path in store.blobs.iterdir():

@@ -35,7 +35,7 @@ from typing import Any, BinaryIO, Protocol
 
 import zstandard
 
-from . import compression, media, upload
+from . import compression, media, transports, upload
 from .digest import Digest
 from .durable import AtomicFile, write_atomic
 from .errors import BadReference, BlobNotFound, CorruptLayer, DigestMismatch, StoreError
@@ -87,24 +87,20 @@ def push(
     for desc in img.blobs:
         if not store.has_blob(desc.digest):
             raise BlobNotFound(f"{image}: blob {desc.digest} is not in the store; cannot push")
-    if dest.startswith("oci:"):
-        path, _, ref = dest[len("oci:") :].partition(":")
-        _to_layout(store, img, Path(path), ref or None, report)
-    elif dest.startswith("oci-archive:"):
-        path, _, ref = dest[len("oci-archive:") :].partition(":")
-        _to_oci_archive(store, img, Path(path), ref or None, report)
-    elif dest.startswith("docker-archive:"):
-        path, _, name = dest[len("docker-archive:") :].partition(":")
-        _to_docker_archive(store, img, Path(path), name or _default_repo_tag(image), report)
+    t = transports.parse(dest)
+    if t.kind == transports.OCI:
+        assert t.path is not None
+        _to_layout(store, img, t.path, t.ref, report)
+    elif t.kind == transports.OCI_ARCHIVE:
+        assert t.path is not None
+        _to_oci_archive(store, img, t.path, t.ref, report)
+    elif t.kind == transports.DOCKER_ARCHIVE:
+        assert t.path is not None
+        _to_docker_archive(store, img, t.path, t.ref or _default_repo_tag(image), report)
     else:
-        text = dest.removeprefix("docker://")
-        if "://" in text or text.split(":", 1)[0] in ("dir", "containers-storage"):
-            raise BadReference(
-                f"unsupported transport in {dest!r} (use docker://, oci:, "
-                "oci-archive: or docker-archive:)"
-            )
+        assert t.ref is not None
         sizes = (threshold, chunk_size)
-        _to_registry(store, img, text, image, tls_verify, creds, report, from_repo, jobs, sizes)
+        _to_registry(store, img, t.ref, image, tls_verify, creds, report, from_repo, jobs, sizes)
     return img.digest
 
 

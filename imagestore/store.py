@@ -17,8 +17,11 @@ Lifecycle, as containerd's content store and umoci's cas.Engine state it:
     checks that the file holds exactly the bytes it hashed before renaming it into blobs/.
   - `tag()`/`untag()` rewrite index.json atomically (durable.write_atomic: temp file, fsync,
     rename, fsync the directory); every durable write of the store goes through durable.py.
-  - `lock()` is the store-wide advisory lock (flock on ROOT/lock) that every mutating `layer`
-    command holds, so two processes never interleave index or layer writes.
+  - `transaction()` is the store-wide advisory lock (flock on ROOT/lock), as a context
+    manager yielding a `Transaction`: the only object with `tag`/`untag`, and what
+    mountrecords.save/remove insist on (`require_transaction`), so index.json and the mount
+    records are never changed without it; two processes never interleave those writes.
+    Transactions do not nest (a second flock of ours would wait for the first forever).
 Threads: an Ingest belongs to one thread; Store methods other than tag/untag are safe to call
 from several threads (they only create new names atomically).
 """
@@ -109,6 +112,7 @@ class Store:
         self.layers = self.root / "layers"
         self.mounts = self.root / "mounts"
         self.diffids = self.root / "diffids"  # verified blob → DiffID, one file per blob
+        self._txn: Transaction | None = None  # the open transaction() of this object
 
     @classmethod
     def open(cls, root: str | os.PathLike[str] | None = None) -> Store:
@@ -137,10 +141,25 @@ class Store:
 
     # ----- locking ------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self, wait: bool = True) -> Iterator[None]:
-        """The index lock: held (exclusively) for every index.json rewrite."""
+    def transaction(self, wait: bool = True) -> Iterator[Transaction]:
+        """The index lock, held (exclusively) while the block runs: every index.json rewrite
+        and every mount-record change happens inside one.  StoreBusy when `wait` is False and
+        another process holds it."""
+        if self._txn is not None:
+            raise RuntimeError("store transactions do not nest")
         with self._flock("lock", fcntl.LOCK_EX, wait):
-            yield
+            self._txn = txn = Transaction(self)
+            try:
+                yield txn
+            finally:
+                self._txn = None
+                txn.open = False
+
+    def require_transaction(self) -> None:
+        """For writers of state the index lock protects (mountrecords): fail loudly when the
+        caller forgot `transaction()`."""
+        if self._txn is None:
+            raise RuntimeError("a store change outside a transaction")
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[None]:
@@ -262,10 +281,31 @@ class Store:
                 return found[0]
         raise ImageNotFound(f"no image {name!r} in {self.root}")
 
+    # ----- unpacked layers ---------------------------------------------------------------
+    def layer_dir(self, diff_id: Digest) -> Path:
+        return self.layers / diff_id.hex / "diff"
+
+    def has_layer(self, diff_id: Digest) -> bool:
+        return (self.layers / diff_id.hex / "complete").exists()
+
+
+class Transaction:
+    """What may change only under the index lock; made by `Store.transaction()` and dead
+    after its block (a kept reference cannot tag later)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.open = True
+
+    def _check(self) -> None:
+        if not self.open:
+            raise RuntimeError("a store transaction used after its block")
+
     def tag(self, name: str, desc: dict[str, Any]) -> None:
         """Point `name` at `desc` (replacing an older image of that name).  Atomic."""
+        self._check()
         check_tag_name(name)
-        index = self._read_index()
+        index = self.store._read_index()
         manifests = [
             d
             for d in index.get("manifests", [])
@@ -275,10 +315,11 @@ class Store:
         entry["annotations"] = {**desc.get("annotations", {}), REF_ANNOTATION: name}
         manifests.append(entry)
         index["manifests"] = manifests
-        self._write_index(index)
+        self.store._write_index(index)
 
     def untag(self, name: str) -> None:
-        index = self._read_index()
+        self._check()
+        index = self.store._read_index()
         before = len(index.get("manifests", []))
         index["manifests"] = [
             d
@@ -286,15 +327,8 @@ class Store:
             if d.get("annotations", {}).get(REF_ANNOTATION) != name
         ]
         if len(index["manifests"]) == before:
-            raise ImageNotFound(f"no image {name!r} in {self.root}")
-        self._write_index(index)
-
-    # ----- unpacked layers ---------------------------------------------------------------
-    def layer_dir(self, diff_id: Digest) -> Path:
-        return self.layers / diff_id.hex / "diff"
-
-    def has_layer(self, diff_id: Digest) -> bool:
-        return (self.layers / diff_id.hex / "complete").exists()
+            raise ImageNotFound(f"no image {name!r} in {self.store.root}")
+        self.store._write_index(index)
 
 
 class Ingest:

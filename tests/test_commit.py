@@ -20,7 +20,7 @@ from imagestore.commit import BadChange, VerifyFailed, apply_changes, commit, pa
 from imagestore.digest import Digest
 from imagestore.errors import ImageNotFound
 from imagestore.pull import image_layers, pull
-from imagestore.store import Store
+from imagestore.store import Store, Transaction
 from tests import imagedata, treecmp
 from tests.layerdata import opaque, whiteout, write
 from tests.mounts import LayerfsMount, require_fuse, require_root
@@ -270,7 +270,7 @@ def test_interrupted_commit_leaves_nothing(env, committed, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store, "tag", boom)
+    monkeypatch.setattr(Transaction, "tag", boom)  # interrupted at the last step
     with pytest.raises(KeyboardInterrupt):
         commit(store, env["upper"], env["lowers"], "base", "interrupted", message="unique")
     with pytest.raises(ImageNotFound):
