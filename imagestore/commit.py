@@ -34,7 +34,6 @@ import json
 import os
 import secrets
 import shlex
-import shutil
 import stat
 import tarfile
 import time
@@ -48,10 +47,11 @@ from unionfs import markers
 from unionfs.fsat import PLAIN
 from unionfs.stack import LayerStack, Node
 
-from . import changeset, compression, fstree, media, tarsafe
+from . import changeset, compression, media, tarapply, tarsafe
 from .digest import Digest
-from .errors import CorruptLayer, StoreError
+from .errors import StoreError
 from .store import Store, check_tag_name
+from .tarapply import LayerWriter
 from .unpack import remove_tree, unpack_layer
 
 GZIP_LEVEL = 6
@@ -380,6 +380,8 @@ def check(
 
 
 def _apply_blob(store: Store, blob: Digest, root: Path) -> None:
+    """Apply layer `blob` onto the plain directory `root` (tarapply's PLAIN format: the OCI
+    apply rules, whiteouts delete and opaque markers clear)."""
     with store.open_blob(blob) as raw:
         kind = compression.sniff(raw.read(compression.SNIFF_BYTES))
         raw.seek(0)
@@ -388,104 +390,16 @@ def _apply_blob(store: Store, blob: Digest, root: Path) -> None:
             src = gzip.GzipFile(fileobj=raw, mode="rb")
         elif kind == compression.ZSTD:
             src = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        with tarfile.open(fileobj=src, mode="r|", tarinfo=tarsafe.SafeTarInfo) as tar:
-            _apply_plain(tar, os.fsencode(root))
-
-
-def _apply_plain(tar: tarfile.TarFile, root: bytes) -> None:
-    """The OCI apply rules onto a plain directory (whiteouts delete, opaque clears)."""
-    mine: set[bytes] = set()
-    for m in tar:
-        parts = tarsafe.split_path(m.name, tarsafe.shown(m.name))
-        if not parts:
-            continue
-        parent = _plain_parent(root, parts[:-1])
-        rel, base = b"/".join(parts), parts[-1]
-        if base == markers.WH_OPAQUE:
-            with PLAIN.scandir(parent) as it:
-                names = [de.name for de in it]
-            for name in names:
-                if (b"/".join([*parts[:-1], name])) not in mine:
-                    _remove(parent + b"/" + name)
-            continue
-        target = markers.oci_whiteout_target(base)
-        if target is not None:
-            if b"/".join([*parts[:-1], target]) not in mine:
-                _remove(parent + b"/" + target)
-            continue
-        path = parent + b"/" + base
-        st = _lstat(path)
-        mine.add(rel)
-        keep = st is not None and m.isdir() and stat.S_ISDIR(st.st_mode)
-        if st is not None and not keep:
-            _remove(path)
-        _create(tar, m, root, path, exists=keep)
-
-
-def _plain_parent(root: bytes, dirs: list[bytes]) -> bytes:
-    path = root
-    for comp in dirs:
-        path += b"/" + comp
-        st = _lstat(path)
-        if st is None:
-            PLAIN.mkdir(path, 0o755)
-        elif not stat.S_ISDIR(st.st_mode):
-            raise CorruptLayer(f"{os.fsdecode(path)}: parent is not a directory")
-    return path
-
-
-def _create(
-    tar: tarfile.TarFile, m: tarfile.TarInfo, root: bytes, path: bytes, exists: bool
-) -> None:
-    if m.isdir():
-        if not exists:
-            PLAIN.mkdir(path, 0o700)
-    elif m.isreg():
-        src = tar.extractfile(m)
-        assert src is not None
-        with os.fdopen(PLAIN.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "wb") as f:
-            shutil.copyfileobj(src, f)
-    elif m.issym():
-        PLAIN.symlink(os.fsencode(m.linkname), path)
-    elif m.islnk():
-        link = tarsafe.split_path(m.linkname, tarsafe.shown(m.linkname))
-        PLAIN.link(root + b"/" + b"/".join(link), path)
-        return
-    elif m.isfifo():
-        PLAIN.mknod(path, stat.S_IFIFO | 0o666)
-    elif m.ischr() or m.isblk():
-        kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
-        PLAIN.mknod(path, kind | 0o600, os.makedev(m.devmajor, m.devminor))
-    else:
-        return
-    PLAIN.chown(path, m.uid, m.gid)
-    for name, value in tarsafe.pax_xattrs(m):
-        if not markers.is_internal_xattr(name):
-            PLAIN.setxattr(path, name, value)
-    if not m.issym():
-        PLAIN.chmod(path, m.mode & 0o7777)
-
-
-def _remove(path: bytes) -> None:
-    st = _lstat(path)
-    if st is None:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        PLAIN.unlink(path)
-        return
-    parent, _, name = path.rpartition(b"/")
-    fd = PLAIN.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fstree.remove_at(fd, name)  # any depth (shutil.rmtree recurses per level)
-    finally:
-        os.close(fd)
-
-
-def _lstat(path: bytes) -> os.stat_result | None:
-    try:
-        return PLAIN.lstat(path)
-    except FileNotFoundError:
-        return None
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        writer = LayerWriter(root_fd, tarapply.PLAIN)
+        try:
+            with tarfile.open(fileobj=src, mode="r|", tarinfo=tarsafe.SafeTarInfo) as tar:
+                for member in tar:
+                    writer.apply(member, tar)
+            writer.finish()
+        finally:
+            writer.close()
+            os.close(root_fd)
 
 
 Observed = tuple[Any, ...]
