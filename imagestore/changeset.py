@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from unionfs import markers
+from unionfs import markers, rules
 from unionfs.fsat import PLAIN
 
 from . import sparse, tarsafe
@@ -119,16 +119,14 @@ class _Lower:
                 if _lstat(d + b"/" + markers.oci_whiteout_name(name)) is not None:
                     break
                 continue
-            if markers.is_chardev_whiteout(st) or (
-                self.marks(d).xwhiteouts and markers.is_xattr_whiteout(p, st)
-            ):
+            if rules.is_whiteout(p, st, self.marks(d).xwhiteouts):
                 break
             if not stat.S_ISDIR(st.st_mode):
                 if not dirs:
                     return _Found(p, st, [])
                 break
             dirs.append(p)
-            if self.marks(p).opaque or _lstat(markers.oci_opaque_path(p)) is not None:
+            if rules.is_opaque(p, self.marks(p), oci=True):  # every layer here is a lower
                 break
         if not dirs:
             return None
@@ -236,12 +234,12 @@ class _Walker:
             return
         marks = self.lower.marks(real)
         lower_dir = below is not None and below.is_dir and not whole
-        if marks.redirect is not None and not marks.opaque:
+        target = rules.redirect_of(marks)
+        if target is not None:
             if lower_dir:
                 yield Item(OPAQUE, path)
             # the kernel's redirect: absolute from the lower root, or relative, a name in the
             # parent's lower part (which is itself where the parent's redirect led)
-            target = marks.redirect.rstrip(b"\0")
             if target.startswith(b"/"):
                 moved = self.lower.resolve(target)
             else:

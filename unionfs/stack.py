@@ -48,7 +48,7 @@ import stat
 from dataclasses import dataclass
 from typing import NewType
 
-from . import markers
+from . import markers, rules
 from .errors import NameTooLong, NotADirectory, NotFound, StaleHandle, UnionError
 from .fsat import Roots
 
@@ -343,23 +343,21 @@ class LayerStack:
             xwh = d.path in self._xwh
             # OCI markers are read in lower layers only: the upper is written in the kernel's
             # format, and a user's own file named `.wh.x` there is just a file.
-            oci = not (self.has_upper and d.layer == 0)
+            oci = rules.oci_markers_count(d.layer, self.has_upper)
             with self.fs.scandir(d.path) as it:
                 for de in it:
                     name: bytes = de.name
                     path = d.path + b"/" + name
                     if oci and name == markers.WH_OPAQUE:
                         continue
-                    target = markers.oci_whiteout_target(name) if oci else None
+                    target = rules.hidden_by_oci_file(name) if oci else None
                     if target is not None:
                         whiteouts.append(target)
                         continue
                     kind = _kind(de)
                     if kind == stat.S_IFCHR or (xwh and kind == stat.S_IFREG):
                         st = de.stat(follow_symlinks=False)
-                        if markers.is_chardev_whiteout(st) or (
-                            xwh and markers.is_xattr_whiteout(path, st, self.fs)
-                        ):
+                        if rules.is_whiteout(path, st, xwh, self.fs):
                             whiteouts.append(name)
                             continue
                     existing = result.get(name)
@@ -444,17 +442,18 @@ class LayerStack:
             if marks.xwhiteouts:
                 self._xwh.add(path)
             if d.layer == 0 and upper_first and marks.redirect is not None:
-                if marks.opaque:
+                redirect = rules.redirect_of(marks)
+                if redirect is None:  # opaque: nothing below to find
                     return out
                 if not self.follow_redirects:
                     raise UnionError(
                         "refusing to follow a redirect (redirect_dir=nofollow)", errno.EPERM
                     )
-                return out + self._redirected(parent, marks.redirect)
+                return out + self._redirected(parent, redirect)
             if pos == len(chain) - 1:
                 break
-            oci = not (upper_first and d.layer == 0)
-            if marks.opaque or (oci and self.fs.exists(path + b"/" + markers.WH_OPAQUE)):
+            oci = rules.oci_markers_count(d.layer, upper_first)
+            if rules.is_opaque(path, marks, oci, self.fs):
                 break
         return out
 
@@ -465,8 +464,7 @@ class LayerStack:
         if self._lower_view is None:
             lowers = [os.fsdecode(p) for p in self.layers[1:]]
             self._lower_view = LayerStack(lowers, fs=self.fs)
-        redirect = redirect.rstrip(b"\0")
-        path = redirect if redirect.startswith(b"/") else self.origin_path(parent) + b"/" + redirect
+        path = rules.redirect_path(redirect, self.origin_path(parent))
         view = self._lower_view
         node = view.root
         try:
@@ -502,7 +500,7 @@ class LayerStack:
         if not (node.is_dir and self.in_upper(node)):
             return None
         redirect = markers.dir_marks(self.upper_path(node), self.fs).redirect
-        return redirect.rstrip(b"\0") if redirect is not None else None
+        return rules.clean_redirect(redirect) if redirect is not None else None
 
     def lower_has(self, parent: Node, name: bytes) -> bool:
         """Would removing the upper object named `name` reveal something below?  Then a
