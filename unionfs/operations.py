@@ -45,6 +45,7 @@ import functools
 import logging
 import os
 import stat
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -161,6 +162,11 @@ class UnionOperations(pyfuse3.Operations):
         self.enable_writeback_cache = writeback and writer is not None
         self._on_init = on_init
         self.gate = Gate()
+        # per-node adapter state, kept here rather than in the model; it goes with the node
+        self._replies: weakref.WeakKeyDictionary[Node, tuple[int, pyfuse3.EntryAttributes]] = (
+            weakref.WeakKeyDictionary()
+        )  # immutable objects: (node.gen, reply), built once
+        self._locks: weakref.WeakKeyDictionary[Node, trio.Lock] = weakref.WeakKeyDictionary()
         self._files: dict[int, FileHandle] = {}
         self.budget = FdBudget()  # after fdlimit.raise_nofile(): the limit now in force
         self._by_node: dict[int, set[int]] = {}  # inode -> open file handles
@@ -187,8 +193,9 @@ class UnionOperations(pyfuse3.Operations):
 
     # ----- attributes ----------------------------------------------------------------
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
-        if node.attrs is not None:
-            return node.attrs  # type: ignore[return-value]
+        cached = self._replies.get(node)
+        if cached is not None and cached[0] == node.gen:
+            return cached[1]
         st = self._stat_for(node)
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
@@ -208,7 +215,7 @@ class UnionOperations(pyfuse3.Operations):
         a.st_mtime_ns = st.st_mtime_ns
         a.st_ctime_ns = st.st_ctime_ns
         if self.stack.immutable(node):
-            node.attrs = a  # lower objects never change: build the reply once
+            self._replies[node] = (node.gen, a)  # lower objects never change: build it once
         return a
 
     @_handler
@@ -351,7 +358,7 @@ class UnionOperations(pyfuse3.Operations):
             self.budget.give(ctx.uid)
             raise
         if flags & os.O_TRUNC:
-            node.st = node.attrs = None
+            node.invalidate()
         fh = self._add_handle(node, fd, writable, ctx.uid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
@@ -420,14 +427,16 @@ class UnionOperations(pyfuse3.Operations):
         return self.writer
 
     def _lock(self, node: Node) -> trio.Lock:
-        if node.lock is None:
-            node.lock = trio.Lock()
-        return node.lock  # type: ignore[return-value]
+        lock = self._locks.get(node)
+        if lock is None:
+            lock = self._locks[node] = trio.Lock()
+        return lock
 
     async def _quiesce(self, node: Node | None) -> None:
         """Wait for a copy-up of `node` in progress; the caller then acts without awaiting."""
-        if node is not None and node.lock is not None:
-            async with node.lock:  # type: ignore[attr-defined]
+        lock = self._locks.get(node) if node is not None else None
+        if lock is not None:
+            async with lock:
                 pass
 
     async def _copy_up(self, node: Node, with_data: bool = True) -> None:
@@ -526,7 +535,7 @@ class UnionOperations(pyfuse3.Operations):
                 os.utime(target, ns=times)
             else:
                 self.stack.fs.utime(target, ns=times)
-        node.st = node.attrs = None
+        node.invalidate()
         return self._entry(node)
 
     def _keeps_times(self, node: Node, target: int | bytes, size: int) -> bool:
@@ -696,7 +705,7 @@ class UnionOperations(pyfuse3.Operations):
         node = self.stack.node(inode)
         await self._copy_up(node)
         self.stack.fs.setxattr(self.stack.real_path(node), name, value)
-        node.st = node.attrs = None
+        node.invalidate()
 
     @_handler
     @_mutating
@@ -716,7 +725,7 @@ class UnionOperations(pyfuse3.Operations):
             if exc.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
             raise
-        node.st = node.attrs = None
+        node.invalidate()
 
 
 def _shown_ino_offset() -> int | None:

@@ -106,9 +106,9 @@ class Node:
         "st",
         "lookups",
         "listing",
-        "attrs",
+        "gen",
         "unlinked",
-        "lock",
+        "__weakref__",  # adapters key their per-node state (cached replies, locks) on nodes
     )
 
     def __init__(
@@ -131,9 +131,14 @@ class Node:
         self.st: os.stat_result | None = None
         self.lookups = 0
         self.listing: dict[bytes, Child] | None = None
-        self.attrs: object | None = None  # the adapter's cached reply, for immutable objects
+        self.gen = 0  # bumped by `invalidate`: a cached reply built at another gen is stale
         self.unlinked = False
-        self.lock: object | None = None  # the adapter's per-inode lock, made on demand
+
+    def invalidate(self) -> None:
+        """Its attributes changed, or may have: drop the cached stat, and let whoever caches
+        something built from them (the adapter's replies) see it by `gen`."""
+        self.st = None
+        self.gen += 1
 
     @property
     def is_dir(self) -> bool:
@@ -260,6 +265,27 @@ class LayerStack:
             return self.nodes[Inode(ino)]
         except KeyError:
             raise StaleHandle(f"unknown inode {ino}") from None
+
+    def known(self, ino: int) -> Node | None:
+        """The node numbered `ino` if the kernel holds it (or it was just made), else None."""
+        return self.nodes.get(Inode(ino))
+
+    def known_nodes(self) -> list[Node]:
+        """Every node the kernel holds, as a list (safe to iterate while changing the stack)."""
+        return list(self.nodes.values())
+
+    def note_upper_origin(self, upper_ino: int, node: Node) -> None:
+        """The upper object with real inode `upper_ino` is `node` (copied up or moved there),
+        so a lookup of it later finds the same node number."""
+        self.origins[upper_ino] = node.ino
+
+    def set_entry(self, parent: Node, name: bytes, entry: Child) -> None:
+        """`parent/name` is now `entry` in the merged listing (the Writer's change)."""
+        self.listing(parent)[name] = entry
+
+    def drop_entry(self, parent: Node, name: bytes) -> None:
+        """`parent/name` is gone from the merged listing (the Writer removed or moved it)."""
+        del self.listing(parent)[name]
 
     def remember(self, node: Node, count: int = 1) -> None:
         """The kernel learned of `node` (lookup, readdirplus entry, create): count it."""

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from . import fsutil, markers
 from .errors import Exists, NameTooLong, NotEmpty, NotFound, UnionError
 from .fsat import Roots
-from .stack import Child, DirLayer, Inode, LayerStack, Node
+from .stack import Child, DirLayer, LayerStack, Node
 
 WORK_SUBDIR = "layerfs"
 INDEX_SUBDIR = "layerfs-index"  # index=on: links that stand for lower names not shown
@@ -104,7 +104,8 @@ class Writer:
         self._into_place(node.parent, tmp, node.name)
         new = self.fs.lstat(s.upper_path(node))
         node.dirs.insert(0, DirLayer(0, s.upper_path(node), new.st_ino))
-        node.layer, node.st, node.attrs = 0, None, None
+        node.layer = 0
+        node.invalidate()
         child = self._child(node)
         if child is not None:
             child.layer, child.covers = 0, True
@@ -166,8 +167,9 @@ class Writer:
         """Bookkeeping once `parent/name` is in the upper; returns its real inode number."""
         s = self.s
         upper = self.fs.lstat(s.upper_path(parent) + b"/" + name)
-        s.origins[upper.st_ino] = node.ino
-        node.layer, node.st, node.attrs = 0, None, None
+        s.note_upper_origin(upper.st_ino, node)
+        node.layer = 0
+        node.invalidate()
         child = (parent.listing or {}).get(name)
         if child is not None:
             child.layer, child.ino, child.covers = 0, upper.st_ino, True
@@ -210,7 +212,7 @@ class Writer:
         except UnionError:
             pass
         lower_parent, _, name = (root + rel).rpartition(b"/")
-        for node in list(self.s.nodes.values()):
+        for node in self.s.known_nodes():
             if node.dirs is not None and any(d.path == lower_parent for d in node.dirs):
                 entry = self.s.listing(node).get(name)
                 if entry is not None and entry.path == root + rel:
@@ -289,11 +291,12 @@ class Writer:
         dirs = [DirLayer(0, path, st.st_ino)] if kind == stat.S_IFDIR else None
         ino = s.ino_for(0, st.st_ino)
         child = Child(kind, 0, path, st.st_ino, dirs, list(dirs) if dirs else None, ino, covers)
-        s.listing(parent)[name] = child
-        node = s.nodes.get(ino) or Node(
+        s.set_entry(parent, name, child)
+        node = s.known(ino) or Node(
             ino, parent, name, kind, 0, b"", list(dirs) if dirs else None
         )
-        node.parent, node.name, node.st, node.attrs = parent, name, None, None
+        node.parent, node.name = parent, name
+        node.invalidate()
         if dirs is not None:
             node.listing = {}
         return node
@@ -367,7 +370,7 @@ class Writer:
         self._register(parent, name, wh)
         self.s.add_alias(node, *primary)  # type: ignore[arg-type]
         self.s.add_alias(node, parent, name)
-        node.st = node.attrs = None
+        node.invalidate()
         return node
 
     # ----- removing ----------------------------------------------------------------------
@@ -377,7 +380,7 @@ class Writer:
             raise NotFound()
         if child.dirs is not None:
             raise UnionError("is a directory", errno.EISDIR)
-        node = self.s.nodes.get(Inode(child.node_ino)) if child.node_ino else None
+        node = self.s.known(child.node_ino) if child.node_ino else None
         self._remove(parent, name, child, is_dir=False)
         if node is not None:
             self._drop_name(node, parent, name)
@@ -419,7 +422,7 @@ class Writer:
                 self.fs.unlink(path)
         else:
             markers.make_whiteout(path, self.fs)
-        del s.listing(parent)[name]
+        s.drop_entry(parent, name)
 
     def _purge(self, path: bytes) -> None:
         """Remove a logically empty directory that may still hold whiteouts."""
@@ -429,7 +432,7 @@ class Writer:
         """`parent/name` no longer names `node`; it lives on if another name is known."""
         if not self.s.forget_alias(node, parent, name):
             node.unlinked = True
-        node.st = node.attrs = None
+        node.invalidate()
 
     # ----- renaming ----------------------------------------------------------------------
     def rename(
@@ -475,12 +478,12 @@ class Writer:
                 markers.make_whiteout(spath, self.fs)
         else:
             self.fs.rename(spath, dpath)
-        del s.listing(parent)[name]
+        s.drop_entry(parent, name)
         self._place(node, newparent, newname, covers)
         if old is not None:
             self.s.forget_alias(old, newparent, newname)
             old.unlinked = old.is_dir or old_links <= 1 or not s.in_upper(old)
-            old.st = old.attrs = None
+            old.invalidate()
         return node, old
 
     def _check_replace(self, node: Node, old: Node) -> None:
@@ -551,8 +554,9 @@ class Writer:
             node.ino,
             covers,
         )
-        s.listing(newparent)[newname] = child
-        node.parent, node.name, node.st, node.attrs = newparent, newname, None, None
+        s.set_entry(newparent, newname, child)
+        node.parent, node.name = newparent, newname
+        node.invalidate()
 
     def _exchange(
         self, parent: Node, name: bytes, src: Child, newparent: Node, newname: bytes, dst: Child
@@ -570,8 +574,8 @@ class Writer:
         bpath = s.upper_path(newparent) + b"/" + newname
         self.fs.renameat2(apath, bpath, fsutil.RENAME_EXCHANGE)
         cov_a, cov_b = s.lower_has(parent, name), s.lower_has(newparent, newname)
-        del s.listing(parent)[name]
-        del s.listing(newparent)[newname]
+        s.drop_entry(parent, name)
+        s.drop_entry(newparent, newname)
         self._place(a, newparent, newname, cov_b)
         self._place(b, parent, name, cov_a)
         return a, b
