@@ -25,6 +25,7 @@ import click
 
 from imagestore import mountrecords
 from imagestore.changeset import changes as compute_changes
+from imagestore.commit import CommitOptions
 from imagestore.commit import commit as do_commit
 from imagestore.errors import StoreError
 from imagestore.pull import descriptor_layers
@@ -127,20 +128,16 @@ def commit(
     with store.in_use():  # gc waits: blobs and layers no tag protects yet
         lowers = descriptor_layers(store, rec.image)  # unpacked before the mount is frozen
         with _consistent(rec) as hold:
-            digest = do_commit(
-                store,
-                rec.upper,
-                lowers,
-                rec.image,
-                image,
+            options = CommitOptions(
                 message=message,
                 author=author,
-                changes=list(changes),
+                changes=changes,
                 compress=compress,
                 source_date_epoch=epoch,
                 verify=verify,
                 before_tag=hold.thaw if hold is not None else None,  # the daemon held on
             )
+            digest = do_commit(store, rec.upper, lowers, rec.image, image, options)
     console.say(str(digest))
 
 

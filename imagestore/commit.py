@@ -38,6 +38,7 @@ import stat
 import tarfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -203,32 +204,52 @@ def _write_layer(
 
 
 # ----- commit ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CommitOptions:
+    """How to commit (umoci's UnpackOptions style: one value, a comment per field)."""
+
+    # the history entry's comment (`layer commit -m`)
+    message: str | None = None
+    # the config's and the history entry's author (`layer commit --author`)
+    author: str | None = None
+    # Dockerfile-style config edits: CMD, ENTRYPOINT, ENV, WORKDIR, LABEL, USER
+    changes: tuple[str, ...] = ()
+    # the new layer's compression: one of COMPRESSIONS
+    compress: str = "gzip"
+    # SOURCE_DATE_EPOCH: clamps times in the tar and dates the config, for reproducible blobs
+    source_date_epoch: int | None = None
+    # re-apply the layers to a plain directory and compare (the self-check, `--verify`)
+    verify: bool = False
+    # with verify: compare with this directory (a live mount) instead of LayerStack's model
+    merged_view: Path | None = None
+    # runs once everything but the tag is written (a live mount's thaw, which must succeed
+    # for the snapshot to count); if it raises, the commit is undone and nothing is tagged
+    before_tag: Callable[[], None] | None = None
+
+
 def commit(
     store: Store,
     upper: Path,
     lowers: list[Path],
     base_image: str | dict[str, Any],
     new_name: str,
-    *,
-    message: str | None = None,
-    author: str | None = None,
-    changes: list[str] | None = None,
-    compress: str = "gzip",
-    source_date_epoch: int | None = None,
-    verify: bool = False,
-    merged_view: Path | None = None,
-    before_tag: Callable[[], None] | None = None,
+    options: CommitOptions = CommitOptions(),  # noqa: B008 (frozen: one shared default is safe)
 ) -> Digest:
     """Commit `upper` over `lowers` (base first: the layers of `base_image`, a name or a
-    manifest descriptor) as `new_name`; returns the new manifest's digest.
-
-    `before_tag` runs once everything but the tag is written (a live mount's thaw, which
-    must succeed for the snapshot to count); if it raises, the commit is undone like any
-    other failure and no tag is written.  See the module docstring for the guarantees."""
+    manifest descriptor) as `new_name`; returns the new manifest's digest.  See
+    CommitOptions for the knobs and the module docstring for the guarantees."""
+    o = options
+    message, author, changes, compress = o.message, o.author, o.changes, o.compress
+    source_date_epoch, verify, merged_view, before_tag = (
+        o.source_date_epoch,
+        o.verify,
+        o.merged_view,
+        o.before_tag,
+    )
     if compress not in COMPRESSIONS:
         raise StoreError(f"unknown compression {compress!r} (gzip, zstd, none)")
     check_tag_name(new_name)
-    edits = [parse_change(c) for c in changes or []]
+    edits = [parse_change(c) for c in changes]
     desc = store.resolve(base_image) if isinstance(base_image, str) else base_image
     data = store.read_blob(Digest.parse(desc["digest"]))
     base = media.parse_manifest(data, media.media_type_of(data, desc.get("mediaType")))

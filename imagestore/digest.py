@@ -18,6 +18,7 @@ from .errors import BadReference
 
 _HEX = {"sha256": 64, "sha512": 128}
 _RE = re.compile(r"^([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
+_LOWER_HEX = re.compile(r"[0-9a-f]+")
 
 
 @dataclass(frozen=True, order=True)
@@ -25,15 +26,31 @@ class Digest:
     algorithm: str
     hex: str
 
+    def __post_init__(self) -> None:
+        """Only valid digests exist: a known algorithm and exactly its number of lowercase hex
+        digits (BadReference otherwise), whoever builds one."""
+        want = _HEX.get(self.algorithm)
+        if want is None:
+            raise BadReference(f"unsupported digest algorithm {self.algorithm!r}")
+        if len(self.hex) != want or not _LOWER_HEX.fullmatch(self.hex):
+            raise BadReference(f"not a valid {self.algorithm} digest: {self.hex!r}")
+
+    @staticmethod
+    def hasher_for(algorithm: str = "sha256") -> hashlib._Hash:  # type: ignore[name-defined]
+        """A fresh hash object for digests of `algorithm` (before any digest is known)."""
+        if algorithm not in _HEX:
+            raise BadReference(f"unsupported digest algorithm {algorithm!r}")
+        return hashlib.new(algorithm)
+
     @classmethod
     def parse(cls, text: str) -> Digest:
         m = _RE.match(text)
         if not m or m.group(1) not in _HEX:
             raise BadReference(f"not a digest: {text!r}")
-        algo, hexpart = m.group(1), m.group(2)
-        if len(hexpart) != _HEX[algo] or not re.fullmatch(r"[0-9a-f]+", hexpart):
-            raise BadReference(f"not a valid {algo} digest: {text!r}")
-        return cls(algo, hexpart)
+        try:
+            return cls(m.group(1), m.group(2))
+        except BadReference:
+            raise BadReference(f"not a valid {m.group(1)} digest: {text!r}") from None
 
     @classmethod
     def of(cls, data: bytes) -> Digest:
@@ -44,6 +61,7 @@ class Digest:
         return cls(h.name, h.hexdigest())
 
     def hasher(self) -> hashlib._Hash:  # type: ignore[name-defined]
+        """A fresh hash object to check content against this digest."""
         return hashlib.new(self.algorithm)
 
     def __str__(self) -> str:

@@ -99,8 +99,8 @@ def push(
         _to_docker_archive(store, img, t.path, t.ref or _default_repo_tag(image), report)
     else:
         assert t.ref is not None
-        sizes = (threshold, chunk_size)
-        _to_registry(store, img, t.ref, image, tls_verify, creds, report, from_repo, jobs, sizes)
+        opts = _RegistryPush(tls_verify, creds, report, from_repo, jobs, threshold, chunk_size)
+        _to_registry(store, img, t.ref, image, opts)
     return img.digest
 
 
@@ -120,19 +120,35 @@ def _state(report: Reporter | None, i: int, desc: Descriptor, state: str) -> Non
 
 
 # ----- docker:// ---------------------------------------------------------------------------
-def _to_registry(
-    store: Store,
-    img: _Image,
-    text: str,
-    image: str,
-    tls_verify: bool,
-    creds: tuple[str, str] | None,
-    report: Reporter | None,
-    from_repo: str | None,
-    jobs: int,
-    sizes: tuple[int, int],
-) -> None:
+@dataclass(frozen=True)
+class _RegistryPush:
+    """How `_to_registry` pushes (push()'s keyword arguments, in one value)."""
+
+    # verify the registry's certificate (skopeo --tls-verify)
+    tls_verify: bool
+    # (user, password), else LAYER_CREDS or the auth files
+    creds: tuple[str, str] | None
+    # per-blob states and byte progress, from the worker threads
+    report: Reporter | None
+    # the repository on the same registry to mount blobs from; None: guessed from the name
+    from_repo: str | None
+    # blobs uploaded at once
+    jobs: int
+    # blobs up to this size go in one PUT, larger ones in chunks of chunk_size (upload.py)
+    threshold: int
+    chunk_size: int
+
+
+def _to_registry(store: Store, img: _Image, text: str, image: str, o: _RegistryPush) -> None:
     from .registry import RegistryClient  # imports httpx only when needed
+
+    tls_verify, creds, report, from_repo, jobs = (
+        o.tls_verify,
+        o.creds,
+        o.report,
+        o.from_repo,
+        o.jobs,
+    )
 
     ref = parse_reference(text)
     if ref.digest is not None:
@@ -152,8 +168,8 @@ def _to_registry(
                 desc.size,
                 lambda: store.open_blob(desc.digest),
                 from_repo=from_repo,
-                threshold=sizes[0],
-                chunk_size=sizes[1],
+                threshold=o.threshold,
+                chunk_size=o.chunk_size,
                 progress=progress,
             )
             _state(report, i, desc, state)

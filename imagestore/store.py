@@ -346,7 +346,7 @@ class Ingest:
         self.expected = expected
         self.size = size
         self.resumable = resumable
-        self._hash = expected.hasher() if expected else Digest("sha256", "").hasher()
+        self._hash = expected.hasher() if expected else Digest.hasher_for()
         self.offset = 0
         self.done = False
         self._file: BinaryIO | None = None
@@ -395,7 +395,7 @@ class Ingest:
         assert self._file is not None
         self._file.truncate(0)
         self._file.seek(0)
-        self._hash = self.expected.hasher() if self.expected else Digest("sha256", "").hasher()
+        self._hash = self.expected.hasher() if self.expected else Digest.hasher_for()
         self.offset = 0
 
     def close(self) -> None:

@@ -183,7 +183,7 @@ def _extract(
         source = gzip.GzipFile(fileobj=compressed, mode="rb")  # type: ignore[call-overload]
     elif kind == ZSTD:
         source = _ZstdReader(compressed)
-    stream = _TarStream(source, (expected or Digest("sha256", "")).hasher(), kind)
+    stream = _TarStream(source, (expected.hasher() if expected else Digest.hasher_for()), kind)
     root_fd = os.open(diff, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     writer = LayerWriter(root_fd)
     try:
