@@ -81,6 +81,14 @@ def no_real_credentials(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def store(tmp_path):
+    """A fresh image store (a module may define its own `store` instead)."""
+    from imagestore.store import Store
+
+    return Store.open(tmp_path / "store")
+
+
+@pytest.fixture
 def fuse():
     mounts.require_fuse()
 
