@@ -1,8 +1,9 @@
-"""`layer`: the command-line entry point, and the only place that prints or picks exit codes.
+"""`layer`: the command-line entry point, and the one place that picks exit codes.
 
-Commands live one per module (`*_cmd.py`) and are registered below.  They receive the
-`Console` (via `click.pass_obj`) for their output and raise on failure; `LayerGroup.invoke`
-turns whatever they raise into `layer: error: ...` and an exit code from `errors.describe`.
+Commands live in `*_cmd.py` modules (one per command or per group of related commands) and
+are registered below.  They receive the `Console` (console.py, via `click.pass_obj`) for
+their output and raise on failure; `LayerGroup.invoke` turns whatever they raise into
+`layer: error: ...` and an exit code from `errors.describe`.
 Click's own usage errors keep click's format and exit 2.
 """
 

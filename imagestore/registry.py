@@ -45,6 +45,8 @@ Threads: one client may serve many threads at once (httpx.Client pools connectio
 own locks; the token cache has a lock; probing the registry happens once under a lock).
 Concurrent `fetch_blob` calls for the same digest are serialised by a per-digest lock; other
 processes are kept out by the store lock that `layer pull` holds.
+Size: over 500 lines because transport, redirects, retries and auth of the one client belong
+together (upload.py and auth.py already hold the push sequence and the token flow).
 """
 
 from __future__ import annotations

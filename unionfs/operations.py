@@ -32,6 +32,9 @@ Kernel caching, and why each cache is safe:
     assumption as the long attribute timeouts above).
 Every call on a real object goes through `stack.fs` (relative to the layer roots' fds, no
 path-length limit).
+Size: over 500 lines because it holds one short handler per FUSE operation (~60 of them) and
+the one errno point; the rules live in stack/writer.  GAP(issue-14): split it by operation
+family (attributes, files, directories, xattrs) once the transports' branches have landed.
 Concurrency: trio, one thread; handlers that do not await are atomic with respect to the
 model.  Reads of data use pread on the trio thread (page-cache hits are cheaper than a
 thread hop); bulk copies of the write side go to worker threads.

@@ -29,6 +29,8 @@ redirect_dir=on; a pure-upper directory moved over a lower name becomes opaque.
 Every call on the upper, the lowers and the work dir goes through the stack's `fs` (a
 `fsat.Roots`: relative to root fds opened before the mount, no path-length limit); the work
 dir's fds are added to it here, before the mount too.
+Size: over 500 lines because copy-up, whiteouts, renames and index=on links share their
+bookkeeping of the stack's nodes and listings; each public method is one rule.
 """
 
 from __future__ import annotations
