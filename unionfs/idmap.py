@@ -18,10 +18,12 @@ built with (0..65535), and the mount shows them shifted into the container's use
 Which ids are shifted (the handler layer, so both transports get it): st_uid/st_gid of every
 reply; SETATTR's uid/gid; the owner of what CREATE/MKNOD/MKDIR/SYMLINK make (the caller's
 ids), and access(2)'s check.  Beyond fuse-overlayfs, which passes xattrs through unchanged,
-the ids inside two xattrs are shifted too, since they are ownership by another name: the
-ACL_USER/ACL_GROUP entries of `system.posix_acl_access`/`_default`, and the root id of a v3
-`security.capability` (a namespaced file capability).  Copy-up keeps the stored ids as they
-are (it copies stored to stored), so the upper holds the ids a mount without mapping shows.
+the id inside one xattr is shifted too, since it is ownership by another name: the root id
+of a v3 `security.capability` (a namespaced file capability; the kernel reads it as a uid of
+the mount).  POSIX ACLs never reach the daemon: without FUSE_POSIX_ACL (not negotiated) the
+kernel answers system.posix_acl_* with EOPNOTSUPP itself, so there is nothing to shift.
+Copy-up keeps the stored ids as they are (it copies stored to stored), so the upper holds the
+ids a mount without mapping shows.
 
 Pure and immutable: built once from the options, shared by every request.
 """
@@ -35,11 +37,7 @@ from dataclasses import dataclass
 from .errors import OptionError
 
 OVERFLOW_DEFAULT = 65534
-ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 CAPABILITY_XATTR = b"security.capability"
-_ACL_VERSION = 2
-_ACL_USER, _ACL_GROUP = 0x02, 0x08
-_ACL_ENTRY = struct.Struct("<HHI")  # tag, perm, id
 _CAP_V3 = 0x03000000
 _CAP_V3_SIZE = 24  # magic_etc, 2 x (permitted, inheritable), rootid
 
@@ -134,28 +132,9 @@ class Owners:
         return self._xattr(name, value, to_shown=False)
 
     def _xattr(self, name: bytes, value: bytes, to_shown: bool) -> bytes:
-        if name in ACL_XATTRS:
-            return self._acl(value, to_shown)
         if name == CAPABILITY_XATTR and self.uids is not None:
             return _capability(value, self.uids.shown if to_shown else self.uids.stored)
         return value
-
-    def _acl(self, value: bytes, to_shown: bool) -> bytes:
-        """posix_acl_xattr: a u32 version (2), then (u16 tag, u16 perm, u32 id) entries; only
-        ACL_USER and ACL_GROUP carry an id.  Anything malformed is passed on untouched (the
-        filesystem below refuses it with its own errno)."""
-        if len(value) < 4 or (len(value) - 4) % _ACL_ENTRY.size:
-            return value
-        if struct.unpack_from("<I", value)[0] != _ACL_VERSION:
-            return value
-        out = bytearray(value)
-        for off in range(4, len(value), _ACL_ENTRY.size):
-            tag, perm, ident = _ACL_ENTRY.unpack_from(value, off)
-            idmap = self.uids if tag == _ACL_USER else self.gids if tag == _ACL_GROUP else None
-            if idmap is not None:
-                new = idmap.shown(ident) if to_shown else idmap.stored(ident)
-                _ACL_ENTRY.pack_into(out, off, tag, perm, new)
-        return bytes(out)
 
 
 def _capability(value: bytes, shift: Callable[[int], int]) -> bytes:

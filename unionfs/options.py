@@ -278,9 +278,8 @@ def _validate(
     follow_redirects, create_redirects = REDIRECT_DIR[redirect_dir]
     owners = _owners(values.pop("uidmapping", None), values.pop("gidmapping", None))
     volatile = "volatile" in flags and upper is not None  # the kernel ignores it read-only
-    if "volatile" in flags:
-        flags.discard("volatile")
-        _check_volatile(work)
+    flags.discard("volatile")
+    _check_volatile(work)  # with or without volatile now, as the kernel
     log_file = values.pop("log", None)
     if log_file is not None:
         log_file = _log_file(unescape(log_file))
