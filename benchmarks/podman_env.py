@@ -98,6 +98,9 @@ class Podman:
 
     root: Path
     engine: str
+    # kernel only: diff and commit by comparing trees (containers/storage's "naive diff"), as
+    # it always does for a mount_program storage, instead of reading the upper directly
+    naive_diff: bool = False
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -135,6 +138,21 @@ class Podman:
             f'tmp_dir = "{self.root / "tmp"}"\n'
             f'volume_path = "{self.root / "graph" / "volumes"}"\n'
         )
+        if program:
+            # containers/storage 1.43 (Debian 12's podman 4.3) gives a mount_program, on a kernel
+            # with idmapped mounts, idmapped lower dirs that it detaches right after mounting,
+            # and uidmapping= on top: ids shifted twice (fuse-overlayfs fails there too).  Newer
+            # versions never combine them (needsIDMapping requires no mount_program); its cached
+            # probe says "no idmapped lowers" here, which gives that behaviour.
+            cache = self.root / "run" / "overlay"
+            cache.mkdir(parents=True, exist_ok=True)
+            (cache / "idmapped-lower-dir-false").write_text("mount_program shifts ids itself")
+        if self.naive_diff and self.engine == "kernel":
+            # containers/storage caches its native-diff probe in the runroot; a cached "false"
+            # is honoured as is (overlay.go useNaiveDiff -> cachedFeatureCheck)
+            cache = self.root / "run" / "overlay"
+            cache.mkdir(parents=True, exist_ok=True)
+            (cache / "native-diff()-false").write_text("naive diff chosen by the test harness")
         self.env = {
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
             "HOME": str(self.root / "home"),
@@ -181,6 +199,12 @@ class Podman:
         self.run("unmount", "-a", "-f", check=False)
         self.run("system", "reset", "-f", check=False)
         Reaper.reap()
+        # the overlay driver bind-mounts graph/overlay onto itself (private); reset leaves it
+        below = str(self.root) + "/"
+        for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
+            target = line.split()[4].replace("\\040", " ")
+            if target.startswith(below):
+                subprocess.run(["umount", "-l", target], capture_output=True, timeout=30)
 
 
 class PodmanError(RuntimeError):
@@ -261,7 +285,11 @@ def write_busybox_layout(root: Path, ref: str = "base") -> Path:
             root,
             busybox_layers(),
             ref,
-            {"config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"}},
+            {
+                "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
+                # buildah checks history against the layers (one entry each)
+                "history": [{"created_by": "busybox-static"}, {"created_by": "whiteouts"}],
+            },
         )
     return root
 
