@@ -216,7 +216,11 @@ def test_mount_and_unmount(podmans):
         os.unlink(Path(where, "links", "h3"))
         p.run("unmount", "m1")
         assert not is_mounted(where)
-        out = {"seen": seen, "export": export_listing(p, "m1"), "diff": sorted(_sh(p, "diff", "m1").splitlines())}
+        out = {
+            "seen": seen,
+            "export": export_listing(p, "m1"),
+            "diff": sorted(_sh(p, "diff", "m1").splitlines()),
+        }
         p.run("rm", "-f", "m1")
         return out
 
