@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,6 +186,15 @@ class Podman:
 
     def out(self, *args: str) -> str:
         return self.run(*args).stdout.decode()
+
+    def remove(self, container: str) -> None:
+        """`podman rm -f`, retried: the cleanup podman's conmon starts when a container exits
+        may still hold its mounts (`userdata/shm`: EBUSY) for a moment after `run` returns."""
+        for _ in range(20):
+            if self.run("rm", "-f", container, check=False).returncode == 0:
+                return
+            time.sleep(0.25)
+        self.run("rm", "-f", container)
 
     def load_image(self, layout: Path, ref: str, name: str) -> str:
         """Copy the OCI layout's image `ref` into this storage as `name` (no network); returns

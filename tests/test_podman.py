@@ -141,7 +141,7 @@ def test_run_modify_restart_diff_commit(podmans, tmp_path):
         p.run("commit", "-q", "c1", "localhost/c1:commit")
         out["commit_run"] = _sh(p, "run", "--rm", *NET, "localhost/c1:commit", "sh", "-c", SHOW)
         out["layers"] = saved_layers(p, "localhost/c1:commit", tmp_path)
-        p.run("rm", "-f", "c1")
+        p.remove("c1")
         p.run("rmi", "localhost/c1:commit")
         return out
 
@@ -186,7 +186,7 @@ def test_build_multistep_layers_agree(podmans, built, tmp_path):
     def scenario(p: Podman) -> dict[str, Any]:
         p.run("create", *NET, "--name", "b1", built, "true")
         out = {"layers": saved_layers(p, built, tmp_path), "export": export_listing(p, "b1")}
-        p.run("rm", "-f", "b1")
+        p.remove("b1")
         return out
 
     got = both(podmans, scenario)
@@ -221,7 +221,7 @@ def test_mount_and_unmount(podmans):
             "export": export_listing(p, "m1"),
             "diff": sorted(_sh(p, "diff", "m1").splitlines()),
         }
-        p.run("rm", "-f", "m1")
+        p.remove("m1")
         return out
 
     got = both(podmans, scenario)
@@ -238,7 +238,7 @@ def test_uidmap_container(podmans):
         out = _sh(p, "run", *NET, "--name", "u1", "--uidmap", "0:100000:65536",
                   "--gidmap", "0:100000:65536", IMAGE, "sh", "-c", script)  # fmt: skip
         result = {"out": out, "export": export_listing(p, "u1")}
-        p.run("rm", "-f", "u1")
+        p.remove("u1")
         return result
 
     got = both(podmans, scenario)
