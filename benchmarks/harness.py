@@ -215,6 +215,26 @@ class Harness:
                 row.errors["layer"] = _error(exc)
                 self.log(f"    {sid}: FAILED {_error(exc)}")
 
+    # --- podman (S3-S5) ----------------------------------------------------------------------
+
+    def podman_round(self, bench: object) -> None:
+        """One round of the podman paths: each command on each storage engine, back to back."""
+        from benchmarks.podman_bench import PodmanBench
+
+        assert isinstance(bench, PodmanBench)
+        for sid, title, fn in (
+            ("S3", "podman run --rm IMG true", bench.run_round),
+            ("S4", "podman build, 3 RUN + COPY", bench.build_round),
+            ("S5", f"podman export, 3 layers, {bench.files:,} files", bench.export_round),
+        ):
+            row = self.row(sid, "once", title=title, baseline="kernel")
+            try:
+                for engine, took in fn().items():
+                    row.add(engine, took)
+            except Exception as exc:
+                row.errors["podman"] = _error(exc)
+                self.log(f"    {sid}: FAILED {_error(exc)}")
+
 
 def fuse_overlayfs_available() -> bool:
     return shutil.which("fuse-overlayfs") is not None
