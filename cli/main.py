@@ -17,6 +17,7 @@ from . import (
     commit_cmd,
     demo_cmd,
     errors,
+    fsck_cmd,
     gc_cmd,
     images_cmd,
     inspect_cmd,
@@ -87,6 +88,7 @@ cli.add_command(umount_cmd.rm)
 cli.add_command(commit_cmd.diff)
 cli.add_command(commit_cmd.commit)
 cli.add_command(commit_cmd.push)
+cli.add_command(fsck_cmd.fsck_command)
 
 
 if __name__ == "__main__":
