@@ -25,6 +25,7 @@ from . import (
     pull_cmd,
     tag_cmd,
     umount_cmd,
+    which_cmd,
 )
 
 
@@ -89,6 +90,7 @@ cli.add_command(commit_cmd.diff)
 cli.add_command(commit_cmd.commit)
 cli.add_command(commit_cmd.push)
 cli.add_command(fsck_cmd.fsck_command)
+cli.add_command(which_cmd.which)
 
 
 if __name__ == "__main__":
