@@ -16,6 +16,7 @@ import click
 from . import (
     commit_cmd,
     demo_cmd,
+    df_cmd,
     errors,
     fsck_cmd,
     gc_cmd,
@@ -91,6 +92,7 @@ cli.add_command(commit_cmd.commit)
 cli.add_command(commit_cmd.push)
 cli.add_command(fsck_cmd.fsck_command)
 cli.add_command(which_cmd.which)
+cli.add_command(df_cmd.df)
 
 
 if __name__ == "__main__":
