@@ -105,8 +105,8 @@ def _repair_layer(
 
 def _entries_if_same(store: Store, diff_id: Digest, fresh: Path) -> list[fingerprints.Entry] | None:
     """The layer's own entries (content hashed) when it equals the fresh unpack, else None.
-    Directory mtimes may differ: a directory the tar does not list gets the time of the
-    unpack that made it."""
+    The mtimes of directories and whiteouts may differ: a directory the tar does not list,
+    and a whiteout (made from a `.wh.` name), get the time of the unpack that made them."""
     root_fd = os.open(store.layer_dir(diff_id), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     seen: list[fingerprints.Entry] = []
 
@@ -121,15 +121,19 @@ def _entries_if_same(store: Store, diff_id: Digest, fresh: Path) -> list[fingerp
     try:
         expected = fingerprints.read(fresh / fingerprints.FILE_NAME)
         for d in fingerprints.compare(expected, walked()):
-            if not (d.kind == "changed" and d.what == "mtime" and _is_dir(seen, d.path)):
+            if not (d.kind == "changed" and d.what == "mtime" and _unpack_time(seen, d.path)):
                 return None
     finally:
         os.close(root_fd)
     return seen
 
 
-def _is_dir(seen: list[fingerprints.Entry], path: bytes) -> bool:
-    return bool(seen) and seen[-1].path == path and stat.S_ISDIR(seen[-1].mode)
+def _unpack_time(seen: list[fingerprints.Entry], path: bytes) -> bool:
+    """Is the entry just compared (the last one walked) one whose mtime the unpack sets?"""
+    if not seen or seen[-1].path != path:
+        return False
+    e = seen[-1]
+    return stat.S_ISDIR(e.mode) or (stat.S_ISCHR(e.mode) and e.rdev == 0)
 
 
 def _swap(store: Store, diff_id: Digest, fresh: Path) -> None:

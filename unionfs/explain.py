@@ -96,7 +96,12 @@ def explain(stack: LayerStack, path: str) -> Explanation:
             redirect = stack.redirect_of(node)
             if redirect is not None:
                 out.decided_by.append(
-                    Reason("redirect", 0, shown_path, f"moved here from {os.fsdecode(redirect)}")
+                    Reason(
+                        "redirect",
+                        0,
+                        shown_path,
+                        f"moved here from {os.fsdecode(stack.origin_path(node))}",
+                    )
                 )
         else:
             out.layer = node.layer
