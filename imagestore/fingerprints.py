@@ -255,9 +255,10 @@ def _encode(e: Entry) -> bytes:
     return b"".join(parts)
 
 
-def write(path: Path, entries: Iterable[Entry]) -> tuple[int, int]:
+def write(path: Path, entries: Iterable[Entry], sync: bool = True) -> tuple[int, int]:
     """Write `entries` (in walk order) to `path` atomically; returns (entries, bytes of
-    regular-file content they describe)."""
+    regular-file content they describe).  `sync=False` when the caller syncs the whole
+    filesystem next anyway (an unpack's syncfs), so the file is not flushed twice."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     count = content = 0
     try:
@@ -276,7 +277,8 @@ def write(path: Path, entries: Iterable[Entry]) -> tuple[int, int]:
                         batch.clear()
                 z.write(b"".join(batch))
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -250,7 +250,8 @@ def _write_fingerprints(path: Path, root_fd: int, digests: dict[int, bytes]) -> 
         got = digests.get(st.st_ino)
         return got if got is not None else fingerprints_mod.hash_file(dir_fd, name)
 
-    fingerprints_mod.write(path, fingerprints_mod.walk(root_fd, digest_of))
+    # not fsynced here: the whole temp dir is synced (syncfs) before it is published
+    fingerprints_mod.write(path, fingerprints_mod.walk(root_fd, digest_of), sync=False)
 
 
 def _apply_all(stream: _TarStream, writer: LayerWriter) -> int:
