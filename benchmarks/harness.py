@@ -206,11 +206,29 @@ class Harness:
                 "umoci",
                 store.commit_round,
             ),
+            (
+                "S6",
+                "once",
+                f"unpack 3 gzip layers, {files:,} files, with/without fingerprints",
+                "without",
+                store.unpack_round,
+            ),
+            (
+                "S7",
+                "warm",
+                "fsck: every blob (sha256) and layer file (xxh3) vs cat",
+                "cat",
+                store.fsck_round,
+            ),
         ):
-            row = self.row(sid, mode, title=title, baseline=base)
+            row = self.row(
+                sid, mode, title=title, baseline=base, target=1.05 if sid == "S6" else None
+            )
             try:
                 for engine, took in fn().items():
                     row.add(engine, took)
+                if sid == "S7":
+                    row.title = f"{title} [{store.fsck_bytes / 1e6:,.0f} MB]"
             except Exception as exc:
                 row.errors["layer"] = _error(exc)
                 self.log(f"    {sid}: FAILED {_error(exc)}")
