@@ -33,9 +33,9 @@ from imagestore.push import push as do_push
 from imagestore.store import Store
 from unionfs import control
 
-from . import mounts
+from . import mounts, progress
 from .errors import BadInput, CliError
-from .options import format_option, open_store, parse_creds, root_option
+from .options import format_option, open_store, parse_creds, quiet_option, root_option
 
 if TYPE_CHECKING:
     from .console import Console
@@ -103,6 +103,7 @@ def diff(console: Console, root: str | None, fmt: str, name: str) -> None:
     is_flag=True,
     help="Apply the new layer in a temp dir and compare with the mount's view of the upper.",
 )
+@quiet_option
 @click.argument("name")
 @click.argument("image")
 @click.pass_obj
@@ -114,6 +115,7 @@ def commit(
     changes: tuple[str, ...],
     compress: str,
     verify: bool,
+    quiet: bool,
     name: str,
     image: str,
 ) -> None:
@@ -125,8 +127,11 @@ def commit(
         epoch = int(sde) if sde else None
     except ValueError:
         raise BadInput(f"SOURCE_DATE_EPOCH={sde!r} is not a number") from None
+    bar = progress.PhaseBar() if progress.wanted(quiet) else None
     with store.in_use():  # gc waits: blobs and layers no tag protects yet
         lowers = descriptor_layers(store, rec.image)  # unpacked before the mount is frozen
+        if bar is not None:
+            bar.start(f"commit {name}", None)
         with _consistent(rec) as hold:
             options = CommitOptions(
                 message=message,
@@ -136,8 +141,11 @@ def commit(
                 source_date_epoch=epoch,
                 verify=verify,
                 before_tag=hold.thaw if hold is not None else None,  # the daemon held on
+                progress=bar.advance if bar is not None else None,
             )
             digest = do_commit(store, rec.upper, lowers, rec.image, image, options)
+        if bar is not None:
+            bar.finish()
     console.say(str(digest))
 
 
@@ -145,6 +153,7 @@ def commit(
 @root_option
 @click.option("--tls-verify", type=click.BOOL, default=True, show_default=True)
 @click.option("--creds", metavar="USER:PASS")
+@quiet_option
 @click.argument("image")
 @click.argument("dest")
 @click.pass_obj
@@ -153,6 +162,7 @@ def push(
     root: str | None,
     tls_verify: bool,
     creds: str | None,
+    quiet: bool,
     image: str,
     dest: str,
 ) -> None:
@@ -160,6 +170,13 @@ def push(
     docker-archive:FILE[:NAME:TAG]."""
     user_pass = parse_creds(creds)
     store = open_store(root)
-    with store.in_use():
-        digest = do_push(store, image, dest, tls_verify=tls_verify, creds=user_pass)
+    bars = progress.LayerBars() if progress.wanted(quiet) else None
+    try:
+        with store.in_use():
+            digest = do_push(
+                store, image, dest, tls_verify=tls_verify, creds=user_pass, report=bars
+            )
+    finally:
+        if bars is not None:
+            bars.close()
     console.say(str(digest))

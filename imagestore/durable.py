@@ -42,14 +42,15 @@ def sync_file(f: IO[bytes]) -> None:
     os.fsync(f.fileno())
 
 
-def publish(src: Path, dest: Path, *, replace: bool = True) -> None:
+def publish(src: Path, dest: Path, *, replace: bool = True, sync: bool = True) -> None:
     """Rename a synced file to `dest` and make the rename durable.  `replace=False` keeps a
     `dest` that is already there (content-addressed: it is the same bytes) and drops `src`."""
     if not replace and dest.exists():
         src.unlink()
         return
     os.replace(src, dest)
-    fsync_dir(dest.parent)
+    if sync:
+        fsync_dir(dest.parent)
 
 
 def check(
@@ -67,9 +68,17 @@ class AtomicFile:
     exit: synced, verified against `expected`/`size` when given, renamed, directory synced."""
 
     def __init__(
-        self, dest: Path, *, expected: Digest | None = None, size: int | None = None
+        self,
+        dest: Path,
+        *,
+        expected: Digest | None = None,
+        size: int | None = None,
+        sync: bool = True,
     ) -> None:
         self.dest = dest
+        # False only when the caller syncs the whole filesystem next anyway (an unpack's
+        # syncfs), so the file is not flushed twice; the rename is still atomic
+        self.sync = sync
         self.expected = expected
         self.size = size
         self.tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
@@ -105,11 +114,12 @@ class AtomicFile:
         assert self._file is not None
         try:
             if exc_type is None:
-                sync_file(self._file)
+                if self.sync:
+                    sync_file(self._file)
                 self._file.close()
                 got = Digest.from_hash(self._hash) if self._hash is not None else None
                 check(str(self.dest), got, self.written, self.expected, self.size)
-                publish(self.tmp, self.dest)
+                publish(self.tmp, self.dest, sync=self.sync)
         finally:
             self._file.close()
             with contextlib.suppress(FileNotFoundError):

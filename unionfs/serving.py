@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import UnionError
-from .options import MountConfig
+from .options import VOLATILE_MARKER, MountConfig
 
 log = logging.getLogger("layerfs")
 
@@ -42,6 +42,13 @@ def open_stack(cfg: MountConfig, report: Callable[[str], None]) -> tuple[Any, An
             if cfg.work is not None
             else None
         )
+        if cfg.volatile and cfg.work is not None:
+            # as the kernel: the marker stays after the mount ends, so that the upper of a
+            # volatile mount is not taken for a synced one (options._check_volatile)
+            marker = os.path.join(cfg.work, VOLATILE_MARKER)
+            os.makedirs(marker, exist_ok=True)
+            with open(os.path.join(marker, "dirty"), "a"):
+                pass
     except UnionError as exc:
         report(f"layerfs: {exc}")
         return None
