@@ -61,7 +61,7 @@ from .errors import UnionError
 from .fdlimit import FdBudget
 from .fsat import Roots
 from .idmap import Owners
-from .stack import Child, LayerStack, Node
+from .stack import Entry, LayerStack, Node
 from .writer import Writer
 
 log = logging.getLogger("layerfs")
@@ -140,7 +140,7 @@ class DirHandle:
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.entries: list[tuple[bytes, Child]] = []
+        self.entries: list[tuple[bytes, Entry]] = []
 
 
 class UnionOperations(pyfuse3.Operations):

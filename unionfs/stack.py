@@ -76,9 +76,10 @@ class DirLayer:
     ino: int  # the real st_ino, from readdir (d_ino) or lstat
 
 
-@dataclass(slots=True)
-class Child:
-    """An entry of a merged listing: the topmost real object of that name."""
+@dataclass(slots=True, kw_only=True)
+class Entry:
+    """An entry of a merged listing: the topmost real object of that name (DESIGN.md's
+    Entry: a resolved name, its layer and kind).  Built with keywords."""
 
     kind: int  # S_IFMT of the topmost object
     layer: int
@@ -132,7 +133,7 @@ class Node:
         self.dirs = dirs
         self.st: os.stat_result | None = None
         self.lookups = 0
-        self.listing: dict[bytes, Child] | None = None
+        self.listing: dict[bytes, Entry] | None = None
         self.gen = 0  # bumped by `invalidate`: a cached reply built at another gen is stale
         self.unlinked = False
 
@@ -215,7 +216,7 @@ class LayerStack:
         """The number stat(2) and readdir report for `node` (not always its node number)."""
         return self.shown.get(node.ino, node.ino)
 
-    def _name_ino(self, child: Child, shared: Inode) -> tuple[Inode, os.stat_result | None]:
+    def _name_ino(self, child: Entry, shared: Inode) -> tuple[Inode, os.stat_result | None]:
         """The node number of a lower non-directory's name: with index=off on a writable stack
         a multiply-linked one gets a number of its own (see the module docstring).  Also the
         lstat made to decide, if one was made (the new node keeps it: lower stats are cached)."""
@@ -284,7 +285,7 @@ class LayerStack:
         so a lookup of it later finds the same node number."""
         self.origins[upper_ino] = node.ino
 
-    def set_entry(self, parent: Node, name: bytes, entry: Child) -> None:
+    def set_entry(self, parent: Node, name: bytes, entry: Entry) -> None:
         """`parent/name` is now `entry` in the merged listing (the Writer's change)."""
         self.listing(parent)[name] = entry
 
@@ -359,15 +360,15 @@ class LayerStack:
         return [DirLayer(first.layer, self.upper_path(node), first.ino), *node.dirs[1:]]
 
     # ----- resolution ----------------------------------------------------------------
-    def listing(self, node: Node) -> dict[bytes, Child]:
+    def listing(self, node: Node) -> dict[bytes, Entry]:
         if not node.is_dir or node.dirs is None:
             raise NotADirectory()
         if node.listing is None:
             node.listing = self._merge(self.dir_paths(node))
         return node.listing
 
-    def _merge(self, dirs: list[DirLayer]) -> dict[bytes, Child]:
-        result: dict[bytes, Child] = {}
+    def _merge(self, dirs: list[DirLayer]) -> dict[bytes, Entry]:
+        result: dict[bytes, Entry] = {}
         blocked: set[bytes] = set()  # names a higher layer settled as non-dir or whiteout
         for d in dirs:
             whiteouts: list[bytes] = []
@@ -399,7 +400,9 @@ class LayerStack:
                     if existing is None:
                         isdir = kind == stat.S_IFDIR
                         dl = [DirLayer(d.layer, path, de.inode())] if isdir else None
-                        result[name] = Child(kind, d.layer, path, de.inode(), dl)
+                        result[name] = Entry(
+                            kind=kind, layer=d.layer, path=path, ino=de.inode(), dirs=dl
+                        )
                         if not isdir:
                             blocked.add(name)
                     elif existing.dirs is not None and kind == stat.S_IFDIR:
@@ -424,7 +427,7 @@ class LayerStack:
             raise NotFound()
         return self.node_for(parent, name, child)
 
-    def node_for(self, parent: Node, name: bytes, child: Child) -> Node:
+    def node_for(self, parent: Node, name: bytes, child: Entry) -> Node:
         """The node of a listing entry: the known one, or a new one (not yet remembered)."""
         if child.node_ino:
             node = self.nodes.get(Inode(child.node_ino))

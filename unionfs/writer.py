@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from . import fsutil, markers
 from .errors import Exists, NameTooLong, NotEmpty, NotFound, UnionError
 from .fsat import Roots
-from .stack import Child, DirLayer, LayerStack, Node
+from .stack import DirLayer, Entry, LayerStack, Node
 
 WORK_SUBDIR = "layerfs"
 INDEX_SUBDIR = "layerfs-index"  # index=on: links that stand for lower names not shown
@@ -205,7 +205,7 @@ class Writer:
                 name = b"%d-%s" % (plan.st.st_ino, os.urandom(8).hex().encode())
                 self.fs.link(stack.upper_path(node), self.index_dir + b"/" + name)
 
-    def _visible_name(self, root: bytes, rel: bytes) -> tuple[Node, bytes, Child] | None:
+    def _visible_name(self, root: bytes, rel: bytes) -> tuple[Node, bytes, Entry] | None:
         """Where the merged view shows the lower object `root + rel`: at the same path, or —
         when a directory above it was renamed (redirect) — in the known directory node that
         merges its lower parent."""
@@ -237,7 +237,7 @@ class Writer:
             self._linkmap_cache = found
         return found
 
-    def _resolve_entry(self, rel: bytes) -> tuple[Node, bytes, Child]:
+    def _resolve_entry(self, rel: bytes) -> tuple[Node, bytes, Entry]:
         stack = self.stack
         parts = [p for p in rel.split(b"/") if p]
         node = stack.root
@@ -251,7 +251,7 @@ class Writer:
         return node, parts[-1], child
 
     # ----- helpers ------------------------------------------------------------------------
-    def _child(self, node: Node) -> Child | None:
+    def _child(self, node: Node) -> Entry | None:
         if node.parent is None or node.parent.listing is None:
             return None
         return node.parent.listing.get(node.name)
@@ -294,7 +294,16 @@ class Writer:
         kind = stat.S_IFMT(st.st_mode)
         dirs = [DirLayer(0, path, st.st_ino)] if kind == stat.S_IFDIR else None
         ino = stack.ino_for(0, st.st_ino)
-        child = Child(kind, 0, path, st.st_ino, dirs, list(dirs) if dirs else None, ino, covers)
+        child = Entry(
+            kind=kind,
+            layer=0,
+            path=path,
+            ino=st.st_ino,
+            dirs=dirs,
+            trimmed=list(dirs) if dirs else None,
+            node_ino=ino,
+            covers=covers,
+        )
         stack.set_entry(parent, name, child)
         node = stack.known(ino) or Node(
             ino, parent, name, kind, 0, b"", list(dirs) if dirs else None
@@ -404,7 +413,7 @@ class Writer:
         node.unlinked = True
         return node
 
-    def _remove(self, parent: Node, name: bytes, child: Child, is_dir: bool) -> None:
+    def _remove(self, parent: Node, name: bytes, child: Entry, is_dir: bool) -> None:
         stack = self.stack
         whiteout = stack.lower_has(parent, name)
         self.copy_up_dir(parent)
@@ -528,7 +537,7 @@ class Writer:
         elif stack.lower_has(newparent, newname):
             markers.set_opaque(upath, self.fs)
 
-    def _clear_target(self, dst: Child | None, dpath: bytes, moving_dir: bool) -> None:
+    def _clear_target(self, dst: Entry | None, dpath: bytes, moving_dir: bool) -> None:
         """Make room at the destination for rename(2): an upper directory there (logically
         empty, maybe holding whiteouts) goes to the work dir; a whiteout under a directory
         that moves in is removed (rename cannot put a directory over a device)."""
@@ -548,22 +557,22 @@ class Writer:
         dpath = stack.upper_path(newparent) + b"/" + newname
         st = self.fs.lstat(dpath)
         dirs = node.dirs
-        child = Child(
-            node.kind,
-            0,
-            dpath,
-            st.st_ino,
-            list(dirs) if dirs else None,
-            list(dirs) if dirs else None,
-            node.ino,
-            covers,
+        child = Entry(
+            kind=node.kind,
+            layer=0,
+            path=dpath,
+            ino=st.st_ino,
+            dirs=list(dirs) if dirs else None,
+            trimmed=list(dirs) if dirs else None,
+            node_ino=node.ino,
+            covers=covers,
         )
         stack.set_entry(newparent, newname, child)
         node.parent, node.name = newparent, newname
         node.invalidate()
 
     def _exchange(
-        self, parent: Node, name: bytes, src: Child, newparent: Node, newname: bytes, dst: Child
+        self, parent: Node, name: bytes, src: Entry, newparent: Node, newname: bytes, dst: Entry
     ) -> tuple[Node, Node | None]:
         stack = self.stack
         a = stack.node_for(parent, name, src)
