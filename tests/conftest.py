@@ -18,11 +18,12 @@ REGISTRY_MODULES = {
     "test_commit_cli", "test_pull_registry", "test_push", "test_registry",
     "test_registry_token", "test_store_concurrency",
 }  # fmt: skip
-PODMAN_MODULES: set[str] = set()
+PODMAN_MODULES = {"test_podman"}
 SLOW_MODULES = {
     "test_benchmarks", "test_differential", "test_oracle", "test_kernel_parity",
     "test_deep_trees", "test_many_layers", "test_bad_input", "test_store_concurrency",
-    "test_fd_budget", "test_commit", "test_commit_cli",
+    "test_fd_budget", "test_commit", "test_commit_cli", "test_mount_records", "test_rules",
+    "test_podman",
 }  # fmt: skip
 
 
