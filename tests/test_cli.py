@@ -17,13 +17,17 @@ from tests.mounts import is_mounted, mounts
 LAYER = str(Path(sys.executable).parent / "layer")
 
 
-def test_demo_runs_and_leaves_nothing_mounted(fuse):
-    before = {mp for mp, _ in mounts()}
-    r = subprocess.run([LAYER, "demo"], capture_output=True, text=True, timeout=120)
+def test_demo_runs_and_leaves_nothing_mounted(tmp_path, fuse):
+    # the demo works in a fresh temp dir: under our tmp_path, so that the check below sees
+    # only its mounts (other test runs on this machine mount and unmount meanwhile)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    r = subprocess.run([LAYER, "demo"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "etc/os-release was copied up" in r.stdout and "FAIL" not in r.stdout
     assert "the change was copied up into the mount's upper" in r.stdout
-    assert {mp for mp, _ in mounts()} == before
+    ours = [mp for mp, _ in mounts() if mp.startswith(str(tmp_path) + "/")]
+    assert ours == []
+    assert list(tmp_path.iterdir()) == []  # and its temp dir is gone
 
 
 @pytest.mark.mount
