@@ -27,10 +27,11 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from unionfs import markers
+
 VERSION = 5
 CACHE = Path("/var/tmp/layer-bench")
 MTIME = 1_700_000_000
-OPAQUE_XATTR = "trusted.overlay.opaque"
 
 
 @dataclass(frozen=True)
@@ -286,7 +287,7 @@ def _build(ds: Dataset) -> None:
         for rel in opaque_dirs:
             d = layer / rel
             d.mkdir(parents=True, exist_ok=True)
-            os.setxattr(d, OPAQUE_XATTR, b"y")
+            markers.set_opaque(os.fsencode(d))  # as root (the harness is): trusted.overlay
             for i in range(5):
                 g.write(d / f"{tag}-{i}.mo", g.size())
         for rel in g.rnd.sample(rest, whiteouts):
@@ -296,7 +297,7 @@ def _build(ds: Dataset) -> None:
             if p.exists() or str(Path(rel).parent) in opaque_dirs:
                 continue
             p.parent.mkdir(parents=True, exist_ok=True)
-            os.mknod(p, 0o20000, os.makedev(0, 0))
+            markers.make_whiteout(os.fsencode(p))
         if dir_whiteout:
             doc = sorted(
                 {str(Path(r).parent) for r in rest if r.startswith("usr/share/doc/")} - keep
@@ -304,7 +305,7 @@ def _build(ds: Dataset) -> None:
             p = layer / g.rnd.choice(doc)
             if not p.exists():
                 p.parent.mkdir(parents=True, exist_ok=True)
-                os.mknod(p, 0o20000, os.makedev(0, 0))
+                markers.make_whiteout(os.fsencode(p))
 
     upper_layer(
         l1, "l1", s.rootfs_files // 15, s.rootfs_files // 30, s.rootfs_files // 50, 2, False
@@ -323,9 +324,9 @@ def _build(ds: Dataset) -> None:
             i += 1
 
     for depth in range(max(s.stack_depths)):
-        d = ds.stack / f"{depth:03d}"
-        (d / "shared").mkdir(parents=True)
-        g.write(d / f"own{depth}", 64)
-        g.write(d / "shared" / f"s{depth}", 64)
+        layer_dir = ds.stack / f"{depth:03d}"
+        (layer_dir / "shared").mkdir(parents=True)
+        g.write(layer_dir / f"own{depth}", 64)
+        g.write(layer_dir / "shared" / f"s{depth}", 64)
 
     (ds.root / "manifest.json").write_text(json.dumps({"copyup": copyup}, indent=0))

@@ -179,7 +179,8 @@ def chart(rows: list[Row], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r.target_kind == "ratio"]
-    labels, series = [], {}  # engine -> ratios
+    labels: list[str] = []
+    series: dict[str, dict[int, float]] = {}  # engine -> row -> ratio
     for r in rows:
         s = summary(r)
         labels.append(f"{r.id} {r.mode}" if r.mode != "once" else r.id)

@@ -40,8 +40,8 @@ def count(ds: Dataset, wid: str, run_dir: Path) -> dict[str, Counter[str]]:
     w = next(w for w in WORKLOADS if w.id == wid)
     mnt, opts = fresh_mount_dirs(run_dir, ds.lowers)
     log = run_dir / "log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([LAYERFS, "-d", "-o", opts, str(mnt)], stderr=out)
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen([LAYERFS, "-d", "-o", opts, str(mnt)], stderr=logf)
     marks: list[tuple[str, bytes, bytes]] = []
     try:
         deadline = time.monotonic() + 20

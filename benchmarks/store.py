@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.dataset import CACHE
+from benchmarks.registry import running_registry, skopeo_copy
 from imagestore.layout_writer import write_oci_image
 
 LAYER = str(Path(sys.executable).parent / "layer")
@@ -73,10 +74,6 @@ class StoreBench(contextlib.AbstractContextManager["StoreBench"]):
         self.rounds = 0
 
     def __enter__(self) -> StoreBench:
-        # the registry helpers live with the tests, which start the same registry
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from tests.registry_util import running_registry, skopeo_copy
-
         build_image(self.image, self.files)
         try:
             reg = self._stack.enter_context(running_registry(self.work / "registry"))

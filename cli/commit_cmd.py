@@ -25,6 +25,7 @@ import click
 
 from imagestore import mountrecords
 from imagestore.changeset import changes as compute_changes
+from imagestore.commit import CommitOptions
 from imagestore.commit import commit as do_commit
 from imagestore.errors import StoreError
 from imagestore.pull import descriptor_layers
@@ -37,7 +38,7 @@ from .errors import BadInput, CliError
 from .options import format_option, open_store, parse_creds, quiet_option, root_option
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 def _record(store: Store, name: str) -> mountrecords.MountRecord:
@@ -132,21 +133,17 @@ def commit(
         if bar is not None:
             bar.start(f"commit {name}", None)
         with _consistent(rec) as hold:
-            digest = do_commit(
-                store,
-                rec.upper,
-                lowers,
-                rec.image,
-                image,
+            options = CommitOptions(
                 message=message,
                 author=author,
-                changes=list(changes),
+                changes=changes,
                 compress=compress,
                 source_date_epoch=epoch,
                 verify=verify,
                 before_tag=hold.thaw if hold is not None else None,  # the daemon held on
                 progress=bar.advance if bar is not None else None,
             )
+            digest = do_commit(store, rec.upper, lowers, rec.image, image, options)
         if bar is not None:
             bar.finish()
     console.say(str(digest))

@@ -29,7 +29,7 @@ from .demo_sample import Layer
 from .errors import DemoFailed
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 @click.command("demo")
@@ -170,7 +170,8 @@ def _visible_markers(mnt: Path) -> list[str]:
     return [
         rel
         for rel, st in walk(mnt)
-        if markers.is_chardev_whiteout(st) or os.path.basename(rel).startswith(".wh.")
+        if markers.is_chardev_whiteout(st)
+        or os.fsencode(os.path.basename(rel)).startswith(markers.WH_PREFIX)
     ]
 
 

@@ -13,11 +13,13 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from unionfs import markers
+
 from . import mounts
 from .demo_sample import Layer
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 def show_copy_up(console: Console, layers: list[Layer], root: Path) -> list[str]:
@@ -86,7 +88,7 @@ def _describe(path: Path, upper: Path) -> str:
     if stat.S_ISDIR(st.st_mode):
         notes = []
         for attr in os.listxattr(path):
-            if attr.startswith("trusted.overlay."):
+            if os.fsencode(attr).startswith(markers.OVERLAY_PREFIXES):
                 notes.append(f"{attr}={os.getxattr(path, attr).decode(errors='replace')}")
         return f"d  {rel}/" + (f"  ({', '.join(notes)})" if notes else "  (copied up)")
     return f"-  {rel}  ({st.st_size} bytes)"

@@ -8,6 +8,7 @@ The image is an OCI layout written here with tarfile (two gzip layers, the secon
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -15,12 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imagestore.layout_writer import write_oci_image
+from unionfs import markers
 
 from . import mounts
 from .demo_copyup import report_checks
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 LAYER = str(Path(sys.executable).parent / "layer")
 IMAGE_LAYERS = [
@@ -29,7 +31,10 @@ IMAGE_LAYERS = [
         "etc/motd": b"Welcome! This line lives in the base layer.\n",
         "usr/bin/hello": b'#!/bin/sh\necho "hello from the base layer"\n',
     },
-    {"etc/.wh.motd": b"", "etc/app.conf": b"greeting = hello\n"},
+    {
+        os.fsdecode(markers.oci_whiteout_path(b"etc/motd")): b"",  # hides the base's etc/motd
+        "etc/app.conf": b"greeting = hello\n",
+    },
 ]
 
 

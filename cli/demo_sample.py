@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,8 +73,8 @@ def _build_middle(layer: Layer) -> None:
     (middle / "etc").mkdir()
     if not _chardev_whiteout(middle / "etc/motd"):
         layer.notes.append("mknod 0/0 refused here: etc/motd is hidden with an OCI .wh. file")
-        _write(middle / "etc" / ".wh.motd", b"")
-    _write(middle / "etc" / (markers.WH_PREFIX.decode() + "hostname"), b"")
+        _write(middle / "etc" / os.fsdecode(markers.oci_whiteout_name(b"motd")), b"")
+    _write(middle / "etc" / os.fsdecode(markers.oci_whiteout_name(b"hostname")), b"")
     apt = middle / "var/cache/apt"
     apt.mkdir(parents=True)
     if not _mark_opaque(apt):
@@ -91,7 +90,7 @@ def _build_top(top: Path) -> None:
 def _chardev_whiteout(path: Path) -> bool:
     """A kernel-overlayfs whiteout; False when mknod is not allowed (old kernel, no root)."""
     try:
-        os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+        markers.make_whiteout(os.fsencode(path))
     except PermissionError:
         return False
     return True
@@ -100,7 +99,7 @@ def _chardev_whiteout(path: Path) -> bool:
 def _mark_opaque(path: Path) -> bool:
     """trusted.overlay.opaque=y as root, user.overlay.opaque=y otherwise; False if refused."""
     try:
-        os.setxattr(path, markers.opaque_xattr(), b"y")
+        markers.set_opaque(os.fsencode(path))
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
             return False

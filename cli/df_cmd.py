@@ -14,7 +14,7 @@ from imagestore.usage import usage
 from .options import human_size, open_store, root_option
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 @click.command("df")

@@ -22,7 +22,7 @@ from .errors import EXIT_FAILURE
 from .options import human_size, open_store, quiet_option, root_option
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 def _state(rec: mountrecords.MountRecord) -> str:

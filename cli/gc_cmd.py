@@ -11,7 +11,7 @@ from imagestore.images import gc as do_gc
 from .options import human_size, open_store, root_option
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 @click.command("gc")

@@ -12,7 +12,7 @@ from imagestore.images import list_images
 from .options import format_option, human_size, open_store, quiet_option, root_option
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 @click.command("images")

@@ -13,7 +13,7 @@ from imagestore.images import raw_manifest
 from .options import open_store, root_option
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 @click.command("inspect")

@@ -1,8 +1,9 @@
-"""`layer`: the command-line entry point, and the only place that prints or picks exit codes.
+"""`layer`: the command-line entry point, and the one place that picks exit codes.
 
-Commands live one per module (`*_cmd.py`) and are registered below.  They receive the
-`Console` (via `click.pass_obj`) for their output and raise on failure; `LayerGroup.invoke`
-turns whatever they raise into `layer: error: ...` and an exit code from `errors.describe`.
+Commands live in `*_cmd.py` modules (one per command or per group of related commands) and
+are registered below.  They receive the `Console` (console.py, via `click.pass_obj`) for
+their output and raise on failure; `LayerGroup.invoke` turns whatever they raise into
+`layer: error: ...` and an exit code from `errors.describe`.
 Click's own usage errors keep click's format and exit 2.
 """
 
@@ -28,23 +29,7 @@ from . import (
     umount_cmd,
     which_cmd,
 )
-
-
-class Console:
-    """Where commands write: results to stdout, warnings and errors to stderr."""
-
-    def say(self, text: str = "") -> None:
-        click.echo(text)
-
-    def heading(self, text: str) -> None:
-        click.echo()
-        click.echo(click.style(f"== {text}", bold=True))
-
-    def warn(self, text: str) -> None:
-        click.echo(f"layer: warning: {text}", err=True)
-
-    def error(self, text: str) -> None:
-        click.echo(f"layer: error: {text}", err=True)
+from .console import Console
 
 
 class LayerGroup(click.Group):

@@ -23,7 +23,7 @@ from .errors import AlreadyMounted, BadInput
 from .options import open_store, root_option
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 _DIR = click.Path(exists=True, file_okay=False, dir_okay=True)
 
@@ -60,6 +60,7 @@ def mount(
     Without a MOUNTPOINT, the mount goes on ROOT/mounts/NAME/merged, inside the store (0700):
     other users cannot reach it.  Mounts are nosuid,nodev.  Prints the mount's name; returns
     once the mount is live; the layerfs daemon serves it until `layer umount`."""
+    mountpoint: str | None
     if lowers:
         if len(args) != 1:
             raise BadInput("with --lower, give only the MOUNTPOINT")
@@ -86,7 +87,7 @@ def mount(
             desc, image_name = mountrecords.resolve(store, image), image
         lowers_top_first = [str(p) for p in reversed(descriptor_layers(store, desc, image))]
         where = os.path.abspath(mountpoint)
-        with store.lock():  # the record pins the image before the mount uses it
+        with store.transaction():  # the record pins the image before the mount uses it
             rec = mountrecords.save(store, name, image_name, desc, where, read_only)
         try:
             if read_only:
@@ -95,11 +96,11 @@ def mount(
                 mounts.mount(lowers_top_first, mountpoint, str(rec.upper), str(rec.work))
         except BaseException:
             if read_only:  # nothing to keep
-                with store.lock():
+                with store.transaction():
                     mountrecords.remove(store, name)
             raise
         daemon = mounts.daemon_of(mountpoint)
-        with store.lock():
+        with store.transaction():
             mountrecords.save(store, name, image_name, desc, where, read_only, daemon)
     console.say(name)
 

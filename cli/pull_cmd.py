@@ -14,7 +14,7 @@ from . import progress
 from .options import open_store, parse_creds, quiet_option, root_option
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 @click.command("pull")

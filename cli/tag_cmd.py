@@ -9,7 +9,7 @@ import click
 from .options import open_store, root_option
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 @click.command("tag")
@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 def tag(root: str | None, image: str, name: str) -> None:
     """Give IMAGE another NAME."""
     store = open_store(root)
-    with store.lock():
-        store.tag(name, store.resolve(image))
+    with store.transaction() as txn:
+        txn.tag(name, store.resolve(image))
 
 
 @click.command("rmi")
@@ -30,7 +30,7 @@ def tag(root: str | None, image: str, name: str) -> None:
 def rmi(console: Console, root: str | None, names: tuple[str, ...]) -> None:
     """Remove image NAMES (their blobs go at the next `layer gc`)."""
     store = open_store(root)
-    with store.lock():
+    with store.transaction() as txn:
         for name in names:
-            store.untag(name)
+            txn.untag(name)
             console.say(f"untagged {name}")

@@ -14,7 +14,7 @@ from .errors import CliError
 from .options import format_option, open_store, root_option
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 @click.command("umount")
@@ -36,7 +36,7 @@ def _forget_read_only(root: str | None, mountpoint: str) -> None:
     store = open_store(root)
     for rec in mountrecords.all_records(store):
         if rec.read_only and mounts.canonical_mountpoint(rec.mountpoint) == mountpoint:
-            with mountrecords.claim(store, rec.name), store.lock():
+            with mountrecords.claim(store, rec.name), store.transaction():
                 again = mountrecords.load(store, rec.name)
                 if again is not None and again.read_only and not mounts.is_live(mountpoint):
                     mountrecords.remove(store, rec.name)
@@ -87,7 +87,7 @@ def rm(console: Console, root: str | None, names: tuple[str, ...]) -> None:
     no longer pinned."""
     store = open_store(root)
     for name in names:
-        with mountrecords.claim(store, name), store.lock():
+        with mountrecords.claim(store, name), store.transaction():
             rec = mountrecords.load(store, name)
             if rec is None:
                 raise CliError(f"no mount named {name}")

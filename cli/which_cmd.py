@@ -19,7 +19,7 @@ from unionfs.stack import LayerStack
 from .options import open_store, root_option
 
 if TYPE_CHECKING:
-    from .main import Console
+    from .console import Console
 
 
 def _stack(root: str | None, target: str) -> tuple[LayerStack, list[str]]:

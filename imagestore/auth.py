@@ -12,7 +12,7 @@
          specific wins), or by URL (`https://index.docker.io/v1/`); the `auth` field is
          base64 `user:password`.  Docker Hub's names (`docker.io`, `index.docker.io`,
          `registry-1.docker.io`) are one host.  Credential helpers (`credHelpers`,
-         `credsStore`) and identity tokens are not supported.
+         `credsStore`) and identity tokens are not supported (see the GAP below).
     Explicit credentials given to RegistryClient come before both.
   - `fetch_token` runs the token flow of the distribution spec (docs/spec/auth/token.md):
     GET realm?service=…&scope=…, with Basic credentials when we have them (anonymous
@@ -114,6 +114,8 @@ def _normalize_key(key: str) -> str:
     return _canon_host(host) + (f"/{path}" if path else "")
 
 
+# GAP(issue-14): credential helpers (`credHelpers`, `credsStore`) and identity tokens in the
+# auth files are ignored: such an entry gives no credentials, so the pull goes anonymous.
 def _decode_auth(entry: object) -> Credentials | None:
     if not isinstance(entry, dict):
         return None

@@ -38,14 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from unionfs import markers
+from unionfs import markers, rules
 from unionfs.fsat import PLAIN
 
 from . import sparse, tarsafe
 from .errors import StoreError
 
 OBJ, WHITEOUT, OPAQUE = "obj", "whiteout", "opaque"
-COPY_CHUNK = 1 << 20
 
 
 class ChangesetError(StoreError):
@@ -117,19 +116,17 @@ class _Lower:
             p = d + b"/" + name
             st = _lstat(p)
             if st is None:
-                if _lstat(d + b"/" + markers.WH_PREFIX + name) is not None:
+                if _lstat(d + b"/" + markers.oci_whiteout_name(name)) is not None:
                     break
                 continue
-            if markers.is_chardev_whiteout(st) or (
-                self.marks(d).xwhiteouts and markers.is_xattr_whiteout(p, st)
-            ):
+            if rules.is_whiteout(p, st, self.marks(d).xwhiteouts):
                 break
             if not stat.S_ISDIR(st.st_mode):
                 if not dirs:
                     return _Found(p, st, [])
                 break
             dirs.append(p)
-            if self.marks(p).opaque or _lstat(p + b"/" + markers.WH_OPAQUE) is not None:
+            if rules.is_opaque(p, self.marks(p), oci=True):  # every layer here is a lower
                 break
         if not dirs:
             return None
@@ -237,12 +234,12 @@ class _Walker:
             return
         marks = self.lower.marks(real)
         lower_dir = below is not None and below.is_dir and not whole
-        if marks.redirect is not None and not marks.opaque:
+        target = rules.redirect_of(marks)
+        if target is not None:
             if lower_dir:
                 yield Item(OPAQUE, path)
             # the kernel's redirect: absolute from the lower root, or relative, a name in the
             # parent's lower part (which is itself where the parent's redirect led)
-            target = marks.redirect.rstrip(b"\0")
             if target.startswith(b"/"):
                 moved = self.lower.resolve(target)
             else:
@@ -353,22 +350,19 @@ def write_changeset(
             if len(item.path) + len(markers.WH_OPAQUE) + 1 > tarsafe.MAX_PATH_BYTES:
                 _check_length(item)
             if item.kind == WHITEOUT:
-                head, _, base = name.rpartition("/")
-                wh = f"{head}/.wh.{base}" if head else f".wh.{base}"
-                tar.addfile(_marker(wh))
+                tar.addfile(_marker(os.fsdecode(markers.oci_whiteout_path(item.path))))
             elif item.kind == OPAQUE:
-                tar.addfile(_marker(name + "/" + os.fsdecode(markers.WH_OPAQUE)))
+                tar.addfile(_marker(os.fsdecode(markers.oci_opaque_path(item.path))))
             else:
                 _add_obj(tar, item, name, links, source_date_epoch)
 
 
 def _check_length(item: Item) -> None:
     """Refuse an entry the store could not unpack (tarsafe's limit), naming it."""
-    head, _, base = item.path.rpartition(b"/")
     if item.kind == WHITEOUT:
-        entry = head + b"/" + markers.WH_PREFIX + base if head else markers.WH_PREFIX + base
+        entry = markers.oci_whiteout_path(item.path)
     elif item.kind == OPAQUE:
-        entry = item.path + b"/" + markers.WH_OPAQUE
+        entry = markers.oci_opaque_path(item.path)
     else:
         entry = item.path
     if len(entry) > tarsafe.MAX_PATH_BYTES:

@@ -10,7 +10,7 @@ Lifecycle (DESIGN.md's store rules):
   - Then, optionally, the self-check (`verify`), the config (diff_ids appended, a history
     entry, the --change edits), the manifest (same media-type family as the base; a Docker
     base with zstd or no compression becomes OCI), the unpacked layer (`unpack_layer`, so the
-    new image mounts without a pull), and last the tag, under `store.lock()`.
+    new image mounts without a pull), and last the tag, in a `store.transaction()`.
   - Atomic: an exception anywhere (KeyboardInterrupt included) before the tag removes every
     blob and unpacked layer this commit created (and nothing else); no tag is written.  The
     tag is the last write, after `before_tag` (the caller's last check) succeeded.
@@ -34,11 +34,11 @@ import json
 import os
 import secrets
 import shlex
-import shutil
 import stat
 import tarfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,11 @@ from unionfs import markers
 from unionfs.fsat import PLAIN
 from unionfs.stack import LayerStack, Node
 
-from . import changeset, fstree, media, tarsafe
+from . import changeset, compression, media, tarapply, tarsafe
 from .digest import Digest
-from .errors import CorruptLayer, StoreError
+from .errors import StoreError
 from .store import Store, check_tag_name
+from .tarapply import LayerWriter
 from .unpack import remove_tree, unpack_layer
 
 GZIP_LEVEL = 6
@@ -209,34 +210,50 @@ def _write_layer(
 
 
 # ----- commit ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CommitOptions:
+    """How to commit (umoci's UnpackOptions style: one value, a comment per field)."""
+
+    # the history entry's comment (`layer commit -m`)
+    message: str | None = None
+    # the config's and the history entry's author (`layer commit --author`)
+    author: str | None = None
+    # Dockerfile-style config edits: CMD, ENTRYPOINT, ENV, WORKDIR, LABEL, USER
+    changes: tuple[str, ...] = ()
+    # the new layer's compression: one of COMPRESSIONS
+    compress: str = "gzip"
+    # SOURCE_DATE_EPOCH: clamps times in the tar and dates the config, for reproducible blobs
+    source_date_epoch: int | None = None
+    # re-apply the layers to a plain directory and compare (the self-check, `--verify`)
+    verify: bool = False
+    # with verify: compare with this directory (a live mount) instead of LayerStack's model
+    merged_view: Path | None = None
+    # runs once everything but the tag is written (a live mount's thaw, which must succeed
+    # for the snapshot to count); if it raises, the commit is undone and nothing is tagged
+    before_tag: Callable[[], None] | None = None
+    # told of every n bytes of the uncompressed layer tar as it is written (a progress bar)
+    progress: Callable[[int], None] | None = None
+
+
 def commit(
     store: Store,
     upper: Path,
     lowers: list[Path],
     base_image: str | dict[str, Any],
     new_name: str,
-    *,
-    message: str | None = None,
-    author: str | None = None,
-    changes: list[str] | None = None,
-    compress: str = "gzip",
-    source_date_epoch: int | None = None,
-    verify: bool = False,
-    merged_view: Path | None = None,
-    before_tag: Callable[[], None] | None = None,
-    progress: Callable[[int], None] | None = None,
+    options: CommitOptions = CommitOptions(),  # noqa: B008 (frozen: one shared default is safe)
 ) -> Digest:
     """Commit `upper` over `lowers` (base first: the layers of `base_image`, a name or a
-    manifest descriptor) as `new_name`; returns the new manifest's digest.
-
-    `before_tag` runs once everything but the tag is written (a live mount's thaw, which
-    must succeed for the snapshot to count); if it raises, the commit is undone like any
-    other failure and no tag is written.  `progress(n)` is told of every n bytes of the
-    uncompressed layer tar as it is written.  See the module docstring for the guarantees."""
+    manifest descriptor) as `new_name`; returns the new manifest's digest.  See
+    CommitOptions for the knobs and the module docstring for the guarantees."""
+    o = options
+    message, author, changes, compress = o.message, o.author, o.changes, o.compress
+    source_date_epoch, verify, merged_view = o.source_date_epoch, o.verify, o.merged_view
+    before_tag, progress = o.before_tag, o.progress
     if compress not in COMPRESSIONS:
         raise StoreError(f"unknown compression {compress!r} (gzip, zstd, none)")
     check_tag_name(new_name)
-    edits = [parse_change(c) for c in changes or []]
+    edits = [parse_change(c) for c in changes]
     desc = store.resolve(base_image) if isinstance(base_image, str) else base_image
     data = store.read_blob(Digest.parse(desc["digest"]))
     base = media.parse_manifest(data, media.media_type_of(data, desc.get("mediaType")))
@@ -259,8 +276,8 @@ def commit(
         unpack_layer(store, blob, _layer_type(compress, docker), diff_id)
         if before_tag is not None:
             before_tag()
-        with store.lock():
-            store.tag(
+        with store.transaction() as txn:
+            txn.tag(
                 new_name,
                 {"mediaType": manifest["mediaType"], "digest": str(man_digest), "size": man_size},
             )
@@ -388,112 +405,26 @@ def check(
 
 
 def _apply_blob(store: Store, blob: Digest, root: Path) -> None:
+    """Apply layer `blob` onto the plain directory `root` (tarapply's PLAIN format: the OCI
+    apply rules, whiteouts delete and opaque markers clear)."""
     with store.open_blob(blob) as raw:
-        head = raw.read(4)
+        kind = compression.sniff(raw.read(compression.SNIFF_BYTES))
         raw.seek(0)
         src: Any = raw
-        if head[:2] == b"\x1f\x8b":
+        if kind == compression.GZIP:
             src = gzip.GzipFile(fileobj=raw, mode="rb")
-        elif head == b"\x28\xb5\x2f\xfd":
+        elif kind == compression.ZSTD:
             src = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        with tarfile.open(fileobj=src, mode="r|", tarinfo=tarsafe.SafeTarInfo) as tar:
-            _apply_plain(tar, os.fsencode(root))
-
-
-def _apply_plain(tar: tarfile.TarFile, root: bytes) -> None:
-    """The OCI apply rules onto a plain directory (whiteouts delete, opaque clears)."""
-    mine: set[bytes] = set()
-    for m in tar:
-        parts = tarsafe.split_path(m.name, tarsafe.shown(m.name))
-        if not parts:
-            continue
-        parent = _plain_parent(root, parts[:-1])
-        rel, base = b"/".join(parts), parts[-1]
-        if base == markers.WH_OPAQUE:
-            with PLAIN.scandir(parent) as it:
-                names = [de.name for de in it]
-            for name in names:
-                if (b"/".join([*parts[:-1], name])) not in mine:
-                    _remove(parent + b"/" + name)
-            continue
-        target = markers.oci_whiteout_target(base)
-        if target is not None:
-            if b"/".join([*parts[:-1], target]) not in mine:
-                _remove(parent + b"/" + target)
-            continue
-        path = parent + b"/" + base
-        st = _lstat(path)
-        mine.add(rel)
-        keep = st is not None and m.isdir() and stat.S_ISDIR(st.st_mode)
-        if st is not None and not keep:
-            _remove(path)
-        _create(tar, m, root, path, exists=keep)
-
-
-def _plain_parent(root: bytes, dirs: list[bytes]) -> bytes:
-    path = root
-    for comp in dirs:
-        path += b"/" + comp
-        st = _lstat(path)
-        if st is None:
-            PLAIN.mkdir(path, 0o755)
-        elif not stat.S_ISDIR(st.st_mode):
-            raise CorruptLayer(f"{os.fsdecode(path)}: parent is not a directory")
-    return path
-
-
-def _create(
-    tar: tarfile.TarFile, m: tarfile.TarInfo, root: bytes, path: bytes, exists: bool
-) -> None:
-    if m.isdir():
-        if not exists:
-            PLAIN.mkdir(path, 0o700)
-    elif m.isreg():
-        src = tar.extractfile(m)
-        assert src is not None
-        with os.fdopen(PLAIN.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "wb") as f:
-            shutil.copyfileobj(src, f)
-    elif m.issym():
-        PLAIN.symlink(os.fsencode(m.linkname), path)
-    elif m.islnk():
-        link = tarsafe.split_path(m.linkname, tarsafe.shown(m.linkname))
-        PLAIN.link(root + b"/" + b"/".join(link), path)
-        return
-    elif m.isfifo():
-        PLAIN.mknod(path, stat.S_IFIFO | 0o666)
-    elif m.ischr() or m.isblk():
-        kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
-        PLAIN.mknod(path, kind | 0o600, os.makedev(m.devmajor, m.devminor))
-    else:
-        return
-    PLAIN.chown(path, m.uid, m.gid)
-    for name, value in tarsafe.pax_xattrs(m):
-        if not markers.is_internal_xattr(name):
-            PLAIN.setxattr(path, name, value)
-    if not m.issym():
-        PLAIN.chmod(path, m.mode & 0o7777)
-
-
-def _remove(path: bytes) -> None:
-    st = _lstat(path)
-    if st is None:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        PLAIN.unlink(path)
-        return
-    parent, _, name = path.rpartition(b"/")
-    fd = PLAIN.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fstree.remove_at(fd, name)  # any depth (shutil.rmtree recurses per level)
-    finally:
-        os.close(fd)
-
-
-def _lstat(path: bytes) -> os.stat_result | None:
-    try:
-        return PLAIN.lstat(path)
-    except FileNotFoundError:
-        return None
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        writer = LayerWriter(root_fd, tarapply.PLAIN)
+        try:
+            with tarfile.open(fileobj=src, mode="r|", tarinfo=tarsafe.SafeTarInfo) as tar:
+                for member in tar:
+                    writer.apply(member, tar)
+            writer.finish()
+        finally:
+            writer.close()
+            os.close(root_fd)
 
 
 Observed = tuple[Any, ...]

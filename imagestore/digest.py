@@ -2,8 +2,10 @@
 
 Three hashes are never confused (DESIGN.md): a blob's digest (sha256 of the stored, maybe
 compressed bytes), a layer's DiffID (sha256 of the uncompressed tar) and a ChainID (identity of
-a stack prefix).  All three are Digests; the names of variables say which.  xxhash values are
-fingerprints and never become Digests.  Immutable values; thread-safe.
+a stack prefix; the store keys unpacked layers by DiffID and computes no ChainID, since each
+layer is unpacked on its own rather than on top of its parent).  All three are Digests; the
+names of variables say which.  xxhash values are fingerprints and never become Digests.
+Immutable values; thread-safe.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .errors import BadReference
 
 _HEX = {"sha256": 64, "sha512": 128}
 _RE = re.compile(r"^([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
+_LOWER_HEX = re.compile(r"[0-9a-f]+")
 
 
 @dataclass(frozen=True, order=True)
@@ -23,15 +26,31 @@ class Digest:
     algorithm: str
     hex: str
 
+    def __post_init__(self) -> None:
+        """Only valid digests exist: a known algorithm and exactly its number of lowercase hex
+        digits (BadReference otherwise), whoever builds one."""
+        want = _HEX.get(self.algorithm)
+        if want is None:
+            raise BadReference(f"unsupported digest algorithm {self.algorithm!r}")
+        if len(self.hex) != want or not _LOWER_HEX.fullmatch(self.hex):
+            raise BadReference(f"not a valid {self.algorithm} digest: {self.hex!r}")
+
+    @staticmethod
+    def hasher_for(algorithm: str = "sha256") -> hashlib._Hash:  # type: ignore[name-defined]
+        """A fresh hash object for digests of `algorithm` (before any digest is known)."""
+        if algorithm not in _HEX:
+            raise BadReference(f"unsupported digest algorithm {algorithm!r}")
+        return hashlib.new(algorithm)
+
     @classmethod
     def parse(cls, text: str) -> Digest:
         m = _RE.match(text)
         if not m or m.group(1) not in _HEX:
             raise BadReference(f"not a digest: {text!r}")
-        algo, hexpart = m.group(1), m.group(2)
-        if len(hexpart) != _HEX[algo] or not re.fullmatch(r"[0-9a-f]+", hexpart):
-            raise BadReference(f"not a valid {algo} digest: {text!r}")
-        return cls(algo, hexpart)
+        try:
+            return cls(m.group(1), m.group(2))
+        except BadReference:
+            raise BadReference(f"not a valid {m.group(1)} digest: {text!r}") from None
 
     @classmethod
     def of(cls, data: bytes) -> Digest:
@@ -42,6 +61,7 @@ class Digest:
         return cls(h.name, h.hexdigest())
 
     def hasher(self) -> hashlib._Hash:  # type: ignore[name-defined]
+        """A fresh hash object to check content against this digest."""
         return hashlib.new(self.algorithm)
 
     def __str__(self) -> str:
@@ -50,11 +70,3 @@ class Digest:
     @property
     def short(self) -> str:
         return self.hex[:12]
-
-
-def chain_ids(diff_ids: list[Digest]) -> list[Digest]:
-    """ChainID(L0) = DiffID(L0); ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
-    out: list[Digest] = []
-    for d in diff_ids:
-        out.append(d if not out else Digest.of(f"{out[-1]} {d}".encode()))
-    return out

@@ -42,6 +42,7 @@ from typing import BinaryIO
 import xxhash
 import zstandard
 
+from .durable import AtomicFile
 from .errors import StoreError
 
 MAGIC = b"LAYERFP\n"
@@ -256,33 +257,25 @@ def _encode(e: Entry) -> bytes:
 
 
 def write(path: Path, entries: Iterable[Entry], sync: bool = True) -> tuple[int, int]:
-    """Write `entries` (in walk order) to `path` atomically; returns (entries, bytes of
-    regular-file content they describe).  `sync=False` when the caller syncs the whole
-    filesystem next anyway (an unpack's syncfs), so the file is not flushed twice."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write `entries` (in walk order) to `path` atomically (durable.AtomicFile); returns
+    (entries, bytes of regular-file content they describe).  `sync=False` when the caller
+    syncs the whole filesystem next anyway (an unpack's syncfs), so the file is not flushed
+    twice."""
     count = content = 0
-    try:
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + struct.pack("<I", VERSION))
-            cctx = zstandard.ZstdCompressor(level=3)
-            with cctx.stream_writer(f, closefd=False) as z:
-                batch: list[bytes] = []
-                for e in entries:
-                    batch.append(_encode(e))
-                    count += 1
-                    if stat.S_ISREG(e.mode):
-                        content += e.size
-                    if len(batch) >= 1024:
-                        z.write(b"".join(batch))
-                        batch.clear()
-                z.write(b"".join(batch))
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with AtomicFile(path, sync=sync) as out:
+        out.file.write(MAGIC + struct.pack("<I", VERSION))
+        cctx = zstandard.ZstdCompressor(level=3)
+        with cctx.stream_writer(out.file, closefd=False) as z:
+            batch: list[bytes] = []
+            for e in entries:
+                batch.append(_encode(e))
+                count += 1
+                if stat.S_ISREG(e.mode):
+                    content += e.size
+                if len(batch) >= 1024:
+                    z.write(b"".join(batch))
+                    batch.clear()
+            z.write(b"".join(batch))
     return count, content
 
 

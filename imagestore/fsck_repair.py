@@ -21,21 +21,19 @@ the same layer waits).  Blobs are never repaired here: a corrupt blob needs a ne
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from unionfs.syscalls import RENAME_EXCHANGE, renameat2
+
 from . import fingerprints, fsck, unpack
 from .digest import Digest
+from .durable import fsync_dir, write_atomic
 from .errors import StoreError
-from .store import Store, write_atomic
-
-RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-_libc = ctypes.CDLL(None, use_errno=True)
+from .store import Store
 
 
 @dataclass
@@ -140,15 +138,6 @@ def _swap(store: Store, diff_id: Digest, fresh: Path) -> None:
     """Exchange layers/<hex> with the fresh tree (marked complete first): atomic."""
     final = store.layers / diff_id.hex
     write_atomic(fresh / unpack.MARKER, f"{diff_id}\n".encode())
-    rc = _libc.renameat2(
-        _AT_FDCWD, os.fsencode(fresh), _AT_FDCWD, os.fsencode(final), RENAME_EXCHANGE
-    )
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(final))
+    renameat2(os.fsencode(fresh), os.fsencode(final), RENAME_EXCHANGE)
     with contextlib.suppress(OSError):
-        fd = os.open(store.layers, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(store.layers)

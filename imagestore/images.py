@@ -102,11 +102,13 @@ def referenced(store: Store) -> tuple[set[Digest], set[Digest]]:
 
 def gc(store: Store) -> tuple[int, int, int]:
     """Remove what nothing references; returns (blobs removed, layers removed, bytes freed)."""
-    with store.collecting(), store.lock():
+    with store.collecting(), store.transaction():
         blobs, layers = referenced(store)
         nblobs = nlayers = freed = 0
+        kept_blobs = {d.hex for d in blobs}
+        kept_layers = {d.hex for d in layers}
         for path in store.blobs.iterdir():
-            if Digest("sha256", path.name) not in blobs:
+            if path.name not in kept_blobs:  # by name: a stray file is no digest, and goes
                 freed += path.stat().st_size
                 path.unlink()
                 (store.diffids / path.name).unlink(missing_ok=True)
@@ -115,7 +117,7 @@ def gc(store: Store) -> tuple[int, int, int]:
             if path.name.startswith("."):
                 remove_tree(path)  # debris of an interrupted unpack
                 continue
-            if Digest("sha256", path.name) not in layers:
+            if path.name not in kept_layers:
                 freed += _du(path)
                 fstree.remove_tree(path)
                 nlayers += 1

@@ -9,10 +9,10 @@ learnt about the layerfs process serving the mount (pid and start time), opaque 
 
 Lifecycle: `claim(name)` is an exclusive per-name flock held by whoever checks, creates,
 mounts or removes the record NAME, so two `layer mount --name X` never both decide the name
-is free.  `save` and `remove` run under it and under the store lock; records are written
-atomically.  Whether a mount is live is the caller's question (the mount table and the
-daemon), since the store knows nothing of FUSE.  A record that does not parse raises
-StoreError naming the file.
+is free.  `save` and `remove` run under it and in a store transaction (they check);
+records are written atomically.  Whether a mount is live is the caller's question (the
+mount table and the daemon), since the store knows nothing of FUSE.  A record that does not
+parse raises StoreError naming the file.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from . import fstree, media
+from .durable import write_atomic
 from .errors import BadReference, DamagedStore, ImageNotFound, StoreError
 from .media import BadManifest
-from .store import Store, locked_file, write_atomic
+from .store import Store, locked_file
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -151,6 +152,7 @@ def save(
 
     A writable record keeps its image: saving another digest under its name is refused.
     A read-only record has nothing to lose and is replaced."""
+    store.require_transaction()
     path = store.mounts / check_name(name)
     old = load(store, name)
     if old is not None and not old.read_only and old.digest != image["digest"]:
@@ -177,6 +179,7 @@ def save(
 
 
 def remove(store: Store, name: str) -> None:
+    store.require_transaction()
     path = store.mounts / check_name(name)
     if not (path / "mount.json").exists():
         raise StoreError(f"no mount named {name}")

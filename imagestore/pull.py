@@ -128,8 +128,8 @@ def _pull(
                 f.cancel()
             raise
     store.put_bytes(data, digest)
-    with store.lock():
-        store.tag(name, {"mediaType": mt, "digest": str(digest), "size": len(data)})
+    with store.transaction() as txn:
+        txn.tag(name, {"mediaType": mt, "digest": str(digest), "size": len(data)})
     return PullResult(name, digest, mt, got)
 
 

@@ -26,8 +26,6 @@ import contextlib
 import gzip
 import io
 import json
-import os
-import secrets
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -37,17 +35,16 @@ from typing import Any, BinaryIO, Protocol
 
 import zstandard
 
-from . import media, upload
+from . import compression, media, transports, upload
 from .digest import Digest
+from .durable import AtomicFile, write_atomic
 from .errors import BadReference, BlobNotFound, CorruptLayer, DigestMismatch, StoreError
 from .media import BadManifest, Descriptor, Manifest
 from .pull import Reporter
 from .reference import DEFAULT_TAG, parse_reference
-from .store import OCI_LAYOUT, REF_ANNOTATION, Store, write_atomic
+from .store import OCI_LAYOUT, REF_ANNOTATION, Store
 
 CHUNK = 1 << 20
-_GZIP_MAGIC = b"\x1f\x8b"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 class _Readable(Protocol):
@@ -90,24 +87,20 @@ def push(
     for desc in img.blobs:
         if not store.has_blob(desc.digest):
             raise BlobNotFound(f"{image}: blob {desc.digest} is not in the store; cannot push")
-    if dest.startswith("oci:"):
-        path, _, ref = dest[len("oci:") :].partition(":")
-        _to_layout(store, img, Path(path), ref or None, report)
-    elif dest.startswith("oci-archive:"):
-        path, _, ref = dest[len("oci-archive:") :].partition(":")
-        _to_oci_archive(store, img, Path(path), ref or None, report)
-    elif dest.startswith("docker-archive:"):
-        path, _, name = dest[len("docker-archive:") :].partition(":")
-        _to_docker_archive(store, img, Path(path), name or _default_repo_tag(image), report)
+    t = transports.parse(dest)
+    if t.kind == transports.OCI:
+        assert t.path is not None
+        _to_layout(store, img, t.path, t.ref, report)
+    elif t.kind == transports.OCI_ARCHIVE:
+        assert t.path is not None
+        _to_oci_archive(store, img, t.path, t.ref, report)
+    elif t.kind == transports.DOCKER_ARCHIVE:
+        assert t.path is not None
+        _to_docker_archive(store, img, t.path, t.ref or _default_repo_tag(image), report)
     else:
-        text = dest.removeprefix("docker://")
-        if "://" in text or text.split(":", 1)[0] in ("dir", "containers-storage"):
-            raise BadReference(
-                f"unsupported transport in {dest!r} (use docker://, oci:, "
-                "oci-archive: or docker-archive:)"
-            )
-        sizes = (threshold, chunk_size)
-        _to_registry(store, img, text, image, tls_verify, creds, report, from_repo, jobs, sizes)
+        assert t.ref is not None
+        opts = _RegistryPush(tls_verify, creds, report, from_repo, jobs, threshold, chunk_size)
+        _to_registry(store, img, t.ref, image, opts)
     return img.digest
 
 
@@ -127,19 +120,35 @@ def _state(report: Reporter | None, i: int, desc: Descriptor, state: str) -> Non
 
 
 # ----- docker:// ---------------------------------------------------------------------------
-def _to_registry(
-    store: Store,
-    img: _Image,
-    text: str,
-    image: str,
-    tls_verify: bool,
-    creds: tuple[str, str] | None,
-    report: Reporter | None,
-    from_repo: str | None,
-    jobs: int,
-    sizes: tuple[int, int],
-) -> None:
+@dataclass(frozen=True)
+class _RegistryPush:
+    """How `_to_registry` pushes (push()'s keyword arguments, in one value)."""
+
+    # verify the registry's certificate (skopeo --tls-verify)
+    tls_verify: bool
+    # (user, password), else LAYER_CREDS or the auth files
+    creds: tuple[str, str] | None
+    # per-blob states and byte progress, from the worker threads
+    report: Reporter | None
+    # the repository on the same registry to mount blobs from; None: guessed from the name
+    from_repo: str | None
+    # blobs uploaded at once
+    jobs: int
+    # blobs up to this size go in one PUT, larger ones in chunks of chunk_size (upload.py)
+    threshold: int
+    chunk_size: int
+
+
+def _to_registry(store: Store, img: _Image, text: str, image: str, o: _RegistryPush) -> None:
     from .registry import RegistryClient  # imports httpx only when needed
+
+    tls_verify, creds, report, from_repo, jobs = (
+        o.tls_verify,
+        o.creds,
+        o.report,
+        o.from_repo,
+        o.jobs,
+    )
 
     ref = parse_reference(text)
     if ref.digest is not None:
@@ -159,8 +168,8 @@ def _to_registry(
                 desc.size,
                 lambda: store.open_blob(desc.digest),
                 from_repo=from_repo,
-                threshold=sizes[0],
-                chunk_size=sizes[1],
+                threshold=o.threshold,
+                chunk_size=o.chunk_size,
                 progress=progress,
             )
             _state(report, i, desc, state)
@@ -236,23 +245,15 @@ def _copy_blob(store: Store, desc: Descriptor, blobs: Path) -> None:
     dest = blobs / desc.digest.hex
     if dest.is_file() and dest.stat().st_size == desc.size:
         return
-    tmp = blobs / f".{desc.digest.hex}.{secrets.token_hex(4)}.tmp"
     try:
-        hasher = desc.digest.hasher()
-        size = 0
-        with store.open_blob(desc.digest) as src, open(tmp, "wb") as out:
+        with (
+            store.open_blob(desc.digest) as src,
+            AtomicFile(dest, expected=desc.digest, size=desc.size) as out,
+        ):
             while chunk := src.read(CHUNK):
-                hasher.update(chunk)
-                size += len(chunk)
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        if Digest.from_hash(hasher) != desc.digest or size != desc.size:
-            raise DigestMismatch(f"blob {desc.digest} in the store is corrupt")
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    except DigestMismatch:
+        raise DigestMismatch(f"blob {desc.digest} in the store is corrupt") from None
 
 
 def _to_oci_archive(
@@ -261,7 +262,7 @@ def _to_oci_archive(
     with tempfile.TemporaryDirectory(prefix=".layer-oci-", dir=path.parent or ".") as tmp:
         layout = Path(tmp) / "layout"
         _to_layout(store, img, layout, ref, report)
-        with _atomic_file(path) as f, tarfile.open(fileobj=f, mode="w") as tf:
+        with AtomicFile(path) as f, tarfile.open(fileobj=f.file, mode="w") as tf:
             for name in ("oci-layout", "index.json", "blobs", "blobs/sha256"):
                 tf.add(layout / name, arcname=name, recursive=False, filter=_plain)
             for blob in sorted((layout / "blobs" / "sha256").iterdir()):
@@ -272,21 +273,6 @@ def _plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A file written under a temp name beside `path`, fsynced and renamed over it on success."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 # ----- docker-archive: ---------------------------------------------------------------------
@@ -313,8 +299,8 @@ def _to_docker_archive(
     entry = {"Config": config_name, "RepoTags": [repo_tag] if repo_tag else [], "Layers": names}
     with (
         tempfile.TemporaryDirectory(prefix=".layer-save-", dir=path.parent or ".") as tmp,
-        _atomic_file(path) as f,
-        tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf,
+        AtomicFile(path) as f,
+        tarfile.open(fileobj=f.file, mode="w", format=tarfile.PAX_FORMAT) as tf,
     ):
         written: set[str] = set()
         for i, (desc, diff_id) in enumerate(zip(img.manifest.layers, diff_ids, strict=True)):
@@ -352,12 +338,12 @@ def _decompress(store: Store, desc: Descriptor, diff_id: Digest, out_path: Path)
 @contextlib.contextmanager
 def _uncompressed(raw: BinaryIO) -> Iterator[_Readable]:
     """A reader of the plain tar: compression by magic bytes (media types can lie)."""
-    head = raw.read(4)
+    kind = compression.sniff(raw.read(compression.SNIFF_BYTES))
     raw.seek(0)
-    if head.startswith(_GZIP_MAGIC):
+    if kind == compression.GZIP:
         with gzip.GzipFile(fileobj=raw, mode="rb") as g:
             yield g
-    elif head == _ZSTD_MAGIC:
+    elif kind == compression.ZSTD:
         dctx = zstandard.ZstdDecompressor()
         with dctx.stream_reader(raw, read_across_frames=True) as z:
             yield z

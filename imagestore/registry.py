@@ -45,11 +45,14 @@ Threads: one client may serve many threads at once (httpx.Client pools connectio
 own locks; the token cache has a lock; probing the registry happens once under a lock).
 Concurrent `fetch_blob` calls for the same digest are serialised by a per-digest lock; other
 processes are kept out by the store lock that `layer pull` holds.
+Size: over 500 lines because transport, redirects, retries and auth of the one client belong
+together (upload.py and auth.py already hold the push sequence and the token flow).
 """
 
 from __future__ import annotations
 
 import base64
+import importlib.metadata
 import json
 import re
 import threading
@@ -71,12 +74,12 @@ from .errors import (
     ImageNotFound,
     RegistryError,
 )
-from .media import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from .media import ACCEPT, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from .progress import Progress
 from .reference import TAG_RE, canonical_host, check_repository, is_loopback
 from .store import Ingest, Store
 from .transfer import Limits, Meter, install, read_limited
 
-ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 KNOWN_MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)
 SCHEMA1_TYPES = (
     "application/vnd.docker.distribution.manifest.v1+json",
@@ -86,9 +89,8 @@ MAX_MANIFEST = 4 << 20  # containers/image's limit
 MAX_ERROR_BODY = 64 << 10
 MAX_REDIRECTS = 5
 REDIRECTS = (301, 302, 303, 307, 308)
-USER_AGENT = "layer/0.1 (+python-httpx)"
+USER_AGENT = f"layer/{importlib.metadata.version('layer')} (+python-httpx)"
 
-Progress = Callable[[int, int | None], None]
 Body = bytes | Callable[[], Iterable[bytes]]  # a callable gives the body afresh for a resend
 T = TypeVar("T")
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from .digest import Digest
 from .media import Descriptor
+from .progress import Progress
 from .reference import parse_reference
 from .registry import RegistryClient
-from .sources import Progress
 from .store import Store
 from .transfer import Limits
 

@@ -14,19 +14,18 @@ size.  A Source is used by one `pull` at a time; `fetch_blob` may run in several
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from . import media
+from . import media, transports
 from .archive import DirFiles, Missing, TarFiles
 from .digest import Digest
-from .errors import BadArchive, BadReference, BlobNotFound, DigestMismatch, ImageNotFound
+from .errors import BadArchive, BlobNotFound, DigestMismatch, ImageNotFound
 from .media import BadManifest, Descriptor
+from .progress import Progress
 from .store import REF_ANNOTATION, Store
 
-Progress = Callable[[int, int | None], None]
 CHUNK = 1 << 20
 
 
@@ -51,25 +50,20 @@ def open_source(
 ) -> Source:
     """Parse a transport reference and open its source (registries: no I/O yet).
     `limits` (an imagestore.transfer.Limits) bounds a registry's transfers in time."""
-    if text.startswith("oci:"):
-        path, _, ref = text[4:].partition(":")
-        return OciLayoutSource(Path(path), ref or None)
-    if text.startswith("oci-archive:"):
-        path, _, ref = text[len("oci-archive:") :].partition(":")
-        return OciArchiveSource(Path(path), ref or None)
-    if text.startswith("docker-archive:"):
-        path, _, name = text[len("docker-archive:") :].partition(":")
-        return DockerArchiveSource(Path(path), name or None)
-    if text.startswith("docker://"):
-        text = text[len("docker://") :]
-    elif "://" in text or text.split(":", 1)[0] in ("dir", "containers-storage", "docker-daemon"):
-        raise BadReference(
-            f"unsupported transport in {text!r} (use docker://, oci:, "
-            "oci-archive: or docker-archive:)"
-        )
+    t = transports.parse(text)
+    if t.kind == transports.OCI:
+        assert t.path is not None
+        return OciLayoutSource(t.path, t.ref)
+    if t.kind == transports.OCI_ARCHIVE:
+        assert t.path is not None
+        return OciArchiveSource(t.path, t.ref)
+    if t.kind == transports.DOCKER_ARCHIVE:
+        assert t.path is not None
+        return DockerArchiveSource(t.path, t.ref)
     from .registry_source import RegistrySource  # imports httpx only when needed
 
-    return RegistrySource(text, tls_verify=tls_verify, creds=creds, limits=limits)
+    assert t.ref is not None
+    return RegistrySource(t.ref, tls_verify=tls_verify, creds=creds, limits=limits)
 
 
 def copy_verified(

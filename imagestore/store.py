@@ -15,9 +15,13 @@ Lifecycle, as containerd's content store and umoci's cas.Engine state it:
     wants the same key waits; it then finds the blob committed (`Ingest.present`), or the
     partial file left by a writer that failed, which it rehashes and resumes.  `commit`
     checks that the file holds exactly the bytes it hashed before renaming it into blobs/.
-  - `tag()`/`untag()` rewrite index.json atomically (temp file, fsync, rename).
-  - `lock()` is the store-wide advisory lock (flock on ROOT/lock) that every mutating `layer`
-    command holds, so two processes never interleave index or layer writes.
+  - `tag()`/`untag()` rewrite index.json atomically (durable.write_atomic: temp file, fsync,
+    rename, fsync the directory); every durable write of the store goes through durable.py.
+  - `transaction()` is the store-wide advisory lock (flock on ROOT/lock), as a context
+    manager yielding a `Transaction`: the only object with `tag`/`untag`, and what
+    mountrecords.save/remove insist on (`require_transaction`), so index.json and the mount
+    records are never changed without it; two processes never interleave those writes.
+    Transactions do not nest (a second flock of ours would wait for the first forever).
 Threads: an Ingest belongs to one thread; Store methods other than tag/untag are safe to call
 from several threads (they only create new names atomically).
 """
@@ -34,7 +38,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from . import durable
 from .digest import Digest
+from .durable import write_atomic
 from .errors import (
     BadReference,
     BlobNotFound,
@@ -59,16 +65,6 @@ def default_root() -> Path:
     return Path(data) / "layer"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def locked_file(path: Path, flags: int = os.O_RDWR | os.O_CREAT) -> int:
     """Open (creating) `path` and take an exclusive flock on it, waiting for its holder.
 
@@ -89,14 +85,6 @@ def locked_file(path: Path, flags: int = os.O_RDWR | os.O_CREAT) -> int:
         except BaseException:
             os.close(fd)
             raise
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
         os.close(fd)
 
 
@@ -124,6 +112,7 @@ class Store:
         self.layers = self.root / "layers"
         self.mounts = self.root / "mounts"
         self.diffids = self.root / "diffids"  # verified blob → DiffID, one file per blob
+        self._txn: Transaction | None = None  # the open transaction() of this object
 
     @classmethod
     def open(cls, root: str | os.PathLike[str] | None = None) -> Store:
@@ -152,10 +141,25 @@ class Store:
 
     # ----- locking ------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self, wait: bool = True) -> Iterator[None]:
-        """The index lock: held (exclusively) for every index.json rewrite."""
+    def transaction(self, wait: bool = True) -> Iterator[Transaction]:
+        """The index lock, held (exclusively) while the block runs: every index.json rewrite
+        and every mount-record change happens inside one.  StoreBusy when `wait` is False and
+        another process holds it."""
+        if self._txn is not None:
+            raise RuntimeError("store transactions do not nest")
         with self._flock("lock", fcntl.LOCK_EX, wait):
-            yield
+            self._txn = txn = Transaction(self)
+            try:
+                yield txn
+            finally:
+                self._txn = None
+                txn.open = False
+
+    def require_transaction(self) -> None:
+        """For writers of state the index lock protects (mountrecords): fail loudly when the
+        caller forgot `transaction()`."""
+        if self._txn is None:
+            raise RuntimeError("a store change outside a transaction")
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[None]:
@@ -221,10 +225,6 @@ class Store:
             ing.write(data)
             return ing.commit()
 
-    def put_json(self, obj: Any) -> tuple[Digest, int]:
-        data = json.dumps(obj, separators=(",", ":")).encode()
-        return self.put_bytes(data), len(data)
-
     # ----- verified DiffIDs ----------------------------------------------------------------
     def verified_diff_id(self, blob: Digest) -> Digest | None:
         """The DiffID `blob` was found to hold when it was decompressed and hashed (by an
@@ -281,10 +281,31 @@ class Store:
                 return found[0]
         raise ImageNotFound(f"no image {name!r} in {self.root}")
 
+    # ----- unpacked layers ---------------------------------------------------------------
+    def layer_dir(self, diff_id: Digest) -> Path:
+        return self.layers / diff_id.hex / "diff"
+
+    def has_layer(self, diff_id: Digest) -> bool:
+        return (self.layers / diff_id.hex / "complete").exists()
+
+
+class Transaction:
+    """What may change only under the index lock; made by `Store.transaction()` and dead
+    after its block (a kept reference cannot tag later)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.open = True
+
+    def _check(self) -> None:
+        if not self.open:
+            raise RuntimeError("a store transaction used after its block")
+
     def tag(self, name: str, desc: dict[str, Any]) -> None:
         """Point `name` at `desc` (replacing an older image of that name).  Atomic."""
+        self._check()
         check_tag_name(name)
-        index = self._read_index()
+        index = self.store._read_index()
         manifests = [
             d
             for d in index.get("manifests", [])
@@ -294,10 +315,11 @@ class Store:
         entry["annotations"] = {**desc.get("annotations", {}), REF_ANNOTATION: name}
         manifests.append(entry)
         index["manifests"] = manifests
-        self._write_index(index)
+        self.store._write_index(index)
 
     def untag(self, name: str) -> None:
-        index = self._read_index()
+        self._check()
+        index = self.store._read_index()
         before = len(index.get("manifests", []))
         index["manifests"] = [
             d
@@ -305,15 +327,8 @@ class Store:
             if d.get("annotations", {}).get(REF_ANNOTATION) != name
         ]
         if len(index["manifests"]) == before:
-            raise ImageNotFound(f"no image {name!r} in {self.root}")
-        self._write_index(index)
-
-    # ----- unpacked layers ---------------------------------------------------------------
-    def layer_dir(self, diff_id: Digest) -> Path:
-        return self.layers / diff_id.hex / "diff"
-
-    def has_layer(self, diff_id: Digest) -> bool:
-        return (self.layers / diff_id.hex / "complete").exists()
+            raise ImageNotFound(f"no image {name!r} in {self.store.root}")
+        self.store._write_index(index)
 
 
 class Ingest:
@@ -331,7 +346,7 @@ class Ingest:
         self.expected = expected
         self.size = size
         self.resumable = resumable
-        self._hash = expected.hasher() if expected else Digest("sha256", "").hasher()
+        self._hash = expected.hasher() if expected else Digest.hasher_for()
         self.offset = 0
         self.done = False
         self._file: BinaryIO | None = None
@@ -380,7 +395,7 @@ class Ingest:
         assert self._file is not None
         self._file.truncate(0)
         self._file.seek(0)
-        self._hash = self.expected.hasher() if self.expected else Digest("sha256", "").hasher()
+        self._hash = self.expected.hasher() if self.expected else Digest.hasher_for()
         self.offset = 0
 
     def close(self) -> None:
@@ -402,8 +417,7 @@ class Ingest:
             assert self.expected is not None
             self.abort()
             return self.expected
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        durable.sync_file(self._file)
         on_disk = os.fstat(self._file.fileno()).st_size
         got = Digest.from_hash(self._hash)
         if on_disk != self.offset:
@@ -423,11 +437,7 @@ class Ingest:
         dest = self.store.blob_path(got)
         dest.parent.mkdir(parents=True, exist_ok=True)
         # Still under our lock: a waiter wakes to find the name gone and the blob present.
-        if dest.exists():
-            self.path.unlink()
-        else:
-            os.rename(self.path, dest)
-            _fsync_dir(dest.parent)
+        durable.publish(self.path, dest, replace=False)
         self.close()
         self.done = True
         return got

@@ -1,4 +1,11 @@
-"""Applying a layer tar's entries, in order, to a directory in the kernel-overlayfs format.
+"""Applying a layer tar's entries, in order, to a directory: the one tar applier.
+
+Two on-disk formats, as umoci's `OnDiskFormat` switches its one extractor:
+  - OVERLAY (unpack: each layer in a directory of its own, in the kernel-overlayfs format,
+    whiteouts and opaque directories as markers; the rules below);
+  - PLAIN (`commit --verify`, umoci's DirRootfs: layers applied one after the other onto one
+    plain directory, so a whiteout removes what lower layers left there and an opaque marker
+    removes the directory's content from lower layers; entries of the same layer stay).
 
 Safety: nothing is ever followed.  Each parent component is opened with O_NOFOLLOW|O_DIRECTORY
 from the layer root (a symlink or other non-directory as a parent is refused), files are
@@ -33,6 +40,8 @@ unprivileged since Linux 5.8) and fall back to an empty `.wh.NAME` file where mk
 Regular files are written densely, except GNU sparse members, whose holes are kept.
 
 One LayerWriter per layer; not thread-safe; it owns the fds of its directory cache (`close`).
+A little over 500 lines: the entry kinds, the fd walk and both formats' whiteout rules belong
+together, and splitting them would put the one applier back in two places.
 """
 
 from __future__ import annotations
@@ -61,7 +70,6 @@ COPY_CHUNK = 1 << 20
 SPARSE_CHUNK = 1 << 16  # the granularity of holes in sparse members
 DIR_CACHE_SIZE = 64  # open directory fds kept for the walks from the root
 MAX_WARNINGS = 20  # kept verbatim; the rest are only counted
-AUFS_META = b".wh..wh."
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # Failures of the machine rather than of the layer: they propagate as OSError.
@@ -79,13 +87,20 @@ class _DirMeta:
     ino: int
 
 
-class LayerWriter:
-    """Applies tar members, in order, to the directory open as `root_fd`."""
+OVERLAY, PLAIN = "overlay", "plain"
 
-    def __init__(self, root_fd: int) -> None:
+
+class LayerWriter:
+    """Applies tar members, in order, to the directory open as `root_fd`, in format `fmt`
+    (OVERLAY or PLAIN, see the module docstring)."""
+
+    def __init__(self, root_fd: int, fmt: str = OVERLAY) -> None:
+        if fmt not in (OVERLAY, PLAIN):
+            raise ValueError(f"unknown layer format {fmt!r}")
         self.root_fd = root_fd
+        self.fmt = fmt
+        self._mine: set[bytes] = set()  # PLAIN: the paths this layer wrote (they stay)
         self.privileged = os.geteuid() == 0
-        self.opaque_xattr = markers.opaque_xattr()
         self.warnings: list[str] = []  # the first MAX_WARNINGS, for the caller's log
         self.warning_count = 0
         self._dirs: dict[bytes, _DirMeta] = {}
@@ -135,14 +150,14 @@ class LayerWriter:
         entry = shown(member.name)
         parts = split_path(member.name, entry)
         for comp in parts[:-1]:
-            if comp.startswith(AUFS_META):
+            if comp.startswith(markers.AUFS_META_PREFIX):
                 return self._skip(entry, "AUFS metadata")
             if comp.startswith(markers.WH_PREFIX):
                 raise CorruptLayer(f"entry {entry}: a whiteout name used as a directory")
         base = parts[-1] if parts else b""
         if base == markers.WH_OPAQUE:
             return self._opaque(parts, entry)
-        if base.startswith(AUFS_META):
+        if base.startswith(markers.AUFS_META_PREFIX):
             return self._skip(entry, "AUFS metadata")
         if base.startswith(markers.WH_PREFIX):
             target = markers.oci_whiteout_target(base)
@@ -150,6 +165,8 @@ class LayerWriter:
                 raise CorruptLayer(f"entry {entry}: a whiteout without a valid name")
             assert target is not None
             return self._whiteout(parts, target, entry)
+        if self.fmt == PLAIN:
+            self._mine.add(b"/".join(parts))
         if member.isdir():
             return self._directory(parts, member, entry)
         if not parts:
@@ -258,12 +275,14 @@ class LayerWriter:
 
     # ----- whiteouts ---------------------------------------------------------------------
     def _whiteout(self, parts: list[bytes], target: bytes, entry: str) -> None:
+        if self.fmt == PLAIN:
+            return self._remove_lower(parts[:-1], [target])
         dfd = self._parent(parts, entry, for_whiteout=True)
         if dfd is None:
             return self._skip(entry, "a whiteout below a non-directory of this layer")
         st = _lstat(dfd, target)
         if st is None:
-            if not (self._wh_files and _lstat(dfd, markers.WH_PREFIX + target)):
+            if not (self._wh_files and _lstat(dfd, markers.oci_whiteout_name(target))):
                 self._make_whiteout(dfd, target)
         elif stat.S_ISDIR(st.st_mode):  # a directory of this layer: keep it, hide the lower
             fd = os.open(target, _DIR_FLAGS, dir_fd=dfd)
@@ -275,12 +294,19 @@ class LayerWriter:
 
     def _make_whiteout(self, dfd: int, name: bytes) -> None:
         try:
-            os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dfd)
+            markers.make_whiteout_at(dfd, name)
         except PermissionError:
-            os.close(os.open(markers.WH_PREFIX + name, _NEW_FILE, 0o600, dir_fd=dfd))
+            os.close(os.open(markers.oci_whiteout_name(name), _NEW_FILE, 0o600, dir_fd=dfd))
             self._wh_files = True
 
     def _opaque(self, parts: list[bytes], entry: str) -> None:
+        if self.fmt == PLAIN:
+            dfd = self._lookup(parts[:-1])
+            if dfd is not None:
+                with os.scandir(dfd) as it:
+                    names = [os.fsencode(de.name) for de in it]
+                self._remove_lower(parts[:-1], names)
+            return
         dfd = self._parent(parts, entry, for_whiteout=True)
         if dfd is None:
             return self._skip(entry, "an opaque marker below a non-directory of this layer")
@@ -290,12 +316,31 @@ class LayerWriter:
         """Mark the directory open as `fd` opaque; where the filesystem refuses the xattr,
         an OCI `.wh..wh..opq` file inside says it instead (layerfs reads both)."""
         try:
-            os.setxattr(fd, self.opaque_xattr, b"y")
+            markers.set_opaque_fd(fd)
         except OSError as exc:
             if exc.errno not in _REFUSED:
                 raise
             self.warn(f"opaque marker of {entry} kept as a file: {exc.strerror}")
             os.close(os.open(markers.WH_OPAQUE, _NEW_FILE & ~os.O_EXCL, 0o600, dir_fd=fd))
+
+    def _remove_lower(self, dirs: list[bytes], names: list[bytes]) -> None:
+        """PLAIN: remove `names` of the directory at `dirs` that lower layers left there
+        (this layer's own entries stay, as the OCI rules have it)."""
+        dfd = self._lookup(dirs)
+        if dfd is None:  # nothing there, or a non-directory: nothing below to hide
+            return
+        for name in names:
+            path = b"/".join([*dirs, name])
+            if path in self._mine:
+                continue
+            st = _lstat(dfd, name)
+            if st is None:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                self._forget(path)
+                fstree.remove_at(dfd, name)
+            else:
+                os.unlink(name, dir_fd=dfd)
 
     # ----- paths -------------------------------------------------------------------------
     def _place(self, parts: list[bytes], entry: str) -> tuple[int, bytes]:
@@ -328,7 +373,7 @@ class LayerWriter:
         try:
             if st is None or opaque:
                 os.chmod(fd, mode)  # whatever the umask
-            if opaque:
+            if opaque and self.fmt == OVERLAY:  # PLAIN: what it replaced is simply gone
                 self._set_opaque(fd, entry)
         except BaseException:
             os.close(fd)
@@ -340,7 +385,7 @@ class LayerWriter:
         if not self._wh_files:
             return False
         try:
-            os.unlink(markers.WH_PREFIX + name, dir_fd=dfd)
+            os.unlink(markers.oci_whiteout_name(name), dir_fd=dfd)
         except FileNotFoundError:
             return False
         return True
@@ -388,7 +433,7 @@ class LayerWriter:
         try:
             return os.open(comp, _DIR_FLAGS, dir_fd=dfd)
         except FileNotFoundError:
-            if for_whiteout and self._wh_files and _lstat(dfd, markers.WH_PREFIX + comp):
+            if for_whiteout and self._wh_files and _lstat(dfd, markers.oci_whiteout_name(comp)):
                 return None
             return self._make_dir(dfd, comp, 0o755, entry)
         except OSError as exc:
@@ -397,7 +442,7 @@ class LayerWriter:
         st = os.stat(comp, dir_fd=dfd, follow_symlinks=False)
         if for_whiteout:
             return None
-        if markers.is_chardev_whiteout(st):
+        if markers.is_chardev_whiteout(st) and self.fmt == OVERLAY:
             return self._make_dir(dfd, comp, 0o755, entry)
         what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
         where = os.fsdecode(b"/".join(path))

@@ -31,7 +31,6 @@ replaced after a short wait.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import gzip
 import hashlib
@@ -49,16 +48,19 @@ from typing import Any, BinaryIO, Protocol
 
 import zstandard
 
+from unionfs.syscalls import syncfs
+
 from . import fingerprints as fingerprints_mod
 from . import fstree, tarsafe
+from .compression import GZIP, PLAIN, SNIFF_BYTES, ZSTD, sniff
 from .digest import Digest
+from .durable import fsync_dir, write_atomic
 from .errors import CorruptLayer, DigestMismatch
-from .store import Store, locked_file, write_atomic
+from .store import Store, locked_file
 from .tarapply import LayerWriter
 
 log = logging.getLogger(__name__)
 
-GZIP, ZSTD, PLAIN = "gzip", "zstd", "tar"
 MEDIA_TYPES = {
     "application/vnd.oci.image.layer.v1.tar": PLAIN,
     "application/vnd.oci.image.layer.v1.tar+gzip": GZIP,
@@ -190,7 +192,7 @@ def unpack_fresh(
             fp = tmp / fingerprints_mod.FILE_NAME if fingerprints else None
             diff_id = _extract(raw, blob, MEDIA_TYPES[media_type], tmp / "diff", expected, fp)
             store.record_diff_id(blob, diff_id)  # hashed from the blob just now
-            _syncfs(tmp)
+            syncfs(os.fsencode(tmp))  # the tree is on disk before it is published
         except BaseException:
             remove_tree(tmp)
             raise
@@ -214,7 +216,7 @@ def _extract(
         source = gzip.GzipFile(fileobj=compressed, mode="rb")  # type: ignore[call-overload]
     elif kind == ZSTD:
         source = _ZstdReader(compressed)
-    stream = _TarStream(source, (expected or Digest("sha256", "")).hasher(), kind)
+    stream = _TarStream(source, (expected.hasher() if expected else Digest.hasher_for()), kind)
     root_fd = os.open(diff, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     writer = LayerWriter(root_fd)
     try:
@@ -280,13 +282,9 @@ def _apply_all(stream: _TarStream, writer: LayerWriter) -> int:
 
 
 def _sniff(raw: BinaryIO) -> str | None:
-    head = raw.read(4)
+    head = raw.read(SNIFF_BYTES)
     raw.seek(0)
-    if head[:2] == b"\x1f\x8b":
-        return GZIP
-    if head == b"\x28\xb5\x2f\xfd":
-        return ZSTD
-    return PLAIN if head else None
+    return sniff(head)
 
 
 class _HashingReader:
@@ -407,7 +405,7 @@ def _publish(store: Store, tmp: Path, diff_id: Digest) -> None:
             remove_tree(stale)
             continue
         try:
-            _fsync_dir(store.layers)
+            fsync_dir(store.layers)
             write_atomic(final / MARKER, f"{diff_id}\n".encode())
         except BaseException:
             remove_tree(final)
@@ -429,24 +427,3 @@ def remove_tree(path: Path) -> None:
     """Remove a tree of ours, of any depth, even one whose directories a non-root layer made
     read-only (unpack debris, a `commit --verify` scratch dir); logs what it cannot remove."""
     fstree.remove_tree(path, quietly=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _syncfs(path: Path) -> None:
-    """Flush the filesystem holding `path`, so the tree is on disk before it is marked."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if getattr(_libc, "syncfs", None) is None or _libc.syncfs(fd) != 0:
-            os.sync()
-    finally:
-        os.close(fd)

@@ -26,7 +26,8 @@ import httpx
 
 from .digest import Digest
 from .errors import BadReference, DigestMismatch, RegistryError
-from .registry import Progress, RegistryClient, push_scope
+from .progress import Progress
+from .registry import RegistryClient, push_scope
 
 DEFAULT_THRESHOLD = 16 << 20  # larger blobs are uploaded in chunks
 DEFAULT_CHUNK_SIZE = 8 << 20

@@ -1,7 +1,11 @@
 #!/bin/bash
-# Set up everything layer needs on a fresh Debian machine, as root.  Idempotent, and quick
-# when already done: apt only for what is missing, pip only when pyproject.toml changed.
+# Set up everything layer needs on a fresh Debian machine.  Idempotent, and quick when
+# already done: apt only for what is missing, pip only when pyproject.toml changed.
 # One line of output per step; the logs of apt and pip are shown only when they fail.
+#   setup.sh            both parts below (as root)
+#   setup.sh --system   the machine, as root: Debian packages, /dev/fuse, the
+#                       /usr/local/bin/{layerfs,layer} links (which every user's mounts use)
+#   setup.sh --venv     the project, as any user: .venv and `pip install -e '.[test,bench]'`
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO/.venv"
@@ -39,6 +43,7 @@ install_packages() {
         installed "$p" || missing+=("$p")
     done
     python_headers_present || missing+=(python3-dev)
+    python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)  # for --venv later
     if [ ${#missing[@]} -eq 0 ]; then
         say "packages: all present"
         return
@@ -77,6 +82,7 @@ create_venv() {
     if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
         # Debian's own python needs python3-venv (ensurepip) for this.
         installed python3-venv && die "python3 -m venv $VENV failed"
+        [ "$(id -u)" -eq 0 ] || die "python3 -m venv needs python3-venv: run setup.sh --system"
         say "venv: apt-get install python3-venv"
         export DEBIAN_FRONTEND=noninteractive
         run_logged /tmp/layer-setup-apt.log apt-get install -y -q python3-venv
@@ -115,9 +121,23 @@ link_tools() {
     fi
 }
 
-[ "$(id -u)" -eq 0 ] || die "run as root (apt-get, mounts, /usr/local/bin)"
-install_packages
-ensure_dev_fuse
-create_venv
-install_project
-link_tools
+system=1 venv=1
+case "${1:-}" in
+    "") ;;
+    --system) venv="" ;;
+    --venv) system="" ;;
+    *) die "usage: setup.sh [--system | --venv]" ;;
+esac
+if [ -n "$system" ]; then
+    [ "$(id -u)" -eq 0 ] || die "--system runs as root (apt-get, /dev/fuse, /usr/local/bin)"
+    install_packages
+    ensure_dev_fuse
+fi
+if [ -n "$venv" ]; then
+    create_venv
+    install_project
+fi
+if [ -n "$system" ]; then
+    [ -x "$VENV/bin/layerfs" ] || die "no $VENV yet: run setup.sh --venv first"
+    link_tools
+fi

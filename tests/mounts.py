@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.mounts import mount_table
+from unionfs.mounttable import mount_table
 
 LAYERFS = str(Path(sys.executable).parent / "layerfs")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

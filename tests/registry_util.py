@@ -1,10 +1,8 @@
 """Registries for tests: the real `docker-registry`, skopeo, and small fake HTTP servers.
 
-  - `running_registry(workdir, htpasswd=…)` starts the CNCF distribution registry on
-    127.0.0.1 on a free port with its storage under `workdir`, optionally behind htpasswd
-    (bcrypt, made by `htpasswd -Bbn`), waits until `/v2/` answers (with a deadline, checking the
-    process is alive) and always stops it in `finally`: terminate, then kill.
-  - `skopeo_copy(src, dst, …)` runs `skopeo --insecure-policy copy`.
+  - `running_registry(workdir, htpasswd=…)` and `skopeo_copy(src, dst, …)` are
+    benchmarks/registry.py's (the store benchmark runs the same registry), with a missing tool
+    skipping the test, or failing it under CI=true.
   - `SampleImage` / `write_oci_layout` build small OCI images with Python (tarfile, gzip).
   - `FakeServer(respond)` is a threaded `http.server` on 127.0.0.1 that records every request
     and lets a test answer however it likes (drop the connection half way, ignore Range,
@@ -32,20 +30,18 @@ import subprocess
 import tarfile
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from benchmarks import registry as _real
+from benchmarks.registry import STOP_DEADLINE, Registry, free_port  # noqa: F401 (re-exported)
 from imagestore.digest import Digest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-START_DEADLINE = 15.0
-STOP_DEADLINE = 5.0
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -64,124 +60,20 @@ def require_tool(name: str, package: str) -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# ----- the real registry ------------------------------------------------------------------
-@dataclass
-class Registry:
-    host: str  # 127.0.0.1:PORT
-    storage: Path
-    log: Path
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-
-def registry_config(storage: Path, port: int, htpasswd_file: Path | None) -> dict[str, object]:
-    config: dict[str, object] = {
-        "version": "0.1",
-        "log": {"level": "warn", "accesslog": {"disabled": True}},
-        "storage": {
-            "filesystem": {"rootdirectory": str(storage)},
-            "delete": {"enabled": True},
-            "maintenance": {"uploadpurging": {"enabled": False}},
-        },
-        "http": {"addr": f"127.0.0.1:{port}", "secret": secrets.token_hex(16)},
-    }
-    if htpasswd_file is not None:
-        config["auth"] = {"htpasswd": {"realm": "layer-test", "path": str(htpasswd_file)}}
-    return config
-
-
-@contextlib.contextmanager
 def running_registry(
     workdir: Path,
     *,
     htpasswd: tuple[str, str] | None = None,
     config_hook: Callable[[dict[str, object]], None] | None = None,
-) -> Iterator[Registry]:
-    """A real docker-registry on 127.0.0.1 (a free port), stopped when the block ends."""
-    binary = require_tool("docker-registry", "docker-registry")
-    workdir.mkdir(parents=True, exist_ok=True)
-    htpasswd_file = None
-    if htpasswd is not None:
-        tool = require_tool("htpasswd", "apache2-utils")
-        out = subprocess.run(
-            [tool, "-Bbn", *htpasswd], check=True, capture_output=True, timeout=30
-        ).stdout
-        htpasswd_file = workdir / "htpasswd"
-        htpasswd_file.write_bytes(out)
-    for _ in range(3):  # a free port can be taken between our probe and the bind
-        port = free_port()
-        config = registry_config(workdir / "storage", port, htpasswd_file)
-        if config_hook is not None:
-            config_hook(config)
-        # JSON is YAML: no YAML library needed, and paths need no escaping rules of their own
-        config_file = workdir / "config.yml"
-        config_file.write_text(json.dumps(config, indent=2))
-        log = workdir / "registry.log"
-        with open(log, "wb") as logf:
-            proc = subprocess.Popen(
-                [binary, "serve", str(config_file)],
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        try:
-            ready = _wait_ready(proc, f"127.0.0.1:{port}", log)
-            if not ready:
-                continue  # address in use: another port
-            yield Registry(f"127.0.0.1:{port}", workdir / "storage", log, proc)
-            return
-        finally:
-            stop_process(proc)
-    raise RuntimeError("docker-registry could not bind a free port three times")
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], host: str, log: Path) -> bool:
-    deadline = time.monotonic() + START_DEADLINE
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            text = log.read_text(errors="replace")
-            if "address already in use" in text:
-                return False
-            raise RuntimeError(f"docker-registry exited with {proc.returncode}:\n{text}")
-        try:
-            with urllib.request.urlopen(f"http://{host}/v2/", timeout=1):
-                return True
-        except urllib.error.HTTPError:
-            return True  # 401 from an htpasswd registry: it is up
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(
-        f"docker-registry did not answer on {host} within {START_DEADLINE}s:\n"
-        + log.read_text(errors="replace")
+) -> contextlib.AbstractContextManager[Registry]:
+    """benchmarks.registry.running_registry, a missing tool skipping (failing under CI)."""
+    return _real.running_registry(
+        workdir, htpasswd=htpasswd, config_hook=config_hook, find=require_tool
     )
 
 
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(STOP_DEADLINE)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(STOP_DEADLINE)
-
-
 def skopeo_copy(src: str, dst: str, *args: str) -> None:
-    """`skopeo --insecure-policy copy ARGS SRC DST`; raises with skopeo's stderr on failure."""
-    skopeo = require_tool("skopeo", "skopeo")
-    cmd = [skopeo, "--insecure-policy", "copy", "--dest-tls-verify=false", *args, src, dst]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}")
+    _real.skopeo_copy(src, dst, *args, find=require_tool)
 
 
 # ----- small OCI images -------------------------------------------------------------------

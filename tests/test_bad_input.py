@@ -126,7 +126,7 @@ def test_store_index_json(tmp_path_factory, doc):
     (store.root / "index.json").write_bytes(doc)
     domain_error_or_nothing(store.images)
     domain_error_or_nothing(lambda: store.resolve("x"))
-    domain_error_or_nothing(lambda: store.tag("y", DESC))
+    domain_error_or_nothing(lambda: _tag(store, "y", DESC))
 
 
 @SETTINGS
@@ -356,3 +356,8 @@ def test_push_into_an_oci_layout_with_any_index(tmp_path_factory, index):
     dest.mkdir()
     (dest / "index.json").write_bytes(index)
     domain_error_or_nothing(lambda: push(store, "base", f"oci:{dest}:x"))
+
+
+def _tag(store: Store, name: str, desc: dict) -> None:
+    with store.transaction() as txn:
+        txn.tag(name, desc)

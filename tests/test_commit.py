@@ -16,11 +16,18 @@ import pytest
 
 from imagestore import commit as commit_mod
 from imagestore.changeset import changes, write_changeset
-from imagestore.commit import BadChange, VerifyFailed, apply_changes, commit, parse_change
+from imagestore.commit import (
+    BadChange,
+    CommitOptions,
+    VerifyFailed,
+    apply_changes,
+    commit,
+    parse_change,
+)
 from imagestore.digest import Digest
 from imagestore.errors import ImageNotFound
 from imagestore.pull import image_layers, pull
-from imagestore.store import Store
+from imagestore.store import Store, Transaction
 from tests import imagedata, treecmp
 from tests.layerdata import opaque, whiteout, write
 from tests.mounts import LayerfsMount, require_fuse, require_root
@@ -158,12 +165,14 @@ def committed(env):
             env["lowers"],
             "base",
             f"new-{comp}",
-            message="my change",
-            author="me",
-            changes=['CMD ["/bin/echo", "hi"]', "ENV A=1"],
-            compress=comp,
-            source_date_epoch=SDE,
-            verify=True,
+            CommitOptions(
+                message="my change",
+                author="me",
+                changes=('CMD ["/bin/echo", "hi"]', "ENV A=1"),
+                compress=comp,
+                source_date_epoch=SDE,
+                verify=True,
+            ),
         )
     return out
 
@@ -227,10 +236,12 @@ def test_reproducible(env, committed):
         env["lowers"],
         "base",
         "again",
-        message="my change",
-        author="me",
-        changes=['CMD ["/bin/echo", "hi"]', "ENV A=1"],
-        source_date_epoch=SDE,
+        CommitOptions(
+            message="my change",
+            author="me",
+            changes=('CMD ["/bin/echo", "hi"]', "ENV A=1"),
+            source_date_epoch=SDE,
+        ),
     )
     assert again == committed["gzip"]
 
@@ -242,7 +253,14 @@ def test_verify_with_live_view(env, committed, tmp_path):
     for d in (work, mnt):
         d.mkdir()
     with LayerfsMount(mnt, list(reversed(env["lowers"])), upper, work):
-        commit(env["store"], upper, env["lowers"], "base", "live", verify=True, merged_view=mnt)
+        commit(
+            env["store"],
+            upper,
+            env["lowers"],
+            "base",
+            "live",
+            CommitOptions(verify=True, merged_view=mnt),
+        )
     assert env["store"].resolve("live")
 
 
@@ -256,7 +274,14 @@ def test_verify_mismatch_writes_nothing(env, committed, tmp_path):
     other = tmp_path / "other"
     write(other / "unexpected", b"x")
     with pytest.raises(VerifyFailed):
-        commit(store, env["upper"], env["lowers"], "base", "bad", verify=True, merged_view=other)
+        commit(
+            store,
+            env["upper"],
+            env["lowers"],
+            "base",
+            "bad",
+            CommitOptions(verify=True, merged_view=other),
+        )
     with pytest.raises(ImageNotFound):
         store.resolve("bad")
     assert _blobs(store) == before
@@ -270,9 +295,16 @@ def test_interrupted_commit_leaves_nothing(env, committed, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store, "tag", boom)
+    monkeypatch.setattr(Transaction, "tag", boom)  # interrupted at the last step
     with pytest.raises(KeyboardInterrupt):
-        commit(store, env["upper"], env["lowers"], "base", "interrupted", message="unique")
+        commit(
+            store,
+            env["upper"],
+            env["lowers"],
+            "base",
+            "interrupted",
+            CommitOptions(message="unique"),
+        )
     with pytest.raises(ImageNotFound):
         store.resolve("interrupted")
     assert _blobs(store) == before
@@ -290,12 +322,14 @@ def test_docker_base_keeps_docker_types(tmp_path):
     opaque(upper / "opt")
     write(upper / "opt/fresh", b"f")
     assert changes(upper, lowers).deleted == ["/etc/passwd"]
-    digest = commit(store, upper, lowers, "base", "d", verify=True, source_date_epoch=SDE)
+    digest = commit(
+        store, upper, lowers, "base", "d", CommitOptions(verify=True, source_date_epoch=SDE)
+    )
     manifest = json.loads(store.read_blob(digest))
     assert manifest["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
     assert manifest["config"]["mediaType"] == "application/vnd.docker.container.image.v1+json"
     assert manifest["layers"][-1]["mediaType"].endswith("diff.tar.gzip")
-    digest = commit(store, upper, lowers, "base", "z", compress="zstd", verify=True)
+    digest = commit(store, upper, lowers, "base", "z", CommitOptions(compress="zstd", verify=True))
     manifest = json.loads(store.read_blob(digest))
     assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
     assert {d["mediaType"] for d in manifest["layers"][:-1]} == {

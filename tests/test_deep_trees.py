@@ -111,7 +111,7 @@ def test_gc_removes_deep_debris(tmp_path):
 @pytest.mark.parametrize("depth", [1500])
 def test_changes_and_commit_of_a_deep_upper(tmp_path, depth):
     """The upper a user made through a mount, `mkdir -p` 1,500 deep (diff and commit)."""
-    from imagestore.commit import commit
+    from imagestore.commit import CommitOptions, commit
     from imagestore.pull import image_layers
 
     store, lowers = imagedata.pulled_sample(tmp_path / "img")
@@ -121,7 +121,7 @@ def test_changes_and_commit_of_a_deep_upper(tmp_path, depth):
     deep = "/" + "/".join(["d"] * depth)
     got = changeset.changes(upper, lowers)
     assert f"{deep}/f" in got.added and len(got.added) == depth + 1
-    commit(store, upper, lowers, "base", "deep", verify=True)
+    commit(store, upper, lowers, "base", "deep", CommitOptions(verify=True))
     top = image_layers(store, "deep")[-1]
     fd = os.open(top, os.O_RDONLY)
     try:

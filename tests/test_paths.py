@@ -325,7 +325,7 @@ def test_changeset_of_an_upper_whose_paths_pass_path_max(tmp_path):
 
 
 def test_commit_of_a_deep_upper(tmp_path):
-    from imagestore.commit import commit
+    from imagestore.commit import CommitOptions, commit
     from imagestore.pull import image_layers
     from tests import imagedata
 
@@ -335,7 +335,9 @@ def test_commit_of_a_deep_upper(tmp_path):
     names = level_names(16)
     with deep_dir(upper, names, create=True) as dfd:
         write_at(dfd, b"f", b"deep data")
-    commit(store, upper, lowers, "base", "deep", verify=True)  # the self-check reads it too
+    commit(
+        store, upper, lowers, "base", "deep", CommitOptions(verify=True)
+    )  # the self-check reads it too
     with deep_dir(image_layers(store, "deep")[-1], names, create=False) as dfd:
         assert read_at(dfd, b"f") == b"deep data"
 

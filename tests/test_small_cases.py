@@ -48,7 +48,7 @@ def pulled(tmp_path_factory) -> Path:
 def test_tag_refuses_bad_names(pulled, bad):
     if "\x00" in bad:  # argv cannot hold a NUL: the store API must refuse it
         with pytest.raises(BadReference):
-            Store.open(pulled).tag(bad, Store.open(pulled).resolve("base"))
+            _tag(Store.open(pulled), bad)
         return
     one_line(layer("tag", "--root", str(pulled), "base", bad))
     names = [n for n, _ in Store.open(pulled).images()]
@@ -130,3 +130,8 @@ def test_redirect_target_refusing_is_not_blamed_on_credentials(tmp_path, code):
     text = str(info.value)
     assert "redirected" in text and storage.host in text and str(code) in text
     assert "credentials" not in text
+
+
+def _tag(store: Store, name: str) -> None:
+    with store.transaction() as txn:
+        txn.tag(name, store.resolve("base"))

@@ -12,7 +12,7 @@ import pytest
 
 from imagestore import media
 from imagestore.changeset import ChangesetError
-from imagestore.commit import commit
+from imagestore.commit import CommitOptions, commit
 from imagestore.pull import image_layers
 from tests import imagedata
 
@@ -46,7 +46,7 @@ def layer_blob(store, name):
 def test_commit_of_a_sparse_file_is_small_and_unpacks_sparse(tmp_path, compress):
     store, lowers = imagedata.pulled_sample(tmp_path / "img")
     upper = sparse_upper(tmp_path)
-    commit(store, upper, lowers, "base", "sparse", compress=compress)
+    commit(store, upper, lowers, "base", "sparse", CommitOptions(compress=compress))
     blob = layer_blob(store, "sparse")
     assert blob.stat().st_size < (1 << 20)
     top = image_layers(store, "sparse")[-1]

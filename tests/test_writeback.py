@@ -20,7 +20,7 @@ import time
 import pytest
 
 from imagestore import mountrecords
-from imagestore.commit import commit
+from imagestore.commit import CommitOptions, commit
 from imagestore.pull import image_layers
 from imagestore.store import Store
 from tests import imagedata
@@ -230,7 +230,7 @@ def test_live_commit_sees_data_written_but_not_fsynced(image_mount):
         os.write(fd, payload)
         with control.frozen(m["work"]):
             assert (m["upper"] / "srv/unsynced").read_bytes() == payload
-            commit(m["store"], m["upper"], m["lowers"], "base", "snap", verify=True)
+            commit(m["store"], m["upper"], m["lowers"], "base", "snap", CommitOptions(verify=True))
     finally:
         os.close(fd)
     layer_dir = image_layers(m["store"], "snap")[-1]

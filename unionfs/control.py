@@ -42,6 +42,7 @@ from collections.abc import Iterator
 import trio
 
 from .fsutil import syncfs
+from .writer import WORK_SUBDIR
 
 SOCKET_NAME = "control"
 log = logging.getLogger(__name__)
@@ -211,7 +212,8 @@ class _Session:
 
 
 def socket_path(workdir: str | os.PathLike[str]) -> str:
-    return os.path.join(os.fspath(workdir), "layerfs", SOCKET_NAME)
+    """The one place the socket's path is built: the daemon binds it, clients connect."""
+    return os.path.join(os.path.abspath(os.fspath(workdir)), WORK_SUBDIR, SOCKET_NAME)
 
 
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes, the last one a NUL

@@ -19,20 +19,18 @@ process, so one process serves exactly one mount.
 from __future__ import annotations
 
 import faulthandler
+import importlib.metadata
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
-from typing import Any
 
-from .errors import OptionError, UnionError
+from .errors import OptionError
 from .fdlimit import raise_nofile
-from .options import USAGE, VOLATILE_MARKER, MountConfig, parse_args
+from .options import USAGE, MountConfig, parse_args
+from .serving import flush_mount, open_stack
 
 log = logging.getLogger("layerfs")
-
-SIGNAL_FLUSH_TIMEOUT = 30.0  # seconds a signal waits for the mount's dirty pages (a freeze)
 
 EXIT_OK = 0
 EXIT_MOUNT_FAILED = 1
@@ -45,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return EXIT_OK
     if any(a in ("-V", "--version") for a in args):
-        print("layerfs 0.1.0")
+        # the one version is pyproject.toml's, as installed (`layer --version` reads it too)
+        print(f"layerfs {importlib.metadata.version('layer')}")
         return EXIT_OK
     try:
         cfg = parse_args(args)
@@ -141,42 +140,6 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
     return _serve_pyfuse3(cfg, ready_fd)
 
 
-def open_stack(cfg: MountConfig, report: Callable[[str], None]) -> tuple[Any, Any] | None:
-    """The LayerStack and Writer of `cfg` (one place for both transports), or None after
-    reporting why they cannot be opened."""
-    from .fsat import Roots
-    from .stack import LayerStack
-    from .writer import Writer
-
-    try:
-        stack = LayerStack(
-            cfg.lowers,
-            cfg.upper,
-            index=cfg.index,
-            follow_redirects=cfg.follow_redirects,
-            fs=Roots(shadow=os.fsencode(cfg.mountpoint)),
-        )
-        writer = (
-            Writer(stack, cfg.work, create_redirects=cfg.create_redirects)
-            if cfg.work is not None
-            else None
-        )
-        if cfg.volatile and cfg.work is not None:
-            # as the kernel: the marker stays after the mount ends, so that the upper of a
-            # volatile mount is not taken for a synced one (options._check_volatile)
-            marker = os.path.join(cfg.work, VOLATILE_MARKER)
-            os.makedirs(marker, exist_ok=True)
-            with open(os.path.join(marker, "dirty"), "a"):
-                pass
-    except UnionError as exc:
-        report(f"layerfs: {exc}")
-        return None
-    except OSError as exc:
-        report(f"layerfs: cannot open layers: {exc}")
-        return None
-    return stack, writer
-
-
 def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
     import pyfuse3
     import trio
@@ -230,14 +193,14 @@ async def _run(pyfuse3, trio, ops, mountpoint) -> None:  # type: ignore[no-untyp
             async for signum in sigs:
                 log.info("signal %d: unmounting", signum)
                 if ops.writer is not None:
-                    await _flush_mount(trio, os.fsencode(mountpoint))
+                    await flush_mount(trio, os.fsencode(mountpoint))
                 pyfuse3.terminate()
                 return
 
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signals)
         if ops.writer is not None:
-            sock = ops.writer.work + b"/" + control.SOCKET_NAME.encode()
+            sock = os.fsencode(control.socket_path(ops.writer.workdir))
             await nursery.start(
                 control.serve,
                 sock,
@@ -247,20 +210,6 @@ async def _run(pyfuse3, trio, ops, mountpoint) -> None:  # type: ignore[no-untyp
             )
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
-
-
-async def _flush_mount(trio, mountpoint: bytes) -> None:  # type: ignore[no-untyped-def]
-    """syncfs on our own mount, from a worker thread while the session loop still serves the
-    WRITE requests it causes; bounded, since a frozen mount holds them until it thaws."""
-    from .fsutil import syncfs
-
-    with trio.move_on_after(SIGNAL_FLUSH_TIMEOUT) as scope:
-        try:
-            await trio.to_thread.run_sync(syncfs, mountpoint, abandon_on_cancel=True)
-        except OSError as exc:
-            log.warning("syncing %s before unmounting failed: %s", os.fsdecode(mountpoint), exc)
-    if scope.cancelled_caught:
-        log.warning("unmounting without syncing %s: it stayed frozen", os.fsdecode(mountpoint))
 
 
 def _setup_logging(debug: bool, to_stderr: bool) -> None:

@@ -28,10 +28,6 @@ class NotADirectory(UnionError):
     errno = errno.ENOTDIR
 
 
-class ReadOnly(UnionError):
-    errno = errno.EROFS
-
-
 class NotEmpty(UnionError):
     errno = errno.ENOTEMPTY
 

@@ -36,7 +36,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from . import fsutil
+from . import syscalls
 
 SHORT = 3800  # relative paths up to this many bytes go to the kernel in one call
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
@@ -65,7 +65,7 @@ class Roots:
             st = os.fstat(fd)
             if path not in self._fds:
                 shadowed = self.shadow is not None and _inside(os.path.realpath(path), self.shadow)
-                self._fds[path] = fd if shadowed else fsutil.AT_FDCWD
+                self._fds[path] = fd if shadowed else syscalls.AT_FDCWD
                 self._lengths = sorted({len(p) for p in self._fds}, reverse=True)
                 if shadowed:
                     fd = -1  # kept
@@ -78,7 +78,7 @@ class Roots:
         """How to name the registered root `path` outside this module: its fd when the
         mount shadows it, else the path itself."""
         fd = self._fds[path]
-        return path if fd == fsutil.AT_FDCWD else fd
+        return path if fd == syscalls.AT_FDCWD else fd
 
     def close(self) -> None:
         self._finalizer()
@@ -91,12 +91,12 @@ class Roots:
                 continue
             fd = self._fds.get(path[:n])
             if fd is not None and (size == n or path[n] == 0x2F):
-                if fd == fsutil.AT_FDCWD:
+                if fd == syscalls.AT_FDCWD:
                     return fd, path
                 return fd, path[n + 1 :] or b"."
         if self.strict:
             raise OSError(errno.EXDEV, "path under no layer root", path)
-        return fsutil.AT_FDCWD, path
+        return syscalls.AT_FDCWD, path
 
     def _do(self, path: bytes, fn: Callable[[int, bytes], T]) -> T:
         fd, rel = self.split(path)
@@ -206,7 +206,7 @@ class Roots:
         self._do2(src, dst, lambda sd, s, dd, d: os.rename(s, d, src_dir_fd=sd, dst_dir_fd=dd))
 
     def renameat2(self, src: bytes, dst: bytes, flags: int) -> None:
-        self._do2(src, dst, lambda sd, s, dd, d: fsutil.renameat2(s, d, flags, sd, dd))
+        self._do2(src, dst, lambda sd, s, dd, d: syscalls.renameat2(s, d, flags, sd, dd))
 
     def link(self, src: bytes, dst: bytes) -> None:
         self._do2(
@@ -256,7 +256,7 @@ class Roots:
 
 
 def _proc(dirfd: int, name: bytes) -> bytes:
-    if dirfd == fsutil.AT_FDCWD:
+    if dirfd == syscalls.AT_FDCWD:
         return name
     return b"/proc/self/fd/%d/%s" % (dirfd, name)
 
@@ -324,7 +324,7 @@ def _inside(path: bytes, root: bytes) -> bool:
 
 def _close_all(fds: dict[bytes, int]) -> None:
     for fd in fds.values():
-        if fd == fsutil.AT_FDCWD:
+        if fd == syscalls.AT_FDCWD:
             continue
         try:
             os.close(fd)

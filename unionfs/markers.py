@@ -8,8 +8,12 @@ Reading accepts every encoding found in the wild, so layers made by other tools 
     `user.fuseoverlayfs.opaque=y`, or an OCI `.wh..wh..opq` file inside it.
 A moved directory carries `overlay.redirect` (the kernel's redirect_dir format): the path,
 from the root, where its lower part lives.
-Writing (the write side) uses the kernel-overlayfs format only.  Internal xattrs are never
-shown to users: `is_internal_xattr` is the single filter.  Pure functions; no state.
+Writing: this module is also the one place that writes markers (`make_whiteout`,
+`set_opaque`, `set_redirect`, and the OCI names `oci_whiteout_name`/`oci_whiteout_path`/
+`oci_opaque_path`): the daemon, the tar applier, the changeset and the demo all go through it.
+The write side uses the kernel-overlayfs format only; tar layers carry the OCI names.
+Internal xattrs are never shown to users: `is_internal_xattr` is the single filter.
+Pure functions; no state.
 xattrs are read through a `fsat.Roots` (the daemon's layer-root fds; `fsat.PLAIN` for plain
 paths), so markers deeper than PATH_MAX are read too.
 """
@@ -24,6 +28,7 @@ from .fsat import PLAIN, Roots
 
 WH_PREFIX = b".wh."
 WH_OPAQUE = b".wh..wh..opq"
+AUFS_META_PREFIX = b".wh..wh."  # AUFS bookkeeping (`.wh..wh.plnk`, …) in old Docker layers
 
 OVERLAY_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
 OWN_PREFIXES = (b"trusted.layerfs.", b"user.layerfs.")
@@ -47,6 +52,52 @@ def oci_whiteout_target(name: bytes) -> bytes | None:
     if name.startswith(WH_PREFIX) and name != WH_OPAQUE and len(name) > len(WH_PREFIX):
         return name[len(WH_PREFIX) :]
     return None
+
+
+def oci_whiteout_name(name: bytes) -> bytes:
+    """`foo` → `.wh.foo`: the OCI whiteout of `name` (a name in the same directory)."""
+    return WH_PREFIX + name
+
+
+def oci_whiteout_path(path: bytes) -> bytes:
+    """`a/b/foo` → `a/b/.wh.foo`: the OCI whiteout entry of a relative path."""
+    head, _, base = path.rpartition(b"/")
+    return head + b"/" + oci_whiteout_name(base) if head else oci_whiteout_name(base)
+
+
+def oci_opaque_path(dirpath: bytes) -> bytes:
+    """`a/b` → `a/b/.wh..wh..opq`: the OCI marker making directory `dirpath` opaque."""
+    return dirpath + b"/" + WH_OPAQUE
+
+
+WHITEOUT_MODE = stat.S_IFCHR | 0o000
+WHITEOUT_DEV = 0  # os.makedev(0, 0)
+
+
+def make_whiteout(path: bytes, fs: Roots = PLAIN) -> None:
+    """A kernel-format whiteout at `path`: a character device 0/0 (unprivileged since 5.8)."""
+    fs.mknod(path, WHITEOUT_MODE, WHITEOUT_DEV)
+
+
+def make_whiteout_at(dir_fd: int, name: bytes) -> None:
+    """`make_whiteout` of `name` in the directory open as `dir_fd` (the tar applier's walk)."""
+    os.mknod(name, WHITEOUT_MODE, WHITEOUT_DEV, dir_fd=dir_fd)
+
+
+def set_opaque(path: bytes, fs: Roots = PLAIN) -> None:
+    """Mark directory `path` opaque (`overlay.opaque=y`, trusted. as root, user. otherwise)."""
+    fs.setxattr(path, opaque_xattr(), b"y")
+
+
+def set_opaque_fd(fd: int) -> None:
+    """`set_opaque` of the directory open as `fd`."""
+    os.setxattr(fd, opaque_xattr(), b"y")
+
+
+def set_redirect(path: bytes, target: bytes, fs: Roots = PLAIN) -> None:
+    """Record where moved directory `path`'s lower part lives (`overlay.redirect`, the
+    kernel's format: an absolute path from the root, or the old name in the same directory)."""
+    fs.setxattr(path, redirect_xattr(), target)
 
 
 def is_chardev_whiteout(st: os.stat_result) -> bool:

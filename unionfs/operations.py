@@ -32,6 +32,9 @@ Kernel caching, and why each cache is safe:
     assumption as the long attribute timeouts above).
 Every call on a real object goes through `stack.fs` (relative to the layer roots' fds, no
 path-length limit).
+Size: over 500 lines because it holds one short handler per FUSE operation (~60 of them) and
+the one errno point; the rules live in stack/writer.  GAP(issue-14): split it by operation
+family (attributes, files, directories, xattrs) once the transports' branches have landed.
 Concurrency: trio, one thread; handlers that do not await are atomic with respect to the
 model.  Reads of data use pread on the trio thread (page-cache hits are cheaper than a
 thread hop); bulk copies of the write side go to worker threads.
@@ -45,6 +48,7 @@ import functools
 import logging
 import os
 import stat
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -57,7 +61,7 @@ from .errors import UnionError
 from .fdlimit import FdBudget
 from .fsat import Roots
 from .idmap import Owners
-from .stack import Child, LayerStack, Node
+from .stack import Entry, LayerStack, Node
 from .writer import Writer
 
 log = logging.getLogger("layerfs")
@@ -136,7 +140,7 @@ class DirHandle:
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.entries: list[tuple[bytes, Child]] = []
+        self.entries: list[tuple[bytes, Entry]] = []
 
 
 class UnionOperations(pyfuse3.Operations):
@@ -168,6 +172,11 @@ class UnionOperations(pyfuse3.Operations):
         self.enable_writeback_cache = writeback and writer is not None
         self._on_init = on_init
         self.gate = Gate()
+        # per-node adapter state, kept here rather than in the model; it goes with the node
+        self._replies: weakref.WeakKeyDictionary[Node, tuple[int, pyfuse3.EntryAttributes]] = (
+            weakref.WeakKeyDictionary()
+        )  # immutable objects: (node.gen, reply), built once
+        self._locks: weakref.WeakKeyDictionary[Node, trio.Lock] = weakref.WeakKeyDictionary()
         self._files: dict[int, FileHandle] = {}
         self.budget = FdBudget()  # after fdlimit.raise_nofile(): the limit now in force
         self._by_node: dict[int, set[int]] = {}  # inode -> open file handles
@@ -194,8 +203,9 @@ class UnionOperations(pyfuse3.Operations):
 
     # ----- attributes ----------------------------------------------------------------
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
-        if node.attrs is not None:
-            return node.attrs  # type: ignore[return-value]
+        cached = self._replies.get(node)
+        if cached is not None and cached[0] == node.gen:
+            return cached[1]
         st = self._stat_for(node)
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
@@ -214,7 +224,7 @@ class UnionOperations(pyfuse3.Operations):
         a.st_mtime_ns = st.st_mtime_ns
         a.st_ctime_ns = st.st_ctime_ns
         if self.stack.immutable(node):
-            node.attrs = a  # lower objects never change: build the reply once
+            self._replies[node] = (node.gen, a)  # lower objects never change: build it once
         return a
 
     @_handler
@@ -359,7 +369,7 @@ class UnionOperations(pyfuse3.Operations):
             self.budget.give(ctx.uid)
             raise
         if flags & os.O_TRUNC:
-            node.st = node.attrs = None
+            node.invalidate()
         fh = self._add_handle(node, fd, writable, ctx.uid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
@@ -430,14 +440,16 @@ class UnionOperations(pyfuse3.Operations):
         return self.writer
 
     def _lock(self, node: Node) -> trio.Lock:
-        if node.lock is None:
-            node.lock = trio.Lock()
-        return node.lock  # type: ignore[return-value]
+        lock = self._locks.get(node)
+        if lock is None:
+            lock = self._locks[node] = trio.Lock()
+        return lock
 
     async def _quiesce(self, node: Node | None) -> None:
         """Wait for a copy-up of `node` in progress; the caller then acts without awaiting."""
-        if node is not None and node.lock is not None:
-            async with node.lock:  # type: ignore[attr-defined]
+        lock = self._locks.get(node) if node is not None else None
+        if lock is not None:
+            async with lock:
                 pass
 
     async def _copy_up(self, node: Node, with_data: bool = True) -> None:
@@ -537,7 +549,7 @@ class UnionOperations(pyfuse3.Operations):
                 os.utime(target, ns=times)
             else:
                 self.stack.fs.utime(target, ns=times)
-        node.st = node.attrs = None
+        node.invalidate()
         return self._entry(node)
 
     def _keeps_times(self, node: Node, target: int | bytes, size: int) -> bool:
@@ -711,7 +723,7 @@ class UnionOperations(pyfuse3.Operations):
         if self.owners:
             value = self.owners.xattr_stored(name, value)
         self.stack.fs.setxattr(self.stack.real_path(node), name, value)
-        node.st = node.attrs = None
+        node.invalidate()
 
     @_handler
     @_mutating
@@ -731,7 +743,7 @@ class UnionOperations(pyfuse3.Operations):
             if exc.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
             raise
-        node.st = node.attrs = None
+        node.invalidate()
 
 
 def _shown_ino_offset() -> int | None:

@@ -37,6 +37,8 @@ read-only stacks) the names share one node, and copy-up links them in the upper 
 
 Caching: lower layers are read-only by contract (overlayfs: changing them under a mount is
 undefined), so listings and stat results of lower objects are cached for the node's life.
+Size: over 500 lines because resolution, inode numbering and hard-link bookkeeping are one
+model; the marker rules are in rules.py, the encodings in markers.py.
 Concurrency: called from the single trio thread only; no method awaits, so each call is atomic.
 """
 
@@ -48,7 +50,7 @@ import stat
 from dataclasses import dataclass
 from typing import NewType
 
-from . import markers
+from . import markers, rules
 from .errors import NameTooLong, NotADirectory, NotFound, StaleHandle, UnionError
 from .fsat import Roots
 
@@ -58,14 +60,11 @@ ROOT_INODE = Inode(1)
 _XINO_SHIFT = 48
 _XINO_MAX_DEV = (1 << 15) - 1
 _FALLBACK_BASE = 1 << 63
+# Numbers that no (device, inode) pair can produce, in disjoint ranges above _FALLBACK_BASE:
+# [+0, +2^40) fallback numbers for devices past _XINO_MAX_DEV, [+2^40, +2^41) fresh numbers for
+# upper inodes reused while the dead file's node lives, [+2^41, ...) per-name nodes.
+_FRESH_BASE = _FALLBACK_BASE + (1 << 40)  # an upper inode number reused after an unlink
 _PER_NAME_BASE = _FALLBACK_BASE + (1 << 41)  # index=off: one node per name of a lower link
-
-_DTYPE_KIND = {
-    "dir": stat.S_IFDIR,
-    "reg": stat.S_IFREG,
-    "lnk": stat.S_IFLNK,
-}
-
 
 @dataclass(slots=True)
 class DirLayer:
@@ -77,9 +76,10 @@ class DirLayer:
     ino: int  # the real st_ino, from readdir (d_ino) or lstat
 
 
-@dataclass(slots=True)
-class Child:
-    """An entry of a merged listing: the topmost real object of that name."""
+@dataclass(slots=True, kw_only=True)
+class Entry:
+    """An entry of a merged listing: the topmost real object of that name (DESIGN.md's
+    Entry: a resolved name, its layer and kind).  Built with keywords."""
 
     kind: int  # S_IFMT of the topmost object
     layer: int
@@ -109,9 +109,9 @@ class Node:
         "st",
         "lookups",
         "listing",
-        "attrs",
+        "gen",
         "unlinked",
-        "lock",
+        "__weakref__",  # adapters key their per-node state (cached replies, locks) on nodes
     )
 
     def __init__(
@@ -133,10 +133,15 @@ class Node:
         self.dirs = dirs
         self.st: os.stat_result | None = None
         self.lookups = 0
-        self.listing: dict[bytes, Child] | None = None
-        self.attrs: object | None = None  # the adapter's cached reply, for immutable objects
+        self.listing: dict[bytes, Entry] | None = None
+        self.gen = 0  # bumped by `invalidate`: a cached reply built at another gen is stale
         self.unlinked = False
-        self.lock: object | None = None  # the adapter's per-inode lock, made on demand
+
+    def invalidate(self) -> None:
+        """Its attributes changed, or may have: drop the cached stat, and let whoever caches
+        something built from them (the adapter's replies) see it by `gen`."""
+        self.st = None
+        self.gen += 1
 
     @property
     def is_dir(self) -> bool:
@@ -167,6 +172,9 @@ class LayerStack:
         self.layers: list[bytes] = [os.fsencode(os.path.abspath(p)) for p in paths]
         self.has_upper = upper is not None
         self.index = index
+        # GAP(issue-14): the kernel's WORKDIR/index/ (an upper it wrote with index=on) is not
+        # read: names of a hard-linked lower file it did not copy up show the lower file.
+        # GAP(issue-14): metacopy uppers (`overlay.metacopy`, data still below) are not read.
         # redirect_dir=nofollow: a moved directory found in the upper is refused (EPERM), as
         # the kernel refuses it, rather than shown without the lower part it was moved with
         self.follow_redirects = follow_redirects
@@ -208,7 +216,7 @@ class LayerStack:
         """The number stat(2) and readdir report for `node` (not always its node number)."""
         return self.shown.get(node.ino, node.ino)
 
-    def _name_ino(self, child: Child, shared: Inode) -> tuple[Inode, os.stat_result | None]:
+    def _name_ino(self, child: Entry, shared: Inode) -> tuple[Inode, os.stat_result | None]:
         """The node number of a lower non-directory's name: with index=off on a writable stack
         a multiply-linked one gets a number of its own (see the module docstring).  Also the
         lstat made to decide, if one was made (the new node keeps it: lower stats are cached)."""
@@ -241,7 +249,7 @@ class LayerStack:
         node = self.nodes.get(ino)
         if node is not None and node.unlinked:
             self._fresh += 1
-            ino = Inode(_FALLBACK_BASE + (1 << 40) + self._fresh)
+            ino = Inode(_FRESH_BASE + self._fresh)
             self.origins[real_ino] = ino
         return ino
 
@@ -264,6 +272,27 @@ class LayerStack:
         except KeyError:
             raise StaleHandle(f"unknown inode {ino}") from None
 
+    def known(self, ino: int) -> Node | None:
+        """The node numbered `ino` if the kernel holds it (or it was just made), else None."""
+        return self.nodes.get(Inode(ino))
+
+    def known_nodes(self) -> list[Node]:
+        """Every node the kernel holds, as a list (safe to iterate while changing the stack)."""
+        return list(self.nodes.values())
+
+    def note_upper_origin(self, upper_ino: int, node: Node) -> None:
+        """The upper object with real inode `upper_ino` is `node` (copied up or moved there),
+        so a lookup of it later finds the same node number."""
+        self.origins[upper_ino] = node.ino
+
+    def set_entry(self, parent: Node, name: bytes, entry: Entry) -> None:
+        """`parent/name` is now `entry` in the merged listing (the Writer's change)."""
+        self.listing(parent)[name] = entry
+
+    def drop_entry(self, parent: Node, name: bytes) -> None:
+        """`parent/name` is gone from the merged listing (the Writer removed or moved it)."""
+        del self.listing(parent)[name]
+
     def remember(self, node: Node, count: int = 1) -> None:
         """The kernel learned of `node` (lookup, readdirplus entry, create): count it."""
         node.lookups += count
@@ -277,10 +306,6 @@ class LayerStack:
         if node.lookups <= 0:
             del self.nodes[node.ino]
             self.aliases.pop(node.ino, None)
-
-    def drop_if_unused(self, node: Node) -> None:
-        if node.lookups <= 0 and node is not self.root:
-            self.nodes.pop(node.ino, None)
 
     def add_alias(self, node: Node, parent: Node, name: bytes) -> None:
         known = self.aliases.setdefault(node.ino, [])
@@ -335,38 +360,36 @@ class LayerStack:
         return [DirLayer(first.layer, self.upper_path(node), first.ino), *node.dirs[1:]]
 
     # ----- resolution ----------------------------------------------------------------
-    def listing(self, node: Node) -> dict[bytes, Child]:
+    def listing(self, node: Node) -> dict[bytes, Entry]:
         if not node.is_dir or node.dirs is None:
             raise NotADirectory()
         if node.listing is None:
             node.listing = self._merge(self.dir_paths(node))
         return node.listing
 
-    def _merge(self, dirs: list[DirLayer]) -> dict[bytes, Child]:
-        result: dict[bytes, Child] = {}
+    def _merge(self, dirs: list[DirLayer]) -> dict[bytes, Entry]:
+        result: dict[bytes, Entry] = {}
         blocked: set[bytes] = set()  # names a higher layer settled as non-dir or whiteout
         for d in dirs:
             whiteouts: list[bytes] = []
             xwh = d.path in self._xwh
             # OCI markers are read in lower layers only: the upper is written in the kernel's
             # format, and a user's own file named `.wh.x` there is just a file.
-            oci = not (self.has_upper and d.layer == 0)
+            oci = rules.oci_markers_count(d.layer, self.has_upper)
             with self.fs.scandir(d.path) as it:
                 for de in it:
                     name: bytes = de.name
                     path = d.path + b"/" + name
                     if oci and name == markers.WH_OPAQUE:
                         continue
-                    target = markers.oci_whiteout_target(name) if oci else None
+                    target = rules.hidden_by_oci_file(name) if oci else None
                     if target is not None:
                         whiteouts.append(target)
                         continue
                     kind = _kind(de)
                     if kind == stat.S_IFCHR or (xwh and kind == stat.S_IFREG):
                         st = de.stat(follow_symlinks=False)
-                        if markers.is_chardev_whiteout(st) or (
-                            xwh and markers.is_xattr_whiteout(path, st, self.fs)
-                        ):
+                        if rules.is_whiteout(path, st, xwh, self.fs):
                             whiteouts.append(name)
                             continue
                     existing = result.get(name)
@@ -377,7 +400,9 @@ class LayerStack:
                     if existing is None:
                         isdir = kind == stat.S_IFDIR
                         dl = [DirLayer(d.layer, path, de.inode())] if isdir else None
-                        result[name] = Child(kind, d.layer, path, de.inode(), dl)
+                        result[name] = Entry(
+                            kind=kind, layer=d.layer, path=path, ino=de.inode(), dirs=dl
+                        )
                         if not isdir:
                             blocked.add(name)
                     elif existing.dirs is not None and kind == stat.S_IFDIR:
@@ -402,7 +427,7 @@ class LayerStack:
             raise NotFound()
         return self.node_for(parent, name, child)
 
-    def node_for(self, parent: Node, name: bytes, child: Child) -> Node:
+    def node_for(self, parent: Node, name: bytes, child: Entry) -> Node:
         """The node of a listing entry: the known one, or a new one (not yet remembered)."""
         if child.node_ino:
             node = self.nodes.get(Inode(child.node_ino))
@@ -451,17 +476,18 @@ class LayerStack:
             if marks.xwhiteouts:
                 self._xwh.add(path)
             if d.layer == 0 and upper_first and marks.redirect is not None:
-                if marks.opaque:
+                redirect = rules.redirect_of(marks)
+                if redirect is None:  # opaque: nothing below to find
                     return out
                 if not self.follow_redirects:
                     raise UnionError(
                         "refusing to follow a redirect (redirect_dir=nofollow)", errno.EPERM
                     )
-                return out + self._redirected(parent, marks.redirect)
+                return out + self._redirected(parent, redirect)
             if pos == len(chain) - 1:
                 break
-            oci = not (upper_first and d.layer == 0)
-            if marks.opaque or (oci and self.fs.exists(path + b"/" + markers.WH_OPAQUE)):
+            oci = rules.oci_markers_count(d.layer, upper_first)
+            if rules.is_opaque(path, marks, oci, self.fs):
                 break
         return out
 
@@ -472,8 +498,7 @@ class LayerStack:
         if self._lower_view is None:
             lowers = [os.fsdecode(p) for p in self.layers[1:]]
             self._lower_view = LayerStack(lowers, fs=self.fs)
-        redirect = redirect.rstrip(b"\0")
-        path = redirect if redirect.startswith(b"/") else self.origin_path(parent) + b"/" + redirect
+        path = rules.redirect_path(redirect, self.origin_path(parent))
         view = self._lower_view
         node = view.root
         try:
@@ -509,7 +534,7 @@ class LayerStack:
         if not (node.is_dir and self.in_upper(node)):
             return None
         redirect = markers.dir_marks(self.upper_path(node), self.fs).redirect
-        return redirect.rstrip(b"\0") if redirect is not None else None
+        return rules.clean_redirect(redirect) if redirect is not None else None
 
     def lower_has(self, parent: Node, name: bytes) -> bool:
         """Would removing the upper object named `name` reveal something below?  Then a
@@ -541,6 +566,7 @@ class LayerStack:
         reports 1 there; this is what a plain directory would say)."""
         if not node.merged:
             return st.st_nlink
+        # GAP(issue-14): the kernel reports 1 for a merged directory; we count subdirectories
         listing = self.listing(node)
         return 2 + sum(1 for c in listing.values() if c.dirs is not None)
 

@@ -29,6 +29,8 @@ redirect_dir=on; a pure-upper directory moved over a lower name becomes opaque.
 Every call on the upper, the lowers and the work dir goes through the stack's `fs` (a
 `fsat.Roots`: relative to root fds opened before the mount, no path-length limit); the work
 dir's fds are added to it here, before the mount too.
+Size: over 500 lines because copy-up, whiteouts, renames and index=on links share their
+bookkeeping of the stack's nodes and listings; each public method is one rule.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from dataclasses import dataclass
 from . import fsutil, markers
 from .errors import Exists, NameTooLong, NotEmpty, NotFound, UnionError
 from .fsat import Roots
-from .stack import Child, DirLayer, Inode, LayerStack, Node
+from .stack import DirLayer, Entry, LayerStack, Node
 
 WORK_SUBDIR = "layerfs"
 INDEX_SUBDIR = "layerfs-index"  # index=on: links that stand for lower names not shown
@@ -62,7 +64,7 @@ class CopyPlan:
 
 class Writer:
     def __init__(self, stack: LayerStack, workdir: str, create_redirects: bool = True) -> None:
-        self.s = stack
+        self.stack = stack
         # redirect_dir=on: a directory with lower parts can move (it gets a redirect); with
         # follow/off/nofollow it cannot, and rename(2) says EXDEV, as on the kernel
         self.create_redirects = create_redirects
@@ -70,7 +72,8 @@ class Writer:
             _lock_dir(workdir, "workdir"),
             _lock_dir(os.fsdecode(stack.layers[0]), "upperdir"),
         ]
-        self.work = os.fsencode(os.path.join(os.path.abspath(workdir), WORK_SUBDIR))
+        self.workdir = os.path.abspath(workdir)  # as given by workdir=
+        self.work = os.fsencode(os.path.join(self.workdir, WORK_SUBDIR))
         self.fs = fs = stack.fs
         fs.add(os.path.dirname(self.work))
         if fs.exists(self.work):  # debris of an interrupted run; never referenced
@@ -89,8 +92,8 @@ class Writer:
     def copy_up_dir(self, node: Node) -> None:
         """Make `node` (a directory) and its ancestors exist in the upper, each with its own
         metadata.  Not opaque: the lower part keeps merging."""
-        s = self.s
-        if s.in_upper(node):
+        stack = self.stack
+        if stack.in_upper(node):
             return
         assert node.parent is not None and node.dirs is not None
         self.copy_up_dir(node.parent)
@@ -101,26 +104,27 @@ class Writer:
         fsutil.copy_xattrs(self.fs, src, tmp, markers.is_internal_xattr)
         fsutil.copy_meta(self.fs, st, tmp)
         self._into_place(node.parent, tmp, node.name)
-        new = self.fs.lstat(s.upper_path(node))
-        node.dirs.insert(0, DirLayer(0, s.upper_path(node), new.st_ino))
-        node.layer, node.st, node.attrs = 0, None, None
+        new = self.fs.lstat(stack.upper_path(node))
+        node.dirs.insert(0, DirLayer(0, stack.upper_path(node), new.st_ino))
+        node.layer = 0
+        node.invalidate()
         child = self._child(node)
         if child is not None:
             child.layer, child.covers = 0, True
             if child.dirs is not None:
-                child.dirs.insert(0, DirLayer(0, s.upper_path(node), new.st_ino))
+                child.dirs.insert(0, DirLayer(0, stack.upper_path(node), new.st_ino))
             child.trimmed = node.dirs
 
     def plan_copy_up(self, node: Node, with_data: bool = True) -> CopyPlan | None:
         """Start copying up a non-directory; None when nothing (more) is to be done."""
-        s = self.s
-        if s.in_upper(node):
+        stack = self.stack
+        if stack.in_upper(node):
             return None
         if node.unlinked:
             raise NotFound("the file was removed")
         assert node.parent is not None
         self.copy_up_dir(node.parent)
-        src = s.real_path(node)
+        src = stack.real_path(node)
         st = self.fs.lstat(src)
         tmp = self.tmpname()
         if not stat.S_ISREG(st.st_mode):
@@ -145,8 +149,8 @@ class Writer:
             pass
 
     def finish_copy_up(self, plan: CopyPlan) -> None:
-        s, node = self.s, plan.node
-        if node.unlinked or s.in_upper(node):
+        stack, node = self.stack, plan.node
+        if node.unlinked or stack.in_upper(node):
             self.abort_copy_up(plan)
             if node.unlinked:
                 raise NotFound("the file was removed during copy-up")
@@ -158,17 +162,18 @@ class Writer:
         fsutil.copy_xattrs(self.fs, plan.src, plan.tmp, markers.is_internal_xattr)
         self._into_place(node.parent, plan.tmp, node.name)
         upper_ino = self._now_in_upper(node, node.parent, node.name)
-        if plan.st.st_nlink > 1 and not s.index:
-            s.break_link(node, upper_ino)
+        if plan.st.st_nlink > 1 and not stack.index:
+            stack.break_link(node, upper_ino)
         elif stat.S_ISREG(plan.st.st_mode) and plan.st.st_nlink > 1:
             self._link_siblings(node, plan)
 
     def _now_in_upper(self, node: Node, parent: Node, name: bytes) -> int:
         """Bookkeeping once `parent/name` is in the upper; returns its real inode number."""
-        s = self.s
-        upper = self.fs.lstat(s.upper_path(parent) + b"/" + name)
-        s.origins[upper.st_ino] = node.ino
-        node.layer, node.st, node.attrs = 0, None, None
+        stack = self.stack
+        upper = self.fs.lstat(stack.upper_path(parent) + b"/" + name)
+        stack.note_upper_origin(upper.st_ino, node)
+        node.layer = 0
+        node.invalidate()
         child = (parent.listing or {}).get(name)
         if child is not None:
             child.layer, child.ino, child.covers = 0, upper.st_ino, True
@@ -178,18 +183,18 @@ class Writer:
     def _link_siblings(self, node: Node, plan: CopyPlan) -> None:
         """index=on: link the new upper copy at every other name (in any lower layer) that
         still shows the same lower file, and once in the index for each name not shown."""
-        s = self.s
+        stack = self.stack
         shown = 1
         for layer, rel in self._linkmap().get((plan.st.st_dev, plan.st.st_ino), []):
-            root = s.layers[layer]
+            root = stack.layers[layer]
             found = self._visible_name(root, rel)
             if found is None or found[2].layer != layer:
                 continue  # hidden or replaced in the merged view, or the name just copied
             parent, name, child = found
             self.copy_up_dir(parent)
-            pdir = s.upper_path(parent)
+            pdir = stack.upper_path(parent)
             pst = self.fs.lstat(pdir)
-            self.fs.link(s.upper_path(node), pdir + b"/" + name)
+            self.fs.link(stack.upper_path(node), pdir + b"/" + name)
             self.fs.utime(pdir, ns=(pst.st_atime_ns, pst.st_mtime_ns))  # a copy-up, not a change
             child.layer, child.covers, child.node_ino = 0, True, node.ino
             shown += 1
@@ -198,9 +203,9 @@ class Writer:
                 self.fs.mkdir(self.index_dir, 0o700)
             for _ in range(plan.st.st_nlink - shown):
                 name = b"%d-%s" % (plan.st.st_ino, os.urandom(8).hex().encode())
-                self.fs.link(s.upper_path(node), self.index_dir + b"/" + name)
+                self.fs.link(stack.upper_path(node), self.index_dir + b"/" + name)
 
-    def _visible_name(self, root: bytes, rel: bytes) -> tuple[Node, bytes, Child] | None:
+    def _visible_name(self, root: bytes, rel: bytes) -> tuple[Node, bytes, Entry] | None:
         """Where the merged view shows the lower object `root + rel`: at the same path, or —
         when a directory above it was renamed (redirect) — in the known directory node that
         merges its lower parent."""
@@ -211,9 +216,9 @@ class Writer:
         except UnionError:
             pass
         lower_parent, _, name = (root + rel).rpartition(b"/")
-        for node in list(self.s.nodes.values()):
+        for node in self.stack.known_nodes():
             if node.dirs is not None and any(d.path == lower_parent for d in node.dirs):
-                entry = self.s.listing(node).get(name)
+                entry = self.stack.listing(node).get(name)
                 if entry is not None and entry.path == root + rel:
                     return node, name, entry
         return None
@@ -224,29 +229,29 @@ class Writer:
         found = self._linkmap_cache
         if found is None:
             found = {}
-            for layer in range(1 if self.s.has_upper else 0, len(self.s.layers)):
-                root = self.s.layers[layer]
+            for layer in range(1 if self.stack.has_upper else 0, len(self.stack.layers)):
+                root = self.stack.layers[layer]
                 for p, st in self.fs.walk_stat(root):
                     if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                         found.setdefault((st.st_dev, st.st_ino), []).append((layer, p[len(root) :]))
             self._linkmap_cache = found
         return found
 
-    def _resolve_entry(self, rel: bytes) -> tuple[Node, bytes, Child]:
-        s = self.s
+    def _resolve_entry(self, rel: bytes) -> tuple[Node, bytes, Entry]:
+        stack = self.stack
         parts = [p for p in rel.split(b"/") if p]
-        node = s.root
+        node = stack.root
         for part in parts[:-1]:
-            node = s.lookup(node, part)
+            node = stack.lookup(node, part)
             if not node.is_dir:
                 raise NotFound()
-        child = s.listing(node).get(parts[-1])
+        child = stack.listing(node).get(parts[-1])
         if child is None:
             raise NotFound()
         return node, parts[-1], child
 
     # ----- helpers ------------------------------------------------------------------------
-    def _child(self, node: Node) -> Child | None:
+    def _child(self, node: Node) -> Entry | None:
         if node.parent is None or node.parent.listing is None:
             return None
         return node.parent.listing.get(node.name)
@@ -254,19 +259,19 @@ class Writer:
     def _into_place(self, parent: Node, tmp: bytes, name: bytes) -> None:
         """Rename a finished object from the work dir to parent/name, keeping the parent's
         times (overlayfs does: a copy-up is not a change of the directory)."""
-        pdir = self.s.upper_path(parent)
+        pdir = self.stack.upper_path(parent)
         pst = self.fs.lstat(pdir)
         self.fs.rename(tmp, pdir + b"/" + name)
         self.fs.utime(pdir, ns=(pst.st_atime_ns, pst.st_mtime_ns))
 
     def _target(self, parent: Node, name: bytes) -> tuple[bytes, bool]:
         """Copy up `parent`, and say where `name` goes and whether a whiteout is there."""
-        if len(name) > self.s.namemax:
+        if len(name) > self.stack.namemax:
             raise NameTooLong()
-        if name in self.s.listing(parent):
+        if name in self.stack.listing(parent):
             raise Exists()
         self.copy_up_dir(parent)
-        path = self.s.upper_path(parent) + b"/" + name
+        path = self.stack.upper_path(parent) + b"/" + name
         try:
             st = self.fs.lstat(path)
         except FileNotFoundError:
@@ -277,24 +282,34 @@ class Writer:
 
     def _owner(self, parent: Node, uid: int, gid: int) -> tuple[int, int, bool]:
         """The new object's owner: the caller's, or the directory's group when setgid."""
-        pst = self.fs.lstat(self.s.upper_path(parent))
+        pst = self.fs.lstat(self.stack.upper_path(parent))
         if pst.st_mode & stat.S_ISGID:
             return uid, pst.st_gid, True
         return uid, gid, False
 
     def _register(self, parent: Node, name: bytes, covers: bool) -> Node:
-        s = self.s
-        path = s.upper_path(parent) + b"/" + name
+        stack = self.stack
+        path = stack.upper_path(parent) + b"/" + name
         st = self.fs.lstat(path)
         kind = stat.S_IFMT(st.st_mode)
         dirs = [DirLayer(0, path, st.st_ino)] if kind == stat.S_IFDIR else None
-        ino = s.ino_for(0, st.st_ino)
-        child = Child(kind, 0, path, st.st_ino, dirs, list(dirs) if dirs else None, ino, covers)
-        s.listing(parent)[name] = child
-        node = s.nodes.get(ino) or Node(
+        ino = stack.ino_for(0, st.st_ino)
+        child = Entry(
+            kind=kind,
+            layer=0,
+            path=path,
+            ino=st.st_ino,
+            dirs=dirs,
+            trimmed=list(dirs) if dirs else None,
+            node_ino=ino,
+            covers=covers,
+        )
+        stack.set_entry(parent, name, child)
+        node = stack.known(ino) or Node(
             ino, parent, name, kind, 0, b"", list(dirs) if dirs else None
         )
-        node.parent, node.name, node.st, node.attrs = parent, name, None, None
+        node.parent, node.name = parent, name
+        node.invalidate()
         if dirs is not None:
             node.listing = {}
         return node
@@ -339,7 +354,7 @@ class Writer:
             if sgid:
                 perm |= stat.S_ISGID
             if wh:
-                self.fs.setxattr(tmp, markers.opaque_xattr(), b"y")
+                markers.set_opaque(tmp, self.fs)
         elif kind == stat.S_IFLNK:
             self.fs.symlink(target, tmp)
         else:
@@ -357,7 +372,7 @@ class Writer:
     def link(self, node: Node, parent: Node, name: bytes) -> Node:
         """Hard link (the caller has copied `node` up)."""
         path, wh = self._target(parent, name)
-        src = self.s.upper_path(node)
+        src = self.stack.upper_path(node)
         if wh:
             tmp = self.tmpname()
             self.fs.link(src, tmp)
@@ -366,47 +381,47 @@ class Writer:
             self.fs.link(src, path)
         primary = (node.parent, node.name)
         self._register(parent, name, wh)
-        self.s.add_alias(node, *primary)  # type: ignore[arg-type]
-        self.s.add_alias(node, parent, name)
-        node.st = node.attrs = None
+        self.stack.add_alias(node, *primary)  # type: ignore[arg-type]
+        self.stack.add_alias(node, parent, name)
+        node.invalidate()
         return node
 
     # ----- removing ----------------------------------------------------------------------
     def unlink(self, parent: Node, name: bytes) -> Node | None:
-        child = self.s.listing(parent).get(name)
+        child = self.stack.listing(parent).get(name)
         if child is None:
             raise NotFound()
         if child.dirs is not None:
             raise UnionError("is a directory", errno.EISDIR)
-        node = self.s.nodes.get(Inode(child.node_ino)) if child.node_ino else None
+        node = self.stack.known(child.node_ino) if child.node_ino else None
         self._remove(parent, name, child, is_dir=False)
         if node is not None:
             self._drop_name(node, parent, name)
         return node
 
     def rmdir(self, parent: Node, name: bytes) -> Node:
-        s = self.s
-        child = s.listing(parent).get(name)
+        stack = self.stack
+        child = stack.listing(parent).get(name)
         if child is None:
             raise NotFound()
         if child.dirs is None:
             raise UnionError("not a directory", errno.ENOTDIR)
-        node = s.node_for(parent, name, child)
-        if s.listing(node):
+        node = stack.node_for(parent, name, child)
+        if stack.listing(node):
             raise NotEmpty()
         self._remove(parent, name, child, is_dir=True)
         node.unlinked = True
         return node
 
-    def _remove(self, parent: Node, name: bytes, child: Child, is_dir: bool) -> None:
-        s = self.s
-        whiteout = s.lower_has(parent, name)
+    def _remove(self, parent: Node, name: bytes, child: Entry, is_dir: bool) -> None:
+        stack = self.stack
+        whiteout = stack.lower_has(parent, name)
         self.copy_up_dir(parent)
-        path = s.upper_path(parent) + b"/" + name
+        path = stack.upper_path(parent) + b"/" + name
         if child.layer == 0:
             if whiteout:
                 tmp = self.tmpname()
-                fsutil.make_whiteout(self.fs, tmp)
+                markers.make_whiteout(tmp, self.fs)
                 if is_dir:
                     self.fs.renameat2(tmp, path, fsutil.RENAME_EXCHANGE)
                     self._purge(tmp)
@@ -419,8 +434,8 @@ class Writer:
             else:
                 self.fs.unlink(path)
         else:
-            fsutil.make_whiteout(self.fs, path)
-        del s.listing(parent)[name]
+            markers.make_whiteout(path, self.fs)
+        stack.drop_entry(parent, name)
 
     def _purge(self, path: bytes) -> None:
         """Remove a logically empty directory that may still hold whiteouts."""
@@ -428,9 +443,9 @@ class Writer:
 
     def _drop_name(self, node: Node, parent: Node, name: bytes) -> None:
         """`parent/name` no longer names `node`; it lives on if another name is known."""
-        if not self.s.forget_alias(node, parent, name):
+        if not self.stack.forget_alias(node, parent, name):
             node.unlinked = True
-        node.st = node.attrs = None
+        node.invalidate()
 
     # ----- renaming ----------------------------------------------------------------------
     def rename(
@@ -438,32 +453,32 @@ class Writer:
     ) -> tuple[Node, Node | None]:
         """rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE.  The caller has copied up the
         non-directories involved.  Returns (moved node, replaced node or None)."""
-        s = self.s
-        if len(newname) > s.namemax:
+        stack = self.stack
+        if len(newname) > stack.namemax:
             raise NameTooLong()
-        src = s.listing(parent).get(name)
+        src = stack.listing(parent).get(name)
         if src is None:
             raise NotFound()
-        dst = s.listing(newparent).get(newname)
+        dst = stack.listing(newparent).get(newname)
         if dst is not None and flags & fsutil.RENAME_NOREPLACE:
             raise Exists()
         if flags & fsutil.RENAME_EXCHANGE:
             if dst is None:
                 raise NotFound()
             return self._exchange(parent, name, src, newparent, newname, dst)
-        node = s.node_for(parent, name, src)
-        old = s.node_for(newparent, newname, dst) if dst is not None else None
+        node = stack.node_for(parent, name, src)
+        old = stack.node_for(newparent, newname, dst) if dst is not None else None
         if old is node:
             return node, None
         if old is not None:
             self._check_replace(node, old)
         self._check_movable(node)
         self._prepare_move(node, newparent, newname)
-        whiteout = s.lower_has(parent, name)
-        covers = s.lower_has(newparent, newname)
+        whiteout = stack.lower_has(parent, name)
+        covers = stack.lower_has(newparent, newname)
         self.copy_up_dir(newparent)
-        spath = s.upper_path(parent) + b"/" + name
-        dpath = s.upper_path(newparent) + b"/" + newname
+        spath = stack.upper_path(parent) + b"/" + name
+        dpath = stack.upper_path(newparent) + b"/" + newname
         old_links = _nlink(self.fs, dpath) if old is not None and not old.is_dir else 0
         self._clear_target(dst, dpath, node.is_dir)
         if whiteout:
@@ -473,15 +488,15 @@ class Writer:
                 if exc.errno != errno.EINVAL:
                     raise
                 self.fs.rename(spath, dpath)
-                fsutil.make_whiteout(self.fs, spath)
+                markers.make_whiteout(spath, self.fs)
         else:
             self.fs.rename(spath, dpath)
-        del s.listing(parent)[name]
+        stack.drop_entry(parent, name)
         self._place(node, newparent, newname, covers)
         if old is not None:
-            self.s.forget_alias(old, newparent, newname)
-            old.unlinked = old.is_dir or old_links <= 1 or not s.in_upper(old)
-            old.st = old.attrs = None
+            self.stack.forget_alias(old, newparent, newname)
+            old.unlinked = old.is_dir or old_links <= 1 or not stack.in_upper(old)
+            old.invalidate()
         return node, old
 
     def _check_replace(self, node: Node, old: Node) -> None:
@@ -489,7 +504,7 @@ class Writer:
             raise UnionError("not a directory", errno.ENOTDIR)
         if not node.is_dir and old.is_dir:
             raise UnionError("is a directory", errno.EISDIR)
-        if old.is_dir and self.s.listing(old):
+        if old.is_dir and self.stack.listing(old):
             raise NotEmpty()
 
     def _check_movable(self, node: Node) -> None:
@@ -503,7 +518,7 @@ class Writer:
     def _prepare_move(self, node: Node, newparent: Node, newname: bytes) -> None:
         """Copy a moving directory up and mark it so its lower part follows it (redirect),
         or so a lower directory at the destination does not merge into it (opaque)."""
-        s = self.s
+        stack = self.stack
         if not node.is_dir:
             return
         had_lower = node.has_lower
@@ -511,18 +526,18 @@ class Writer:
         # (the name the lower part has there), across directories absolute; a relative one
         # already present becomes absolute when the directory leaves its parent.
         samedir = newparent is node.parent
-        current = s.redirect_of(node)
+        current = stack.redirect_of(node)
         keep = current is not None and (samedir or current.startswith(b"/"))
-        redirect = s.origin_path(node) if not samedir else current or node.name
+        redirect = stack.origin_path(node) if not samedir else current or node.name
         self.copy_up_dir(node)
-        upath = s.upper_path(node)
+        upath = stack.upper_path(node)
         if had_lower:
             if not keep:
-                self.fs.setxattr(upath, markers.redirect_xattr(), redirect)
-        elif s.lower_has(newparent, newname):
-            self.fs.setxattr(upath, markers.opaque_xattr(), b"y")
+                markers.set_redirect(upath, redirect, self.fs)
+        elif stack.lower_has(newparent, newname):
+            markers.set_opaque(upath, self.fs)
 
-    def _clear_target(self, dst: Child | None, dpath: bytes, moving_dir: bool) -> None:
+    def _clear_target(self, dst: Entry | None, dpath: bytes, moving_dir: bool) -> None:
         """Make room at the destination for rename(2): an upper directory there (logically
         empty, maybe holding whiteouts) goes to the work dir; a whiteout under a directory
         that moves in is removed (rename cannot put a directory over a device)."""
@@ -538,41 +553,42 @@ class Writer:
             self.fs.unlink(dpath)
 
     def _place(self, node: Node, newparent: Node, newname: bytes, covers: bool) -> None:
-        s = self.s
-        dpath = s.upper_path(newparent) + b"/" + newname
+        stack = self.stack
+        dpath = stack.upper_path(newparent) + b"/" + newname
         st = self.fs.lstat(dpath)
         dirs = node.dirs
-        child = Child(
-            node.kind,
-            0,
-            dpath,
-            st.st_ino,
-            list(dirs) if dirs else None,
-            list(dirs) if dirs else None,
-            node.ino,
-            covers,
+        child = Entry(
+            kind=node.kind,
+            layer=0,
+            path=dpath,
+            ino=st.st_ino,
+            dirs=list(dirs) if dirs else None,
+            trimmed=list(dirs) if dirs else None,
+            node_ino=node.ino,
+            covers=covers,
         )
-        s.listing(newparent)[newname] = child
-        node.parent, node.name, node.st, node.attrs = newparent, newname, None, None
+        stack.set_entry(newparent, newname, child)
+        node.parent, node.name = newparent, newname
+        node.invalidate()
 
     def _exchange(
-        self, parent: Node, name: bytes, src: Child, newparent: Node, newname: bytes, dst: Child
+        self, parent: Node, name: bytes, src: Entry, newparent: Node, newname: bytes, dst: Entry
     ) -> tuple[Node, Node | None]:
-        s = self.s
-        a = s.node_for(parent, name, src)
-        b = s.node_for(newparent, newname, dst)
+        stack = self.stack
+        a = stack.node_for(parent, name, src)
+        b = stack.node_for(newparent, newname, dst)
         self._check_movable(a)
         self._check_movable(b)
         self._prepare_move(a, newparent, newname)
         self._prepare_move(b, parent, name)
         self.copy_up_dir(parent)
         self.copy_up_dir(newparent)
-        apath = s.upper_path(parent) + b"/" + name
-        bpath = s.upper_path(newparent) + b"/" + newname
+        apath = stack.upper_path(parent) + b"/" + name
+        bpath = stack.upper_path(newparent) + b"/" + newname
         self.fs.renameat2(apath, bpath, fsutil.RENAME_EXCHANGE)
-        cov_a, cov_b = s.lower_has(parent, name), s.lower_has(newparent, newname)
-        del s.listing(parent)[name]
-        del s.listing(newparent)[newname]
+        cov_a, cov_b = stack.lower_has(parent, name), stack.lower_has(newparent, newname)
+        stack.drop_entry(parent, name)
+        stack.drop_entry(newparent, newname)
         self._place(a, newparent, newname, cov_b)
         self._place(b, parent, name, cov_a)
         return a, b

@@ -32,7 +32,7 @@ EXIT_OK, EXIT_MOUNT_FAILED = 0, 1
 def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> int:
     """Serve `cfg` over our own FUSE session.  `report` is called once: "OK" when the mount
     is live, or the reason it could not be made."""
-    from ..daemon import open_stack
+    from ..serving import open_stack
 
     opened = open_stack(cfg, report)
     if opened is None:
@@ -91,7 +91,7 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
 
 async def _main(trio: Any, ops: Any, session: Any, bridge: Any, mountpoint: str) -> None:
     from .. import control
-    from ..daemon import _flush_mount
+    from ..serving import flush_mount
 
     async def on_signals(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -99,14 +99,14 @@ async def _main(trio: Any, ops: Any, session: Any, bridge: Any, mountpoint: str)
             async for signum in sigs:
                 log.info("signal %d: unmounting", signum)
                 if ops.writer is not None:
-                    await _flush_mount(trio, os.fsencode(mountpoint))
+                    await flush_mount(trio, os.fsencode(mountpoint))
                 session.terminate()
                 return
 
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signals)
         if ops.writer is not None:
-            sock = ops.writer.work + b"/" + control.SOCKET_NAME.encode()
+            sock = os.fsencode(control.socket_path(ops.writer.workdir))
             await nursery.start(
                 control.serve, sock, ops.gate, ops.stack.layers[0], os.fsencode(mountpoint)
             )

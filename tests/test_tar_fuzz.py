@@ -1,0 +1,98 @@
+"""Hypothesis against tarsafe and tarapply: random layer tars of hostile shape.
+
+Entries are drawn from names that matter (`..`, absolute paths, `.wh.` markers, the opaque
+marker, AUFS metadata, repeated names) and every entry type; each tar is applied in both
+formats.  Properties: the only failure is CorruptLayer; nothing outside the layer root is
+touched (a sibling directory and a symlink pointing at it stay as they were); tarsafe's paths
+never hold an empty, `.` or `..` component.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from imagestore import tarapply, tarsafe
+from imagestore.errors import CorruptLayer
+from imagestore.tarapply import LayerWriter
+
+COMPONENTS = ["a", "b", "..", ".", "", ".wh.a", ".wh.b", ".wh..wh..opq", ".wh..wh.plnk", "out"]
+names = st.lists(st.sampled_from(COMPONENTS), min_size=1, max_size=4).map("/".join)
+prefixes = st.sampled_from(["", "/", "./", "../"])
+KINDS = [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE]
+entries = st.lists(
+    st.tuples(prefixes, names, st.sampled_from(KINDS), names, st.binary(max_size=16)),
+    max_size=12,
+)
+SETTINGS = settings(
+    max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+def _tar(items) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for prefix, name, kind, link, data in items:
+            info = tarfile.TarInfo(prefix + name)
+            info.type, info.mode = kind, 0o755
+            if kind == tarfile.REGTYPE:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+                continue
+            if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                info.linkname = link if kind == tarfile.LNKTYPE else "../../outside/" + link
+            tf.addfile(info)
+    return buf.getvalue()
+
+
+def _state(path) -> list[tuple[str, int, int]]:
+    out = []
+    for dirpath, dirs, files in os.walk(path):
+        for n in sorted(dirs + files):
+            st = os.lstat(os.path.join(dirpath, n))
+            out.append((os.path.relpath(os.path.join(dirpath, n), path), st.st_mode, st.st_size))
+    return sorted(out)
+
+
+@SETTINGS
+@given(items=entries, fmt=st.sampled_from([tarapply.OVERLAY, tarapply.PLAIN]))
+def test_any_tar_is_applied_inside_the_root_or_refused(tmp_path_factory, items, fmt):
+    base = tmp_path_factory.mktemp("fuzz")
+    outside, root = base / "outside", base / "root"
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"keep")
+    root.mkdir()
+    os.symlink("../outside", root / "out")  # a trap: writing through it would escape
+    before = _state(outside)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    writer = LayerWriter(fd, fmt)
+    try:
+        with tarfile.open(
+            fileobj=io.BytesIO(_tar(items)), mode="r|", tarinfo=tarsafe.SafeTarInfo
+        ) as tar:
+            for member in tar:
+                writer.apply(member, tar)
+        writer.finish()
+    except CorruptLayer:
+        pass
+    finally:
+        writer.close()
+        os.close(fd)
+    assert _state(outside) == before
+
+
+@SETTINGS
+@given(prefix=prefixes, name=names)
+def test_split_path_is_normalised_or_refused(prefix, name):
+    try:
+        parts = tarsafe.split_path(prefix + name, "entry")
+    except CorruptLayer:
+        return
+    assert all(p not in (b"", b".", b"..") and b"/" not in p for p in parts)
+    assert tarsafe.split_path(os.fsdecode(b"/".join(parts)), "entry") == parts  # idempotent
