@@ -234,3 +234,50 @@ def test_an_unmounted_daemon_leaves_the_next_mount_alone(tmp_path, lower, fuse):
     finally:
         second.stop()
         first.stop()
+
+
+def _copy_in_progress(work: Path) -> bool:
+    """A copy-up's temporary file exists in the work dir (created when the copy starts,
+    renamed into the upper when it ends)."""
+    return any(p.is_file() and p.stat().st_size > 0 for p in work.rglob("t*"))
+
+
+def test_a_big_copy_up_does_not_stall_other_requests(tmp_path, fuse):
+    """While one process copies a big file up (open for append), another's requests are
+    answered: a GETXATTR (never cached by the kernel, so it always reaches the daemon) is
+    answered while the copy-up's temporary file still exists.  Ordering, not timing: a copy
+    made on the session's own thread would answer nothing until the rename."""
+    import threading
+
+    lo, mnt, up, wk = (tmp_path / n for n in ("lo", "mnt", "up", "wk"))
+    for d in (lo, mnt, up, wk):
+        d.mkdir()
+    block = os.urandom(1 << 20)
+    with open(lo / "big", "wb") as f:
+        for _ in range(384):
+            f.write(block)
+    (lo / "other").write_bytes(b"x")
+    os.setxattr(lo / "other", "user.k", b"v")
+    with native(mnt, [lo], up, wk):
+        assert os.getxattr(mnt / "other", "user.k") == b"v"
+        done = threading.Event()
+
+        def append() -> None:
+            try:
+                with open(mnt / "big", "ab") as f:
+                    f.write(b"+")
+            finally:
+                done.set()
+
+        opener = threading.Thread(target=append)
+        opener.start()
+        answered_during_copy = 0
+        while not done.is_set():
+            if not _copy_in_progress(wk):
+                continue
+            assert os.getxattr(mnt / "other", "user.k") == b"v"
+            if _copy_in_progress(wk):
+                answered_during_copy += 1
+        opener.join()
+        assert (mnt / "big").stat().st_size == 384 * (1 << 20) + 1
+    assert answered_during_copy > 0
