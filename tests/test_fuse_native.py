@@ -4,6 +4,7 @@ caching features, measured by the requests the daemon saw, and a clean SIGTERM."
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -281,3 +282,59 @@ def test_a_big_copy_up_does_not_stall_other_requests(tmp_path, fuse):
         opener.join()
         assert (mnt / "big").stat().st_size == 384 * (1 << 20) + 1
     assert answered_during_copy > 0
+
+
+def test_passthrough_of_big_lower_files(tmp_path, lower, fuse):
+    """As root on a kernel with FUSE_PASSTHROUGH: a big lower file opened for reading is read
+    by the kernel itself (no READ request); writes stay requests (the freeze gate sees them);
+    a big lower file read through passthrough cannot be opened for writing while that
+    reader is open (ETXTBSY, see unionfs/fuse/passthrough.py), and can once it is closed."""
+    need(os.geteuid() == 0, "passthrough needs CAP_SYS_ADMIN")
+    release = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
+    need(release >= (6, 9), "FUSE passthrough needs Linux 6.9")
+    mnt, up, wk = (tmp_path / n for n in ("mnt", "up", "wk"))
+    for d in (mnt, up, wk):
+        d.mkdir()
+    big = (lower / "big").read_bytes()
+    m = native(mnt, [lower], up, wk)
+    with m:
+        assert (mnt / "big").read_bytes() == big
+        with open(mnt / "big", "rb") as reader:
+            with pytest.raises(OSError) as exc:
+                open(mnt / "big", "ab")
+            assert exc.value.errno == errno.ETXTBSY
+            assert reader.read(10) == big[:10]
+        with open(mnt / "big", "ab") as f:  # the reader is gone: copy-up, then a WRITE
+            f.write(b"+")
+        data = os.urandom(3 << 20)
+        (mnt / "new").write_bytes(data)
+    log = Path(m.log_path).read_text()
+    assert "PASSTHROUGH" in re.search(r"negotiated (\S+)", log).group(1)
+    assert "WRITEBACK_CACHE" not in re.search(r"negotiated (\S+)", log).group(1)
+    c = counts(log)
+    assert c.get("READ", 0) == 0
+    assert c.get("WRITE", 0) >= 2
+    assert (up / "big").read_bytes() == big + b"+"
+    assert (up / "new").read_bytes() == data
+
+
+def test_security_selinux_without_selinux(tmp_path, lower, fuse):
+    """On a host without SELinux, an unlabelled file answers security.selinux with
+    EOPNOTSUPP, so `ls -l` stops asking after the first entry; a label a layer does carry
+    is still answered."""
+    need(not os.path.exists("/sys/fs/selinux"), "the host runs SELinux")
+    need(os.geteuid() == 0, "setting a security.* xattr needs root")
+    os.setxattr(lower / "dir" / "f5", "security.selinux", b"system_u:object_r:etc_t:s0\0")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    m = native(mnt, [lower])
+    with m:
+        with pytest.raises(OSError) as exc:
+            os.getxattr(mnt / "dir" / "f1", "security.selinux")
+        assert exc.value.errno == errno.EOPNOTSUPP
+        assert os.getxattr(mnt / "dir" / "f5", "security.selinux").startswith(b"system_u")
+        out = subprocess.run(["ls", "-l", str(mnt / "dir")], capture_output=True, check=True)
+        assert out.stdout.count(b"\n") == 21
+    log = Path(m.log_path).read_text()
+    asked = re.findall(r"GETXATTR #\d+ node \d+ \(b'security\.selinux'", log)
+    assert len(asked) == 2 + 1  # our two calls, then ls stops after its first

@@ -64,6 +64,8 @@ log = logging.getLogger("layerfs")
 CACHE_TIMEOUT = 86400.0  # seconds; see the module docstring for why this is safe
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # the daemon's buffers are not aligned for it
+SELINUX_XATTR = b"security.selinux"
+_HOST_SELINUX = os.path.exists("/sys/fs/selinux")  # a host without SELinux labels nothing
 SMALL_COPY = 256 << 10  # copy-ups up to this size stay on the trio thread (a hop costs more)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -274,6 +276,10 @@ class UnionOperations(pyfuse3.Operations):
             return self.stack.getxattr(self.stack.node(inode), name)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
+                if name == SELINUX_XATTR and not _HOST_SELINUX:
+                    # `ls -l` asks for every entry and stops at the first EOPNOTSUPP; a
+                    # label that is there is still answered (as kernel overlayfs would)
+                    raise pyfuse3.FUSEError(errno.EOPNOTSUPP) from None
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
             raise
 
@@ -364,6 +370,12 @@ class UnionOperations(pyfuse3.Operations):
         if self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY:
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags
+
+    def handle_fd(self, fh: int) -> tuple[int, bool]:
+        """(real fd, opened for writing) of an open file (the native transport's passthrough
+        hands the fd to the kernel)."""
+        handle = self._files[fh]
+        return handle.fd, handle.writable
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -32,6 +32,7 @@ from typing import Any
 from ..operations import shown_ino  # imported after INIT (run.py): it loads pyfuse3
 from . import wire
 from .init import Conn
+from .passthrough import Backings, Conflict
 from .wire import Header
 
 
@@ -143,9 +144,10 @@ def _sized(value: bytes, size: int) -> bytes:
 
 
 class Bridge:
-    def __init__(self, ops: Any, conn: Conn) -> None:
+    def __init__(self, ops: Any, conn: Conn, devfd: int = -1) -> None:
         self.ops = ops
         self.conn = conn
+        self.backings = Backings(devfd, enabled=conn.passthrough and devfd >= 0)
         self._node_fh: dict[int, int] = {}  # no-open: inode → the handler's file handle
         self._node_dh: dict[int, int] = {}  # no-opendir: inode → the handler's dir handle
 
@@ -243,15 +245,30 @@ class Bridge:
             flags |= wire.FOPEN_NOFLUSH
         return flags
 
+    async def _open_out(self, ino: int, info: Any) -> bytes:
+        """fuse_open_out of a new handle: cached, or passed through (passthrough.py)."""
+        oflags, backing_id = self._open_flags(info), 0
+        if self.backings.enabled:
+            fd, writable = self.ops.handle_fd(info.fh)
+            lower = not self.ops.stack.in_upper(self.ops.stack.node(ino))
+            try:
+                backing_id = self.backings.open(ino, info.fh, fd, writable, lower)
+            except Conflict:
+                await self.ops.release(info.fh)
+                raise
+            if backing_id:
+                oflags = (oflags & ~wire.FOPEN_KEEP_CACHE) | wire.FOPEN_PASSTHROUGH
+        return wire.OPEN_OUT.pack(info.fh, oflags, backing_id)
+
     async def open(self, h: Header, flags: int) -> bytes:
         if self.conn.no_open:
             raise Errno(errno.ENOSYS)  # once: the kernel stops sending OPEN/RELEASE/FLUSH
         info = await self.ops.open(h.nodeid, flags, Ctx(h))
-        return wire.OPEN_OUT.pack(info.fh, self._open_flags(info), 0)
+        return await self._open_out(h.nodeid, info)
 
     async def create(self, h: Header, name: bytes, mode: int, flags: int, umask: int) -> bytes:
         info, attrs = await self.ops.create(h.nodeid, name, mode, flags, Ctx(h, umask))
-        return _entry(attrs) + wire.OPEN_OUT.pack(info.fh, self._open_flags(info), 0)
+        return _entry(attrs) + await self._open_out(attrs.st_ino, info)
 
     async def _file(self, h: Header, fh: int) -> int:
         if fh == 0 and self.conn.no_open:
@@ -272,6 +289,7 @@ class Bridge:
         return b""
 
     async def release(self, h: Header, fh: int) -> bytes:
+        self.backings.release(fh)
         await self.ops.release(fh)
         return b""
 

@@ -61,6 +61,7 @@ FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_NONSEEKABLE = 1 << 2
 FOPEN_CACHE_DIR = 1 << 3
 FOPEN_NOFLUSH = 1 << 5  # protocol 7.35
+FOPEN_PASSTHROUGH = 1 << 7  # protocol 7.40; open_out.backing_id names the backing file
 
 # ---- SETATTR valid bits -----------------------------------------------------------------
 FATTR_MODE = 1 << 0
@@ -112,6 +113,7 @@ INTERRUPT_IN = struct.Struct("<Q")
 FORGET_IN = struct.Struct("<Q")
 BATCH_FORGET_IN = struct.Struct("<II")
 FORGET_ONE = struct.Struct("<QQ")
+BACKING_MAP = struct.Struct("<iIQ")  # fuse_backing_map: fd flags padding
 NOTIFY_INVAL_INODE = struct.Struct("<Qqq")
 NOTIFY_INVAL_ENTRY = struct.Struct("<QII")
 NOTIFY_INVAL_INODE_CODE = 2
