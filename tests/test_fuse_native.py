@@ -338,3 +338,70 @@ def test_security_selinux_without_selinux(tmp_path, lower, fuse):
     log = Path(m.log_path).read_text()
     asked = re.findall(r"GETXATTR #\d+ node \d+ \(b'security\.selinux'", log)
     assert len(asked) == 2 + 1  # our two calls, then ls stops after its first
+
+
+def _killpriv_tree(lo: Path) -> None:
+    """Files whose setuid/setgid/capability a write, a truncate or an O_TRUNC open clears."""
+    for name, mode, gid in (("a", 0o6777, 0), ("b", 0o6767, 0), ("c", 0o6777, 0),
+                            ("d", 0o6767, 0), ("e", 0o2767, 1000), ("r", 0o6777, 0)):  # fmt: skip
+        (lo / name).write_bytes(b"data\n")
+        os.chown(lo / name, 0, gid)
+        os.chmod(lo / name, mode)
+    cap = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service
+    for name in ("a", "r"):
+        os.setxattr(lo / name, "security.capability", cap)
+
+
+def _killpriv_work(mnt: Path) -> list[tuple[str, int, int, bool]]:
+    user = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "sh", "-c"]
+    script = (
+        'echo x >> "$1/a"; echo y >> "$1/b"; truncate -s 2 "$1/c"; : > "$1/d"; echo z >> "$1/e"'
+    )
+    subprocess.run([*user, script, "sh", str(mnt)], check=True)
+    with open(mnt / "r", "ab") as f:  # root keeps setuid/setgid (CAP_FSETID), not the cap
+        f.write(b"root\n")
+    out = []
+    for name in "abcder":
+        st = os.stat(mnt / name)
+        try:
+            has_cap = bool(os.getxattr(mnt / name, "security.capability"))
+        except OSError:
+            has_cap = False
+        out.append((name, st.st_mode, st.st_size, has_cap))
+    return out
+
+
+def test_killpriv_v2_matches_kernel_overlayfs(tmp_path, fuse):
+    """With FUSE_HANDLE_KILLPRIV_V2 the daemon clears setuid/setgid itself where the kernel
+    says (write, truncate, open with O_TRUNC by a caller without CAP_FSETID): the modes,
+    sizes and capabilities that follow are kernel overlayfs's, and no write asks for
+    security.capability any more."""
+    need(os.geteuid() == 0, "needs root (chown, setpriv, the kernel overlay)")
+    from tests.mounts import KernelOverlay
+
+    base = Path(tempfile.mkdtemp(prefix="nat-killpriv-", dir="/tmp"))  # a user can reach it
+    try:
+        os.chmod(base, 0o755)
+        lo = base / "lo"
+        lo.mkdir()
+        _killpriv_tree(lo)
+        results = []
+        for kind in ("kernel", "layerfs"):
+            mnt, up, wk = (base / f"{kind}-{n}" for n in ("mnt", "up", "wk"))
+            for d in (mnt, up, wk):
+                d.mkdir()
+            m = KernelOverlay(mnt, [lo], up, wk) if kind == "kernel" else native(mnt, [lo], up, wk)
+            with m:
+                results.append(_killpriv_work(mnt))
+                with open(mnt / "plain", "wb", buffering=0) as f:
+                    for _ in range(50):  # without KILLPRIV_V2: a GETXATTR before each
+                        f.write(b"x")
+            log = Path(m.log_path).read_text() if kind == "layerfs" else ""
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert results[1] == results[0]
+    assert [r[1] & 0o7777 for r in results[1]] == [0o777, 0o767, 0o777, 0o767, 0o2767, 0o6777]
+    assert "HANDLE_KILLPRIV_V2" in re.search(r"negotiated (\S+)", log).group(1)
+    # our 6 getxattr calls, and the kernel's check before the first write of each file (and
+    # of every write to a setuid file, which the VFS never marks S_NOSEC) — not 50 more
+    assert len(re.findall(r"GETXATTR #\d+ node \d+ \(b'security\.capability'", log)) < 20

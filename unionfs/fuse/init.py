@@ -23,14 +23,19 @@ PASSTHROUGH_STACK_DEPTH = 1  # init_out.max_stack_depth when passthrough is gran
 class Wanted:
     """What the mount would like; `negotiate` grants the subset the kernel offers."""
 
-    __slots__ = ("writeback", "read_only", "cache_symlinks", "passthrough")
+    __slots__ = ("writeback", "read_only", "cache_symlinks", "passthrough", "killpriv")
 
     def __init__(self, writeback: bool = False, read_only: bool = False,
-                 cache_symlinks: bool = True, passthrough: bool = False) -> None:  # fmt: skip
+                 cache_symlinks: bool = True, passthrough: bool = False,
+                 killpriv: bool = True) -> None:  # fmt: skip
         self.writeback = writeback  # FUSE_WRITEBACK_CACHE
         self.read_only = read_only  # a stack without an upper: no-open / no-opendir
         self.cache_symlinks = cache_symlinks
         self.passthrough = passthrough  # FUSE_PASSTHROUGH (then never the writeback cache)
+        # FUSE_HANDLE_KILLPRIV_V2: the daemon clears setuid/setgid (the real file system
+        # clears security.capability on our write/truncate/chown), so the kernel stops
+        # asking for security.capability before every write(2)
+        self.killpriv = killpriv
 
 
 class Conn:
@@ -51,6 +56,11 @@ class Conn:
         self.no_opendir = no_opendir  # answer OPENDIR with ENOSYS (KEEP_CACHE|CACHE_DIR)
         self.cache_dir = cache_dir  # FOPEN_CACHE_DIR known to the kernel (7.28)
         self.noflush = noflush  # FOPEN_NOFLUSH known to the kernel (7.35)
+
+    @property
+    def killpriv(self) -> bool:
+        """FUSE_HANDLE_KILLPRIV_V2 granted: WRITE/SETATTR/OPEN say when to clear setuid."""
+        return bool(self.flags & wire.HANDLE_KILLPRIV_V2)
 
     @property
     def passthrough(self) -> bool:
@@ -92,6 +102,8 @@ def base_flags(want: Wanted) -> int:
         flags |= wire.WRITEBACK_CACHE
     if want.cache_symlinks:
         flags |= wire.CACHE_SYMLINKS
+    if want.killpriv and not want.read_only:
+        flags |= wire.HANDLE_KILLPRIV_V2
     return flags
 
 

@@ -79,7 +79,7 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
     )
     ops.init()
     bridge = Bridge(ops, conn, mounted.fd)
-    session = Session(mounted.fd, conn, bridge)
+    session = Session(mounted.fd, conn, bridge, spin_us=int(os.environ.get("LAYERFS_SPIN_US", 0)))
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         trio.run(_main, trio, ops, session, bridge, cfg.mountpoint)

@@ -75,7 +75,11 @@ FATTR_ATIME_NOW = 1 << 7
 FATTR_MTIME_NOW = 1 << 8
 FATTR_CTIME = 1 << 10
 
+FATTR_KILL_SUIDGID = 1 << 11  # HANDLE_KILLPRIV_V2: a truncate by a caller without CAP_FSETID
+
 FSYNC_FDATASYNC = 1 << 0
+WRITE_KILL_SUIDGID = 1 << 2  # fuse_write_in.write_flags (HANDLE_KILLPRIV_V2)
+OPEN_KILL_SUIDGID = 1 << 0  # fuse_open_in/fuse_create_in.open_flags (HANDLE_KILLPRIV_V2)
 
 # ---- structs ----------------------------------------------------------------------------
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid total_extlen pad
