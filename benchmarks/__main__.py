@@ -1,7 +1,7 @@
 """`python -m benchmarks run`: layerfs versus kernel overlayfs (what Docker's overlay2 uses) and
 fuse-overlayfs on the same layer directories, plus the store versus skopeo/umoci.
 
-    python -m benchmarks run [--quick] [--rounds N] [--only W1 W5 M R S ...] [--engines ...]
+    python -m benchmarks run [--quick] [--rounds N] [--only W1 W5 M R S P ...] [--engines ...]
                              [--results DIR] [--data DIR]
     python -m benchmarks dataset [--quick] [--data DIR]  # build (or find) the cached dataset
     python -m benchmarks report DIR/results.json    # print and redraw a saved run
@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import report
-from benchmarks.dataset import CACHE, dataset
+from benchmarks.dataset import CACHE, FULL, QUICK, Dataset, dataset
 from benchmarks.harness import ENGINES, Harness, check_root, fuse_overlayfs_available
 from benchmarks.workloads import WORKLOADS
 
-GROUPS = [w.id for w in WORKLOADS] + ["M", "R", "S"]
+GROUPS = [w.id for w in WORKLOADS] + ["M", "R", "S", "P"]  # P: podman paths, rows S3-S5
 
 
 def _version(cmd: list[str]) -> str:
@@ -90,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     rounds = args.rounds or (1 if args.quick else 5)
     print(f"dataset: {'quick' if args.quick else 'full'} (built once, cached)", flush=True)
-    ds = dataset(args.quick, args.data)
+    if any(g not in ("S", "P") for g in only):
+        ds = dataset(args.quick, args.data)
+    else:  # the store and podman rows bring their own images: no layer dataset to build
+        ds = Dataset(args.data / "none", QUICK if args.quick else FULL)
+        ds.root.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC)
     out = args.results or Path("results") / (
         stamp.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
@@ -113,6 +117,13 @@ def run(args: argparse.Namespace) -> int:
             from benchmarks.store import StoreBench
 
             store = cleanup.enter_context(StoreBench(ds.sizes.pull_files, args.data))
+        podman = None
+        if "P" in only:
+            from benchmarks.podman_bench import PodmanBench
+
+            podman = cleanup.enter_context(
+                PodmanBench(engines, ds.sizes.pull_files, ds.root.parent)
+            )
         for r in range(rounds):
             print(f"round {r + 1}/{rounds}", flush=True)
             for g in only:
@@ -123,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
                     h.floor_round()
                 elif g == "S":
                     h.store_round(store)
+                elif g == "P":
+                    h.podman_round(podman)
                 else:
                     h.workload_round(g)
     rows = list(h.rows.values())

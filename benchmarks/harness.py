@@ -215,13 +215,51 @@ class Harness:
                 "umoci",
                 store.commit_round,
             ),
+            (
+                "S6",
+                "once",
+                f"unpack 3 gzip layers, {files:,} files, with/without fingerprints",
+                "without",
+                store.unpack_round,
+            ),
+            (
+                "S7",
+                "warm",
+                "fsck: every blob (sha256) and layer file (xxh3) vs cat",
+                "cat",
+                store.fsck_round,
+            ),
         ):
-            row = self.row(sid, mode, title=title, baseline=base)
+            row = self.row(
+                sid, mode, title=title, baseline=base, target=1.05 if sid == "S6" else None
+            )
+            try:
+                for engine, took in fn().items():
+                    row.add(engine, took)
+                if sid == "S7":
+                    row.title = f"{title} [{store.fsck_bytes / 1e6:,.0f} MB]"
+            except Exception as exc:
+                row.errors["layer"] = _error(exc)
+                self.log(f"    {sid}: FAILED {_error(exc)}")
+
+    # --- podman (S3-S5) ----------------------------------------------------------------------
+
+    def podman_round(self, bench: object) -> None:
+        """One round of the podman paths: each command on each storage engine, back to back."""
+        from benchmarks.podman_bench import PodmanBench
+
+        assert isinstance(bench, PodmanBench)
+        for sid, title, fn in (
+            ("S3", "podman run --rm IMG true", bench.run_round),
+            ("S4", "podman build, 3 RUN + COPY", bench.build_round),
+            ("S5", f"podman export, 3 layers, {bench.files:,} files", bench.export_round),
+        ):
+            row = self.row(sid, "once", title=title, baseline="kernel")
             try:
                 for engine, took in fn().items():
                     row.add(engine, took)
             except Exception as exc:
-                row.errors["layer"] = _error(exc)
+                row.errors["podman"] = _error(exc)
                 self.log(f"    {sid}: FAILED {_error(exc)}")
 
 

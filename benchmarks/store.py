@@ -18,6 +18,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.dataset import CACHE
 from imagestore.layout_writer import write_oci_image
@@ -157,6 +158,61 @@ class StoreBench(contextlib.AbstractContextManager["StoreBench"]):
             shutil.rmtree(layout, ignore_errors=True)
         return {"layer": ours, "umoci": theirs}
 
+    def unpack_round(self) -> dict[str, float]:
+        """Unpack the image's layer blobs from the store twice, without and with fingerprints
+        (in alternating order from round to round); the trees are removed again."""
+        from imagestore import unpack
+        from imagestore.pull import image_layers
+        from imagestore.store import Store
+
+        store = Store.open(self.store)
+        image_layers(store, "base")  # the layers are unpacked (and their blobs in the store)
+        layers = _layer_blobs(store)
+        order = [False, True] if self._next() % 2 else [True, False]
+        took = {}
+        for with_fp in order:
+            t0 = time.perf_counter()
+            for blob, media_type, diff_id in layers:
+                tmp, _ = unpack.unpack_fresh(store, blob, media_type, diff_id, with_fp)
+                unpack.remove_tree(tmp)
+            took["with fingerprints" if with_fp else "without"] = time.perf_counter() - t0
+        return took
+
+    def fsck_round(self) -> dict[str, float]:
+        """`layer fsck` of the whole store (every blob by sha256, every layer file by
+        xxh3-128) against reading the same files with cat, page cache warm for both."""
+        files = [
+            str(p)
+            for d in ("blobs", "layers")
+            for p in (self.store / d).rglob("*")
+            if p.is_file() and not p.is_symlink()
+        ]
+        self.fsck_bytes = sum(os.lstat(f).st_size for f in files)
+        t0 = time.perf_counter()
+        subprocess.run(
+            ["xargs", "-0", "cat"],
+            input="\0".join(files).encode(),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        cat = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _run([LAYER, "fsck", "-q", "--root", str(self.store)])
+        ours = time.perf_counter() - t0
+        return {"cat": cat, "layer": ours}
+
     def _next(self) -> int:
         self.rounds += 1
         return self.rounds
+
+
+def _layer_blobs(store: Any) -> list[tuple[Any, str, Any]]:
+    """(blob, media type, DiffID) of each layer of the image `base`."""
+    from imagestore import media
+    from imagestore.digest import Digest
+
+    desc = store.resolve("base")
+    data = store.read_blob(Digest.parse(desc["digest"]))
+    m = media.parse_manifest(data, media.media_type_of(data, desc.get("mediaType")))
+    ids = media.diff_ids(store.read_blob(m.config.digest))
+    return [(x.digest, x.media_type, d) for x, d in zip(m.layers, ids, strict=True)]

@@ -32,7 +32,7 @@ from imagestore.push import push as do_push
 from imagestore.store import Store
 from unionfs import control
 
-from . import mounts
+from . import mounts, progress
 from .errors import BadInput, CliError
 from .options import format_option, open_store, parse_creds, quiet_option, root_option
 
@@ -126,8 +126,11 @@ def commit(
         epoch = int(sde) if sde else None
     except ValueError:
         raise BadInput(f"SOURCE_DATE_EPOCH={sde!r} is not a number") from None
+    bar = progress.PhaseBar() if progress.wanted(quiet) else None
     with store.in_use():  # gc waits: blobs and layers no tag protects yet
         lowers = descriptor_layers(store, rec.image)  # unpacked before the mount is frozen
+        if bar is not None:
+            bar.start(f"commit {name}", None)
         with _consistent(rec) as hold:
             digest = do_commit(
                 store,
@@ -142,7 +145,10 @@ def commit(
                 source_date_epoch=epoch,
                 verify=verify,
                 before_tag=hold.thaw if hold is not None else None,  # the daemon held on
+                progress=bar.advance if bar is not None else None,
             )
+        if bar is not None:
+            bar.finish()
     console.say(str(digest))
 
 
@@ -167,6 +173,13 @@ def push(
     docker-archive:FILE[:NAME:TAG]."""
     user_pass = parse_creds(creds)
     store = open_store(root)
-    with store.in_use():
-        digest = do_push(store, image, dest, tls_verify=tls_verify, creds=user_pass)
+    bars = progress.LayerBars() if progress.wanted(quiet) else None
+    try:
+        with store.in_use():
+            digest = do_push(
+                store, image, dest, tls_verify=tls_verify, creds=user_pass, report=bars
+            )
+    finally:
+        if bars is not None:
+            bars.close()
     console.say(str(digest))

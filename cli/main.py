@@ -16,7 +16,9 @@ import click
 from . import (
     commit_cmd,
     demo_cmd,
+    df_cmd,
     errors,
+    fsck_cmd,
     gc_cmd,
     images_cmd,
     inspect_cmd,
@@ -24,6 +26,7 @@ from . import (
     pull_cmd,
     tag_cmd,
     umount_cmd,
+    which_cmd,
 )
 
 
@@ -87,6 +90,9 @@ cli.add_command(umount_cmd.rm)
 cli.add_command(commit_cmd.diff)
 cli.add_command(commit_cmd.commit)
 cli.add_command(commit_cmd.push)
+cli.add_command(fsck_cmd.fsck_command)
+cli.add_command(which_cmd.which)
+cli.add_command(df_cmd.df)
 
 
 if __name__ == "__main__":

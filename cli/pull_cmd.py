@@ -3,51 +3,18 @@
 from __future__ import annotations
 
 import sys
-import threading
-import time
 from typing import TYPE_CHECKING
 
 import click
 
-from imagestore.media import Descriptor
 from imagestore.pull import pull as do_pull
 from imagestore.transfer import Limits
 
-from .options import human_size, open_store, parse_creds, quiet_option, root_option
+from . import progress
+from .options import open_store, parse_creds, quiet_option, root_option
 
 if TYPE_CHECKING:
     from .main import Console
-
-
-class StderrProgress:
-    """Per-layer lines with bytes and rate on stderr (only on a terminal, never with -q)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.started: dict[int, float] = {}
-        self.last: dict[int, float] = {}
-
-    def layer(self, index: int, desc: Descriptor, state: str) -> None:
-        with self.lock:
-            self.started.setdefault(index, time.monotonic())
-            click.echo(
-                f"layer {index + 1} {desc.digest.short} ({human_size(desc.size)}): {state}",
-                err=True,
-            )
-
-    def progress(self, index: int, done: int, total: int | None) -> None:
-        now = time.monotonic()
-        with self.lock:
-            if now - self.last.get(index, 0) < 0.5 and done != total:
-                return
-            self.last[index] = now
-            rate = done / max(now - self.started.get(index, now), 1e-6)
-            of = f"/{human_size(total)}" if total else ""
-            click.echo(
-                f"\r  layer {index + 1}: {human_size(done)}{of}  {human_size(int(rate))}/s",
-                err=True,
-                nl=done == total,
-            )
 
 
 @click.command("pull")
@@ -94,17 +61,21 @@ def pull(
     env = Limits.from_env()
     limits = Limits(stall_timeout or env.stall, deadline or env.deadline)
     store = open_store(root)
-    report = StderrProgress() if sys.stderr.isatty() and not quiet else None
-    result = do_pull(
-        store,
-        source,
-        name=name,
-        platform=platform,
-        tls_verify=tls_verify,
-        creds=user_pass,
-        report=report,
-        limits=limits,
-    )
+    report = progress.LayerBars() if progress.wanted(quiet) else None
+    try:
+        result = do_pull(
+            store,
+            source,
+            name=name,
+            platform=platform,
+            tls_verify=tls_verify,
+            creds=user_pass,
+            report=report,
+            limits=limits,
+        )
+    finally:
+        if report is not None:
+            report.close()
     if not quiet and not sys.stderr.isatty():
         click.echo(f"pulled {result.name} ({len(result.diff_ids)} layers)", err=True)
     console.say(str(result.manifest_digest))

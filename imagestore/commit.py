@@ -142,13 +142,18 @@ def apply_changes(config: dict[str, Any], edits: list[tuple[str, Any]]) -> None:
 class _Tee:
     """The uncompressed tar: hashed (DiffID) and passed on to the compressor."""
 
-    def __init__(self, sink: Callable[[bytes], Any]) -> None:
+    def __init__(
+        self, sink: Callable[[bytes], Any], progress: Callable[[int], None] | None = None
+    ) -> None:
         self.hash = hashlib.sha256()
         self._sink = sink
+        self._progress = progress
 
     def write(self, data: bytes) -> int:
         self.hash.update(data)
         self._sink(data)
+        if self._progress is not None:
+            self._progress(len(data))
         return len(data)
 
 
@@ -177,6 +182,7 @@ def _write_layer(
     lowers: list[Path],
     compress: str,
     sde: int | None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[Digest, int, Digest]:
     """Stream the changeset into the store; returns (blob digest, size, DiffID) and adds the
     blob to `created` unless the store had it already."""
@@ -190,7 +196,7 @@ def _write_layer(
         elif compress == "zstd":
             cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
             comp = cctx.stream_writer(target, closefd=False)  # type: ignore[arg-type]
-        tee = _Tee(comp.write if comp is not None else target.write)
+        tee = _Tee(comp.write if comp is not None else target.write, progress)
         changeset.write_changeset(upper, lowers, tee, sde)  # type: ignore[arg-type]
         if comp is not None:
             comp.close()
@@ -218,13 +224,15 @@ def commit(
     verify: bool = False,
     merged_view: Path | None = None,
     before_tag: Callable[[], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Digest:
     """Commit `upper` over `lowers` (base first: the layers of `base_image`, a name or a
     manifest descriptor) as `new_name`; returns the new manifest's digest.
 
     `before_tag` runs once everything but the tag is written (a live mount's thaw, which
     must succeed for the snapshot to count); if it raises, the commit is undone like any
-    other failure and no tag is written.  See the module docstring for the guarantees."""
+    other failure and no tag is written.  `progress(n)` is told of every n bytes of the
+    uncompressed layer tar as it is written.  See the module docstring for the guarantees."""
     if compress not in COMPRESSIONS:
         raise StoreError(f"unknown compression {compress!r} (gzip, zstd, none)")
     check_tag_name(new_name)
@@ -238,7 +246,7 @@ def commit(
     new_layer = False
     try:
         blob, size, diff_id = _write_layer(
-            store, created, upper, lowers, compress, source_date_epoch
+            store, created, upper, lowers, compress, source_date_epoch, progress
         )
         store.record_diff_id(blob, diff_id)  # hashed while it was compressed: verified
         if verify:

@@ -47,6 +47,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
+import xxhash
+
 from unionfs import markers
 
 from . import fstree, tarsafe
@@ -89,6 +91,9 @@ class LayerWriter:
         self._dirs: dict[bytes, _DirMeta] = {}
         self._cache: OrderedDict[bytes, int] = OrderedDict()  # path → directory fd, LRU
         self._wh_files = False  # some whiteouts are `.wh.NAME` files (mknod was refused)
+        # xxh3-128 of each regular file's content as written, by st_ino (the fingerprints:
+        # a later file that reuses a number was written later, and overwrites it)
+        self.digests: dict[int, bytes] = {}
 
     # ----- entry points ------------------------------------------------------------------
     def apply(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
@@ -191,7 +196,8 @@ class LayerWriter:
             src = tar.extractfile(member)
             assert src is not None
             with src:
-                _copy(src, fd, member.size, sparse=member.issparse())
+                digest = _copy(src, fd, member.size, sparse=member.issparse())
+            self.digests[os.fstat(fd).st_ino] = digest
             self._owner(fd, member, entry)
             self._xattrs(fd, member, entry)
             os.chmod(fd, member.mode & 0o7777)
@@ -452,11 +458,14 @@ def _lstat(dfd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
-def _copy(src: IO[bytes], fd: int, size: int, sparse: bool) -> None:
-    """Copy a member's data; for a sparse member, all-zero pieces become holes."""
+def _copy(src: IO[bytes], fd: int, size: int, sparse: bool) -> bytes:
+    """Copy a member's data; for a sparse member, all-zero pieces become holes.  Returns the
+    xxh3-128 of the content (its fingerprint, taken from the stream as it passes)."""
     step = SPARSE_CHUNK if sparse else COPY_CHUNK
     zeros = bytes(step) if sparse else b""
+    h = xxhash.xxh3_128()
     while chunk := src.read(step):
+        h.update(chunk)
         if sparse and chunk == zeros[: len(chunk)]:
             os.lseek(fd, len(chunk), os.SEEK_CUR)
             continue
@@ -465,3 +474,8 @@ def _copy(src: IO[bytes], fd: int, size: int, sparse: bool) -> None:
             view = view[os.write(fd, view) :]
     if sparse:
         os.ftruncate(fd, size)
+        gap = size - os.lseek(fd, 0, os.SEEK_CUR)  # a trailing hole: zeros in the file
+        while gap > 0:
+            h.update(zeros[: min(gap, step)])
+            gap -= step
+    return h.digest()

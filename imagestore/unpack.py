@@ -9,7 +9,9 @@ Lifecycle (the store's rules, DESIGN.md):
     while reading, and the blob's own digest is re-checked at the end of the stream.  Then
     the tree is synced (syncfs), the temp dir renamed to `layers/<diffid-hex>`, and the
     `complete` marker written last (fsynced, with its directory) — `Store.has_layer` looks
-    only at it.  On any error nothing of the layer stays: the temp dir is removed.
+    only at it.  Beside `diff`, the temp dir gets the tree's `fingerprints` (module
+    fingerprints; content digests taken from the stream as it is written), so they are
+    published with the tree.  On any error nothing of the layer stays: the temp dir is removed.
   - Verifying: a DiffID other than `expected_diff_id` is a DigestMismatch (nothing kept); so is
     a blob whose bytes no longer hash to its digest.  A hostile or broken layer is a
     CorruptLayer naming the entry (`tarsafe`, `tarapply` hold the rules and the limits).
@@ -47,6 +49,7 @@ from typing import Any, BinaryIO, Protocol
 
 import zstandard
 
+from . import fingerprints as fingerprints_mod
 from . import fstree, tarsafe
 from .digest import Digest
 from .errors import CorruptLayer, DigestMismatch
@@ -134,6 +137,11 @@ def _diff_id_of(store: Store, blob: Digest, media_type: str) -> Digest:
     return Digest.from_hash(h)
 
 
+def layer_lock(store: Store, diff_id: Digest) -> contextlib.AbstractContextManager[None]:
+    """The per-DiffID lock an unpack of that layer holds (see the module docstring)."""
+    return _layer_lock(store, diff_id)
+
+
 @contextlib.contextmanager
 def _layer_lock(store: Store, diff_id: Digest) -> Iterator[None]:
     key = f"{store.layers}/{diff_id.hex}"
@@ -150,6 +158,26 @@ def _layer_lock(store: Store, diff_id: Digest) -> Iterator[None]:
 
 
 def _unpack(store: Store, blob: Digest, media_type: str, expected: Digest | None) -> Digest:
+    tmp, diff_id = unpack_fresh(store, blob, media_type, expected)
+    try:
+        _publish(store, tmp, diff_id)
+    except BaseException:
+        remove_tree(tmp)
+        raise
+    return diff_id
+
+
+def unpack_fresh(
+    store: Store,
+    blob: Digest,
+    media_type: str,
+    expected: Digest | None,
+    fingerprints: bool = True,
+) -> tuple[Path, Digest]:
+    """Unpack `blob` into a new `layers/.tmp-<random>/diff` with its fingerprints beside it,
+    synced but not published: the caller renames it into place or removes it (`fsck
+    --repair` swaps it in).  Returns (the temp dir, the DiffID).  `fingerprints=False` is
+    for measuring what they cost (benchmark S6)."""
     if media_type not in MEDIA_TYPES:
         raise CorruptLayer(f"layer {blob}: unsupported layer media type {media_type!r}")
     with store.open_blob(blob) as raw:
@@ -159,18 +187,23 @@ def _unpack(store: Store, blob: Digest, media_type: str, expected: Digest | None
             os.chmod(tmp, 0o755)
             os.mkdir(tmp / "diff", 0o755)
             os.chmod(tmp / "diff", 0o755)
-            diff_id = _extract(raw, blob, MEDIA_TYPES[media_type], tmp / "diff", expected)
+            fp = tmp / fingerprints_mod.FILE_NAME if fingerprints else None
+            diff_id = _extract(raw, blob, MEDIA_TYPES[media_type], tmp / "diff", expected, fp)
             store.record_diff_id(blob, diff_id)  # hashed from the blob just now
             _syncfs(tmp)
-            _publish(store, tmp, diff_id)
         except BaseException:
             remove_tree(tmp)
             raise
-    return diff_id
+    return tmp, diff_id
 
 
 def _extract(
-    raw: BinaryIO, blob: Digest, declared: str, diff: Path, expected: Digest | None
+    raw: BinaryIO,
+    blob: Digest,
+    declared: str,
+    diff: Path,
+    expected: Digest | None,
+    fingerprints: Path | None,
 ) -> Digest:
     compressed = _HashingReader(raw, blob.hasher())
     kind = _sniff(raw) or declared
@@ -194,6 +227,8 @@ def _extract(
         if expected is not None and diff_id != expected:
             raise DigestMismatch(f"layer {blob}: DiffID is {diff_id}, expected {expected}")
         writer.finish()
+        if fingerprints is not None:
+            _write_fingerprints(fingerprints, root_fd, writer.digests)
     except CorruptLayer as exc:
         raise CorruptLayer(f"layer {blob.short}: {exc}") from exc
     finally:
@@ -204,6 +239,19 @@ def _extract(
         tail = f" (and {more} more)" if more else ""
         log.warning("layer %s: %s%s", blob.short, "; ".join(writer.warnings), tail)
     return diff_id
+
+
+def _write_fingerprints(path: Path, root_fd: int, digests: dict[int, bytes]) -> None:
+    """The finished tree's fingerprints: metadata from a walk of the tree just written (still
+    in the page cache), content digests from the stream as it was written, by inode; only a
+    file the writer made without data (a `.wh.` fallback marker) is hashed here."""
+
+    def digest_of(dir_fd: int, name: bytes, st: os.stat_result) -> bytes:
+        got = digests.get(st.st_ino)
+        return got if got is not None else fingerprints_mod.hash_file(dir_fd, name)
+
+    # not fsynced here: the whole temp dir is synced (syncfs) before it is published
+    fingerprints_mod.write(path, fingerprints_mod.walk(root_fd, digest_of), sync=False)
 
 
 def _apply_all(stream: _TarStream, writer: LayerWriter) -> int:

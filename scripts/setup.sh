@@ -9,8 +9,9 @@ STAMP="$VENV/.layer-pyproject.sha256"
 # fuse3: fusermount3, mount.fuse3; libfuse3-dev, pkg-config, gcc: pyfuse3 builds from its
 # sdist; fuse-overlayfs: benchmarks and interop tests; attr: getfattr/setfattr; psmisc: fuser.
 # docker-registry, skopeo, umoci: real registry and real clients for the image-store tests.
-PACKAGES=(fuse3 libfuse3-dev pkg-config gcc fuse-overlayfs attr psmisc util-linux procps
-          docker-registry skopeo umoci apache2-utils fio)
+# podman, runc, busybox-static (+ gcc, libc6-dev for a static setuid binary): tests/test_podman.py.
+PACKAGES=(fuse3 libfuse3-dev pkg-config gcc libc6-dev fuse-overlayfs attr psmisc util-linux procps
+          docker-registry skopeo umoci apache2-utils fio podman runc busybox-static)
 
 say() { echo "setup: $*"; }
 die() { echo "setup: $*" >&2; exit 1; }

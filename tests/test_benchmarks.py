@@ -67,6 +67,8 @@ def test_quick_run_covers_every_workload_and_engine(tmp_path, fuse, root):
                 assert row["summary"][engine]["ratio"] > 0
     assert set(rows[("S1", "once")]["samples"]) == {"layer", "skopeo+umoci"}
     assert set(rows[("S2", "once")]["samples"]) == {"layer", "umoci"}
+    assert set(rows[("S6", "once")]["samples"]) == {"with fingerprints", "without"}
+    assert set(rows[("S7", "warm")]["samples"]) == {"layer", "cat"}
     assert ("W1", "cold") in rows and ("W1", "warm") in rows
     png = (results / "ratios.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000

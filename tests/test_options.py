@@ -110,7 +110,11 @@ def test_index_option(dirs):
         ("lowerdir={d}/top,upperdir={d}/upper", "upperdir and workdir must be given together"),
         ("lowerdir={d}/top,upperdir={d}/upper,workdir={d}/upper/w", "separate subtrees"),
         ("lowerdir={d}/top,upperdir={d}/upper,workdir=/dev/shm", "same filesystem"),
-        ("lowerdir={d}/top,uidmapping=0:1000:1", "not supported"),
+        ("lowerdir={d}/top,squash_to_root", "not supported"),
+        ("lowerdir={d}/top,uidmapping=0:1000", "invalid mapping specified: uidmapping=0:1000"),
+        ("lowerdir={d}/top,gidmapping=0:x:1", "invalid mapping specified: gidmapping=0:x:1"),
+        ("lowerdir={d}/top,uidmapping=0:10:5:3:100:5", "ranges overlap"),
+        ("lowerdir={d}/top,log=/nonexistent/dir/l.log", "no such directory"),
         ("lowerdir={d}/top/f", "not a directory"),
     ],
 )
@@ -197,7 +201,8 @@ def test_unknown_or_unsupported_options_fail(dirs, opt, message):
 def test_harmless_options_are_accepted(dirs):
     opts = "xino=auto,metacopy=off,threaded=1,noauto,volatile,x-gvfs-hide"
     cfg = parse_args(["-o", f"lowerdir={dirs}/top,{opts}", str(dirs / "mnt")])
-    assert {"xino=auto", "metacopy=off", "noauto", "volatile"} <= set(cfg.ignored)
+    assert {"xino=auto", "metacopy=off", "noauto"} <= set(cfg.ignored)
+    assert not cfg.volatile  # as the kernel: meaningless without an upper
 
 
 def test_transport_option_and_environment(dirs, monkeypatch):

@@ -28,7 +28,7 @@ from typing import Any
 
 from .errors import OptionError, UnionError
 from .fdlimit import raise_nofile
-from .options import USAGE, MountConfig, parse_args
+from .options import USAGE, VOLATILE_MARKER, MountConfig, parse_args
 
 log = logging.getLogger("layerfs")
 
@@ -107,6 +107,14 @@ def fuse_options(cfg: MountConfig) -> set[str]:
     opts = {f"fsname={cfg.source}", "subtype=layerfs", "default_permissions"}
     if os.geteuid() == 0:
         opts.add("allow_other")  # other users and containers use the mount, kernel checks perms
+        # As root, suid and dev unless told otherwise, like kernel overlayfs and fuse-overlayfs
+        # (containers need setuid binaries and device nodes); libfuse's own default is
+        # nosuid,nodev.  `layer mount` passes nosuid,nodev.  (fusermount3 always forces
+        # nosuid,nodev for other users, so not asking there.)
+        if "nosuid" not in cfg.fuse_options:
+            opts.add("suid")
+        if "nodev" not in cfg.fuse_options:
+            opts.add("dev")
     if cfg.readonly:
         opts.add("ro")
     opts |= {o for o in cfg.fuse_options if o not in ("rw",) or not cfg.readonly}
@@ -129,7 +137,7 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
                 _report(ready_fd, message)
             elif ready_fd is not None:
                 _report(ready_fd, "OK")
-                _detach_stdio(cfg.debug)
+                _detach_stdio(cfg)
             ready_fd = None
 
         return serve_native(cfg, fuse_options(cfg), report)
@@ -156,6 +164,13 @@ def open_stack(cfg: MountConfig, report: Callable[[str], None]) -> tuple[Any, An
             if cfg.work is not None
             else None
         )
+        if cfg.volatile and cfg.work is not None:
+            # as the kernel: the marker stays after the mount ends, so that the upper of a
+            # volatile mount is not taken for a synced one (options._check_volatile)
+            marker = os.path.join(cfg.work, VOLATILE_MARKER)
+            os.makedirs(marker, exist_ok=True)
+            with open(os.path.join(marker, "dirty"), "a"):
+                pass
     except UnionError as exc:
         report(f"layerfs: {exc}")
         return None
@@ -181,9 +196,17 @@ def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
         if ready_fd is not None:
             _report(ready_fd, "OK")
             ready_fd = None
-            _detach_stdio(cfg.debug)
+            _detach_stdio(cfg)
 
-    ops = UnionOperations(stack, writer, debug=cfg.debug, on_init=on_init, writeback=cfg.writeback)
+    ops = UnionOperations(
+        stack,
+        writer,
+        debug=cfg.debug,
+        on_init=on_init,
+        writeback=cfg.writeback,
+        owners=cfg.owners,
+        volatile=cfg.volatile,
+    )
     try:
         pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
     except RuntimeError as exc:
@@ -254,25 +277,52 @@ def _setup_logging(debug: bool, to_stderr: bool) -> None:
     logging.getLogger("pyfuse3").setLevel(logging.INFO if not debug else logging.DEBUG)
 
 
-def _detach_stdio(debug: bool) -> None:
-    """Once the mount is live the parent has gone: log to syslog, drop the terminal."""
+LOG_NAME = "layerfs.log"  # in the work dir, when there is no syslog and no log=FILE
+
+
+def log_destination(cfg: MountConfig) -> str | None:
+    """Where a daemonized mount logs: `log=FILE`; else syslog (None) when /dev/log exists;
+    else `layerfs.log` in the work dir, so errors can be found after the fact, as the
+    kernel's are in dmesg.  A read-only mount without syslog and log= keeps nothing."""
+    if cfg.log_file is not None:
+        return cfg.log_file
+    if os.path.exists("/dev/log") or cfg.work is None:
+        return None
+    return os.path.join(cfg.work, LOG_NAME)
+
+
+def _detach_stdio(cfg: MountConfig) -> None:
+    """Once the mount is live the parent has gone: log to the destination, drop the
+    terminal.  With a log file, stderr goes there too (faulthandler's SIGUSR1 dumps)."""
     import logging.handlers  # here: it costs ~6 ms of start-up, and only a daemon needs it
 
     root = logging.getLogger()
     root.handlers.clear()
-    if os.path.exists("/dev/log"):
+    target = log_destination(cfg)
+    handler: logging.Handler | None = None
+    if target is None and os.path.exists("/dev/log"):
         try:
             handler = logging.handlers.SysLogHandler(address="/dev/log")
             handler.setFormatter(logging.Formatter("layerfs[%(process)d]: %(message)s"))
-            root.addHandler(handler)
+        except OSError:  # a socket nobody listens on: as if there were none
+            target = cfg.log_file or (os.path.join(cfg.work, LOG_NAME) if cfg.work else None)
+    err_fd = os.open(os.devnull, os.O_RDWR)
+    if target is not None:
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         except OSError:
-            pass
-    if not root.handlers:
-        root.addHandler(logging.NullHandler())
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    os.close(devnull)
+            fd = -1  # nowhere to write: as before, nothing is kept
+        if fd >= 0:
+            os.close(err_fd)
+            err_fd = fd
+            handler = logging.StreamHandler(os.fdopen(os.dup(fd), "a", buffering=1))
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s layerfs[%(process)d] %(levelname)s %(message)s")
+            )
+    root.addHandler(handler or logging.NullHandler())
+    os.dup2(err_fd, 1)
+    os.dup2(err_fd, 2)
+    os.close(err_fd)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ from .control import Gate
 from .errors import UnionError
 from .fdlimit import FdBudget
 from .fsat import Roots
+from .idmap import Owners
 from .stack import Child, LayerStack, Node
 from .writer import Writer
 
@@ -152,6 +153,8 @@ class UnionOperations(pyfuse3.Operations):
         on_init: Callable[[], None] | None = None,
         writeback: bool = False,
         readdir_reply: Callable[[Any, bytes, Any, int], bool] | None = None,
+        owners: Owners | None = None,
+        volatile: bool = False,
     ) -> None:
         super().__init__()
         # How readdir hands each entry to the transport: pyfuse3's, or the native bridge's.
@@ -159,6 +162,10 @@ class UnionOperations(pyfuse3.Operations):
         self.stack = stack
         self.writer = writer
         self.debug = debug
+        # uidmapping/gidmapping (idmap.py): ids shown are shifted from the ids stored
+        self.owners = owners or Owners()
+        # volatile (options.py): fsync and fsyncdir skip syncing the upper, as the kernel's
+        self.volatile = volatile
         # pyfuse3's fuse_init reads this attribute; a read-only mount has nothing to write back
         self.enable_writeback_cache = writeback and writer is not None
         self._on_init = on_init
@@ -200,8 +207,7 @@ class UnionOperations(pyfuse3.Operations):
         a.attr_timeout = CACHE_TIMEOUT
         a.st_mode = st.st_mode
         a.st_nlink = self.stack.nlink(node, st)
-        a.st_uid = st.st_uid
-        a.st_gid = st.st_gid
+        a.st_uid, a.st_gid = self.owners.shown(st.st_uid, st.st_gid)
         a.st_rdev = st.st_rdev
         a.st_size = st.st_size
         a.st_blksize = st.st_blksize
@@ -249,7 +255,8 @@ class UnionOperations(pyfuse3.Operations):
         node = self.stack.node(inode)
         if mode & os.W_OK and self.writer is None:
             raise pyfuse3.FUSEError(errno.EROFS)
-        return _may_access(self.stack.stat(node), mode, ctx)
+        st = self.stack.stat(node)
+        return _may_access(st.st_mode, *self.owners.shown(st.st_uid, st.st_gid), mode, ctx)
 
     @_handler
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
@@ -273,7 +280,7 @@ class UnionOperations(pyfuse3.Operations):
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         try:
-            return self.stack.getxattr(self.stack.node(inode), name)
+            value = self.stack.getxattr(self.stack.node(inode), name)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 if name == SELINUX_XATTR and not _HOST_SELINUX:
@@ -282,6 +289,7 @@ class UnionOperations(pyfuse3.Operations):
                     raise pyfuse3.FUSEError(errno.EOPNOTSUPP) from None
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
             raise
+        return self.owners.xattr_shown(name, value) if self.owners else value
 
     @_handler
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
@@ -431,12 +439,14 @@ class UnionOperations(pyfuse3.Operations):
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         fd = self._files[fh].fd
+        if self.volatile:
+            return  # volatile: no syncs of the upper (the writes themselves have reached it)
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
 
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         node = self._dirs[fh].node
-        if self.stack.in_upper(node):
+        if self.stack.in_upper(node) and not self.volatile:
             fd = self.stack.fs.open(self.stack.real_path(node), os.O_RDONLY | os.O_DIRECTORY)
             try:
                 await trio.to_thread.run_sync(os.fsync, fd)
@@ -527,8 +537,9 @@ class UnionOperations(pyfuse3.Operations):
         target = self._setattr_target(node, fh)
         is_link = node.kind == stat.S_IFLNK
         if fields.update_uid or fields.update_gid:
-            uid = attr.st_uid if fields.update_uid else -1
-            gid = attr.st_gid if fields.update_gid else -1
+            uid, gid = self.owners.stored(
+                attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1
+            )
             if isinstance(target, int):
                 os.fchown(target, uid, gid)
             else:
@@ -613,8 +624,9 @@ class UnionOperations(pyfuse3.Operations):
         parent = self.stack.node(parent_inode)
         flags = self._open_flags(flags)
         self.budget.take(ctx.uid)  # before the file exists: a refused create leaves nothing
+        uid, gid = self.owners.stored(ctx.uid, ctx.gid)
         try:
-            node, fd = writer.create(parent, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid)
+            node, fd = writer.create(parent, name, mode & ~ctx.umask, flags, uid, gid)
         except BaseException:
             self.budget.give(ctx.uid)
             raise
@@ -632,9 +644,8 @@ class UnionOperations(pyfuse3.Operations):
             # kernel refuses to create one through an overlay (ovl_mknod), and so do we
             raise pyfuse3.FUSEError(errno.EPERM)
         parent = self.stack.node(parent_inode)
-        node = writer.make(
-            parent, name, stat.S_IFMT(mode), mode & ~ctx.umask, ctx.uid, ctx.gid, rdev=rdev
-        )
+        uid, gid = self.owners.stored(ctx.uid, ctx.gid)
+        node = writer.make(parent, name, stat.S_IFMT(mode), mode & ~ctx.umask, uid, gid, rdev=rdev)
         return self._new_entry(node)
 
     @_handler
@@ -644,7 +655,8 @@ class UnionOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         writer = self._need_upper()
         parent = self.stack.node(parent_inode)
-        node = writer.make(parent, name, stat.S_IFDIR, mode & ~ctx.umask, ctx.uid, ctx.gid)
+        uid, gid = self.owners.stored(ctx.uid, ctx.gid)
+        node = writer.make(parent, name, stat.S_IFDIR, mode & ~ctx.umask, uid, gid)
         return self._new_entry(node)
 
     @_handler
@@ -654,7 +666,8 @@ class UnionOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         writer = self._need_upper()
         parent = self.stack.node(parent_inode)
-        node = writer.make(parent, name, stat.S_IFLNK, 0o777, ctx.uid, ctx.gid, target=target)
+        uid, gid = self.owners.stored(ctx.uid, ctx.gid)
+        node = writer.make(parent, name, stat.S_IFLNK, 0o777, uid, gid, target=target)
         return self._new_entry(node)
 
     @_handler
@@ -725,6 +738,8 @@ class UnionOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         node = self.stack.node(inode)
         await self._copy_up(node)
+        if self.owners:
+            value = self.owners.xattr_stored(name, value)
         self.stack.fs.setxattr(self.stack.real_path(node), name, value)
         node.st = node.attrs = None
 
@@ -838,17 +853,17 @@ def _open_rw(fs: Roots, path: bytes, flags: int, asked: int) -> int:
         return fs.open(path, asked & ~os.O_APPEND)
 
 
-def _may_access(st: os.stat_result, mode: int, ctx: Any) -> bool:
-    """access(2)'s check against the caller's credentials (the kernel's, with
-    default_permissions, normally answers before this is asked)."""
+def _may_access(st_mode: int, uid: int, gid: int, mode: int, ctx: Any) -> bool:
+    """access(2)'s check against the caller's credentials, with the owner the mount shows
+    (the kernel's, with default_permissions, normally answers before this is asked)."""
     if mode == os.F_OK or ctx is None or ctx.uid == 0:
         if ctx is not None and ctx.uid == 0 and mode & os.X_OK:
-            return bool(st.st_mode & 0o111) or stat.S_ISDIR(st.st_mode)
+            return bool(st_mode & 0o111) or stat.S_ISDIR(st_mode)
         return True
-    if ctx.uid == st.st_uid:
-        bits = (st.st_mode >> 6) & 7
-    elif ctx.gid == st.st_gid or st.st_gid in pyfuse3.get_sup_groups(ctx.pid):
-        bits = (st.st_mode >> 3) & 7
+    if ctx.uid == uid:
+        bits = (st_mode >> 6) & 7
+    elif ctx.gid == gid or gid in pyfuse3.get_sup_groups(ctx.pid):
+        bits = (st_mode >> 3) & 7
     else:
-        bits = st.st_mode & 7
+        bits = st_mode & 7
     return (bits & mode) == mode

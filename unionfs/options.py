@@ -17,6 +17,11 @@ Options of layerfs itself (besides lowerdir/upperdir/workdir):
   fuse=native|pyfuse3
                   the FUSE transport: our own session over /dev/fuse (unionfs/fuse/) or
                   pyfuse3 (libfuse).  Default: $LAYERFS_FUSE, else TRANSPORT_DEFAULT.
+  uidmapping=STORED:SHOWN:LEN[:...], gidmapping=...
+                  fuse-overlayfs's ownership shifting (podman's --uidmap): ids stored in the
+                  layers are shown shifted, and shifted back when written (idmap.py).
+  log=FILE        where a daemonized layerfs logs once the mount is live; default: syslog
+                  when /dev/log exists, else `layerfs.log` in the work dir (daemon.py).
 Options of kernel overlayfs, with the kernel's meaning:
   index=off|on    kernel overlayfs's inode index, as far as hard links go.  off (the kernel's
                   default, and what podman and Docker get): copying up one name of a hard-linked
@@ -26,6 +31,11 @@ Options of kernel overlayfs, with the kernel's meaning:
                   renamed (it gets `overlay.redirect`); follow and off: existing redirects are
                   followed, renaming such a directory gives EXDEV; nofollow: neither, and a
                   redirected directory cannot be looked up (EPERM).
+  volatile        as the kernel (overlayfs.rst, "Volatile mount"): fsync and syncfs of the
+                  mount skip syncing the upper; the mount creates the work dir's
+                  `work/incompat/volatile`, and a mount whose work dir has it is refused (the
+                  upper may have lost writes in a crash); podman removes it before each mount.
+Empty options (`workdir=W,,volatile`, as podman writes them) are skipped.
 Every other option is either understood, harmless here (listed below, logged under -d), or
 refused with a message: a mount that silently ignores what it was asked would look right and
 behave wrongly.
@@ -38,6 +48,7 @@ import stat as _stat
 from dataclasses import dataclass, field
 
 from .errors import OptionError
+from .idmap import Owners, overflow_ids, parse
 
 # Generic mount flags that libfuse's mount code understands; passed through to the mount.
 FUSE_MOUNT_FLAGS = frozenset(
@@ -49,9 +60,7 @@ FUSE_PASSTHROUGH = frozenset(
 )
 # fuse-overlayfs options whose meaning we do not implement; accepting them silently would give
 # a mount that looks right and behaves wrongly, so they are refused by name.
-UNSUPPORTED = frozenset(
-    "uidmapping gidmapping squash_to_root squash_to_uid squash_to_gid static_nlink".split()
-)
+UNSUPPORTED = frozenset("squash_to_root squash_to_uid squash_to_gid static_nlink".split())
 
 # Flags that change nothing for a FUSE daemon: mount(8)'s own (fstab, atime policy, which
 # the kernel applies) and fuse-overlayfs's tuning switches (threading, ACL caching).
@@ -59,9 +68,6 @@ HARMLESS_FLAGS = frozenset(
     "defaults auto noauto nofail user nouser users _netdev relatime norelatime strictatime "
     "nostrictatime lazytime nolazytime silent loud threaded noacl".split()
 ) | ({"userxattr"} if os.geteuid() != 0 else set())  # markers are user.overlay.* then anyway
-# `volatile` (podman's --rm containers): the kernel then skips syncs; layerfs syncs anyway,
-# which keeps every promise volatile makes.  (Its crash marker is not written yet.)
-HARMLESS_FLAGS |= {"volatile"}
 # Valued options that are harmless with the values listed (None: with any value): the ones
 # that name what layerfs does anyway (xino: inode numbers always carry the layer, as
 # xino=on; no metacopy or NFS export), and fuse-overlayfs's cache timeout.
@@ -146,6 +152,9 @@ class MountConfig:
     index: bool = INDEX_DEFAULT
     follow_redirects: bool = True
     create_redirects: bool = True
+    owners: Owners = field(default_factory=Owners)
+    volatile: bool = False
+    log_file: str | None = None
 
     @property
     def readonly(self) -> bool:
@@ -286,6 +295,13 @@ def _validate(
     if redirect_dir not in REDIRECT_DIR:
         raise OptionError(f"redirect_dir={redirect_dir}: expected one of {', '.join(REDIRECT_DIR)}")
     follow_redirects, create_redirects = REDIRECT_DIR[redirect_dir]
+    owners = _owners(values.pop("uidmapping", None), values.pop("gidmapping", None))
+    volatile = "volatile" in flags and upper is not None  # the kernel ignores it read-only
+    flags.discard("volatile")
+    _check_volatile(work)  # with or without volatile now, as the kernel
+    log_file = values.pop("log", None)
+    if log_file is not None:
+        log_file = _log_file(unescape(log_file))
     mnt = _existing_dir(mountpoint, "mountpoint")
     fuse_options: set[str] = set()
     ignored: list[str] = []
@@ -319,7 +335,44 @@ def _validate(
         follow_redirects=follow_redirects,
         create_redirects=create_redirects,
         transport=transport,
+        owners=owners,
+        volatile=volatile,
+        log_file=log_file,
     )
+
+
+def _owners(uidmapping: str | None, gidmapping: str | None) -> Owners:
+    if uidmapping is None and gidmapping is None:
+        return Owners()
+    over_uid, over_gid = overflow_ids()
+    return Owners(
+        uids=parse(uidmapping, "uidmapping", over_uid) if uidmapping is not None else None,
+        gids=parse(gidmapping, "gidmapping", over_gid) if gidmapping is not None else None,
+    )
+
+
+VOLATILE_MARKER = os.path.join("work", "incompat", "volatile")
+
+
+def _check_volatile(work: str | None) -> None:
+    """The kernel refuses a work dir that a volatile mount used (`incompat/volatile`): the
+    upper may have lost writes that were never synced, so it is to be thrown away."""
+    if work is not None and os.path.lexists(os.path.join(work, VOLATILE_MARKER)):
+        raise OptionError(
+            f"workdir {work} was used by a volatile mount ({VOLATILE_MARKER} exists): its upper "
+            "may have lost writes; remove that directory to mount it anyway"
+        )
+
+
+def _log_file(path: str) -> str:
+    """log=FILE: an absolute path (the daemon changes nothing, but say where it is), whose
+    directory exists now rather than when the first error would need it."""
+    full = os.path.abspath(path)
+    if not os.path.isdir(os.path.dirname(full)):
+        raise OptionError(f"log={path}: no such directory {os.path.dirname(full)}")
+    if os.path.isdir(full):
+        raise OptionError(f"log={path}: is a directory")
+    return full
 
 
 def _transport(value: str | None) -> str:

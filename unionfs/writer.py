@@ -152,8 +152,10 @@ class Writer:
                 raise NotFound("the file was removed during copy-up")
             return
         assert node.parent is not None
-        fsutil.copy_xattrs(self.fs, plan.src, plan.tmp, markers.is_internal_xattr)
+        # owner first: chown(2) drops security.capability (file capabilities), as it must
+        # for a user's chown; the kernel's copy-up sets the owner without that side effect
         fsutil.copy_meta(self.fs, plan.st, plan.tmp)
+        fsutil.copy_xattrs(self.fs, plan.src, plan.tmp, markers.is_internal_xattr)
         self._into_place(node.parent, plan.tmp, node.name)
         upper_ino = self._now_in_upper(node, node.parent, node.name)
         if plan.st.st_nlink > 1 and not s.index:

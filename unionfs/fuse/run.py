@@ -76,6 +76,8 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
         debug=cfg.debug,
         writeback=bool(conn.flags & wire.WRITEBACK_CACHE),
         readdir_reply=readdir_reply,
+        owners=cfg.owners,
+        volatile=cfg.volatile,
     )
     ops.init()
     bridge = Bridge(ops, conn, mounted.fd)
