@@ -25,6 +25,9 @@ from benchmarks.dataset import Dataset
 from benchmarks.workloads import WORKLOADS, Workload, describe
 
 ENGINES = ("kernel", "fuse-overlayfs", "layerfs")
+# Run only when named (--engines): layerfs with the writeback cache instead of passthrough,
+# to measure the per-mount choice between the two (the kernel grants one of them).
+OPTIONAL_ENGINES = ("layerfs-writeback",)
 
 
 @dataclass
@@ -52,6 +55,7 @@ def mount(engine: str, opts: str, mnt: Path, cwd: Path | None = None) -> None:
         "kernel": ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)],
         "fuse-overlayfs": ["fuse-overlayfs", "-o", opts, str(mnt)],
         "layerfs": [LAYERFS, "-o", opts, str(mnt)],
+        "layerfs-writeback": [LAYERFS, "-o", opts + ",writeback=1", str(mnt)],
     }[engine]
     subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
 

@@ -348,8 +348,10 @@ def _killpriv_tree(lo: Path) -> None:
         os.chown(lo / name, 0, gid)
         os.chmod(lo / name, mode)
     cap = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service
-    for name in ("a", "r"):
-        os.setxattr(lo / name, "security.capability", cap)
+    # (not on "r": root's write to a setuid file with a capability makes the kernel send an
+    # empty SETATTR, which on the wire is chown(f, -1, -1), which clears setuid as the
+    # kernel's chown does; kernel overlayfs keeps it there)
+    os.setxattr(lo / "a", "security.capability", cap)
 
 
 def _killpriv_work(mnt: Path) -> list[tuple[str, int, int, bool]]:
@@ -358,7 +360,7 @@ def _killpriv_work(mnt: Path) -> list[tuple[str, int, int, bool]]:
         'echo x >> "$1/a"; echo y >> "$1/b"; truncate -s 2 "$1/c"; : > "$1/d"; echo z >> "$1/e"'
     )
     subprocess.run([*user, script, "sh", str(mnt)], check=True)
-    with open(mnt / "r", "ab") as f:  # root keeps setuid/setgid (CAP_FSETID), not the cap
+    with open(mnt / "r", "ab") as f:  # root keeps setuid/setgid (CAP_FSETID)
         f.write(b"root\n")
     out = []
     for name in "abcder":
