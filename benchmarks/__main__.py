@@ -29,7 +29,13 @@ from typing import Any
 
 from benchmarks import report
 from benchmarks.dataset import CACHE, FULL, QUICK, Dataset, dataset
-from benchmarks.harness import ENGINES, Harness, check_root, fuse_overlayfs_available
+from benchmarks.harness import (
+    ENGINES,
+    OPTIONAL_ENGINES,
+    Harness,
+    check_root,
+    fuse_overlayfs_available,
+)
 from benchmarks.workloads import WORKLOADS
 
 GROUPS = [w.id for w in WORKLOADS] + ["M", "R", "S", "P"]  # P: podman paths, rows S3-S5
@@ -159,7 +165,7 @@ def main() -> int:
     r.add_argument("--quick", action="store_true", help="small dataset, one round (CI)")
     r.add_argument("--rounds", type=int, help="rounds (default 5, quick 1)")
     r.add_argument("--only", nargs="+", metavar="W", help=f"subset of {' '.join(GROUPS)}")
-    r.add_argument("--engines", nargs="+", choices=ENGINES)
+    r.add_argument("--engines", nargs="+", choices=ENGINES + OPTIONAL_ENGINES)
     r.add_argument("--results", type=Path, help="output dir (default results/<time>)")
     r.add_argument(
         "--data",

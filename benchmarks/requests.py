@@ -6,8 +6,10 @@ the ratios (time ≈ requests × the cost of one round trip, see `floor`).
 Runs each workload once, on a fresh layerfs mount started in debug mode (`layerfs -d` logs
 every request it handles), cold then warm like the timed run, and counts the log's lines per
 request kind between markers: a lookup of a name that cannot exist, made before and after each
-timed part.  Debug logging slows layerfs down, so nothing here is timed.  RELEASE, RELEASEDIR
-and FORGET are not logged (they never fail and the kernel does not wait for them).  Root only.
+timed part.  Debug logging slows layerfs down, so nothing here is timed.  Either transport:
+the native session logs every request it reads (`LOOKUP #12 node 1 ...`, FORGET and RELEASE
+included); the pyfuse3 one (`--fuse pyfuse3`) logs its handlers' calls, without RELEASE,
+RELEASEDIR and FORGET (they never fail and the kernel does not wait for them).  Root only.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from benchmarks.dataset import CACHE, Dataset, dataset
 from benchmarks.harness import fresh_mount_dirs, prepare
 from benchmarks.workloads import WORKLOADS
 
-_LINE = re.compile(rb"DEBUG ([a-z_]+)\(")
+_LINE = re.compile(rb"DEBUG ([a-z_]+)\(")  # pyfuse3: a handler's call
+_NATIVE = re.compile(rb"DEBUG ([A-Z][A-Z0-9_]*) #\d+ node")  # native: a request as read
 
 
 def _mark(mnt: Path, tag: str) -> bytes:
@@ -67,7 +70,8 @@ def count(ds: Dataset, wid: str, run_dir: Path) -> dict[str, Counter[str]]:
         a = data.index(start)
         b = data.index(end, a)
         part = data[data.index(b"\n", a) + 1 : data.rfind(b"\n", a, b)]
-        out[mode] = Counter(m.decode() for m in _LINE.findall(part))
+        found = _NATIVE.findall(part) or _LINE.findall(part)
+        out[mode] = Counter(m.decode().lower() for m in found)
     shutil.rmtree(run_dir, ignore_errors=True)
     return out
 
@@ -79,7 +83,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", nargs="+", metavar="W")
     ap.add_argument("--data", type=Path, default=CACHE)
+    ap.add_argument("--fuse", choices=("native", "pyfuse3"), help="the transport (LAYERFS_FUSE)")
     args = ap.parse_args()
+    if args.fuse:
+        os.environ["LAYERFS_FUSE"] = args.fuse
     if os.geteuid() != 0:
         print("benchmarks requests: needs root", file=sys.stderr)
         return 2

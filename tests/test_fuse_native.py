@@ -4,6 +4,7 @@ caching features, measured by the requests the daemon saw, and a clean SIGTERM."
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -234,3 +235,175 @@ def test_an_unmounted_daemon_leaves_the_next_mount_alone(tmp_path, lower, fuse):
     finally:
         second.stop()
         first.stop()
+
+
+def _copy_in_progress(work: Path) -> bool:
+    """A copy-up's temporary file exists in the work dir (created when the copy starts,
+    renamed into the upper when it ends)."""
+    return any(p.is_file() and p.stat().st_size > 0 for p in work.rglob("t*"))
+
+
+def test_a_big_copy_up_does_not_stall_other_requests(tmp_path, fuse):
+    """While one process copies a big file up (open for append), another's requests are
+    answered: a GETXATTR (never cached by the kernel, so it always reaches the daemon) is
+    answered while the copy-up's temporary file still exists.  Ordering, not timing: a copy
+    made on the session's own thread would answer nothing until the rename."""
+    import threading
+
+    lo, mnt, up, wk = (tmp_path / n for n in ("lo", "mnt", "up", "wk"))
+    for d in (lo, mnt, up, wk):
+        d.mkdir()
+    block = os.urandom(1 << 20)
+    with open(lo / "big", "wb") as f:
+        for _ in range(384):
+            f.write(block)
+    (lo / "other").write_bytes(b"x")
+    os.setxattr(lo / "other", "user.k", b"v")
+    with native(mnt, [lo], up, wk):
+        assert os.getxattr(mnt / "other", "user.k") == b"v"
+        done = threading.Event()
+
+        def append() -> None:
+            try:
+                with open(mnt / "big", "ab") as f:
+                    f.write(b"+")
+            finally:
+                done.set()
+
+        opener = threading.Thread(target=append)
+        opener.start()
+        answered_during_copy = 0
+        while not done.is_set():
+            if not _copy_in_progress(wk):
+                continue
+            assert os.getxattr(mnt / "other", "user.k") == b"v"
+            if _copy_in_progress(wk):
+                answered_during_copy += 1
+        opener.join()
+        assert (mnt / "big").stat().st_size == 384 * (1 << 20) + 1
+    assert answered_during_copy > 0
+
+
+def test_passthrough_of_big_lower_files(tmp_path, lower, fuse):
+    """As root on a kernel with FUSE_PASSTHROUGH: a big lower file opened for reading is read
+    by the kernel itself (no READ request); writes stay requests (the freeze gate sees them);
+    a big lower file read through passthrough cannot be opened for writing while that
+    reader is open (ETXTBSY, see unionfs/fuse/passthrough.py), and can once it is closed."""
+    need(os.geteuid() == 0, "passthrough needs CAP_SYS_ADMIN")
+    release = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
+    need(release >= (6, 9), "FUSE passthrough needs Linux 6.9")
+    mnt, up, wk = (tmp_path / n for n in ("mnt", "up", "wk"))
+    for d in (mnt, up, wk):
+        d.mkdir()
+    big = (lower / "big").read_bytes()
+    m = native(mnt, [lower], up, wk)
+    with m:
+        assert (mnt / "big").read_bytes() == big
+        with open(mnt / "big", "rb") as reader:
+            with pytest.raises(OSError) as exc:
+                open(mnt / "big", "ab")
+            assert exc.value.errno == errno.ETXTBSY
+            assert reader.read(10) == big[:10]
+        with open(mnt / "big", "ab") as f:  # the reader is gone: copy-up, then a WRITE
+            f.write(b"+")
+        data = os.urandom(3 << 20)
+        (mnt / "new").write_bytes(data)
+    log = Path(m.log_path).read_text()
+    assert "PASSTHROUGH" in re.search(r"negotiated (\S+)", log).group(1)
+    assert "WRITEBACK_CACHE" not in re.search(r"negotiated (\S+)", log).group(1)
+    c = counts(log)
+    assert c.get("READ", 0) == 0
+    assert c.get("WRITE", 0) >= 2
+    assert (up / "big").read_bytes() == big + b"+"
+    assert (up / "new").read_bytes() == data
+
+
+def test_security_selinux_without_selinux(tmp_path, lower, fuse):
+    """On a host without SELinux, an unlabelled file answers security.selinux with
+    EOPNOTSUPP, so `ls -l` stops asking after the first entry; a label a layer does carry
+    is still answered."""
+    need(not os.path.exists("/sys/fs/selinux"), "the host runs SELinux")
+    need(os.geteuid() == 0, "setting a security.* xattr needs root")
+    os.setxattr(lower / "dir" / "f5", "security.selinux", b"system_u:object_r:etc_t:s0\0")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    m = native(mnt, [lower])
+    with m:
+        with pytest.raises(OSError) as exc:
+            os.getxattr(mnt / "dir" / "f1", "security.selinux")
+        assert exc.value.errno == errno.EOPNOTSUPP
+        assert os.getxattr(mnt / "dir" / "f5", "security.selinux").startswith(b"system_u")
+        out = subprocess.run(["ls", "-l", str(mnt / "dir")], capture_output=True, check=True)
+        assert out.stdout.count(b"\n") == 21
+    log = Path(m.log_path).read_text()
+    asked = re.findall(r"GETXATTR #\d+ node \d+ \(b'security\.selinux'", log)
+    assert len(asked) == 2 + 1  # our two calls, then ls stops after its first
+
+
+def _killpriv_tree(lo: Path) -> None:
+    """Files whose setuid/setgid/capability a write, a truncate or an O_TRUNC open clears."""
+    for name, mode, gid in (("a", 0o6777, 0), ("b", 0o6767, 0), ("c", 0o6777, 0),
+                            ("d", 0o6767, 0), ("e", 0o2767, 1000), ("r", 0o6777, 0)):  # fmt: skip
+        (lo / name).write_bytes(b"data\n")
+        os.chown(lo / name, 0, gid)
+        os.chmod(lo / name, mode)
+    cap = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service
+    # (not on "r": root's write to a setuid file with a capability makes the kernel send an
+    # empty SETATTR, which on the wire is chown(f, -1, -1), which clears setuid as the
+    # kernel's chown does; kernel overlayfs keeps it there)
+    os.setxattr(lo / "a", "security.capability", cap)
+
+
+def _killpriv_work(mnt: Path) -> list[tuple[str, int, int, bool]]:
+    user = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "sh", "-c"]
+    script = (
+        'echo x >> "$1/a"; echo y >> "$1/b"; truncate -s 2 "$1/c"; : > "$1/d"; echo z >> "$1/e"'
+    )
+    subprocess.run([*user, script, "sh", str(mnt)], check=True)
+    with open(mnt / "r", "ab") as f:  # root keeps setuid/setgid (CAP_FSETID)
+        f.write(b"root\n")
+    out = []
+    for name in "abcder":
+        st = os.stat(mnt / name)
+        try:
+            has_cap = bool(os.getxattr(mnt / name, "security.capability"))
+        except OSError:
+            has_cap = False
+        out.append((name, st.st_mode, st.st_size, has_cap))
+    return out
+
+
+def test_killpriv_v2_matches_kernel_overlayfs(tmp_path, fuse):
+    """With FUSE_HANDLE_KILLPRIV_V2 the daemon clears setuid/setgid itself where the kernel
+    says (write, truncate, open with O_TRUNC by a caller without CAP_FSETID): the modes,
+    sizes and capabilities that follow are kernel overlayfs's, and no write asks for
+    security.capability any more."""
+    need(os.geteuid() == 0, "needs root (chown, setpriv, the kernel overlay)")
+    from tests.mounts import KernelOverlay
+
+    base = Path(tempfile.mkdtemp(prefix="nat-killpriv-", dir="/tmp"))  # a user can reach it
+    try:
+        os.chmod(base, 0o755)
+        lo = base / "lo"
+        lo.mkdir()
+        _killpriv_tree(lo)
+        results = []
+        for kind in ("kernel", "layerfs"):
+            mnt, up, wk = (base / f"{kind}-{n}" for n in ("mnt", "up", "wk"))
+            for d in (mnt, up, wk):
+                d.mkdir()
+            m = KernelOverlay(mnt, [lo], up, wk) if kind == "kernel" else native(mnt, [lo], up, wk)
+            with m:
+                results.append(_killpriv_work(mnt))
+                with open(mnt / "plain", "wb", buffering=0) as f:
+                    for _ in range(50):  # without KILLPRIV_V2: a GETXATTR before each
+                        f.write(b"x")
+            log = Path(m.log_path).read_text() if kind == "layerfs" else ""
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert results[1] == results[0]
+    assert [r[1] & 0o7777 for r in results[1]] == [0o777, 0o767, 0o777, 0o767, 0o2767, 0o6777]
+    assert "HANDLE_KILLPRIV_V2" in re.search(r"negotiated (\S+)", log).group(1)
+    # our 6 getxattr calls, and the kernel's check before the first write of each file (and
+    # of every write to a setuid file, which the VFS never marks S_NOSEC) — not 50 more
+    assert len(re.findall(r"GETXATTR #\d+ node \d+ \(b'security\.capability'", log)) < 20

@@ -89,12 +89,24 @@ def test_negotiation_grants_only_what_the_kernel_offers():
     assert err == 0 and conn is not None and len(payload) == 64
     assert conn.flags & wire.WRITEBACK_CACHE and conn.flags & wire.CACHE_SYMLINKS
     assert not conn.no_open and conn.max_write == 1 << 20
-    assert not conn.flags & wire.POSIX_ACL and not conn.flags & wire.HANDLE_KILLPRIV_V2
+    assert not conn.flags & wire.POSIX_ACL and conn.killpriv and not conn.passthrough
     fields = wire.INIT_OUT.unpack(payload)
     assert fields[:2] == (7, 45) and fields[8] == 256  # max_pages
+    assert fields[11] == 0  # max_stack_depth: no passthrough
     offered = wire.ASYNC_READ | wire.DO_READDIRPLUS  # an old-fashioned kernel
     _, conn, _ = negotiate(memoryview(init_body(flags=offered, flags2=0)), Wanted(writeback=True))
     assert conn is not None and conn.flags == offered and conn.max_write == 32 * 4096
+
+
+def test_negotiation_passthrough_excludes_the_writeback_cache():
+    payload, conn, _ = negotiate(memoryview(init_body()), Wanted(writeback=True, passthrough=True))
+    assert conn.passthrough and not conn.flags & wire.WRITEBACK_CACHE
+    assert wire.INIT_OUT.unpack(payload)[11] == 1  # max_stack_depth: backing files unstacked
+    no_pt = init_body(flags2=(0xFFFFFFFF & ~(wire.PASSTHROUGH >> 32)))
+    _, conn, _ = negotiate(memoryview(no_pt), Wanted(writeback=True, passthrough=True))
+    assert not conn.passthrough and conn.flags & wire.WRITEBACK_CACHE  # the fallback
+    _, ro, _ = negotiate(memoryview(init_body()), Wanted(read_only=True, passthrough=True))
+    assert not ro.passthrough and not ro.killpriv  # nothing is written on a read-only stack
 
 
 def test_negotiation_no_open_only_for_read_only_stacks():

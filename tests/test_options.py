@@ -73,6 +73,20 @@ def test_writeback_option(dirs):
     assert not cfg.writeback and not any("writeback" in o for o in cfg.fuse_options)
 
 
+def test_passthrough_option(dirs):
+    base = f"lowerdir={dirs}/top,upperdir={dirs}/upper,workdir={dirs}/work"
+    mnt = str(dirs / "mnt")
+    assert parse_args(["-o", base, mnt]).passthrough is True
+    assert parse_args(["-o", base + ",passthrough=0", mnt]).passthrough is False
+    # the kernel grants only one of passthrough and the writeback cache
+    cfg = parse_args(["-o", base + ",writeback=1", mnt])
+    assert cfg.writeback and not cfg.passthrough
+    with pytest.raises(OptionError, match="exclude each other"):
+        parse_args(["-o", base + ",writeback=1,passthrough=1", mnt])
+    with pytest.raises(OptionError, match="passthrough=2"):
+        parse_args(["-o", base + ",passthrough=2", mnt])
+
+
 def test_index_option(dirs):
     base = f"lowerdir={dirs}/top,upperdir={dirs}/upper,workdir={dirs}/work"
     mnt = str(dirs / "mnt")

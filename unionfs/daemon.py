@@ -69,7 +69,10 @@ def _daemonize(cfg: MountConfig) -> int:
         os.close(rfd)
         msg = b"".join(chunks).decode(errors="replace")
         if msg.startswith("OK"):
-            return EXIT_OK
+            # Skip the interpreter's teardown (~10 ms of every mount's wall time): nothing
+            # is buffered and nothing else runs in this process.
+            sys.stdout.flush()
+            os._exit(EXIT_OK)
         os.waitpid(pid, 0)
         print(
             msg.strip() or "layerfs: the daemon exited before the mount was live", file=sys.stderr

@@ -69,6 +69,8 @@ log = logging.getLogger("layerfs")
 CACHE_TIMEOUT = 86400.0  # seconds; see the module docstring for why this is safe
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # the daemon's buffers are not aligned for it
+SELINUX_XATTR = b"security.selinux"
+_HOST_SELINUX = os.path.exists("/sys/fs/selinux")  # a host without SELinux labels nothing
 SMALL_COPY = 256 << 10  # copy-ups up to this size stay on the trio thread (a hop costs more)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -291,6 +293,10 @@ class UnionOperations(pyfuse3.Operations):
             value = self.stack.getxattr(self.stack.node(inode), name)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
+                if name == SELINUX_XATTR and not _HOST_SELINUX:
+                    # `ls -l` asks for every entry and stops at the first EOPNOTSUPP; a
+                    # label that is there is still answered (as kernel overlayfs would)
+                    raise pyfuse3.FUSEError(errno.EOPNOTSUPP) from None
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
             raise
         return self.owners.xattr_shown(name, value) if self.owners else value
@@ -382,6 +388,30 @@ class UnionOperations(pyfuse3.Operations):
         if self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY:
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags
+
+    def kill_suidgid(self, inode: int, fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+        """Clear setuid, and setgid, of a regular upper file as the kernel's VFS does when a
+        caller without CAP_FSETID writes or truncates (the daemon holds CAP_FSETID, so its
+        own write leaves the bits): setgid goes when group-executable, or when the caller is
+        not in the file's group (setattr_should_drop_sgid).  The native transport calls it
+        where FUSE_HANDLE_KILLPRIV_V2 says to; returns the new attributes."""
+        node = self.stack.node(inode)
+        target: int | bytes = self._setattr_target(node, fh)
+        st = os.fstat(target) if isinstance(target, int) else self.stack.fs.lstat(target)
+        mode = stat.S_IMODE(st.st_mode)
+        kill = stat.S_ISUID
+        if mode & stat.S_IXGRP or not _in_group(ctx, st.st_gid):
+            kill |= stat.S_ISGID
+        if stat.S_ISREG(st.st_mode) and mode & kill:
+            self.stack.fs.chmod(target, mode & ~kill)
+            node.invalidate()
+        return self._entry(node)
+
+    def handle_fd(self, fh: int) -> tuple[int, bool]:
+        """(real fd, opened for writing) of an open file (the native transport's passthrough
+        hands the fd to the kernel)."""
+        handle = self._files[fh]
+        return handle.fd, handle.writable
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -779,6 +809,21 @@ def shown_ino(attrs: pyfuse3.EntryAttributes) -> int:
     if _SHOWN_INO_OFFSET is None:
         return int(attrs.st_ino)
     return int(ctypes.c_uint64.from_address(id(attrs) + _SHOWN_INO_OFFSET).value)
+
+
+def _in_group(ctx: Any, gid: int) -> bool:
+    """Whether the caller is in group `gid`: its fsgid, or one of its supplementary groups
+    (read from /proc; unknown counts as not, which clears the bit: the safe side)."""
+    if ctx.gid == gid:
+        return True
+    try:
+        with open(f"/proc/{ctx.pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return str(gid).encode() in line.split()[1:]
+    except OSError:
+        pass
+    return False
 
 
 def _open_noatime(fs: Roots, path: bytes, flags: int) -> int:

@@ -11,6 +11,9 @@ Options of layerfs itself (besides lowerdir/upperdir/workdir):
   writeback=0|1   the kernel's writeback cache (FUSE_WRITEBACK_CACHE): write(2) fills the page
                   cache and the kernel sends large WRITE requests later, instead of one request
                   per write(2).  Same name and values as fuse-overlayfs.  Default: 1.
+  passthrough=0|1 FUSE passthrough (native transport, as root, kernel 6.9+): the kernel reads
+                  big lower files itself; where granted it replaces the writeback cache (the
+                  kernel allows only one of them).  Default: 1, unless writeback=1 is given.
   fuse=native|pyfuse3
                   the FUSE transport: our own session over /dev/fuse (unionfs/fuse/) or
                   pyfuse3 (libfuse).  Default: $LAYERFS_FUSE, else TRANSPORT_DEFAULT.
@@ -103,6 +106,9 @@ REDIRECT_DIR = {
 # syncfs, memory pressure, or after ~30 s), so a kill -9 of the daemon can lose writes that
 # were neither fsynced nor closed, as a crash can on any filesystem; fsync keeps its meaning.
 WRITEBACK_DEFAULT = True
+# FUSE passthrough (native transport, root, kernel >= 6.9): replaces the writeback cache
+# where the kernel grants it (the two exclude each other); see unionfs/fuse/passthrough.py.
+PASSTHROUGH_DEFAULT = True
 
 # Hard links on copy-up, as kernel overlayfs's `index=` (its default is off).
 INDEX_DEFAULT = False
@@ -117,6 +123,8 @@ USAGE = (
     "       layerfs SOURCE MOUNTPOINT -o lowerdir=...   (as run by mount -t fuse.layerfs)\n"
     "options: writeback=0|1  kernel writeback cache: large WRITE requests instead of one per "
     f"write(2) (default {int(WRITEBACK_DEFAULT)})\n"
+    "         passthrough=0|1  native FUSE as root: the kernel reads big lower files itself; "
+    f"replaces the writeback cache (default {int(PASSTHROUGH_DEFAULT)})\n"
     "         fuse=native|pyfuse3  the FUSE transport (default $LAYERFS_FUSE, else "
     f"{TRANSPORT_DEFAULT})\n"
     "         index=off|on  on: hard-linked lower files stay one inode after copy-up "
@@ -139,6 +147,7 @@ class MountConfig:
     fuse_options: set[str] = field(default_factory=set)
     ignored: list[str] = field(default_factory=list)
     writeback: bool = WRITEBACK_DEFAULT
+    passthrough: bool = PASSTHROUGH_DEFAULT
     transport: str = TRANSPORT_DEFAULT
     index: bool = INDEX_DEFAULT
     follow_redirects: bool = True
@@ -269,7 +278,17 @@ def _validate(
         for low in lowers:
             if _inside(upper, low) or _inside(low, upper):
                 raise OptionError(f"upperdir {upper} overlaps lowerdir {low}")
+    asked_writeback = values.get("writeback") == "1"
     writeback = _switch(values.pop("writeback", None), "writeback", WRITEBACK_DEFAULT, ("0", "1"))
+    # the kernel grants one of the two: an explicit writeback=1 turns the default off
+    passthrough = _switch(
+        values.pop("passthrough", None),
+        "passthrough",
+        PASSTHROUGH_DEFAULT and not asked_writeback,
+        ("0", "1"),
+    )
+    if passthrough and asked_writeback:
+        raise OptionError("passthrough=1 and writeback=1 exclude each other (the kernel's rule)")
     index = _switch(values.pop("index", None), "index", INDEX_DEFAULT, ("off", "on"))
     transport = _transport(values.pop("fuse", None))
     redirect_dir = values.pop("redirect_dir", "on")
@@ -311,6 +330,7 @@ def _validate(
         fuse_options=fuse_options,
         ignored=ignored,
         writeback=writeback,
+        passthrough=passthrough,
         index=index,
         follow_redirects=follow_redirects,
         create_redirects=create_redirects,

@@ -8,7 +8,6 @@ no state beyond the loaded libc; thread-safe.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 RENAME_NOREPLACE = 1
@@ -23,7 +22,9 @@ def _load_libc() -> ctypes.CDLL:
     try:
         return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        from ctypes.util import find_library  # here: importing it costs ~8 ms of start-up
+
+        return ctypes.CDLL(find_library("c"), use_errno=True)
 
 
 _libc = _load_libc()

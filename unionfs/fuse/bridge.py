@@ -15,6 +15,10 @@ Kernel caching decided here, each only when INIT negotiated it (`Conn`):
     directory's i_version); upper directories are not cached;
   - a stack without an upper answers OPEN/OPENDIR with ENOSYS (no-open): the kernel then
     sends fh 0, and this bridge keeps one handle per inode, released at FORGET.
+FUSE_HANDLE_KILLPRIV_V2: the kernel leaves setuid/setgid to us and flags the requests where
+its VFS would clear them (a write, a truncate, an open with O_TRUNC by a caller without
+CAP_FSETID); the bridge then calls `kill_suidgid`.  security.capability needs nothing: the
+real file system drops it itself on our write and truncate, and chown clears all three.
 Lookup counts: the handlers count every entry they hand out (lookup, create, every
 READDIRPLUS entry but . and ..); for plain READDIR, which creates no kernel reference, the
 bridge gives the counts back.
@@ -32,6 +36,7 @@ from typing import Any
 from ..operations import shown_ino  # imported after INIT (run.py): it loads pyfuse3
 from . import wire
 from .init import Conn
+from .passthrough import Backings, Conflict
 from .wire import Header
 
 
@@ -143,9 +148,10 @@ def _sized(value: bytes, size: int) -> bytes:
 
 
 class Bridge:
-    def __init__(self, ops: Any, conn: Conn) -> None:
+    def __init__(self, ops: Any, conn: Conn, devfd: int = -1) -> None:
         self.ops = ops
         self.conn = conn
+        self.backings = Backings(devfd, enabled=conn.passthrough and devfd >= 0)
         self._node_fh: dict[int, int] = {}  # no-open: inode → the handler's file handle
         self._node_dh: dict[int, int] = {}  # no-opendir: inode → the handler's dir handle
 
@@ -178,7 +184,10 @@ class Bridge:
 
     async def setattr(self, h: Header, fields: tuple[int, ...]) -> bytes:
         attrs, which, fh = setattr_args(fields)
-        return _attr_out(await self.ops.setattr(h.nodeid, attrs, which, fh, Ctx(h)))
+        entry = await self.ops.setattr(h.nodeid, attrs, which, fh, Ctx(h))
+        if self.conn.killpriv and fields[0] & wire.FATTR_KILL_SUIDGID and which.update_size:
+            entry = self.ops.kill_suidgid(h.nodeid, fh, Ctx(h))  # a truncate, as the VFS would
+        return _attr_out(entry)
 
     async def readlink(self, h: Header) -> bytes:
         return bytes(await self.ops.readlink(h.nodeid, Ctx(h)))
@@ -243,15 +252,35 @@ class Bridge:
             flags |= wire.FOPEN_NOFLUSH
         return flags
 
-    async def open(self, h: Header, flags: int) -> bytes:
+    async def _open_out(self, ino: int, info: Any) -> bytes:
+        """fuse_open_out of a new handle: cached, or passed through (passthrough.py)."""
+        oflags, backing_id = self._open_flags(info), 0
+        if self.backings.enabled:
+            fd, writable = self.ops.handle_fd(info.fh)
+            lower = not self.ops.stack.in_upper(self.ops.stack.node(ino))
+            try:
+                backing_id = self.backings.open(ino, info.fh, fd, writable, lower)
+            except Conflict:
+                await self.ops.release(info.fh)
+                raise
+            if backing_id:
+                oflags = (oflags & ~wire.FOPEN_KEEP_CACHE) | wire.FOPEN_PASSTHROUGH
+        return wire.OPEN_OUT.pack(info.fh, oflags, backing_id)
+
+    async def open(self, h: Header, flags: int, open_flags: int = 0) -> bytes:
         if self.conn.no_open:
             raise Errno(errno.ENOSYS)  # once: the kernel stops sending OPEN/RELEASE/FLUSH
         info = await self.ops.open(h.nodeid, flags, Ctx(h))
-        return wire.OPEN_OUT.pack(info.fh, self._open_flags(info), 0)
+        if self.conn.killpriv and open_flags & wire.OPEN_KILL_SUIDGID:
+            self.ops.kill_suidgid(h.nodeid, info.fh, Ctx(h))  # open(O_TRUNC), as the VFS would
+        return await self._open_out(h.nodeid, info)
 
-    async def create(self, h: Header, name: bytes, mode: int, flags: int, umask: int) -> bytes:
+    async def create(self, h: Header, name: bytes, mode: int, flags: int, umask: int,
+                     open_flags: int = 0) -> bytes:  # fmt: skip
         info, attrs = await self.ops.create(h.nodeid, name, mode, flags, Ctx(h, umask))
-        return _entry(attrs) + wire.OPEN_OUT.pack(info.fh, self._open_flags(info), 0)
+        if self.conn.killpriv and open_flags & wire.OPEN_KILL_SUIDGID:
+            attrs = self.ops.kill_suidgid(attrs.st_ino, info.fh, Ctx(h))
+        return _entry(attrs) + await self._open_out(attrs.st_ino, info)
 
     async def _file(self, h: Header, fh: int) -> int:
         if fh == 0 and self.conn.no_open:
@@ -264,7 +293,9 @@ class Bridge:
     async def read(self, h: Header, fh: int, off: int, size: int) -> bytes:
         return bytes(await self.ops.read(await self._file(h, fh), off, size))
 
-    async def write(self, h: Header, fh: int, off: int, data: bytes) -> bytes:
+    async def write(self, h: Header, fh: int, off: int, data: bytes, wflags: int = 0) -> bytes:
+        if self.conn.killpriv and wflags & wire.WRITE_KILL_SUIDGID:
+            self.ops.kill_suidgid(h.nodeid, fh, Ctx(h))  # before the data, as the VFS does
         return wire.WRITE_OUT.pack(await self.ops.write(fh, off, data), 0)
 
     async def flush(self, h: Header, fh: int) -> bytes:
@@ -272,6 +303,7 @@ class Bridge:
         return b""
 
     async def release(self, h: Header, fh: int) -> bytes:
+        self.backings.release(fh)
         await self.ops.release(fh)
         return b""
 

@@ -9,7 +9,6 @@ Concurrency: none.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
 
 from . import wire
 from .wire import Malformed
@@ -18,30 +17,55 @@ PAGE = 4096
 MAX_PAGES = 256  # 1 MiB WRITE/READ requests
 MAX_BACKGROUND = 16
 CONGESTION_THRESHOLD = 12
+PASSTHROUGH_STACK_DEPTH = 1  # init_out.max_stack_depth when passthrough is granted
 
 
-@dataclass(frozen=True)
 class Wanted:
     """What the mount would like; `negotiate` grants the subset the kernel offers."""
 
-    writeback: bool = False  # FUSE_WRITEBACK_CACHE
-    read_only: bool = False  # a stack without an upper: no-open / no-opendir
-    cache_symlinks: bool = True
+    __slots__ = ("writeback", "read_only", "cache_symlinks", "passthrough", "killpriv")
+
+    def __init__(self, writeback: bool = False, read_only: bool = False,
+                 cache_symlinks: bool = True, passthrough: bool = False,
+                 killpriv: bool = True) -> None:  # fmt: skip
+        self.writeback = writeback  # FUSE_WRITEBACK_CACHE
+        self.read_only = read_only  # a stack without an upper: no-open / no-opendir
+        self.cache_symlinks = cache_symlinks
+        self.passthrough = passthrough  # FUSE_PASSTHROUGH (then never the writeback cache)
+        # FUSE_HANDLE_KILLPRIV_V2: the daemon clears setuid/setgid (the real file system
+        # clears security.capability on our write/truncate/chown), so the kernel stops
+        # asking for security.capability before every write(2)
+        self.killpriv = killpriv
 
 
-@dataclass(frozen=True)
 class Conn:
-    """The negotiated connection."""
+    """The negotiated connection (plain slots: a dataclass costs ~1 ms of start-up)."""
 
-    minor: int
-    kernel_flags: int
-    flags: int
-    max_write: int
-    max_readahead: int
-    no_open: bool  # answer OPEN/FLUSH with ENOSYS (kernel: fh 0, KEEP_CACHE)
-    no_opendir: bool  # answer OPENDIR with ENOSYS (kernel: fh 0, KEEP_CACHE|CACHE_DIR)
-    cache_dir: bool  # FOPEN_CACHE_DIR known to the kernel (7.28)
-    noflush: bool  # FOPEN_NOFLUSH known to the kernel (7.35)
+    __slots__ = ("minor", "kernel_flags", "flags", "max_write", "max_readahead", "no_open",
+                 "no_opendir", "cache_dir", "noflush")  # fmt: skip
+
+    def __init__(self, *, minor: int, kernel_flags: int, flags: int, max_write: int,
+                 max_readahead: int, no_open: bool, no_opendir: bool, cache_dir: bool,
+                 noflush: bool) -> None:  # fmt: skip
+        self.minor = minor
+        self.kernel_flags = kernel_flags
+        self.flags = flags
+        self.max_write = max_write
+        self.max_readahead = max_readahead
+        self.no_open = no_open  # answer OPEN/FLUSH with ENOSYS (kernel: fh 0, KEEP_CACHE)
+        self.no_opendir = no_opendir  # answer OPENDIR with ENOSYS (KEEP_CACHE|CACHE_DIR)
+        self.cache_dir = cache_dir  # FOPEN_CACHE_DIR known to the kernel (7.28)
+        self.noflush = noflush  # FOPEN_NOFLUSH known to the kernel (7.35)
+
+    @property
+    def killpriv(self) -> bool:
+        """FUSE_HANDLE_KILLPRIV_V2 granted: WRITE/SETATTR/OPEN say when to clear setuid."""
+        return bool(self.flags & wire.HANDLE_KILLPRIV_V2)
+
+    @property
+    def passthrough(self) -> bool:
+        """FUSE_PASSTHROUGH granted: OPEN/CREATE may hand the kernel a backing file."""
+        return bool(self.flags & wire.PASSTHROUGH)
 
     @property
     def bufsize(self) -> int:
@@ -70,10 +94,16 @@ def base_flags(want: Wanted) -> int:
         | wire.MAX_PAGES
         | wire.INIT_EXT
     )
-    if want.writeback and not want.read_only:
+    if want.passthrough and not want.read_only:
+        # The kernel refuses passthrough together with the writeback cache (a file's data
+        # would have two caches); passthrough is asked for first, writeback only without it.
+        flags |= wire.PASSTHROUGH
+    elif want.writeback and not want.read_only:
         flags |= wire.WRITEBACK_CACHE
     if want.cache_symlinks:
         flags |= wire.CACHE_SYMLINKS
+    if want.killpriv and not want.read_only:
+        flags |= wire.HANDLE_KILLPRIV_V2
     return flags
 
 
@@ -97,6 +127,8 @@ def negotiate(body: memoryview, want: Wanted) -> tuple[bytes, Conn | None, int]:
             return wire.INIT_OUT.pack(wire.KERNEL_VERSION, wire.OUR_MINOR, *(0,) * 10), None, 0
         return b"", None, errno.EPROTO
     granted = base_flags(want) & kflags
+    if want.writeback and not want.read_only and not granted & wire.PASSTHROUGH:
+        granted |= wire.WRITEBACK_CACHE & kflags  # passthrough asked for but not offered
     no_open = want.read_only and bool(kflags & wire.NO_OPEN_SUPPORT)
     no_opendir = want.read_only and bool(kflags & wire.NO_OPENDIR_SUPPORT)
     max_write = MAX_PAGES * PAGE if granted & wire.MAX_PAGES else 32 * PAGE
@@ -123,6 +155,7 @@ def negotiate(body: memoryview, want: Wanted) -> tuple[bytes, Conn | None, int]:
         MAX_PAGES if granted & wire.MAX_PAGES else 0,
         0,  # map_alignment
         granted >> 32,
-        0,  # max_stack_depth (no passthrough)
+        # backing files must live on a filesystem that is not itself stacked (depth 0)
+        PASSTHROUGH_STACK_DEPTH if granted & wire.PASSTHROUGH else 0,
     )
     return payload, conn, 0

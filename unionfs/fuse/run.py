@@ -44,7 +44,11 @@ def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> 
         report(f"layerfs: mounting {cfg.mountpoint} failed: {exc}")
         return EXIT_MOUNT_FAILED
     try:
-        want = Wanted(writeback=cfg.writeback and writer is not None, read_only=writer is None)
+        want = Wanted(
+            writeback=cfg.writeback and writer is not None,
+            read_only=writer is None,
+            passthrough=cfg.passthrough and writer is not None and os.geteuid() == 0,
+        )
         conn = handshake(mounted.fd, want)
     except (InitFailed, OSError) as exc:
         mounted.unmount()
@@ -76,8 +80,8 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
         volatile=cfg.volatile,
     )
     ops.init()
-    bridge = Bridge(ops, conn)
-    session = Session(mounted.fd, conn, bridge)
+    bridge = Bridge(ops, conn, mounted.fd)
+    session = Session(mounted.fd, conn, bridge, spin_us=int(os.environ.get("LAYERFS_SPIN_US", 0)))
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         trio.run(_main, trio, ops, session, bridge, cfg.mountpoint)

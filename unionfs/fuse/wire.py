@@ -61,6 +61,7 @@ FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_NONSEEKABLE = 1 << 2
 FOPEN_CACHE_DIR = 1 << 3
 FOPEN_NOFLUSH = 1 << 5  # protocol 7.35
+FOPEN_PASSTHROUGH = 1 << 7  # protocol 7.40; open_out.backing_id names the backing file
 
 # ---- SETATTR valid bits -----------------------------------------------------------------
 FATTR_MODE = 1 << 0
@@ -74,7 +75,11 @@ FATTR_ATIME_NOW = 1 << 7
 FATTR_MTIME_NOW = 1 << 8
 FATTR_CTIME = 1 << 10
 
+FATTR_KILL_SUIDGID = 1 << 11  # HANDLE_KILLPRIV_V2: a truncate by a caller without CAP_FSETID
+
 FSYNC_FDATASYNC = 1 << 0
+WRITE_KILL_SUIDGID = 1 << 2  # fuse_write_in.write_flags (HANDLE_KILLPRIV_V2)
+OPEN_KILL_SUIDGID = 1 << 0  # fuse_open_in/fuse_create_in.open_flags (HANDLE_KILLPRIV_V2)
 
 # ---- structs ----------------------------------------------------------------------------
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid total_extlen pad
@@ -112,6 +117,7 @@ INTERRUPT_IN = struct.Struct("<Q")
 FORGET_IN = struct.Struct("<Q")
 BATCH_FORGET_IN = struct.Struct("<II")
 FORGET_ONE = struct.Struct("<QQ")
+BACKING_MAP = struct.Struct("<iIQ")  # fuse_backing_map: fd flags padding
 NOTIFY_INVAL_INODE = struct.Struct("<Qqq")
 NOTIFY_INVAL_ENTRY = struct.Struct("<QII")
 NOTIFY_INVAL_INODE_CODE = 2

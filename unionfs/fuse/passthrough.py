@@ -1,0 +1,115 @@
+"""FUSE passthrough: the kernel reads and writes a file's real object itself, without READ
+and WRITE requests (FUSE_PASSTHROUGH: kernel 6.9 and newer, CAP_SYS_ADMIN).
+
+The daemon registers an open real fd with the device (FUSE_DEV_IOC_BACKING_OPEN → a backing
+id) and answers OPEN/CREATE with FOPEN_PASSTHROUGH and that id; the kernel then opens the
+backing file's path itself, with the caller's flags, for every read, write and mmap of that
+open file.  The id is closed (FUSE_DEV_IOC_BACKING_CLOSE) at the last RELEASE of the inode.
+
+The kernel's rules (fs/fuse/iomode.c), which `Backings` keeps per inode:
+  - an inode is either cached (open files use the page cache) or passthrough, never both
+    at once: while one kind of open file exists, every new open must be of the same kind
+    (otherwise the kernel fails the caller's open with EIO);
+  - all passthrough opens of an inode use one backing file at a time (otherwise EBUSY→EIO);
+  - FOPEN_PASSTHROUGH excludes FOPEN_KEEP_CACHE (EINVAL→EIO).
+What passes through: opens for reading of lower-layer files of MIN_SIZE bytes or more
+(decided per open, when no other open file of the inode decides it).  Smaller files stay
+cached: two ioctls per open cost more than they save, and a read of a passthrough file makes
+the kernel ask for attributes again on a writable mount.  Upper files and every open for
+writing stay cached, so writes still pass the freeze gate (control.py): a write through
+passthrough would reach the upper while a live `layer commit` reads it (measured: with
+writes passed through, tests/test_writeback.py's commit during appends sees torn files).
+What this costs in semantics: a big lower file opened for reading keeps reading the lower
+file after another open copies it up (kernel overlayfs before 4.19 behaved the same way),
+and so does a reader opened while such readers are open; opening it for writing while they
+are open fails with ETXTBSY, since the kernel cannot switch the inode to the upper copy under
+them.  Files under MIN_SIZE, and every file with passthrough=0, keep kernel-overlayfs
+semantics exactly.
+Concurrency: trio, one thread; called between awaits only.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import struct
+
+from . import wire
+
+log = logging.getLogger("layerfs")
+
+BACKING_OPEN = 0x4010E501  # _IOW(229, 1, struct fuse_backing_map)
+BACKING_CLOSE = 0x4004E502  # _IOW(229, 2, uint32_t)
+MIN_SIZE = 1 << 20  # opens for reading of smaller files stay cached (see README)
+
+
+class Conflict(Exception):
+    """The inode passes through to another real file than this open's (a copy-up since)."""
+
+    errno = errno.ETXTBSY
+
+
+class _Inode:
+    __slots__ = ("backing_id", "handles")
+
+    def __init__(self, backing_id: int) -> None:
+        self.backing_id = backing_id  # 0: the inode's open files are cached
+        self.handles: set[int] = set()
+
+
+class Backings:
+    """Which open files pass through, and the backing ids they hold."""
+
+    def __init__(self, devfd: int, enabled: bool) -> None:
+        self.devfd = devfd
+        self.enabled = enabled
+        self._inodes: dict[int, _Inode] = {}
+        self._handle_inode: dict[int, int] = {}
+
+    def open(self, ino: int, fh: int, fd: int, writable: bool, lower: bool) -> int:
+        """The backing id to answer handle `fh` of inode `ino` with (0: cached); `lower`:
+        the handle's real file is in a lower layer.  Raises Conflict for a handle opened for
+        writing while the inode passes through to its lower file."""
+        if not self.enabled:
+            return 0
+        node = self._inodes.get(ino)
+        if node is None:
+            bid = 0
+            if lower and not writable and os.fstat(fd).st_size >= MIN_SIZE:
+                bid = self._register(fd)
+            node = self._inodes[ino] = _Inode(bid)
+        elif node.backing_id and writable:
+            raise Conflict(os.strerror(errno.ETXTBSY))
+        # (a reader opened after a copy-up joins the readers still on the lower file)
+        node.handles.add(fh)
+        self._handle_inode[fh] = ino
+        return node.backing_id
+
+    def release(self, fh: int) -> None:
+        ino = self._handle_inode.pop(fh, None)
+        if ino is None:
+            return
+        node = self._inodes[ino]
+        node.handles.discard(fh)
+        if node.handles:
+            return
+        del self._inodes[ino]
+        if node.backing_id:
+            try:
+                fcntl.ioctl(self.devfd, BACKING_CLOSE, struct.pack("<I", node.backing_id))
+            except OSError as exc:
+                log.warning("passthrough: closing backing id %d: %s", node.backing_id, exc)
+
+    def _register(self, fd: int) -> int:
+        arg = bytearray(wire.BACKING_MAP.pack(fd, 0, 0))
+        try:
+            return fcntl.ioctl(self.devfd, BACKING_OPEN, arg, True)
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP):
+                log.warning("passthrough: off for this mount (%s)", exc)
+                self.enabled = False
+            else:  # this file only (a backing file on a stacked filesystem: ELOOP/EBUSY)
+                log.debug("passthrough: not for this file (%s)", exc)
+            return 0
