@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.mounts import LayerfsMount, require_fuse
+from unionfs import control
 
 LONG = b"n" * 256  # one byte over NAME_MAX
 MAX = b"m" * 255
@@ -352,3 +353,22 @@ def test_changeset_refuses_a_path_no_layer_can_hold(tmp_path):
     assert f"/{deep}/f" in changeset.changes(upper, [lower]).added
     with pytest.raises(changeset.ChangesetError, match="longer than 4096 bytes"):
         changeset.write_changeset(upper, [lower], io.BytesIO())
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("transport", ["native", "pyfuse3"])
+def test_freeze_of_a_mount_over_its_own_upper(tmp_path, fuse, transport):
+    """Mounted on its upper dir (allowed, as by the kernel): the mount shadows the upper, so a
+    freeze (what `layer diff`/`commit` ask) must sync the upper through the fd the daemon
+    holds, on both transports — by path it would reach the mount itself."""
+    lower, upper, work = tmp_path / "lower", tmp_path / "upper", tmp_path / "work"
+    for p in (lower, upper, work):
+        p.mkdir()
+    (lower / "file").write_bytes(b"hello\n")
+    log = tmp_path / f"{transport}.log"
+    with LayerfsMount(upper, [lower], upper, work, f"fuse={transport}", log_path=log) as m:
+        r = _run(m, "sh", "-c", f"echo more >> {upper}/file")
+        assert r.returncode == 0, r.stderr
+        with control.frozen(work, timeout=20):
+            pass
+        assert _run(m, "cat", str(upper / "file")).stdout == b"hello\nmore\n"

@@ -28,7 +28,7 @@ import sys
 from .errors import OptionError
 from .fdlimit import raise_nofile
 from .options import USAGE, MountConfig, parse_args
-from .serving import flush_mount, open_stack
+from .serving import open_stack
 
 log = logging.getLogger("layerfs")
 
@@ -188,31 +188,9 @@ def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
 
 
 async def _run(pyfuse3, trio, ops, mountpoint) -> None:  # type: ignore[no-untyped-def]
-    from . import control
+    from .serving import serve_mount
 
-    async def on_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-            task_status.started()
-            async for signum in sigs:
-                log.info("signal %d: unmounting", signum)
-                if ops.writer is not None:
-                    await flush_mount(trio, os.fsencode(mountpoint))
-                pyfuse3.terminate()
-                return
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(on_signals)
-        if ops.writer is not None:
-            sock = os.fsencode(control.socket_path(ops.writer.workdir))
-            await nursery.start(
-                control.serve,
-                sock,
-                ops.gate,
-                ops.stack.fs.handle(ops.stack.layers[0]),  # an fd if under the mount
-                os.fsencode(mountpoint),
-            )
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
+    await serve_mount(trio, ops, mountpoint, pyfuse3.main, pyfuse3.terminate)
 
 
 def _setup_logging(debug: bool, to_stderr: bool) -> None:

@@ -1,6 +1,7 @@
-"""What both transports do before and after serving: open the layers, flush the mount.
+"""What both transports do around serving: open the layers, run the mount's life, flush it.
 
 `open_stack` builds the LayerStack and Writer of a MountConfig (or reports why it cannot);
+`serve_mount` is the life of a mount (signals, the control socket, the transport's loop);
 `flush_mount` syncs a writable mount before a signal unmounts it.  Used by daemon.py (the
 pyfuse3 transport) and fuse/run.py (the native one), which both import this module and
 nothing of each other.  The heavy modules (stack, writer) are imported inside open_stack, so
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .errors import UnionError
@@ -70,3 +72,41 @@ async def flush_mount(trio, mountpoint: bytes) -> None:  # type: ignore[no-untyp
             log.warning("syncing %s before unmounting failed: %s", os.fsdecode(mountpoint), exc)
     if scope.cancelled_caught:
         log.warning("unmounting without syncing %s: it stayed frozen", os.fsdecode(mountpoint))
+
+
+async def serve_mount(  # type: ignore[no-untyped-def]
+    trio,
+    ops: Any,
+    mountpoint: str,
+    loop: Callable[[], Awaitable[None]],
+    terminate: Callable[[], None],
+) -> None:
+    """Run one mount until its transport's `loop` returns: SIGTERM/SIGINT/SIGHUP flush a
+    writable mount and `terminate` the loop; a writable mount also serves its control socket
+    (freeze/thaw for `layer diff`/`commit`) beside the upper.  The control session syncs the
+    upper through an fd when the mountpoint shadows it (a mount over its own layer)."""
+    from . import control
+
+    async def on_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            task_status.started()
+            async for signum in sigs:
+                log.info("signal %d: unmounting", signum)
+                if ops.writer is not None:
+                    await flush_mount(trio, os.fsencode(mountpoint))
+                terminate()
+                return
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(on_signals)
+        if ops.writer is not None:
+            sock = os.fsencode(control.socket_path(ops.writer.workdir))
+            await nursery.start(
+                control.serve,
+                sock,
+                ops.gate,
+                ops.stack.fs.handle(ops.stack.layers[0]),  # an fd if under the mount
+                os.fsencode(mountpoint),
+            )
+        await loop()
+        nursery.cancel_scope.cancel()

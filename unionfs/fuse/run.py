@@ -94,29 +94,13 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
 
 
 async def _main(trio: Any, ops: Any, session: Any, bridge: Any, mountpoint: str) -> None:
-    from .. import control
-    from ..serving import flush_mount
+    from ..serving import serve_mount
 
-    async def on_signals(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-            task_status.started()
-            async for signum in sigs:
-                log.info("signal %d: unmounting", signum)
-                if ops.writer is not None:
-                    await flush_mount(trio, os.fsencode(mountpoint))
-                session.terminate()
-                return
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(on_signals)
-        if ops.writer is not None:
-            sock = os.fsencode(control.socket_path(ops.writer.workdir))
-            await nursery.start(
-                control.serve, sock, ops.gate, ops.stack.layers[0], os.fsencode(mountpoint)
-            )
+    async def loop() -> None:
         await session.serve()
         await bridge.close()
-        nursery.cancel_scope.cancel()
+
+    await serve_mount(trio, ops, mountpoint, loop, session.terminate)
 
 
 def _counts(counts: dict[int, int]) -> str:
