@@ -206,10 +206,9 @@ class StoreBench(contextlib.AbstractContextManager["StoreBench"]):
 def _layer_blobs(store: Any) -> list[tuple[Any, str, Any]]:
     """(blob, media type, DiffID) of each layer of the image `base`."""
     from imagestore import media
-    from imagestore.digest import Digest
 
     desc = store.resolve("base")
-    data = store.read_blob(Digest.parse(desc["digest"]))
-    m = media.parse_manifest(data, media.media_type_of(data, desc.get("mediaType")))
+    data = store.read_blob(desc.digest)
+    m = media.parse_manifest(data, media.media_type_of(data, desc.media_type))
     ids = media.diff_ids(store.read_blob(m.config.digest))
     return [(x.digest, x.media_type, d) for x, d in zip(m.layers, ids, strict=True)]

@@ -38,10 +38,8 @@ def _live_users(store: Store) -> fsck_repair.Users:
             if _state(rec) != mounts.LIVE:
                 continue
             try:
-                data = store.read_blob(Digest.parse(rec.digest), verify=False)
-                m = media.parse_manifest(
-                    data, media.media_type_of(data, rec.image.get("mediaType"))
-                )
+                data = store.read_blob(rec.image.digest, verify=False)
+                m = media.parse_manifest(data, media.media_type_of(data, rec.image.media_type))
                 ids = media.diff_ids(store.read_blob(m.config.digest, verify=False))
             except Exception:  # noqa: BLE001 - a damaged image: count the mount as a user
                 ids = [diff_id]

@@ -239,7 +239,7 @@ def commit(
     store: Store,
     upper: Path,
     lowers: list[Path],
-    base_image: str | dict[str, Any],
+    base_image: str | media.Descriptor,
     new_name: str,
     options: CommitOptions = CommitOptions(),  # noqa: B008 (frozen: one shared default is safe)
 ) -> Digest:
@@ -255,8 +255,8 @@ def commit(
     check_tag_name(new_name)
     edits = [parse_change(c) for c in changes]
     desc = store.resolve(base_image) if isinstance(base_image, str) else base_image
-    data = store.read_blob(Digest.parse(desc["digest"]))
-    base = media.parse_manifest(data, media.media_type_of(data, desc.get("mediaType")))
+    data = store.read_blob(desc.digest)
+    base = media.parse_manifest(data, media.media_type_of(data, desc.media_type))
     config = store.read_json(base.config.digest)
     docker = base.media_type == media.DOCKER_MANIFEST and compress == "gzip"
     created: list[Digest] = []
@@ -277,10 +277,7 @@ def commit(
         if before_tag is not None:
             before_tag()
         with store.transaction() as txn:
-            txn.tag(
-                new_name,
-                {"mediaType": manifest["mediaType"], "digest": str(man_digest), "size": man_size},
-            )
+            txn.tag(new_name, media.Descriptor(manifest["mediaType"], man_digest, man_size))
     except BaseException:
         for d in created:
             with contextlib.suppress(FileNotFoundError):

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from . import fingerprints, media, mountrecords
 from .digest import Digest
 from .errors import DamagedStore, StoreError
-from .media import BadManifest
+from .media import BadManifest, Descriptor
 from .store import Store
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -111,8 +111,8 @@ def check(
     descs = _image_descs(store, images, report)
     records = _records(store, report)
     if images is not None:
-        wanted = {str(d["digest"]) for _, d in descs}
-        records = [r for r in records if r.digest in wanted]
+        wanted = {d.digest for _, d in descs}
+        records = [r for r in records if r.image.digest in wanted]
     blobs, layers = _scope(store, descs + [(r.name, r.image) for r in records], report)
     report.checked["images"] = len(descs)
     _check_blobs(store, None if images is None else blobs, report, progress)
@@ -160,7 +160,7 @@ def _check_blobs(
 # ----- the index, tags and the images they name ----------------------------------------------
 def _image_descs(
     store: Store, images: list[str] | None, report: Report
-) -> list[tuple[str, dict[str, Any]]]:
+) -> list[tuple[str, Descriptor]]:
     try:
         if images is None:
             return store.images()
@@ -171,7 +171,7 @@ def _image_descs(
 
 
 def _scope(
-    store: Store, descs: Iterable[tuple[str, dict[str, Any]]], report: Report
+    store: Store, descs: Iterable[tuple[str, Descriptor]], report: Report
 ) -> tuple[set[Digest], set[Digest]]:
     """The blobs and DiffIDs the images name, checking that each is present and parses;
     fills `report.layer_blobs` (DiffID → a blob that holds it, with its media type)."""
@@ -179,10 +179,9 @@ def _scope(
     layers: set[Digest] = set()
     for name, desc in descs:
         try:
-            digest = Digest.parse(str(desc["digest"]))
-            blobs.add(digest)
-            data = _present(store, digest, f"image {name}: manifest")
-            m = media.parse_manifest(data, media.media_type_of(data, desc.get("mediaType")))
+            blobs.add(desc.digest)
+            data = _present(store, desc.digest, f"image {name}: manifest")
+            m = media.parse_manifest(data, media.media_type_of(data, desc.media_type))
             blobs |= {m.config.digest, *(x.digest for x in m.layers)}
             config = _present(store, m.config.digest, f"image {name}: config")
             diff_ids = media.diff_ids(config)
@@ -334,7 +333,7 @@ def _check_records(
     for rec in records:
         report.checked["mounts"] += 1
         where = f"mount {rec.name}"
-        if not store.has_blob(Digest.parse(rec.digest)):
+        if not store.has_blob(rec.image.digest):
             report.problems.append(
                 Problem("mount", rec.name, f"{where}: its image {rec.digest} is missing")
             )

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import fstree, media, mountrecords
 from .digest import Digest
-from .store import Store
+from .store import REF_ANNOTATION, Store
 from .unpack import remove_tree
 
 
@@ -28,10 +28,9 @@ class ImageInfo:
     created: str | None
 
 
-def _manifest(store: Store, desc: dict[str, Any]) -> tuple[bytes, media.Manifest]:
-    digest = Digest.parse(desc["digest"])
-    data = store.read_blob(digest)
-    return data, media.parse_manifest(data, media.media_type_of(data, desc.get("mediaType")))
+def _manifest(store: Store, desc: media.Descriptor) -> tuple[bytes, media.Manifest]:
+    data = store.read_blob(desc.digest)
+    return data, media.parse_manifest(data, media.media_type_of(data, desc.media_type))
 
 
 def info(store: Store, name: str) -> ImageInfo:
@@ -39,10 +38,10 @@ def info(store: Store, name: str) -> ImageInfo:
     data, m = _manifest(store, desc)
     config = store.read_json(m.config.digest)
     size = len(data) + m.config.size + sum(layer.size for layer in m.layers)
-    label = desc.get("annotations", {}).get("org.opencontainers.image.ref.name", name)
+    label = desc.annotations.get(REF_ANNOTATION, name)
     return ImageInfo(
         label,
-        Digest.parse(desc["digest"]),
+        desc.digest,
         m.media_type,
         size,
         len(m.layers),
@@ -60,8 +59,8 @@ def inspect(store: Store, name: str) -> dict[str, Any]:
     config = store.read_json(m.config.digest)
     diff_ids = media.diff_ids(json.dumps(config).encode())
     return {
-        "name": desc.get("annotations", {}).get("org.opencontainers.image.ref.name", name),
-        "digest": desc["digest"],
+        "name": desc.annotations.get(REF_ANNOTATION, name),
+        "digest": str(desc.digest),
         "mediaType": m.media_type,
         "manifest": json.loads(data),
         "config": config,
@@ -79,7 +78,7 @@ def inspect(store: Store, name: str) -> dict[str, Any]:
 
 
 def raw_manifest(store: Store, name: str) -> bytes:
-    return store.read_blob(Digest.parse(store.resolve(name)["digest"]))
+    return store.read_blob(store.resolve(name).digest)
 
 
 def referenced(store: Store) -> tuple[set[Digest], set[Digest]]:
@@ -94,7 +93,7 @@ def referenced(store: Store) -> tuple[set[Digest], set[Digest]]:
             data, m = _manifest(store, desc)
         except Exception:  # noqa: BLE001 - a broken image keeps what it names, no more
             continue
-        blobs |= {Digest.parse(desc["digest"]), m.config.digest, *(x.digest for x in m.layers)}
+        blobs |= {desc.digest, m.config.digest, *(x.digest for x in m.layers)}
         if store.has_blob(m.config.digest):
             layers |= set(media.diff_ids(store.read_blob(m.config.digest)))
     return blobs, layers

@@ -50,4 +50,4 @@ def write_oci_image(
     }
     (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top]}))
-    return Digest.parse(top["digest"])
+    return Digest.of(manifest)

@@ -29,7 +29,7 @@ from typing import Any
 from . import fstree, media
 from .durable import write_atomic
 from .errors import BadReference, DamagedStore, ImageNotFound, StoreError
-from .media import BadManifest
+from .media import BadManifest, Descriptor
 from .store import Store, locked_file
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -39,7 +39,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 class MountRecord:
     name: str
     image_name: str
-    image: dict[str, Any]
+    image: Descriptor  # media type, digest and size: all a record keeps
     mountpoint: str
     read_only: bool
     path: Path
@@ -48,7 +48,7 @@ class MountRecord:
     @property
     def digest(self) -> str:
         """The pinned manifest digest."""
-        return str(self.image["digest"])
+        return str(self.image.digest)
 
     @property
     def upper(self) -> Path:
@@ -86,10 +86,9 @@ def load(store: Store, name: str) -> MountRecord | None:
         return None
     try:
         obj = media.load(text, "the record")
-        image = obj.get("image")
-        if not isinstance(image, dict):
+        if not isinstance(obj.get("image"), dict):
             raise BadManifest("'image' is missing or not an object")
-        media.Descriptor.from_json(image, "'image'")
+        image = _pinned(Descriptor.from_json(obj["image"], "'image'"))
         for key in ("image_name", "mountpoint"):
             if not isinstance(obj.get(key), str):
                 raise BadManifest(f"{key!r} is missing or not a string")
@@ -120,7 +119,12 @@ def all_records(store: Store) -> list[MountRecord]:
     return out
 
 
-def resolve(store: Store, ref: str) -> dict[str, Any]:
+def _pinned(desc: Descriptor) -> Descriptor:
+    """What a record keeps of a descriptor (and writes: mount.json's "image")."""
+    return Descriptor(desc.media_type, desc.digest, desc.size)
+
+
+def resolve(store: Store, ref: str) -> Descriptor:
     """The descriptor of image `ref`: a tag or digest the store resolves, else the manifest
     digest (or a unique prefix of 12+ hex digits) a mount record pins."""
     try:
@@ -143,7 +147,7 @@ def save(
     store: Store,
     name: str,
     image_name: str,
-    image: dict[str, Any],
+    image: Descriptor,
     mountpoint: str,
     read_only: bool,
     daemon: dict[str, int] | None = None,
@@ -155,7 +159,7 @@ def save(
     store.require_transaction()
     path = store.mounts / check_name(name)
     old = load(store, name)
-    if old is not None and not old.read_only and old.digest != image["digest"]:
+    if old is not None and not old.read_only and old.image.digest != image.digest:
         raise StoreError(
             f"mount {name} belongs to image {old.image_name} "
             f"({old.digest[:19]}); use another --name or `layer rm {name}`"
@@ -168,14 +172,14 @@ def save(
         (path / "work").mkdir(exist_ok=True)
     obj: dict[str, Any] = {
         "image_name": image_name,
-        "image": {k: v for k, v in image.items() if k in ("mediaType", "digest", "size")},
+        "image": _pinned(image).to_json(),
         "mountpoint": mountpoint,
         "read_only": read_only,
     }
     if daemon is not None:
         obj["daemon"] = daemon
     write_atomic(path / "mount.json", json.dumps(obj, indent=2).encode())
-    return MountRecord(name, image_name, obj["image"], mountpoint, read_only, path, daemon)
+    return MountRecord(name, image_name, _pinned(image), mountpoint, read_only, path, daemon)
 
 
 def remove(store: Store, name: str) -> None:

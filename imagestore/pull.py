@@ -129,7 +129,7 @@ def _pull(
             raise
     store.put_bytes(data, digest)
     with store.transaction() as txn:
-        txn.tag(name, {"mediaType": mt, "digest": str(digest), "size": len(data)})
+        txn.tag(name, Descriptor(mt, digest, len(data)))
     return PullResult(name, digest, mt, got)
 
 
@@ -148,13 +148,12 @@ def image_layers(store: Store, name: str) -> list[Path]:
     return descriptor_layers(store, store.resolve(name), name)
 
 
-def descriptor_layers(store: Store, desc: dict[str, Any], name: str | None = None) -> list[Path]:
+def descriptor_layers(store: Store, desc: Descriptor, name: str | None = None) -> list[Path]:
     """`image_layers` of the image a manifest descriptor names, tagged or not (a mount's
     pinned image)."""
-    name = name or str(desc["digest"])
-    digest = Digest.parse(desc["digest"])
-    data = store.read_blob(digest)
-    manifest = media.parse_manifest(data, media.media_type_of(data, desc.get("mediaType")))
+    name = name or str(desc.digest)
+    data = store.read_blob(desc.digest)
+    manifest = media.parse_manifest(data, media.media_type_of(data, desc.media_type))
     diff_ids = media.diff_ids(store.read_blob(manifest.config.digest))
     dirs = []
     for layer, diff_id in zip(manifest.layers, diff_ids, strict=True):

@@ -106,9 +106,9 @@ def push(
 
 def _load(store: Store, image: str) -> _Image:
     desc = store.resolve(image)
-    digest = Digest.parse(desc["digest"])
+    digest = desc.digest
     data = store.read_blob(digest)
-    mt = media.media_type_of(data, desc.get("mediaType"))
+    mt = media.media_type_of(data, desc.media_type)
     if mt in media.INDEX_TYPES:
         raise BadManifest(f"{image} is an image index; pushing indexes is not supported")
     return _Image(data, mt, digest, media.parse_manifest(data, mt))

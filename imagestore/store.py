@@ -36,7 +36,7 @@ import secrets
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import durable
 from .digest import Digest
@@ -49,6 +49,9 @@ from .errors import (
     ImageNotFound,
     StoreBusy,
 )
+
+if TYPE_CHECKING:  # imported where used at run time, like media's other users here
+    from .media import Descriptor
 
 OCI_LAYOUT = {"imageLayoutVersion": "1.0.0"}
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -258,15 +261,19 @@ class Store:
     def _write_index(self, index: dict[str, Any]) -> None:
         write_atomic(self.root / "index.json", json.dumps(index, indent=2).encode() + b"\n")
 
-    def images(self) -> list[tuple[str, dict[str, Any]]]:
+    def images(self) -> list[tuple[str, Descriptor]]:
+        """(name, descriptor) of every named entry of index.json, in index order."""
+        from .media import Descriptor
+
         out = []
-        for desc in self._read_index().get("manifests", []):
-            name = desc.get("annotations", {}).get(REF_ANNOTATION)
+        for i, entry in enumerate(self._read_index().get("manifests", [])):
+            desc = Descriptor.from_json(entry, f"manifests[{i}]")  # checked by _read_index
+            name = desc.annotations.get(REF_ANNOTATION)
             if name:
                 out.append((name, desc))
         return out
 
-    def resolve(self, name: str) -> dict[str, Any]:
+    def resolve(self, name: str) -> Descriptor:
         """The descriptor tagged `name`; a manifest digest (or unique prefix) also works."""
         images = self.images()
         for n, desc in images:
@@ -275,9 +282,9 @@ class Store:
         hexpart = name.removeprefix("sha256:")
         if len(hexpart) >= 12:
             found = [
-                d for _, d in images if d["digest"].removeprefix("sha256:").startswith(hexpart)
+                d for _, d in images if str(d.digest).removeprefix("sha256:").startswith(hexpart)
             ]
-            if len({d["digest"] for d in found}) == 1:
+            if len({d.digest for d in found}) == 1:
                 return found[0]
         raise ImageNotFound(f"no image {name!r} in {self.root}")
 
@@ -301,8 +308,9 @@ class Transaction:
         if not self.open:
             raise RuntimeError("a store transaction used after its block")
 
-    def tag(self, name: str, desc: dict[str, Any]) -> None:
-        """Point `name` at `desc` (replacing an older image of that name).  Atomic."""
+    def tag(self, name: str, desc: Descriptor) -> None:
+        """Point `name` at `desc` (replacing an older image of that name).  Atomic.  The
+        entry is `desc` as JSON with its annotations plus the ref name annotation."""
         self._check()
         check_tag_name(name)
         index = self.store._read_index()
@@ -311,8 +319,8 @@ class Transaction:
             for d in index.get("manifests", [])
             if d.get("annotations", {}).get(REF_ANNOTATION) != name
         ]
-        entry = {k: v for k, v in desc.items() if k in ("mediaType", "digest", "size", "platform")}
-        entry["annotations"] = {**desc.get("annotations", {}), REF_ANNOTATION: name}
+        entry = desc.to_json()
+        entry["annotations"] = {**desc.annotations, REF_ANNOTATION: name}
         manifests.append(entry)
         index["manifests"] = manifests
         self.store._write_index(index)

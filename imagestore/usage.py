@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from . import fingerprints, media, mountrecords
-from .digest import Digest
 from .errors import StoreError
 from .store import Store
 
@@ -152,14 +151,13 @@ def _users(
     descs += [(f"mount:{r.name}", r.image) for r in records]
     for name, desc in descs:
         try:
-            digest = Digest.parse(str(desc["digest"]))
-            data = store.read_blob(digest, verify=False)
-            m = media.parse_manifest(data, media.media_type_of(data, desc.get("mediaType")))
+            data = store.read_blob(desc.digest, verify=False)
+            m = media.parse_manifest(data, media.media_type_of(data, desc.media_type))
             ids = media.diff_ids(store.read_blob(m.config.digest, verify=False))
         except (StoreError, KeyError):
-            out[name] = ({str(desc.get("digest", "")).removeprefix("sha256:")}, set())
+            out[name] = ({desc.digest.hex}, set())
             continue
-        blobs = {digest.hex, m.config.digest.hex, *(x.digest.hex for x in m.layers)}
+        blobs = {desc.digest.hex, m.config.digest.hex, *(x.digest.hex for x in m.layers)}
         out[name] = (blobs, {d.hex for d in ids})
     return out
 

@@ -126,7 +126,7 @@ def test_store_index_json(tmp_path_factory, doc):
     (store.root / "index.json").write_bytes(doc)
     domain_error_or_nothing(store.images)
     domain_error_or_nothing(lambda: store.resolve("x"))
-    domain_error_or_nothing(lambda: _tag(store, "y", DESC))
+    domain_error_or_nothing(lambda: _tag(store, "y", media.Descriptor.from_json(DESC)))
 
 
 @SETTINGS
@@ -358,6 +358,6 @@ def test_push_into_an_oci_layout_with_any_index(tmp_path_factory, index):
     domain_error_or_nothing(lambda: push(store, "base", f"oci:{dest}:x"))
 
 
-def _tag(store: Store, name: str, desc: dict) -> None:
+def _tag(store: Store, name: str, desc: media.Descriptor) -> None:
     with store.transaction() as txn:
         txn.tag(name, desc)

@@ -181,7 +181,7 @@ def committed(env):
 def test_umoci_unpack_equals_view(env, committed, comp, tmp_path):
     store = env["store"]
     desc = store.resolve(f"new-{comp}")
-    assert desc["digest"] == str(committed[comp])
+    assert desc.digest == committed[comp]
     manifest = json.loads(store.read_blob(committed[comp]))
     want_type = {"gzip": "+gzip", "zstd": "+zstd", "none": ""}[comp]
     assert manifest["layers"][-1]["mediaType"] == "application/vnd.oci.image.layer.v1.tar" + (

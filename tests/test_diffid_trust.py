@@ -61,8 +61,8 @@ def test_verified_mappings_are_recorded(tmp_path):
     from imagestore import media
 
     desc = store.resolve("base")
-    data = store.read_blob(Digest.parse(desc["digest"]))
-    manifest = media.parse_manifest(data, media.media_type_of(data, desc.get("mediaType")))
+    data = store.read_blob(desc.digest)
+    manifest = media.parse_manifest(data, media.media_type_of(data, desc.media_type))
     diff_ids = media.diff_ids(store.read_blob(manifest.config.digest))
     for blob, diff_id in zip(manifest.layers, diff_ids, strict=True):
         assert store.verified_diff_id(blob.digest) == diff_id
@@ -72,6 +72,6 @@ def test_verified_mappings_are_recorded(tmp_path):
     from imagestore.commit import commit
 
     commit(store, upper, lowers, "base", "next")
-    data = store.read_blob(Digest.parse(store.resolve("next")["digest"]))
+    data = store.read_blob(store.resolve("next").digest)
     top = media.parse_manifest(data, media.media_type_of(data)).layers[-1]
     assert store.verified_diff_id(top.digest) is not None

@@ -67,7 +67,7 @@ def test_pull_mount_equals_umoci(anon, layouts, tmp_path, fuse):
     assert r.returncode == 0, r.stderr
     digest = r.stdout.strip()
     name = f"{anon.host}/test/sample:v1"
-    assert Store.open(root).resolve(name)["digest"] == digest
+    assert str(Store.open(root).resolve(name).digest) == digest
     ours = mounted(root, name, tmp_path / "mnt")
     assert same_as_umoci(ours, umoci_tree(tmp_path, layouts / "sample", "v1")) == []
     # a Docker v2s2 copy of the same image: same layers (unpacked once), same tree

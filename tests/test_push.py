@@ -121,7 +121,7 @@ def check_rootfs(rootfs: Path) -> None:
 
 
 def stored(store: Store, name: str) -> Digest:
-    return Digest.parse(store.resolve(name)["digest"])
+    return store.resolve(name).digest
 
 
 def diff_ids(store: Store, name: str) -> list[Digest]:

@@ -37,7 +37,7 @@ def sparse_upper(tmp_path):
 
 
 def layer_blob(store, name):
-    data = store.read_blob(media.Digest.parse(store.resolve(name)["digest"]))
+    data = store.read_blob(store.resolve(name).digest)
     manifest = media.parse_manifest(data, media.media_type_of(data))
     return store.blob_path(manifest.layers[-1].digest)
 
