@@ -66,6 +66,7 @@ _FALLBACK_BASE = 1 << 63
 _FRESH_BASE = _FALLBACK_BASE + (1 << 40)  # an upper inode number reused after an unlink
 _PER_NAME_BASE = _FALLBACK_BASE + (1 << 41)  # index=off: one node per name of a lower link
 
+
 @dataclass(slots=True)
 class DirLayer:
     """One real directory taking part in a merged directory.  For the upper layer (0 when
