@@ -43,6 +43,16 @@ def require_root() -> None:
     need(os.geteuid() == 0, "needs root (kernel overlayfs, trusted xattrs, mknod)")
 
 
+def open_path_to(path: str | os.PathLike[str]) -> None:
+    """Let every user traverse down to `path` (0755 on it and its parents below /tmp): pytest
+    makes its temp dirs, /tmp/pytest-of-root among them, 0700, and tests that switch users
+    must reach their mounts."""
+    for parent in [Path(path), *Path(path).parents]:
+        if str(parent) in ("/", "/tmp"):
+            break
+        os.chmod(parent, 0o755)
+
+
 def mounts() -> list[tuple[str, str]]:
     """(mountpoint, fstype) of every mount, from /proc/self/mountinfo."""
     return mount_table()

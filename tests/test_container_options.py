@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounts import LAYERFS, LayerfsMount, is_mounted, lazy_unmount
+from tests.mounts import LAYERFS, LayerfsMount, is_mounted, lazy_unmount, open_path_to
 from unionfs.daemon import LOG_NAME
 from unionfs.errors import OptionError
 from unionfs.idmap import IdMap, Owners, Range, parse
@@ -119,8 +119,7 @@ def test_uidmapping_shifts_ownership_both_ways(dirs, root, fuse, transport):
     v3 = struct.pack("<IIIIII", 0x03000000, 1 << 12, 0, 0, 0, 5)
     os.setxattr(d / "l1" / "root-file", "security.capability", v3)
     maps = f"uidmapping={PODMAN_MAP},gidmapping={PODMAN_MAP},fuse={transport}"
-    for p in (d, d.parent):  # pytest's temp dirs are 0700: let uid 100000 reach the mount
-        os.chmod(p, 0o755)
+    open_path_to(d)  # pytest's temp dirs are 0700: let uid 100000 reach the mount
     mnt = d / "mnt"
     with LayerfsMount(mnt, [d / "l1"], d / "upper", d / "work", maps):
         st = os.stat(mnt / "root-file")

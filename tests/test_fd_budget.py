@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.mounts import LayerfsMount, require_root
+from tests.mounts import LayerfsMount, open_path_to, require_root
 from unionfs import fdlimit
 
 pytestmark = pytest.mark.mount
@@ -73,10 +73,7 @@ def test_many_open_files_of_another_user_leave_root_able_to_open(tmp_path):
         d.mkdir()
     (lower / "f").write_text("data")
     (lower / "g").write_text("root's")
-    for p in [tmp_path, *tmp_path.parents]:  # let nobody reach the mount
-        if str(p) in ("/", "/tmp"):
-            break
-        os.chmod(p, 0o755)
+    open_path_to(tmp_path)  # let nobody reach the mount
     holders: list[subprocess.Popen[str]] = []
     with LayerfsMount(mnt, [lower], upper, work):
         try:
@@ -138,10 +135,7 @@ def test_one_user_cannot_exhaust_a_daemon_whose_limit_cannot_grow(tmp_path):
         d.mkdir()
     (lower / "f").write_text("data")
     (lower / "g").write_text("root's")
-    for p in [tmp_path, *tmp_path.parents]:  # let nobody reach the mount
-        if str(p) in ("/", "/tmp"):
-            break
-        os.chmod(p, 0o755)
+    open_path_to(tmp_path)  # let nobody reach the mount
     prefix = ["prlimit", f"--nofile={limit}:{limit}", "setpriv", "--bounding-set=-sys_resource"]
     greedy = None
     with LayerfsMount(mnt, [lower], upper, work, extra_opts="allow_other", prefix=prefix):

@@ -8,26 +8,18 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from imagestore.store import Store
 from tests import imagedata
+from tests.mounts import open_path_to
 from tests.test_mount_records import clean_error, ok, run, unmount
 
 
 def need_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("switching to another user needs root")
-
-
-def open_path_to(tmp_path: Path) -> None:
-    """Let nobody traverse down to tmp_path (pytest makes its temp dirs 0700)."""
-    for parent in [tmp_path, *tmp_path.parents]:
-        if str(parent) in ("/", "/tmp"):
-            break
-        os.chmod(parent, 0o755)
 
 
 def as_nobody(*cmd: str) -> subprocess.CompletedProcess[bytes]:

@@ -16,7 +16,7 @@ import pytest
 
 from tests import treecmp
 from tests.layerdata import opaque, whiteout, write
-from tests.mounts import KernelOverlay, LayerfsMount, is_mounted, need
+from tests.mounts import KernelOverlay, LayerfsMount, is_mounted, need, open_path_to
 
 pytestmark = pytest.mark.mount
 
@@ -253,11 +253,7 @@ def test_open_file_survives_unlink_and_rename_over(u):
 def test_new_objects_get_callers_owner_and_setgid_group(u):
     need(os.geteuid() == 0, "switching users needs root")
     mnt = u.mount()
-    os.chmod(u.root, 0o755)
-    for parent in u.root.parents:
-        if str(parent) in ("/", "/tmp"):
-            break
-        os.chmod(parent, 0o755)
+    open_path_to(u.root)
     os.mkdir(mnt / "shared", 0o777)
     os.chmod(mnt / "shared", 0o2777)
     os.chown(mnt / "shared", 0, 4321)
