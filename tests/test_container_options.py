@@ -244,3 +244,37 @@ def _read(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
+
+
+def test_a_daemon_lets_go_of_the_callers_directory_and_its_log_at_unmount(dirs, root, fuse):
+    """A daemonized layerfs works from / (its cwd would pin the caller's filesystem: here a
+    lower layer's), keeps its log file open only while mounted, and exits after umount.
+    (That the log file and the control socket are closed first thing at unmount, so that
+    `umount MNT; umount UPPERFS` works back to back, is a race; measured, not tested.)"""
+    d = dirs
+    opts = f"lowerdir={d}/l1,upperdir={d}/upper,workdir={d}/work,log={d}/work/x.log"
+    r = subprocess.run(
+        [LAYERFS, "-o", opts, str(d / "mnt")], capture_output=True, timeout=30, cwd=d / "l1"
+    )
+    assert r.returncode == 0, r.stderr
+    try:
+        pid = _daemon_pid(d / "mnt")
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+        log_fds = [
+            p for p in Path(f"/proc/{pid}/fd").iterdir() if os.readlink(p) == f"{d}/work/x.log"
+        ]
+        assert log_fds, "the log file is open while mounted"
+    finally:
+        subprocess.run(["umount", str(d / "mnt")], timeout=30)
+    deadline = time.monotonic() + 20
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}") or _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

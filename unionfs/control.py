@@ -103,17 +103,19 @@ async def serve(
 ) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with _reachable(path) as short:
-        await sock.bind(short)
-    os.chmod(path, 0o600)
-    sock.listen(8)
-    task_status.started()
-    async with trio.open_nursery() as nursery:
-        while True:
-            conn, _ = await sock.accept()
-            session = _Session(trio.SocketStream(conn), gate, sync_dir, mountpoint)
-            nursery.start_soon(session.run)
+    # closed as soon as the serving task is cancelled (the mount went away): a bound socket
+    # pins the work dir's filesystem, which a user may unmount right after the mount
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        with _reachable(path) as short:
+            await sock.bind(short)
+        os.chmod(path, 0o600)
+        sock.listen(8)
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await sock.accept()
+                session = _Session(trio.SocketStream(conn), gate, sync_dir, mountpoint)
+                nursery.start_soon(session.run)
 
 
 class _Session:

@@ -80,6 +80,7 @@ def _daemonize(cfg: MountConfig) -> int:
         return EXIT_MOUNT_FAILED
     os.close(rfd)
     os.setsid()
+    os.chdir("/")  # a daemon's cwd would pin the caller's filesystem (every path is absolute)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     _setup_logging(cfg.debug, to_stderr=True)  # until ready, errors reach the user's terminal
@@ -250,6 +251,24 @@ def _detach_stdio(cfg: MountConfig) -> None:
     os.dup2(err_fd, 1)
     os.dup2(err_fd, 2)
     os.close(err_fd)
+    if target is not None:
+        from .serving import at_unmount
+
+        at_unmount(_close_log_file)
+
+
+def _close_log_file() -> None:
+    """The mount is gone: close the log file (in the work dir, it pins the upper's filesystem);
+    what the daemon might still say goes nowhere."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.close()
+    root.handlers.clear()
+    root.addHandler(logging.NullHandler())
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

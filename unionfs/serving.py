@@ -23,6 +23,25 @@ log = logging.getLogger("layerfs")
 
 SIGNAL_FLUSH_TIMEOUT = 30.0  # seconds a signal waits for the mount's dirty pages (a freeze)
 
+# Run as soon as the mount is gone, before the daemon's slower teardown: they close what pins
+# a layer's filesystem (a log file in the work dir).  Kernel overlayfs lets go of its layers
+# when umount(2) returns; a FUSE daemon can only come close, since umount does not wait for it
+# (and `umount MNT; umount UPPERFS` is what scripts, and unionmount-testsuite, do).
+_at_unmount: list[Callable[[], None]] = []
+
+
+def at_unmount(fn: Callable[[], None]) -> None:
+    """Have `fn` run the moment this process's mount ends (see `_at_unmount`)."""
+    _at_unmount.append(fn)
+
+
+def _unmounted() -> None:
+    while _at_unmount:
+        try:
+            _at_unmount.pop()()
+        except Exception:  # noqa: BLE001 - letting go must go on
+            log.exception("releasing after unmount failed")
+
 
 def open_stack(cfg: MountConfig, report: Callable[[str], None]) -> tuple[Any, Any] | None:
     """The LayerStack and Writer of `cfg` (one place for both transports), or None after
@@ -109,4 +128,5 @@ async def serve_mount(  # type: ignore[no-untyped-def]
                 os.fsencode(mountpoint),
             )
         await loop()
-        nursery.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()  # the control socket closes with its task
+    _unmounted()
