@@ -109,7 +109,9 @@ def check(
     progress = progress or NoProgress()
     report = Report()
     descs = _image_descs(store, images, report)
-    records = _records(store, report)
+    records = mountrecords.all_records(
+        store, lambda name, exc: report.problems.append(Problem("mount", name, str(exc)))
+    )
     if images is not None:
         wanted = {d.digest for _, d in descs}
         records = [r for r in records if r.image.digest in wanted]
@@ -309,21 +311,6 @@ def check_layer(store: Store, diff_id: Digest, report: Report, progress: Progres
 
 
 # ----- mount records and debris -------------------------------------------------------------
-def _records(store: Store, report: Report) -> list[mountrecords.MountRecord]:
-    out = []
-    for p in sorted(store.mounts.iterdir()):
-        if p.name.startswith(".") or not p.is_dir():
-            continue
-        try:
-            rec = mountrecords.load(store, p.name)
-        except StoreError as exc:
-            report.problems.append(Problem("mount", p.name, str(exc)))
-            continue
-        if rec is not None:
-            out.append(rec)
-    return out
-
-
 def _check_records(
     store: Store,
     records: list[mountrecords.MountRecord],

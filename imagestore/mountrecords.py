@@ -21,7 +21,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,10 +110,20 @@ def load(store: Store, name: str) -> MountRecord | None:
         raise DamagedStore(f"mount record {path / 'mount.json'} is damaged: {exc}") from None
 
 
-def all_records(store: Store) -> list[MountRecord]:
+def all_records(
+    store: Store, on_damaged: Callable[[str, StoreError], None] | None = None
+) -> list[MountRecord]:
+    """Every mount record, by name.  A damaged one raises (gc must not drop its pin), unless
+    `on_damaged(name, error)` is given to hear of it (fsck reports it, df skips it)."""
     out = []
     for p in sorted(store.mounts.iterdir()):
-        rec = load(store, p.name) if _NAME.match(p.name) else None
+        try:
+            rec = load(store, p.name) if _NAME.match(p.name) else None
+        except StoreError as exc:
+            if on_damaged is None:
+                raise
+            on_damaged(p.name, exc)
+            continue
         if rec is not None:
             out.append(rec)
     return out

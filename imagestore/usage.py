@@ -101,7 +101,7 @@ def usage(store: Store) -> Usage:
     blob_sizes = {p.name: du.tree(p) for p in sorted(store.blobs.iterdir())}
     u.parts["layers"] = sum(layer_sizes.values()) + du.tree(store.layers)
     u.parts["blobs"] = sum(blob_sizes.values()) + du.tree(store.root / "blobs")
-    records = _records(store)
+    records = mountrecords.all_records(store, on_damaged=lambda name, exc: None)  # fsck says
     uppers = {}
     for rec in records:
         if not rec.read_only:
@@ -126,20 +126,6 @@ def usage(store: Store) -> Usage:
         )
     _duplicates(store, u)
     return u
-
-
-def _records(store: Store) -> list[mountrecords.MountRecord]:
-    out = []
-    for p in sorted(store.mounts.iterdir()):
-        if p.name.startswith(".") or not p.is_dir():
-            continue
-        try:
-            rec = mountrecords.load(store, p.name)
-        except StoreError:
-            continue  # fsck reports it
-        if rec is not None:
-            out.append(rec)
-    return out
 
 
 def _users(
