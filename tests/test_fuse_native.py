@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -240,7 +241,13 @@ def test_an_unmounted_daemon_leaves_the_next_mount_alone(tmp_path, lower, fuse):
 def _copy_in_progress(work: Path) -> bool:
     """A copy-up's temporary file exists in the work dir (created when the copy starts,
     renamed into the upper when it ends)."""
-    return any(p.is_file() and p.stat().st_size > 0 for p in work.rglob("t*"))
+    for p in work.rglob("t*"):
+        try:
+            if stat.S_ISREG((st := p.stat()).st_mode) and st.st_size > 0:
+                return True
+        except FileNotFoundError:  # renamed into the upper between listing and stat
+            continue
+    return False
 
 
 def test_a_big_copy_up_does_not_stall_other_requests(tmp_path, fuse):
