@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import io
+import itertools
 import os
 import resource
 import shutil
@@ -42,6 +43,7 @@ BUSYBOX = "/bin/busybox"  # apt: busybox-static
 APPLETS = ("sh", "ls", "cat", "echo", "id", "mkdir", "rm", "mv", "ln", "touch", "true",
            "chmod", "stat", "sed", "sync", "find", "sleep", "cp", "test")  # fmt: skip
 _PR_SET_CHILD_SUBREAPER = 36
+_ALIASES = itertools.count()  # names of the symlinks load_image pulls through
 MTIME = 1_600_000_000
 
 
@@ -199,7 +201,16 @@ class Podman:
     def load_image(self, layout: Path, ref: str, name: str) -> str:
         """Copy the OCI layout's image `ref` into this storage as `name` (no network); returns
         the image id."""
-        image_id = self.out("pull", "-q", f"oci:{layout}:{ref}").strip().splitlines()[-1]
+        # podman names what it pulls from an oci: layout after the layout's path, which must
+        # then parse as a reference: a temp dir ending in "_" or a capital letter does not.
+        # So it is pulled through a symlink whose path always parses.
+        alias = Path(f"/tmp/layer-oci-{os.getpid()}-{next(_ALIASES)}")
+        alias.unlink(missing_ok=True)
+        alias.symlink_to(layout.resolve())
+        try:
+            image_id = self.out("pull", "-q", f"oci:{alias}:{ref}").strip().splitlines()[-1]
+        finally:
+            alias.unlink(missing_ok=True)
         self.run("image", "tag", image_id, name)
         return image_id
 
