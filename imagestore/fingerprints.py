@@ -42,6 +42,8 @@ from typing import BinaryIO
 import xxhash
 import zstandard
 
+from unionfs.fsutil import kind_name
+
 from .durable import AtomicFile
 from .errors import StoreError
 
@@ -78,18 +80,7 @@ class Entry:
 
     @property
     def kind(self) -> str:
-        return _KIND_NAMES.get(stat.S_IFMT(self.mode), "other")
-
-
-_KIND_NAMES = {
-    stat.S_IFREG: "file",
-    stat.S_IFDIR: "directory",
-    stat.S_IFLNK: "symlink",
-    stat.S_IFCHR: "char device",
-    stat.S_IFBLK: "block device",
-    stat.S_IFIFO: "fifo",
-    stat.S_IFSOCK: "socket",
-}
+        return kind_name(self.mode)
 
 
 def sort_key(path: bytes) -> list[bytes]:

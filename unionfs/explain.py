@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from . import markers
 from .errors import NotADirectory, NotFound
+from .fsutil import kind_name
 from .stack import LayerStack, Node
 
 
@@ -86,7 +87,7 @@ def explain(stack: LayerStack, path: str) -> Explanation:
     out = Explanation(shown_path, res.node is not None)
     if res.node is not None:
         node = res.node
-        out.kind = _KINDS.get(node.kind, "other")
+        out.kind = kind_name(node.kind)
         if node.dirs is not None:
             dirs = stack.dir_paths(node)
             out.layers = [d.layer for d in dirs]
@@ -118,17 +119,6 @@ def explain(stack: LayerStack, path: str) -> Explanation:
     return out
 
 
-_KINDS = {
-    stat.S_IFREG: "file",
-    stat.S_IFDIR: "directory",
-    stat.S_IFLNK: "symlink",
-    stat.S_IFCHR: "char device",
-    stat.S_IFBLK: "block device",
-    stat.S_IFIFO: "fifo",
-    stat.S_IFSOCK: "socket",
-}
-
-
 def _lstat(path: bytes) -> os.stat_result | None:
     try:
         return os.lstat(path)
@@ -155,7 +145,7 @@ def _per_layer(stack: LayerStack, rel: bytes) -> list[Version]:
             continue
         st = _lstat(root + b"/" + rel) if rel else _lstat(root)
         if st is not None:
-            out.append(Version(i, _KINDS.get(stat.S_IFMT(st.st_mode), "other")))
+            out.append(Version(i, kind_name(st.st_mode)))
     return out
 
 

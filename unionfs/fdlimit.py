@@ -80,10 +80,6 @@ class FdBudget:
         self._held: Counter[int] = Counter()
         self._total = 0
 
-    def cap_for(self, uid: int) -> int:
-        """How many handles `uid` may hold while nobody else holds any."""
-        return self.pool if uid == 0 else self.user_cap
-
     def take(self, uid: int) -> None:
         """Count one more handle for `uid`, or raise OSError(ENFILE) when over its share."""
         others = self._total - self._held[0]

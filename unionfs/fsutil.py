@@ -24,6 +24,21 @@ from .syscalls import (  # noqa: F401 (re-exported: the write side's callers use
     syncfs,
 )
 
+_KIND_NAMES = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "directory",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFCHR: "char device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+}
+
+
+def kind_name(mode: int) -> str:
+    """What a user calls the type of a file of this st_mode ("file", "char device", ...)."""
+    return _KIND_NAMES.get(stat.S_IFMT(mode), "other")
+
 
 def copy_data(fs: Roots, src: bytes, dst: bytes, mode: int = 0o600) -> None:
     """Copy a regular file's bytes into a new file, keeping holes (SEEK_DATA/SEEK_HOLE) and
