@@ -9,31 +9,52 @@ Click's own usage errors keep click's format and exit 2.
 
 from __future__ import annotations
 
+import importlib
 import traceback
 from typing import Any
 
 import click
 
-from . import (
-    commit_cmd,
-    demo_cmd,
-    df_cmd,
-    errors,
-    fsck_cmd,
-    gc_cmd,
-    images_cmd,
-    inspect_cmd,
-    mount_cmd,
-    pull_cmd,
-    tag_cmd,
-    umount_cmd,
-    which_cmd,
-)
+from . import errors
 from .console import Console
+
+# command name -> "module:attribute"; a command's module (and what it imports: httpx for pull,
+# trio for mount) is imported only when that command runs, so every command starts quickly
+COMMANDS = {
+    "mount": "mount_cmd:mount",
+    "umount": "umount_cmd:umount",
+    "demo": "demo_cmd:demo",
+    "pull": "pull_cmd:pull",
+    "images": "images_cmd:images",
+    "inspect": "inspect_cmd:inspect",
+    "tag": "tag_cmd:tag",
+    "rmi": "tag_cmd:rmi",
+    "gc": "gc_cmd:gc",
+    "ps": "umount_cmd:ps",
+    "rm": "umount_cmd:rm",
+    "diff": "commit_cmd:diff",
+    "commit": "commit_cmd:commit",
+    "push": "commit_cmd:push",
+    "fsck": "fsck_cmd:fsck_command",
+    "which": "which_cmd:which",
+    "df": "df_cmd:df",
+}
 
 
 class LayerGroup(click.Group):
-    """A click group that reports a command's exception cleanly and exits with its code."""
+    """A click group that loads its commands lazily (click's documented LazyGroup pattern),
+    reports a command's exception cleanly and exits with its code."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module, attr = COMMANDS[cmd_name].split(":")
+        command = getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+        assert isinstance(command, click.Command) and command.name == cmd_name
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -59,25 +80,6 @@ def report(console: Console, exc: BaseException) -> int:
 def cli(ctx: click.Context) -> None:
     """layer: a union filesystem in userspace (layerfs) and the tools around it."""
     ctx.obj = Console()
-
-
-cli.add_command(mount_cmd.mount)
-cli.add_command(umount_cmd.umount)
-cli.add_command(demo_cmd.demo)
-cli.add_command(pull_cmd.pull)
-cli.add_command(images_cmd.images)
-cli.add_command(inspect_cmd.inspect)
-cli.add_command(tag_cmd.tag)
-cli.add_command(tag_cmd.rmi)
-cli.add_command(gc_cmd.gc)
-cli.add_command(umount_cmd.ps)
-cli.add_command(umount_cmd.rm)
-cli.add_command(commit_cmd.diff)
-cli.add_command(commit_cmd.commit)
-cli.add_command(commit_cmd.push)
-cli.add_command(fsck_cmd.fsck_command)
-cli.add_command(which_cmd.which)
-cli.add_command(df_cmd.df)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
 from .errors import AuthError, RegistryError
+from .httpclient import httpx
 from .transfer import read_limited
 
 Credentials = tuple[str, str]

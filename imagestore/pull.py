@@ -1,13 +1,15 @@
 """pull: bring an image from any source into the store, verified, unpacked and tagged.
 
 Steps: the source's manifest (an index is resolved for the platform), the config, every
-layer blob — downloads run concurrently, each verified while streaming and resumable — then
-each layer unpacked once (shared with every image that has it; a layer already unpacked is
-neither downloaded again nor re-extracted), the manifest stored, and the tag written last under
-the store lock.  An interrupted pull leaves no tag and no half blob: partial downloads stay in
-ingest/ to be resumed, never in blobs/.
+layer blob — downloads run concurrently, each verified while streaming and resumable, and
+each unpacked while it downloads (`unpack.fetch_and_unpack`; the layer is published only once
+blob digest and DiffID check out) — once per store (shared with every image that has it; a
+layer already unpacked is neither downloaded again nor re-extracted), the manifest stored, and
+the tag written last under the store lock.  An interrupted pull leaves no tag and no half
+blob: partial downloads stay in ingest/ to be resumed, never in blobs/.
 
-Threads: a pool of `jobs` workers downloads and unpacks layers; the tag is written by the
+Threads: a pool of `jobs` workers downloads and unpacks layers (each unpack runs in two more
+threads: the tar applier, and the decompression ahead of it); the tag is written by the
 calling thread.  `report` callbacks are called from worker threads.
 """
 
@@ -26,7 +28,7 @@ from .errors import StoreError
 from .media import BadManifest, Descriptor
 from .sources import DockerArchiveSource, Source, open_source
 from .store import Store, check_tag_name
-from .unpack import unpack_layer, verify_diff_id
+from .unpack import fetch_and_unpack, unpack_layer, verify_diff_id
 
 
 class Reporter(Protocol):
@@ -109,11 +111,18 @@ def _pull(
         if report is not None:
             report.layer(i, desc, "downloading")
         progress = (lambda done, total: report.progress(i, done, total)) if report else None
-        source.fetch_blob(desc, store, progress)  # the store keeps every image's blobs
-        if not store.has_layer(diff_id):
+
+        def fetch() -> object:  # the store keeps every image's blobs
+            return source.fetch_blob(desc, store, progress)
+
+        if store.has_layer(diff_id):
+            fetch()
+        elif store.has_blob(desc.digest):
             if report is not None:
                 report.layer(i, desc, "unpacking")
             unpack_layer(store, desc.digest, desc.media_type, diff_id)
+        else:  # unpacked while it downloads
+            fetch_and_unpack(store, desc.digest, desc.media_type, diff_id, fetch)
         verify_diff_id(store, desc.digest, desc.media_type, diff_id)
         if report is not None:
             report.layer(i, desc, "done")

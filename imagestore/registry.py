@@ -52,7 +52,6 @@ together (upload.py and auth.py already hold the push sequence and the token flo
 from __future__ import annotations
 
 import base64
-import importlib.metadata
 import json
 import re
 import threading
@@ -61,9 +60,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import NoReturn, TypeVar
 
-import httpx
-
-from . import auth
+from . import __version__, auth
 from .auth import Challenge, Credentials, TokenCache
 from .digest import Digest
 from .errors import (
@@ -74,6 +71,7 @@ from .errors import (
     ImageNotFound,
     RegistryError,
 )
+from .httpclient import httpx
 from .media import ACCEPT, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from .progress import Progress
 from .reference import TAG_RE, canonical_host, check_repository, is_loopback
@@ -89,7 +87,7 @@ MAX_MANIFEST = 4 << 20  # containers/image's limit
 MAX_ERROR_BODY = 64 << 10
 MAX_REDIRECTS = 5
 REDIRECTS = (301, 302, 303, 307, 308)
-USER_AGENT = f"layer/{importlib.metadata.version('layer')} (+python-httpx)"
+USER_AGENT = f"layer/{__version__} (+python-httpx)"
 
 Body = bytes | Callable[[], Iterable[bytes]]  # a callable gives the body afresh for a resend
 T = TypeVar("T")

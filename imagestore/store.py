@@ -34,6 +34,7 @@ import json
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -49,6 +50,7 @@ from .errors import (
     ImageNotFound,
     StoreBusy,
 )
+from .follow import Follower
 
 if TYPE_CHECKING:  # imported where used at run time, like media's other users here
     from .media import Descriptor
@@ -115,6 +117,8 @@ class Store:
         self.layers = self.root / "layers"
         self.mounts = self.root / "mounts"
         self.diffids = self.root / "diffids"  # verified blob → DiffID, one file per blob
+        self._followers: dict[Digest, Follower] = {}  # blobs a reader follows as written
+        self._followers_lock = threading.Lock()
         self._txn: Transaction | None = None  # the open transaction() of this object
 
     @classmethod
@@ -221,7 +225,32 @@ class Store:
     ) -> Ingest:
         """A new blob write; with `key`, a partial file from an earlier attempt is resumed."""
         name = key if key is not None else f"tmp-{secrets.token_hex(8)}"
-        return Ingest(self, self.ingest_dir / name, expected, size, resumable=key is not None)
+        with self._followers_lock:
+            follower = self._followers.get(expected) if expected is not None else None
+        return Ingest(
+            self,
+            self.ingest_dir / name,
+            expected,
+            size,
+            resumable=key is not None,
+            follower=follower,
+        )
+
+    @contextlib.contextmanager
+    def follow(self, digest: Digest) -> Iterator[Follower]:
+        """A Follower of blob `digest` while it is written by this process (module
+        follow): the next Ingest of it reports to the follower, until the block ends."""
+        follower = Follower(digest)
+        with self._followers_lock:
+            if digest in self._followers:
+                raise RuntimeError(f"blob {digest} is followed already")
+            self._followers[digest] = follower
+        try:
+            yield follower
+        finally:
+            with self._followers_lock:
+                del self._followers[digest]
+            follower.close()
 
     def put_bytes(self, data: bytes, expected: Digest | None = None) -> Digest:
         with self.ingest(expected, len(data)) as ing:
@@ -347,9 +376,16 @@ class Ingest:
     holder committed the blob meanwhile, `present` is true and `commit` just returns it."""
 
     def __init__(
-        self, store: Store, path: Path, expected: Digest | None, size: int | None, resumable: bool
+        self,
+        store: Store,
+        path: Path,
+        expected: Digest | None,
+        size: int | None,
+        resumable: bool,
+        follower: Follower | None = None,
     ) -> None:
         self.store = store
+        self._follower = follower
         self.path = path
         self.expected = expected
         self.size = size
@@ -372,6 +408,8 @@ class Ingest:
         else:
             self._file.truncate(0)
         self._file.seek(self.offset)
+        if follower is not None:
+            follower.attach(self._file.fileno(), self.offset)
 
     @property
     def present(self) -> bool:
@@ -393,6 +431,9 @@ class Ingest:
         self._file.write(chunk)
         self._hash.update(chunk)
         self.offset += len(chunk)
+        if self._follower is not None:
+            self._file.flush()  # the follower reads the file, not our buffer
+            self._follower.wrote(self.offset)
         if self.size is not None and self.offset > self.size:
             raise DigestMismatch(
                 f"blob {self.expected} is larger than the {self.size} bytes announced"
@@ -405,6 +446,8 @@ class Ingest:
         self._file.seek(0)
         self._hash = self.expected.hasher() if self.expected else Digest.hasher_for()
         self.offset = 0
+        if self._follower is not None:
+            self._follower.restarted()
 
     def close(self) -> None:
         if self._file is not None:
@@ -446,6 +489,8 @@ class Ingest:
         dest.parent.mkdir(parents=True, exist_ok=True)
         # Still under our lock: a waiter wakes to find the name gone and the blob present.
         durable.publish(self.path, dest, replace=False)
+        if self._follower is not None:
+            self._follower.committed()
         self.close()
         self.done = True
         return got

@@ -25,10 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpcore
-import httpx
-
 from .errors import RegistryError
+from .httpclient import httpcore, httpx
 
 STALL_BYTES = 1024
 DEFAULT_STALL = 30.0

@@ -33,20 +33,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
-import hashlib
 import logging
 import os
+import queue
 import secrets
 import tarfile
 import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 import zstandard
+from isal import igzip, isal_zlib
 
 from unionfs.syscalls import syncfs
 
@@ -56,6 +57,7 @@ from .compression import GZIP, PLAIN, SNIFF_BYTES, ZSTD, sniff
 from .digest import Digest
 from .durable import fsync_dir, write_atomic
 from .errors import CorruptLayer, DigestMismatch
+from .follow import FollowBroken
 from .store import Store, locked_file
 from .tarapply import LayerWriter
 
@@ -75,10 +77,20 @@ MEDIA_TYPES = {
 }
 TAR_BUFSIZE = 1 << 14  # tarfile's reads (it copies its buffer's rest on every header read)
 ZSTD_INPUT_CHUNK = 2048  # bounds one decompress() call's output (a zstd bomb) to ~64 MiB
+CHAIN_CHUNK = 1 << 18  # uncompressed bytes per hand-over between the chain's thread and the applier
+READ_AHEAD = 8  # chunks the chain may run ahead of the applier (bounds memory: 2 MiB)
 PUBLISH_WAIT = 2.0  # seconds to wait for another unpacker's marker before calling it debris
 MARKER = "complete"
 
-_DECOMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError)
+# isal's stub calls its error class an instance of Exception
+_ISAL_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]
+_DECOMPRESSION_ERRORS = (
+    EOFError,
+    zlib.error,
+    _ISAL_ERROR,
+    gzip.BadGzipFile,
+    zstandard.ZstdError,
+)
 _TAR_ERRORS = (tarfile.TarError, ValueError, RecursionError, EOFError)  # tarfile on bad headers
 _locks_guard = threading.Lock()
 _locks: dict[str, threading.Lock] = {}
@@ -98,6 +110,46 @@ def unpack_layer(
         if store.has_layer(expected_diff_id):
             return expected_diff_id
         return _unpack(store, blob, media_type, expected_diff_id)
+
+
+def fetch_and_unpack(
+    store: Store, blob: Digest, media_type: str, diff_id: Digest, fetch: Callable[[], object]
+) -> None:
+    """`fetch()` puts `blob` in the store (any Source's fetch_blob); meanwhile a thread
+    unpacks it as it is written (`follow`), so the layer is ready soon after the last byte.
+    Published only when the fetch succeeded and both the blob digest and `diff_id` check
+    out.  When following breaks (a restarted download, the blob already there), the
+    committed blob is unpacked the ordinary way; a failed fetch raises its own error."""
+    with _layer_lock(store, diff_id):
+        if store.has_layer(diff_id):  # another process unpacked it meanwhile
+            fetch()
+            return
+        got: list[tuple[Path, Digest]] = []
+        failed: list[BaseException] = []
+        with store.follow(blob) as follower:
+
+            def follow() -> None:
+                try:
+                    got.append(unpack_stream(store, follower, blob, media_type, diff_id))
+                except BaseException as exc:  # the fetching thread decides what it means
+                    failed.append(exc)
+
+            thread = threading.Thread(target=follow, name=f"follow-{blob.short}", daemon=True)
+            thread.start()
+            try:
+                fetch()
+            finally:
+                follower.writer_done()
+                thread.join()
+                if got and failed:  # cannot happen; never leave a temp dir behind
+                    remove_tree(got.pop()[0])
+        if got:
+            publish_fresh(store, *got[0])
+        elif failed and not isinstance(failed[0], FollowBroken):
+            raise failed[0]
+        else:
+            log.debug("layer %s: unpacking the stored blob (%s)", blob.short, failed[0])
+            _unpack(store, blob, media_type, diff_id)
 
 
 def verify_diff_id(store: Store, blob: Digest, media_type: str, diff_id: Digest) -> None:
@@ -120,23 +172,16 @@ def _diff_id_of(store: Store, blob: Digest, media_type: str) -> Digest:
     if media_type not in MEDIA_TYPES:
         raise CorruptLayer(f"layer {blob}: unsupported layer media type {media_type!r}")
     with store.open_blob(blob) as raw:
-        compressed = _HashingReader(raw, blob.hasher())
-        kind = _sniff(raw) or MEDIA_TYPES[media_type]
-        source: _Reader = compressed
-        if kind == GZIP:
-            source = gzip.GzipFile(fileobj=compressed, mode="rb")  # type: ignore[call-overload]
-        elif kind == ZSTD:
-            source = _ZstdReader(compressed)
-        h = hashlib.sha256()
+        chain = _Chain(raw, blob, MEDIA_TYPES[media_type], Digest.hasher_for())
         try:
-            while chunk := source.read(1 << 20):
-                h.update(chunk)
-            compressed.drain()
+            chain.drain()
         except _DECOMPRESSION_ERRORS as exc:
             raise CorruptLayer(f"layer {blob.short}: bad compression: {exc}") from None
-    if Digest.from_hash(compressed.hash) != blob:
+        finally:
+            chain.close()
+    if Digest.from_hash(chain.blob_hash) != blob:
         raise DigestMismatch(f"blob {blob} in the store is corrupt (it hashes differently)")
-    return Digest.from_hash(h)
+    return Digest.from_hash(chain.hash)
 
 
 def layer_lock(store: Store, diff_id: Digest) -> contextlib.AbstractContextManager[None]:
@@ -161,11 +206,7 @@ def _layer_lock(store: Store, diff_id: Digest) -> Iterator[None]:
 
 def _unpack(store: Store, blob: Digest, media_type: str, expected: Digest | None) -> Digest:
     tmp, diff_id = unpack_fresh(store, blob, media_type, expected)
-    try:
-        _publish(store, tmp, diff_id)
-    except BaseException:
-        remove_tree(tmp)
-        raise
+    publish_fresh(store, tmp, diff_id)
     return diff_id
 
 
@@ -180,52 +221,77 @@ def unpack_fresh(
     synced but not published: the caller renames it into place or removes it (`fsck
     --repair` swaps it in).  Returns (the temp dir, the DiffID).  `fingerprints=False` is
     for measuring what they cost (benchmark S6)."""
+    with store.open_blob(blob) as raw:
+        return unpack_stream(store, raw, blob, media_type, expected, fingerprints)
+
+
+def unpack_stream(
+    store: Store,
+    raw: _Reader,
+    blob: Digest,
+    media_type: str,
+    expected: Digest | None,
+    fingerprints: bool = True,
+) -> tuple[Path, Digest]:
+    """`unpack_fresh` of the blob whose bytes `raw` yields from the first (the blob file, or
+    a `follow.Follower` of its download): hashed on the way and checked against `blob` at
+    the end, as the DiffID is against `expected`."""
     if media_type not in MEDIA_TYPES:
         raise CorruptLayer(f"layer {blob}: unsupported layer media type {media_type!r}")
-    with store.open_blob(blob) as raw:
-        tmp = store.layers / f".tmp-{secrets.token_hex(8)}"
-        try:
-            os.mkdir(tmp, 0o755)
-            os.chmod(tmp, 0o755)
-            os.mkdir(tmp / "diff", 0o755)
-            os.chmod(tmp / "diff", 0o755)
-            fp = tmp / fingerprints_mod.FILE_NAME if fingerprints else None
-            diff_id = _extract(raw, blob, MEDIA_TYPES[media_type], tmp / "diff", expected, fp)
-            store.record_diff_id(blob, diff_id)  # hashed from the blob just now
-            syncfs(os.fsencode(tmp))  # the tree is on disk before it is published
-        except BaseException:
-            remove_tree(tmp)
-            raise
+    tmp = store.layers / f".tmp-{secrets.token_hex(8)}"
+    try:
+        os.mkdir(tmp, 0o755)
+        os.chmod(tmp, 0o755)
+        os.mkdir(tmp / "diff", 0o755)
+        os.chmod(tmp / "diff", 0o755)
+        fp = tmp / fingerprints_mod.FILE_NAME if fingerprints else None
+        diff_id = _extract(raw, blob, MEDIA_TYPES[media_type], tmp / "diff", expected, fp)
+        store.record_diff_id(blob, diff_id)  # hashed from the blob just now
+        syncfs(os.fsencode(tmp))  # the tree is on disk before it is published
+    except BaseException:
+        remove_tree(tmp)
+        raise
     return tmp, diff_id
 
 
+def publish_fresh(store: Store, tmp: Path, diff_id: Digest) -> None:
+    """Publish what `unpack_stream` made (another complete copy already there wins); on
+    failure nothing of it stays."""
+    try:
+        _publish(store, tmp, diff_id)
+    except BaseException:
+        remove_tree(tmp)
+        raise
+
+
 def _extract(
-    raw: BinaryIO,
+    raw: _Reader,
     blob: Digest,
     declared: str,
     diff: Path,
     expected: Digest | None,
     fingerprints: Path | None,
 ) -> Digest:
-    compressed = _HashingReader(raw, blob.hasher())
-    kind = _sniff(raw) or declared
-    if kind != declared:
-        log.debug("layer %s: announced as %s, but its bytes are %s", blob.short, declared, kind)
-    source: _Reader = compressed
-    if kind == GZIP:
-        source = gzip.GzipFile(fileobj=compressed, mode="rb")  # type: ignore[call-overload]
-    elif kind == ZSTD:
-        source = _ZstdReader(compressed)
-    stream = _TarStream(source, (expected.hasher() if expected else Digest.hasher_for()), kind)
+    chain = _Chain(raw, blob, declared, expected.hasher() if expected else Digest.hasher_for())
+    try:
+        return _apply_chain(chain, blob, diff, expected, fingerprints)
+    finally:
+        chain.close()
+
+
+def _apply_chain(
+    chain: _Chain, blob: Digest, diff: Path, expected: Digest | None, fingerprints: Path | None
+) -> Digest:
+    stream = _TarStream(chain, chain.kind)
     root_fd = os.open(diff, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     writer = LayerWriter(root_fd)
     try:
         end = _apply_all(stream, writer)
         stream.check_end(end)
-        compressed.drain()
-        if Digest.from_hash(compressed.hash) != blob:
+        chain.drain()
+        if Digest.from_hash(chain.blob_hash) != blob:
             raise DigestMismatch(f"blob {blob} in the store is corrupt (it hashes differently)")
-        diff_id = Digest.from_hash(stream.hash)
+        diff_id = Digest.from_hash(chain.hash)
         if expected is not None and diff_id != expected:
             raise DigestMismatch(f"layer {blob}: DiffID is {diff_id}, expected {expected}")
         writer.finish()
@@ -281,27 +347,119 @@ def _apply_all(stream: _TarStream, writer: LayerWriter) -> int:
         writer.apply(member, tar)
 
 
-def _sniff(raw: BinaryIO) -> str | None:
-    head = raw.read(SNIFF_BYTES)
-    raw.seek(0)
-    return sniff(head)
-
-
 class _HashingReader:
-    """The blob's bytes as read, hashed on the way (the blob digest, re-checked)."""
+    """The blob's bytes as read, hashed on the way (the blob digest, re-checked); the first
+    bytes, read to sniff the compression, are given back first."""
 
-    def __init__(self, raw: BinaryIO, hasher: Any) -> None:
+    def __init__(self, raw: _Reader, hasher: Any) -> None:
         self._raw = raw
         self.hash = hasher
+        self.head = b""
+        while len(self.head) < SNIFF_BYTES and (more := raw.read(SNIFF_BYTES - len(self.head))):
+            self.head += more
+        self._pending = self.head
 
     def read(self, n: int = -1, /) -> bytes:
-        data = self._raw.read(n)
+        if self._pending:
+            data = self._pending if n < 0 else self._pending[:n]
+            self._pending = self._pending[len(data) :]
+        else:
+            data = self._raw.read(n)
         self.hash.update(data)
         return data
+
+    def readinto(self, buf: Any) -> int:  # isal's gzip reader asks for this
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
 
     def drain(self) -> None:
         while self.read(TAR_BUFSIZE):
             pass
+
+
+class _Chain:
+    """A layer blob's uncompressed stream: the blob's bytes hashed (its digest), the
+    compression told by its magic bytes (or the media type), the output hashed (the DiffID).
+    All of it runs ahead in a thread of its own (hashing and decompressing release the GIL,
+    so it overlaps the tar applier on another CPU), at most READ_AHEAD chunks ahead.  Errors
+    of that thread are raised by `read`; `close` stops it."""
+
+    def __init__(self, raw: _Reader, blob: Digest, declared: str, hasher: Any) -> None:
+        self._raw = raw
+        self._compressed = _HashingReader(raw, blob.hasher())
+        self.kind = sniff(self._compressed.head) or declared
+        if self.kind != declared:
+            log.debug(
+                "layer %s: announced as %s, but its bytes are %s", blob.short, declared, self.kind
+            )
+        source: _Reader = self._compressed
+        if self.kind == GZIP:
+            source = igzip.GzipFile(fileobj=self._compressed, mode="rb")
+        elif self.kind == ZSTD:
+            source = _ZstdReader(self._compressed)
+        self._source = source
+        self.hash = hasher
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(READ_AHEAD)
+        self._stop = threading.Event()
+        self._buf = memoryview(b"")
+        self._eof = False
+        self._thread = threading.Thread(target=self._run, name=f"unpack-{blob.short}", daemon=True)
+        self._thread.start()
+
+    @property
+    def blob_hash(self) -> Any:
+        return self._compressed.hash
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self._source.read(CHAIN_CHUNK)
+                if not data:
+                    break
+                self.hash.update(data)
+                self._put(data)
+            self._put(None)
+        except BaseException as exc:  # handed to the reader, which raises it
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException | None) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, n: int = -1, /) -> bytes:
+        while not self._buf and not self._eof:
+            item = self._queue.get()
+            if item is None:
+                self._eof = True
+            elif isinstance(item, BaseException):
+                self._eof = True
+                raise item
+            else:
+                self._buf = memoryview(item)
+        if n < 0 or n >= len(self._buf):
+            data, self._buf = bytes(self._buf), memoryview(b"")
+        else:
+            data, self._buf = bytes(self._buf[:n]), self._buf[n:]
+        return data
+
+    def drain(self) -> None:
+        """Read the uncompressed stream to its end, then the blob (bytes after the last
+        compressed frame count in the blob's digest)."""
+        while self.read(CHAIN_CHUNK):
+            pass
+        self._compressed.drain()
+
+    def close(self) -> None:
+        self._stop.set()
+        cancel = getattr(self._raw, "cancel", None)  # a Follower: wake a read that waits
+        if cancel is not None and self._thread.is_alive():
+            cancel()
+        self._thread.join()
 
 
 class _ZstdReader:
@@ -343,12 +501,11 @@ class _ZstdReader:
 
 
 class _TarStream:
-    """The uncompressed tar stream: hashed (the DiffID) and counted as tarfile reads it; keeps
-    the last bytes read so that what follows the last entry can be checked."""
+    """The uncompressed tar stream, counted as tarfile reads it (the chain below hashes it);
+    keeps the last bytes read so that what follows the last entry can be checked."""
 
-    def __init__(self, src: _Reader, hasher: Any, kind: str) -> None:
+    def __init__(self, src: _Reader, kind: str) -> None:
         self._src = src
-        self.hash = hasher
         self.kind = kind
         self.size = 0
         self._tail: deque[tuple[int, bytes]] = deque()
@@ -360,7 +517,6 @@ class _TarStream:
         except _DECOMPRESSION_ERRORS as exc:
             raise CorruptLayer(f"corrupt or truncated {self.kind} stream: {exc}") from exc
         if data:
-            self.hash.update(data)
             self._tail.append((self.size, data))
             self._tail_bytes += len(data)
             while self._tail_bytes - len(self._tail[0][1]) >= TAR_BUFSIZE + 2 * tarfile.BLOCKSIZE:

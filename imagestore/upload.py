@@ -22,10 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-import httpx
-
 from .digest import Digest
 from .errors import BadReference, DigestMismatch, RegistryError
+from .httpclient import httpx
 from .progress import Progress
 from .registry import RegistryClient, push_scope
 
