@@ -118,11 +118,12 @@ def run(args: argparse.Namespace) -> int:
     h = Harness(ds, engines, run_dir)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(shutil.rmtree, run_dir, True)
-        store = None
+        stores = []
         if "S" in only:
             from benchmarks.store import StoreBench
 
-            store = cleanup.enter_context(StoreBench(ds.sizes.pull_files, args.data))
+            sizes = [ds.sizes.pull_files] + ([] if args.quick else [0])  # 0: the Debian image
+            stores = [cleanup.enter_context(StoreBench(n, args.data)) for n in sizes]
         podman = None
         if "P" in only:
             from benchmarks.podman_bench import PodmanBench
@@ -139,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
                 elif g == "R":
                     h.floor_round()
                 elif g == "S":
-                    h.store_round(store)
+                    for store in stores:
+                        h.store_round(store)
                 elif g == "P":
                     h.podman_round(podman)
                 else:

@@ -1,9 +1,18 @@
 """Store workloads: `layer pull` versus `skopeo copy` + `umoci unpack`, and `layer commit`
 versus `umoci repack`, on the same image served by a real docker-registry on 127.0.0.1.
 
-`StoreBench` owns the registry, the source image (3 gzip layers, N files, built once and cached)
-and a store holding it; each `*_round` call times one of ours and one of theirs back to back and
-leaves nothing behind.  Single-threaded; root only (umoci unpack as root).
+Two images, each built once and cached under the benchmark data dir:
+  - the sample: 3 gzip layers, N small files (`build_image`);
+  - Debian: a bookworm minbase rootfs made by debootstrap from deb.debian.org (one gzip
+    layer, ~6,700 entries, 128 MB; apt's lists and logs removed, as the official image's build
+    does), with the .deb files debootstrap fetched kept beside it: a commit round extracts the
+    first packages by name (~3,200 entries) with `dpkg-deb -x`, which is what apt-get writes
+    when it (re)installs them (`build_debian_image`; needs debootstrap and the network).
+`StoreBench` owns the registry, one image and a store holding it; each `*_round` call times one
+of ours and one of theirs back to back — in alternating order from round to round, each after
+`sync`, so neither always runs right after the other's writes or deletes — records each
+command's peak RSS (`peak_rss`) and leaves nothing behind.  Single-threaded; root only (umoci
+unpack as root).
 """
 
 from __future__ import annotations
@@ -21,10 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.dataset import CACHE
-from benchmarks.registry import running_registry, skopeo_copy
+from benchmarks.registry import need_tool, running_registry, skopeo_copy
 from imagestore.layout_writer import write_oci_image
 
 LAYER = str(Path(sys.executable).parent / "layer")
+DEBIAN_SUITE = "bookworm"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_COMMIT_ENTRIES = 3000  # a commit round extracts packages until this many tar entries
 
 
 def build_image(root: Path, files: int) -> None:
@@ -50,6 +62,57 @@ def build_image(root: Path, files: int) -> None:
     tmp.rename(root)
 
 
+def build_debian_image(root: Path) -> None:
+    """root/oci: an OCI layout (tag v1) of a Debian minbase rootfs; root/debs: the .deb files
+    of a commit round (see the module docstring).  Cached; built in root.partial first."""
+    if (root / "oci" / "index.json").exists():
+        return
+    need_tool("debootstrap", "debootstrap")
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rootfs = tmp / "rootfs"
+    (tmp / "debs").mkdir(parents=True)
+    _run(["debootstrap", "--variant=minbase", DEBIAN_SUITE, str(rootfs), DEBIAN_MIRROR])
+    debs = sorted((rootfs / "var/cache/apt/archives").glob("*.deb"))
+    entries = 0
+    for deb in debs:
+        if entries < DEBIAN_COMMIT_ENTRIES:
+            listing = subprocess.run(
+                ["dpkg-deb", "-c", str(deb)], check=True, capture_output=True, text=True
+            ).stdout
+            entries += len(listing.splitlines())
+            shutil.copy2(deb, tmp / "debs")
+        deb.unlink()
+    for junk in ("var/lib/apt/lists", "var/cache/apt", "var/log"):
+        for p in (rootfs / junk).glob("*"):
+            if p.is_file() or p.is_symlink():
+                p.unlink()
+    tar = subprocess.run(
+        [
+            "tar",
+            "--numeric-owner",
+            "--format=pax",
+            "--sort=name",
+            "-C",
+            str(rootfs),
+            "-cf",
+            "-",
+            ".",
+        ],
+        check=True,
+        capture_output=True,
+    ).stdout
+    write_oci_image(tmp / "oci", [tar], "v1")
+    shutil.rmtree(rootfs)
+    tmp.rename(root)
+
+
+def _install_debs(debs: Path, root: Path) -> None:
+    """What apt-get writes when it installs these packages: their files, over `root`."""
+    for deb in sorted(debs.glob("*.deb")):
+        _run(["dpkg-deb", "-x", str(deb), str(root)])
+
+
 def _touch(root: Path, files: int) -> None:
     """Rewrite about 1,000 of the image's files (a third of them when the image is small)."""
     n = min(files, 3000)
@@ -63,18 +126,46 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def _timed(cmd: list[str]) -> tuple[float, int]:
+    """Run `cmd` after a sync; its wall time in seconds and its peak RSS in bytes."""
+    os.sync()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    took = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(
+            proc.returncode, cmd, stderr=err.decode(errors="replace")
+        )
+    return took, usage.ru_maxrss * 1024
+
+
 class StoreBench(contextlib.AbstractContextManager["StoreBench"]):
+    """`files` > 0: the sample image of that many files; 0: the Debian image."""
+
     def __init__(self, files: int, base: Path = CACHE) -> None:
         self.files = files
-        self.image = base / f"image-{files}"
+        self.debian = files == 0
+        self.image = (
+            base / f"debian-{DEBIAN_SUITE}" / "oci" if self.debian else base / f"image-{files}"
+        )
+        self.label = f"Debian {DEBIAN_SUITE} minbase" if self.debian else f"{files:,} files"
         self._stack = contextlib.ExitStack()
         base.mkdir(parents=True, exist_ok=True)
+        self.base = base
         self.work = Path(tempfile.mkdtemp(prefix="store-", dir=base))
         self._stack.callback(shutil.rmtree, self.work, True)
         self.rounds = 0
+        self.peak_rss: dict[str, int] = {}  # "pull layer", "pull umoci", ... → bytes, max
 
     def __enter__(self) -> StoreBench:
-        build_image(self.image, self.files)
+        if self.debian:
+            build_debian_image(self.image.parent)
+        else:
+            build_image(self.image, self.files)
         try:
             reg = self._stack.enter_context(running_registry(self.work / "registry"))
             self.src = f"docker://{reg.host}/bench/img:v1"
@@ -100,60 +191,84 @@ class StoreBench(contextlib.AbstractContextManager["StoreBench"]):
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
+    def _note_rss(self, what: str, rss: int) -> None:
+        self.peak_rss[what] = max(self.peak_rss.get(what, 0), rss)
+
+    def rss_summary(self, op: str) -> str:
+        """ "peak RSS: layer 48 MB, skopeo 60 MB, umoci 90 MB" for op "pull" or "commit"."""
+        parts = [
+            f"{what.split(' ', 1)[1]} {rss / 1e6:,.0f} MB"
+            for what, rss in self.peak_rss.items()
+            if what.startswith(op + " ")
+        ]
+        return "peak RSS: " + ", ".join(parts) if parts else ""
+
+    def _changes(self, root: Path) -> None:
+        if self.debian:
+            _install_debs(self.image.parent / "debs", root)
+        else:
+            _touch(root, self.files)
+
     def pull_round(self) -> dict[str, float]:
-        """Cold pull into an empty store, then copy + unpack into an empty dir."""
+        """Cold pull into an empty store, and copy + unpack into an empty dir."""
         r = self._next()
         store, oci, bundle = self.work / f"s{r}", self.work / f"o{r}", self.work / f"b{r}"
+        took: dict[str, float] = {}
         try:
-            t0 = time.perf_counter()
-            _run([LAYER, "pull", "-q", "--root", str(store), self.src])
-            ours = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            _run(
-                [
-                    "skopeo",
-                    "--insecure-policy",
-                    "copy",
-                    "--src-tls-verify=false",
-                    "-q",
-                    self.src,
-                    f"oci:{oci}:v1",
-                ]
-            )
-            _run(["umoci", "unpack", "--image", f"{oci}:v1", str(bundle)])
-            theirs = time.perf_counter() - t0
+            for who in ("layer", "skopeo+umoci") if r % 2 else ("skopeo+umoci", "layer"):
+                if who == "layer":
+                    took[who], rss = _timed([LAYER, "pull", "-q", "--root", str(store), self.src])
+                    self._note_rss("pull layer", rss)
+                    continue
+                copy, rss = _timed(
+                    [
+                        "skopeo",
+                        "--insecure-policy",
+                        "copy",
+                        "--src-tls-verify=false",
+                        "-q",
+                        self.src,
+                        f"oci:{oci}:v1",
+                    ]
+                )
+                self._note_rss("pull skopeo", rss)
+                unpack, rss = _timed(["umoci", "unpack", "--image", f"{oci}:v1", str(bundle)])
+                self._note_rss("pull umoci", rss)
+                took[who] = copy + unpack
         finally:
             for d in (store, oci, bundle):
                 shutil.rmtree(d, ignore_errors=True)
-        return {"layer": ours, "skopeo+umoci": theirs}
+        return {k: took[k] for k in ("layer", "skopeo+umoci")}
 
     def commit_round(self) -> dict[str, float]:
-        """The same ~1,000 files rewritten in a mount (ours) and in an unpacked bundle (umoci),
-        then timed: `layer commit` and `umoci repack`."""
+        """The same changes made in a mount (ours) and in an unpacked bundle (umoci), then
+        timed: `layer commit` and `umoci repack` (in alternating order)."""
         r = self._next()
         mnt = self.work / f"mnt{r}"
         mnt.mkdir()
         _run([LAYER, "mount", "--root", str(self.store), "base", str(mnt), "--name", f"c{r}"])
         try:
-            _touch(mnt, self.files)
+            self._changes(mnt)
         finally:
             subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
-        t0 = time.perf_counter()
-        _run([LAYER, "commit", "--root", str(self.store), f"c{r}", f"new:{r}"])
-        ours = time.perf_counter() - t0
-        _run([LAYER, "rm", "--root", str(self.store), f"c{r}"])
         layout, bundle = self.work / f"o{r}", self.work / f"b{r}"
+        took: dict[str, float] = {}
         try:
             shutil.copytree(self.image, layout)
             _run(["umoci", "unpack", "--image", f"{layout}:v1", str(bundle)])
-            _touch(bundle / "rootfs", self.files)
-            t0 = time.perf_counter()
-            _run(["umoci", "repack", "--image", f"{layout}:new", str(bundle)])
-            theirs = time.perf_counter() - t0
+            self._changes(bundle / "rootfs")
+            for who in ("layer", "umoci") if r % 2 else ("umoci", "layer"):
+                if who == "layer":
+                    cmd = [LAYER, "commit", "--root", str(self.store), f"c{r}", f"new:{r}"]
+                else:
+                    cmd = ["umoci", "repack", "--image", f"{layout}:new", str(bundle)]
+                took[who], rss = _timed(cmd)
+                self._note_rss(f"commit {who}", rss)
         finally:
             shutil.rmtree(bundle, ignore_errors=True)
             shutil.rmtree(layout, ignore_errors=True)
-        return {"layer": ours, "umoci": theirs}
+            _run([LAYER, "rm", "--root", str(self.store), f"c{r}"])
+        return {k: took[k] for k in ("layer", "umoci")}
 
     def unpack_round(self) -> dict[str, float]:
         """Unpack the image's layer blobs from the store twice, without and with fingerprints

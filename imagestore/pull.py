@@ -8,9 +8,9 @@ layer already unpacked is neither downloaded again nor re-extracted), the manife
 the tag written last under the store lock.  An interrupted pull leaves no tag and no half
 blob: partial downloads stay in ingest/ to be resumed, never in blobs/.
 
-Threads: a pool of `jobs` workers downloads and unpacks layers (each unpack runs in two more
-threads: the tar applier, and the decompression ahead of it); the tag is written by the
-calling thread.  `report` callbacks are called from worker threads.
+Threads: a pool of `jobs` workers downloads layers, each unpacked meanwhile by a forked process
+(module unpacker; the applier and, in a thread, the decompression ahead of it); the tag is
+written by the calling thread.  `report` callbacks are called from worker threads.
 """
 
 from __future__ import annotations

@@ -57,9 +57,9 @@ from .compression import GZIP, PLAIN, SNIFF_BYTES, ZSTD, sniff
 from .digest import Digest
 from .durable import fsync_dir, write_atomic
 from .errors import CorruptLayer, DigestMismatch
-from .follow import FollowBroken
 from .store import Store, locked_file
 from .tarapply import LayerWriter
+from .unpacker import Unpacker
 
 log = logging.getLogger(__name__)
 
@@ -115,41 +115,39 @@ def unpack_layer(
 def fetch_and_unpack(
     store: Store, blob: Digest, media_type: str, diff_id: Digest, fetch: Callable[[], object]
 ) -> None:
-    """`fetch()` puts `blob` in the store (any Source's fetch_blob); meanwhile a thread
-    unpacks it as it is written (`follow`), so the layer is ready soon after the last byte.
-    Published only when the fetch succeeded and both the blob digest and `diff_id` check
-    out.  When following breaks (a restarted download, the blob already there), the
-    committed blob is unpacked the ordinary way; a failed fetch raises its own error."""
+    """`fetch()` puts `blob` in the store (any Source's fetch_blob); meanwhile a process of
+    its own (module unpacker) unpacks it from the bytes as they are written (module follow),
+    so the layer is ready soon after the last byte.  Published only when the fetch succeeded
+    and both the blob digest and `diff_id` check out.  When following breaks (a restarted
+    download, the blob already there), the committed blob is unpacked the ordinary way; a
+    failed fetch raises its own error, and nothing of the layer stays."""
     with _layer_lock(store, diff_id):
         if store.has_layer(diff_id):  # another process unpacked it meanwhile
             fetch()
             return
-        got: list[tuple[Path, Digest]] = []
-        failed: list[BaseException] = []
         with store.follow(blob) as follower:
-
-            def follow() -> None:
-                try:
-                    got.append(unpack_stream(store, follower, blob, media_type, diff_id))
-                except BaseException as exc:  # the fetching thread decides what it means
-                    failed.append(exc)
-
-            thread = threading.Thread(target=follow, name=f"follow-{blob.short}", daemon=True)
-            thread.start()
+            job = Unpacker.start(store, follower, blob, media_type, diff_id)
+            fetched = False
+            failed: BaseException | None = None
             try:
                 fetch()
+                fetched = True
             finally:
                 follower.writer_done()
-                thread.join()
-                if got and failed:  # cannot happen; never leave a temp dir behind
-                    remove_tree(got.pop()[0])
-        if got:
-            publish_fresh(store, *got[0])
-        elif failed and not isinstance(failed[0], FollowBroken):
-            raise failed[0]
-        else:
-            log.debug("layer %s: unpacking the stored blob (%s)", blob.short, failed[0])
+                try:
+                    tmp: Path | None = job.result()[0]
+                except BaseException as exc:  # noqa: BLE001 - decided below
+                    tmp, failed = None, exc
+                if tmp is not None and not fetched:  # right bytes, but the blob did not land
+                    remove_tree(tmp)
+        if tmp is not None:
+            publish_fresh(store, tmp, diff_id)
+        elif job.broken is not None:
+            log.debug("layer %s: unpacking the stored blob (%s)", blob.short, job.broken)
             _unpack(store, blob, media_type, diff_id)
+        else:
+            assert failed is not None
+            raise failed
 
 
 def verify_diff_id(store: Store, blob: Digest, media_type: str, diff_id: Digest) -> None:

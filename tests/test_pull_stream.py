@@ -5,10 +5,13 @@ hold the layer's second half back, drop the connection, ignore Range or corrupt 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -271,3 +274,69 @@ def test_follower_breaks(tmp_path, event):
     finally:
         f.close()
         os.close(fd)
+
+
+PULL_SCRIPT = """
+import sys
+from imagestore.pull import pull
+from imagestore.store import Store
+pull(Store.open(sys.argv[1]), sys.argv[2], tls_verify=False)
+"""
+
+
+def test_killed_pull_leaves_no_layer_behind(store, tmp_path):
+    """The unpacking child of a pull killed mid-download sees its pipe end, removes its temp
+    dir and exits: no .tmp-* dir and no process stays."""
+    image = Image(FILES)
+    half = len(image.blob) // 2
+    release = threading.Event()
+
+    def reply(h: Handler, _count: int) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(image.blob)))
+        h.end_headers()
+        h.wfile.write(image.blob[:half])
+        h.wfile.flush()
+        release.wait(WAIT)
+
+    with registry(image, reply) as server:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", PULL_SCRIPT, str(store.root), f"{server.host}/r:t"],
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + WAIT
+            while not list(store.layers.glob(".tmp-*/diff/*/*")):
+                assert time.monotonic() < deadline, "the unpack never started"
+                assert proc.poll() is None
+                time.sleep(0.01)
+            children = _children(proc.pid)
+            assert children, "the layer is not unpacked in a process of its own"
+            proc.kill()
+            proc.wait(WAIT)
+            deadline = time.monotonic() + WAIT
+            while leftovers(store) or any(_alive(pid) for pid in children):
+                assert time.monotonic() < deadline, f"left behind: {leftovers(store)}"
+                time.sleep(0.02)
+        finally:
+            release.set()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert not store.has_layer(image.diff_id)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"

@@ -1,0 +1,155 @@
+"""An unpack in a process of its own, fed the blob's bytes through a pipe as they download.
+
+    job = Unpacker.start(store, source, blob, media_type, diff_id)   # source: a Follower
+    ... the caller fetches the blob ...
+    tmp, diff_id = job.result()       # or raises what the unpack raised
+
+Why a process: applying a tar is Python work that holds the GIL, so layers unpacked in
+threads of one process take turns on one CPU; each layer in a forked child uses them all.
+The child runs `unpack.unpack_stream` on the bytes a pump thread of the parent copies from the
+Follower into a pipe, writes the layer under `layers/.tmp-*` (synced, not published) and sends
+back (temp dir, DiffID) or the exception.  The parent publishes it (or not) under its lock.
+Nothing is left behind by the child: on any error — including a pipe closed early because
+following broke, or the parent gone — it removes its temp dir before it exits.
+
+Fork safety: the child runs only this module's code path (os calls, hashing, decompression, the
+tar applier, logging — which reinitialises its locks after fork) and leaves with os._exit, never
+returning into the parent's stack.  It first closes every inherited fd but the two pipe ends and
+stdio, so it holds none of the parent's flocks or sockets.  CPython takes the import lock
+around fork, so no half-imported module is inherited.
+Threads: `start` and `result` are called by one thread of the parent; the pump is its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import pickle
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+from .digest import Digest
+from .errors import CorruptLayer
+from .follow import FollowBroken
+from .store import Store
+
+PIPE_SIZE = 1 << 20  # the pipe's buffer: fewer wake-ups of the child per MiB
+PUMP_CHUNK = 1 << 20
+MAX_RESULT = 1 << 20  # a result (pickled) larger than this is not ours
+
+
+class _Source(Protocol):
+    def read(self, n: int = ..., /) -> bytes: ...
+
+
+class _PipeReader:
+    """The child's end: the blob's bytes, b'' at the end (or when the parent stops)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, n: int = -1, /) -> bytes:
+        return os.read(self.fd, n if n > 0 else PUMP_CHUNK)
+
+
+class Unpacker:
+    def __init__(self, pid: int, results: int, pump: threading.Thread, state: dict[str, Any]):
+        self._pid = pid
+        self._results = results
+        self._pump = pump
+        self._state = state
+
+    @classmethod
+    def start(
+        cls, store: Store, source: _Source, blob: Digest, media_type: str, diff_id: Digest
+    ) -> Unpacker:
+        data_r, data_w = os.pipe2(os.O_CLOEXEC)
+        res_r, res_w = os.pipe2(os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # a smaller pipe only means more wake-ups
+            fcntl.fcntl(data_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            _child(store, data_r, res_w, blob, media_type, diff_id)
+        os.close(data_r)
+        os.close(res_w)
+        state: dict[str, Any] = {"broken": None}
+        pump = threading.Thread(
+            target=_pump, args=(source, data_w, state), name=f"pump-{blob.short}", daemon=True
+        )
+        pump.start()
+        return cls(pid, res_r, pump, state)
+
+    @property
+    def broken(self) -> FollowBroken | None:
+        """Why following broke (the child was given only a prefix), once `result` returned."""
+        broken = self._state["broken"]
+        return broken if isinstance(broken, FollowBroken) else None
+
+    def result(self) -> tuple[Path, Digest]:
+        """Wait for the child; its (temp dir, DiffID), or the exception it raised."""
+        self._pump.join()
+        try:
+            data = bytearray()
+            while chunk := os.read(self._results, 1 << 16):
+                data += chunk
+                if len(data) > MAX_RESULT:
+                    break
+        finally:
+            os.close(self._results)
+            _, status = os.waitpid(self._pid, 0)
+        if not data:
+            raise CorruptLayer(f"the unpacking process ended without a result ({status:#x})")
+        kind, *rest = pickle.loads(bytes(data))  # noqa: S301 - our own child's bytes
+        if kind == "error":
+            raise rest[0]
+        return Path(rest[0]), Digest.parse(rest[1])
+
+
+def _pump(source: _Source, fd: int, state: dict[str, Any]) -> None:
+    """Copy the followed blob into the child's pipe; close it at the end or when following
+    breaks (the child then sees a short stream and fails its digest check)."""
+    try:
+        while data := source.read(PUMP_CHUNK):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+    except FollowBroken as exc:
+        state["broken"] = exc
+    except OSError as exc:  # the child stopped reading (it failed): it reports why
+        if exc.errno != errno.EPIPE:
+            state["broken"] = exc
+    finally:
+        os.close(fd)
+
+
+def _child(
+    store: Store, data_fd: int, result_fd: int, blob: Digest, media_type: str, diff_id: Digest
+) -> None:
+    code = 0
+    try:
+        low = 3  # keep stdio and the two pipe ends, close the rest (close_range: cheap)
+        for fd in sorted((data_fd, result_fd)):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+        from .unpack import unpack_stream  # imported by the parent already
+
+        try:
+            tmp, got = unpack_stream(store, _PipeReader(data_fd), blob, media_type, diff_id)
+            result: tuple[Any, ...] = ("ok", str(tmp), str(got))
+        except BaseException as exc:  # noqa: BLE001 - handed to the parent, which raises it
+            result = ("error", exc)
+        try:
+            payload = pickle.dumps(result)
+        except Exception:  # noqa: BLE001 - an exception that does not pickle: its words
+            payload = pickle.dumps(("error", CorruptLayer(str(result[1]))))
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(result_fd, view) :]
+    except BaseException:  # noqa: BLE001 - nothing may escape into the parent's stack
+        code = 1
+    finally:
+        os._exit(code)
