@@ -71,7 +71,7 @@ from .errors import (
     ImageNotFound,
     RegistryError,
 )
-from .httpclient import httpx
+from .httpclient import httpx, verifying_context
 from .media import ACCEPT, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from .progress import Progress
 from .reference import TAG_RE, canonical_host, check_repository, is_loopback
@@ -115,7 +115,7 @@ class RegistryClient:
         self.backoff = backoff
         self._explicit_creds = creds
         self._client = httpx.Client(
-            verify=tls_verify,
+            verify=verifying_context() if tls_verify else False,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             follow_redirects=False,
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
