@@ -16,8 +16,6 @@ import sys
 import threading
 from typing import Any
 
-from tqdm import tqdm
-
 from imagestore.media import Descriptor
 
 
@@ -26,6 +24,8 @@ def wanted(quiet: bool = False, json: bool = False) -> bool:
 
 
 def _bar(desc: str, total: int | None, position: int | None = None) -> Any:
+    from tqdm import tqdm  # ~10 ms to import: only when a bar is drawn
+
     return tqdm(
         total=total,
         desc=desc,
