@@ -242,14 +242,17 @@ class Store:
         follow): the next Ingest of it reports to the follower, until the block ends."""
         follower = Follower(digest)
         with self._followers_lock:
-            if digest in self._followers:
-                raise RuntimeError(f"blob {digest} is followed already")
-            self._followers[digest] = follower
+            mine = digest not in self._followers
+            if mine:
+                self._followers[digest] = follower
+        if not mine:  # another thread follows it (a manifest naming a blob twice): fall back
+            follower.writer_done()
         try:
             yield follower
         finally:
-            with self._followers_lock:
-                del self._followers[digest]
+            if mine:
+                with self._followers_lock:
+                    del self._followers[digest]
             follower.close()
 
     def put_bytes(self, data: bytes, expected: Digest | None = None) -> Digest:

@@ -46,7 +46,9 @@ def layer_tar(files: dict[str, bytes]) -> bytes:
 
 
 class Image:
-    def __init__(self, files: dict[str, bytes], diff_id: Digest | None = None) -> None:
+    def __init__(
+        self, files: dict[str, bytes], diff_id: Digest | None = None, times: int = 1
+    ) -> None:
         self.tar = layer_tar(files)
         self.blob = gzip.compress(self.tar, mtime=0)
         self.diff_id = diff_id or Digest.of(self.tar)
@@ -54,7 +56,7 @@ class Image:
             {
                 "architecture": "amd64",
                 "os": "linux",
-                "rootfs": {"type": "layers", "diff_ids": [str(self.diff_id)]},
+                "rootfs": {"type": "layers", "diff_ids": [str(self.diff_id)] * times},
             }
         ).encode()
         self.manifest = json.dumps(
@@ -62,7 +64,7 @@ class Image:
                 "schemaVersion": 2,
                 "mediaType": OCI_MANIFEST,
                 "config": desc(OCI_CONFIG, self.config),
-                "layers": [desc(OCI_LAYER_GZIP, self.blob)],
+                "layers": [desc(OCI_LAYER_GZIP, self.blob)] * times,
             }
         ).encode()
 
@@ -214,6 +216,15 @@ def test_wrong_diff_id_publishes_nothing(store):
             run_pull(store, server)
     assert not store.has_layer(image.diff_id)
     assert not (store.layers / Digest.of(image.tar).hex).exists()
+    assert leftovers(store) == []
+
+
+def test_a_layer_listed_twice(store):
+    image = Image(FILES, times=2)
+    with registry(image, lambda h, _c: h.reply(200, image.blob)) as server:
+        result = run_pull(store, server)
+    assert result.diff_ids == [image.diff_id] * 2
+    assert layer_files(store, image.diff_id) == FILES
     assert leftovers(store) == []
 
 
