@@ -6,11 +6,14 @@
 Lifecycle (DESIGN.md's store rules):
   - One streaming pass: `changeset.write_changeset` writes the tar through a tee that hashes
     the uncompressed bytes (the DiffID) while a compressor (gzip without timestamp or name,
-    zstd, or none) feeds `store.ingest()`, which hashes the blob and renames it into blobs/.
+    zstd, or none) feeds `store.ingest()`, which hashes the blob and renames it into blobs/;
+    and every member it writes is applied at once to the new layer's unpacked directory
+    (`layerbuild`: the tree unpacking the blob would give, file data copied from the upper),
+    so that the new image mounts without a pull and the blob is never read back.
   - Then, optionally, the self-check (`verify`), the config (diff_ids appended, a history
     entry, the --change edits), the manifest (same media-type family as the base; a Docker
-    base with zstd or no compression becomes OCI), the unpacked layer (`unpack_layer`, so the
-    new image mounts without a pull), and last the tag, in a `store.transaction()`.
+    base with zstd or no compression becomes OCI), the unpacked layer published (unless the
+    store has it already), and last the tag, in a `store.transaction()`.
   - Atomic: an exception anywhere (KeyboardInterrupt included) before the tag removes every
     blob and unpacked layer this commit created (and nothing else); no tag is written.  The
     tag is the last write, after `before_tag` (the caller's last check) succeeded.
@@ -51,9 +54,10 @@ from unionfs.stack import LayerStack, Node
 from . import changeset, compression, media, tarapply, tarsafe
 from .digest import Digest
 from .errors import StoreError
+from .layerbuild import LayerBuild
 from .store import Store, check_tag_name
 from .tarapply import LayerWriter
-from .unpack import remove_tree, unpack_layer
+from .unpack import remove_tree
 
 GZIP_LEVEL = 6
 ZSTD_LEVEL = 3
@@ -179,14 +183,15 @@ class _IngestFile:
 def _write_layer(
     store: Store,
     created: list[Digest],
+    build: LayerBuild,
     upper: Path,
     lowers: list[Path],
     compress: str,
     sde: int | None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Digest, int, Digest]:
-    """Stream the changeset into the store; returns (blob digest, size, DiffID) and adds the
-    blob to `created` unless the store had it already."""
+    """Stream the changeset into the store, and its members into `build`; returns (blob
+    digest, size, DiffID) and adds the blob to `created` unless the store had it already."""
     with store.ingest() as ing:
         target = _IngestFile(ing.write)
         comp: Any = None
@@ -198,7 +203,7 @@ def _write_layer(
             cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
             comp = cctx.stream_writer(target, closefd=False)  # type: ignore[arg-type]
         tee = _Tee(comp.write if comp is not None else target.write, progress)
-        changeset.write_changeset(upper, lowers, tee, sde)  # type: ignore[arg-type]
+        changeset.write_changeset(upper, lowers, tee, sde, build.add)  # type: ignore[arg-type]
         if comp is not None:
             comp.close()
         size = ing.offset
@@ -260,11 +265,14 @@ def commit(
     config = store.read_json(base.config.digest)
     docker = base.media_type == media.DOCKER_MANIFEST and compress == "gzip"
     created: list[Digest] = []
+    build: LayerBuild | None = None
     new_layer = False
     try:
+        build = LayerBuild(store)
         blob, size, diff_id = _write_layer(
-            store, created, upper, lowers, compress, source_date_epoch, progress
+            store, created, build, upper, lowers, compress, source_date_epoch, progress
         )
+        build.finish()
         store.record_diff_id(blob, diff_id)  # hashed while it was compressed: verified
         if verify:
             check(store, base, blob, _layer_type(compress, docker), upper, lowers, merged_view)
@@ -272,13 +280,14 @@ def commit(
         cfg_digest, cfg_size = _put_json(store, created, new_config)
         manifest = _manifest(base, docker, cfg_digest, cfg_size, blob, size, compress)
         man_digest, man_size = _put_json(store, created, manifest)
-        new_layer = not store.has_layer(diff_id)
-        unpack_layer(store, blob, _layer_type(compress, docker), diff_id)
+        new_layer = build.publish(diff_id)
         if before_tag is not None:
             before_tag()
         with store.transaction() as txn:
             txn.tag(new_name, media.Descriptor(manifest["mediaType"], man_digest, man_size))
     except BaseException:
+        if build is not None:
+            build.discard()
         for d in created:
             with contextlib.suppress(FileNotFoundError):
                 store.blob_path(d).unlink()
