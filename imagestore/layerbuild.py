@@ -19,17 +19,26 @@ Lifecycle (the store's rules, as `unpack` keeps them): the temp dir is published
 is complete and synced, and `complete` is written last (`unpack.publish`); when the store has
 the layer already (the same DiffID), this copy is dropped.  On any failure the caller calls
 `discard` (a `.tmp-*` dir a crash leaves is debris, as an interrupted unpack's is).
-Concurrency: one thread; the caller keeps the upper still.  `publish` takes the per-DiffID
-lock an unpack takes, so a pull unpacking the same layer meanwhile and this commit serialise.
+Concurrency: the members are applied by a worker thread of this object, so that the file
+creation in the store (syscalls, which release the GIL, and often wait on the journal)
+overlaps the writing and compressing of the tar; `add` queues a member with a duplicate of
+its file's fd (at most QUEUE members: bounded fds and memory), `finish` waits for the worker
+and re-raises what failed there (so does the next `add`, to stop early); the LayerWriter is
+touched by the worker only until then.  The caller keeps the upper still until `finish`
+returns.  `publish` takes the per-DiffID lock an unpack takes, so a pull unpacking the same
+layer meanwhile and this commit serialise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
+import queue
 import secrets
 import tarfile
+import threading
 
 from unionfs.syscalls import syncfs
 
@@ -45,6 +54,8 @@ COPY_CHUNK = 1 << 20  # read/write fallback
 # copy_file_range refused: across filesystems (EXDEV), not offered by this one (the rest)
 _NO_COPY_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+QUEUE = 64  # members waiting for the worker
+_Job = tuple[tarfile.TarInfo, FileData | None] | None  # None: no more members
 
 
 class LayerBuild:
@@ -54,31 +65,60 @@ class LayerBuild:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.tmp = store.layers / f".tmp-{secrets.token_hex(8)}"
-        self._data: FileData | None = None
+        self._data: FileData | None = None  # the worker's current file
         self._published = False
         self._root_fd = -1
         self._writer: LayerWriter | None = None
+        self._jobs: queue.Queue[_Job] = queue.Queue(QUEUE)
+        self._failed: BaseException | None = None  # what stopped the worker
+        self._cancelled = False
+        self._worker: threading.Thread | None = None
         try:
             for d in (self.tmp, self.tmp / "diff"):
                 os.mkdir(d, 0o755)
                 os.chmod(d, 0o755)  # whatever the umask, as unpack makes it
             self._root_fd = os.open(self.tmp / "diff", _DIR)
             self._writer = LayerWriter(self._root_fd)
+            self._worker = threading.Thread(target=self._work, name="layerbuild", daemon=True)
+            self._worker.start()
         except BaseException:
             self.discard()
             raise
 
     def add(self, member: tarfile.TarInfo, data: FileData | None) -> None:
-        """Apply one member as the changeset writes it (a `changeset.Mirror`)."""
-        assert self._writer is not None, "finished or discarded"
-        self._data = data
-        try:
-            self._writer.apply(member, self)
-        finally:
-            self._data = None
+        """Queue one member as the changeset writes it (a `changeset.Mirror`)."""
+        assert self._worker is not None, "finished or discarded"
+        if self._failed is not None:
+            raise self._failed
+        if data is not None:
+            data = dataclasses.replace(data, fd=os.dup(data.fd))  # the caller closes its own
+        self._jobs.put((member, data))
+
+    def _work(self) -> None:
+        writer = self._writer
+        assert writer is not None
+        while (job := self._jobs.get()) is not None:
+            member, data = job
+            try:
+                if self._failed is None and not self._cancelled:
+                    self._data = data
+                    writer.apply(member, self)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                self._failed = exc
+            finally:
+                self._data = None
+                if data is not None:
+                    os.close(data.fd)
+
+    def _stop(self) -> None:
+        """Let the worker finish what is queued (skipping it when cancelled) and end."""
+        if self._worker is not None:
+            self._jobs.put(None)
+            self._worker.join()
+            self._worker = None
 
     def write_to(self, member: tarfile.TarInfo, fd: int) -> bytes:
-        """`tarapply.Contents`: the data of the file `add` is applying, and its digest."""
+        """`tarapply.Contents`: the data of the file the worker is applying, and its digest."""
         data = self._data
         assert data is not None and data.size == member.size, member.name
         if data.regions is None:
@@ -90,7 +130,11 @@ class LayerBuild:
         return data.digest
 
     def finish(self) -> None:
-        """Directory metadata, then the fingerprints; the whole dir synced (syncfs)."""
+        """Every member applied, directory metadata, then the fingerprints; the whole dir
+        synced (syncfs)."""
+        self._stop()
+        if self._failed is not None:
+            raise self._failed
         writer = self._writer
         assert writer is not None, "finished or discarded"
         writer.finish()
@@ -115,6 +159,8 @@ class LayerBuild:
 
     def discard(self) -> None:
         """Remove the temp dir (unless it was published); safe to call at any point."""
+        self._cancelled = True
+        self._stop()
         self._close()
         if not self._published:
             unpack.remove_tree(self.tmp)

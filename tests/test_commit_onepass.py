@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -215,19 +216,22 @@ def test_read_write_fallback_gives_the_same_tree(env, tmp_path, monkeypatch):
         unpack.remove_tree(theirs)
 
 
-def test_interrupted_while_writing_leaves_nothing(env, monkeypatch):
+@pytest.mark.parametrize("where", ["worker", "writer"])
+def test_interrupted_while_writing_leaves_nothing(env, monkeypatch, where):
+    """Interrupted in the thread that applies the members, or in the one writing the tar."""
     store = env["store"]
     blobs_before = set(os.listdir(store.blobs))
     layers_before = set(os.listdir(store.layers))
-    real, count = layerbuild.LayerBuild.write_to, [0]
+    method = "write_to" if where == "worker" else "add"
+    real, count = getattr(layerbuild.LayerBuild, method), [0]
 
-    def interrupted(self, member, fd):
+    def interrupted(self, *args):
         count[0] += 1
         if count[0] == 5:
             raise KeyboardInterrupt
-        return real(self, member, fd)
+        return real(self, *args)
 
-    monkeypatch.setattr(layerbuild.LayerBuild, "write_to", interrupted)
+    monkeypatch.setattr(layerbuild.LayerBuild, method, interrupted)
     with pytest.raises(KeyboardInterrupt):
         commit(store, env["upper"], env["lowers"], "base", "cut", CommitOptions(message="cut"))
     assert count[0] == 5
@@ -236,6 +240,7 @@ def test_interrupted_while_writing_leaves_nothing(env, monkeypatch):
     assert set(os.listdir(store.blobs)) == blobs_before
     assert set(os.listdir(store.layers)) == layers_before
     assert not [p for p in store.ingest_dir.iterdir() if p.name.startswith("tmp-")]
+    assert not [t for t in threading.enumerate() if t.name == "layerbuild"]
 
 
 def test_same_layer_again_keeps_the_published_one(env):
