@@ -4,9 +4,10 @@
     parse_change("CMD ...") -> (key, value)      the Dockerfile-style --change edits
 
 Lifecycle (DESIGN.md's store rules):
-  - One streaming pass: `changeset.write_changeset` writes the tar through a tee that hashes
-    the uncompressed bytes (the DiffID) while a compressor (gzip without timestamp or name,
-    zstd, or none) feeds `store.ingest()`, which hashes the blob and renames it into blobs/;
+  - One streaming pass: `changeset.write_changeset` writes the tar into a `LayerStream`, whose
+    thread hashes the uncompressed bytes (the DiffID) and compresses them (gzip without
+    timestamp or name, zstd, or none) into `store.ingest()`, which hashes the blob and
+    renames it into blobs/;
     and every member it writes is applied at once to the new layer's unpacked directory
     (`layerbuild`: the tree unpacking the blob would give, file data copied from the upper),
     so that the new image mounts without a pull and the blob is never read back.
@@ -55,12 +56,11 @@ from . import changeset, compression, media, tarapply, tarsafe
 from .digest import Digest
 from .errors import StoreError
 from .layerbuild import LayerBuild
+from .layerstream import LayerStream
 from .store import Store, check_tag_name
 from .tarapply import LayerWriter
 from .unpack import remove_tree
 
-GZIP_LEVEL = 6
-ZSTD_LEVEL = 3
 CREATED_BY = "layer commit"
 COMPRESSIONS = ("gzip", "zstd", "none")
 _OCI_OF_DOCKER = {
@@ -144,42 +144,6 @@ def apply_changes(config: dict[str, Any], edits: list[tuple[str, Any]]) -> None:
 
 
 # ----- streaming the layer -----------------------------------------------------------------
-class _Tee:
-    """The uncompressed tar: hashed (DiffID) and passed on to the compressor."""
-
-    def __init__(
-        self, sink: Callable[[bytes], Any], progress: Callable[[int], None] | None = None
-    ) -> None:
-        self.hash = hashlib.sha256()
-        self._sink = sink
-        self._progress = progress
-
-    def write(self, data: bytes) -> int:
-        self.hash.update(data)
-        self._sink(data)
-        if self._progress is not None:
-            self._progress(len(data))
-        return len(data)
-
-
-class _IngestFile:
-    """The ingest as a file object for gzip/zstd writers; hashes too, so that the caller
-    knows the blob's digest before the ingest is committed (was it in the store already?)."""
-
-    def __init__(self, write: Callable[[bytes], None]) -> None:
-        self._write = write
-        self.hash = hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        chunk = bytes(data)
-        self.hash.update(chunk)
-        self._write(chunk)
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
 def _write_layer(
     store: Store,
     created: list[Digest],
@@ -193,25 +157,18 @@ def _write_layer(
     """Stream the changeset into the store, and its members into `build`; returns (blob
     digest, size, DiffID) and adds the blob to `created` unless the store had it already."""
     with store.ingest() as ing:
-        target = _IngestFile(ing.write)
-        comp: Any = None
-        if compress == "gzip":
-            comp = gzip.GzipFile(
-                filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=target, mtime=0
-            )
-        elif compress == "zstd":
-            cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-            comp = cctx.stream_writer(target, closefd=False)  # type: ignore[arg-type]
-        tee = _Tee(comp.write if comp is not None else target.write, progress)
-        changeset.write_changeset(upper, lowers, tee, sde, build.add)  # type: ignore[arg-type]
-        if comp is not None:
-            comp.close()
+        stream = LayerStream(ing.write, compress, progress)
+        try:
+            changeset.write_changeset(upper, lowers, stream, sde, build.add)  # type: ignore[arg-type]
+            diff_id, digest = stream.close()
+        finally:
+            stream.abort()  # a no-op once closed; else the ingest is not written to any more
         size = ing.offset
-        existed = store.has_blob(Digest("sha256", target.hash.hexdigest()))
+        existed = store.has_blob(digest)
         blob = ing.commit()
     if not existed:
         created.append(blob)
-    return blob, size, Digest("sha256", tee.hash.hexdigest())
+    return blob, size, diff_id
 
 
 # ----- commit ------------------------------------------------------------------------------
