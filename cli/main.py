@@ -1,8 +1,11 @@
 """`layer`: the command-line entry point, and the one place that picks exit codes.
 
 Commands live in `*_cmd.py` modules (one per command or per group of related commands) and
-are registered below.  They receive the `Console` (console.py, via `click.pass_obj`) for
-their output and raise on failure; `LayerGroup.invoke` turns whatever they raise into
+are registered below by name (`COMMANDS`); a module is imported only when one of its commands
+runs (or `--help` lists them all), so a command's start-up pays for its own imports only:
+`layer commit` never loads the registry client (httpx and trio, ~200 ms) that `pull` and
+`push` need.  They receive the `Console` (console.py, via `click.pass_obj`) for their output
+and raise on failure; `LayerGroup.invoke` turns whatever they raise into
 `layer: error: ...` and an exit code from `errors.describe`.
 Click's own usage errors keep click's format and exit 2.
 """
@@ -18,43 +21,41 @@ import click
 from . import errors
 from .console import Console
 
-# command name -> "module:attribute"; a command's module (and what it imports: httpx for pull,
-# trio for mount) is imported only when that command runs, so every command starts quickly
+# command name → (module in cli/, attribute): imported on first use
 COMMANDS = {
-    "mount": "mount_cmd:mount",
-    "umount": "umount_cmd:umount",
-    "demo": "demo_cmd:demo",
-    "pull": "pull_cmd:pull",
-    "images": "images_cmd:images",
-    "inspect": "inspect_cmd:inspect",
-    "tag": "tag_cmd:tag",
-    "rmi": "tag_cmd:rmi",
-    "gc": "gc_cmd:gc",
-    "ps": "umount_cmd:ps",
-    "rm": "umount_cmd:rm",
-    "diff": "commit_cmd:diff",
-    "commit": "commit_cmd:commit",
-    "push": "commit_cmd:push",
-    "fsck": "fsck_cmd:fsck_command",
-    "which": "which_cmd:which",
-    "df": "df_cmd:df",
+    "mount": ("mount_cmd", "mount"),
+    "umount": ("umount_cmd", "umount"),
+    "demo": ("demo_cmd", "demo"),
+    "pull": ("pull_cmd", "pull"),
+    "images": ("images_cmd", "images"),
+    "inspect": ("inspect_cmd", "inspect"),
+    "tag": ("tag_cmd", "tag"),
+    "rmi": ("tag_cmd", "rmi"),
+    "gc": ("gc_cmd", "gc"),
+    "ps": ("umount_cmd", "ps"),
+    "rm": ("umount_cmd", "rm"),
+    "diff": ("commit_cmd", "diff"),
+    "commit": ("commit_cmd", "commit"),
+    "push": ("commit_cmd", "push"),
+    "fsck": ("fsck_cmd", "fsck_command"),
+    "which": ("which_cmd", "which"),
+    "df": ("df_cmd", "df"),
 }
 
 
 class LayerGroup(click.Group):
-    """A click group that loads its commands lazily (click's documented LazyGroup pattern),
-    reports a command's exception cleanly and exits with its code."""
+    """A click group that reports a command's exception cleanly and exits with its code, and
+    imports a command's module only when the command is looked up (`COMMANDS`)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *COMMANDS})
+        return sorted({*COMMANDS, *self.commands})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in COMMANDS:
-            return super().get_command(ctx, cmd_name)
-        module, attr = COMMANDS[cmd_name].split(":")
-        command = getattr(importlib.import_module(f"{__package__}.{module}"), attr)
-        assert isinstance(command, click.Command) and command.name == cmd_name
-        return command
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            module, attr = COMMANDS[cmd_name]
+            command = getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+            self.add_command(command, cmd_name)
+        return self.commands.get(cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -1,7 +1,7 @@
 """Changeset: an upper directory (kernel-overlayfs format) → its changes and an OCI layer tar.
 
     changes(upper, lowers) -> Changes                  podman-style A / C / D paths
-    write_changeset(upper, lowers, out, source_date_epoch)   the OCI changeset tar (PAX)
+    write_changeset(upper, lowers, out, source_date_epoch, mirror)   the OCI changeset tar (PAX)
 
 Only the upper is walked.  The lower stack (base first, as `pull.image_layers` returns it) is
 consulted by point lookups only where the answer matters: whether a path existed below (A or
@@ -18,6 +18,10 @@ Non-directories seen twice (same st_dev/st_ino) become tar hard links to the fir
 Numeric owners only, integer mtimes (clamped to `source_date_epoch` when given), xattrs as PAX
 `SCHILY.xattr.*` without the internal ones (`markers.is_internal_xattr`).  Sockets cannot be
 stored in a tar and are skipped, as buildah does.
+A `mirror` (commit's one pass: `layerbuild`) is told of every member right after it is
+written, as a reader of the tar will see it, with a regular file's data (`FileData`: the open
+file and the xxh3-128 of the bytes that went into the tar), so the layer's unpacked directory
+is built without reading the blob back.
 
 Every read goes through `fsat.PLAIN` (openat chains for paths past PATH_MAX): an upper whose
 own location makes its absolute paths longer than 4,096 bytes commits like any other, and
@@ -30,10 +34,11 @@ mutations during a live commit).  Lower layers are read-only by contract.
 
 from __future__ import annotations
 
+import copy
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -41,7 +46,7 @@ from typing import Any, BinaryIO
 from unionfs import markers, rules
 from unionfs.fsat import PLAIN
 
-from . import sparse, tarsafe
+from . import fingerprints, sparse, tarsafe
 from .errors import StoreError
 
 OBJ, WHITEOUT, OPAQUE = "obj", "whiteout", "opaque"
@@ -70,6 +75,24 @@ class Changes:
             + [(p, "D") for p in self.deleted]
         )
         return [f"{k} {p}" for p, k in sorted(tagged)]
+
+
+@dataclass(frozen=True)
+class FileData:
+    """A regular file's data as it went into the tar, for a `Mirror`: `fd` is open on the real
+    file (valid during the call only: the data is still there to copy), `regions` are its data
+    regions when it was written sparse, `digest` the xxh3-128 of its whole content (holes as
+    zeros), taken from the bytes that passed into the tar."""
+
+    fd: int
+    size: int
+    regions: sparse.Regions | None
+    digest: bytes
+
+
+# told of each member as a reader of the tar sees it (a sparse file by its real name, its
+# whole size, `sparse` set), with FileData for a regular file's
+Mirror = Callable[[tarfile.TarInfo, FileData | None], None]
 
 
 @dataclass(frozen=True)
@@ -333,9 +356,14 @@ class _Counter:
 
 
 def write_changeset(
-    upper: Path, lowers: list[Path], out: BinaryIO, source_date_epoch: int | None = None
+    upper: Path,
+    lowers: list[Path],
+    out: BinaryIO,
+    source_date_epoch: int | None = None,
+    mirror: Mirror | None = None,
 ) -> None:
-    """Write the OCI changeset tar of `upper` over `lowers` (base first) to `out`."""
+    """Write the OCI changeset tar of `upper` over `lowers` (base first) to `out`, telling
+    `mirror` of each member as it goes (see the module docstring)."""
     links: dict[tuple[int, int], str] = {}
     sink = _Counter(out, max_layer_bytes())
     with tarfile.open(  # type: ignore[call-overload]
@@ -349,12 +377,13 @@ def write_changeset(
             name = os.fsdecode(item.path)
             if len(item.path) + len(markers.WH_OPAQUE) + 1 > tarsafe.MAX_PATH_BYTES:
                 _check_length(item)
+            if item.kind == OBJ:
+                _add_obj(tar, item, name, links, source_date_epoch, mirror)
+                continue
             if item.kind == WHITEOUT:
-                tar.addfile(_marker(os.fsdecode(markers.oci_whiteout_path(item.path))))
-            elif item.kind == OPAQUE:
-                tar.addfile(_marker(os.fsdecode(markers.oci_opaque_path(item.path))))
+                _emit(tar, _marker(os.fsdecode(markers.oci_whiteout_path(item.path))), mirror)
             else:
-                _add_obj(tar, item, name, links, source_date_epoch)
+                _emit(tar, _marker(os.fsdecode(markers.oci_opaque_path(item.path))), mirror)
 
 
 def _check_length(item: Item) -> None:
@@ -385,6 +414,7 @@ def _add_obj(
     name: str,
     links: dict[tuple[int, int], str],
     sde: int | None,
+    mirror: Mirror | None,
 ) -> None:
     st = item.st
     assert st is not None
@@ -401,23 +431,10 @@ def _add_obj(
         first = links.get(ident)
         if first is not None:
             info.type, info.linkname = tarfile.LNKTYPE, first
-            tar.addfile(info)
-            return
+            return _emit(tar, info, mirror)
         links[ident] = name
     if fmt == stat.S_IFREG:
-        with os.fdopen(PLAIN.open(item.real, os.O_RDONLY), "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > tarsafe.MAX_FILE_SIZE:
-                raise ChangesetError(
-                    f"/{name}: {size} bytes; a layer file is at most {tarsafe.MAX_FILE_SIZE}"
-                )
-            regions = sparse.data_regions(f.fileno(), size)
-            if regions is not None:
-                tar.addfile(info, sparse.sparse_member(info, f.fileno(), size, regions))
-            else:
-                info.size = size
-                tar.addfile(info, f)
-        return
+        return _add_file(tar, item, name, info, mirror)
     if fmt == stat.S_IFDIR:
         info.type = tarfile.DIRTYPE
     elif fmt == stat.S_IFLNK:
@@ -429,7 +446,57 @@ def _add_obj(
         info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
     else:
         raise ChangesetError(f"/{name}: unsupported file type {fmt:o}")
+    _emit(tar, info, mirror)
+
+
+def _emit(tar: tarfile.TarFile, info: tarfile.TarInfo, mirror: Mirror | None) -> None:
+    """A member without data."""
     tar.addfile(info)
+    if mirror is not None:
+        mirror(info, None)
+
+
+def _add_file(
+    tar: tarfile.TarFile, item: Item, name: str, info: tarfile.TarInfo, mirror: Mirror | None
+) -> None:
+    """A regular file's member: dense, or sparse when it has holes worth it (`sparse`)."""
+    with os.fdopen(PLAIN.open(item.real, os.O_RDONLY), "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        if size > tarsafe.MAX_FILE_SIZE:
+            raise ChangesetError(
+                f"/{name}: {size} bytes; a layer file is at most {tarsafe.MAX_FILE_SIZE}"
+            )
+        regions = sparse.data_regions(fd, size)
+        hasher = fingerprints.new_hasher() if mirror is not None else None
+        seen = info
+        if regions is not None:
+            seen = copy.copy(info)  # before sparse_member renames it: what a reader sees
+            seen.size = size
+            # a list of (offset, length), as tarfile sets it when reading
+            seen.sparse = [r for r in regions if r[1]]  # type: ignore[assignment]
+            data = sparse.sparse_member(info, fd, size, regions, hasher)
+            tar.addfile(info, data)
+            digest = data.content_digest() if hasher is not None else b""
+        else:
+            info.size = size
+            tar.addfile(info, _Hashed(f, hasher) if hasher is not None else f)
+            digest = hasher.digest() if hasher is not None else b""
+        if mirror is not None:
+            mirror(seen, FileData(fd, size, regions, digest))
+
+
+class _Hashed:
+    """A file as tarfile reads it, every byte passing through `hasher` on the way."""
+
+    def __init__(self, f: BinaryIO, hasher: Any) -> None:
+        self._f = f
+        self._hasher = hasher
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self._f.read(n)
+        self._hasher.update(data)
+        return data
 
 
 def _xattrs(path: bytes) -> list[tuple[str, str]]:

@@ -4,13 +4,17 @@
     parse_change("CMD ...") -> (key, value)      the Dockerfile-style --change edits
 
 Lifecycle (DESIGN.md's store rules):
-  - One streaming pass: `changeset.write_changeset` writes the tar through a tee that hashes
-    the uncompressed bytes (the DiffID) while a compressor (gzip without timestamp or name,
-    zstd, or none) feeds `store.ingest()`, which hashes the blob and renames it into blobs/.
+  - One streaming pass: `changeset.write_changeset` writes the tar into a `LayerStream`, whose
+    thread hashes the uncompressed bytes (the DiffID) and compresses them (gzip without
+    timestamp or name, zstd, or none) into `store.ingest()`, which hashes the blob and
+    renames it into blobs/;
+    and every member it writes is applied at once to the new layer's unpacked directory
+    (`layerbuild`: the tree unpacking the blob would give, file data copied from the upper),
+    so that the new image mounts without a pull and the blob is never read back.
   - Then, optionally, the self-check (`verify`), the config (diff_ids appended, a history
     entry, the --change edits), the manifest (same media-type family as the base; a Docker
-    base with zstd or no compression becomes OCI), the unpacked layer (`unpack_layer`, so the
-    new image mounts without a pull), and last the tag, in a `store.transaction()`.
+    base with zstd or no compression becomes OCI), the unpacked layer published (unless the
+    store has it already), and last the tag, in a `store.transaction()`.
   - Atomic: an exception anywhere (KeyboardInterrupt included) before the tag removes every
     blob and unpacked layer this commit created (and nothing else); no tag is written.  The
     tag is the last write, after `before_tag` (the caller's last check) succeeded.
@@ -51,12 +55,12 @@ from unionfs.stack import LayerStack, Node
 from . import changeset, compression, media, tarapply, tarsafe
 from .digest import Digest
 from .errors import StoreError
+from .layerbuild import LayerBuild
+from .layerstream import LayerStream
 from .store import Store, check_tag_name
 from .tarapply import LayerWriter
-from .unpack import remove_tree, unpack_layer
+from .unpack import remove_tree
 
-GZIP_LEVEL = 6
-ZSTD_LEVEL = 3
 CREATED_BY = "layer commit"
 COMPRESSIONS = ("gzip", "zstd", "none")
 _OCI_OF_DOCKER = {
@@ -140,73 +144,31 @@ def apply_changes(config: dict[str, Any], edits: list[tuple[str, Any]]) -> None:
 
 
 # ----- streaming the layer -----------------------------------------------------------------
-class _Tee:
-    """The uncompressed tar: hashed (DiffID) and passed on to the compressor."""
-
-    def __init__(
-        self, sink: Callable[[bytes], Any], progress: Callable[[int], None] | None = None
-    ) -> None:
-        self.hash = hashlib.sha256()
-        self._sink = sink
-        self._progress = progress
-
-    def write(self, data: bytes) -> int:
-        self.hash.update(data)
-        self._sink(data)
-        if self._progress is not None:
-            self._progress(len(data))
-        return len(data)
-
-
-class _IngestFile:
-    """The ingest as a file object for gzip/zstd writers; hashes too, so that the caller
-    knows the blob's digest before the ingest is committed (was it in the store already?)."""
-
-    def __init__(self, write: Callable[[bytes], None]) -> None:
-        self._write = write
-        self.hash = hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        chunk = bytes(data)
-        self.hash.update(chunk)
-        self._write(chunk)
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
 def _write_layer(
     store: Store,
     created: list[Digest],
+    build: LayerBuild,
     upper: Path,
     lowers: list[Path],
     compress: str,
     sde: int | None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Digest, int, Digest]:
-    """Stream the changeset into the store; returns (blob digest, size, DiffID) and adds the
-    blob to `created` unless the store had it already."""
+    """Stream the changeset into the store, and its members into `build`; returns (blob
+    digest, size, DiffID) and adds the blob to `created` unless the store had it already."""
     with store.ingest() as ing:
-        target = _IngestFile(ing.write)
-        comp: Any = None
-        if compress == "gzip":
-            comp = gzip.GzipFile(
-                filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=target, mtime=0
-            )
-        elif compress == "zstd":
-            cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-            comp = cctx.stream_writer(target, closefd=False)  # type: ignore[arg-type]
-        tee = _Tee(comp.write if comp is not None else target.write, progress)
-        changeset.write_changeset(upper, lowers, tee, sde)  # type: ignore[arg-type]
-        if comp is not None:
-            comp.close()
+        stream = LayerStream(ing.write, compress, progress)
+        try:
+            changeset.write_changeset(upper, lowers, stream, sde, build.add)  # type: ignore[arg-type]
+            diff_id, digest = stream.close()
+        finally:
+            stream.abort()  # a no-op once closed; else the ingest is not written to any more
         size = ing.offset
-        existed = store.has_blob(Digest("sha256", target.hash.hexdigest()))
+        existed = store.has_blob(digest)
         blob = ing.commit()
     if not existed:
         created.append(blob)
-    return blob, size, Digest("sha256", tee.hash.hexdigest())
+    return blob, size, diff_id
 
 
 # ----- commit ------------------------------------------------------------------------------
@@ -260,11 +222,14 @@ def commit(
     config = store.read_json(base.config.digest)
     docker = base.media_type == media.DOCKER_MANIFEST and compress == "gzip"
     created: list[Digest] = []
+    build: LayerBuild | None = None
     new_layer = False
     try:
+        build = LayerBuild(store)
         blob, size, diff_id = _write_layer(
-            store, created, upper, lowers, compress, source_date_epoch, progress
+            store, created, build, upper, lowers, compress, source_date_epoch, progress
         )
+        build.finish()
         store.record_diff_id(blob, diff_id)  # hashed while it was compressed: verified
         if verify:
             check(store, base, blob, _layer_type(compress, docker), upper, lowers, merged_view)
@@ -272,13 +237,14 @@ def commit(
         cfg_digest, cfg_size = _put_json(store, created, new_config)
         manifest = _manifest(base, docker, cfg_digest, cfg_size, blob, size, compress)
         man_digest, man_size = _put_json(store, created, manifest)
-        new_layer = not store.has_layer(diff_id)
-        unpack_layer(store, blob, _layer_type(compress, docker), diff_id)
+        new_layer = build.publish(diff_id)
         if before_tag is not None:
             before_tag()
         with store.transaction() as txn:
             txn.tag(new_name, media.Descriptor(manifest["mediaType"], man_digest, man_size))
     except BaseException:
+        if build is not None:
+            build.discard()
         for d in created:
             with contextlib.suppress(FileNotFoundError):
                 store.blob_path(d).unlink()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import tarfile
+from typing import Any
 
 MIN_HOLES = 1 << 20  # write a file sparse only when this many bytes of it are holes
 MAX_REGIONS = 1 << 16  # more data regions than this: write it dense (tarsafe's bound)
@@ -64,9 +65,13 @@ def data_regions(fd: int, size: int) -> Regions | None:
     return regions
 
 
-def sparse_member(info: tarfile.TarInfo, fd: int, size: int, regions: Regions) -> _SparseData:
+def sparse_member(
+    info: tarfile.TarInfo, fd: int, size: int, regions: Regions, content: Any = None
+) -> _SparseData:
     """Turn `info` (a regular file's header, name set) into a PAX 1.0 sparse member and give
-    the stream of its data (map, then regions) for `TarFile.addfile`."""
+    the stream of its data (map, then regions) for `TarFile.addfile`.  With `content` (a
+    hasher), the file's whole content passes through it as it is read, holes as zeros (see
+    `_SparseData.content_digest`)."""
     head, _, base = info.name.rpartition("/")
     real = info.name
     info.name = f"{head}/GNUSparseFile.0/{base}" if head else f"GNUSparseFile.0/{base}"
@@ -82,17 +87,37 @@ def sparse_member(info: tarfile.TarInfo, fd: int, size: int, regions: Regions) -
         "GNU.sparse.realsize": str(size),
     }
     info.size = len(table) + sum(n for _, n in regions)
-    return _SparseData(table, fd, regions)
+    return _SparseData(table, fd, regions, size, content)
 
 
 class _SparseData:
     """read(n) over the map, then each data region (pread: the fd's offset is not used)."""
 
-    def __init__(self, table: bytes, fd: int, regions: Regions) -> None:
+    def __init__(
+        self, table: bytes, fd: int, regions: Regions, size: int = 0, content: Any = None
+    ) -> None:
         self._pending = table
         self._fd = fd
         self._regions = list(reversed(regions))
         self._region = (0, 0)
+        self._size = size
+        self._content = content
+        self._hashed = 0  # how much of the file `content` has seen
+
+    def content_digest(self) -> bytes:
+        """The digest of the whole file (`content`'s), once every region was read."""
+        self._zeros_to(self._size)
+        return bytes(self._content.digest())
+
+    def _zeros_to(self, offset: int) -> None:
+        """Feed the hole from what `content` has seen up to `offset`, as zeros."""
+        if self._content is None or offset <= self._hashed:
+            return
+        zeros = bytes(min(offset - self._hashed, 1 << 20))
+        while self._hashed < offset:
+            n = min(offset - self._hashed, len(zeros))
+            self._content.update(zeros[:n])
+            self._hashed += n
 
     def read(self, n: int = -1) -> bytes:
         """Exactly `n` bytes unless the data ends first (tarfile's copy insists)."""
@@ -120,5 +145,9 @@ class _SparseData:
         data = os.pread(self._fd, min(n, length), off)
         if not data:
             raise OSError(errno.EIO, "the file shrank while it was committed")
+        if self._content is not None:
+            self._zeros_to(off)
+            self._content.update(data)
+            self._hashed = off + len(data)
         self._region = (off + len(data), length - len(data))
         return data

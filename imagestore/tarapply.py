@@ -38,6 +38,8 @@ skipped with a warning (also as root when mknod is refused); xattrs the kernel r
 unprivileged since Linux 5.8) and fall back to an empty `.wh.NAME` file where mknod is refused
 (layerfs reads both).  Internal xattrs (`*.overlay.*`, our own) in a layer are dropped.
 Regular files are written densely, except GNU sparse members, whose holes are kept.
+A member's data comes from the tar being read, or from a `Contents` (commit's one pass, which
+applies the members it writes: `layerbuild`).
 
 One LayerWriter per layer; not thread-safe; it owns the fds of its directory cache (`close`).
 A little over 500 lines: the entry kinds, the fd walk and both formats' whiteout rules belong
@@ -54,7 +56,7 @@ import tarfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Protocol
 
 import xxhash
 
@@ -90,6 +92,18 @@ class _DirMeta:
 OVERLAY, PLAIN = "overlay", "plain"
 
 
+class Contents(Protocol):
+    """The data of the regular members being applied, when they do not come from a tar."""
+
+    def write_to(self, member: tarfile.TarInfo, fd: int) -> bytes:
+        """Write `member`'s content into the new, empty file `fd` (holes where a sparse
+        member has them); return its xxh3-128, as `_copy` does."""
+        ...
+
+
+Source = tarfile.TarFile | Contents  # where `apply` takes a regular member's data from
+
+
 class LayerWriter:
     """Applies tar members, in order, to the directory open as `root_fd`, in format `fmt`
     (OVERLAY or PLAIN, see the module docstring)."""
@@ -111,7 +125,7 @@ class LayerWriter:
         self.digests: dict[int, bytes] = {}
 
     # ----- entry points ------------------------------------------------------------------
-    def apply(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+    def apply(self, member: tarfile.TarInfo, tar: Source) -> None:
         """Apply one member; a layer-caused failure becomes a CorruptLayer naming it."""
         try:
             self._apply(member, tar)
@@ -146,7 +160,7 @@ class LayerWriter:
             self.warnings.append(message)
 
     # ----- dispatch ----------------------------------------------------------------------
-    def _apply(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+    def _apply(self, member: tarfile.TarInfo, tar: Source) -> None:
         entry = shown(member.name)
         parts = split_path(member.name, entry)
         for comp in parts[:-1]:
@@ -202,7 +216,7 @@ class LayerWriter:
             os.close(fd)
 
     def _regular(
-        self, parts: list[bytes], member: tarfile.TarInfo, tar: tarfile.TarFile, entry: str
+        self, parts: list[bytes], member: tarfile.TarInfo, tar: Source, entry: str
     ) -> None:
         limit = tarsafe.MAX_FILE_SIZE
         if member.size > limit:
@@ -210,10 +224,13 @@ class LayerWriter:
         dfd, name = self._place(parts, entry)
         fd = os.open(name, _NEW_FILE, 0o600, dir_fd=dfd)
         try:
-            src = tar.extractfile(member)
-            assert src is not None
-            with src:
-                digest = _copy(src, fd, member.size, sparse=member.issparse())
+            if isinstance(tar, tarfile.TarFile):
+                src = tar.extractfile(member)
+                assert src is not None
+                with src:
+                    digest = _copy(src, fd, member.size, sparse=member.issparse())
+            else:
+                digest = tar.write_to(member, fd)
             self.digests[os.fstat(fd).st_ino] = digest
             self._owner(fd, member, entry)
             self._xattrs(fd, member, entry)

@@ -256,7 +256,7 @@ def publish_fresh(store: Store, tmp: Path, diff_id: Digest) -> None:
     """Publish what `unpack_stream` made (another complete copy already there wins); on
     failure nothing of it stays."""
     try:
-        _publish(store, tmp, diff_id)
+        publish(store, tmp, diff_id)
     except BaseException:
         remove_tree(tmp)
         raise
@@ -294,7 +294,7 @@ def _apply_chain(
             raise DigestMismatch(f"layer {blob}: DiffID is {diff_id}, expected {expected}")
         writer.finish()
         if fingerprints is not None:
-            _write_fingerprints(fingerprints, root_fd, writer.digests)
+            write_fingerprints(fingerprints, root_fd, writer.digests)
     except CorruptLayer as exc:
         raise CorruptLayer(f"layer {blob.short}: {exc}") from exc
     finally:
@@ -307,7 +307,7 @@ def _apply_chain(
     return diff_id
 
 
-def _write_fingerprints(path: Path, root_fd: int, digests: dict[int, bytes]) -> None:
+def write_fingerprints(path: Path, root_fd: int, digests: dict[int, bytes]) -> None:
     """The finished tree's fingerprints: metadata from a walk of the tree just written (still
     in the page cache), content digests from the stream as it was written, by inode; only a
     file the writer made without data (a `.wh.` fallback marker) is hashed here."""
@@ -540,7 +540,7 @@ class _TarStream:
 
 
 # ----- publishing and cleaning up ----------------------------------------------------------
-def _publish(store: Store, tmp: Path, diff_id: Digest) -> None:
+def publish(store: Store, tmp: Path, diff_id: Digest) -> None:
     """Rename the finished temp dir to layers/<hex>, then write the marker; another complete
     copy already there wins and ours is discarded."""
     final = store.layers / diff_id.hex
