@@ -414,3 +414,23 @@ def test_killpriv_v2_matches_kernel_overlayfs(tmp_path, fuse):
     # our 6 getxattr calls, and the kernel's check before the first write of each file (and
     # of every write to a setuid file, which the VFS never marks S_NOSEC) — not 50 more
     assert len(re.findall(r"GETXATTR #\d+ node \d+ \(b'security\.capability'", log)) < 20
+
+
+@pytest.mark.parametrize("transport", ["native", "pyfuse3"])
+def test_times_before_1970(tmp_path, lower, fuse, transport):
+    """Seconds are signed in the kernel but u64 on the wire: a lower file from before 1970
+    shows its time, and utime to such a time works (it was EIO: OverflowError)."""
+    mnt, up, wk = (tmp_path / n for n in ("mnt", "up", "wk"))
+    for d in (mnt, up, wk):
+        d.mkdir()
+    old = (-86_400 * 365 * 10 - 1) * 1_000_000_000 + 250_000_000  # 1960, and a fraction
+    os.utime(lower / "dir" / "f0", ns=(old, old))
+    opts = f"fuse={transport}" + (",debug" if transport == "native" else "")
+    with LayerfsMount(mnt, [lower], up, wk, extra_opts=opts):
+        st = os.stat(mnt / "dir" / "f0")
+        assert (st.st_atime_ns, st.st_mtime_ns) == (old, old)
+        os.utime(mnt / "dir" / "f1", ns=(old - 1, old + 7))
+        st = os.stat(mnt / "dir" / "f1")
+        assert (st.st_atime_ns, st.st_mtime_ns) == (old - 1, old + 7)
+    st = os.stat(up / "dir" / "f1")
+    assert (st.st_atime_ns, st.st_mtime_ns) == (old - 1, old + 7)

@@ -97,10 +97,10 @@ class NewAttrs:
 def setattr_args(fields: tuple[int, ...]) -> tuple[NewAttrs, SetattrFields, int | None]:
     valid, _, fh, size, _lo, atime, mtime, ctime, atns, mtns, ctns, mode, _, uid, gid, _ = fields
     now = time.time_ns()
-    times = (
-        now if valid & wire.FATTR_ATIME_NOW else atime * 1_000_000_000 + atns,
-        now if valid & wire.FATTR_MTIME_NOW else mtime * 1_000_000_000 + mtns,
-        ctime * 1_000_000_000 + ctns,
+    times = (  # before 1970, the seconds come as two's complement
+        now if valid & wire.FATTR_ATIME_NOW else wire.signed64(atime) * 1_000_000_000 + atns,
+        now if valid & wire.FATTR_MTIME_NOW else wire.signed64(mtime) * 1_000_000_000 + mtns,
+        wire.signed64(ctime) * 1_000_000_000 + ctns,
     )
     attrs = NewAttrs(mode, uid, gid, size, times)
     return attrs, SetattrFields(valid), (fh if valid & wire.FATTR_FH else None)

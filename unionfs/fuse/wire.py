@@ -85,6 +85,7 @@ OPEN_KILL_SUIDGID = 1 << 0  # fuse_open_in/fuse_create_in.open_flags (HANDLE_KIL
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid total_extlen pad
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
 _ATTR = "QQQQQQIIIIIIIIII"  # fuse_attr, 88 bytes
+U64 = (1 << 64) - 1
 ENTRY_OUT = struct.Struct("<QQQQII" + _ATTR)  # 128
 ATTR_OUT = struct.Struct("<QII" + _ATTR)  # 104
 INIT_IN = struct.Struct("<IIIII")  # major minor max_readahead flags flags2 (then unused[11])
@@ -190,10 +191,17 @@ def pack_attr_fields(a, ino: int) -> tuple:  # type: ignore[no-untyped-def]
     at, mt, ct = a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns
     return (
         ino, a.st_size, a.st_blocks,
-        at // 1_000_000_000, mt // 1_000_000_000, ct // 1_000_000_000,
+        # seconds are signed in the kernel (time64_t) but u64 on the wire: before 1970 they
+        # go as two's complement; floor division keeps the nanoseconds in [0, 1e9)
+        at // 1_000_000_000 & U64, mt // 1_000_000_000 & U64, ct // 1_000_000_000 & U64,
         at % 1_000_000_000, mt % 1_000_000_000, ct % 1_000_000_000,
         a.st_mode, a.st_nlink, a.st_uid, a.st_gid, a.st_rdev & 0xFFFFFFFF, a.st_blksize, 0,
     )  # fmt: skip
+
+
+def signed64(value: int) -> int:
+    """A u64 wire field the kernel means as signed (times: time64_t)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def _split_timeout(t: float) -> tuple[int, int]:
