@@ -54,7 +54,7 @@ import tarfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
+from typing import Any, Protocol
 
 import xxhash
 
@@ -90,6 +90,12 @@ class _DirMeta:
 OVERLAY, PLAIN = "overlay", "plain"
 
 
+class MemberSource(Protocol):
+    """Where the members come from: a tarfile.TarFile, or a tarstream.TarReader."""
+
+    def extractfile(self, member: tarfile.TarInfo, /) -> Any: ...
+
+
 class LayerWriter:
     """Applies tar members, in order, to the directory open as `root_fd`, in format `fmt`
     (OVERLAY or PLAIN, see the module docstring)."""
@@ -111,7 +117,7 @@ class LayerWriter:
         self.digests: dict[int, bytes] = {}
 
     # ----- entry points ------------------------------------------------------------------
-    def apply(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+    def apply(self, member: tarfile.TarInfo, tar: MemberSource) -> None:
         """Apply one member; a layer-caused failure becomes a CorruptLayer naming it."""
         try:
             self._apply(member, tar)
@@ -146,7 +152,7 @@ class LayerWriter:
             self.warnings.append(message)
 
     # ----- dispatch ----------------------------------------------------------------------
-    def _apply(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+    def _apply(self, member: tarfile.TarInfo, tar: MemberSource) -> None:
         entry = shown(member.name)
         parts = split_path(member.name, entry)
         for comp in parts[:-1]:
@@ -202,7 +208,7 @@ class LayerWriter:
             os.close(fd)
 
     def _regular(
-        self, parts: list[bytes], member: tarfile.TarInfo, tar: tarfile.TarFile, entry: str
+        self, parts: list[bytes], member: tarfile.TarInfo, tar: MemberSource, entry: str
     ) -> None:
         limit = tarsafe.MAX_FILE_SIZE
         if member.size > limit:
@@ -503,7 +509,7 @@ def _lstat(dfd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
-def _copy(src: IO[bytes], fd: int, size: int, sparse: bool) -> bytes:
+def _copy(src: Any, fd: int, size: int, sparse: bool) -> bytes:
     """Copy a member's data; for a sparse member, all-zero pieces become holes.  Returns the
     xxh3-128 of the content (its fingerprint, taken from the stream as it passes)."""
     step = SPARSE_CHUNK if sparse else COPY_CHUNK

@@ -51,7 +51,7 @@ import zstandard
 from unionfs.syscalls import syncfs
 
 from . import fingerprints as fingerprints_mod
-from . import fstree, tarsafe
+from . import fstree, tarsafe, tarstream
 from .compression import GZIP, PLAIN, SNIFF_BYTES, ZSTD, sniff
 from .digest import Digest
 from .durable import fsync_dir, write_atomic
@@ -73,13 +73,12 @@ MEDIA_TYPES = {
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": GZIP,
     "": PLAIN,  # unknown (an archive without a manifest): the magic bytes decide
 }
-TAR_BUFSIZE = 1 << 14  # tarfile's reads (it copies its buffer's rest on every header read)
+TAR_BUFSIZE = 1 << 14  # the tar reader's reads of the stream (tarstream reads as tarfile does)
 ZSTD_INPUT_CHUNK = 2048  # bounds one decompress() call's output (a zstd bomb) to ~64 MiB
 PUBLISH_WAIT = 2.0  # seconds to wait for another unpacker's marker before calling it debris
 MARKER = "complete"
 
 _DECOMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError)
-_TAR_ERRORS = (tarfile.TarError, ValueError, RecursionError, EOFError)  # tarfile on bad headers
 _locks_guard = threading.Lock()
 _locks: dict[str, threading.Lock] = {}
 
@@ -258,27 +257,15 @@ def _write_fingerprints(path: Path, root_fd: int, digests: dict[int, bytes]) -> 
 
 def _apply_all(stream: _TarStream, writer: LayerWriter) -> int:
     """Apply every member; returns the stream offset where the archive's entries end."""
-    try:
-        tar = tarfile.open(
-            fileobj=stream, mode="r|", tarinfo=tarsafe.SafeTarInfo, bufsize=TAR_BUFSIZE
-        )  # type: ignore[call-overload]
-    except _TAR_ERRORS as exc:
-        if stream.size == 0:
-            return 0  # an empty stream is an empty layer
-        raise CorruptLayer(f"not a tar archive: {exc}") from exc
+    reader = tarstream.TarReader(stream, TAR_BUFSIZE)
     count = 0
-    while True:
-        try:
-            member = tar.next()
-        except _TAR_ERRORS as exc:
-            raise CorruptLayer(f"bad tar header after {count} entries: {exc}") from exc
-        if member is None:
-            return tar.offset
-        tar.members.clear()  # streaming: do not keep every member in memory
+    while (member := reader.next()) is not None:
         count += 1
         if count > tarsafe.MAX_ENTRIES:
             raise CorruptLayer(f"more than {tarsafe.MAX_ENTRIES} entries")
-        writer.apply(member, tar)
+        writer.apply(member, reader)
+    assert reader.end is not None
+    return reader.end
 
 
 def _sniff(raw: BinaryIO) -> str | None:
