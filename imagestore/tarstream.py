@@ -231,7 +231,8 @@ class TarReader:
         start = self._offset
         if start and buf.peek(start + BLOCK):
             head = start - buf.base
-            if buf.buf[head : head + BLOCK] == _ZERO_BLOCK:
+            data = buf.buf
+            if data[head] == 0 and data[head : head + BLOCK] == _ZERO_BLOCK:
                 self.end = start  # tarfile: an end-of-archive block ends the members
                 return None
         try:
@@ -241,8 +242,8 @@ class TarReader:
         if member.size < 0:  # tarfile's offsets go backwards: leave that to it
             return self._hand_over(start)
         buf.pos = member.offset_data - buf.base  # the chain's bytes are all in the buffer
-        data = -(-member.size // BLOCK) * BLOCK if member.type in _WITH_DATA else 0
-        self._offset = member.offset_data + data
+        blocks = -(-member.size // BLOCK) * BLOCK if member.type in _WITH_DATA else 0
+        self._offset = member.offset_data + blocks
         self.count += 1
         self.fast += 1
         return member
@@ -483,10 +484,15 @@ def _nts(field: bytes) -> str:
 
 
 def _nti(field: bytes) -> int:
-    """tarfile.nti itself; a field it refuses makes the chain uncertain."""
+    """tarfile.nti; a field it refuses makes the chain uncertain."""
+    digits = field[:-1]
     try:
+        # the usual field, digits and a NUL or a space: what nti makes of it, without
+        # its decoding and stripping (bytes.isdigit: ASCII digits only)
+        if field[-1] in (0, 32) and digits.isdigit():
+            return int(digits, 8)
         return tarfile.nti(field)  # type: ignore[attr-defined, no-any-return]
-    except (tarfile.HeaderError, ValueError):  # InvalidHeaderError
+    except (tarfile.HeaderError, ValueError):  # InvalidHeaderError; an 8 or 9
         raise _Uncertain from None
 
 
