@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import struct
 import tarfile
-import zlib
 from typing import Any, Protocol
+from zlib import adler32
 
 from . import tarsafe
 from .errors import CorruptLayer
@@ -76,7 +76,10 @@ _BUILTIN = frozenset(
     )
 )
 _WITH_DATA = frozenset(tarfile.REGULAR_TYPES)  # whose data follows the header (and is skipped)
-_LONG = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+_XHD, _LONGNAME, _LONGLINK = tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK
+_EXTENSIONS = frozenset((_XHD, _LONGNAME, _LONGLINK))  # the ones the fast path follows
+_AREG, _DIR = tarfile.AREGTYPE, tarfile.DIRTYPE
+_Info = tarsafe.SafeTarInfo
 _PAX_FIELDS = frozenset(tarfile.PAX_FIELDS)
 _PAX_NUMBERS: dict[str, Any] = dict(tarfile.PAX_NUMBER_FIELDS)  # type: ignore[attr-defined]
 # what makes tarfile treat PAX records as GNU sparse (_proc_pax, _apply_pax_info)
@@ -305,10 +308,10 @@ class TarReader:
         kind = fields[5]
         if kind in _BUILTIN:
             return self._member(data, p, at, fields)
-        if depth >= FAST_CHAIN or kind not in (tarfile.XHDTYPE, *_LONG):
+        if depth >= min(FAST_CHAIN, tarsafe.MAX_HEADER_CHAIN) or kind not in _EXTENSIONS:
             raise _Uncertain
         size = self._decoded(data, p, fields)[2]  # tarfile checks every field here too
-        if not 0 <= size <= tarsafe.MAX_HEADER_SIZE:
+        if not 0 <= size <= tarsafe.MAX_HEADER_SIZE:  # read each time: tarsafe owns it
             raise _Uncertain
         blocks = -(-size // BLOCK) * BLOCK
         if not buf.peek(at + BLOCK + blocks):
@@ -316,7 +319,7 @@ class TarReader:
         data = buf.buf  # peek may have replaced the buffer
         p = at - buf.base
         payload = data[p + BLOCK : p + BLOCK + blocks]
-        if kind == tarfile.XHDTYPE:
+        if kind == _XHD:
             pax = _pax_records(payload)
             member = self._chain(at + BLOCK + blocks, depth + 1)
             _apply_pax(member, pax)
@@ -324,11 +327,11 @@ class TarReader:
             return member
         member = self._chain(at + BLOCK + blocks, depth + 1)
         member.offset = at
-        if kind == tarfile.GNUTYPE_LONGNAME:
+        if kind == _LONGNAME:
             member.name = _nts(payload)
         else:
             member.linkname = _nts(payload)
-        if member.type == tarfile.DIRTYPE:
+        if member.type == _DIR:
             member.name = member.name.removesuffix("/")
         return member
 
@@ -338,7 +341,7 @@ class TarReader:
         chksum, (mode, uid, gid), size, mtime, (uname, gname), (major, minor) = self._decoded(
             data, p, fields
         )
-        t = tarsafe.SafeTarInfo.__new__(tarsafe.SafeTarInfo)
+        t = _Info.__new__(_Info)
         t.name = _nts(name)
         t.mode = mode
         t.uid = uid
@@ -356,22 +359,34 @@ class TarReader:
         t.offset_data = at + BLOCK
         t.sparse = None
         t.pax_headers = {}
-        if kind == tarfile.AREGTYPE and t.name.endswith("/"):
-            t.type = kind = tarfile.DIRTYPE
-        if kind == tarfile.DIRTYPE:
+        if kind == _AREG and t.name.endswith("/"):
+            t.type = kind = _DIR
+        if kind == _DIR:
             t.name = t.name.rstrip("/")
         if prefix[0]:
             t.name = _nts(prefix) + "/" + t.name
-            if kind == tarfile.DIRTYPE:
+            if kind == _DIR:
                 t.name = t.name.rstrip("/")
         return t
 
     def _decoded(self, data: bytes, p: int, fields: tuple[Any, ...]) -> tuple[Any, ...]:
         """What tarfile's frombuf decodes of every header: checksum (checked), (mode, uid,
         gid), size, mtime, (uname, gname), (devmajor, devminor); _Uncertain where it would
-        fail."""
-        _, ids, size, mtime, _, _, _, owners, dev, _ = fields
-        chksum = self._check(data, p, fields)
+        fail.  (Inlined lookups: this runs twice for most entries of a PAX layer.)"""
+        _, ids, size_field, mtime_field, chksum_field, _, _, owners, dev, _ = fields
+        numbers = self._numbers
+        chksum = numbers.get(chksum_field)
+        if chksum is None:
+            chksum = self._number(chksum_field)
+        # adler32's low half is 1 + the byte sum modulo 65521: exact for up to 256 bytes
+        unsigned = (
+            253  # 256 (the checksum field as spaces) - 3 (adler32's 1, thrice)
+            + (adler32(data[p : p + 148]) & 0xFFFF)
+            + (adler32(data[p + 156 : p + 412]) & 0xFFFF)
+            + (adler32(data[p + 412 : p + BLOCK]) & 0xFFFF)
+        )
+        if chksum != unsigned and chksum != unsigned - 256 * _high_bytes(data, p):
+            raise _Uncertain  # tarfile accepts the unsigned and the signed sum
         triple = self._triples.get(ids)
         if triple is None:
             value = (_nti(ids[0:8]), _nti(ids[8:16]), _nti(ids[16:24]))
@@ -382,7 +397,13 @@ class TarReader:
         names = self._names.get(owners)
         if names is None:
             names = _cached(self._names, owners, (_nts(owners[0:32]), _nts(owners[32:64])))
-        return chksum, triple, self._number(size), self._number(mtime), names, pair
+        size = numbers.get(size_field)
+        if size is None:
+            size = self._number(size_field)
+        mtime = numbers.get(mtime_field)
+        if mtime is None:
+            mtime = self._number(mtime_field)
+        return chksum, triple, size, mtime, names, pair
 
     def _number(self, field: bytes) -> int:
         value = self._numbers.get(field)
@@ -390,26 +411,13 @@ class TarReader:
             value = _cached(self._numbers, field, _nti(field))
         return value
 
-    def _check(self, data: bytes, p: int, fields: tuple[Any, ...]) -> int:
-        """The header's checksum field, if it matches (tarfile accepts the unsigned and the
-        signed sum); _Uncertain if not."""
-        chksum = self._number(fields[4])
-        # adler32's low half is 1 + the byte sum modulo 65521: exact for up to 256 bytes
-        low = data[p : p + 148]
-        high = data[p + 156 : p + BLOCK]
-        unsigned = (
-            253  # 256 (the checksum field as spaces) - 3 (adler32's 1, thrice)
-            + (zlib.adler32(low) & 0xFFFF)
-            + (zlib.adler32(high[:256]) & 0xFFFF)
-            + (zlib.adler32(high[256:]) & 0xFFFF)
-        )
-        if chksum == unsigned:
-            return chksum
-        highbytes = len(low) - len(low.translate(None, _HIGH))
-        highbytes += len(high) - len(high.translate(None, _HIGH))
-        if chksum == unsigned - 256 * highbytes:
-            return chksum
-        raise _Uncertain
+
+def _high_bytes(data: bytes, p: int) -> int:
+    """Bytes >= 128 in the header at `p`, but for the checksum field (the signed sum is the
+    unsigned one less 256 for each)."""
+    low = data[p : p + 148]
+    high = data[p + 156 : p + BLOCK]
+    return len(low) + len(high) - len(low.translate(None, _HIGH)) - len(high.translate(None, _HIGH))
 
 
 def _pax_records(payload: bytes) -> dict[str, str]:

@@ -372,6 +372,23 @@ def test_fast_path_covers_ordinary_chains():
         assert same(data) == len(list(tarfile.open(fileobj=io.BytesIO(data)))), name
 
 
+@pytest.mark.parametrize(("limit", "value"), [("MAX_HEADER_CHAIN", 1), ("MAX_HEADER_SIZE", 5)])
+def test_tarsafe_limits_hold(monkeypatch, limit, value):
+    """tarsafe's limits, lowered, bind the fast path as they bind tarfile."""
+    monkeypatch.setattr(tarsafe, limit, value)
+    data = CASES["long-link-then-pax"]
+    same(data)
+    with pytest.raises(CorruptLayer):
+        tarstream_members(data)
+
+
+def tarstream_members(data: bytes) -> int:
+    reader = tarstream.TarReader(_Source(data), unpack.TAR_BUFSIZE)
+    while reader.next() is not None:
+        pass
+    return reader.count
+
+
 # ----- compressed streams: decompression errors surface where they did -----------------------
 @pytest.mark.parametrize("cut", [100, 3000, 20_000, 60_000])
 def test_truncated_gzip(gnu_tree, cut):
