@@ -42,7 +42,7 @@ SETTINGS = settings(
 class _Source:
     """The uncompressed stream, counting the bytes it hands out."""
 
-    def __init__(self, data: bytes | io.IOBase) -> None:
+    def __init__(self, data) -> None:  # bytes, or a reader (a gzip stream, unpack's stream)
         self._f = io.BytesIO(data) if isinstance(data, bytes) else data
         self.given = 0
 
@@ -70,16 +70,16 @@ def _take(member: tarfile.TarInfo, source, policy: str) -> tuple:
     return attrs, b"".join(chunks)
 
 
-def _through_tarfile(src: _Source, policy: str) -> list:
-    """What unpack._apply_all did before tarstream, with the member list as result."""
-    out: list = []
+def _old_apply_all(src: _Source, each) -> int:
+    """unpack._apply_all as it was before tarstream (tarfile), calling `each(member, tar)`
+    where it applied the member; returns where the entries end."""
     try:
         tar = tarfile.open(
             fileobj=src, mode="r|", tarinfo=tarsafe.SafeTarInfo, bufsize=unpack.TAR_BUFSIZE
         )
     except tarstream.TAR_ERRORS as exc:
         if src.given == 0:
-            return [("end", 0)]
+            return 0  # an empty stream is an empty layer
         raise CorruptLayer(f"not a tar archive: {exc}") from exc
     count = 0
     while True:
@@ -88,10 +88,16 @@ def _through_tarfile(src: _Source, policy: str) -> list:
         except tarstream.TAR_ERRORS as exc:
             raise CorruptLayer(f"bad tar header after {count} entries: {exc}") from exc
         if member is None:
-            return [*out, ("end", tar.offset)]
+            return tar.offset
         tar.members.clear()
         count += 1
-        out.append(_take(member, tar, policy))
+        each(member, tar)
+
+
+def _through_tarfile(src: _Source, policy: str) -> list:
+    out: list = []
+    end = _old_apply_all(src, lambda member, tar: out.append(_take(member, tar, policy)))
+    return [*out, ("end", end)]
 
 
 def _through_tarstream(src: _Source, policy: str, fast: list) -> list:
@@ -437,9 +443,7 @@ def _apply(data: bytes, root: Path, new: bool) -> str:
         if new:
             end = unpack._apply_all(stream, writer)
         else:
-            src = _Source(stream)  # type: ignore[arg-type]
-            members = _through_tarfile_applying(src, writer)
-            end = members
+            end = _old_apply_all(_Source(stream), writer.apply)
         stream.check_end(end)
         writer.finish()
         return "ok " + stream.hash.hexdigest()
@@ -448,28 +452,6 @@ def _apply(data: bytes, root: Path, new: bool) -> str:
     finally:
         writer.close()
         os.close(fd)
-
-
-def _through_tarfile_applying(src, writer) -> int:
-    try:
-        tar = tarfile.open(
-            fileobj=src, mode="r|", tarinfo=tarsafe.SafeTarInfo, bufsize=unpack.TAR_BUFSIZE
-        )
-    except tarstream.TAR_ERRORS as exc:
-        if src.given == 0:
-            return 0
-        raise CorruptLayer(f"not a tar archive: {exc}") from exc
-    count = 0
-    while True:
-        try:
-            member = tar.next()
-        except tarstream.TAR_ERRORS as exc:
-            raise CorruptLayer(f"bad tar header after {count} entries: {exc}") from exc
-        if member is None:
-            return tar.offset
-        tar.members.clear()
-        count += 1
-        writer.apply(member, tar)
 
 
 def _tree(root: Path, times: bool = True) -> list:
