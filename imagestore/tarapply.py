@@ -56,7 +56,7 @@ import tarfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Protocol
+from typing import Any, Protocol
 
 import xxhash
 
@@ -92,6 +92,12 @@ class _DirMeta:
 OVERLAY, PLAIN = "overlay", "plain"
 
 
+class MemberSource(Protocol):
+    """Where the members come from: a tarfile.TarFile, or a tarstream.TarReader."""
+
+    def extractfile(self, member: tarfile.TarInfo, /) -> Any: ...
+
+
 class Contents(Protocol):
     """The data of the regular members being applied, when they do not come from a tar."""
 
@@ -101,7 +107,7 @@ class Contents(Protocol):
         ...
 
 
-Source = tarfile.TarFile | Contents  # where `apply` takes a regular member's data from
+Source = MemberSource | Contents  # where `apply` takes a regular member's data from
 
 
 class LayerWriter:
@@ -224,13 +230,14 @@ class LayerWriter:
         dfd, name = self._place(parts, entry)
         fd = os.open(name, _NEW_FILE, 0o600, dir_fd=dfd)
         try:
-            if isinstance(tar, tarfile.TarFile):
-                src = tar.extractfile(member)
+            write_to = getattr(tar, "write_to", None)  # Contents (commit) rather than a tar
+            if write_to is not None:
+                digest = write_to(member, fd)
+            else:
+                src = tar.extractfile(member)  # type: ignore[union-attr]
                 assert src is not None
                 with src:
                     digest = _copy(src, fd, member.size, sparse=member.issparse())
-            else:
-                digest = tar.write_to(member, fd)
             self.digests[os.fstat(fd).st_ino] = digest
             self._owner(fd, member, entry)
             self._xattrs(fd, member, entry)
@@ -520,7 +527,7 @@ def _lstat(dfd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
-def _copy(src: IO[bytes], fd: int, size: int, sparse: bool) -> bytes:
+def _copy(src: Any, fd: int, size: int, sparse: bool) -> bytes:
     """Copy a member's data; for a sparse member, all-zero pieces become holes.  Returns the
     xxh3-128 of the content (its fingerprint, taken from the stream as it passes)."""
     step = SPARSE_CHUNK if sparse else COPY_CHUNK

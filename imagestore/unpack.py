@@ -52,7 +52,7 @@ from isal import igzip, isal_zlib
 from unionfs.syscalls import syncfs
 
 from . import fingerprints as fingerprints_mod
-from . import fstree, tarsafe
+from . import fstree, tarsafe, tarstream
 from .compression import GZIP, PLAIN, SNIFF_BYTES, ZSTD, sniff
 from .digest import Digest
 from .durable import fsync_dir, write_atomic
@@ -75,7 +75,7 @@ MEDIA_TYPES = {
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": GZIP,
     "": PLAIN,  # unknown (an archive without a manifest): the magic bytes decide
 }
-TAR_BUFSIZE = 1 << 14  # tarfile's reads (it copies its buffer's rest on every header read)
+TAR_BUFSIZE = 1 << 14  # the tar reader's reads of the stream (tarstream reads as tarfile does)
 ZSTD_INPUT_CHUNK = 2048  # bounds one decompress() call's output (a zstd bomb) to ~64 MiB
 CHAIN_CHUNK = 1 << 18  # uncompressed bytes per hand-over between the chain's thread and the applier
 READ_AHEAD = 8  # chunks the chain may run ahead of the applier (bounds memory: 2 MiB)
@@ -91,7 +91,6 @@ _DECOMPRESSION_ERRORS = (
     gzip.BadGzipFile,
     zstandard.ZstdError,
 )
-_TAR_ERRORS = (tarfile.TarError, ValueError, RecursionError, EOFError)  # tarfile on bad headers
 _locks_guard = threading.Lock()
 _locks: dict[str, threading.Lock] = {}
 
@@ -322,27 +321,15 @@ def write_fingerprints(path: Path, root_fd: int, digests: dict[int, bytes]) -> N
 
 def _apply_all(stream: _TarStream, writer: LayerWriter) -> int:
     """Apply every member; returns the stream offset where the archive's entries end."""
-    try:
-        tar = tarfile.open(
-            fileobj=stream, mode="r|", tarinfo=tarsafe.SafeTarInfo, bufsize=TAR_BUFSIZE
-        )  # type: ignore[call-overload]
-    except _TAR_ERRORS as exc:
-        if stream.size == 0:
-            return 0  # an empty stream is an empty layer
-        raise CorruptLayer(f"not a tar archive: {exc}") from exc
+    reader = tarstream.TarReader(stream, TAR_BUFSIZE)
     count = 0
-    while True:
-        try:
-            member = tar.next()
-        except _TAR_ERRORS as exc:
-            raise CorruptLayer(f"bad tar header after {count} entries: {exc}") from exc
-        if member is None:
-            return tar.offset
-        tar.members.clear()  # streaming: do not keep every member in memory
+    while (member := reader.next()) is not None:
         count += 1
         if count > tarsafe.MAX_ENTRIES:
             raise CorruptLayer(f"more than {tarsafe.MAX_ENTRIES} entries")
-        writer.apply(member, tar)
+        writer.apply(member, reader)
+    assert reader.end is not None
+    return reader.end
 
 
 class _HashingReader:
