@@ -55,8 +55,9 @@ import stat
 import tarfile
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import xxhash
 
@@ -70,6 +71,7 @@ log = logging.getLogger(__name__)
 
 COPY_CHUNK = 1 << 20
 SPARSE_CHUNK = 1 << 16  # the granularity of holes in sparse members
+POOL_FILE_BYTES = 1 << 18  # regular files up to this size may be created by _FilePool workers
 DIR_CACHE_SIZE = 64  # open directory fds kept for the walks from the root
 MAX_WARNINGS = 20  # kept verbatim; the rest are only counted
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -114,9 +116,11 @@ class LayerWriter:
     """Applies tar members, in order, to the directory open as `root_fd`, in format `fmt`
     (OVERLAY or PLAIN, see the module docstring)."""
 
-    def __init__(self, root_fd: int, fmt: str = OVERLAY) -> None:
+    def __init__(self, root_fd: int, fmt: str = OVERLAY, workers: int = 0) -> None:
         if fmt not in (OVERLAY, PLAIN):
             raise ValueError(f"unknown layer format {fmt!r}")
+        # OVERLAY only: small regular files are created by `workers` threads (_FilePool)
+        self._pool = _FilePool(workers) if workers and fmt == OVERLAY else None
         self.root_fd = root_fd
         self.fmt = fmt
         self._mine: set[bytes] = set()  # PLAIN: the paths this layer wrote (they stay)
@@ -132,20 +136,21 @@ class LayerWriter:
 
     # ----- entry points ------------------------------------------------------------------
     def apply(self, member: tarfile.TarInfo, tar: Source) -> None:
-        """Apply one member; a layer-caused failure becomes a CorruptLayer naming it."""
+        """Apply one member; a layer-caused failure becomes a CorruptLayer naming it (for a
+        file a worker creates, raised by a later call or by `finish`)."""
         try:
             self._apply(member, tar)
-        except CorruptLayer:
-            raise
-        except OSError as exc:
-            if exc.errno in ENVIRONMENT_ERRNOS:
-                raise
-            raise CorruptLayer(f"entry {shown(member.name)}: {exc.strerror or exc}") from exc
-        except (tarfile.TarError, ValueError, OverflowError, EOFError) as exc:
-            raise CorruptLayer(f"entry {shown(member.name)}: {exc}") from exc
+        except _MEMBER_ERRORS as exc:
+            _raise_for(member, exc)
+
+    def wait(self) -> None:
+        """Wait for the files workers are creating; raise the first failure among them."""
+        if self._pool is not None:
+            self._pool.drain()
 
     def finish(self) -> None:
         """Directories' modes and times, deepest first, once nothing more is written inside."""
+        self.wait()
         # Reverse byte order visits children before parents (a path sorts before its
         # extensions), and keeps each subtree together for the directory cache.
         for key in sorted(self._dirs, reverse=True):
@@ -156,6 +161,8 @@ class LayerWriter:
                 os.utime(fd, ns=(meta.atime_ns, meta.mtime_ns))
 
     def close(self) -> None:
+        if self._pool is not None:  # whatever the workers still do ends first
+            self._pool.shutdown()
         while self._cache:
             os.close(self._cache.popitem()[1])
 
@@ -169,6 +176,14 @@ class LayerWriter:
     def _apply(self, member: tarfile.TarInfo, tar: Source) -> None:
         entry = shown(member.name)
         parts = split_path(member.name, entry)
+        if self._pool is not None and self._pool.pending:
+            # a file still being created must exist before anything looks at its path: a
+            # regular file, directory or symlink touches only its own path and its parents,
+            # anything else (links, whiteouts, ...) may look anywhere
+            if member.isreg() or member.isdir() or member.issym():
+                self._pool.drain_under(parts)
+            else:
+                self._pool.drain()
         for comp in parts[:-1]:
             if comp.startswith(markers.AUFS_META_PREFIX):
                 return self._skip(entry, "AUFS metadata")
@@ -228,6 +243,23 @@ class LayerWriter:
         if member.size > limit:
             raise CorruptLayer(f"entry {entry}: {member.size} bytes (limit {limit})")
         dfd, name = self._place(parts, entry)
+        if (
+            self._pool is not None
+            and member.size <= POOL_FILE_BYTES
+            and not member.issparse()
+            and hasattr(tar, "extractfile")
+        ):
+            src = tar.extractfile(member)  # type: ignore[union-attr]
+            assert src is not None
+            with src:
+                data = src.read()
+            fd_copy = os.dup(dfd)  # the cache may close dfd before the worker runs
+            try:
+                self._pool.submit(parts, self._small_file, fd_copy, name, member, data, entry)
+            except BaseException:
+                os.close(fd_copy)
+                raise
+            return
         fd = os.open(name, _NEW_FILE, 0o600, dir_fd=dfd)
         try:
             write_to = getattr(tar, "write_to", None)  # Contents (commit) rather than a tar
@@ -245,6 +277,28 @@ class LayerWriter:
             os.utime(fd, ns=times_ns(member))
         finally:
             os.close(fd)
+
+    def _small_file(
+        self, dfd: int, name: bytes, member: tarfile.TarInfo, data: bytes, entry: str
+    ) -> None:
+        """A worker's part of `_regular` (owns `dfd`); failures as `apply` raises them."""
+        try:
+            fd = os.open(name, _NEW_FILE, 0o600, dir_fd=dfd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                self.digests[os.fstat(fd).st_ino] = xxhash.xxh3_128_digest(data)
+                self._owner(fd, member, entry)
+                self._xattrs(fd, member, entry)
+                os.chmod(fd, member.mode & 0o7777)
+                os.utime(fd, ns=times_ns(member))
+            finally:
+                os.close(fd)
+        except _MEMBER_ERRORS as exc:
+            _raise_for(member, exc)
+        finally:
+            os.close(dfd)
 
     def _symlink(self, parts: list[bytes], member: tarfile.TarInfo, entry: str) -> None:
         dfd, name = self._place(parts, entry)
@@ -510,6 +564,69 @@ class LayerWriter:
                 if exc.errno not in _REFUSED:
                     raise
                 self.warn(f"xattr {name!r} of {entry} not set: {exc.strerror}")
+
+
+_MEMBER_ERRORS = (CorruptLayer, OSError, tarfile.TarError, ValueError, OverflowError, EOFError)
+
+
+def _raise_for(member: tarfile.TarInfo, exc: BaseException) -> NoReturn:
+    """A failure applying `member`: a CorruptLayer naming it, unless the machine failed."""
+    if isinstance(exc, CorruptLayer):
+        raise exc
+    if isinstance(exc, OSError):
+        if exc.errno in ENVIRONMENT_ERRNOS:
+            raise exc
+        raise CorruptLayer(f"entry {shown(member.name)}: {exc.strerror or exc}") from exc
+    raise CorruptLayer(f"entry {shown(member.name)}: {exc}") from exc
+
+
+class _FilePool:
+    """Small regular files created by worker threads, while the applier goes on in order.
+
+    Why: on a disk where each file creation waits for the journal (hundreds of µs on the
+    test VM), creations in parallel overlap those waits; a layer of small files unpacks up
+    to twice as fast.  Order is kept where it matters: the applier drains the pool before
+    anything looks at a pending file's path (`drain_under`) or could look anywhere (`drain`),
+    and before `finish`.  The data of a pending file is held in memory: at most MAX_PENDING
+    files of at most POOL_FILE_BYTES each.  A worker's failure is raised by the next drain.
+    Used by the applier's thread only; the workers touch nothing but their own file and the
+    writer's digests/warnings (appends and stores, atomic under the GIL)."""
+
+    MAX_PENDING = 64
+
+    def __init__(self, workers: int) -> None:
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="tarapply")
+        self.pending: dict[bytes, Future[None]] = {}  # path -> its creation, in order
+
+    def submit(self, parts: list[bytes], fn: Callable[..., None], *args: Any) -> None:
+        while len(self.pending) >= self.MAX_PENDING:  # wait for the oldest
+            key = next(iter(self.pending))
+            self.pending.pop(key).result()
+        self.pending[b"/".join(parts)] = self._executor.submit(fn, *args)
+
+    def drain_under(self, parts: list[bytes]) -> None:
+        """Drain if `parts` or one of its parents is a pending file."""
+        for i in range(1, len(parts) + 1):
+            if b"/".join(parts[:i]) in self.pending:
+                self.drain()
+                return
+
+    def drain(self) -> None:
+        pending, self.pending = self.pending, {}
+        error: BaseException | None = None
+        for future in pending.values():  # wait for all, raise the first failure in order
+            try:
+                future.result()
+            except BaseException as exc:  # noqa: BLE001 - the first is raised below
+                error = error or exc
+        if error is not None:
+            raise error
+
+    def shutdown(self) -> None:
+        pending, self.pending = self.pending, {}
+        for future in pending.values():
+            future.exception()  # wait; a failure was or will be reported by the caller
+        self._executor.shutdown(wait=True)
 
 
 def _open_dir(dfd: int, name: bytes) -> int | None:

@@ -79,6 +79,7 @@ TAR_BUFSIZE = 1 << 14  # the tar reader's reads of the stream (tarstream reads a
 ZSTD_INPUT_CHUNK = 2048  # bounds one decompress() call's output (a zstd bomb) to ~64 MiB
 CHAIN_CHUNK = 1 << 18  # uncompressed bytes per hand-over between the chain's thread and the applier
 READ_AHEAD = 8  # chunks the chain may run ahead of the applier (bounds memory: 2 MiB)
+FILE_WORKERS = 4  # threads creating a layer's small files (tarapply._FilePool)
 PUBLISH_WAIT = 2.0  # seconds to wait for another unpacker's marker before calling it debris
 MARKER = "complete"
 
@@ -281,9 +282,10 @@ def _apply_chain(
 ) -> Digest:
     stream = _TarStream(chain, chain.kind)
     root_fd = os.open(diff, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    writer = LayerWriter(root_fd)
+    writer = LayerWriter(root_fd, workers=FILE_WORKERS)
     try:
         end = _apply_all(stream, writer)
+        writer.wait()  # an entry's failure first, as when every file was made in order
         stream.check_end(end)
         chain.drain()
         if Digest.from_hash(chain.blob_hash) != blob:

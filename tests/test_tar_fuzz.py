@@ -96,3 +96,40 @@ def test_split_path_is_normalised_or_refused(prefix, name):
         return
     assert all(p not in (b"", b".", b"..") and b"/" not in p for p in parts)
     assert tarsafe.split_path(os.fsdecode(b"/".join(parts)), "entry") == parts  # idempotent
+
+
+def _apply_with(base, items, workers: int) -> tuple[str, list]:
+    root = base / f"w{workers}"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    writer = LayerWriter(fd, tarapply.OVERLAY, workers=workers)
+    outcome = "ok"
+    try:
+        with tarfile.open(
+            fileobj=io.BytesIO(_tar(items)), mode="r|", tarinfo=tarsafe.SafeTarInfo
+        ) as tar:
+            for member in tar:
+                writer.apply(member, tar)
+        writer.finish()
+    except CorruptLayer as exc:
+        outcome = f"CorruptLayer: {exc}"
+    finally:
+        writer.close()
+        os.close(fd)
+    tree = []
+    for dirpath, dirs, files in os.walk(root):
+        for n in sorted(dirs + files):
+            p = os.path.join(dirpath, n)
+            st_ = os.lstat(p)
+            body = open(p, "rb").read() if os.path.isfile(p) and not os.path.islink(p) else None
+            tree.append((os.path.relpath(p, root), st_.st_mode, st_.st_rdev, body))
+    return outcome, sorted(tree)
+
+
+@SETTINGS
+@given(items=entries.map(lambda xs: xs * 2))  # every path at least twice: replacements
+def test_files_made_by_workers_give_the_same_layer(tmp_path_factory, items):
+    """tarapply's _FilePool (small files created in threads) keeps the order's effects:
+    the same tree, or the same error, as one file after the other."""
+    base = tmp_path_factory.mktemp("pool")
+    assert _apply_with(base, items, 4) == _apply_with(base, items, 0)
