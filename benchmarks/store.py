@@ -34,6 +34,7 @@ from benchmarks.registry import need_tool, running_registry, skopeo_copy
 from imagestore.layout_writer import write_oci_image
 
 LAYER = str(Path(sys.executable).parent / "layer")
+TIME = "/usr/bin/time"  # GNU time (Debian package `time`): a command's peak RSS
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_COMMIT_ENTRIES = 3000  # a commit round extracts packages until this many tar entries
@@ -127,20 +128,23 @@ def _run(cmd: list[str]) -> None:
 
 
 def _timed(cmd: list[str]) -> tuple[float, int]:
-    """Run `cmd` after a sync; its wall time in seconds and its peak RSS in bytes."""
-    os.sync()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    took = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise subprocess.CalledProcessError(
-            proc.returncode, cmd, stderr=err.decode(errors="replace")
+    """Run `cmd` after a sync; its wall time in seconds and its peak RSS in bytes.  The RSS
+    comes from GNU time, not from our own wait4: a child forked from this (big) Python
+    process starts with its RSS high-water mark, which exec keeps, so every command would
+    show at least ours."""
+    with tempfile.NamedTemporaryFile("r", prefix="rss-") as out:
+        os.sync()
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [TIME, "-f", "%M", "-o", out.name, *cmd],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-    return took, usage.ru_maxrss * 1024
+        took = time.perf_counter() - t0
+        if proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, cmd, stderr=proc.stderr)
+        return took, int(out.read().split()[-1]) * 1024
 
 
 class StoreBench(contextlib.AbstractContextManager["StoreBench"]):

@@ -14,9 +14,10 @@ STAMP="$VENV/.layer-pyproject.sha256"
 # sdist; fuse-overlayfs: benchmarks and interop tests; attr: getfattr/setfattr; psmisc: fuser.
 # docker-registry, skopeo, umoci: real registry and real clients for the image-store tests.
 # podman, runc, busybox-static (+ gcc, libc6-dev for a static setuid binary): tests/test_podman.py.
-# debootstrap: the benchmark's Debian image (built once, from deb.debian.org); openssl: a test certificate.
+# debootstrap: the benchmark's Debian image (built once, from deb.debian.org); time: peak RSS
+# of the store rows; openssl: a test certificate.
 PACKAGES=(fuse3 libfuse3-dev pkg-config gcc libc6-dev fuse-overlayfs attr psmisc util-linux procps
-          docker-registry skopeo umoci apache2-utils fio podman runc busybox-static debootstrap openssl)
+          docker-registry skopeo umoci apache2-utils fio podman runc busybox-static debootstrap openssl time)
 
 say() { echo "setup: $*"; }
 die() { echo "setup: $*" >&2; exit 1; }
