@@ -270,13 +270,17 @@ class LayerWriter:
                 assert src is not None
                 with src:
                     digest = _copy(src, fd, member.size, sparse=member.issparse())
-            self.digests[os.fstat(fd).st_ino] = digest
-            self._owner(fd, member, entry)
-            self._xattrs(fd, member, entry)
-            os.chmod(fd, member.mode & 0o7777)
-            os.utime(fd, ns=times_ns(member))
+            self._file_meta(fd, member, entry, digest)
         finally:
             os.close(fd)
+
+    def _file_meta(self, fd: int, member: tarfile.TarInfo, entry: str, digest: bytes) -> None:
+        """A new regular file's fingerprint, owner, xattrs, mode and times."""
+        self.digests[os.fstat(fd).st_ino] = digest
+        self._owner(fd, member, entry)
+        self._xattrs(fd, member, entry)
+        os.chmod(fd, member.mode & 0o7777)
+        os.utime(fd, ns=times_ns(member))
 
     def _small_file(
         self, dfd: int, name: bytes, member: tarfile.TarInfo, data: bytes, entry: str
@@ -288,11 +292,7 @@ class LayerWriter:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                self.digests[os.fstat(fd).st_ino] = xxhash.xxh3_128_digest(data)
-                self._owner(fd, member, entry)
-                self._xattrs(fd, member, entry)
-                os.chmod(fd, member.mode & 0o7777)
-                os.utime(fd, ns=times_ns(member))
+                self._file_meta(fd, member, entry, xxhash.xxh3_128_digest(data))
             finally:
                 os.close(fd)
         except _MEMBER_ERRORS as exc:

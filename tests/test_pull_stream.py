@@ -96,6 +96,15 @@ def registry(image: Image, blob_reply) -> FakeServer:
     return FakeServer(respond)
 
 
+def send_half(h: Handler, blob: bytes) -> None:
+    """Announce the whole blob, send its first half (the caller decides about the rest)."""
+    h.send_response(200)
+    h.send_header("Content-Length", str(len(blob)))
+    h.end_headers()
+    h.wfile.write(blob[: len(blob) // 2])
+    h.wfile.flush()
+
+
 def run_pull(store: Store, server: FakeServer) -> pull_mod.PullResult:
     source = RegistrySource(f"{server.host}/r:t", tls_verify=False)
     source.client.close()
@@ -125,20 +134,15 @@ def test_layer_is_unpacked_while_it_downloads(store):
     """The server holds the blob's second half back until files of the first half are on
     disk in the layer's temp dir: without unpacking while downloading that never happens."""
     image = Image(FILES)
-    half = len(image.blob) // 2
     seen_early: list[str] = []
 
     def reply(h: Handler, _count: int) -> None:
-        h.send_response(200)
-        h.send_header("Content-Length", str(len(image.blob)))
-        h.end_headers()
-        h.wfile.write(image.blob[:half])
-        h.wfile.flush()
+        send_half(h, image.blob)
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline and not seen_early:
             seen_early.extend(str(p) for p in store.layers.glob(".tmp-*/diff/*/*") if p.is_file())
             time.sleep(0.01)
-        h.wfile.write(image.blob[half:])
+        h.wfile.write(image.blob[len(image.blob) // 2 :])
 
     with registry(image, reply) as server:
         result = run_pull(store, server)
@@ -299,15 +303,10 @@ def test_killed_pull_leaves_no_layer_behind(store, tmp_path):
     """The unpacking child of a pull killed mid-download sees its pipe end, removes its temp
     dir and exits: no .tmp-* dir and no process stays."""
     image = Image(FILES)
-    half = len(image.blob) // 2
     release = threading.Event()
 
     def reply(h: Handler, _count: int) -> None:
-        h.send_response(200)
-        h.send_header("Content-Length", str(len(image.blob)))
-        h.end_headers()
-        h.wfile.write(image.blob[:half])
-        h.wfile.flush()
+        send_half(h, image.blob)
         release.wait(WAIT)
 
     with registry(image, reply) as server:

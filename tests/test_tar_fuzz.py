@@ -70,8 +70,14 @@ def test_any_tar_is_applied_inside_the_root_or_refused(tmp_path_factory, items, 
     root.mkdir()
     os.symlink("../outside", root / "out")  # a trap: writing through it would escape
     before = _state(outside)
+    _apply_tar(root, items, fmt)
+    assert _state(outside) == before
+
+
+def _apply_tar(root, items, fmt: str, workers: int = 0) -> str:
+    """Apply the tar of `items` to `root`; "ok" or the CorruptLayer's words."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    writer = LayerWriter(fd, fmt)
+    writer = LayerWriter(fd, fmt, workers=workers)
     try:
         with tarfile.open(
             fileobj=io.BytesIO(_tar(items)), mode="r|", tarinfo=tarsafe.SafeTarInfo
@@ -79,12 +85,12 @@ def test_any_tar_is_applied_inside_the_root_or_refused(tmp_path_factory, items, 
             for member in tar:
                 writer.apply(member, tar)
         writer.finish()
-    except CorruptLayer:
-        pass
+    except CorruptLayer as exc:
+        return f"CorruptLayer: {exc}"
     finally:
         writer.close()
         os.close(fd)
-    assert _state(outside) == before
+    return "ok"
 
 
 @SETTINGS
@@ -101,21 +107,7 @@ def test_split_path_is_normalised_or_refused(prefix, name):
 def _apply_with(base, items, workers: int) -> tuple[str, list]:
     root = base / f"w{workers}"
     root.mkdir()
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    writer = LayerWriter(fd, tarapply.OVERLAY, workers=workers)
-    outcome = "ok"
-    try:
-        with tarfile.open(
-            fileobj=io.BytesIO(_tar(items)), mode="r|", tarinfo=tarsafe.SafeTarInfo
-        ) as tar:
-            for member in tar:
-                writer.apply(member, tar)
-        writer.finish()
-    except CorruptLayer as exc:
-        outcome = f"CorruptLayer: {exc}"
-    finally:
-        writer.close()
-        os.close(fd)
+    outcome = _apply_tar(root, items, tarapply.OVERLAY, workers)
     tree = []
     for dirpath, dirs, files in os.walk(root):
         for n in sorted(dirs + files):
