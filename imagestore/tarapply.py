@@ -178,9 +178,11 @@ class LayerWriter:
         parts = split_path(member.name, entry)
         if self._pool is not None and self._pool.pending:
             # a file still being created must exist before anything looks at its path: a
-            # regular file, directory or symlink touches only its own path and its parents,
-            # anything else (links, whiteouts, ...) may look anywhere
-            if member.isreg() or member.isdir() or member.issym():
+            # regular file, directory or symlink touches only its own path and its parents;
+            # anything else (hard links, whiteouts and opaque markers, which are `.wh.` files
+            # that act on another name, devices) may look elsewhere
+            plain = member.isreg() or member.isdir() or member.issym()
+            if plain and not (parts and parts[-1].startswith(markers.WH_PREFIX)):
                 self._pool.drain_under(parts)
             else:
                 self._pool.drain()
@@ -597,22 +599,29 @@ class _FilePool:
     def __init__(self, workers: int) -> None:
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="tarapply")
         self.pending: dict[bytes, Future[None]] = {}  # path -> its creation, in order
+        self._above: set[bytes] = set()  # the parent paths of pending files (until a drain)
 
     def submit(self, parts: list[bytes], fn: Callable[..., None], *args: Any) -> None:
         while len(self.pending) >= self.MAX_PENDING:  # wait for the oldest
             key = next(iter(self.pending))
             self.pending.pop(key).result()
         self.pending[b"/".join(parts)] = self._executor.submit(fn, *args)
+        self._above.update(b"/".join(parts[:i]) for i in range(1, len(parts)))
 
     def drain_under(self, parts: list[bytes]) -> None:
-        """Drain if `parts` or one of its parents is a pending file."""
-        for i in range(1, len(parts) + 1):
+        """Drain if `parts` is a pending file, a parent of one (an entry there may remove
+        the directory) or below one."""
+        key = b"/".join(parts)
+        if key in self.pending or key in self._above:
+            return self.drain()
+        for i in range(1, len(parts)):
             if b"/".join(parts[:i]) in self.pending:
-                self.drain()
-                return
+                return self.drain()
+        return None
 
     def drain(self) -> None:
         pending, self.pending = self.pending, {}
+        self._above.clear()
         error: BaseException | None = None
         for future in pending.values():  # wait for all, raise the first failure in order
             try:
@@ -624,6 +633,7 @@ class _FilePool:
 
     def shutdown(self) -> None:
         pending, self.pending = self.pending, {}
+        self._above.clear()
         for future in pending.values():
             future.exception()  # wait; a failure was or will be reported by the caller
         self._executor.shutdown(wait=True)

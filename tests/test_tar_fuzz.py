@@ -12,8 +12,9 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import time
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from imagestore import tarapply, tarsafe
@@ -120,8 +121,22 @@ def _apply_with(base, items, workers: int) -> tuple[str, list]:
 
 @SETTINGS
 @given(items=entries.map(lambda xs: xs * 2))  # every path at least twice: replacements
+@example(items=[("", "a", tarfile.REGTYPE, "", b"x"), ("", ".wh.a", tarfile.REGTYPE, "", b"")])
+@example(items=[("", "a", tarfile.REGTYPE, "", b"x"), ("", "b", tarfile.LNKTYPE, "a", b"")])
+@example(items=[("", "a/b", tarfile.REGTYPE, "", b"x"), ("", "a", tarfile.REGTYPE, "", b"y")])
 def test_files_made_by_workers_give_the_same_layer(tmp_path_factory, items):
     """tarapply's _FilePool (small files created in threads) keeps the order's effects:
     the same tree, or the same error, as one file after the other."""
     base = tmp_path_factory.mktemp("pool")
-    assert _apply_with(base, items, 4) == _apply_with(base, items, 0)
+    slow = tarapply.LayerWriter._small_file
+
+    def late(self, *args):  # a worker that is late: later entries find its file pending
+        time.sleep(0.002)
+        return slow(self, *args)
+
+    tarapply.LayerWriter._small_file = late  # type: ignore[method-assign]
+    try:
+        pooled = _apply_with(base, items, 4)
+    finally:
+        tarapply.LayerWriter._small_file = slow  # type: ignore[method-assign]
+    assert pooled == _apply_with(base, items, 0)
