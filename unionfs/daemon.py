@@ -19,7 +19,6 @@ process, so one process serves exactly one mount.
 from __future__ import annotations
 
 import faulthandler
-import importlib.metadata
 import logging
 import os
 import signal
@@ -44,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if any(a in ("-V", "--version") for a in args):
         # the one version is pyproject.toml's, as installed (`layer --version` reads it too)
+        import importlib.metadata  # ~30 ms: only for --version, not at every mount
+
         print(f"layerfs {importlib.metadata.version('layer')}")
         return EXIT_OK
     try:
