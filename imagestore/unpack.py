@@ -126,7 +126,14 @@ def fetch_and_unpack(
             fetch()
             return
         with store.follow(blob) as follower:
-            job = Unpacker.start(store, follower, blob, media_type, diff_id)
+            try:
+                job = Unpacker.start(store, follower, blob, media_type, diff_id)
+            except OSError as exc:  # no process or pipe to be had (EAGAIN, EMFILE): in turn
+                log.debug("layer %s: unpacking after the download (%s)", blob.short, exc)
+                follower.cancel()
+                fetch()
+                _unpack(store, blob, media_type, diff_id)
+                return
             fetched = False
             failed: BaseException | None = None
             try:

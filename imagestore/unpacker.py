@@ -67,10 +67,20 @@ class Unpacker:
         cls, store: Store, source: _Source, blob: Digest, media_type: str, diff_id: Digest
     ) -> Unpacker:
         data_r, data_w = os.pipe2(os.O_CLOEXEC)
-        res_r, res_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            res_r, res_w = os.pipe2(os.O_CLOEXEC)
+        except OSError:
+            os.close(data_r)
+            os.close(data_w)
+            raise
         with contextlib.suppress(OSError):  # a smaller pipe only means more wake-ups
             fcntl.fcntl(data_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # the caller unpacks in turn instead
+            for fd in (data_r, data_w, res_r, res_w):
+                os.close(fd)
+            raise
         if pid == 0:  # the child: never returns
             _child(store, data_r, res_w, blob, media_type, diff_id)
         os.close(data_r)

@@ -6,6 +6,7 @@ hold the layer's second half back, drop the connection, ignore Range or corrupt 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import io
 import json
@@ -220,6 +221,21 @@ def test_wrong_diff_id_publishes_nothing(store):
             run_pull(store, server)
     assert not store.has_layer(image.diff_id)
     assert not (store.layers / Digest.of(image.tar).hex).exists()
+    assert leftovers(store) == []
+
+
+def test_no_process_to_be_had_unpacks_after_the_download(store, monkeypatch):
+    """fork refused (EAGAIN: a process limit): the layer is unpacked after its download."""
+    image = Image(FILES)
+
+    def no_fork() -> int:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    with registry(image, lambda h, _c: h.reply(200, image.blob)) as server:
+        result = run_pull(store, server)
+    assert result.diff_ids == [image.diff_id]
+    assert layer_files(store, image.diff_id) == FILES
     assert leftovers(store) == []
 
 
