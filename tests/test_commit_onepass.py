@@ -61,7 +61,8 @@ def _mutate(m: Path) -> None:
     write(long_dir / ("f" * 200), b"long")
     raw = os.fsencode(m / "new") + b"/bytes-\xff\xfe"  # not UTF-8
     write(Path(os.fsdecode(raw)), b"raw name")
-    write(m / "new/old", b"before 1970")  # its time is set in the upper: see `env`
+    write(m / "new/old", b"before 1970")
+    os.utime(m / "new/old", (-86400, -86400))  # a time before 1970, through the mount
     with open(m / "new/sparse", "wb") as f:  # holes around data, a trailing hole
         f.truncate(64 * MIB)
         f.seek(8 * MIB)
@@ -82,9 +83,6 @@ def env(tmp_path_factory):
         d.mkdir()
     with LayerfsMount(mnt, list(reversed(lowers)), upper, work):
         _mutate(mnt)
-    # a time before 1970, set in the upper itself: layerfs's setattr fails on one (EIO,
-    # "timestamp out of range for platform time_t")
-    os.utime(upper / "new/old", (-86400, -86400))
     return {"tmp": tmp, "store": store, "lowers": lowers, "upper": upper}
 
 
