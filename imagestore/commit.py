@@ -32,34 +32,29 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import gzip
 import hashlib
 import json
 import os
 import secrets
 import shlex
 import stat
-import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import zstandard
-
 from unionfs import markers
 from unionfs.fsat import PLAIN
 from unionfs.stack import LayerStack, Node
 
-from . import changeset, compression, media, tarapply, tarsafe
+from . import changeset, media, tarapply
 from .digest import Digest
 from .errors import StoreError
 from .layerbuild import LayerBuild
 from .layerstream import LayerStream
 from .store import Store, check_tag_name
-from .tarapply import LayerWriter
-from .unpack import remove_tree
+from .unpack import apply_blob, remove_tree
 
 CREATED_BY = "layer commit"
 COMPRESSIONS = ("gzip", "zstd", "none")
@@ -349,8 +344,8 @@ def check(
     os.mkdir(tmp, 0o700)
     try:
         for d in base.layers:
-            _apply_blob(store, d.digest, tmp)
-        _apply_blob(store, blob, tmp)
+            apply_blob(store, d.digest, tmp, tarapply.PLAIN)
+        apply_blob(store, blob, tmp, tarapply.PLAIN)
         got = _snapshot_dir(tmp)
         want = _snapshot_dir(merged_view) if merged_view else _snapshot_stack(upper, lowers)
     finally:
@@ -365,29 +360,6 @@ def check(
             f"the new layer does not reproduce the view ({len(problems)} differences): "
             + "; ".join(problems[:5])
         )
-
-
-def _apply_blob(store: Store, blob: Digest, root: Path) -> None:
-    """Apply layer `blob` onto the plain directory `root` (tarapply's PLAIN format: the OCI
-    apply rules, whiteouts delete and opaque markers clear)."""
-    with store.open_blob(blob) as raw:
-        kind = compression.sniff(raw.read(compression.SNIFF_BYTES))
-        raw.seek(0)
-        src: Any = raw
-        if kind == compression.GZIP:
-            src = gzip.GzipFile(fileobj=raw, mode="rb")
-        elif kind == compression.ZSTD:
-            src = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        writer = LayerWriter(root_fd, tarapply.PLAIN)
-        try:
-            with tarfile.open(fileobj=src, mode="r|", tarinfo=tarsafe.SafeTarInfo) as tar:
-                for member in tar:
-                    writer.apply(member, tar)
-            writer.finish()
-        finally:
-            writer.close()
-            os.close(root_fd)
 
 
 Observed = tuple[Any, ...]

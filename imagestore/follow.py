@@ -42,13 +42,12 @@ class Follower:
         self._fd: int | None = None
         self._written = 0  # bytes of the file that are written and visible to pread
         self._offset = 0  # the reader's position
-        self._cancelled = False
 
     # ----- the writer's side (store.Ingest) -----------------------------------------------
     def attach(self, fd: int, offset: int) -> None:
         """An Ingest of the blob opened its file, which holds `offset` bytes already."""
         with self._cond:
-            if self._state != _WAITING or self._cancelled:
+            if self._state != _WAITING:  # a second writer, or the reader gave up
                 self._break("a second writer of the blob")
                 return
             self._fd = os.dup(fd)
@@ -109,7 +108,6 @@ class Follower:
     def cancel(self) -> None:
         """The reader gives up; the writer goes on as if nobody followed."""
         with self._cond:
-            self._cancelled = True
             self._break("cancelled")
 
     def close(self) -> None:

@@ -41,9 +41,11 @@ Regular files are written densely, except GNU sparse members, whose holes are ke
 A member's data comes from the tar being read, or from a `Contents` (commit's one pass, which
 applies the members it writes: `layerbuild`).
 
-One LayerWriter per layer; not thread-safe; it owns the fds of its directory cache (`close`).
-A little over 500 lines: the entry kinds, the fd walk and both formats' whiteout rules belong
-together, and splitting them would put the one applier back in two places.
+One LayerWriter per layer; not thread-safe; it owns the fds of its directory cache (`close`);
+with `workers`, small regular files are created by a `filepool.FilePool`, drained wherever
+order matters (`_apply`).  About 620 lines: the entry kinds, the fd walk and both formats'
+whiteout rules belong together, and splitting them would put the one applier back in two
+places.
 """
 
 from __future__ import annotations
@@ -55,7 +57,6 @@ import stat
 import tarfile
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
@@ -65,13 +66,14 @@ from unionfs import markers
 
 from . import fstree, tarsafe
 from .errors import CorruptLayer
+from .filepool import FilePool
 from .tarsafe import pax_xattrs, shown, split_path, times_ns
 
 log = logging.getLogger(__name__)
 
 COPY_CHUNK = 1 << 20
 SPARSE_CHUNK = 1 << 16  # the granularity of holes in sparse members
-POOL_FILE_BYTES = 1 << 18  # regular files up to this size may be created by _FilePool workers
+POOL_FILE_BYTES = 1 << 18  # regular files up to this size may be created by filepool workers
 DIR_CACHE_SIZE = 64  # open directory fds kept for the walks from the root
 MAX_WARNINGS = 20  # kept verbatim; the rest are only counted
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -119,8 +121,8 @@ class LayerWriter:
     def __init__(self, root_fd: int, fmt: str = OVERLAY, workers: int = 0) -> None:
         if fmt not in (OVERLAY, PLAIN):
             raise ValueError(f"unknown layer format {fmt!r}")
-        # OVERLAY only: small regular files are created by `workers` threads (_FilePool)
-        self._pool = _FilePool(workers) if workers and fmt == OVERLAY else None
+        # OVERLAY only: small regular files are created by `workers` threads (filepool)
+        self._pool = FilePool(workers) if workers and fmt == OVERLAY else None
         self.root_fd = root_fd
         self.fmt = fmt
         self._mine: set[bytes] = set()  # PLAIN: the paths this layer wrote (they stay)
@@ -245,11 +247,12 @@ class LayerWriter:
         if member.size > limit:
             raise CorruptLayer(f"entry {entry}: {member.size} bytes (limit {limit})")
         dfd, name = self._place(parts, entry)
+        write_to = getattr(tar, "write_to", None)  # Contents (commit) rather than a tar
         if (
             self._pool is not None
             and member.size <= POOL_FILE_BYTES
             and not member.issparse()
-            and hasattr(tar, "extractfile")
+            and write_to is None
         ):
             src = tar.extractfile(member)  # type: ignore[union-attr]
             assert src is not None
@@ -264,7 +267,6 @@ class LayerWriter:
             return
         fd = os.open(name, _NEW_FILE, 0o600, dir_fd=dfd)
         try:
-            write_to = getattr(tar, "write_to", None)  # Contents (commit) rather than a tar
             if write_to is not None:
                 digest = write_to(member, fd)
             else:
@@ -580,63 +582,6 @@ def _raise_for(member: tarfile.TarInfo, exc: BaseException) -> NoReturn:
             raise exc
         raise CorruptLayer(f"entry {shown(member.name)}: {exc.strerror or exc}") from exc
     raise CorruptLayer(f"entry {shown(member.name)}: {exc}") from exc
-
-
-class _FilePool:
-    """Small regular files created by worker threads, while the applier goes on in order.
-
-    Why: on a disk where each file creation waits for the journal (hundreds of µs on the
-    test VM), creations in parallel overlap those waits; a layer of small files unpacks up
-    to twice as fast.  Order is kept where it matters: the applier drains the pool before
-    anything looks at a pending file's path (`drain_under`) or could look anywhere (`drain`),
-    and before `finish`.  The data of a pending file is held in memory: at most MAX_PENDING
-    files of at most POOL_FILE_BYTES each.  A worker's failure is raised by the next drain.
-    Used by the applier's thread only; the workers touch nothing but their own file and the
-    writer's digests/warnings (appends and stores, atomic under the GIL)."""
-
-    MAX_PENDING = 64
-
-    def __init__(self, workers: int) -> None:
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="tarapply")
-        self.pending: dict[bytes, Future[None]] = {}  # path -> its creation, in order
-        self._above: set[bytes] = set()  # the parent paths of pending files (until a drain)
-
-    def submit(self, parts: list[bytes], fn: Callable[..., None], *args: Any) -> None:
-        while len(self.pending) >= self.MAX_PENDING:  # wait for the oldest
-            key = next(iter(self.pending))
-            self.pending.pop(key).result()
-        self.pending[b"/".join(parts)] = self._executor.submit(fn, *args)
-        self._above.update(b"/".join(parts[:i]) for i in range(1, len(parts)))
-
-    def drain_under(self, parts: list[bytes]) -> None:
-        """Drain if `parts` is a pending file, a parent of one (an entry there may remove
-        the directory) or below one."""
-        key = b"/".join(parts)
-        if key in self.pending or key in self._above:
-            return self.drain()
-        for i in range(1, len(parts)):
-            if b"/".join(parts[:i]) in self.pending:
-                return self.drain()
-        return None
-
-    def drain(self) -> None:
-        pending, self.pending = self.pending, {}
-        self._above.clear()
-        error: BaseException | None = None
-        for future in pending.values():  # wait for all, raise the first failure in order
-            try:
-                future.result()
-            except BaseException as exc:  # noqa: BLE001 - the first is raised below
-                error = error or exc
-        if error is not None:
-            raise error
-
-    def shutdown(self) -> None:
-        pending, self.pending = self.pending, {}
-        self._above.clear()
-        for future in pending.values():
-            future.exception()  # wait; a failure was or will be reported by the caller
-        self._executor.shutdown(wait=True)
 
 
 def _open_dir(dfd: int, name: bytes) -> int | None:

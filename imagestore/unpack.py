@@ -19,6 +19,12 @@ Compression comes from the media type and, when the two disagree, from the magic
 1f8b, zstd 28b52ffd, else a plain tar: `docker save` layers are often announced as gzip).
 Everything streams: memory use does not grow with the layer.
 
+`fetch_and_unpack` unpacks a blob while it downloads, in a forked process fed through a pipe
+(modules follow and unpacker); `apply_blob` applies a stored blob in another format
+(`commit --verify`: PLAIN).  Within one unpack, hashing and decompression run in a thread ahead
+of the tar applier (`_Chain`), and small files are created by FILE_WORKERS threads
+(`filepool`).
+
 Concurrency: different layers unpack in parallel threads or processes without coordination
 (each has its own temp dir).  Two unpacks of the same layer are serialised by a per-DiffID
 lock (when the DiffID is known in advance): a thread lock within a process and a flock on
@@ -52,7 +58,7 @@ from isal import igzip, isal_zlib
 from unionfs.syscalls import syncfs
 
 from . import fingerprints as fingerprints_mod
-from . import fstree, tarsafe, tarstream
+from . import fstree, tarapply, tarsafe, tarstream
 from .compression import GZIP, PLAIN, SNIFF_BYTES, ZSTD, sniff
 from .digest import Digest
 from .durable import fsync_dir, write_atomic
@@ -79,7 +85,7 @@ TAR_BUFSIZE = 1 << 14  # the tar reader's reads of the stream (tarstream reads a
 ZSTD_INPUT_CHUNK = 2048  # bounds one decompress() call's output (a zstd bomb) to ~64 MiB
 CHAIN_CHUNK = 1 << 18  # uncompressed bytes per hand-over between the chain's thread and the applier
 READ_AHEAD = 8  # chunks the chain may run ahead of the applier (bounds memory: 2 MiB)
-FILE_WORKERS = 4  # threads creating a layer's small files (tarapply._FilePool)
+FILE_WORKERS = 4  # threads creating a layer's small files (filepool.FilePool)
 PUBLISH_WAIT = 2.0  # seconds to wait for another unpacker's marker before calling it debris
 MARKER = "complete"
 
@@ -239,8 +245,8 @@ def unpack_stream(
     fingerprints: bool = True,
 ) -> tuple[Path, Digest]:
     """`unpack_fresh` of the blob whose bytes `raw` yields from the first (the blob file, or
-    a `follow.Follower` of its download): hashed on the way and checked against `blob` at
-    the end, as the DiffID is against `expected`."""
+    the pipe `unpacker` feeds from its download), to their end: hashed on the way and checked
+    against `blob` at the end, as the DiffID is against `expected`."""
     if media_type not in MEDIA_TYPES:
         raise CorruptLayer(f"layer {blob}: unsupported layer media type {media_type!r}")
     tmp = store.layers / f".tmp-{secrets.token_hex(8)}"
@@ -269,6 +275,13 @@ def publish_fresh(store: Store, tmp: Path, diff_id: Digest) -> None:
         raise
 
 
+def apply_blob(store: Store, blob: Digest, root: Path, fmt: str) -> None:
+    """Apply the stored layer `blob` onto the directory `root` in tarapply's format `fmt`
+    (`commit --verify`: PLAIN, layer after layer), with the checks of an unpack."""
+    with store.open_blob(blob) as raw:
+        _extract(raw, blob, PLAIN, root, None, None, fmt)
+
+
 def _extract(
     raw: _Reader,
     blob: Digest,
@@ -276,20 +289,26 @@ def _extract(
     diff: Path,
     expected: Digest | None,
     fingerprints: Path | None,
+    fmt: str = tarapply.OVERLAY,
 ) -> Digest:
     chain = _Chain(raw, blob, declared, expected.hasher() if expected else Digest.hasher_for())
     try:
-        return _apply_chain(chain, blob, diff, expected, fingerprints)
+        return _apply_chain(chain, blob, diff, expected, fingerprints, fmt)
     finally:
         chain.close()
 
 
 def _apply_chain(
-    chain: _Chain, blob: Digest, diff: Path, expected: Digest | None, fingerprints: Path | None
+    chain: _Chain,
+    blob: Digest,
+    diff: Path,
+    expected: Digest | None,
+    fingerprints: Path | None,
+    fmt: str,
 ) -> Digest:
     stream = _TarStream(chain, chain.kind)
     root_fd = os.open(diff, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    writer = LayerWriter(root_fd, workers=FILE_WORKERS)
+    writer = LayerWriter(root_fd, fmt, workers=FILE_WORKERS)
     try:
         end = _apply_all(stream, writer)
         writer.wait()  # an entry's failure first, as when every file was made in order
@@ -380,7 +399,6 @@ class _Chain:
     of that thread are raised by `read`; `close` stops it."""
 
     def __init__(self, raw: _Reader, blob: Digest, declared: str, hasher: Any) -> None:
-        self._raw = raw
         self._compressed = _HashingReader(raw, blob.hasher())
         self.kind = sniff(self._compressed.head) or declared
         if self.kind != declared:
@@ -449,10 +467,8 @@ class _Chain:
         self._compressed.drain()
 
     def close(self) -> None:
+        """Stop the thread (its reads of `raw` end: a file, or a pipe that ends)."""
         self._stop.set()
-        cancel = getattr(self._raw, "cancel", None)  # a Follower: wake a read that waits
-        if cancel is not None and self._thread.is_alive():
-            cancel()
         self._thread.join()
 
 

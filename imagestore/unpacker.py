@@ -23,7 +23,6 @@ Threads: `start` and `result` are called by one thread of the parent; the pump i
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import pickle
@@ -56,11 +55,15 @@ class _PipeReader:
 
 
 class Unpacker:
-    def __init__(self, pid: int, results: int, pump: threading.Thread, state: dict[str, Any]):
+    def __init__(self, pid: int, results: int, data: int, source: _Source, name: str) -> None:
         self._pid = pid
         self._results = results
-        self._pump = pump
-        self._state = state
+        # why following broke (the child was given only a prefix), once `result` returned
+        self.broken: FollowBroken | None = None
+        self._pump = threading.Thread(
+            target=self._pump_to, args=(source, data), name=name, daemon=True
+        )
+        self._pump.start()
 
     @classmethod
     def start(
@@ -85,18 +88,24 @@ class Unpacker:
             _child(store, data_r, res_w, blob, media_type, diff_id)
         os.close(data_r)
         os.close(res_w)
-        state: dict[str, Any] = {"broken": None}
-        pump = threading.Thread(
-            target=_pump, args=(source, data_w, state), name=f"pump-{blob.short}", daemon=True
-        )
-        pump.start()
-        return cls(pid, res_r, pump, state)
+        return cls(pid, res_r, data_w, source, f"pump-{blob.short}")
 
-    @property
-    def broken(self) -> FollowBroken | None:
-        """Why following broke (the child was given only a prefix), once `result` returned."""
-        broken = self._state["broken"]
-        return broken if isinstance(broken, FollowBroken) else None
+    def _pump_to(self, source: _Source, fd: int) -> None:
+        """Copy the followed blob into the child's pipe; close it at the end or when
+        following breaks (the child then sees a short stream and fails its digest check)."""
+        try:
+            while data := source.read(PUMP_CHUNK):
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+        except FollowBroken as exc:
+            self.broken = exc
+        except OSError:
+            # EPIPE: the child stopped reading (it failed); anything else cuts its stream
+            # short: either way the child's result says what went wrong
+            pass
+        finally:
+            os.close(fd)
 
     def result(self) -> tuple[Path, Digest]:
         """Wait for the child; its (temp dir, DiffID), or the exception it raised."""
@@ -116,23 +125,6 @@ class Unpacker:
         if kind == "error":
             raise rest[0]
         return Path(rest[0]), Digest.parse(rest[1])
-
-
-def _pump(source: _Source, fd: int, state: dict[str, Any]) -> None:
-    """Copy the followed blob into the child's pipe; close it at the end or when following
-    breaks (the child then sees a short stream and fails its digest check)."""
-    try:
-        while data := source.read(PUMP_CHUNK):
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-    except FollowBroken as exc:
-        state["broken"] = exc
-    except OSError as exc:  # the child stopped reading (it failed): it reports why
-        if exc.errno != errno.EPIPE:
-            state["broken"] = exc
-    finally:
-        os.close(fd)
 
 
 def _child(

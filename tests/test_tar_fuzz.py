@@ -125,7 +125,7 @@ def _apply_with(base, items, workers: int) -> tuple[str, list]:
 @example(items=[("", "a", tarfile.REGTYPE, "", b"x"), ("", "b", tarfile.LNKTYPE, "a", b"")])
 @example(items=[("", "a/b", tarfile.REGTYPE, "", b"x"), ("", "a", tarfile.REGTYPE, "", b"y")])
 def test_files_made_by_workers_give_the_same_layer(tmp_path_factory, items):
-    """tarapply's _FilePool (small files created in threads) keeps the order's effects:
+    """tarapply's filepool (small files created in threads) keeps the order's effects:
     the same tree, or the same error, as one file after the other."""
     base = tmp_path_factory.mktemp("pool")
     slow = tarapply.LayerWriter._small_file
