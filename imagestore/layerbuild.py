@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import logging
 import os
 import queue
 import secrets
@@ -48,7 +47,6 @@ from .digest import Digest
 from .store import Store
 from .tarapply import LayerWriter
 
-log = logging.getLogger(__name__)
 
 COPY_CHUNK = 1 << 20  # read/write fallback
 # copy_file_range refused: across filesystems (EXDEV), not offered by this one (the rest)
@@ -140,10 +138,7 @@ class LayerBuild:
         writer.finish()
         unpack.write_fingerprints(self.tmp / fingerprints.FILE_NAME, self._root_fd, writer.digests)
         self._close()
-        if writer.warning_count:
-            more = writer.warning_count - len(writer.warnings)
-            tail = f" (and {more} more)" if more else ""
-            log.warning("new layer: %s%s", "; ".join(writer.warnings), tail)
+        writer.log_warnings("new layer")
         syncfs(os.fsencode(self.tmp))  # the tree is on disk before it is published
 
     def publish(self, diff_id: Digest) -> bool:

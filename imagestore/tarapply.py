@@ -168,6 +168,13 @@ class LayerWriter:
         while self._cache:
             os.close(self._cache.popitem()[1])
 
+    def log_warnings(self, what: str) -> None:
+        """One log line for the warnings of the whole layer (`what`: which layer)."""
+        if self.warning_count:
+            more = self.warning_count - len(self.warnings)
+            tail = f" (and {more} more)" if more else ""
+            log.warning("%s: %s%s", what, "; ".join(self.warnings), tail)
+
     def warn(self, message: str) -> None:
         log.debug("%s", message)
         self.warning_count += 1

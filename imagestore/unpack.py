@@ -327,10 +327,7 @@ def _apply_chain(
     finally:
         writer.close()
         os.close(root_fd)
-    if writer.warning_count:
-        more = writer.warning_count - len(writer.warnings)
-        tail = f" (and {more} more)" if more else ""
-        log.warning("layer %s: %s%s", blob.short, "; ".join(writer.warnings), tail)
+    writer.log_warnings(f"layer {blob.short}")
     return diff_id
 
 
