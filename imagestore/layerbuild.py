@@ -47,7 +47,6 @@ from .digest import Digest
 from .store import Store
 from .tarapply import LayerWriter
 
-
 COPY_CHUNK = 1 << 20  # read/write fallback
 # copy_file_range refused: across filesystems (EXDEV), not offered by this one (the rest)
 _NO_COPY_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
