@@ -14,6 +14,8 @@ marker when a lower directory of the new name exists); the old name's whiteout i
 Tar layout (image-spec layer.md), the same bytes for the same upper: entries in byte order of
 their names, depth first; in a directory, its entry, then `DIR/.wh..wh..opq` if opaque, then its
 whiteouts (`.wh.NAME`, empty files), then its other children.  The root is not emitted.
+A file or symlink the upper holds exactly as the lower one it covers (an `unchanged` predicate
+says so: commit's `imagestore.unchanged`) is left out; directories are always emitted.
 Non-directories seen twice (same st_dev/st_ino) become tar hard links to the first name.
 Numeric owners only, integer mtimes (clamped to `source_date_epoch` when given), xattrs as PAX
 `SCHILY.xattr.*` without the internal ones (`markers.is_internal_xattr`).  Sockets cannot be
@@ -90,6 +92,9 @@ class FileData:
     digest: bytes
 
 
+# (upper object, its lstat, the lower object it covers, its lstat) → True: leave it out
+SameAsBelow = Callable[[bytes, os.stat_result, bytes, os.stat_result], bool]
+
 # told of each member as a reader of the tar sees it (a sparse file by its real name, its
 # whole size, `sparse` set), with FileData for a regular file's
 Mirror = Callable[[tarfile.TarInfo, FileData | None], None]
@@ -104,6 +109,7 @@ class Item:
     real: bytes = b""  # OBJ: the real object whose content and metadata are emitted
     st: os.stat_result | None = None
     change: str = ""  # OBJ: "A" or "C"
+    below: _Found | None = None  # OBJ "C": the lower object it covers
 
 
 @dataclass
@@ -251,8 +257,10 @@ class _Walker:
             )
         if stat.S_ISSOCK(st.st_mode):
             return
-        change = "C" if below is not None and not whole else "A"
-        yield Item(OBJ, path, real, st, change)
+        if below is not None and not whole:
+            yield Item(OBJ, path, real, st, "C", below)
+        else:
+            yield Item(OBJ, path, real, st, "A")
         if not stat.S_ISDIR(st.st_mode):
             return
         marks = self.lower.marks(real)
@@ -361,9 +369,11 @@ def write_changeset(
     out: BinaryIO,
     source_date_epoch: int | None = None,
     mirror: Mirror | None = None,
+    unchanged: SameAsBelow | None = None,
 ) -> None:
     """Write the OCI changeset tar of `upper` over `lowers` (base first) to `out`, telling
-    `mirror` of each member as it goes (see the module docstring)."""
+    `mirror` of each member as it goes (see the module docstring).  `unchanged` (commit's
+    `imagestore.unchanged`) leaves out a file or symlink it finds the same as the lower one."""
     links: dict[tuple[int, int], str] = {}
     sink = _Counter(out, max_layer_bytes())
     with tarfile.open(  # type: ignore[call-overload]
@@ -378,6 +388,15 @@ def write_changeset(
             if len(item.path) + len(markers.WH_OPAQUE) + 1 > tarsafe.MAX_PATH_BYTES:
                 _check_length(item)
             if item.kind == OBJ:
+                below, st = item.below, item.st
+                if (
+                    unchanged is not None
+                    and below is not None
+                    and st is not None
+                    and not stat.S_ISDIR(st.st_mode)
+                    and unchanged(item.real, st, below.path, below.st)
+                ):
+                    continue
                 _add_obj(tar, item, name, links, source_date_epoch, mirror)
                 continue
             if item.kind == WHITEOUT:
@@ -424,7 +443,7 @@ def _add_obj(
     info.uname = info.gname = ""
     mtime = int(st.st_mtime)
     info.mtime = min(mtime, sde) if sde is not None else mtime
-    info.pax_headers = {"SCHILY.xattr." + k: v for k, v in _xattrs(item.real)}
+    info.pax_headers = {"SCHILY.xattr." + k: v for k, v in user_xattrs(item.real)}
     fmt = stat.S_IFMT(st.st_mode)
     ident = (st.st_dev, st.st_ino)
     if fmt != stat.S_IFDIR and st.st_nlink > 1:
@@ -499,7 +518,7 @@ class _Hashed:
         return data
 
 
-def _xattrs(path: bytes) -> list[tuple[str, str]]:
+def user_xattrs(path: bytes) -> list[tuple[str, str]]:
     """User-visible xattrs, sorted, as PAX wants them (surrogate-escaped text)."""
     try:
         names = PLAIN.listxattr(path)

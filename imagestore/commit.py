@@ -11,6 +11,8 @@ Lifecycle (DESIGN.md's store rules):
     and every member it writes is applied at once to the new layer's unpacked directory
     (`layerbuild`: the tree unpacking the blob would give, file data copied from the upper),
     so that the new image mounts without a pull and the blob is never read back.
+    Files and symlinks the upper holds exactly as the lower ones they cover (a reinstalled
+    package) are left out (`unchanged`, with the lower layers' fingerprints), as umoci does.
   - Then, optionally, the self-check (`verify`), the config (diff_ids appended, a history
     entry, the --change edits), the manifest (same media-type family as the base; a Docker
     base with zstd or no compression becomes OCI), the unpacked layer published (unless the
@@ -34,6 +36,7 @@ import copy
 import datetime
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shlex
@@ -48,13 +51,16 @@ from unionfs import markers
 from unionfs.fsat import PLAIN
 from unionfs.stack import LayerStack, Node
 
-from . import changeset, media, tarapply
+from . import changeset, fingerprints, media, tarapply
 from .digest import Digest
 from .errors import StoreError
 from .layerbuild import LayerBuild
 from .layerstream import LayerStream
 from .store import Store, check_tag_name
+from .unchanged import Unchanged
 from .unpack import apply_blob, remove_tree
+
+log = logging.getLogger(__name__)
 
 CREATED_BY = "layer commit"
 COMPRESSIONS = ("gzip", "zstd", "none")
@@ -151,10 +157,11 @@ def _write_layer(
 ) -> tuple[Digest, int, Digest]:
     """Stream the changeset into the store, and its members into `build`; returns (blob
     digest, size, DiffID) and adds the blob to `created` unless the store had it already."""
+    same = Unchanged(lowers, [_fingerprints_file(store, p) for p in lowers])
     with store.ingest() as ing:
         stream = LayerStream(ing.write, compress, progress)
         try:
-            changeset.write_changeset(upper, lowers, stream, sde, build.add)  # type: ignore[arg-type]
+            changeset.write_changeset(upper, lowers, stream, sde, build.add, same)  # type: ignore[arg-type]
             diff_id, digest = stream.close()
         finally:
             stream.abort()  # a no-op once closed; else the ingest is not written to any more
@@ -163,7 +170,17 @@ def _write_layer(
         blob = ing.commit()
     if not existed:
         created.append(blob)
+    if same.left_out:
+        log.info("left out %d files the same as below", same.left_out)
     return blob, size, diff_id
+
+
+def _fingerprints_file(store: Store, lower: Path) -> Path | None:
+    """A store layer's fingerprints (`layers/<hex>/diff` → `layers/<hex>/fingerprints`)."""
+    diff = Path(os.path.abspath(lower))
+    if diff.name != "diff" or Path(os.path.abspath(store.layers)) != diff.parent.parent:
+        return None
+    return diff.parent / fingerprints.FILE_NAME
 
 
 # ----- commit ------------------------------------------------------------------------------
