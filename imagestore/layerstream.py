@@ -7,13 +7,14 @@ blob write, in a thread of its own.
     stream.abort()                                    stop without finishing (idempotent)
 
 The tar's bytes are gathered into BATCH-sized pieces and handed to a worker thread that
-hashes them (sha256: the DiffID), compresses them (gzip without timestamp or name, zstd, or
-none) and passes the compressed bytes, hashed again (the blob digest, known before the
-ingest commits: was the blob in the store already?), to `write` (an `Ingest.write`).  zlib,
+hashes them (sha256: the DiffID), compresses them (gzip without timestamp or name, in blocks
+by several threads: `gzblocks`; zstd; or none) and passes the compressed bytes, hashed
+again (the blob digest, known before the ingest commits: was the blob in the store
+already?), to `write` (an `Ingest.write`).  zlib,
 zstd and sha256 release the GIL on such pieces, so compressing runs beside the Python work of
 making the tar and the layer directory instead of after each piece of it.  The output is the
-same bytes a synchronous compressor fed the same stream makes (deflate's output does not
-depend on how its input is cut), so reproducibility holds.
+same bytes a synchronous compressor fed the same stream makes (neither deflate's nor
+gzblocks' output depends on how its input is cut), so reproducibility holds.
 Concurrency: `write`, `close` and `abort` are called from one thread; the worker owns the
 compressor and calls `write` (the caller must not use the ingest until `close` or `abort`
 returned).  At most QUEUE pieces wait (memory stays bounded); a failure in the worker is
@@ -22,7 +23,6 @@ raised by the next `write` or by `close`.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import queue
 import threading
@@ -32,6 +32,7 @@ from typing import Any
 import zstandard
 
 from .digest import Digest
+from .gzblocks import BlockGzip
 
 GZIP_LEVEL = 6
 ZSTD_LEVEL = 3
@@ -68,9 +69,7 @@ class LayerStream:
         self._sink = _Sink(write)
         self._comp: Any = None
         if compress == "gzip":
-            self._comp = gzip.GzipFile(
-                filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=self._sink, mtime=0
-            )
+            self._comp = BlockGzip(self._sink, GZIP_LEVEL)
         elif compress == "zstd":
             cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
             self._comp = cctx.stream_writer(self._sink, closefd=False)  # type: ignore[arg-type]
@@ -129,8 +128,12 @@ class LayerStream:
                 (self._comp if self._comp is not None else self._sink).write(chunk)
             except BaseException as exc:  # noqa: BLE001 - handed to the writer's thread
                 self._failed = exc
-        if self._failed is None and not self._cancelled and self._comp is not None:
+        if self._comp is None:
+            return
+        if self._failed is None and not self._cancelled:
             try:
                 self._comp.close()  # the compressed stream's end (gzip trailer, zstd frame)
             except BaseException as exc:  # noqa: BLE001 - as above
                 self._failed = exc
+        elif isinstance(self._comp, BlockGzip):
+            self._comp.abort()  # its threads end; nothing more is written

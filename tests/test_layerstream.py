@@ -15,16 +15,16 @@ import pytest
 import zstandard
 
 from imagestore.digest import Digest
+from imagestore.gzblocks import BlockGzip
 from imagestore.layerstream import BATCH, GZIP_LEVEL, ZSTD_LEVEL, LayerStream
 
 
 def _synchronous(data: bytes, compress: str) -> bytes:
     out = io.BytesIO()
     if compress == "gzip":
-        with gzip.GzipFile(
-            filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=out, mtime=0
-        ) as f:
-            f.write(data)
+        gz = BlockGzip(out, GZIP_LEVEL, threads=1)
+        gz.write(data)
+        gz.close()
     elif compress == "zstd":
         with zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(out, closefd=False) as f:
             f.write(data)
@@ -52,6 +52,8 @@ def test_same_bytes_as_a_synchronous_compressor(compress):
         pos += n
     diff_id, blob = stream.close()
     assert bytes(out) == _synchronous(data, compress)
+    if compress == "gzip":
+        assert gzip.decompress(out) == data
     assert diff_id == Digest("sha256", hashlib.sha256(data).hexdigest())
     assert blob == Digest("sha256", hashlib.sha256(out).hexdigest())
     assert sum(seen) == len(data)
