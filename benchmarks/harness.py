@@ -208,7 +208,7 @@ class Harness:
         d = "d" if store.debian else ""
         layers = "1 gzip layer" if store.debian else "3 gzip layers"
         changes = (
-            f"dpkg-deb -x of {len(list((store.image.parent / 'debs').glob('*.deb')))} packages"
+            f"reinstall of {len(list((store.image.parent / 'debs').glob('*.deb')))} packages"
             if store.debian
             else f"~{min(files, 1000):,} rewritten files"
         )

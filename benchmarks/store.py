@@ -6,8 +6,12 @@ Two images, each built once and cached under the benchmark data dir:
   - Debian: a bookworm minbase rootfs made by debootstrap from deb.debian.org (one gzip
     layer, ~6,700 entries, 128 MB; apt's lists and logs removed, as the official image's build
     does), with the .deb files debootstrap fetched kept beside it: a commit round extracts the
-    first packages by name (~3,200 entries) with `dpkg-deb -x`, which is what apt-get writes
-    when it (re)installs them (`build_debian_image`; needs debootstrap and the network).
+    first packages by name (~3,200 entries) over the rootfs, which is what apt-get writes
+    when it reinstalls them (`build_debian_image`; needs debootstrap and the network).  Like
+    dpkg, the extraction keeps the rootfs's symlinks to directories (merged /usr: /bin, /lib,
+    /sbin → usr/...): `tar --keep-directory-symlink`.  Plain `dpkg-deb -x` (GNU tar's default)
+    replaces them with directories holding only those packages' files, a broken image; the
+    runs before 2026-12-03 10:50 UTC did that.
 `StoreBench` owns the registry, one image and a store holding it; each `*_round` call times one
 of ours and one of theirs back to back — in alternating order from round to round, each after
 `sync`, so neither always runs right after the other's writes or deletes — records each
@@ -109,9 +113,28 @@ def build_debian_image(root: Path) -> None:
 
 
 def _install_debs(debs: Path, root: Path) -> None:
-    """What apt-get writes when it installs these packages: their files, over `root`."""
+    """What apt-get writes when it reinstalls these packages: their files, over `root`,
+    through its symlinks to directories as dpkg goes (see the module docstring)."""
     for deb in sorted(debs.glob("*.deb")):
-        _run(["dpkg-deb", "-x", str(deb), str(root)])
+        data = subprocess.run(
+            ["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, capture_output=True
+        ).stdout
+        subprocess.run(
+            [
+                "tar",
+                "-x",
+                "-p",
+                "--same-owner",
+                "--keep-directory-symlink",
+                "-f",
+                "-",
+                "-C",
+                str(root),
+            ],
+            input=data,
+            check=True,
+            capture_output=True,
+        )
 
 
 def _touch(root: Path, files: int) -> None:
