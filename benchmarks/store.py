@@ -11,7 +11,7 @@ Two images, each built once and cached under the benchmark data dir:
     dpkg, the extraction keeps the rootfs's symlinks to directories (merged /usr: /bin, /lib,
     /sbin → usr/...): `tar --keep-directory-symlink`.  Plain `dpkg-deb -x` (GNU tar's default)
     replaces them with directories holding only those packages' files, a broken image; the
-    runs before 2026-12-03 10:50 UTC did that.
+    runs before 2026-12-03 10:15 UTC did that.
 `StoreBench` owns the registry, one image and a store holding it; each `*_round` call times one
 of ours and one of theirs back to back — in alternating order from round to round, each after
 `sync`, so neither always runs right after the other's writes or deletes — records each

@@ -331,6 +331,53 @@ def test_interrupt_cancels_a_waiting_request(tmp_path):
         h.close()
 
 
+def test_the_loop_waits_outside_trio_only_while_nothing_else_is_due(tmp_path):
+    """`may_block` lets the session wait in poll(2), holding trio's thread: never while a
+    request task is alive — even one started and not yet run (each rm -rf unlink waited
+    POLL_MS when only running tasks counted) — nor while a task is runnable or a deadline
+    is near."""
+    from unionfs.fuse.session import POLL_MS
+    from unionfs.writer import Writer
+
+    lo, up, wk = (tmp_path / n for n in ("lo", "up", "wk"))
+    for d in (lo, up, wk):
+        d.mkdir()
+    (lo / "f").write_bytes(b"x")
+    stack = LayerStack([str(lo)], str(up))
+    h = Harness(stack, Writer(stack, str(wk)))
+    s = h.session
+
+    async def scenario():
+        _, payload = await h.call(LOOKUP, 1, b"f\0")
+        f = entry_nodeid(payload)
+        assert s.may_block(trio)
+        async with trio.open_nursery() as tasks:
+            unique, raw = h.request(OPEN, f, wire.OPEN_IN.pack(os.O_WRONLY, 0))
+            assert await s.dispatch(memoryview(raw), tasks)
+            assert not s.may_block(trio)  # started, not yet run
+        assert [r[0] for r in h.replies()] == [unique]
+        assert s.may_block(trio)  # answered and gone
+        await h.ops.gate.freeze()
+        async with trio.open_nursery() as tasks:
+            unique, raw = h.request(OPEN, f, wire.OPEN_IN.pack(os.O_WRONLY, 0))
+            await s.dispatch(memoryview(raw), tasks)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not s.may_block(trio)  # held by the gate: thawing needs trio
+            h.ops.gate.thaw()
+        assert [r[0] for r in h.replies()] == [unique]
+        async with trio.open_nursery() as tasks:
+            tasks.start_soon(trio.lowlevel.checkpoint)
+            assert not s.may_block(trio)  # another task is runnable
+        with trio.move_on_after(POLL_MS / 2000):
+            assert not s.may_block(trio)  # a deadline comes before POLL_MS is over
+        assert s.may_block(trio)
+
+    try:
+        trio.run(scenario)
+    finally:
+        h.close()
+
+
 def test_setattr_arguments():
     from unionfs.fuse.bridge import setattr_args
 
