@@ -299,7 +299,8 @@ def test_opendir_caches_only_directories_outside_the_upper(tmp_path):
         h.close()
 
 
-def test_interrupt_cancels_a_waiting_request(tmp_path):
+def _writable(tmp_path: Path) -> Harness:
+    """A Harness over one lower holding the file `f`, with an upper and a Writer."""
     from unionfs.writer import Writer
 
     lo, up, wk = (tmp_path / n for n in ("lo", "up", "wk"))
@@ -307,7 +308,11 @@ def test_interrupt_cancels_a_waiting_request(tmp_path):
         d.mkdir()
     (lo / "f").write_bytes(b"x")
     stack = LayerStack([str(lo)], str(up))
-    h = Harness(stack, Writer(stack, str(wk)))
+    return Harness(stack, Writer(stack, str(wk)))
+
+
+def test_interrupt_cancels_a_waiting_request(tmp_path):
+    h = _writable(tmp_path)
 
     async def scenario():
         _, payload = await h.call(LOOKUP, 1, b"f\0")
@@ -337,14 +342,8 @@ def test_the_loop_waits_outside_trio_only_while_nothing_else_is_due(tmp_path):
     POLL_MS when only running tasks counted) — nor while a task is runnable or a deadline
     is near."""
     from unionfs.fuse.session import POLL_MS
-    from unionfs.writer import Writer
 
-    lo, up, wk = (tmp_path / n for n in ("lo", "up", "wk"))
-    for d in (lo, up, wk):
-        d.mkdir()
-    (lo / "f").write_bytes(b"x")
-    stack = LayerStack([str(lo)], str(up))
-    h = Harness(stack, Writer(stack, str(wk)))
+    h = _writable(tmp_path)
     s = h.session
 
     async def scenario():
