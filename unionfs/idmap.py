@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import OptionError
 
@@ -42,15 +42,13 @@ _CAP_V3 = 0x03000000
 _CAP_V3_SIZE = 24  # magic_etc, 2 x (permitted, inheritable), rootid
 
 
-@dataclass(frozen=True)
-class Range:
+class Range(NamedTuple):
     stored: int
     shown: int
     length: int
 
 
-@dataclass(frozen=True)
-class IdMap:
+class IdMap(NamedTuple):
     """One direction pair for one kind of id (uids or gids)."""
 
     ranges: tuple[Range, ...]
@@ -100,8 +98,7 @@ def overflow_ids() -> tuple[int, int]:
     return out[0], out[1]
 
 
-@dataclass(frozen=True)
-class Owners:
+class Owners(NamedTuple):
     """The mount's uid and gid maps; either may be None (that kind is not shifted)."""
 
     uids: IdMap | None = None

@@ -47,7 +47,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from dataclasses import dataclass
 from typing import NewType
 
 from . import markers, rules
@@ -67,29 +66,52 @@ _FRESH_BASE = _FALLBACK_BASE + (1 << 40)  # an upper inode number reused after a
 _PER_NAME_BASE = _FALLBACK_BASE + (1 << 41)  # index=off: one node per name of a lower link
 
 
-@dataclass(slots=True)
 class DirLayer:
     """One real directory taking part in a merged directory.  For the upper layer (0 when
-    there is an upper) `path` may be stale after a rename: use `LayerStack.dir_paths`."""
+    there is an upper) `path` may be stale after a rename: use `LayerStack.dir_paths`.
+    (Plain classes here and in `Entry`: importing `dataclasses` costs every mount ~7 ms.)"""
 
-    layer: int
-    path: bytes
-    ino: int  # the real st_ino, from readdir (d_ino) or lstat
+    __slots__ = ("layer", "path", "ino")
+
+    def __init__(self, layer: int, path: bytes, ino: int) -> None:
+        self.layer = layer
+        self.path = path
+        self.ino = ino  # the real st_ino, from readdir (d_ino) or lstat
+
+    def __repr__(self) -> str:
+        return f"DirLayer({self.layer}, {self.path!r}, {self.ino})"
 
 
-@dataclass(slots=True, kw_only=True)
 class Entry:
     """An entry of a merged listing: the topmost real object of that name (DESIGN.md's
     Entry: a resolved name, its layer and kind).  Built with keywords."""
 
-    kind: int  # S_IFMT of the topmost object
-    layer: int
-    path: bytes  # real path when listed (for the upper layer, recomputed from the parent)
-    ino: int
-    dirs: list[DirLayer] | None  # directories only: every layer where it is a directory
-    trimmed: list[DirLayer] | None = None  # `dirs` cut at the first opaque one (lazily)
-    node_ino: int = 0  # the merged inode number, once known
-    covers: bool = False  # a lower layer also has this name (a whiteout is due on removal)
+    __slots__ = ("kind", "layer", "path", "ino", "dirs", "trimmed", "node_ino", "covers")
+
+    def __init__(
+        self,
+        *,
+        kind: int,
+        layer: int,
+        path: bytes,
+        ino: int,
+        dirs: list[DirLayer] | None,
+        trimmed: list[DirLayer] | None = None,
+        node_ino: int = 0,
+        covers: bool = False,
+    ) -> None:
+        self.kind = kind  # S_IFMT of the topmost object
+        self.layer = layer
+        self.path = path  # real path when listed (upper layer: recomputed from the parent)
+        self.ino = ino
+        self.dirs = dirs  # directories only: every layer where it is a directory
+        self.trimmed = trimmed  # `dirs` cut at the first opaque one (lazily)
+        self.node_ino = node_ino  # the merged inode number, once known
+        self.covers = covers  # a lower layer also has this name (a whiteout is due on removal)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"Entry({fields})"
 
 
 class Node:
