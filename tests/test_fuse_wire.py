@@ -336,6 +336,36 @@ def test_interrupt_cancels_a_waiting_request(tmp_path):
         h.close()
 
 
+def test_gated_requests_run_inline_unless_the_mount_is_frozen(tmp_path):
+    """MKDIR (GATED) is answered by `dispatch` itself while the mount is not frozen; while it
+    is, it waits as a task and the loop goes on answering (as TASK requests always do)."""
+    h = _writable(tmp_path)
+    s = h.session
+    mkdir = opcodes.OPCODES[9]
+    assert mkdir.mode == opcodes.GATED
+
+    async def scenario():
+        async with trio.open_nursery() as tasks:
+            unique, raw = h.request(9, 1, wire.MKDIR_IN.pack(0o755, 0) + b"a\0")
+            assert not await s.dispatch(memoryview(raw), tasks)  # inline
+            assert [(r[0], r[1]) for r in h.replies()] == [(unique, 0)]
+            await h.ops.gate.freeze()
+            unique, raw = h.request(9, 1, wire.MKDIR_IN.pack(0o755, 0) + b"b\0")
+            assert await s.dispatch(memoryview(raw), tasks)  # a task, held at the gate
+            await trio.testing.wait_all_tasks_blocked()
+            assert h.replies() == []
+            err, _ = await h.call(GETATTR, 1, bytes(16))
+            assert err == 0  # the loop was not stalled
+            h.ops.gate.thaw()
+        assert [(r[0], r[1]) for r in h.replies()] == [(unique, 0)]
+        assert (tmp_path / "up" / "a").is_dir() and (tmp_path / "up" / "b").is_dir()
+
+    try:
+        trio.run(scenario)
+    finally:
+        h.close()
+
+
 def test_the_loop_waits_outside_trio_only_while_nothing_else_is_due(tmp_path):
     """`may_block` lets the session wait in poll(2), holding trio's thread: never while a
     request task is alive — even one started and not yet run (each rm -rf unlink waited

@@ -49,6 +49,75 @@ def _lookup(stack: LayerStack, *names: bytes):
     return node
 
 
+def test_a_merged_directory_counts_its_subdirectories_through_changes(rw):
+    """nlink of a merged directory is 2 + its merged subdirectories, counted once per change
+    of its listing (cached: a GETATTR of the directory follows every unlink in it)."""
+    tmp, make = rw
+    stack, writer = make()
+    root = stack.root
+    assert stack.root.merged
+
+    def nlink() -> int:
+        return stack.nlink(root, stack.stat(root))
+
+    assert nlink() == 4  # dir, empty
+    writer.make(root, b"new", stat.S_IFDIR, 0o755, os.getuid(), os.getgid())
+    assert nlink() == 5
+    writer.rmdir(root, b"empty")
+    assert nlink() == 4
+    writer.unlink(root, b"file")
+    assert nlink() == 4
+    writer.make(root, b"file", stat.S_IFDIR, 0o755, os.getuid(), os.getgid())  # over a whiteout
+    assert nlink() == 5
+    writer.rename(root, b"new", _lookup(stack, b"dir"), b"moved", 0)  # out of the root
+    assert nlink() == 4
+    assert nlink() == 2 + sum(1 for e in stack.listing(root).values() if e.dirs is not None)
+
+
+def test_whiteouts_share_one_inode_as_kernel_overlayfs_makes_them(rw):
+    """Every whiteout is a link to one in the work dir (ovl_whiteout since Linux 5.8): a
+    rename-over (`file` replaced then removed), a plain unlink and an rmdir."""
+    tmp, make = rw
+    stack, writer = make()
+    writer.unlink(stack.root, b"file")
+    writer.unlink(_lookup(stack, b"dir"), b"inner")
+    writer.rmdir(stack.root, b"dir")
+    writer.rmdir(stack.root, b"empty")
+    upper = tmp / "upper"
+    names = [upper / "file", upper / "dir", upper / "empty"]
+    for p in names:
+        _whiteout_or_skip(p)
+    assert len({os.lstat(p).st_ino for p in names}) == 1
+    assert os.lstat(upper / "file").st_nlink == len(names) + 1  # and the work dir's
+
+
+@pytest.mark.parametrize("refusal", [errno.EMLINK, errno.EPERM])
+def test_a_refused_link_still_makes_the_whiteout(rw, monkeypatch, refusal):
+    """At the link limit the next whiteout starts a new shared one; a filesystem refusing
+    links to it gets one inode per whiteout, as before sharing."""
+    tmp, make = rw
+    stack, writer = make()
+    real_link, calls = writer.fs.link, []
+
+    def link(src: bytes, dst: bytes) -> None:
+        calls.append(dst)
+        if len(calls) == 1:
+            raise OSError(refusal, os.strerror(refusal))
+        real_link(src, dst)
+
+    monkeypatch.setattr(writer.fs, "link", link)
+    writer.unlink(stack.root, b"file")
+    writer.rmdir(stack.root, b"empty")
+    upper = tmp / "upper"
+    for p in (upper / "file", upper / "empty"):
+        _whiteout_or_skip(p)
+    inos = {os.lstat(upper / n).st_ino for n in ("file", "empty")}
+    if refusal == errno.EMLINK:
+        assert len(calls) == 3 and len(inos) == 1  # linked again, to the new shared one
+    else:
+        assert len(calls) == 1 and len(inos) == 2  # never tried again
+
+
 def test_unlink_of_a_lower_file_leaves_a_whiteout(rw):
     tmp, make = rw
     stack, writer = make()

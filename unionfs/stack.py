@@ -132,6 +132,7 @@ class Node:
         "st",
         "lookups",
         "listing",
+        "subdirs",
         "gen",
         "unlinked",
         "__weakref__",  # adapters key their per-node state (cached replies, locks) on nodes
@@ -157,6 +158,7 @@ class Node:
         self.st: os.stat_result | None = None
         self.lookups = 0
         self.listing: dict[bytes, Entry] | None = None
+        self.subdirs: int | None = None  # directories in `listing` (nlink), once counted
         self.gen = 0  # bumped by `invalidate`: a cached reply built at another gen is stale
         self.unlinked = False
 
@@ -311,10 +313,12 @@ class LayerStack:
     def set_entry(self, parent: Node, name: bytes, entry: Entry) -> None:
         """`parent/name` is now `entry` in the merged listing (the Writer's change)."""
         self.listing(parent)[name] = entry
+        parent.subdirs = None
 
     def drop_entry(self, parent: Node, name: bytes) -> None:
         """`parent/name` is gone from the merged listing (the Writer removed or moved it)."""
         del self.listing(parent)[name]
+        parent.subdirs = None
 
     def remember(self, node: Node, count: int = 1) -> None:
         """The kernel learned of `node` (lookup, readdirplus entry, create): count it."""
@@ -388,6 +392,7 @@ class LayerStack:
             raise NotADirectory()
         if node.listing is None:
             node.listing = self._merge(self.dir_paths(node))
+            node.subdirs = None
         return node.listing
 
     def _merge(self, dirs: list[DirLayer]) -> dict[bytes, Entry]:
@@ -590,8 +595,10 @@ class LayerStack:
         if not node.merged:
             return st.st_nlink
         # GAP(issue-14): the kernel reports 1 for a merged directory; we count subdirectories
-        listing = self.listing(node)
-        return 2 + sum(1 for c in listing.values() if c.dirs is not None)
+        # (once per change of the listing: a GETATTR follows every unlink in it)
+        if node.subdirs is None:
+            node.subdirs = sum(1 for c in self.listing(node).values() if c.dirs is not None)
+        return 2 + node.subdirs
 
     def readlink(self, node: Node) -> bytes:
         if node.kind != stat.S_IFLNK:

@@ -155,6 +155,10 @@ class Bridge:
         self._node_fh: dict[int, int] = {}  # no-open: inode → the handler's file handle
         self._node_dh: dict[int, int] = {}  # no-opendir: inode → the handler's dir handle
 
+    def frozen(self) -> bool:
+        """Is the mount frozen (a live commit)?  GATED requests then wait, as tasks."""
+        return bool(self.ops.gate.frozen)
+
     # ----- names and attributes --------------------------------------------------------
     async def lookup(self, h: Header, name: bytes) -> bytes:
         return _entry(await self.ops.lookup(h.nodeid, name, Ctx(h)))

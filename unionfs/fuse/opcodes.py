@@ -7,6 +7,9 @@ Like go-fuse's `fuse/opcode.go`: the session looks an opcode up here, decodes th
            can wait: lookups, attributes, reads of data, listings);
   TASK     started as a task, so a request that waits (the freeze gate, a copy-up of a big
            file in a worker thread, fsync) never stalls the others;
+  GATED    waits at nothing but the freeze gate (its handler is synchronous after it):
+           inline while the mount is not frozen, a task while it is.  A task costs ~30 µs
+           of trio's time (task, cancel scope, checkpoint) against ~0.2 µs inline;
   NOREPLY  FORGET, BATCH_FORGET, INTERRUPT: synchronous, the kernel expects no answer.
 Pure: decoders only read the request's bytes.  Concurrency: none.
 """
@@ -21,7 +24,7 @@ from typing import Any
 from . import wire
 from .wire import Header, Malformed, cstrings, unpack
 
-INLINE, TASK, NOREPLY = "inline", "task", "noreply"
+INLINE, TASK, GATED, NOREPLY = "inline", "task", "gated", "noreply"
 
 
 class Op:
@@ -190,16 +193,16 @@ _TABLE = [
     Op(3, "GETATTR", _getattr, "getattr", INLINE),
     Op(4, "SETATTR", _setattr, "setattr", TASK),
     Op(5, "READLINK", _none, "readlink", INLINE),
-    Op(6, "SYMLINK", _symlink, "symlink", TASK),
-    Op(8, "MKNOD", _mknod, "mknod", TASK),
-    Op(9, "MKDIR", _mkdir, "mkdir", TASK),
+    Op(6, "SYMLINK", _symlink, "symlink", GATED),
+    Op(8, "MKNOD", _mknod, "mknod", GATED),
+    Op(9, "MKDIR", _mkdir, "mkdir", GATED),
     Op(10, "UNLINK", _name, "unlink", TASK),
-    Op(11, "RMDIR", _name, "rmdir", TASK),
+    Op(11, "RMDIR", _name, "rmdir", GATED),
     Op(12, "RENAME", _rename, "rename", TASK),
     Op(13, "LINK", _link, "link", TASK),
     Op(14, "OPEN", _open_file, "open", TASK, _read_only_open),
     Op(15, "READ", _read, "read", INLINE),
-    Op(16, "WRITE", _write, "write", TASK),
+    Op(16, "WRITE", _write, "write", GATED),
     Op(17, "STATFS", _none, "statfs", INLINE),
     Op(18, "RELEASE", _release, "release", INLINE),
     Op(20, "FSYNC", _fsync, "fsync", TASK),
@@ -213,7 +216,7 @@ _TABLE = [
     Op(29, "RELEASEDIR", _release, "releasedir", INLINE),
     Op(30, "FSYNCDIR", _fsync, "fsyncdir", TASK),
     Op(34, "ACCESS", _access, "access", INLINE),
-    Op(35, "CREATE", _create, "create", TASK),
+    Op(35, "CREATE", _create, "create", GATED),
     Op(36, "INTERRUPT", _interrupt, "interrupt", NOREPLY),
     Op(38, "DESTROY", _none, "destroy", INLINE),
     Op(42, "BATCH_FORGET", _batch_forget, "forget", NOREPLY),

@@ -11,7 +11,8 @@ more than the request itself: unpinned getxattr round trips 59-61 → 37 µs, `l
 reader thread handing requests to trio: 90-120 µs with the thread (two more wake-ups).
 Each request is parsed with bounds checks (`wire`, `opcodes`); a short,
 malformed or unknown request is answered with an errno and the loop goes on.  INLINE handlers
-are awaited by the loop itself (they never block); TASK handlers run in the `tasks` nursery,
+are awaited by the loop itself (they never block), and so are GATED ones while the mount is
+not frozen (past the gate they never block); TASK handlers run in the `tasks` nursery,
 each in its own cancel scope, so INTERRUPT can cancel one (answered EINTR) and a request that
 waits (a frozen mount, a copy-up in a thread, fsync) never stalls the rest.  FORGET and
 BATCH_FORGET are applied in order on the loop, so lookup counts are exact.
@@ -32,7 +33,7 @@ from typing import Any
 
 from . import opcodes, wire
 from .init import Conn, Wanted, negotiate
-from .opcodes import NOREPLY, TASK
+from .opcodes import GATED, NOREPLY, TASK
 from .wire import Header, Malformed
 
 log = logging.getLogger("layerfs")
@@ -214,7 +215,7 @@ class Session:
             log.debug("%s #%d node %d %r", op.name, h.unique, h.nodeid, _short(args))
         if op.mode == NOREPLY:
             await self._noreply(op, h, args)
-        elif op.mode == TASK and not (op.inline_if is not None and op.inline_if(args)):
+        elif self._as_task(op, args):
             h.body = memoryview(b"")  # the loop reuses its buffer; args are copies already
             self._alive += 1
             tasks.start_soon(self._task, h, args)
@@ -222,6 +223,11 @@ class Session:
         else:
             await self._answer(h, args)
         return False
+
+    def _as_task(self, op: opcodes.Op, args: tuple[Any, ...]) -> bool:
+        if op.mode == GATED:
+            return bool(self.bridge.frozen())  # else it cannot wait: nothing else stops it
+        return op.mode == TASK and not (op.inline_if is not None and op.inline_if(args))
 
     async def _noreply(self, op: opcodes.Op, h: Header, args: tuple[Any, ...]) -> None:
         if op.code == opcodes.INTERRUPT:
