@@ -338,7 +338,8 @@ def test_interrupt_cancels_a_waiting_request(tmp_path):
 
 def test_gated_requests_run_inline_unless_the_mount_is_frozen(tmp_path):
     """MKDIR (GATED) is answered by `dispatch` itself while the mount is not frozen; while it
-    is, it waits as a task and the loop goes on answering (as TASK requests always do)."""
+    is, it waits as a task and the loop goes on answering (as TASK requests always do).  An
+    UNLINK is a task also while a copy-up is in progress."""
     h = _writable(tmp_path)
     s = h.session
     mkdir = opcodes.OPCODES[9]
@@ -359,6 +360,20 @@ def test_gated_requests_run_inline_unless_the_mount_is_frozen(tmp_path):
             h.ops.gate.thaw()
         assert [(r[0], r[1]) for r in h.replies()] == [(unique, 0)]
         assert (tmp_path / "up" / "a").is_dir() and (tmp_path / "up" / "b").is_dir()
+        # an UNLINK may also wait behind a copy-up in progress (`_quiesce`): a task then
+        async with trio.open_nursery() as tasks:
+            await h.call(LOOKUP, 1, b"a\0")
+            h.ops.copying += 1
+            unique, raw = h.request(opcodes.OPCODES[11].code, 1, b"a\0")  # RMDIR: never
+            assert not await s.dispatch(memoryview(raw), tasks)
+            await h.call(LOOKUP, 1, b"f\0")
+            unique, raw = h.request(10, 1, b"f\0")
+            assert await s.dispatch(memoryview(raw), tasks)
+            h.ops.copying -= 1
+        assert [(r[0], r[1]) for r in h.replies()][-1] == (unique, 0)
+        unique, raw = h.request(10, 1, b"b\0")  # a directory: EISDIR, answered inline
+        async with trio.open_nursery() as tasks:
+            assert not await s.dispatch(memoryview(raw), tasks)
 
     try:
         trio.run(scenario)

@@ -50,8 +50,9 @@ def _lookup(stack: LayerStack, *names: bytes):
 
 
 def test_a_merged_directory_counts_its_subdirectories_through_changes(rw):
-    """nlink of a merged directory is 2 + its merged subdirectories, counted once per change
-    of its listing (cached: a GETATTR of the directory follows every unlink in it)."""
+    """nlink of a merged directory is 2 + its merged subdirectories, counted once and then
+    kept up to date as entries come and go (a GETATTR of the directory follows every unlink
+    in it: recounting made rm -rf quadratic)."""
     tmp, make = rw
     stack, writer = make()
     root = stack.root

@@ -179,6 +179,7 @@ class UnionOperations(pyfuse3.Operations):
             weakref.WeakKeyDictionary()
         )  # immutable objects: (node.gen, reply), built once
         self._locks: weakref.WeakKeyDictionary[Node, trio.Lock] = weakref.WeakKeyDictionary()
+        self.copying = 0  # copy-ups holding or awaiting a node's lock (an UNLINK may wait)
         self._files: dict[int, FileHandle] = {}
         self.budget = FdBudget()  # after fdlimit.raise_nofile(): the limit now in force
         self._by_node: dict[int, set[int]] = {}  # inode -> open file handles
@@ -491,19 +492,23 @@ class UnionOperations(pyfuse3.Operations):
         if node.is_dir:
             writer.copy_up_dir(node)
             return
-        async with self._lock(node):
-            plan = writer.plan_copy_up(node, with_data)
-            if plan is not None:
-                try:
-                    if with_data and plan.st.st_size > SMALL_COPY:
-                        await trio.to_thread.run_sync(Writer.copy_data, plan)
-                    else:
-                        Writer.copy_data(plan)
-                except BaseException:
-                    writer.abort_copy_up(plan)
-                    raise
-                writer.finish_copy_up(plan)
-            self._reopen(node)
+        self.copying += 1
+        try:
+            async with self._lock(node):
+                plan = writer.plan_copy_up(node, with_data)
+                if plan is not None:
+                    try:
+                        if with_data and plan.st.st_size > SMALL_COPY:
+                            await trio.to_thread.run_sync(Writer.copy_data, plan)
+                        else:
+                            Writer.copy_data(plan)
+                    except BaseException:
+                        writer.abort_copy_up(plan)
+                        raise
+                    writer.finish_copy_up(plan)
+                self._reopen(node)
+        finally:
+            self.copying -= 1
 
     async def _copy_up_linked(self, node: Node) -> None:
         """index=on: before a name of a hard-linked lower file goes away, copy the file up

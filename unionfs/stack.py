@@ -312,13 +312,17 @@ class LayerStack:
 
     def set_entry(self, parent: Node, name: bytes, entry: Entry) -> None:
         """`parent/name` is now `entry` in the merged listing (the Writer's change)."""
-        self.listing(parent)[name] = entry
-        parent.subdirs = None
+        listing = self.listing(parent)
+        old = listing.get(name)
+        listing[name] = entry
+        if parent.subdirs is not None:  # kept up to date: no recount per change
+            parent.subdirs += (entry.dirs is not None) - (old is not None and old.dirs is not None)
 
     def drop_entry(self, parent: Node, name: bytes) -> None:
         """`parent/name` is gone from the merged listing (the Writer removed or moved it)."""
-        del self.listing(parent)[name]
-        parent.subdirs = None
+        old = self.listing(parent).pop(name)
+        if parent.subdirs is not None and old.dirs is not None:
+            parent.subdirs -= 1
 
     def remember(self, node: Node, count: int = 1) -> None:
         """The kernel learned of `node` (lookup, readdirplus entry, create): count it."""
@@ -595,7 +599,8 @@ class LayerStack:
         if not node.merged:
             return st.st_nlink
         # GAP(issue-14): the kernel reports 1 for a merged directory; we count subdirectories
-        # (once per change of the listing: a GETATTR follows every unlink in it)
+        # (counted once per listing and kept by set_entry/drop_entry: a GETATTR of the
+        # directory follows every unlink in it)
         if node.subdirs is None:
             node.subdirs = sum(1 for c in self.listing(node).values() if c.dirs is not None)
         return 2 + node.subdirs

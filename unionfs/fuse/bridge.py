@@ -155,9 +155,14 @@ class Bridge:
         self._node_fh: dict[int, int] = {}  # no-open: inode → the handler's file handle
         self._node_dh: dict[int, int] = {}  # no-opendir: inode → the handler's dir handle
 
-    def frozen(self) -> bool:
-        """Is the mount frozen (a live commit)?  GATED requests then wait, as tasks."""
-        return bool(self.ops.gate.frozen)
+    def may_wait(self, name: str) -> bool:
+        """Might the GATED request `name` wait now?  At the freeze gate while the mount is
+        frozen (a live commit); an UNLINK also behind a copy-up of the same file in progress
+        (`_quiesce`), or, with index=on, for its own copy-up of a hard-linked file."""
+        ops = self.ops
+        if ops.gate.frozen:
+            return True
+        return name == "UNLINK" and (ops.copying > 0 or ops.stack.index)
 
     # ----- names and attributes --------------------------------------------------------
     async def lookup(self, h: Header, name: bytes) -> bytes:

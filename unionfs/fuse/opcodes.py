@@ -7,9 +7,10 @@ Like go-fuse's `fuse/opcode.go`: the session looks an opcode up here, decodes th
            can wait: lookups, attributes, reads of data, listings);
   TASK     started as a task, so a request that waits (the freeze gate, a copy-up of a big
            file in a worker thread, fsync) never stalls the others;
-  GATED    waits at nothing but the freeze gate (its handler is synchronous after it):
-           inline while the mount is not frozen, a task while it is.  A task costs ~30 µs
-           of trio's time (task, cancel scope, checkpoint) against ~0.2 µs inline;
+  GATED    may wait only in known cases (`Bridge.may_wait`: a frozen mount; for UNLINK
+           also a copy-up in progress, or index=on): inline unless one holds now, else a
+           task.  A task costs ~30 µs of trio's time (task, cancel scope, checkpoint)
+           against ~0.2 µs inline;
   NOREPLY  FORGET, BATCH_FORGET, INTERRUPT: synchronous, the kernel expects no answer.
 Pure: decoders only read the request's bytes.  Concurrency: none.
 """
@@ -196,7 +197,7 @@ _TABLE = [
     Op(6, "SYMLINK", _symlink, "symlink", GATED),
     Op(8, "MKNOD", _mknod, "mknod", GATED),
     Op(9, "MKDIR", _mkdir, "mkdir", GATED),
-    Op(10, "UNLINK", _name, "unlink", TASK),
+    Op(10, "UNLINK", _name, "unlink", GATED),
     Op(11, "RMDIR", _name, "rmdir", GATED),
     Op(12, "RENAME", _rename, "rename", TASK),
     Op(13, "LINK", _link, "link", TASK),

@@ -226,7 +226,7 @@ class Session:
 
     def _as_task(self, op: opcodes.Op, args: tuple[Any, ...]) -> bool:
         if op.mode == GATED:
-            return bool(self.bridge.frozen())  # else it cannot wait: nothing else stops it
+            return bool(self.bridge.may_wait(op.name))  # else it runs through at once
         return op.mode == TASK and not (op.inline_if is not None and op.inline_if(args))
 
     async def _noreply(self, op: opcodes.Op, h: Header, args: tuple[Any, ...]) -> None:
