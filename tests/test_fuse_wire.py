@@ -339,8 +339,10 @@ def test_interrupt_cancels_a_waiting_request(tmp_path):
 def test_gated_requests_run_inline_unless_the_mount_is_frozen(tmp_path):
     """MKDIR (GATED) is answered by `dispatch` itself while the mount is not frozen; while it
     is, it waits as a task and the loop goes on answering (as TASK requests always do).  An
-    UNLINK is a task also while a copy-up is in progress."""
+    UNLINK is a task also while a copy-up is in progress, an OPEN for writing while its file
+    is not in the upper yet."""
     h = _writable(tmp_path)
+    (tmp_path / "lo" / "g").write_bytes(b"y")  # before the first listing
     s = h.session
     mkdir = opcodes.OPCODES[9]
     assert mkdir.mode == opcodes.GATED
@@ -374,6 +376,16 @@ def test_gated_requests_run_inline_unless_the_mount_is_frozen(tmp_path):
         unique, raw = h.request(10, 1, b"b\0")  # a directory: EISDIR, answered inline
         async with trio.open_nursery() as tasks:
             assert not await s.dispatch(memoryview(raw), tasks)
+        # an OPEN for writing copies a lower file up first (under the node's lock, a big one
+        # in a worker thread): a task; once the file is in the upper, inline
+        _, payload = await h.call(LOOKUP, 1, b"g\0")
+        g = entry_nodeid(payload)
+        async with trio.open_nursery() as tasks:
+            for inline in (False, True):
+                _, raw = h.request(OPEN, g, wire.OPEN_IN.pack(os.O_WRONLY, 0))
+                assert await s.dispatch(memoryview(raw), tasks) is not inline
+                await trio.testing.wait_all_tasks_blocked()
+        assert (tmp_path / "up" / "g").read_bytes() == b"y"
 
     try:
         trio.run(scenario)
@@ -397,7 +409,7 @@ def test_the_loop_waits_outside_trio_only_while_nothing_else_is_due(tmp_path):
         assert s.may_block(trio)
         async with trio.open_nursery() as tasks:
             unique, raw = h.request(OPEN, f, wire.OPEN_IN.pack(os.O_WRONLY, 0))
-            assert await s.dispatch(memoryview(raw), tasks)
+            assert await s.dispatch(memoryview(raw), tasks)  # a copy-up first: a task
             assert not s.may_block(trio)  # started, not yet run
         assert [r[0] for r in h.replies()] == [unique]
         assert s.may_block(trio)  # answered and gone

@@ -215,7 +215,7 @@ class Session:
             log.debug("%s #%d node %d %r", op.name, h.unique, h.nodeid, _short(args))
         if op.mode == NOREPLY:
             await self._noreply(op, h, args)
-        elif self._as_task(op, args):
+        elif self._as_task(op, h, args):
             h.body = memoryview(b"")  # the loop reuses its buffer; args are copies already
             self._alive += 1
             tasks.start_soon(self._task, h, args)
@@ -224,10 +224,12 @@ class Session:
             await self._answer(h, args)
         return False
 
-    def _as_task(self, op: opcodes.Op, args: tuple[Any, ...]) -> bool:
+    def _as_task(self, op: opcodes.Op, h: Header, args: tuple[Any, ...]) -> bool:
+        if op.inline_if is not None and op.inline_if(args):
+            return False
         if op.mode == GATED:
-            return bool(self.bridge.may_wait(op.name))  # else it runs through at once
-        return op.mode == TASK and not (op.inline_if is not None and op.inline_if(args))
+            return bool(self.bridge.may_wait(op.name, h.nodeid))  # else it runs through
+        return op.mode == TASK
 
     async def _noreply(self, op: opcodes.Op, h: Header, args: tuple[Any, ...]) -> None:
         if op.code == opcodes.INTERRUPT:
