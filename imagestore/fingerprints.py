@@ -96,14 +96,19 @@ def hash_file(dir_fd: int, name: bytes, on_bytes: Callable[[int], None] | None =
     """The xxh3-128 of the regular file `name` in `dir_fd` (never followed)."""
     fd = os.open(name, _FILE, dir_fd=dir_fd)
     try:
-        h = new_hasher()
-        while chunk := os.read(fd, READ_CHUNK):
-            h.update(chunk)
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-        return h.digest()
+        return hash_fd(fd, on_bytes)
     finally:
         os.close(fd)
+
+
+def hash_fd(fd: int, on_bytes: Callable[[int], None] | None = None) -> bytes:
+    """The xxh3-128 of what is left to read from the open file `fd`."""
+    h = new_hasher()
+    while chunk := os.read(fd, READ_CHUNK):
+        h.update(chunk)
+        if on_bytes is not None:
+            on_bytes(len(chunk))
+    return h.digest()
 
 
 # ----- walking a tree ----------------------------------------------------------------------

@@ -106,10 +106,7 @@ class Unchanged:
 def _xxh3(path: bytes) -> bytes:
     fd = PLAIN.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        h = fingerprints.new_hasher()
-        while chunk := os.read(fd, READ_CHUNK):
-            h.update(chunk)
-        return h.digest()
+        return fingerprints.hash_fd(fd)
     finally:
         os.close(fd)
 
