@@ -59,6 +59,23 @@ def test_capability_root_id_is_shifted_and_v2_untouched():
     assert owners.xattr_shown(b"user.x", v3) == v3
 
 
+def _acl(*entries):
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_acl_user_and_group_entries_are_shifted():
+    owners = Owners(parse(PODMAN_MAP, "uidmapping", 65534), parse(":0:200000:65536", "g", 1))
+    u = 0xFFFFFFFF
+    stored = _acl((1, 6, u), (2, 4, 1000), (4, 4, u), (8, 5, 50), (0x10, 7, u), (0x20, 0, u))
+    shown = _acl((1, 6, u), (2, 4, 101000), (4, 4, u), (8, 5, 200050), (0x10, 7, u), (0x20, 0, u))
+    for name in (b"system.posix_acl_access", b"system.posix_acl_default"):
+        assert owners.xattr_shown(name, stored) == shown
+        assert owners.xattr_stored(name, shown) == stored
+    assert owners.xattr_shown(b"user.acl", stored) == stored  # only the ACL names
+    odd = stored[:-3]  # not a whole number of entries: passed on for the kernel to refuse
+    assert owners.xattr_shown(b"system.posix_acl_access", odd) == odd
+
+
 # ----- options podman writes -----------------------------------------------------------------
 @pytest.fixture
 def dirs(tmp_path):
@@ -143,6 +160,15 @@ def test_uidmapping_shifts_ownership_both_ways(dirs, root, fuse, transport):
     assert (os.stat(up / "root-file").st_uid, os.stat(up / "root-file").st_gid) == (7, 8)
     assert os.stat(up / "dir" / "new").st_uid == 0 and os.stat(up / "dir" / "sub").st_gid == 0
     assert os.stat(up / "user-file").st_uid == 65534
+    with LayerfsMount(mnt, [d / "l1"], d / "upper", d / "work", maps):
+        # ACL entries name ids too: shown shifted (the kernel checks access with them),
+        # stored unshifted; the named user 100005 of the container is 5 in the upper
+        u = 0xFFFFFFFF
+        acl = _acl((1, 6, u), (2, 6, 100005), (4, 4, u), (0x10, 6, u), (0x20, 4, u))
+        os.setxattr(mnt / "dir" / "new", "system.posix_acl_access", acl)
+        assert os.getxattr(mnt / "dir" / "new", "system.posix_acl_access") == acl
+    stored = os.getxattr(up / "dir" / "new", "system.posix_acl_access")
+    assert struct.unpack_from("<I", stored, 4 + 8 + 4)[0] == 5
     with pytest.raises(OSError):  # a chown drops file capabilities, through the mount too
         os.getxattr(up / "root-file", "security.capability")
 

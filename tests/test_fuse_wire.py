@@ -89,13 +89,17 @@ def test_negotiation_grants_only_what_the_kernel_offers():
     assert err == 0 and conn is not None and len(payload) == 64
     assert conn.flags & wire.WRITEBACK_CACHE and conn.flags & wire.CACHE_SYMLINKS
     assert not conn.no_open and conn.max_write == 1 << 20
-    assert not conn.flags & wire.POSIX_ACL and conn.killpriv and not conn.passthrough
+    assert conn.flags & wire.POSIX_ACL and conn.setxattr_ext  # the kernel checks ACLs
+    assert conn.killpriv and not conn.passthrough
     fields = wire.INIT_OUT.unpack(payload)
     assert fields[:2] == (7, 45) and fields[8] == 256  # max_pages
     assert fields[11] == 0  # max_stack_depth: no passthrough
     offered = wire.ASYNC_READ | wire.DO_READDIRPLUS  # an old-fashioned kernel
     _, conn, _ = negotiate(memoryview(init_body(flags=offered, flags2=0)), Wanted(writeback=True))
     assert conn is not None and conn.flags == offered and conn.max_write == 32 * 4096
+    assert not conn.setxattr_ext  # not offered, not assumed: SETXATTR keeps its 8-byte header
+    _, conn, _ = negotiate(memoryview(init_body()), Wanted(posix_acl=False))
+    assert not conn.flags & (wire.POSIX_ACL | wire.SETXATTR_EXT)
 
 
 def test_negotiation_passthrough_excludes_the_writeback_cache():
@@ -432,6 +436,27 @@ def test_the_loop_waits_outside_trio_only_while_nothing_else_is_due(tmp_path):
         trio.run(scenario)
     finally:
         h.close()
+
+
+def test_setxattr_header_follows_the_negotiation():
+    """SETXATTR's header is 8 bytes, or 16 with FUSE_SETXATTR_EXT (setxattr_flags): the
+    connection's table decodes the one INIT granted; a truncated one is an errno."""
+    value = b"\2\0\0\0"
+
+    def decode(table, body):
+        raw = wire.pack_request(21, 1, 1, body)
+        return table[21].decode(wire.parse_header(memoryview(raw)))
+
+    compat = wire.SETXATTR_IN.pack(len(value), 1) + b"system.posix_acl_access\0" + value
+    ext = wire.SETXATTR_IN_EXT.pack(len(value), 2, wire.SETXATTR_ACL_KILL_SGID, 0)
+    ext += b"system.posix_acl_access\0" + value
+    assert opcodes.table(False) is opcodes.OPCODES
+    assert decode(opcodes.table(False), compat) == (b"system.posix_acl_access", value, 1, 0)
+    assert decode(opcodes.table(True), ext) == (b"system.posix_acl_access", value, 2, 1)
+    with pytest.raises(wire.Malformed):
+        decode(opcodes.table(True), ext[:12])
+    with pytest.raises(wire.Malformed):
+        decode(opcodes.table(True), ext[:-1])  # the value is shorter than announced
 
 
 def test_setattr_arguments():

@@ -236,8 +236,10 @@ class Roots:
             return os.getxattr(_proc(fd, rel), name, follow_symlinks=False)
         return _deep(fd, rel, lambda d, n: os.getxattr(_proc(d, n), name, follow_symlinks=False))
 
-    def setxattr(self, path: bytes, name: bytes, value: bytes) -> None:
-        self._do(path, lambda d, n: os.setxattr(_proc(d, n), name, value, follow_symlinks=False))
+    def setxattr(self, path: bytes, name: bytes, value: bytes, flags: int = 0) -> None:
+        self._do(
+            path, lambda d, n: os.setxattr(_proc(d, n), name, value, flags, follow_symlinks=False)
+        )
 
     def removexattr(self, path: bytes, name: bytes) -> None:
         self._do(path, lambda d, n: os.removexattr(_proc(d, n), name, follow_symlinks=False))

@@ -18,10 +18,11 @@ built with (0..65535), and the mount shows them shifted into the container's use
 Which ids are shifted (the handler layer, so both transports get it): st_uid/st_gid of every
 reply; SETATTR's uid/gid; the owner of what CREATE/MKNOD/MKDIR/SYMLINK make (the caller's
 ids), and access(2)'s check.  Beyond fuse-overlayfs, which passes xattrs through unchanged,
-the id inside one xattr is shifted too, since it is ownership by another name: the root id
-of a v3 `security.capability` (a namespaced file capability; the kernel reads it as a uid of
-the mount).  POSIX ACLs never reach the daemon: without FUSE_POSIX_ACL (not negotiated) the
-kernel answers system.posix_acl_* with EOPNOTSUPP itself, so there is nothing to shift.
+the ids inside two kinds of xattr are shifted too, since they are ownership by another name:
+the root id of a v3 `security.capability` (a namespaced file capability; the kernel reads it
+as a uid of the mount), and the user and group entries of `system.posix_acl_access` and
+`_default` (with FUSE_POSIX_ACL the kernel checks permissions with them, reading their ids
+as ids of the mount, as it reads st_uid).
 Copy-up keeps the stored ids as they are (it copies stored to stored), so the upper holds the
 ids a mount without mapping shows.
 
@@ -40,6 +41,10 @@ OVERFLOW_DEFAULT = 65534
 CAPABILITY_XATTR = b"security.capability"
 _CAP_V3 = 0x03000000
 _CAP_V3_SIZE = 24  # magic_etc, 2 x (permitted, inheritable), rootid
+ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+_ACL_VERSION = 2  # posix_acl_xattr_header.a_version
+_ACL_ENTRY = struct.Struct("<HHI")  # posix_acl_xattr_entry: e_tag, e_perm, e_id
+_ACL_USER, _ACL_GROUP = 0x02, 0x08  # the tags whose e_id is an id
 
 
 class Range(NamedTuple):
@@ -131,6 +136,8 @@ class Owners(NamedTuple):
     def _xattr(self, name: bytes, value: bytes, to_shown: bool) -> bytes:
         if name == CAPABILITY_XATTR and self.uids is not None:
             return _capability(value, self.uids.shown if to_shown else self.uids.stored)
+        if name in ACL_XATTRS:
+            return _acl(value, self, to_shown)
         return value
 
 
@@ -141,4 +148,19 @@ def _capability(value: bytes, shift: Callable[[int], int]) -> bytes:
     rootid = struct.unpack_from("<I", value, _CAP_V3_SIZE - 4)[0]
     out = bytearray(value)
     struct.pack_into("<I", out, _CAP_V3_SIZE - 4, shift(rootid))
+    return bytes(out)
+
+
+def _acl(value: bytes, owners: Owners, to_shown: bool) -> bytes:
+    """posix_acl_xattr: a version word, then (tag, perm, id) entries; ACL_USER entries hold a
+    uid, ACL_GROUP entries a gid.  A value of another shape is passed on as it is (the
+    kernel, or the real file system, refuses it with EINVAL as it would without a map)."""
+    if (len(value) - 4) % _ACL_ENTRY.size or struct.unpack_from("<I", value)[0] != _ACL_VERSION:
+        return value
+    out = bytearray(value)
+    for off in range(4, len(value), _ACL_ENTRY.size):
+        tag, _perm, xid = _ACL_ENTRY.unpack_from(value, off)
+        ids = owners.uids if tag == _ACL_USER else owners.gids if tag == _ACL_GROUP else None
+        if ids is not None:
+            struct.pack_into("<I", out, off + 4, ids.shown(xid) if to_shown else ids.stored(xid))
     return bytes(out)

@@ -70,6 +70,7 @@ CACHE_TIMEOUT = 86400.0  # seconds; see the module docstring for why this is saf
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # the daemon's buffers are not aligned for it
 SELINUX_XATTR = b"security.selinux"
+ACL_ACCESS_XATTR = b"system.posix_acl_access"
 _HOST_SELINUX = os.path.exists("/sys/fs/selinux")  # a host without SELinux labels nothing
 SMALL_COPY = 256 << 10  # copy-ups up to this size stay on the trio thread (a hop costs more)
 
@@ -148,6 +149,9 @@ class DirHandle:
 class UnionOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False  # per mount: see __init__
+    # FUSE_POSIX_ACL (pyfuse3 asks for it when the kernel offers it; the native transport's
+    # init.Wanted.posix_acl): the kernel checks and caches ACLs, as for kernel overlayfs
+    enable_acl = True
 
     def __init__(
         self,
@@ -749,7 +753,14 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     @_mutating
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any, flags: int = 0,
+                       kill_sgid: bool = False) -> None:  # fmt: skip
+        """`flags`: XATTR_CREATE/XATTR_REPLACE, applied to the upper after the copy-up (as
+        kernel overlayfs: the copy carries the lower's attributes, so CREATE of one the
+        lower has is EEXIST).  `kill_sgid` (FUSE_SETXATTR_ACL_KILL_SGID, native transport):
+        the caller is outside the file's group and lacks CAP_FSETID, so setting an access
+        ACL clears setgid; the real set, made as root, would keep it (ovl_set_or_remove_acl
+        clears it the same way)."""
         self._need_upper()
         if markers.is_internal_xattr(name):
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -757,7 +768,12 @@ class UnionOperations(pyfuse3.Operations):
         await self._copy_up(node)
         if self.owners:
             value = self.owners.xattr_stored(name, value)
-        self.stack.fs.setxattr(self.stack.real_path(node), name, value)
+        real = self.stack.real_path(node)
+        self.stack.fs.setxattr(real, name, value, flags)
+        if kill_sgid and name == ACL_ACCESS_XATTR:
+            mode = self.stack.fs.lstat(real).st_mode
+            if mode & stat.S_ISGID:
+                self.stack.fs.chmod(real, stat.S_IMODE(mode) & ~stat.S_ISGID)
         node.invalidate()
 
     @_handler

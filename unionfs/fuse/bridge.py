@@ -230,8 +230,10 @@ class Bridge:
         names = await self.ops.listxattr(h.nodeid, Ctx(h))
         return _sized(b"".join(n + b"\0" for n in names), size)
 
-    async def setxattr(self, h: Header, name: bytes, value: bytes) -> bytes:
-        await self.ops.setxattr(h.nodeid, name, value, Ctx(h))
+    async def setxattr(self, h: Header, name: bytes, value: bytes, flags: int, sx_flags: int
+                       ) -> bytes:  # fmt: skip
+        kill_sgid = bool(sx_flags & wire.SETXATTR_ACL_KILL_SGID)
+        await self.ops.setxattr(h.nodeid, name, value, Ctx(h), flags, kill_sgid)
         return b""
 
     async def removexattr(self, h: Header, name: bytes) -> bytes:

@@ -160,11 +160,22 @@ def _fsync(h: Header) -> tuple[Any, ...]:
 
 
 def _setxattr(h: Header) -> tuple[Any, ...]:
-    size, _flags = unpack(wire.SETXATTR_IN, h.body, "setxattr_in")
-    (name,), end = cstrings(h.body, wire.SETXATTR_IN.size, 1)
+    size, flags = unpack(wire.SETXATTR_IN, h.body, "setxattr_in")
+    return _setxattr_value(h, wire.SETXATTR_IN.size, size, flags, 0)
+
+
+def _setxattr_ext(h: Header) -> tuple[Any, ...]:
+    """With FUSE_SETXATTR_EXT the header is 16 bytes and says whether to kill setgid."""
+    size, flags, sx_flags, _ = unpack(wire.SETXATTR_IN_EXT, h.body, "setxattr_in")
+    return _setxattr_value(h, wire.SETXATTR_IN_EXT.size, size, flags, sx_flags)
+
+
+def _setxattr_value(h: Header, start: int, size: int, flags: int, sx_flags: int
+                    ) -> tuple[Any, ...]:  # fmt: skip
+    (name,), end = cstrings(h.body, start, 1)
     if len(h.body) - end < size:
         raise Malformed(f"setxattr: value of {size} bytes announced, {len(h.body) - end} sent")
-    return (name, bytes(h.body[end : end + size]))
+    return (name, bytes(h.body[end : end + size]), flags, sx_flags)
 
 
 def _getxattr(h: Header) -> tuple[Any, ...]:
@@ -234,6 +245,16 @@ NAMES: dict[int, str] = {op.code: op.name for op in _TABLE} | {INIT: "INIT"}
 # Answered ENOSYS by the session without a handler (unknown opcodes too): the kernel then
 # stops sending most of them (GETLK/SETLK: locks stay local, as with pyfuse3).
 UNSUPPORTED_ERRNO = errno.ENOSYS
+
+
+_SETXATTR_EXT_ROW = Op(21, "SETXATTR", _setxattr_ext, "setxattr", GATED)
+
+
+def table(setxattr_ext: bool) -> dict[int, Op]:
+    """The opcode table of one connection: SETXATTR's header depends on what INIT granted."""
+    if not setxattr_ext:
+        return OPCODES
+    return OPCODES | {_SETXATTR_EXT_ROW.code: _SETXATTR_EXT_ROW}
 
 
 def decode(op: Op, h: Header) -> tuple[Any, ...]:

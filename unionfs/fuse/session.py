@@ -113,7 +113,8 @@ class Session:
         self._alive = 0  # TASK requests started and not finished (running or waiting to)
         self._loop_scope: Any = None
         self._stopping = False
-        self._handlers = {code: getattr(bridge, op.method) for code, op in opcodes.OPCODES.items()}
+        self.opcodes = opcodes.table(conn.setxattr_ext)
+        self._handlers = {code: getattr(bridge, op.method) for code, op in self.opcodes.items()}
 
     def terminate(self) -> None:
         self._stopping = True
@@ -198,7 +199,7 @@ class Session:
                 self.reply(unique, exc.errno)
             return False
         self.counts[h.opcode] = self.counts.get(h.opcode, 0) + 1
-        op = opcodes.OPCODES.get(h.opcode)
+        op = self.opcodes.get(h.opcode)
         if op is None:
             if self.debug:
                 log.debug("unsupported opcode %d: ENOSYS", h.opcode)

@@ -32,6 +32,7 @@ MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 NO_OPENDIR_SUPPORT = 1 << 24
 HANDLE_KILLPRIV_V2 = 1 << 28
+SETXATTR_EXT = 1 << 29
 INIT_EXT = 1 << 30
 PASSTHROUGH = 1 << 37
 
@@ -51,6 +52,7 @@ INIT_FLAG_NAMES = {
     CACHE_SYMLINKS: "CACHE_SYMLINKS",
     NO_OPENDIR_SUPPORT: "NO_OPENDIR_SUPPORT",
     HANDLE_KILLPRIV_V2: "HANDLE_KILLPRIV_V2",
+    SETXATTR_EXT: "SETXATTR_EXT",
     INIT_EXT: "INIT_EXT",
     PASSTHROUGH: "PASSTHROUGH",
 }
@@ -111,7 +113,9 @@ FLUSH_IN = struct.Struct("<QIIQ")
 READ_IN = struct.Struct("<QQIIQII")  # 40
 WRITE_IN = struct.Struct("<QQIIQII")  # 40
 FSYNC_IN = struct.Struct("<QII")
-SETXATTR_IN = struct.Struct("<II")  # without FUSE_SETXATTR_EXT (not negotiated)
+SETXATTR_IN = struct.Struct("<II")  # size, flags: without FUSE_SETXATTR_EXT
+SETXATTR_IN_EXT = struct.Struct("<IIII")  # size, flags, setxattr_flags, padding (7.33)
+SETXATTR_ACL_KILL_SGID = 1 << 0  # setxattr_flags: the caller may not keep setgid
 GETXATTR_IN = struct.Struct("<II")
 ACCESS_IN = struct.Struct("<II")
 INTERRUPT_IN = struct.Struct("<Q")
