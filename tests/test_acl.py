@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 import subprocess
 from pathlib import Path
@@ -145,3 +146,68 @@ def test_acls_set_through_the_mount_as_on_kernel_overlayfs(tmp_path, fuse, root)
     assert mode & 0o777 == 0o664 and writable and value == granted
     assert errs == [errno.EEXIST, errno.ENODATA] and kept == b"lower"
     assert s_mode == oct(0o100664)
+
+
+def _inherit_lower(lo: Path) -> None:
+    (lo / "d").mkdir()
+    os.setxattr(lo / "d", "system.posix_acl_default", base(7, 7, 5, (USER, 5, NOBODY), mask=7))
+    write(lo / "d" / "wh", b"over me\n")
+    (lo / "plain").mkdir()
+
+
+def _creates(mnt: Path) -> None:
+    old = os.umask(0o027)  # ignored under a default ACL, applied elsewhere
+    try:
+        (mnt / "d" / "f").touch(mode=0o666)
+        os.mkdir(mnt / "d" / "sub", 0o777)
+        os.mkfifo(mnt / "d" / "fifo", 0o666)
+        os.unlink(mnt / "d" / "wh")
+        (mnt / "d" / "wh").touch(mode=0o666)  # over a whiteout: made in the work dir
+        os.mkdir(mnt / "d" / "priv", 0o700)  # the mode narrows the inherited ACL
+        (mnt / "plain" / "f").touch(mode=0o666)
+        os.mkdir(mnt / "plain" / "sub", 0o777)
+    finally:
+        os.umask(old)
+
+
+def _acls(mnt: Path) -> dict[str, tuple]:
+    out = {}
+    for p in ("d/f", "d/sub", "d/fifo", "d/wh", "d/priv", "plain/f", "plain/sub"):
+        path = mnt / p
+        out[p] = (oct(os.lstat(path).st_mode),
+                  {n: os.getxattr(path, n) for n in sorted(os.listxattr(path))})  # fmt: skip
+    return out
+
+
+def test_new_objects_inherit_default_acls_as_on_kernel_overlayfs(tmp_path, fuse, root):
+    """Directories, fifos and files over a whiteout are made in the work dir, where the real
+    file system inherits nothing: layerfs applies the parent's default ACL itself."""
+    seen = {}
+    for name, lo, up, wk, mnt in _sides(tmp_path, _inherit_lower):
+        with _mount(name, lo, up, wk, mnt):
+            _creates(mnt)
+            seen[name] = _acls(mnt)
+    assert seen["layerfs"] == seen["kernel"]
+    got = seen["layerfs"]
+    assert got["d/f"][0] == oct(0o100664) and got["plain/f"][0] == oct(0o100640)
+    assert set(got["d/sub"][1]) == {ACCESS, "system.posix_acl_default"}
+    assert got["plain/sub"] == (oct(0o40750), {})
+
+
+def test_inheritance_rules():
+    from unionfs import acl as A
+
+    default = base(7, 7, 5, (USER, 5, NOBODY), mask=7)
+    made = A.inherit(None, 0o666, 0o022, stat.S_IFREG)
+    assert (made.mode, made.access, made.default) == (0o644, None, None)
+    made = A.inherit(default, 0o4640, 0o077, stat.S_IFREG)  # the umask does not count
+    assert made.mode == 0o4640 and made.default is None
+    assert A.entries(made.access) == [[USER_OBJ, 6, 0xFFFFFFFF], [USER, 5, NOBODY],
+                                      [GROUP_OBJ, 7, 0xFFFFFFFF], [MASK, 4, 0xFFFFFFFF],
+                                      [OTHER, 0, 0xFFFFFFFF]]  # fmt: skip
+    plain = base(7, 5, 5)[:-16] + base(7, 5, 5)[-8:]  # owner, group, other: no mask
+    made = A.inherit(plain, 0o777, 0o022, stat.S_IFDIR)
+    assert made.mode == 0o755 and made.access is None and made.default == plain
+    made = A.inherit(default, 0o777, 0, stat.S_IFLNK)  # symlinks carry no ACL
+    assert made.access is None and made.mode == 0o777
+    assert A.inherit(b"\1\0\0\0", 0o666, 0o022, stat.S_IFREG).mode == 0o644  # not an ACL

@@ -90,6 +90,7 @@ def test_negotiation_grants_only_what_the_kernel_offers():
     assert conn.flags & wire.WRITEBACK_CACHE and conn.flags & wire.CACHE_SYMLINKS
     assert not conn.no_open and conn.max_write == 1 << 20
     assert conn.flags & wire.POSIX_ACL and conn.setxattr_ext  # the kernel checks ACLs
+    assert conn.flags & wire.DONT_MASK  # modes come unmasked: a default ACL may decide
     assert conn.killpriv and not conn.passthrough
     fields = wire.INIT_OUT.unpack(payload)
     assert fields[:2] == (7, 45) and fields[8] == 256  # max_pages
@@ -99,7 +100,7 @@ def test_negotiation_grants_only_what_the_kernel_offers():
     assert conn is not None and conn.flags == offered and conn.max_write == 32 * 4096
     assert not conn.setxattr_ext  # not offered, not assumed: SETXATTR keeps its 8-byte header
     _, conn, _ = negotiate(memoryview(init_body()), Wanted(posix_acl=False))
-    assert not conn.flags & (wire.POSIX_ACL | wire.SETXATTR_EXT)
+    assert not conn.flags & (wire.POSIX_ACL | wire.SETXATTR_EXT | wire.DONT_MASK)
 
 
 def test_negotiation_passthrough_excludes_the_writeback_cache():

@@ -55,7 +55,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from . import markers
+from . import acl, markers
 from .control import Gate
 from .errors import UnionError
 from .fdlimit import FdBudget
@@ -647,7 +647,8 @@ class UnionOperations(pyfuse3.Operations):
         self.budget.take(ctx.uid)  # before the file exists: a refused create leaves nothing
         uid, gid = self.owners.stored(ctx.uid, ctx.gid)
         try:
-            node, fd = writer.create(parent, name, mode & ~ctx.umask, flags, uid, gid)
+            made = self._inherit(parent, mode, ctx.umask, stat.S_IFREG)
+            node, fd = writer.create(parent, name, made.mode, flags, uid, gid, made)
         except BaseException:
             self.budget.give(ctx.uid)
             raise
@@ -666,7 +667,9 @@ class UnionOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         parent = self.stack.node(parent_inode)
         uid, gid = self.owners.stored(ctx.uid, ctx.gid)
-        node = writer.make(parent, name, stat.S_IFMT(mode), mode & ~ctx.umask, uid, gid, rdev=rdev)
+        made = self._inherit(parent, mode, ctx.umask, stat.S_IFMT(mode))
+        node = writer.make(parent, name, stat.S_IFMT(mode), made.mode, uid, gid, rdev=rdev,
+                           acls=made)  # fmt: skip
         return self._new_entry(node)
 
     @_handler
@@ -677,8 +680,18 @@ class UnionOperations(pyfuse3.Operations):
         writer = self._need_upper()
         parent = self.stack.node(parent_inode)
         uid, gid = self.owners.stored(ctx.uid, ctx.gid)
-        node = writer.make(parent, name, stat.S_IFDIR, mode & ~ctx.umask, uid, gid)
+        made = self._inherit(parent, mode, ctx.umask, stat.S_IFDIR)
+        node = writer.make(parent, name, stat.S_IFDIR, made.mode, uid, gid, acls=made)
         return self._new_entry(node)
+
+    def _inherit(self, parent: Node, mode: int, umask: int, kind: int) -> acl.Inherited:
+        """The new object's mode and ACLs from the parent's default ACL (acl.py); the umask
+        applies only without one."""
+        try:
+            default = self.stack.getxattr(parent, acl.DEFAULT)
+        except OSError:  # ENODATA, or a file system without ACLs
+            default = None
+        return acl.inherit(default, mode, umask, kind)
 
     @_handler
     @_mutating

@@ -41,6 +41,9 @@ import os
 import stat
 
 from . import fsutil, markers
+from .acl import ACCESS as ACL_ACCESS
+from .acl import DEFAULT as ACL_DEFAULT
+from .acl import Inherited
 from .errors import Exists, NameTooLong, NotEmpty, NotFound, UnionError
 from .fsat import Roots
 from .stack import DirLayer, Entry, LayerStack, Node
@@ -354,8 +357,9 @@ class Writer:
 
     # ----- creating ----------------------------------------------------------------------
     def create(
-        self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int
-    ) -> tuple[Node, int]:
+        self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int,
+        acls: Inherited | None = None,
+    ) -> tuple[Node, int]:  # fmt: skip
         path, wh = self._target(parent, name)
         uid, gid, _ = self._owner(parent, uid, gid)
         oflags = (flags & ~(os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_TRUNC)) | os.O_CLOEXEC
@@ -364,6 +368,8 @@ class Writer:
         try:
             os.fchown(fd, uid, gid)
             os.fchmod(fd, stat.S_IMODE(mode))
+            if acls is not None:
+                _set_acls(fd, acls, self.fs)
             if wh:
                 self.fs.rename(dest, path)  # atomically replaces the whiteout
         except BaseException:
@@ -381,6 +387,7 @@ class Writer:
         gid: int,
         rdev: int = 0,
         target: bytes = b"",
+        acls: Inherited | None = None,
     ) -> Node:
         """mknod, mkdir and symlink.  A directory made over a whiteout is opaque."""
         path, wh = self._target(parent, name)
@@ -400,6 +407,8 @@ class Writer:
         self.fs.chown(tmp, uid, gid)
         if kind != stat.S_IFLNK:
             self.fs.chmod(tmp, perm)
+            if acls is not None:  # made in the work dir: nothing was inherited there
+                _set_acls(tmp, acls, self.fs)
         if kind == stat.S_IFDIR and wh:
             self.fs.renameat2(tmp, path, fsutil.RENAME_EXCHANGE)
             self.fs.unlink(tmp)  # the whiteout, now in the work dir
@@ -664,3 +673,14 @@ def _runtime_dir() -> str:
     if os.geteuid() == 0 and os.access("/run", os.W_OK):
         return "/run"
     return os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+
+
+def _set_acls(target: bytes | int, acls: Inherited, fs: Roots) -> None:
+    """Store what a create inherits (acl.py) on the new object, a path or an open fd: after
+    the chmod, since setting an access ACL sets the group bits to its mask."""
+    for name, value in ((ACL_ACCESS, acls.access), (ACL_DEFAULT, acls.default)):
+        if value is not None:
+            if isinstance(target, int):
+                os.setxattr(target, name, value)
+            else:
+                fs.setxattr(target, name, value)

@@ -117,7 +117,9 @@ def base_flags(want: Wanted) -> int:
     if want.killpriv and not want.read_only:
         flags |= wire.HANDLE_KILLPRIV_V2
     if want.posix_acl:
-        flags |= wire.POSIX_ACL | wire.SETXATTR_EXT
+        # DONT_MASK: CREATE/MKDIR/MKNOD bring the mode without the umask, so a default ACL
+        # decides the mode instead of it (the handlers apply the umask otherwise: acl.py)
+        flags |= wire.POSIX_ACL | wire.SETXATTR_EXT | wire.DONT_MASK
     return flags
 
 
