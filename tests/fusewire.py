@@ -36,6 +36,10 @@ class Harness:
         self.session = Session(self.wfd, self.conn, Bridge(self.ops, self.conn))
         self.unique = 0
 
+    def bridge_dh(self, nodeid: int) -> int:
+        """The handler's dir handle the bridge keeps for `nodeid` (no-opendir)."""
+        return self.session.bridge._node_dh[nodeid]
+
     def close(self) -> None:
         os.close(self.rfd)
         os.close(self.wfd)

@@ -118,7 +118,7 @@ def test_negotiation_no_open_only_for_read_only_stacks():
     _, ro, _ = negotiate(memoryview(init_body()), Wanted(read_only=True))
     _, rw, _ = negotiate(memoryview(init_body()), Wanted(read_only=False))
     assert ro.no_open and ro.no_opendir and not ro.flags & wire.WRITEBACK_CACHE
-    assert not rw.no_open and not rw.no_opendir
+    assert not rw.no_open and rw.no_opendir  # opening a directory never copies up
     no_flag = 0xFFFFFFFF & ~(wire.NO_OPEN_SUPPORT | wire.NO_OPENDIR_SUPPORT)
     _, old, _ = negotiate(memoryview(init_body(flags=no_flag)), Wanted(read_only=True))
     assert not old.no_open and not old.no_opendir
@@ -314,6 +314,45 @@ def _writable(tmp_path: Path) -> Harness:
     (lo / "f").write_bytes(b"x")
     stack = LayerStack([str(lo)], str(up))
     return Harness(stack, Writer(stack, str(wk)))
+
+
+def test_no_opendir_readers_of_one_directory_keep_their_own_listing(tmp_path):
+    """With no-opendir every reader of a directory shares one handle: a reader that started
+    before a change goes on in the listing it started (each offset names its snapshot),
+    one that starts after sees the change, and a finished snapshot is dropped."""
+    from unionfs.writer import Writer
+
+    lo, up, wk = (tmp_path / n for n in ("lo", "up", "wk"))
+    for d in (lo, up, wk):
+        d.mkdir()
+    for name in ("a", "b", "c"):
+        (lo / name).write_bytes(b"x")
+    stack = LayerStack([str(lo)], str(up))
+    h = Harness(stack, Writer(stack, str(wk)), no_opendir=True)
+
+    async def scenario():
+        one = wire.dirent_size(b"a", plus=True)
+        _, part = await h.call(READDIRPLUS, 1, read_in(0, 0, 3 * one))
+        first = parse_direntplus(part)  # ., .. and one name
+        assert len(first) == 3 and all(off >> 32 == 0 for _, _, off in first)
+        err, _ = await h.call(9, 1, wire.MKDIR_IN.pack(0o755, 0) + b"new\0")  # MKDIR
+        assert err == 0
+        _, whole = await h.call(READDIRPLUS, 1, read_in(0, 0, 4096))
+        second = parse_direntplus(whole)
+        assert {n for n, _, _ in second} == {b".", b"..", b"a", b"b", b"c", b"new"}
+        assert all(off >> 32 == 1 for _, _, off in second)  # the second snapshot
+        _, rest = await h.call(READDIRPLUS, 1, read_in(0, first[-1][2], 4096))
+        names = [n for n, _, _ in first[2:] + parse_direntplus(rest)]
+        assert sorted(names) == [b"a", b"b", b"c"]  # its own listing: no "new", no repeat
+        _, end = await h.call(READDIRPLUS, 1, read_in(0, parse_direntplus(rest)[-1][2], 4096))
+        assert end == b""
+        handle = h.ops._dirs[h.bridge_dh(1)]
+        assert list(handle.snapshots) == [1]  # the first was read to its end: dropped
+
+    try:
+        trio.run(scenario)
+    finally:
+        h.close()
 
 
 def test_interrupt_cancels_a_waiting_request(tmp_path):

@@ -137,13 +137,31 @@ class FileHandle:
 
 
 class DirHandle:
-    """An open directory: a snapshot of its merged entries, so offsets stay stable."""
+    """An open directory: snapshots of its merged entries, so offsets stay stable.
 
-    __slots__ = ("node", "entries")
+    A read from offset 0 takes a new snapshot; each entry's offset carries the snapshot's
+    generation in its high 32 bits, so a reader goes on in the listing it started even
+    when another reader of the same handle has started a newer one meanwhile.  One handle
+    per open directory (OPENDIR), or, with no-opendir (the native transport), one per
+    directory node shared by every reader: then the kernel keeps the listing and asks
+    again only after the directory changed.  A snapshot read to its end is dropped, and
+    at most SNAPSHOTS are kept (an older offset, from a seekdir, goes on in the newest).
+    """
+
+    __slots__ = ("node", "gen", "snapshots")
+    SNAPSHOTS = 4
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.entries: list[tuple[bytes, Entry]] = []
+        self.gen = -1  # the first snapshot is generation 0: offsets 1, 2, ... as ever
+        self.snapshots: dict[int, list[tuple[bytes, Entry]]] = {}
+
+    def snapshot(self, entries: list[tuple[bytes, Entry]]) -> int:
+        self.gen = (self.gen + 1) & 0xFFFFFFFF
+        self.snapshots[self.gen] = entries
+        while len(self.snapshots) > self.SNAPSHOTS:
+            del self.snapshots[next(iter(self.snapshots))]
+        return self.gen
 
 
 class UnionOperations(pyfuse3.Operations):
@@ -323,25 +341,35 @@ class UnionOperations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         handle = self._dirs[fh]
         node = handle.node
+        gen, start = start_id >> 32, start_id & 0xFFFFFFFF
         if start_id == 0:  # (re)start: take a fresh snapshot, as overlayfs does on rewind
-            handle.entries = list(self.stack.listing(node).items())
+            gen = handle.snapshot(list(self.stack.listing(node).items()))
+        entries = handle.snapshots.get(gen)
+        if entries is None:  # dropped: go on in the newest (or a new) listing
+            if not handle.snapshots:
+                handle.snapshot(list(self.stack.listing(node).items()))
+            gen = handle.gen
+            entries = handle.snapshots[gen]
+        high = gen << 32
         specials = [(b".", node), (b"..", node.parent or self.stack.root)]
-        for pos in range(start_id, len(handle.entries) + 2):
+        for pos in range(start, len(entries) + 2):
             if pos < 2:
                 name, target = specials[pos]
-                if not self._readdir_reply(token, name, self._entry(target), pos + 1):
+                if not self._readdir_reply(token, name, self._entry(target), high | pos + 1):
                     return
                 continue
-            name, child = handle.entries[pos - 2]
+            name, child = entries[pos - 2]
             try:
                 entry_node = self.stack.node_for(node, name, child)
                 attrs = self._entry(entry_node)
             except OSError as exc:  # vanished from a layer: skip rather than fail the listing
                 log.warning("readdir: skipping %r: %s", name, exc)
                 continue
-            if not self._readdir_reply(token, name, attrs, pos + 1):
+            if not self._readdir_reply(token, name, attrs, high | pos + 1):
                 return
             self.stack.remember(entry_node)
+        if start >= len(entries) + 2:  # the reader asked past the end: it is done with it
+            handle.snapshots.pop(gen, None)
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from typing import NewType
 
 from . import markers, rules
@@ -217,6 +218,10 @@ class LayerStack:
         # and the st_ino to report for nodes whose number is not what stat shows.
         self._per_name: dict[tuple[int, bytes], Inode] = {}
         self.shown: dict[Inode, int] = {}
+        # called with a directory whose listing changed other than by a request on it (a
+        # name's st_ino, hence its d_ino, changed at copy-up): the native transport tells
+        # the kernel to drop the listing it keeps (FUSE_NOTIFY_INVAL_INODE)
+        self.listing_changed: Callable[[Node], None] | None = None
         self.nodes: dict[Inode, Node] = {}
         # Other known names of hard-linked files (only for nodes reached by two names).
         self.aliases: dict[Inode, list[tuple[Node, bytes]]] = {}
@@ -263,6 +268,8 @@ class LayerStack:
         """index=off: `node`'s name of a hard-linked lower file was copied up alone, so from
         now on it reports its own upper file's number, as the kernel does."""
         self.shown[node.ino] = self._xino(0, upper_ino)
+        if self.listing_changed is not None and node.parent is not None:
+            self.listing_changed(node.parent)
 
     def _upper_ino(self, real_ino: int) -> Inode:
         """Upper inode numbers are reused by the filesystem once a file is deleted, while

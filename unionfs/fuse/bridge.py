@@ -29,6 +29,7 @@ which are filled after the await that opened the handle.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import time
 from typing import Any
@@ -38,6 +39,8 @@ from . import wire
 from .init import Conn
 from .passthrough import Backings, Conflict
 from .wire import Header
+
+log = logging.getLogger("layerfs")
 
 
 def _entry(attrs: Any) -> bytes:
@@ -155,6 +158,9 @@ class Bridge:
         self.ops = ops
         self.conn = conn
         self.backings = Backings(devfd, enabled=conn.passthrough and devfd >= 0)
+        self.devfd = devfd
+        if devfd >= 0:
+            ops.stack.listing_changed = self._listing_changed
         self._node_fh: dict[int, int] = {}  # no-open: inode → the handler's file handle
         self._node_dh: dict[int, int] = {}  # no-opendir: inode → the handler's dir handle
 
@@ -174,6 +180,21 @@ class Bridge:
             node = ops.stack.known(nodeid)
             return node is None or not (node.is_dir or ops.stack.in_upper(node))
         return False
+
+    def _listing_changed(self, node: Any) -> None:
+        """The kernel keeps every listing (no-opendir: FOPEN_CACHE_DIR for all directories)
+        and drops one itself only when a request through it changes the directory; for any
+        other change, drop its pages and attributes (FUSE_NOTIFY_INVAL_INODE, offset 0, the
+        whole length).  A directory cannot hold dirty pages, so this never waits on a
+        writeback; ENOENT (the kernel does not know the node) is fine."""
+        payload = wire.NOTIFY_INVAL_INODE.pack(node.ino, 0, 0)
+        header = wire.OUT_HEADER.pack(wire.OUT_HEADER.size + len(payload),
+                                      wire.NOTIFY_INVAL_INODE_CODE, 0)  # fmt: skip
+        try:
+            os.write(self.devfd, header + payload)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("notify_inval_inode(%d): %s", node.ino, exc)
 
     # ----- names and attributes --------------------------------------------------------
     async def lookup(self, h: Header, name: bytes) -> bytes:

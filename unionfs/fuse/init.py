@@ -146,7 +146,12 @@ def negotiate(body: memoryview, want: Wanted) -> tuple[bytes, Conn | None, int]:
     if want.writeback and not want.read_only and not granted & wire.PASSTHROUGH:
         granted |= wire.WRITEBACK_CACHE & kflags  # passthrough asked for but not offered
     no_open = want.read_only and bool(kflags & wire.NO_OPEN_SUPPORT)
-    no_opendir = want.read_only and bool(kflags & wire.NO_OPENDIR_SUPPORT)
+    # No OPENDIR/RELEASEDIR on any stack: opening a directory copies nothing up, so the
+    # kernel may skip it (two requests per directory listed) and keep every listing
+    # (KEEP_CACHE|CACHE_DIR), dropping it itself when a request through it changes the
+    # directory; the handlers keep one listing handle per directory (DirHandle).  No-open
+    # stays for stacks without an upper: an open for writing copies up.
+    no_opendir = bool(kflags & wire.NO_OPENDIR_SUPPORT)
     max_write = MAX_PAGES * PAGE if granted & wire.MAX_PAGES else 32 * PAGE
     conn = Conn(
         minor=min(minor, wire.OUR_MINOR),
