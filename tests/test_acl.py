@@ -211,3 +211,14 @@ def test_inheritance_rules():
     made = A.inherit(default, 0o777, 0, stat.S_IFLNK)  # symlinks carry no ACL
     assert made.access is None and made.mode == 0o777
     assert A.inherit(b"\1\0\0\0", 0o666, 0o022, stat.S_IFREG).mode == 0o644  # not an ACL
+
+
+@pytest.mark.parametrize("transport", ["native", "pyfuse3"])
+def test_acls_on_both_transports_and_noacl_turns_them_off(tmp_path, fuse, root, transport):
+    """Both transports ask for FUSE_POSIX_ACL; fuse-overlayfs's `noacl` turns it off (the
+    kernel then checks the mode bits alone, as it did before layerfs asked for ACLs)."""
+    (_, lo, up, wk, mnt), = _sides(tmp_path, _access_lower)[1:]
+    for extra, granted in (("", True), (",noacl", False)):
+        with LayerfsMount(mnt, [lo], up, wk, f"fuse={transport}{extra}"):
+            assert (_as_nobody("cat", str(mnt / "granted")).returncode == 0) is granted
+            assert (_as_nobody("cat", str(mnt / "denied")).returncode == 0) is not granted

@@ -172,6 +172,7 @@ def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
         owners=cfg.owners,
         volatile=cfg.volatile,
     )
+    ops.enable_acl = cfg.acl  # pyfuse3 reads it at INIT
     try:
         pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
     except RuntimeError as exc:

@@ -62,10 +62,11 @@ FUSE_PASSTHROUGH = frozenset(
 UNSUPPORTED = frozenset("squash_to_root squash_to_uid squash_to_gid static_nlink".split())
 
 # Flags that change nothing for a FUSE daemon: mount(8)'s own (fstab, atime policy, which
-# the kernel applies) and fuse-overlayfs's tuning switches (threading, ACL caching).
+# the kernel applies) and fuse-overlayfs's threading switch.  (`noacl`, fuse-overlayfs's
+# "no POSIX ACLs", is honoured: MountConfig.acl.)
 HARMLESS_FLAGS = frozenset(
     "defaults auto noauto nofail user nouser users _netdev relatime norelatime strictatime "
-    "nostrictatime lazytime nolazytime silent loud threaded noacl".split()
+    "nostrictatime lazytime nolazytime silent loud threaded".split()
 ) | ({"userxattr"} if os.geteuid() != 0 else set())  # markers are user.overlay.* then anyway
 # Valued options that are harmless with the values listed (None: with any value): the ones
 # that name what layerfs does anyway (xino: inode numbers always carry the layer, as
@@ -140,7 +141,7 @@ class MountConfig:
     __slots__ = (
         "lowers", "mountpoint", "fuse_options", "ignored", "owners", "upper", "work", "source",
         "foreground", "debug", "writeback", "passthrough", "transport", "index",
-        "follow_redirects", "create_redirects", "volatile", "log_file",
+        "follow_redirects", "create_redirects", "volatile", "log_file", "acl",
     )  # fmt: skip
 
     def __init__(
@@ -164,6 +165,7 @@ class MountConfig:
         create_redirects: bool = True,
         volatile: bool = False,
         log_file: str | None = None,
+        acl: bool = True,
     ) -> None:
         self.lowers = lowers
         self.mountpoint = mountpoint
@@ -183,6 +185,9 @@ class MountConfig:
         self.create_redirects = create_redirects
         self.volatile = volatile
         self.log_file = log_file
+        # POSIX ACLs (FUSE_POSIX_ACL): the kernel checks access with them and caches them;
+        # `noacl` (fuse-overlayfs's option) turns them off: mode bits only, as before
+        self.acl = acl
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
@@ -330,6 +335,8 @@ def _validate(
     owners = _owners(values.pop("uidmapping", None), values.pop("gidmapping", None))
     volatile = "volatile" in flags and upper is not None  # the kernel ignores it read-only
     flags.discard("volatile")
+    acl = "noacl" not in flags
+    flags.discard("noacl")
     _check_volatile(work)  # with or without volatile now, as the kernel
     log_file = values.pop("log", None)
     if log_file is not None:
@@ -370,6 +377,7 @@ def _validate(
         owners=owners,
         volatile=volatile,
         log_file=log_file,
+        acl=acl,
     )
 
 

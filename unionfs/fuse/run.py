@@ -48,6 +48,7 @@ def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> 
             writeback=cfg.writeback and writer is not None,
             read_only=writer is None,
             passthrough=cfg.passthrough and writer is not None and os.geteuid() == 0,
+            posix_acl=cfg.acl,
         )
         conn = handshake(mounted.fd, want)
     except (InitFailed, OSError) as exc:
