@@ -355,6 +355,20 @@ def test_no_opendir_readers_of_one_directory_keep_their_own_listing(tmp_path):
         h.close()
 
 
+def test_snapshot_generations_keep_offsets_positive():
+    """The generation rides in an offset's high bits: it wraps at 31 bits, so every offset
+    stays a valid (signed) loff_t, and at most SNAPSHOTS listings are kept."""
+    from unionfs.operations import DirHandle
+
+    handle = DirHandle(None)  # type: ignore[arg-type]
+    handle.gen = 0x7FFFFFFE
+    assert handle.snapshot([]) == 0x7FFFFFFF and handle.snapshot([]) == 0
+    for _ in range(10):
+        handle.snapshot([])
+    assert len(handle.snapshots) == DirHandle.SNAPSHOTS
+    assert (0x7FFFFFFF << 32 | 0xFFFFFFFF) < 1 << 63
+
+
 def test_interrupt_cancels_a_waiting_request(tmp_path):
     h = _writable(tmp_path)
 

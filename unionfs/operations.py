@@ -157,7 +157,8 @@ class DirHandle:
         self.snapshots: dict[int, list[tuple[bytes, Entry]]] = {}
 
     def snapshot(self, entries: list[tuple[bytes, Entry]]) -> int:
-        self.gen = (self.gen + 1) & 0xFFFFFFFF
+        # 31 bits: offsets stay positive as the kernel's (signed) loff_t and pyfuse3's off_t
+        self.gen = (self.gen + 1) & 0x7FFFFFFF
         self.snapshots[self.gen] = entries
         while len(self.snapshots) > self.SNAPSHOTS:
             del self.snapshots[next(iter(self.snapshots))]
