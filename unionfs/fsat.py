@@ -236,7 +236,11 @@ class Roots:
             return os.getxattr(_proc(fd, rel), name, follow_symlinks=False)
         return _deep(fd, rel, lambda d, n: os.getxattr(_proc(d, n), name, follow_symlinks=False))
 
-    def setxattr(self, path: bytes, name: bytes, value: bytes, flags: int = 0) -> None:
+    def setxattr(self, path: bytes | int, name: bytes, value: bytes, flags: int = 0) -> None:
+        """lsetxattr, or fsetxattr of an fd."""
+        if isinstance(path, int):
+            os.setxattr(path, name, value, flags)
+            return
         self._do(
             path, lambda d, n: os.setxattr(_proc(d, n), name, value, flags, follow_symlinks=False)
         )

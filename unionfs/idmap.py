@@ -35,16 +35,13 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
+from . import acl
 from .errors import OptionError
 
 OVERFLOW_DEFAULT = 65534
 CAPABILITY_XATTR = b"security.capability"
 _CAP_V3 = 0x03000000
 _CAP_V3_SIZE = 24  # magic_etc, 2 x (permitted, inheritable), rootid
-ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
-_ACL_VERSION = 2  # posix_acl_xattr_header.a_version
-_ACL_ENTRY = struct.Struct("<HHI")  # posix_acl_xattr_entry: e_tag, e_perm, e_id
-_ACL_USER, _ACL_GROUP = 0x02, 0x08  # the tags whose e_id is an id
 
 
 class Range(NamedTuple):
@@ -136,7 +133,7 @@ class Owners(NamedTuple):
     def _xattr(self, name: bytes, value: bytes, to_shown: bool) -> bytes:
         if name == CAPABILITY_XATTR and self.uids is not None:
             return _capability(value, self.uids.shown if to_shown else self.uids.stored)
-        if name in ACL_XATTRS:
+        if name == acl.ACCESS or name == acl.DEFAULT:
             return _acl(value, self, to_shown)
         return value
 
@@ -152,15 +149,14 @@ def _capability(value: bytes, shift: Callable[[int], int]) -> bytes:
 
 
 def _acl(value: bytes, owners: Owners, to_shown: bool) -> bytes:
-    """posix_acl_xattr: a version word, then (tag, perm, id) entries; ACL_USER entries hold a
-    uid, ACL_GROUP entries a gid.  A value of another shape is passed on as it is (the
-    kernel, or the real file system, refuses it with EINVAL as it would without a map)."""
-    if (len(value) - 4) % _ACL_ENTRY.size or struct.unpack_from("<I", value)[0] != _ACL_VERSION:
+    """A POSIX ACL (`acl.entries`): ACL_USER entries hold a uid, ACL_GROUP entries a gid.  A
+    value of another shape is passed on as it is (the kernel, or the real file system,
+    refuses it with EINVAL as it would without a map)."""
+    entries = acl.entries(value)
+    if entries is None:
         return value
-    out = bytearray(value)
-    for off in range(4, len(value), _ACL_ENTRY.size):
-        tag, _perm, xid = _ACL_ENTRY.unpack_from(value, off)
-        ids = owners.uids if tag == _ACL_USER else owners.gids if tag == _ACL_GROUP else None
+    for e in entries:
+        ids = owners.uids if e[0] == acl.USER else owners.gids if e[0] == acl.GROUP else None
         if ids is not None:
-            struct.pack_into("<I", out, off + 4, ids.shown(xid) if to_shown else ids.stored(xid))
-    return bytes(out)
+            e[2] = ids.shown(e[2]) if to_shown else ids.stored(e[2])
+    return acl.pack(entries)

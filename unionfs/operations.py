@@ -70,7 +70,6 @@ CACHE_TIMEOUT = 86400.0  # seconds; see the module docstring for why this is saf
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # the daemon's buffers are not aligned for it
 SELINUX_XATTR = b"security.selinux"
-ACL_ACCESS_XATTR = b"system.posix_acl_access"
 _HOST_SELINUX = os.path.exists("/sys/fs/selinux")  # a host without SELinux labels nothing
 SMALL_COPY = 256 << 10  # copy-ups up to this size stay on the trio thread (a hop costs more)
 
@@ -812,7 +811,7 @@ class UnionOperations(pyfuse3.Operations):
             value = self.owners.xattr_stored(name, value)
         real = self.stack.real_path(node)
         self.stack.fs.setxattr(real, name, value, flags)
-        if kill_sgid and name == ACL_ACCESS_XATTR:
+        if kill_sgid and name == acl.ACCESS:
             mode = self.stack.fs.lstat(real).st_mode
             if mode & stat.S_ISGID:
                 self.stack.fs.chmod(real, stat.S_IMODE(mode) & ~stat.S_ISGID)

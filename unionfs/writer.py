@@ -680,7 +680,4 @@ def _set_acls(target: bytes | int, acls: Inherited, fs: Roots) -> None:
     the chmod, since setting an access ACL sets the group bits to its mask."""
     for name, value in ((ACL_ACCESS, acls.access), (ACL_DEFAULT, acls.default)):
         if value is not None:
-            if isinstance(target, int):
-                os.setxattr(target, name, value)
-            else:
-                fs.setxattr(target, name, value)
+            fs.setxattr(target, name, value)

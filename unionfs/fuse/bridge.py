@@ -187,11 +187,11 @@ class Bridge:
         other change, drop its pages and attributes (FUSE_NOTIFY_INVAL_INODE, offset 0, the
         whole length).  A directory cannot hold dirty pages, so this never waits on a
         writeback; ENOENT (the kernel does not know the node) is fine."""
-        payload = wire.NOTIFY_INVAL_INODE.pack(node.ino, 0, 0)
-        header = wire.OUT_HEADER.pack(wire.OUT_HEADER.size + len(payload),
-                                      wire.NOTIFY_INVAL_INODE_CODE, 0)  # fmt: skip
+        message = wire.pack_notify(
+            wire.NOTIFY_INVAL_INODE_CODE, wire.NOTIFY_INVAL_INODE.pack(node.ino, 0, 0)
+        )
         try:
-            os.write(self.devfd, header + payload)
+            os.write(self.devfd, message)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 log.warning("notify_inval_inode(%d): %s", node.ino, exc)

@@ -246,6 +246,11 @@ def pack_reply(unique: int, error: int, payload: bytes = b"") -> bytes:
     return OUT_HEADER.pack(OUT_HEADER.size + len(payload), -error, unique) + payload
 
 
+def pack_notify(code: int, payload: bytes) -> bytes:
+    """A notification: a reply to no request (unique 0) whose error field is its code."""
+    return OUT_HEADER.pack(OUT_HEADER.size + len(payload), code, 0) + payload
+
+
 def pack_request(opcode: int, unique: int, nodeid: int, body: bytes, uid: int = 0,
                  gid: int = 0, pid: int = 0) -> bytes:  # fmt: skip
     """A request as the kernel writes it (for tests and tools)."""
