@@ -217,7 +217,7 @@ def test_inheritance_rules():
 def test_acls_on_both_transports_and_noacl_turns_them_off(tmp_path, fuse, root, transport):
     """Both transports ask for FUSE_POSIX_ACL; fuse-overlayfs's `noacl` turns it off (the
     kernel then checks the mode bits alone, as it did before layerfs asked for ACLs)."""
-    (_, lo, up, wk, mnt), = _sides(tmp_path, _access_lower)[1:]
+    _, lo, up, wk, mnt = _sides(tmp_path, _access_lower)[1]  # the layerfs side
     for extra, granted in (("", True), (",noacl", False)):
         with LayerfsMount(mnt, [lo], up, wk, f"fuse={transport}{extra}"):
             assert (_as_nobody("cat", str(mnt / "granted")).returncode == 0) is granted
