@@ -72,6 +72,19 @@ def fstype(path: str | os.PathLike[str]) -> str | None:
     return found
 
 
+def open_files(pid: int) -> dict[str, os.stat_result]:
+    """What each open fd of process `pid` names, with its stat: {target: stat}. A daemon opens
+    and closes fds while we look (a copy-up, a log rotation, the kernel's RELEASE arriving), so
+    an fd gone between listing /proc/PID/fd and reading it is skipped, not an error."""
+    found = {}
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            found[os.readlink(entry)] = os.stat(entry)
+        except FileNotFoundError:
+            continue
+    return found
+
+
 def lazy_unmount(path: str) -> None:
     for cmd in (["fusermount3", "-u", "-z", path], ["umount", "-l", path]):
         if (

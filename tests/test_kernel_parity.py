@@ -211,10 +211,10 @@ def test_the_daemon_pins_no_layer_filesystem(tmp_path, fuse, root):
             (mnt / "f").write_bytes(b"changed\n")
             assert (mnt / "f").read_bytes() == b"changed\n"
             assert m.proc is not None
-            fd_dir = Path(f"/proc/{m.proc.pid}/fd")
             deadline = time.monotonic() + 5  # the kernel sends RELEASE after close() returns
             while True:
-                pinned = [os.readlink(p) for p in fd_dir.iterdir() if os.stat(p).st_dev in devs]
+                open_now = mounts.open_files(m.proc.pid)
+                pinned = [name for name, st in open_now.items() if st.st_dev in devs]
                 if not pinned or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
