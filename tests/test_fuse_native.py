@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -434,3 +435,36 @@ def test_times_before_1970(tmp_path, lower, fuse, transport):
         assert (st.st_atime_ns, st.st_mtime_ns) == (old - 1, old + 7)
     st = os.stat(up / "dir" / "f1")
     assert (st.st_atime_ns, st.st_mtime_ns) == (old - 1, old + 7)
+
+
+def test_writes_held_by_a_freeze_keep_their_own_data(tmp_path, fuse):
+    """WRITE requests that wait at the freeze gate become tasks while the session reads on into
+    its one buffer, which each WRITE's data is a view of until then: every held write must land
+    with its own bytes after the thaw (without the copy, each got the last request's data)."""
+    from unionfs import control
+
+    lo, mnt, up, wk = (tmp_path / n for n in ("lo", "mnt", "up", "wk"))
+    for d in (lo, mnt, up, wk):
+        d.mkdir()
+    m = native(mnt, [lo], up, wk)
+    payloads = [bytes([65 + i]) * (256 << 10) for i in range(4)]
+    with m:
+        fds = [os.open(mnt / f"f{i}", os.O_WRONLY | os.O_CREAT, 0o644) for i in range(4)]
+        try:
+            with control.frozen(wk):
+                writers = [
+                    threading.Thread(target=os.pwrite, args=(fd, data, 0))
+                    for fd, data in zip(fds, payloads, strict=True)
+                ]
+                for w in writers:
+                    w.start()
+                time.sleep(1)  # every WRITE is read and held meanwhile
+                assert all(w.is_alive() for w in writers), "a write passed the frozen gate"
+                assert all(os.stat(up / f"f{i}").st_size == 0 for i in range(4))
+            for w in writers:
+                w.join(30)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        assert [(mnt / f"f{i}").read_bytes() == payloads[i] for i in range(4)] == [True] * 4
+    assert [(up / f"f{i}").read_bytes() == payloads[i] for i in range(4)] == [True] * 4

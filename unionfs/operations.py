@@ -117,7 +117,7 @@ def _short(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Arguments as logged with -d: no request context, and data longer than any name (a
     1 MiB write would otherwise log 4 MB)."""
     return tuple(
-        f"<{len(a)} bytes>" if isinstance(a, bytes) and len(a) > 256 else a
+        f"<{len(a)} bytes>" if isinstance(a, (bytes, memoryview)) and len(a) > 256 else a
         for a in args
         if not isinstance(a, pyfuse3.RequestContext)
     )
@@ -452,7 +452,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     @_mutating
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    async def write(self, fh: int, off: int, buf: bytes | memoryview) -> int:
         handle = self._files[fh]
         return os.pwrite(handle.fd, buf, off)
 

@@ -336,7 +336,8 @@ class Bridge:
     async def read(self, h: Header, fh: int, off: int, size: int) -> bytes:
         return bytes(await self.ops.read(await self._file(h, fh), off, size))
 
-    async def write(self, h: Header, fh: int, off: int, data: bytes, wflags: int = 0) -> bytes:
+    async def write(self, h: Header, fh: int, off: int, data: bytes | memoryview,
+                    wflags: int = 0) -> bytes:  # fmt: skip
         if self.conn.killpriv and wflags & wire.WRITE_KILL_SUIDGID:
             self.ops.kill_suidgid(h.nodeid, fh, Ctx(h))  # before the data, as the VFS does
         return wire.WRITE_OUT.pack(await self.ops.write(fh, off, data), 0)

@@ -217,7 +217,9 @@ class Session:
         if op.mode == NOREPLY:
             await self._noreply(op, h, args)
         elif self._as_task(op, h, args):
-            h.body = memoryview(b"")  # the loop reuses its buffer; args are copies already
+            # The loop reuses its buffer: a task keeps copies (WRITE's data is a view of it).
+            h.body = memoryview(b"")
+            args = tuple(bytes(a) if isinstance(a, memoryview) else a for a in args)
             self._alive += 1
             tasks.start_soon(self._task, h, args)
             return True
@@ -274,4 +276,7 @@ class Session:
 
 
 def _short(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(f"<{len(a)} bytes>" if isinstance(a, bytes) and len(a) > 64 else a for a in args)
+    return tuple(
+        f"<{len(a)} bytes>" if isinstance(a, (bytes, memoryview)) and len(a) > 64 else a
+        for a in args
+    )
