@@ -51,6 +51,22 @@ def drop_caches() -> None:
 
 
 def mount(engine: str, opts: str, mnt: Path, cwd: Path | None = None) -> None:
+    """Mount, and return once the mount answers.  A FUSE daemon may return before it serves
+    (layerfs answers INIT first and imports its handlers after), and the kernel queues what
+    comes meanwhile: a workload timed from there would include the rest of the start-up.
+    The mount rows time that start-up themselves (`mount_round`)."""
+    _mount(engine, opts, mnt, cwd)
+    answered(mnt)
+
+
+def answered(mnt: Path) -> None:
+    """Block until the filesystem at `mnt` answers a request: the root's attributes, which a
+    FUSE mount does not know until it asks the daemon (the kernel's root inode starts with
+    them expired)."""
+    os.stat(mnt)
+
+
+def _mount(engine: str, opts: str, mnt: Path, cwd: Path | None = None) -> None:
     cmd = {
         "kernel": ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)],
         "fuse-overlayfs": ["fuse-overlayfs", "-o", opts, str(mnt)],
@@ -151,19 +167,31 @@ class Harness:
                 target={1: 0.06, 500: 2.0}.get(depth),
                 target_kind="seconds",
             )
+            # what a user of the mount waits for: the mount command, then the first answer
+            # (no target of its own; the issue's M1 is the process wall time above)
+            answer_row = self.row(
+                f"M{depth}",
+                "first",
+                title=f"mount {depth} layer(s), until the first request is answered",
+                baseline="kernel",
+                target_kind="seconds",
+            )
             names = [f"{i:03d}" for i in reversed(range(depth))]
             for engine in self.engines:
                 # with an upper, as a container has (the kernel refuses a single lower alone)
                 d = self.run_dir / engine
                 mnt, opts = fresh_mount_dirs(d, names)
-                with self.attempt([row], f"M{depth}", engine, d):
+                with self.attempt([row, answer_row], f"M{depth}", engine, d):
                     t0 = time.perf_counter()
-                    mount(engine, opts, mnt, cwd=self.ds.stack)
+                    _mount(engine, opts, mnt, cwd=self.ds.stack)
                     took = time.perf_counter() - t0
+                    answered(mnt)
+                    until_answer = time.perf_counter() - t0
                     # it answers: the top layer's own file is there
                     if not (mnt / f"own{depth - 1}").exists():
                         raise RuntimeError(f"own{depth - 1} missing from the mount")
                     row.add(engine, took)
+                    answer_row.add(engine, until_answer)
 
     # --- one request -------------------------------------------------------------------------
 
