@@ -77,6 +77,28 @@ def test_entry_and_attr_packing():
     assert wire.ENTRY_OUT.unpack(wire.pack_entry(A, 0))[:3] == (0, 0, 1)
 
 
+def test_native_attrs_reply_as_pyfuse3s_would():
+    """The native transport's `Attrs` stands in for pyfuse3's EntryAttributes: the same
+    defaults, so a reply a handler leaves partly filled (a negative entry, a gone file) packs
+    the same bytes on both transports, and the shown st_ino kept apart from the node id."""
+    import pyfuse3
+
+    from unionfs import operations
+
+    ours, theirs = operations.Attrs(), pyfuse3.EntryAttributes()
+    for name in operations.Attrs.__slots__:
+        if name != "shown_ino":
+            assert getattr(ours, name) == getattr(theirs, name), name
+    ours.st_ino = theirs.st_ino = 42
+    assert operations.shown_ino(ours) == 42 == wire.ATTR_OUT.unpack(wire.pack_attr_out(ours, 42))[3]
+    operations._set_shown_ino(ours, 7)
+    operations._set_shown_ino(theirs, 7)
+    assert operations.shown_ino(ours) == 7
+    if operations._SHOWN_INO_OFFSET is not None:  # else pyfuse3 shows node ids (a warning)
+        assert operations.shown_ino(theirs) == 7
+        assert wire.pack_entry(ours, 7) == wire.pack_entry(theirs, operations.shown_ino(theirs))
+
+
 def test_cstrings_need_their_terminator():
     assert wire.cstrings(memoryview(b"ab\0cd\0"), 0, 2) == ([b"ab", b"cd"], 6)
     with pytest.raises(wire.Malformed):

@@ -181,10 +181,14 @@ class UnionOperations(pyfuse3.Operations):
         readdir_reply: Callable[[Any, bytes, Any, int], bool] | None = None,
         owners: Owners | None = None,
         volatile: bool = False,
+        attrs_type: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__()
         # How readdir hands each entry to the transport: pyfuse3's, or the native bridge's.
         self._readdir_reply = readdir_reply or pyfuse3.readdir_reply
+        # What attribute replies are made of: pyfuse3's EntryAttributes, which pyfuse3 needs,
+        # or `Attrs`, for a transport that packs replies itself (a third of the cost)
+        self._attrs = attrs_type or pyfuse3.EntryAttributes
         self.stack = stack
         self.writer = writer
         self.debug = debug
@@ -232,7 +236,7 @@ class UnionOperations(pyfuse3.Operations):
         if cached is not None and cached[0] == node.gen:
             return cached[1]
         st = self._stat_for(node)
-        a = pyfuse3.EntryAttributes()
+        a = self._attrs()
         a.st_ino = node.ino
         _set_shown_ino(a, self.stack.st_ino(node))
         a.generation = 0
@@ -260,7 +264,7 @@ class UnionOperations(pyfuse3.Operations):
         except UnionError as exc:
             if exc.errno != errno.ENOENT:
                 raise
-            neg = pyfuse3.EntryAttributes()  # st_ino 0: a negative entry the kernel may cache
+            neg = self._attrs()  # st_ino 0: a negative entry the kernel may cache
             neg.st_ino = 0
             neg.entry_timeout = CACHE_TIMEOUT
             return neg
@@ -639,7 +643,7 @@ class UnionOperations(pyfuse3.Operations):
         fsync on the mount report the error.  (The kernel ignores this reply.)"""
         if self._handle_fds(node):
             return self._entry(node)
-        a = pyfuse3.EntryAttributes()
+        a = self._attrs()
         a.st_ino = node.ino
         a.st_mode = node.kind
         a.attr_timeout = 0
@@ -859,15 +863,42 @@ def _shown_ino_offset() -> int | None:
 _SHOWN_INO_OFFSET = _shown_ino_offset()
 
 
-def _set_shown_ino(attrs: pyfuse3.EntryAttributes, ino: int) -> None:
+class Attrs:
+    """An attribute reply with pyfuse3 EntryAttributes' names and defaults, in plain Python,
+    for a transport that packs replies itself (the native one): building and reading one
+    costs a third of an EntryAttributes (its Cython setters, and `shown_ino` through ctypes),
+    measured 2.8 against 6.2 µs per entry built and packed.  `shown_ino` is the st_ino the
+    reply shows (None: the node id, `st_ino`)."""
+
+    __slots__ = (
+        "st_ino", "shown_ino", "generation", "entry_timeout", "attr_timeout", "st_mode",
+        "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize", "st_blocks",
+        "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.st_ino = self.generation = 0
+        self.shown_ino: int | None = None
+        self.entry_timeout = self.attr_timeout = 300.0
+        self.st_mode, self.st_nlink = stat.S_IFREG, 1
+        self.st_uid = self.st_gid = self.st_rdev = self.st_size = self.st_blocks = 0
+        self.st_blksize = 4096
+        self.st_atime_ns = self.st_mtime_ns = self.st_ctime_ns = 0
+
+
+def _set_shown_ino(attrs: Any, ino: int) -> None:
     """Make the reply show `ino` as st_ino while it keeps its node id (set st_ino first)."""
-    if ino != attrs.st_ino and _SHOWN_INO_OFFSET is not None:
+    if type(attrs) is Attrs:
+        attrs.shown_ino = ino
+    elif ino != attrs.st_ino and _SHOWN_INO_OFFSET is not None:
         ctypes.c_uint64.from_address(id(attrs) + _SHOWN_INO_OFFSET).value = ino
 
 
-def shown_ino(attrs: pyfuse3.EntryAttributes) -> int:
+def shown_ino(attrs: Any) -> int:
     """The st_ino a reply shows (`_set_shown_ino`), for a transport that packs replies itself;
     `attrs.st_ino` is the node id."""
+    if type(attrs) is Attrs:
+        return attrs.st_ino if attrs.shown_ino is None else attrs.shown_ino
     if _SHOWN_INO_OFFSET is None:
         return int(attrs.st_ino)
     return int(ctypes.c_uint64.from_address(id(attrs) + _SHOWN_INO_OFFSET).value)

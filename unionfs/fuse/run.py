@@ -67,7 +67,7 @@ def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> 
 def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
     import trio
 
-    from ..operations import UnionOperations
+    from ..operations import Attrs, UnionOperations
     from .bridge import Bridge, readdir_reply
     from .session import Session
 
@@ -79,6 +79,7 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
         readdir_reply=readdir_reply,
         owners=cfg.owners,
         volatile=cfg.volatile,
+        attrs_type=Attrs,
     )
     ops.init()
     bridge = Bridge(ops, conn, mounted.fd)

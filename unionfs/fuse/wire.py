@@ -10,6 +10,7 @@ struct.error.  Concurrency: none (immutable module-level structs).
 from __future__ import annotations
 
 import errno
+import functools
 import struct
 
 KERNEL_VERSION = 7
@@ -210,6 +211,7 @@ def signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+@functools.lru_cache(maxsize=16)  # a mount uses a handful of timeouts, for every reply
 def _split_timeout(t: float) -> tuple[int, int]:
     sec = int(t)
     return sec, int((t - sec) * 1e9)
