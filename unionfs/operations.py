@@ -74,6 +74,9 @@ _HOST_SELINUX = os.path.exists("/sys/fs/selinux")  # a host without SELinux labe
 SMALL_COPY = 256 << 10  # copy-ups up to this size stay on the trio thread (a hop costs more)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+# An attribute reply: pyfuse3's EntryAttributes, or `Attrs` on the native transport
+# (`attrs_type`); both have EntryAttributes' names, and pyfuse3 ships no types to tell them by
+AttrsReply = Any
 
 
 def _handler(fn: F) -> F:
@@ -201,7 +204,7 @@ class UnionOperations(pyfuse3.Operations):
         self._on_init = on_init
         self.gate = Gate()
         # per-node adapter state, kept here rather than in the model; it goes with the node
-        self._replies: weakref.WeakKeyDictionary[Node, tuple[int, pyfuse3.EntryAttributes]] = (
+        self._replies: weakref.WeakKeyDictionary[Node, tuple[int, AttrsReply]] = (
             weakref.WeakKeyDictionary()
         )  # immutable objects: (node.gen, reply), built once
         self._locks: weakref.WeakKeyDictionary[Node, trio.Lock] = weakref.WeakKeyDictionary()
@@ -231,7 +234,7 @@ class UnionOperations(pyfuse3.Operations):
         return fh
 
     # ----- attributes ----------------------------------------------------------------
-    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _entry(self, node: Node) -> AttrsReply:
         cached = self._replies.get(node)
         if cached is not None and cached[0] == node.gen:
             return cached[1]
@@ -280,7 +283,7 @@ class UnionOperations(pyfuse3.Operations):
                 log.exception("forget(%d, %d) failed", ino, count)
 
     @_handler
-    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def getattr(self, inode: int, ctx: Any = None) -> AttrsReply:
         return self._entry(self.stack.node(inode))
 
     @_handler
@@ -426,7 +429,7 @@ class UnionOperations(pyfuse3.Operations):
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags
 
-    def kill_suidgid(self, inode: int, fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+    def kill_suidgid(self, inode: int, fh: int | None, ctx: Any) -> AttrsReply:
         """Clear setuid, and setgid, of a regular upper file as the kernel's VFS does when a
         caller without CAP_FSETID writes or truncates (the daemon holds CAP_FSETID, so its
         own write leaves the bits): setgid goes when group-executable, or when the caller is
@@ -635,7 +638,7 @@ class UnionOperations(pyfuse3.Operations):
     def _upper_handles(self, node: Node) -> list[FileHandle]:
         return self._handle_fds(node) if self.stack.in_upper(node) else []
 
-    def _gone_entry(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _gone_entry(self, node: Node) -> AttrsReply:
         """The reply to a SETATTR of times for a file that has no name left and no upper
         copy open: with the writeback cache the kernel owns the times of regular files and
         sends them itself (unlink and rename update the ctime), also for a lower file just
@@ -663,7 +666,7 @@ class UnionOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return handles[0].fd
 
-    def _new_entry(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _new_entry(self, node: Node) -> AttrsReply:
         attrs = self._entry(node)
         self.stack.remember(node)
         return attrs
@@ -672,7 +675,7 @@ class UnionOperations(pyfuse3.Operations):
     @_mutating
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
-    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    ) -> tuple[pyfuse3.FileInfo, AttrsReply]:
         writer = self._need_upper()
         parent = self.stack.node(parent_inode)
         flags = self._open_flags(flags)
@@ -691,7 +694,7 @@ class UnionOperations(pyfuse3.Operations):
     @_mutating
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
-    ) -> pyfuse3.EntryAttributes:
+    ) -> AttrsReply:
         writer = self._need_upper()
         if stat.S_ISCHR(mode) and rdev == 0:
             # a 0/0 device is a whiteout on disk: it would vanish at the next mount, so the
@@ -706,9 +709,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     @_mutating
-    async def mkdir(
-        self, parent_inode: int, name: bytes, mode: int, ctx: Any
-    ) -> pyfuse3.EntryAttributes:
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> AttrsReply:
         writer = self._need_upper()
         parent = self.stack.node(parent_inode)
         uid, gid = self.owners.stored(ctx.uid, ctx.gid)
@@ -727,9 +728,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     @_mutating
-    async def symlink(
-        self, parent_inode: int, name: bytes, target: bytes, ctx: Any
-    ) -> pyfuse3.EntryAttributes:
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> AttrsReply:
         writer = self._need_upper()
         parent = self.stack.node(parent_inode)
         uid, gid = self.owners.stored(ctx.uid, ctx.gid)
@@ -740,7 +739,7 @@ class UnionOperations(pyfuse3.Operations):
     @_mutating
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
-    ) -> pyfuse3.EntryAttributes:
+    ) -> AttrsReply:
         writer = self._need_upper()
         node = self.stack.node(inode)
         parent = self.stack.node(new_parent_inode)
@@ -886,7 +885,7 @@ class Attrs:
         self.st_atime_ns = self.st_mtime_ns = self.st_ctime_ns = 0
 
 
-def _set_shown_ino(attrs: Any, ino: int) -> None:
+def _set_shown_ino(attrs: AttrsReply, ino: int) -> None:
     """Make the reply show `ino` as st_ino while it keeps its node id (set st_ino first)."""
     if type(attrs) is Attrs:
         attrs.shown_ino = ino
@@ -894,7 +893,7 @@ def _set_shown_ino(attrs: Any, ino: int) -> None:
         ctypes.c_uint64.from_address(id(attrs) + _SHOWN_INO_OFFSET).value = ino
 
 
-def shown_ino(attrs: Any) -> int:
+def shown_ino(attrs: AttrsReply) -> int:
     """The st_ino a reply shows (`_set_shown_ino`), for a transport that packs replies itself;
     `attrs.st_ino` is the node id."""
     if type(attrs) is Attrs:
