@@ -11,7 +11,8 @@ carrying `overlay.redirect`): its content is its upper part merged with the lowe
 the redirect path, and that whole tree is emitted as added at the new path (with an opaque
 marker when a lower directory of the new name exists); the old name's whiteout is in the upper.
 
-Tar layout (image-spec layer.md), the same bytes for the same upper: entries in byte order of
+Tar layout (image-spec layer.md), the same bytes for the same upper (written by `tarwrite`:
+tarfile's PAX format, byte for byte): entries in byte order of
 their names, depth first; in a directory, its entry, then `DIR/.wh..wh..opq` if opaque, then its
 whiteouts (`.wh.NAME`, empty files), then its other children.  The root is not emitted.
 A file or symlink the upper holds exactly as the lower one it covers (an `unchanged` predicate
@@ -50,6 +51,7 @@ from unionfs.fsat import PLAIN
 
 from . import fingerprints, sparse, tarsafe
 from .errors import StoreError
+from .tarwrite import TarWriter
 
 OBJ, WHITEOUT, OPAQUE = "obj", "whiteout", "opaque"
 
@@ -343,7 +345,7 @@ MAX_LAYER_BYTES = 256 << 30
 
 
 class _Counter:
-    """A write-only sink for tarfile (which asks for tell()) that stops past `limit`."""
+    """A write-only sink that stops past `limit`."""
 
     def __init__(self, out: BinaryIO, limit: int) -> None:
         self._out = out
@@ -359,9 +361,6 @@ class _Counter:
         self.offset += len(data)
         return len(data)
 
-    def tell(self) -> int:
-        return self.offset
-
 
 def write_changeset(
     upper: Path,
@@ -375,34 +374,28 @@ def write_changeset(
     `mirror` of each member as it goes (see the module docstring).  `unchanged` (commit's
     `imagestore.unchanged`) leaves out a file or symlink it finds the same as the lower one."""
     links: dict[tuple[int, int], str] = {}
-    sink = _Counter(out, max_layer_bytes())
-    with tarfile.open(  # type: ignore[call-overload]
-        fileobj=sink,
-        mode="w",
-        format=tarfile.PAX_FORMAT,
-        encoding="utf-8",
-        errors="surrogateescape",
-    ) as tar:
-        for item in walk(upper, lowers):
-            name = os.fsdecode(item.path)
-            if len(item.path) + len(markers.WH_OPAQUE) + 1 > tarsafe.MAX_PATH_BYTES:
-                _check_length(item)
-            if item.kind == OBJ:
-                below, st = item.below, item.st
-                if (
-                    unchanged is not None
-                    and below is not None
-                    and st is not None
-                    and not stat.S_ISDIR(st.st_mode)
-                    and unchanged(item.real, st, below.path, below.st)
-                ):
-                    continue
-                _add_obj(tar, item, name, links, source_date_epoch, mirror)
+    tar = TarWriter(_Counter(out, max_layer_bytes()))
+    for item in walk(upper, lowers):
+        name = os.fsdecode(item.path)
+        if len(item.path) + len(markers.WH_OPAQUE) + 1 > tarsafe.MAX_PATH_BYTES:
+            _check_length(item)
+        if item.kind == OBJ:
+            below, st = item.below, item.st
+            if (
+                unchanged is not None
+                and below is not None
+                and st is not None
+                and not stat.S_ISDIR(st.st_mode)
+                and unchanged(item.real, st, below.path, below.st)
+            ):
                 continue
-            if item.kind == WHITEOUT:
-                _emit(tar, _marker(os.fsdecode(markers.oci_whiteout_path(item.path))), mirror)
-            else:
-                _emit(tar, _marker(os.fsdecode(markers.oci_opaque_path(item.path))), mirror)
+            _add_obj(tar, item, name, links, source_date_epoch, mirror)
+            continue
+        if item.kind == WHITEOUT:
+            _emit(tar, _marker(os.fsdecode(markers.oci_whiteout_path(item.path))), mirror)
+        else:
+            _emit(tar, _marker(os.fsdecode(markers.oci_opaque_path(item.path))), mirror)
+    tar.close()  # only once every member is in: a failure leaves no well-ended tar
 
 
 def _check_length(item: Item) -> None:
@@ -428,7 +421,7 @@ def _marker(name: str) -> tarfile.TarInfo:
 
 
 def _add_obj(
-    tar: tarfile.TarFile,
+    tar: TarWriter,
     item: Item,
     name: str,
     links: dict[tuple[int, int], str],
@@ -468,19 +461,19 @@ def _add_obj(
     _emit(tar, info, mirror)
 
 
-def _emit(tar: tarfile.TarFile, info: tarfile.TarInfo, mirror: Mirror | None) -> None:
+def _emit(tar: TarWriter, info: tarfile.TarInfo, mirror: Mirror | None) -> None:
     """A member without data."""
-    tar.addfile(info)
+    tar.add(info)
     if mirror is not None:
         mirror(info, None)
 
 
 def _add_file(
-    tar: tarfile.TarFile, item: Item, name: str, info: tarfile.TarInfo, mirror: Mirror | None
+    tar: TarWriter, item: Item, name: str, info: tarfile.TarInfo, mirror: Mirror | None
 ) -> None:
     """A regular file's member: dense, or sparse when it has holes worth it (`sparse`)."""
-    with os.fdopen(PLAIN.open(item.real, os.O_RDONLY), "rb") as f:
-        fd = f.fileno()
+    fd = PLAIN.open(item.real, os.O_RDONLY)
+    try:
         size = os.fstat(fd).st_size
         if size > tarsafe.MAX_FILE_SIZE:
             raise ChangesetError(
@@ -495,27 +488,29 @@ def _add_file(
             # a list of (offset, length), as tarfile sets it when reading
             seen.sparse = [r for r in regions if r[1]]  # type: ignore[assignment]
             data = sparse.sparse_member(info, fd, size, regions, hasher)
-            tar.addfile(info, data)
+            tar.add(info, data.read)
             digest = data.content_digest() if hasher is not None else b""
         else:
             info.size = size
-            tar.addfile(info, _Hashed(f, hasher) if hasher is not None else f)
+            tar.add(info, _hashed_reader(fd, hasher))
             digest = hasher.digest() if hasher is not None else b""
         if mirror is not None:
             mirror(seen, FileData(fd, size, regions, digest))
+    finally:
+        os.close(fd)
 
 
-class _Hashed:
-    """A file as tarfile reads it, every byte passing through `hasher` on the way."""
+def _hashed_reader(fd: int, hasher: Any) -> Callable[[int], bytes]:
+    """read(n) of the file at its offset, every byte passing through `hasher` (if any)."""
+    if hasher is None:
+        return lambda n: os.read(fd, n)
 
-    def __init__(self, f: BinaryIO, hasher: Any) -> None:
-        self._f = f
-        self._hasher = hasher
-
-    def read(self, n: int = -1, /) -> bytes:
-        data = self._f.read(n)
-        self._hasher.update(data)
+    def read(n: int) -> bytes:
+        data = os.read(fd, n)
+        hasher.update(data)
         return data
+
+    return read
 
 
 def user_xattrs(path: bytes) -> list[tuple[str, str]]:

@@ -31,7 +31,6 @@ layer meanwhile and this commit serialise.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import queue
@@ -88,7 +87,7 @@ class LayerBuild:
         if self._failed is not None:
             raise self._failed
         if data is not None:
-            data = dataclasses.replace(data, fd=os.dup(data.fd))  # the caller closes its own
+            data = FileData(os.dup(data.fd), data.size, data.regions, data.digest)  # ours to close
         self._jobs.put((member, data))
 
     def _work(self) -> None:
