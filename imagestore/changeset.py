@@ -44,7 +44,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from unionfs import markers, rules
 from unionfs.fsat import PLAIN
@@ -81,8 +81,7 @@ class Changes:
         return [f"{k} {p}" for p, k in sorted(tagged)]
 
 
-@dataclass(frozen=True)
-class FileData:
+class FileData(NamedTuple):
     """A regular file's data as it went into the tar, for a `Mirror`: `fd` is open on the real
     file (valid during the call only: the data is still there to copy), `regions` are its data
     regions when it was written sparse, `digest` the xxh3-128 of its whole content (holes as
@@ -102,9 +101,9 @@ SameAsBelow = Callable[[bytes, os.stat_result, bytes, os.stat_result], bool]
 Mirror = Callable[[tarfile.TarInfo, FileData | None], None]
 
 
-@dataclass(frozen=True)
-class Item:
-    """One changeset entry: `path` relative to the root (no leading slash)."""
+class Item(NamedTuple):
+    """One changeset entry: `path` relative to the root (no leading slash).  (A NamedTuple,
+    not a frozen dataclass: one is made per entry, and its __init__ costs 5× as much.)"""
 
     kind: str  # OBJ, WHITEOUT (of `path`) or OPAQUE (the directory `path`)
     path: bytes
@@ -114,8 +113,7 @@ class Item:
     below: _Found | None = None  # OBJ "C": the lower object it covers
 
 
-@dataclass
-class _Found:
+class _Found(NamedTuple):
     """What the lower stack holds at a name: the topmost object, and for a directory every
     real directory that merges into it (top-first, cut after the first opaque one)."""
 

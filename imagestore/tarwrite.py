@@ -92,21 +92,36 @@ class TarWriter:
         """One member; with `read`, its info.size bytes of data (short data is an error, as
         with tarfile: the archive would be corrupt)."""
         buf = header(info)
-        self._write(buf)
-        self.offset += len(buf)
+        size = info.size
         if read is None:
+            self._write(buf)
+            self.offset += len(buf)
             return
-        left = info.size
+        pad = -size % BLOCK
+        if size <= CHUNK:  # the usual small file: header, data and padding in one write
+            data = read(size) if size else b""
+            if len(data) == size:
+                self._write(b"".join((buf, data, b"\0" * pad)))
+                self.offset += len(buf) + size + pad
+                return
+            self._write(buf)  # a short read: go on piece by piece
+            self.offset += len(buf)
+            left = size - len(data)
+            if data:
+                self._write(data)
+        else:
+            self._write(buf)
+            self.offset += len(buf)
+            left = size
         while left:
             data = read(min(left, CHUNK))
             if not data:
                 raise OSError("unexpected end of data")  # tarfile's words
             self._write(data)
             left -= len(data)
-        pad = -info.size % BLOCK
         if pad:
             self._write(b"\0" * pad)
-        self.offset += info.size + pad
+        self.offset += size + pad
 
     def close(self) -> None:
         """Two zero blocks, then zeros to the next record: tarfile's end."""

@@ -80,3 +80,24 @@ def test_layer_mount_is_nosuid_nodev_and_private_by_default(tmp_path, fuse):
         ok(root, "umount", "pub")
     finally:
         unmount(merged, tmp_path / "pub")
+
+
+def test_layers_and_mounts_are_tops_of_unrelated_trees(tmp_path):
+    """Each directory in layers/ and mounts/ is a tree of its own: the store marks both
+    FS_TOPDIR_FL (`chattr +T`), so ext4 spreads them over block groups instead of crowding
+    one (creates in a crowded group cost 20× as much).  Blobs are files: not marked."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    if subprocess.run(["chattr", "+T", str(scratch)], capture_output=True).returncode:
+        pytest.skip("this filesystem has no FS_TOPDIR_FL")
+    store = Store.open(tmp_path / "s")
+
+    def flags(path: os.PathLike[str]) -> str:
+        out = subprocess.run(["lsattr", "-d", str(path)], capture_output=True, text=True)
+        return out.stdout.split()[0]
+
+    assert "T" in flags(store.layers) and "T" in flags(store.mounts)
+    assert "T" not in flags(store.blobs)
+    subprocess.run(["chattr", "-T", str(store.layers)], check=True)
+    Store.open(store.root)  # an older store gets it at its next open
+    assert "T" in flags(store.layers)

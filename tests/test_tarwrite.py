@@ -135,6 +135,21 @@ def test_names_at_the_header_fields_width(kind, length):
     assert header(info) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
+@pytest.mark.parametrize("size", [0, 5, 512, 1000, (1 << 20) + 3])
+def test_data_that_comes_in_pieces(size):
+    """A reader that hands out at most 7 bytes a call (as a pipe may) still makes the same
+    archive, whether the member is written in one piece or several."""
+    info = tarfile.TarInfo("f")
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    info.size = size
+    src = io.BytesIO(data)
+    out = io.BytesIO()
+    tar = TarWriter(out)
+    tar.add(info, lambda n: src.read(min(n, 7)))
+    tar.close()
+    assert out.getvalue() == _tarfile_bytes([(info, data)])
+
+
 def test_short_data_is_an_error_as_with_tarfile():
     info = tarfile.TarInfo("f")
     info.size = 10
