@@ -15,7 +15,7 @@ Stable codes (scripts may rely on them):
 from __future__ import annotations
 
 import os
-import subprocess
+import sys
 
 from imagestore import errors as store_errors
 from unionfs.errors import OptionError, UnionError
@@ -72,7 +72,8 @@ def describe(exc: BaseException) -> tuple[int, str | None, bool]:
         return EXIT_FAILURE, str(exc), False
     if isinstance(exc, UnionError):
         return EXIT_FAILURE, f"{exc} ({os.strerror(exc.errno)})", False
-    if isinstance(exc, subprocess.TimeoutExpired):
+    sp = sys.modules.get("subprocess")  # not imported: no TimeoutExpired (saves ~5 ms a run)
+    if sp is not None and isinstance(exc, sp.TimeoutExpired):
         cmd = exc.cmd[0] if isinstance(exc.cmd, list | tuple) else exc.cmd
         return EXIT_FAILURE, f"{cmd} did not finish within {exc.timeout:g}s", False
     if isinstance(exc, OSError):

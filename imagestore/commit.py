@@ -38,7 +38,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import shlex
 import stat
 import time
@@ -357,7 +356,7 @@ def check(
     `merged_view` (or, without one, with the union of upper and lowers); VerifyFailed.
     `merged_view` is read through, so it must not be a mount that is frozen meanwhile (a
     close there may wait for WRITE requests the frozen daemon holds: unionfs/control.py)."""
-    tmp = store.ingest_dir / f"verify-{secrets.token_hex(8)}"
+    tmp = store.ingest_dir / f"verify-{os.urandom(8).hex()}"
     os.mkdir(tmp, 0o700)
     try:
         for d in base.layers:

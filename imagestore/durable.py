@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -81,7 +80,7 @@ class AtomicFile:
         self.sync = sync
         self.expected = expected
         self.size = size
-        self.tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
+        self.tmp = dest.with_name(f".{dest.name}.{os.urandom(4).hex()}.tmp")
         self.written = 0
         # hashing costs CPU: only when there is a digest to check
         self._hash: Any = expected.hasher() if expected is not None else None

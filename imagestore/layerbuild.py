@@ -35,7 +35,6 @@ from __future__ import annotations
 import errno
 import os
 import queue
-import secrets
 import tarfile
 import threading
 
@@ -63,7 +62,7 @@ class LayerBuild:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.tmp = store.layers / f".tmp-{secrets.token_hex(8)}"
+        self.tmp = store.layers / f".tmp-{os.urandom(8).hex()}"
         self._data: FileData | None = None  # the worker's current file
         self._published = False
         self._root_fd = -1

@@ -20,15 +20,17 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import media
 from .digest import Digest
 from .errors import StoreError
 from .media import BadManifest, Descriptor
-from .sources import DockerArchiveSource, Source, open_source
 from .store import Store, check_tag_name
 from .unpack import fetch_and_unpack, unpack_layer, verify_diff_id
+
+if TYPE_CHECKING:  # sources (and its transports) only where a pull runs: not for a mount
+    from .sources import Source
 
 
 class Reporter(Protocol):
@@ -60,6 +62,8 @@ def pull(
     """`limits`: an imagestore.transfer.Limits for a registry (stall timeout, deadline)."""
     if name is not None:
         check_tag_name(name)
+    from .sources import open_source
+
     source = open_source(text, tls_verify=tls_verify, creds=creds, limits=limits)
     try:
         with store.in_use():
@@ -89,6 +93,8 @@ def _pull(
     report: Reporter | None,
     jobs: int,
 ) -> PullResult:
+    from .sources import DockerArchiveSource
+
     if isinstance(source, DockerArchiveSource):
         source.bind(store)
     with _about(name):

@@ -32,7 +32,6 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
 import stat
 import threading
 from collections.abc import Iterator
@@ -255,7 +254,7 @@ class Store:
         self, expected: Digest | None = None, size: int | None = None, key: str | None = None
     ) -> Ingest:
         """A new blob write; with `key`, a partial file from an earlier attempt is resumed."""
-        name = key if key is not None else f"tmp-{secrets.token_hex(8)}"
+        name = key if key is not None else f"tmp-{os.urandom(8).hex()}"
         with self._followers_lock:
             follower = self._followers.get(expected) if expected is not None else None
         return Ingest(

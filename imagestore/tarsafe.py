@@ -18,7 +18,6 @@ import base64
 import os
 import tarfile
 import urllib.parse
-from decimal import Decimal
 from typing import Any
 
 from .errors import CorruptLayer
@@ -150,6 +149,8 @@ def _ns(member: tarfile.TarInfo, key: str, default: int) -> int:
     text = member.pax_headers.get(key)
     if text is not None:
         try:
+            from decimal import Decimal  # here: only a PAX time with a fraction needs it
+
             return int(Decimal(text) * 1_000_000_000)
         except (ArithmeticError, ValueError):
             pass

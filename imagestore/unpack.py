@@ -42,7 +42,6 @@ import gzip
 import logging
 import os
 import queue
-import secrets
 import tarfile
 import threading
 import time
@@ -249,7 +248,7 @@ def unpack_stream(
     against `blob` at the end, as the DiffID is against `expected`."""
     if media_type not in MEDIA_TYPES:
         raise CorruptLayer(f"layer {blob}: unsupported layer media type {media_type!r}")
-    tmp = store.layers / f".tmp-{secrets.token_hex(8)}"
+    tmp = store.layers / f".tmp-{os.urandom(8).hex()}"
     try:
         os.mkdir(tmp, 0o755)
         os.chmod(tmp, 0o755)
@@ -562,7 +561,7 @@ def publish(store: Store, tmp: Path, diff_id: Digest) -> None:
             if _wait_complete(store, diff_id):
                 remove_tree(tmp)
                 return
-            stale = store.layers / f".tmp-stale-{secrets.token_hex(8)}"
+            stale = store.layers / f".tmp-stale-{os.urandom(8).hex()}"
             with contextlib.suppress(FileNotFoundError):
                 os.rename(final, stale)  # debris of a crashed unpack
             remove_tree(stale)

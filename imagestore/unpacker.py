@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import pickle
 import threading
 from pathlib import Path
 from typing import Any, Protocol
@@ -69,6 +68,9 @@ class Unpacker:
     def start(
         cls, store: Store, source: _Source, blob: Digest, media_type: str, diff_id: Digest
     ) -> Unpacker:
+        import pickle  # noqa: F401 - here, not at import: ~4 ms a commit never needs; before
+        # the fork, so that the child has it
+
         data_r, data_w = os.pipe2(os.O_CLOEXEC)
         try:
             res_r, res_w = os.pipe2(os.O_CLOEXEC)
@@ -121,6 +123,8 @@ class Unpacker:
             _, status = os.waitpid(self._pid, 0)
         if not data:
             raise CorruptLayer(f"the unpacking process ended without a result ({status:#x})")
+        import pickle
+
         kind, *rest = pickle.loads(bytes(data))  # noqa: S301 - our own child's bytes
         if kind == "error":
             raise rest[0]
@@ -144,6 +148,8 @@ def _child(
             result: tuple[Any, ...] = ("ok", str(tmp), str(got))
         except BaseException as exc:  # noqa: BLE001 - handed to the parent, which raises it
             result = ("error", exc)
+        import pickle  # the parent's, inherited
+
         try:
             payload = pickle.dumps(result)
         except Exception:  # noqa: BLE001 - an exception that does not pickle: its words
