@@ -90,42 +90,31 @@ class TarWriter:
 
     def add(self, info: tarfile.TarInfo, read: Callable[[int], bytes] | None = None) -> None:
         """One member; with `read`, its info.size bytes of data (short data is an error, as
-        with tarfile: the archive would be corrupt)."""
-        buf = header(info)
-        size = info.size
+        with tarfile: the archive would be corrupt).  The header goes out with the first
+        piece of data and the padding with the last: a small file is one write."""
+        head = header(info)
         if read is None:
-            self._write(buf)
-            self.offset += len(buf)
+            self._put(head)
             return
-        pad = -size % BLOCK
-        if size <= CHUNK:  # the usual small file: header, data and padding in one write
-            data = read(size) if size else b""
-            if len(data) == size:
-                self._write(b"".join((buf, data, b"\0" * pad)))
-                self.offset += len(buf) + size + pad
-                return
-            self._write(buf)  # a short read: go on piece by piece
-            self.offset += len(buf)
-            left = size - len(data)
-            if data:
-                self._write(data)
-        else:
-            self._write(buf)
-            self.offset += len(buf)
-            left = size
+        left = info.size
         while left:
             data = read(min(left, CHUNK))
             if not data:
                 raise OSError("unexpected end of data")  # tarfile's words
-            self._write(data)
             left -= len(data)
-        if pad:
-            self._write(b"\0" * pad)
-        self.offset += size + pad
+            if head:
+                data, head = head + data, b""
+            if not left:
+                data += b"\0" * (-info.size % BLOCK)
+            self._put(data)
+        if head:  # an empty file
+            self._put(head)
+
+    def _put(self, data: bytes) -> None:
+        self._write(data)
+        self.offset += len(data)
 
     def close(self) -> None:
         """Two zero blocks, then zeros to the next record: tarfile's end."""
         end = 2 * BLOCK
-        end += -(self.offset + end) % RECORD
-        self._write(b"\0" * end)
-        self.offset += end
+        self._put(b"\0" * (end + -(self.offset + end) % RECORD))
