@@ -85,12 +85,14 @@ class FileData(NamedTuple):
     """A regular file's data as it went into the tar, for a `Mirror`: `fd` is open on the real
     file (valid during the call only: the data is still there to copy), `regions` are its data
     regions when it was written sparse, `digest` the xxh3-128 of its whole content (holes as
-    zeros), taken from the bytes that passed into the tar."""
+    zeros), taken from the bytes that passed into the tar; `path` is the real file's (another
+    process opens it by that: `layerbuild`'s child)."""
 
     fd: int
     size: int
     regions: sparse.Regions | None
     digest: bytes
+    path: bytes
 
 
 # (upper object, its lstat, the lower object it covers, its lstat) → True: leave it out
@@ -493,7 +495,7 @@ def _add_file(
             tar.add(info, _hashed_reader(fd, hasher))
             digest = hasher.digest() if hasher is not None else b""
         if mirror is not None:
-            mirror(seen, FileData(fd, size, regions, digest))
+            mirror(seen, FileData(fd, size, regions, digest, item.real))
     finally:
         os.close(fd)
 

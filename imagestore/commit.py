@@ -161,6 +161,7 @@ def _write_layer(
         stream = LayerStream(ing.write, compress, progress)
         try:
             changeset.write_changeset(upper, lowers, stream, sde, build.add, same)  # type: ignore[arg-type]
+            build.end()  # the layer's directory is finished while the blob is
             diff_id, digest = stream.close()
         finally:
             stream.abort()  # a no-op once closed; else the ingest is not written to any more

@@ -12,11 +12,9 @@ back (temp dir, DiffID) or the exception.  The parent publishes it (or not) unde
 Nothing is left behind by the child: on any error — including a pipe closed early because
 following broke, or the parent gone — it removes its temp dir before it exits.
 
-Fork safety: the child runs only this module's code path (os calls, hashing, decompression, the
-tar applier, logging — which reinitialises its locks after fork) and leaves with os._exit, never
-returning into the parent's stack.  It first closes every inherited fd but the two pipe ends and
-stdio, so it holds none of the parent's flocks or sockets.  CPython takes the import lock
-around fork, so no half-imported module is inherited.
+The child's life (only its pipes kept, the result or the exception sent back, os._exit) is
+`forked`'s; it runs only this module's code path (os calls, hashing, decompression, the tar
+applier, logging).
 Threads: `start` and `result` are called by one thread of the parent; the pump is its own.
 """
 
@@ -27,8 +25,9 @@ import fcntl
 import os
 import threading
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+from . import forked
 from .digest import Digest
 from .errors import CorruptLayer
 from .follow import FollowBroken
@@ -36,7 +35,6 @@ from .store import Store
 
 PIPE_SIZE = 1 << 20  # the pipe's buffer: fewer wake-ups of the child per MiB
 PUMP_CHUNK = 1 << 20
-MAX_RESULT = 1 << 20  # a result (pickled) larger than this is not ours
 
 
 class _Source(Protocol):
@@ -68,9 +66,6 @@ class Unpacker:
     def start(
         cls, store: Store, source: _Source, blob: Digest, media_type: str, diff_id: Digest
     ) -> Unpacker:
-        import pickle  # noqa: F401 - here, not at import: ~4 ms a commit never needs; before
-        # the fork, so that the child has it
-
         data_r, data_w = os.pipe2(os.O_CLOEXEC)
         try:
             res_r, res_w = os.pipe2(os.O_CLOEXEC)
@@ -112,52 +107,21 @@ class Unpacker:
     def result(self) -> tuple[Path, Digest]:
         """Wait for the child; its (temp dir, DiffID), or the exception it raised."""
         self._pump.join()
-        try:
-            data = bytearray()
-            while chunk := os.read(self._results, 1 << 16):
-                data += chunk
-                if len(data) > MAX_RESULT:
-                    break
-        finally:
-            os.close(self._results)
-            _, status = os.waitpid(self._pid, 0)
-        if not data:
-            raise CorruptLayer(f"the unpacking process ended without a result ({status:#x})")
-        import pickle
+        tmp, got = forked.collect(self._results, self._pid, _lost)
+        return Path(tmp), Digest.parse(got)
 
-        kind, *rest = pickle.loads(bytes(data))  # noqa: S301 - our own child's bytes
-        if kind == "error":
-            raise rest[0]
-        return Path(rest[0]), Digest.parse(rest[1])
+
+def _lost(status: int) -> Exception:
+    return CorruptLayer(f"the unpacking process ended without a result ({status:#x})")
 
 
 def _child(
     store: Store, data_fd: int, result_fd: int, blob: Digest, media_type: str, diff_id: Digest
 ) -> None:
-    code = 0
-    try:
-        low = 3  # keep stdio and the two pipe ends, close the rest (close_range: cheap)
-        for fd in sorted((data_fd, result_fd)):
-            os.closerange(low, fd)
-            low = fd + 1
-        os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    def work() -> tuple[str, str]:
         from .unpack import unpack_stream  # imported by the parent already
 
-        try:
-            tmp, got = unpack_stream(store, _PipeReader(data_fd), blob, media_type, diff_id)
-            result: tuple[Any, ...] = ("ok", str(tmp), str(got))
-        except BaseException as exc:  # noqa: BLE001 - handed to the parent, which raises it
-            result = ("error", exc)
-        import pickle  # the parent's, inherited
+        tmp, got = unpack_stream(store, _PipeReader(data_fd), blob, media_type, diff_id)
+        return str(tmp), str(got)
 
-        try:
-            payload = pickle.dumps(result)
-        except Exception:  # noqa: BLE001 - an exception that does not pickle: its words
-            payload = pickle.dumps(("error", CorruptLayer(str(result[1]))))
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(result_fd, view) :]
-    except BaseException:  # noqa: BLE001 - nothing may escape into the parent's stack
-        code = 1
-    finally:
-        os._exit(code)
+    forked.run_child(work, result_fd, keep=(data_fd,))

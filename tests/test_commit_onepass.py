@@ -12,7 +12,6 @@ import os
 import shutil
 import stat
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -161,24 +160,32 @@ def test_layer_dir_equals_the_unpacked_blob(env, compress):
     assert _debris(store) == []
 
 
-def test_blob_is_never_read_back(env, monkeypatch):
-    """Every way into a blob (the store's reader, open(), os.open()) is watched."""
+def test_blob_is_never_read_back(env, tmp_path, monkeypatch):
+    """Every way into a blob (the store's reader, open(), os.open()) is watched, in this
+    process and in the build's child (which inherits the watch and appends to one file)."""
     store = env["store"]
-    opened: list[str] = []
+    log = tmp_path / "opened"
     real_open_blob, real_open, real_os_open = Store.open_blob, builtins.open, os.open
 
+    def seen(path) -> None:
+        fd = real_os_open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, os.fsencode(os.path.abspath(path)) + b"\n")
+        finally:
+            os.close(fd)
+
     def open_blob(self, digest):
-        opened.append(str(self.blob_path(digest)))
+        seen(self.blob_path(digest))
         return real_open_blob(self, digest)
 
     def watched_open(file, *args, **kwargs):
         if isinstance(file, (str, bytes, os.PathLike)):
-            opened.append(os.fsdecode(os.path.abspath(file)))
+            seen(file)
         return real_open(file, *args, **kwargs)
 
     def watched_os_open(path, *args, **kwargs):
-        if kwargs.get("dir_fd") is None:
-            opened.append(os.fsdecode(os.path.abspath(path)))
+        if kwargs.get("dir_fd") is None or os.path.isabs(path):  # where dir_fd plays no part
+            seen(path)
         return real_os_open(path, *args, **kwargs)
 
     monkeypatch.setattr(Store, "open_blob", open_blob)
@@ -188,8 +195,26 @@ def test_blob_is_never_read_back(env, monkeypatch):
     monkeypatch.undo()
     blob, _, diff_id = _new_layer(store, "unread")
     assert store.has_layer(diff_id)
+    opened = [os.fsdecode(p) for p in log.read_bytes().splitlines()]
     assert str(store.blob_path(blob)) not in opened
     assert any(p.startswith(str(store.blobs)) for p in opened)  # the watch saw the base's
+    assert opened.count(str(env["upper"] / "run/fresh")) == 2  # read for the tar, then copied
+
+
+def _calls(path: Path) -> int:
+    """Calls counted by `_count` (in this process or in the build's child)."""
+    return len(path.read_bytes()) if path.exists() else 0
+
+
+def _count(path: Path) -> int:
+    """Count one call in `path` (one byte, O_APPEND: the child's count is seen here too);
+    the count so far, this one included."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, b".")
+    finally:
+        os.close(fd)
+    return _calls(path)
 
 
 def test_read_write_fallback_gives_the_same_tree(env, tmp_path, monkeypatch):
@@ -197,16 +222,16 @@ def test_read_write_fallback_gives_the_same_tree(env, tmp_path, monkeypatch):
     store, lowers = imagedata.pulled_sample(tmp_path)
     upper = tmp_path / "upper"
     subprocess.run(["cp", "-a", str(env["upper"]), str(upper)], check=True)
-    calls = []
+    calls = tmp_path / "calls"
 
     def refused(*args, **kwargs):
-        calls.append(args)
+        _count(calls)
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(layerbuild.os, "copy_file_range", refused)
     commit(store, upper, lowers, "base", "rw", CommitOptions(source_date_epoch=SDE + 7))
     monkeypatch.undo()
-    assert calls
+    assert _calls(calls)
     ours, theirs = _unpacked_again(store, "rw")
     try:
         assert _same_tree(ours, theirs) == []
@@ -214,31 +239,107 @@ def test_read_write_fallback_gives_the_same_tree(env, tmp_path, monkeypatch):
         unpack.remove_tree(theirs)
 
 
-@pytest.mark.parametrize("where", ["worker", "writer"])
-def test_interrupted_while_writing_leaves_nothing(env, monkeypatch, where):
-    """Interrupted in the thread that applies the members, or in the one writing the tar."""
+def test_without_fork_the_caller_builds_the_same_tree(env, tmp_path, monkeypatch):
+    """Where fork is refused, the members are applied in the committing process: the same
+    tree and fingerprints."""
+    store, lowers = imagedata.pulled_sample(tmp_path)
+
+    def refused():
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(layerbuild.os, "fork", refused)
+    commit(store, env["upper"], lowers, "base", "nofork", CommitOptions(source_date_epoch=SDE))
+    monkeypatch.undo()
+    ours, theirs = _unpacked_again(store, "nofork")
+    try:
+        assert _same_tree(ours, theirs) == []
+    finally:
+        unpack.remove_tree(theirs)
+    assert _debris(store) == []
+
+
+def _watch_forks(monkeypatch) -> list[int]:
+    """The pids of the build's children, to check that each was waited for."""
+    pids: list[int] = []
+    real_fork = os.fork
+
+    def fork():
+        pid = real_fork()
+        if pid:
+            pids.append(pid)
+        return pid
+
+    monkeypatch.setattr(layerbuild.os, "fork", fork)
+    return pids
+
+
+def _reaped(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("where", ["child", "writer"])
+def test_interrupted_while_writing_leaves_nothing(env, tmp_path, monkeypatch, where):
+    """Interrupted in the child that applies the members, or in the process writing the tar."""
     store = env["store"]
     blobs_before = set(os.listdir(store.blobs))
     layers_before = set(os.listdir(store.layers))
-    method = "write_to" if where == "worker" else "add"
-    real, count = getattr(layerbuild.LayerBuild, method), [0]
+    cls, method = (
+        (layerbuild._Applier, "write_to") if where == "child" else (layerbuild.LayerBuild, "add")
+    )
+    real, calls = getattr(cls, method), tmp_path / "calls"
 
     def interrupted(self, *args):
-        count[0] += 1
-        if count[0] == 5:
+        if _count(calls) == 5:
             raise KeyboardInterrupt
         return real(self, *args)
 
-    monkeypatch.setattr(layerbuild.LayerBuild, method, interrupted)
+    monkeypatch.setattr(cls, method, interrupted)
+    pids = _watch_forks(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         commit(store, env["upper"], env["lowers"], "base", "cut", CommitOptions(message="cut"))
-    assert count[0] == 5
+    assert _calls(calls) >= 5
     with pytest.raises(ImageNotFound):
         store.resolve("cut")
     assert set(os.listdir(store.blobs)) == blobs_before
     assert set(os.listdir(store.layers)) == layers_before
     assert not [p for p in store.ingest_dir.iterdir() if p.name.startswith("tmp-")]
-    assert not [t for t in threading.enumerate() if t.name == "layerbuild"]
+    assert len(pids) == 1 and _reaped(pids[0])
+
+
+def test_a_failure_in_the_child_is_the_commits_error(env, monkeypatch):
+    """The child cannot write (a full disk): commit raises that error, and nothing stays."""
+    store = env["store"]
+    blobs_before = set(os.listdir(store.blobs))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(layerbuild.os, "copy_file_range", full)
+    pids = _watch_forks(monkeypatch)
+    with pytest.raises(OSError) as caught:
+        commit(store, env["upper"], env["lowers"], "base", "full", CommitOptions(message="full"))
+    monkeypatch.undo()
+    assert caught.value.errno == errno.ENOSPC
+    assert set(os.listdir(store.blobs)) == blobs_before
+    assert _debris(store) == []
+    assert len(pids) == 1 and _reaped(pids[0])
+
+
+def test_child_whose_parent_is_gone_removes_its_dir(env):
+    """The pipe ends without the end mark (the committing process died): the child removes
+    the temp dir itself, as nobody else will."""
+    build = layerbuild.LayerBuild(env["store"])
+    assert (build.tmp / "diff").is_dir()
+    os.close(build._feed)  # what the kernel does for a parent that dies
+    build._feed = -1
+    with pytest.raises(Exception, match="stopped before the layer's last member"):
+        build.finish()
+    assert not build.tmp.exists()
+    build.discard()
 
 
 def test_same_layer_again_keeps_the_published_one(env):
