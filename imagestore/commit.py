@@ -241,7 +241,6 @@ def commit(
         blob, size, diff_id = _write_layer(
             store, created, build, upper, lowers, compress, source_date_epoch, progress
         )
-        build.finish()
         store.record_diff_id(blob, diff_id)  # hashed while it was compressed: verified
         if verify:
             check(store, base, blob, _layer_type(compress, docker), upper, lowers, merged_view)
@@ -249,6 +248,7 @@ def commit(
         cfg_digest, cfg_size = _put_json(store, created, new_config)
         manifest = _manifest(base, docker, cfg_digest, cfg_size, blob, size, compress)
         man_digest, man_size = _put_json(store, created, manifest)
+        build.finish()  # its child finished the directory meanwhile
         new_layer = build.publish(diff_id)
         if before_tag is not None:
             before_tag()

@@ -253,7 +253,6 @@ class LayerWriter:
         limit = tarsafe.MAX_FILE_SIZE
         if member.size > limit:
             raise CorruptLayer(f"entry {entry}: {member.size} bytes (limit {limit})")
-        dfd, name = self._place(parts, entry)
         write_to = getattr(tar, "write_to", None)  # Contents (commit) rather than a tar
         if (
             self._pool is not None
@@ -261,6 +260,7 @@ class LayerWriter:
             and not member.issparse()
             and write_to is None
         ):
+            dfd, name = self._place(parts, entry)
             src = tar.extractfile(member)  # type: ignore[union-attr]
             assert src is not None
             with src:
@@ -272,7 +272,7 @@ class LayerWriter:
                 os.close(fd_copy)
                 raise
             return
-        fd = os.open(name, _NEW_FILE, 0o600, dir_fd=dfd)
+        fd = self._new_file(parts, member, entry)
         try:
             if write_to is not None:
                 digest = write_to(member, fd)
@@ -285,12 +285,36 @@ class LayerWriter:
         finally:
             os.close(fd)
 
+    def _new_file(self, parts: list[bytes], member: tarfile.TarInfo, entry: str) -> int:
+        """Create the regular file parts[-1], whatever was there removed, open for writing
+        (`_file_meta` finishes it).  Where nothing was — the rule in a layer being built —
+        O_EXCL says so and one openat does it; else `_place` clears the name first."""
+        mode = member.mode & 0o777  # the special bits only after chown, in `_file_meta`
+        if not self._wh_files:  # else a `.wh.NAME` file may have to go too
+            dfd = self._parent(parts, entry)
+            assert dfd is not None
+            try:
+                return os.open(parts[-1], _NEW_FILE, mode, dir_fd=dfd)
+            except FileExistsError:
+                pass
+        dfd, name = self._place(parts, entry)
+        return os.open(name, _NEW_FILE, mode, dir_fd=dfd)
+
     def _file_meta(self, fd: int, member: tarfile.TarInfo, entry: str, digest: bytes) -> None:
-        """A new regular file's fingerprint, owner, xattrs, mode and times."""
-        self.digests[os.fstat(fd).st_ino] = digest
-        self._owner(fd, member, entry)
+        """A new regular file's fingerprint, owner, xattrs, mode and times.  The owner and
+        the mode are set only where the new file's differ (it has its creator's ids, and
+        its creation mode less the umask); xattrs (an ACL's among them) may change the mode,
+        so with any PAX record the mode is set anyway."""
+        st = os.fstat(fd)
+        self.digests[st.st_ino] = digest
+        mode = member.mode & 0o7777
+        same_mode = stat.S_IMODE(st.st_mode) == mode and not member.pax_headers
+        if (st.st_uid, st.st_gid) != (member.uid, member.gid):
+            self._owner(fd, member, entry)
+            same_mode = False  # chown may have cleared setuid/setgid
         self._xattrs(fd, member, entry)
-        os.chmod(fd, member.mode & 0o7777)
+        if not same_mode:
+            os.chmod(fd, mode)
         os.utime(fd, ns=times_ns(member))
 
     def _small_file(
@@ -298,7 +322,7 @@ class LayerWriter:
     ) -> None:
         """A worker's part of `_regular` (owns `dfd`); failures as `apply` raises them."""
         try:
-            fd = os.open(name, _NEW_FILE, 0o600, dir_fd=dfd)
+            fd = os.open(name, _NEW_FILE, member.mode & 0o777, dir_fd=dfd)
             try:
                 view = memoryview(data)
                 while view:

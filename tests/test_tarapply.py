@@ -75,6 +75,49 @@ def test_every_entry_kind_and_attribute(store: Store) -> None:
     assert os.getxattr(root / "ro/inside", "trusted.t") == b"v"
 
 
+@needs_root
+@pytest.mark.parametrize("workers", [0, 4])
+def test_new_files_get_exactly_their_members_mode_and_owner(
+    store: Store, monkeypatch, workers: int
+) -> None:
+    """A new file is created with its member's permission bits and the creator's ids, and
+    chmod/chown run only where those differ: whatever the umask, special bits, the root's
+    own ids, a member that replaces an earlier one of its name (O_EXCL fails there).  With
+    and without the small-file workers (0: each file made in the applier's thread, as
+    commit's layer build does)."""
+    from imagestore import unpack
+
+    monkeypatch.setattr(unpack, "FILE_WORKERS", workers)
+    tar = make_tar(
+        F("plain", b"a", mode=0o644),
+        F("open", b"b", mode=0o666),
+        F("none", b"c", mode=0o000),
+        F("suid", b"d", mode=0o4755),
+        F("sgid", b"e", mode=0o2711, gid=5),
+        F("mine", b"f", mode=0o640, uid=1, gid=1),
+        F("twice", b"first", mode=0o600, uid=3),
+        F("twice", b"second", mode=0o6755),
+    )
+    old = os.umask(0o077)
+    try:
+        root = unpacked(store, tar)
+    finally:
+        os.umask(old)
+    expected = {
+        "plain": (0o644, 0, 0, b"a"),
+        "open": (0o666, 0, 0, b"b"),
+        "none": (0o000, 0, 0, b"c"),
+        "suid": (0o4755, 0, 0, b"d"),
+        "sgid": (0o2711, 0, 5, b"e"),
+        "mine": (0o640, 1, 1, b"f"),
+        "twice": (0o6755, 0, 0, b"second"),
+    }
+    for name, (mode, uid, gid, data) in expected.items():
+        st = os.lstat(root / name)
+        got = (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, (root / name).read_bytes())
+        assert got == (mode, uid, gid, data), name
+
+
 def test_names_are_normalised_into_the_layer(store: Store) -> None:
     tar = make_tar(F("/abs/file", b"a"), F("./rel/file", b"r"), F("x/../y", b"y"), F("//z/./f"))
     root = unpacked(store, tar)
