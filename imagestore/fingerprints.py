@@ -35,9 +35,8 @@ import os
 import stat
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import xxhash
 import zstandard
@@ -64,8 +63,10 @@ class FingerprintsDamaged(StoreError):
     """A fingerprints file that does not parse (or is of an unknown version)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
+    """(A NamedTuple, not a frozen dataclass: a walk makes one per object, and a frozen
+    dataclass's __init__ costs several times as much.)"""
+
     path: bytes
     mode: int
     uid: int
@@ -332,8 +333,7 @@ def _decode(f: BinaryIO, path: Path) -> Iterator[Entry]:
 
 
 # ----- comparing ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Difference:
+class Difference(NamedTuple):
     """`kind` is "missing", "extra" or "changed"; `what` lists the changed fields (with old
     and new values where they are short); `below` counts entries under a missing or extra
     directory that are not listed one by one."""

@@ -508,6 +508,13 @@ class LayerWriter:
         parts[-1], creating missing parents.  None when a whiteout lies below a non-directory
         (see the module doc)."""
         dirs = parts[:-1]
+        if not dirs:
+            return self.root_fd
+        key = b"/".join(dirs)
+        fd = self._cache.get(key)
+        if fd is not None:  # the usual case: the last member's parent, or a sibling's
+            self._cache.move_to_end(key)
+            return fd
         return self._walk(
             dirs, lambda fd, j: self._step(fd, dirs[j], dirs[: j + 1], entry, for_whiteout)
         )

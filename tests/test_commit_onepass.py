@@ -5,7 +5,6 @@ fingerprints — that unpacking the committed blob gives; the blob is never read
 from __future__ import annotations
 
 import builtins
-import dataclasses
 import errno
 import json
 import os
@@ -116,7 +115,7 @@ def _same_tree(one: Path, two: Path) -> list[str]:
     problems += treecmp.link_group_problems(a, b)
     fa, fb = (
         [
-            dataclasses.replace(e, mtime_ns=0) if b"/" + e.path in unset or not e.path else e
+            e._replace(mtime_ns=0) if b"/" + e.path in unset or not e.path else e
             for e in fingerprints.read(d / "fingerprints")
         ]
         for d in (one, two)

@@ -105,6 +105,43 @@ def test_split_path_is_normalised_or_refused(prefix, name):
     assert tarsafe.split_path(os.fsdecode(b"/".join(parts)), "entry") == parts  # idempotent
 
 
+def _split_reference(name: str) -> list[bytes] | None:
+    """split_path's rules, one component at a time (None: refused)."""
+    raw = os.fsencode(name)
+    if len(raw) > tarsafe.MAX_PATH_BYTES:
+        return None
+    parts: list[bytes] = []
+    for comp in raw.split(b"/"):
+        if comp in (b"", b"."):
+            continue
+        if comp == b"..":
+            if not parts:
+                return None
+            parts.pop()
+        elif len(comp) > tarsafe.MAX_NAME_BYTES or b"\0" in comp:
+            return None
+        else:
+            parts.append(comp)
+    return parts
+
+
+odd_components = st.sampled_from(["", ".", "..", "a", "b\0c", "é", "x" * 255, "y" * 256])
+
+
+@SETTINGS
+@given(prefix=prefixes, name=names | st.lists(odd_components, max_size=6).map("/".join))
+@example(prefix="", name="a/" + "y" * 256)
+@example(prefix="", name="a/b\0c")
+@example(prefix="./", name="x" * 255)
+def test_split_path_agrees_with_its_rules(prefix, name):
+    """The fast path for usual names and the component loop give the same answer."""
+    try:
+        got = tarsafe.split_path(prefix + name, "entry")
+    except CorruptLayer:
+        got = None
+    assert got == _split_reference(prefix + name)
+
+
 def _apply_with(base, items, workers: int) -> tuple[str, list]:
     root = base / f"w{workers}"
     root.mkdir()
