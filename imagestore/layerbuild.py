@@ -24,7 +24,9 @@ times a commit (`strace -c`: 17,762 futex calls for 1,000 files), 386/398 ms aga
 ms without it (S2 by hand).  The child gets the members in batches through a pipe (`marshal`:
 each member's header fields, and for a regular file its path, size, data regions and digest),
 opens each file by its path and applies them on the other CPU, so the two halves overlap.
-Where fork is refused, the members are applied in the caller's process, in `add`.
+Where fork is refused, the members are applied in the caller's process, in `add`.  Commit
+makes its LayerBuild before the tar's threads (`layerstream`, `gzblocks`) start, so the fork
+copies a process of one thread: no lock is held by a thread the child does not have.
 
 Lifecycle (the store's rules, as `unpack` keeps them): the temp dir is published only once it
 is complete and synced, and `complete` is written last (`unpack.publish`); when the store has
