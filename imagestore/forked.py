@@ -1,10 +1,8 @@
 """Work in a forked child: how `unpacker` (a pull's layer) and `layerbuild` (a commit's new
 layer directory) run theirs, so that Python work holding the GIL uses a second CPU.
 
-    pid = os.fork()
-    if pid == 0:
-        forked.run_child(work, result_fd, keep=(data_fd,))    # never returns
-    ...
+    pid, data_fd, result_fd = forked.spawn(work, pipe_size)  # work(fd of the pipe's far end)
+    ... write to data_fd, close it ...
     result = forked.collect(result_fd, pid, lost)            # what work() returned
 
 The child keeps only stdio and the fds it is told to keep (so it holds none of the parent's
@@ -20,6 +18,8 @@ Concurrency: `collect` blocks the calling thread until the child has exited.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import marshal
 import os
 from collections.abc import Callable
@@ -27,6 +27,33 @@ from typing import Any
 
 MAX_RESULT = 1 << 20  # a result larger than this is not ours
 _PLAIN, _RAISED = b"m", b"p"
+
+
+def spawn(work: Callable[[int], Any], pipe_size: int) -> tuple[int, int, int]:
+    """Fork a child that runs `work(fd)` on the read end of a new pipe (its buffer set to
+    `pipe_size` where allowed) and sends back its outcome; returns (pid, the pipe's write
+    end, the fd its result comes on).  OSError, with nothing left open, where a pipe or the
+    fork is refused."""
+    data_r, data_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        res_r, res_w = os.pipe2(os.O_CLOEXEC)
+    except OSError:
+        os.close(data_r)
+        os.close(data_w)
+        raise
+    with contextlib.suppress(OSError):  # a smaller pipe only means more wake-ups
+        fcntl.fcntl(data_w, fcntl.F_SETPIPE_SZ, pipe_size)
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in (data_r, data_w, res_r, res_w):
+            os.close(fd)
+        raise
+    if pid == 0:  # the child: never returns
+        run_child(lambda: work(data_r), res_w, keep=(data_r,))
+    os.close(data_r)
+    os.close(res_w)
+    return pid, data_w, res_r
 
 
 def run_child(work: Callable[[], Any], result_fd: int, keep: tuple[int, ...] = ()) -> None:

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import marshal
 import operator
 import os
@@ -101,27 +100,12 @@ class LayerBuild:
             raise
 
     def _start(self) -> None:
-        feed_r, feed_w = os.pipe2(os.O_CLOEXEC)
         try:
-            res_r, res_w = os.pipe2(os.O_CLOEXEC)
-        except OSError:
-            os.close(feed_r)
-            os.close(feed_w)
-            raise
-        with contextlib.suppress(OSError):  # a smaller pipe only means more waits
-            fcntl.fcntl(feed_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        try:
-            pid = os.fork()
-        except OSError:
-            for fd in (feed_r, feed_w, res_r, res_w):
-                os.close(fd)
+            self._pid, self._feed, self._results = forked.spawn(
+                lambda fd: _serve(self.tmp, fd), PIPE_SIZE
+            )
+        except OSError:  # no pipe or no fork: the members are applied here
             self._local = _Applier(self.tmp)
-            return
-        if pid == 0:  # the child: never returns
-            forked.run_child(lambda: _serve(self.tmp, feed_r), res_w, keep=(feed_r,))
-        os.close(feed_r)
-        os.close(res_w)
-        self._pid, self._feed, self._results = pid, feed_w, res_r
 
     def add(self, member: tarfile.TarInfo, data: FileData | None) -> None:
         """Take one member as the changeset writes it (a `changeset.Mirror`)."""

@@ -20,8 +20,6 @@ Threads: `start` and `result` are called by one thread of the parent; the pump i
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import threading
 from pathlib import Path
@@ -66,25 +64,10 @@ class Unpacker:
     def start(
         cls, store: Store, source: _Source, blob: Digest, media_type: str, diff_id: Digest
     ) -> Unpacker:
-        data_r, data_w = os.pipe2(os.O_CLOEXEC)
-        try:
-            res_r, res_w = os.pipe2(os.O_CLOEXEC)
-        except OSError:
-            os.close(data_r)
-            os.close(data_w)
-            raise
-        with contextlib.suppress(OSError):  # a smaller pipe only means more wake-ups
-            fcntl.fcntl(data_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        try:
-            pid = os.fork()
-        except OSError:  # the caller unpacks in turn instead
-            for fd in (data_r, data_w, res_r, res_w):
-                os.close(fd)
-            raise
-        if pid == 0:  # the child: never returns
-            _child(store, data_r, res_w, blob, media_type, diff_id)
-        os.close(data_r)
-        os.close(res_w)
+        # OSError where the pipe or the fork is refused: the caller unpacks in turn instead
+        pid, data_w, res_r = forked.spawn(
+            lambda fd: _work(store, fd, blob, media_type, diff_id), PIPE_SIZE
+        )
         return cls(pid, res_r, data_w, source, f"pump-{blob.short}")
 
     def _pump_to(self, source: _Source, fd: int) -> None:
@@ -115,13 +98,11 @@ def _lost(status: int) -> Exception:
     return CorruptLayer(f"the unpacking process ended without a result ({status:#x})")
 
 
-def _child(
-    store: Store, data_fd: int, result_fd: int, blob: Digest, media_type: str, diff_id: Digest
-) -> None:
-    def work() -> tuple[str, str]:
-        from .unpack import unpack_stream  # imported by the parent already
+def _work(
+    store: Store, data_fd: int, blob: Digest, media_type: str, diff_id: Digest
+) -> tuple[str, str]:
+    """The child's work: the layer unpacked from the pipe; (temp dir, DiffID)."""
+    from .unpack import unpack_stream  # imported by the parent already
 
-        tmp, got = unpack_stream(store, _PipeReader(data_fd), blob, media_type, diff_id)
-        return str(tmp), str(got)
-
-    forked.run_child(work, result_fd, keep=(data_fd,))
+    tmp, got = unpack_stream(store, _PipeReader(data_fd), blob, media_type, diff_id)
+    return str(tmp), str(got)
