@@ -127,6 +127,9 @@ def walk(root_fd: int, digest_of: DigestOf) -> Iterator[Entry]:
     path: list[bytes] = []
     ids = [(root_st.st_dev, root_st.st_ino)]
     pending = [_names(fd)]
+    # the current directory's path with its slash, and its /proc name (for the xattr calls,
+    # which take no dir fd): made when the walk enters or leaves a directory, not per entry
+    prefix, proc = b"", b"/proc/self/fd/%d/" % fd
     try:
         while pending:
             if not pending[-1]:
@@ -141,15 +144,16 @@ def walk(root_fd: int, digest_of: DigestOf) -> Iterator[Entry]:
                 got = os.fstat(fd)
                 if (got.st_dev, got.st_ino) != ids[-1]:
                     raise OSError(errno.ESTALE, "a directory moved during the walk")
+                prefix = b"/".join(path) + b"/" if path else b""
+                proc = b"/proc/self/fd/%d/" % fd
                 continue
             name = pending[-1].pop()
-            rel = b"/".join([*path, name])
+            rel = prefix + name
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            proc = b"/proc/self/fd/%d/%s" % (fd, name)
-            xattrs = _xattrs(proc)
+            xattrs = _xattrs(proc + name)
             if stat.S_ISDIR(st.st_mode):
                 yield _entry(rel, st, xattrs, b"", b"", b"")
                 sub = os.open(name, _DIR, dir_fd=fd)
@@ -162,6 +166,7 @@ def walk(root_fd: int, digest_of: DigestOf) -> Iterator[Entry]:
                 path.append(name)
                 ids.append((st.st_dev, st.st_ino))
                 pending.append(_names(fd))
+                prefix, proc = rel + b"/", b"/proc/self/fd/%d/" % fd
                 continue
             link = b""
             if st.st_nlink > 1:
@@ -175,9 +180,9 @@ def walk(root_fd: int, digest_of: DigestOf) -> Iterator[Entry]:
 
 
 def _names(fd: int) -> list[bytes]:
-    """The directory's names, sorted so that pop() gives them in ascending order."""
-    with os.scandir(fd) as it:
-        return sorted((os.fsencode(e.name) for e in it), reverse=True)
+    """The directory's names, sorted so that pop() gives them in ascending order.  (Listed
+    through /proc: a bytes path gives bytes names, where a listing of the fd gives text.)"""
+    return sorted(os.listdir(b"/proc/self/fd/%d" % fd), reverse=True)
 
 
 def _xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
@@ -229,27 +234,18 @@ def _entry(
 def _encode(e: Entry) -> bytes:
     """One record: the fixed part, path, link, target, xattrs (u16 name length, u32 value
     length, name, value), then 16 digest bytes for a regular file."""
-    parts = [
-        _FIXED.pack(
-            len(e.path),
-            e.mode,
-            e.uid,
-            e.gid,
-            e.size,
-            e.mtime_ns,
-            e.rdev,
-            len(e.link),
-            len(e.target),
-            len(e.xattrs),
-        ),
-        e.path,
-        e.link,
-        e.target,
-    ]
-    for name, value in e.xattrs:
+    path, mode, uid, gid, size, mtime_ns, rdev, link, target, xattrs, digest = e
+    fixed = _FIXED.pack(
+        len(path), mode, uid, gid, size, mtime_ns, rdev, len(link), len(target), len(xattrs)
+    )
+    if not stat.S_ISREG(mode):
+        digest = b""
+    if not xattrs:  # most entries: one concatenation
+        return fixed + path + link + target + digest
+    parts = [fixed, path, link, target]
+    for name, value in xattrs:
         parts += [_XATTR.pack(len(name), len(value)), name, value]
-    if stat.S_ISREG(e.mode):
-        parts.append(e.digest)
+    parts.append(digest)
     return b"".join(parts)
 
 
