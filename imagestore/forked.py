@@ -100,7 +100,7 @@ def collect(result_fd: int, pid: int, lost: Callable[[int], Exception]) -> Any:
                 break
     finally:
         os.close(result_fd)
-        _, status = os.waitpid(pid, 0)
+        status = reap(pid)
     kind, body = bytes(data[:1]), bytes(data[1:])
     if kind == _PLAIN:
         return marshal.loads(body)
@@ -109,3 +109,13 @@ def collect(result_fd: int, pid: int, lost: Callable[[int], Exception]) -> Any:
 
         raise pickle.loads(body)  # noqa: S301 - our own child's bytes
     raise lost(status)
+
+
+def reap(pid: int) -> int:
+    """Wait for the child to exit; its wait status.  0 where SIGCHLD is ignored (a parent can
+    pass that on through exec): the kernel then reaps the child itself, and waitpid waits
+    for it and fails with ECHILD."""
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return 0

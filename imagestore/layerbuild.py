@@ -175,7 +175,7 @@ class LayerBuild:
         if self._pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._pid, signal.SIGKILL)
-            os.waitpid(self._pid, 0)
+            forked.reap(self._pid)
             self._pid = 0
         for fd in (self._feed, self._results):
             if fd >= 0:

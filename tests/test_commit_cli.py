@@ -12,7 +12,7 @@ import pytest
 
 from tests import imagedata, treecmp
 from tests.mounts import is_mounted, lazy_unmount
-from tests.test_pull import layer, need_tool, same_as_umoci, umoci_tree
+from tests.test_pull import LAYER, layer, need_tool, same_as_umoci, umoci_tree
 
 pytestmark = pytest.mark.mount
 
@@ -134,3 +134,24 @@ def test_live_commit_while_writing_then_registry_round_trip(tmp_path, fuse):
     a = mounted_tree(Store.open(root), "snap:1", m1)
     b = mounted_tree(Store.open(fresh), "snap", m2)
     assert [p for p in treecmp.diff(a, b) if not p.startswith("b'/':")] == []  # root: unpack time
+
+
+def test_commit_where_sigchld_is_ignored(tmp_path, fuse):
+    """`layer commit` run by a parent that ignores SIGCHLD (the disposition survives exec):
+    its layer-building child is reaped by the kernel, and the commit still succeeds."""
+    import signal
+
+    with mounted_base(tmp_path, "work3") as (root, mnt):
+        (mnt / "srv/ignored").write_bytes(b"sigchld ignored")
+        r = subprocess.run(
+            [LAYER, "commit", "--root", str(root), "work3", "new:3"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN),
+        )
+        assert r.returncode == 0, r.stderr
+    out = layer("diff", "work3", root=root).stdout
+    assert "A /srv/ignored" in out
+    info = json.loads(layer("inspect", "new:3", root=root).stdout)
+    assert len(info["layers"]) == 4
