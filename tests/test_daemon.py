@@ -115,6 +115,22 @@ def test_mount_failure_is_reported_by_the_parent(stack):
     assert not is_mounted(mnt)
 
 
+def test_mount_failure_is_reported_where_sigchld_is_ignored(stack):
+    """A parent that ignores SIGCHLD passes that on through exec: the daemon's child is then
+    reaped by the kernel, and the waiting parent must still report the failure."""
+    lo, _hi, mnt = stack
+    r = subprocess.run(
+        [LAYERFS, "-o", f"lowerdir={lo},max_read=notanumber", str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN),
+    )
+    assert r.returncode == 1
+    assert "layerfs: mounting" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not is_mounted(mnt)
+
+
 def test_control_socket_in_a_deep_work_dir(stack, tmp_path):
     """The control socket's path may be longer than an AF_UNIX address holds (107 bytes):
     the daemon still mounts and a freezer still reaches it."""

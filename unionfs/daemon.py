@@ -74,7 +74,10 @@ def _daemonize(cfg: MountConfig) -> int:
             # is buffered and nothing else runs in this process.
             sys.stdout.flush()
             os._exit(EXIT_OK)
-        os.waitpid(pid, 0)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:  # SIGCHLD ignored (inherited through exec): reaped already
+            pass
         print(
             msg.strip() or "layerfs: the daemon exited before the mount was live", file=sys.stderr
         )
