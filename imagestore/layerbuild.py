@@ -52,6 +52,7 @@ import os
 import signal
 import struct
 import tarfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -285,15 +286,22 @@ class _Applier:
         return data.digest
 
     def finish(self) -> None:
-        """Directory metadata (once every member is in), then the fingerprints; the whole
-        dir synced (syncfs)."""
+        """Directory metadata (once every member is in), then the whole dir synced (syncfs)
+        while the fingerprints are taken: the walk reads what is in memory, and syncfs waits
+        for the disk without the GIL.  The fingerprints file, written meanwhile, is synced by
+        itself (syncfs may be past it).  In the S2 workload the two took 13-15 and 16-22 ms
+        one after the other."""
         writer = self._writer
         assert writer is not None, "finished or closed"
         writer.finish()
-        unpack.write_fingerprints(self.tmp / fingerprints.FILE_NAME, self._root_fd, writer.digests)
+        synced = _Syncing(self.tmp)
+        try:
+            path = self.tmp / fingerprints.FILE_NAME
+            unpack.write_fingerprints(path, self._root_fd, writer.digests, sync=True)
+        finally:
+            synced.wait()  # the tree is on disk before it is published
         self.close()
         writer.log_warnings("new layer")
-        syncfs(os.fsencode(self.tmp))  # the tree is on disk before it is published
 
     def close(self) -> None:
         if self._writer is not None:
@@ -302,6 +310,27 @@ class _Applier:
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
+
+
+class _Syncing:
+    """syncfs of the filesystem holding `path`, in a thread of its own; `wait` joins it and
+    raises what it raised."""
+
+    def __init__(self, path: Path) -> None:
+        self._failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(os.fsencode(path),))
+        self._thread.start()
+
+    def _run(self, path: bytes) -> None:
+        try:
+            syncfs(path)
+        except BaseException as exc:  # noqa: BLE001 - handed to `wait`
+            self._failed = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._failed is not None:
+            raise self._failed
 
 
 def _copy_range(src: int, dst: int, offset: int, length: int) -> None:

@@ -330,17 +330,19 @@ def _apply_chain(
     return diff_id
 
 
-def write_fingerprints(path: Path, root_fd: int, digests: dict[int, bytes]) -> None:
+def write_fingerprints(
+    path: Path, root_fd: int, digests: dict[int, bytes], sync: bool = False
+) -> None:
     """The finished tree's fingerprints: metadata from a walk of the tree just written (still
     in the page cache), content digests from the stream as it was written, by inode; only a
-    file the writer made without data (a `.wh.` fallback marker) is hashed here."""
+    file the writer made without data (a `.wh.` fallback marker) is hashed here.  Not synced
+    unless `sync`: the caller syncs the whole temp dir (syncfs) after it, before publishing."""
 
     def digest_of(dir_fd: int, name: bytes, st: os.stat_result) -> bytes:
         got = digests.get(st.st_ino)
         return got if got is not None else fingerprints_mod.hash_file(dir_fd, name)
 
-    # not fsynced here: the whole temp dir is synced (syncfs) before it is published
-    fingerprints_mod.write(path, fingerprints_mod.walk(root_fd, digest_of), sync=False)
+    fingerprints_mod.write(path, fingerprints_mod.walk(root_fd, digest_of), sync=sync)
 
 
 def _apply_all(stream: _TarStream, writer: LayerWriter) -> int:

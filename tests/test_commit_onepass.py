@@ -328,6 +328,26 @@ def test_a_failure_in_the_child_is_the_commits_error(env, monkeypatch):
     assert len(pids) == 1 and _reaped(pids[0])
 
 
+def test_a_failed_sync_is_the_commits_error(env, monkeypatch):
+    """syncfs of the new layer runs in a thread of the child while the fingerprints are
+    taken; its failure (EIO: the disk) is the commit's error, and nothing stays."""
+    store = env["store"]
+    blobs_before = set(os.listdir(store.blobs))
+
+    def failing(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(layerbuild, "syncfs", failing)
+    with pytest.raises(OSError) as caught:
+        commit(store, env["upper"], env["lowers"], "base", "eio", CommitOptions(message="eio"))
+    monkeypatch.undo()
+    assert caught.value.errno == errno.EIO
+    with pytest.raises(ImageNotFound):
+        store.resolve("eio")
+    assert set(os.listdir(store.blobs)) == blobs_before
+    assert _debris(store) == []
+
+
 def test_child_whose_parent_is_gone_removes_its_dir(env):
     """The pipe ends without the end mark (the committing process died): the child removes
     the temp dir itself, as nobody else will."""
