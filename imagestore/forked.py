@@ -5,7 +5,7 @@ layer directory) run theirs, so that Python work holding the GIL uses a second C
     ... write to data_fd, close it ...
     result = forked.collect(result_fd, pid, lost)            # what work() returned
 
-The child keeps only stdio and the fds it is told to keep (so it holds none of the parent's
+The child keeps only stdio and its two pipe ends (so it holds none of the parent's
 flocks or sockets), runs `work`, sends back what it returned or the exception it raised, and
 leaves with os._exit, never returning into the parent's stack.  A plain result (tuples, str,
 bytes, numbers) goes by `marshal`, which every Python has loaded; an exception by `pickle`,
@@ -50,18 +50,18 @@ def spawn(work: Callable[[int], Any], pipe_size: int) -> tuple[int, int, int]:
             os.close(fd)
         raise
     if pid == 0:  # the child: never returns
-        run_child(lambda: work(data_r), res_w, keep=(data_r,))
+        _run_child(lambda: work(data_r), res_w, data_r)
     os.close(data_r)
     os.close(res_w)
     return pid, data_w, res_r
 
 
-def run_child(work: Callable[[], Any], result_fd: int, keep: tuple[int, ...] = ()) -> None:
+def _run_child(work: Callable[[], Any], result_fd: int, data_fd: int) -> None:
     """The child's whole life: close what it inherited, run `work`, send its outcome."""
     code = 0
     try:
-        low = 3  # keep stdio, `result_fd` and `keep`, close the rest (close_range: cheap)
-        for fd in sorted({result_fd, *keep}):
+        low = 3  # keep stdio and the two pipe ends, close the rest (close_range: cheap)
+        for fd in sorted((result_fd, data_fd)):
             os.closerange(low, fd)
             low = fd + 1
         os.closerange(low, os.sysconf("SC_OPEN_MAX"))

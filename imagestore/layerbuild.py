@@ -116,23 +116,23 @@ class LayerBuild:
         got = None if data is None else (data.path, data.size, data.regions, data.digest)
         self._batch.append((_fields(member), got))
         if len(self._batch) >= BATCH:
-            self._send(marshal.dumps(self._batch))
-            self._batch = []
+            self._send(self._take_batch())
 
     def end(self) -> None:
         """No more members: the child finishes the directory while the caller goes on."""
         if self._feed < 0:
             return
-        message = marshal.dumps(self._batch) if self._batch else b""
-        self._batch = []
-        self._send(message, end=True)
+        self._send((self._take_batch() if self._batch else b"") + _LENGTH.pack(0))
         os.close(self._feed)
         self._feed = -1
 
-    def _send(self, message: bytes, end: bool = False) -> None:
-        data = (_LENGTH.pack(len(message)) + message if message else b"") + (
-            _LENGTH.pack(0) if end else b""
-        )
+    def _take_batch(self) -> bytes:
+        """The members gathered so far, as one message (length first)."""
+        message = marshal.dumps(self._batch)
+        self._batch = []
+        return _LENGTH.pack(len(message)) + message
+
+    def _send(self, data: bytes) -> None:
         view = memoryview(data)
         try:
             while view:

@@ -508,13 +508,6 @@ class LayerWriter:
         parts[-1], creating missing parents.  None when a whiteout lies below a non-directory
         (see the module doc)."""
         dirs = parts[:-1]
-        if not dirs:
-            return self.root_fd
-        key = b"/".join(dirs)
-        fd = self._cache.get(key)
-        if fd is not None:  # the usual case: the last member's parent, or a sibling's
-            self._cache.move_to_end(key)
-            return fd
         return self._walk(
             dirs, lambda fd, j: self._step(fd, dirs[j], dirs[: j + 1], entry, for_whiteout)
         )
@@ -525,7 +518,14 @@ class LayerWriter:
 
     def _walk(self, dirs: list[bytes], step: Callable[[int, int], int | None]) -> int | None:
         """Walk from the deepest cached ancestor of `dirs`, caching each directory reached."""
-        i = len(dirs)
+        if not dirs:
+            return self.root_fd
+        key = b"/".join(dirs)
+        fd = self._cache.get(key)
+        if fd is not None:  # the usual case: the last member's parent, or a sibling's
+            self._cache.move_to_end(key)
+            return fd
+        i = len(dirs) - 1
         while i and b"/".join(dirs[:i]) not in self._cache:
             i -= 1
         fd = self.root_fd

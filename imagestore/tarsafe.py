@@ -45,19 +45,19 @@ def split_path(name: str, entry: str) -> list[bytes]:
     raw = os.fsencode(name)
     if len(raw) > MAX_PATH_BYTES:
         raise CorruptLayer(f"entry {entry}: path longer than {MAX_PATH_BYTES} bytes")
-    parts = raw.split(b"/")
+    comps = raw.split(b"/")
     # the usual name (no empty, `.` or `..` component, no NUL, no long name) as it is: the
     # checks below in C, not a Python loop per component (a commit's layer build, a pull)
     if (
-        b"" not in parts
-        and b"." not in parts
-        and b".." not in parts
+        b"" not in comps
+        and b"." not in comps
+        and b".." not in comps
         and b"\0" not in raw
-        and max(map(len, parts)) <= MAX_NAME_BYTES
+        and max(map(len, comps)) <= MAX_NAME_BYTES
     ):
-        return parts
-    parts = []
-    for comp in raw.split(b"/"):
+        return comps
+    parts: list[bytes] = []
+    for comp in comps:
         if comp in (b"", b"."):
             continue
         if comp == b"..":
