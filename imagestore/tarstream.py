@@ -422,10 +422,14 @@ def _high_bytes(data: bytes, p: int) -> int:
 
 def _pax_records(payload: bytes) -> dict[str, str]:
     r"""PAX 'x' records as tarfile's loop in TarInfo._proc_pax reads them: a record starts
-    where the last one's length says and matches `(\d+) ([^=]+)=`, the first that does not
-    match ends the records; keywords and values are UTF-8, else UTF-8 with surrogateescape.
-    Without global headers.  _Uncertain for what that loop treats specially (hdrcharset,
-    GNU sparse keys, a zero length)."""
+    where the last one's length says and matches `(\d+) ([^=]+)=`; keywords and values are
+    UTF-8, else UTF-8 with surrogateescape.  Without global headers.  _Uncertain for what
+    that loop treats specially (hdrcharset, GNU sparse keys) and for any record that is not
+    framed as POSIX says (a length under 5 or past the payload, no `=` inside it, not ending
+    in a newline, or other than NULs after the last): tarfile's loop differs there between
+    Python releases (the lax one of 3.11.7 ends the records at the first that does not
+    match; the strict one of 3.11.10, 3.12.6 and Debian 12's 3.11.2 rejects the header), so
+    the interpreter's own tarfile decides."""
     text = payload.decode("latin-1")  # one character per byte: offsets stay byte offsets
     if "hdrcharset=" in text:  # tarfile looks for it anywhere, even inside a value
         raise _Uncertain
@@ -444,7 +448,8 @@ def _pax_records(payload: bytes) -> dict[str, str]:
             length = int(digits)
         except ValueError:  # more digits than int() converts
             raise _Uncertain from None
-        if length == 0:
+        end = pos + length  # the record's last byte is end - 1, its newline
+        if length < 5 or end > len(text) or equals >= end - 1 or text[end - 1] != "\n":
             raise _Uncertain
         keyword = text[space + 1 : equals]
         value = text[equals + 1 : pos + length - 1]
@@ -453,6 +458,8 @@ def _pax_records(payload: bytes) -> dict[str, str]:
             value = _utf8(value, ENCODING if keyword in tarfile.PAX_NAME_FIELDS else "utf-8")
         pax[keyword] = value
         pos += length
+    if text[pos:].strip("\0"):
+        raise _Uncertain
     if not _SPARSE_KEYS.isdisjoint(pax):
         raise _Uncertain
     return pax

@@ -301,7 +301,11 @@ CASES = {
     "record-no-equals": PLAIN + _pax(b"9 pathx\n") + _file() + END,
     "record-huge-length": PLAIN + _pax(b"9" * 5000 + b" a=b\n") + _file() + END,
     "record-trailing-garbage": PLAIN + _pax(b"11 uid=42\nzz") + _file() + END,
-    "record-not-utf8": PLAIN + _pax(b"12 path=\xff\xfe\n13 uname=\xe9t\n") + _file() + END,
+    # framed by its length, but not ending in a newline: Python releases differ (3.11.7 takes
+    # it, 3.11.10 and Debian 12's 3.11.2 do not); the fast path leaves it to tarfile
+    "record-without-newline": PLAIN + _pax(b"10 uid=42K") + _file() + END,
+    # each record's length counts itself, its digits and its newline included (POSIX)
+    "record-not-utf8": PLAIN + _pax(b"11 path=\xff\xfe\n12 uname=\xe9t\n") + _file() + END,
     "record-size": PLAIN
     + _pax(b"10 size=3\n")
     + _header("d", b"5", 0)
