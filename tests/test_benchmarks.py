@@ -96,3 +96,30 @@ def _xattr(path, name):
         return os.getxattr(path, name, follow_symlinks=False)
     except OSError:
         return None
+
+
+@pytest.mark.timeout(600)
+def test_scratch_puts_the_mounts_on_another_filesystem(tmp_path, fuse, root):
+    """`--scratch DIR`: the uppers, work and mount dirs go to DIR's filesystem (here a tmpfs),
+    the machine line names that filesystem, and nothing is left there afterwards."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(scratch)], check=True)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "W8",
+             "--engines", "kernel", "layerfs", "--data", str(tmp_path / "data"),
+             "--results", str(tmp_path / "results"), "--scratch", str(scratch)],
+            cwd=REPO, capture_output=True, text=True, timeout=540,
+        )  # fmt: skip
+        left_in_scratch = os.listdir(scratch)
+    finally:
+        left = mounts.sweep(str(scratch))  # the harness's own, under the tmpfs
+        mounts.lazy_unmount(str(scratch))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not left, f"the harness left mounts behind: {left}"
+    assert left_in_scratch == []
+    report = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert ", tmpfs, " in report["meta"]["machine"] and report["meta"]["scratch"] == str(scratch)
+    (row,) = [r for r in report["rows"] if r["id"] == "W8"]
+    assert not row["errors"] and {"kernel", "layerfs"} <= set(row["samples"])
