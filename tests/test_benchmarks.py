@@ -70,6 +70,9 @@ def test_quick_run_covers_every_workload_and_engine(tmp_path, fuse, root):
     assert set(rows[("S6", "once")]["samples"]) == {"with fingerprints", "without"}
     assert set(rows[("S7", "warm")]["samples"]) == {"layer", "cat"}
     assert ("W1", "cold") in rows and ("W1", "warm") in rows
+    # issue 11's R1 target is for the daemon pinned to the caller's CPU; unpinned is reported too
+    assert rows[("R1", "pinned")]["target"] == 15e-6 and rows[("R1", "warm")]["target"] is None
+    assert engines <= set(rows[("R2", "pinned")]["samples"])
     # each M row is also timed until the mount's first answer, which comes after the mount
     first, once = rows[("M1", "first")]["samples"], rows[("M1", "once")]["samples"]
     assert all(f >= o for f, o in zip(first["layerfs"], once["layerfs"], strict=True))
