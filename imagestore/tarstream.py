@@ -452,12 +452,12 @@ def _pax_records(payload: bytes) -> dict[str, str]:
         if length < 5 or end > len(text) or equals >= end - 1 or text[end - 1] != "\n":
             raise _Uncertain
         keyword = text[space + 1 : equals]
-        value = text[equals + 1 : pos + length - 1]
+        value = text[equals + 1 : end - 1]
         if not ascii:
             keyword = _utf8(keyword, "utf-8")
             value = _utf8(value, ENCODING if keyword in tarfile.PAX_NAME_FIELDS else "utf-8")
         pax[keyword] = value
-        pos += length
+        pos = end
     if text[pos:].strip("\0"):
         raise _Uncertain
     if not _SPARSE_KEYS.isdisjoint(pax):
