@@ -292,6 +292,50 @@ def test_a_big_copy_up_does_not_stall_other_requests(tmp_path, fuse):
     assert answered_during_copy > 0
 
 
+def test_small_lower_files_are_stored_at_open(tmp_path, fuse):
+    """An open for reading of a lower file up to 128 KiB puts its data in the kernel's page
+    cache (FUSE_NOTIFY_STORE) before the OPEN reply: reads then send no READ, so the kernel
+    keeps the file's atime and a stat after the read sends no GETATTR.  Bigger files, and
+    opens for writing, keep READ.  The data is the file's, byte for byte, at any size and
+    offset, and stays right across a copy-up and a write."""
+    lo, mnt, up, wk = (tmp_path / n for n in ("lo", "mnt", "up", "wk"))
+    for d in (lo, mnt, up, wk):
+        d.mkdir()
+    sizes = {"empty": 0, "one": 1, "partial": 5000, "pages": 16384, "limit": 128 << 10}
+    data = {name: os.urandom(size) for name, size in sizes.items()}
+    data["over"] = os.urandom((128 << 10) + 1)
+    for name, body in data.items():
+        (lo / name).write_bytes(body)
+    m = native(mnt, [lo], up, wk)
+    with m:
+        for name in sizes:
+            assert (mnt / name).read_bytes() == data[name]
+        log = m.log()
+        before, stats = log.count("READ #"), log.count("GETATTR #")
+        for name in sizes:
+            with open(mnt / name, "rb") as f:
+                f.seek(4093)
+                assert f.read(7) == data[name][4093:4100]  # across a page boundary
+                assert f.read() == data[name][4100:]
+            os.stat(mnt / name)
+        log = m.log()
+        assert log.count("READ #") == before == 0, log[-3000:]
+        assert log.count("GETATTR #") == stats, log[-3000:]  # no READ: the atime stays cached
+        assert (mnt / "over").read_bytes() == data["over"]
+        assert m.log().count("READ #") >= 1  # over the limit: READ, as before
+        with open(mnt / "partial", "ab") as f:  # copy-up of a stored file, then a write
+            f.write(b"+")
+        assert (mnt / "partial").read_bytes() == data["partial"] + b"+"
+        with open(mnt / "pages", "r+b") as f:
+            f.seek(100)
+            f.write(b"middle")
+        want = data["pages"][:100] + b"middle" + data["pages"][106:]
+        assert (mnt / "pages").read_bytes() == want
+    assert (up / "partial").read_bytes() == data["partial"] + b"+"
+    assert (up / "pages").read_bytes() == want
+    assert (lo / "pages").read_bytes() == data["pages"]
+
+
 def test_passthrough_of_big_lower_files(tmp_path, lower, fuse):
     """As root on a kernel with FUSE_PASSTHROUGH: a big lower file opened for reading is read
     by the kernel itself (no READ request); writes stay requests (the freeze gate sees them);

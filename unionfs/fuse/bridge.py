@@ -9,6 +9,8 @@ handler layer and cannot drift.
 
 Kernel caching decided here, each only when INIT negotiated it (`Conn`):
   - OPEN answers FOPEN_KEEP_CACHE (when the handler asks, as today) and FOPEN_NOFLUSH;
+    an OPEN for reading of a small lower file first stores its data in the page cache
+    (FUSE_NOTIFY_STORE, `Bridge._store`), so its reads send no READ;
   - OPENDIR answers FOPEN_CACHE_DIR|FOPEN_KEEP_CACHE for directories that are not in the
     upper (lower-only: their listing changes only by a request through this mount, and the
     kernel drops its cached listing itself when it sends one: fuse_dir_changed bumps the
@@ -31,6 +33,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import time
 from typing import Any
 
@@ -41,6 +44,13 @@ from .passthrough import Backings, Conflict
 from .wire import Header
 
 log = logging.getLogger("layerfs")
+
+# Lower files up to this size are stored at open (`Bridge._store`): the kernel's first
+# read(2) of a file would read ahead this far anyway (the default window), and measured
+# per file (first read, lower in the page cache), storing wins up to 200 KiB (64 KiB:
+# 119 → 79 µs, 200 KiB: 195 → 156 µs) and no longer at 900 KiB.
+STORE_MAX = 128 << 10
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 def _entry(attrs: Any) -> bytes:
@@ -163,6 +173,7 @@ class Bridge:
             ops.stack.listing_changed = self._listing_changed
         self._node_fh: dict[int, int] = {}  # no-open: inode → the handler's file handle
         self._node_dh: dict[int, int] = {}  # no-opendir: inode → the handler's dir handle
+        self._stored: set[int] = set()  # inodes whose data `_store` put in the page cache
 
     def may_wait(self, name: str, nodeid: int) -> bool:
         """Might the GATED request `name` on node `nodeid` wait now?  At the freeze gate while
@@ -205,6 +216,7 @@ class Bridge:
         nodes = self.ops.stack.nodes
         for ino, _ in pairs:
             if ino not in nodes:
+                self._stored.discard(ino)  # the kernel's inode, and its pages, are gone
                 await self._drop_node_handles(ino)
 
     async def _drop_node_handles(self, ino: int) -> None:
@@ -295,8 +307,10 @@ class Bridge:
             flags |= wire.FOPEN_NOFLUSH
         return flags
 
-    async def _open_out(self, ino: int, info: Any) -> bytes:
-        """fuse_open_out of a new handle: cached, or passed through (passthrough.py)."""
+    async def _open_out(self, ino: int, info: Any, store: bool = False) -> bytes:
+        """fuse_open_out of a new handle: cached, or passed through (passthrough.py).  With
+        `store` (an open for reading), a small lower file's data is first put into the
+        kernel's page cache (`_store`)."""
         oflags, backing_id = self._open_flags(info), 0
         if self.backings.enabled:
             fd, writable = self.ops.handle_fd(info.fh)
@@ -308,7 +322,39 @@ class Bridge:
                 raise
             if backing_id:
                 oflags = (oflags & ~wire.FOPEN_KEEP_CACHE) | wire.FOPEN_PASSTHROUGH
+        if store and oflags & wire.FOPEN_KEEP_CACHE and ino not in self._stored:
+            self._store(ino, info.fh)
         return wire.OPEN_OUT.pack(info.fh, oflags, backing_id)
+
+    def _store(self, ino: int, fh: int) -> None:
+        """Put the whole of a small lower file into the kernel's page cache
+        (FUSE_NOTIFY_STORE), before the OPEN reply that keeps it (FOPEN_KEEP_CACHE), so the
+        reader's read(2) is served from the cache instead of a READ request.  That also saves
+        a GETATTR later: on a writable mount the kernel drops an inode's cached atime after
+        every READ it sends (fuse_invalidate_atime), and a stored page is no READ.  Lower
+        files never change (the real fd is O_NOATIME), so the data is what READ would give;
+        the size is the one the kernel already has, so the store changes no attribute.  Once
+        per kernel inode: forgotten at its FORGET; pages the kernel drops later come back by
+        READ, as before.  Best effort: any failure leaves it to READ."""
+        stack = self.ops.stack
+        node = stack.known(ino)
+        if node is None or node.kind != stat.S_IFREG or stack.in_upper(node):
+            return
+        size = stack.stat(node).st_size
+        if not 0 < size <= STORE_MAX:
+            return
+        fd, _ = self.ops.handle_fd(fh)
+        try:
+            data = os.pread(fd, size, 0)
+            if len(data) != size:
+                return
+            head = wire.OUT_HEADER.pack(wire.OUT_HEADER.size + wire.NOTIFY_STORE.size + size,
+                                        wire.NOTIFY_STORE_CODE, 0)  # fmt: skip
+            os.writev(self.devfd, [head, wire.NOTIFY_STORE.pack(ino, 0, size, 0), data])
+        except OSError as exc:
+            log.debug("notify_store(%d): %s", ino, exc)
+            return
+        self._stored.add(ino)
 
     async def open(self, h: Header, flags: int, open_flags: int = 0) -> bytes:
         if self.conn.no_open:
@@ -316,7 +362,8 @@ class Bridge:
         info = await self.ops.open(h.nodeid, flags, Ctx(h))
         if self.conn.killpriv and open_flags & wire.OPEN_KILL_SUIDGID:
             self.ops.kill_suidgid(h.nodeid, info.fh, Ctx(h))  # open(O_TRUNC), as the VFS would
-        return await self._open_out(h.nodeid, info)
+        store = self.devfd >= 0 and flags & (os.O_ACCMODE | os.O_TRUNC | _O_DIRECT) == os.O_RDONLY
+        return await self._open_out(h.nodeid, info, store)
 
     async def create(self, h: Header, name: bytes, mode: int, flags: int, umask: int,
                      open_flags: int = 0) -> bytes:  # fmt: skip

@@ -128,8 +128,10 @@ FORGET_ONE = struct.Struct("<QQ")
 BACKING_MAP = struct.Struct("<iIQ")  # fuse_backing_map: fd flags padding
 NOTIFY_INVAL_INODE = struct.Struct("<Qqq")
 NOTIFY_INVAL_ENTRY = struct.Struct("<QII")
+NOTIFY_STORE = struct.Struct("<QQII")  # fuse_notify_store_out: nodeid offset size padding
 NOTIFY_INVAL_INODE_CODE = 2
 NOTIFY_INVAL_ENTRY_CODE = 3
+NOTIFY_STORE_CODE = 4
 
 
 class Malformed(Exception):
