@@ -173,7 +173,8 @@ class Bridge:
             ops.stack.listing_changed = self._listing_changed
         self._node_fh: dict[int, int] = {}  # no-open: inode → the handler's file handle
         self._node_dh: dict[int, int] = {}  # no-opendir: inode → the handler's dir handle
-        self._stored: set[int] = set()  # inodes whose data `_store` put in the page cache
+        self._opened: set[int] = set()  # inodes with an OPEN answered since the kernel made
+        # them (`_store`)
 
     def may_wait(self, name: str, nodeid: int) -> bool:
         """Might the GATED request `name` on node `nodeid` wait now?  At the freeze gate while
@@ -216,7 +217,7 @@ class Bridge:
         nodes = self.ops.stack.nodes
         for ino, _ in pairs:
             if ino not in nodes:
-                self._stored.discard(ino)  # the kernel's inode, and its pages, are gone
+                self._opened.discard(ino)  # the kernel's inode, and its pages, are gone
                 await self._drop_node_handles(ino)
 
     async def _drop_node_handles(self, ino: int) -> None:
@@ -322,7 +323,7 @@ class Bridge:
                 raise
             if backing_id:
                 oflags = (oflags & ~wire.FOPEN_KEEP_CACHE) | wire.FOPEN_PASSTHROUGH
-        if store and oflags & wire.FOPEN_KEEP_CACHE and ino not in self._stored:
+        if store and oflags & wire.FOPEN_KEEP_CACHE and ino not in self._opened:
             self._store(ino, info.fh)
         return wire.OPEN_OUT.pack(info.fh, oflags, backing_id)
 
@@ -333,9 +334,13 @@ class Bridge:
         a GETATTR later: on a writable mount the kernel drops an inode's cached atime after
         every READ it sends (fuse_invalidate_atime), and a stored page is no READ.  Lower
         files never change (the real fd is O_NOATIME), so the data is what READ would give;
-        the size is the one the kernel already has, so the store changes no attribute.  Once
-        per kernel inode: forgotten at its FORGET; pages the kernel drops later come back by
-        READ, as before.  Best effort: any failure leaves it to READ."""
+        the size is the one the kernel already has, so the store changes no attribute.
+        Only while no OPEN of the kernel's inode has been answered (`_opened`, emptied of it
+        at its FORGET): the kernel locks a page while a READ of it is in flight, and a store
+        into a locked page waits for that READ, which this loop would answer only after the
+        store: a deadlock.  Before any OPEN is answered no file of the inode is open (no
+        read, no mmap), so no page of it can be locked.  Pages the kernel drops later come
+        back by READ, as before.  Best effort: any failure leaves it to READ."""
         stack = self.ops.stack
         node = stack.known(ino)
         if node is None or node.kind != stat.S_IFREG or stack.in_upper(node):
@@ -354,7 +359,6 @@ class Bridge:
         except OSError as exc:
             log.debug("notify_store(%d): %s", ino, exc)
             return
-        self._stored.add(ino)
 
     async def open(self, h: Header, flags: int, open_flags: int = 0) -> bytes:
         if self.conn.no_open:
@@ -363,7 +367,9 @@ class Bridge:
         if self.conn.killpriv and open_flags & wire.OPEN_KILL_SUIDGID:
             self.ops.kill_suidgid(h.nodeid, info.fh, Ctx(h))  # open(O_TRUNC), as the VFS would
         store = self.devfd >= 0 and flags & (os.O_ACCMODE | os.O_TRUNC | _O_DIRECT) == os.O_RDONLY
-        return await self._open_out(h.nodeid, info, store)
+        out = await self._open_out(h.nodeid, info, store)
+        self._opened.add(h.nodeid)  # answered next, with no await between (see `_store`)
+        return out
 
     async def create(self, h: Header, name: bytes, mode: int, flags: int, umask: int,
                      open_flags: int = 0) -> bytes:  # fmt: skip
