@@ -114,6 +114,44 @@ def test_lookup_missing_and_internal_xattrs(tmp_path):
     assert exc.value.errno == errno.ENODATA
 
 
+def test_lower_xattr_answers_are_kept(tmp_path):
+    """A lower object's getxattr answers (a value, ENODATA) are read from its layer once;
+    an upper object's every time; a failure that is not the object's (EIO) is not kept."""
+    from unionfs.fsat import Roots
+
+    class Counting(Roots):
+        calls: list[bytes] = []
+        fail: int | None = None
+
+        def getxattr(self, path: bytes, name: bytes) -> bytes:
+            self.calls.append(name)
+            if self.fail is not None:
+                raise OSError(self.fail, os.strerror(self.fail))
+            return super().getxattr(path, name)
+
+    lo, up = make(tmp_path, 2)
+    write(lo / "f")
+    write(up / "u")
+    os.setxattr(lo / "f", "user.k", b"v")
+    os.setxattr(up / "u", "user.k", b"w")
+    fs = Counting()
+    s = LayerStack([str(lo)], str(up), fs=fs)
+    f, u = resolve(s, "/f"), resolve(s, "/u")
+    fs.fail = errno.EIO
+    with pytest.raises(OSError) as exc:
+        s.getxattr(f, b"user.k")
+    assert exc.value.errno == errno.EIO
+    fs.fail = None
+    for _ in range(3):
+        assert s.getxattr(f, b"user.k") == b"v"
+        assert s.xattr_answer(f, b"user.none") == errno.ENODATA
+        assert s.getxattr(u, b"user.k") == b"w"
+    assert fs.calls.count(b"user.k") == 1 + 1 + 3  # EIO, then once for f, 3 times for u
+    assert fs.calls.count(b"user.none") == 1
+    f.invalidate()  # what a copy-up does: the answers go with the stat
+    assert s.getxattr(f, b"user.k") == b"v" and fs.calls.count(b"user.k") == 6
+
+
 @pytest.mark.parametrize("upper, index", [(True, False), (True, True), (False, False)])
 def test_names_of_a_lower_hard_link(tmp_path, upper, index):
     """index=off with an upper: a node per name (copy-up will break the link), showing the

@@ -117,6 +117,36 @@ def test_chmod_chown_utime_xattr_copy_up(u):
     assert exc.value.errno == errno.EPERM
 
 
+def test_kept_lower_xattrs_give_way_to_the_copy_up(u):
+    """A lower object's xattr answers are kept (stack.xattr_answer); a change through the
+    mount copies the object up first, and from then on its upper xattrs are read: a value,
+    an absent name and a removal each show at once, on files and directories.  The other
+    name of a lower hard link (index=off) keeps the lower file's answers."""
+    mnt = u.mount()
+    for _ in range(2):
+        assert os.getxattr(mnt / "file", "user.color") == b"blue"
+        for path in (mnt / "file", mnt / "dir", mnt / "hl2"):
+            with pytest.raises(OSError) as exc:
+                os.getxattr(path, "user.k")
+            assert exc.value.errno == errno.ENODATA
+    os.setxattr(mnt / "file", "user.color", b"red")
+    os.setxattr(mnt / "file", "user.k", b"1")
+    assert os.getxattr(mnt / "file", "user.color") == b"red"
+    assert os.getxattr(mnt / "file", "user.k") == b"1"
+    os.removexattr(mnt / "file", "user.color")
+    with pytest.raises(OSError) as exc:
+        os.getxattr(mnt / "file", "user.color")
+    assert exc.value.errno == errno.ENODATA
+    os.setxattr(mnt / "dir", "user.k", b"d")
+    assert os.getxattr(mnt / "dir", "user.k") == b"d"
+    os.setxattr(mnt / "hl1", "user.k", b"h")  # copies hl1 up alone (index=off)
+    assert os.getxattr(mnt / "hl1", "user.k") == b"h"
+    with pytest.raises(OSError) as exc:
+        os.getxattr(mnt / "hl2", "user.k")
+    assert exc.value.errno == errno.ENODATA
+    assert os.getxattr(u.lo / "file", "user.color") == b"blue"  # the lower is untouched
+
+
 def test_whiteouts_only_where_a_lower_name_exists(u):
     mnt = u.mount()
     (mnt / "fresh").write_bytes(b"new")

@@ -319,16 +319,15 @@ class UnionOperations(pyfuse3.Operations):
     # ----- xattrs ---------------------------------------------------------------------
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        try:
-            value = self.stack.getxattr(self.stack.node(inode), name)
-        except OSError as exc:
-            if exc.errno == errno.ENODATA:
+        value = self.stack.xattr_answer(self.stack.node(inode), name)
+        if isinstance(value, int):
+            if value == errno.ENODATA:
                 if name == SELINUX_XATTR and not _HOST_SELINUX:
                     # `ls -l` asks for every entry and stops at the first EOPNOTSUPP; a
                     # label that is there is still answered (as kernel overlayfs would)
-                    raise pyfuse3.FUSEError(errno.EOPNOTSUPP) from None
-                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
-            raise
+                    raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            raise pyfuse3.FUSEError(value)
         return self.owners.xattr_shown(name, value) if self.owners else value
 
     @_handler

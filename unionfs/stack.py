@@ -65,6 +65,11 @@ _FALLBACK_BASE = 1 << 63
 # upper inodes reused while the dead file's node lives, [+2^41, ...) per-name nodes.
 _FRESH_BASE = _FALLBACK_BASE + (1 << 40)  # an upper inode number reused after an unlink
 _PER_NAME_BASE = _FALLBACK_BASE + (1 << 41)  # index=off: one node per name of a lower link
+# A lower object keeps its xattr answers (`xattr_answer`): these errnos, and values up to
+# _XATTR_KEPT_MAX bytes (capabilities, ACLs and labels are tens of bytes; a big user value
+# is read again each time rather than held for as long as the kernel holds the node)
+_XATTR_ABSENT = frozenset({errno.ENODATA, errno.EOPNOTSUPP})
+_XATTR_KEPT_MAX = 1024
 
 
 class DirLayer:
@@ -131,6 +136,7 @@ class Node:
         "lower_path",
         "dirs",
         "st",
+        "xattrs",
         "lookups",
         "listing",
         "subdirs",
@@ -157,6 +163,7 @@ class Node:
         self.lower_path = lower_path
         self.dirs = dirs
         self.st: os.stat_result | None = None
+        self.xattrs: dict[bytes, bytes | int] | None = None  # lower objects: `getxattr`'s answers
         self.lookups = 0
         self.listing: dict[bytes, Entry] | None = None
         self.subdirs: int | None = None  # directories in `listing` (nlink), once counted
@@ -167,6 +174,7 @@ class Node:
         """Its attributes changed, or may have: drop the cached stat, and let whoever caches
         something built from them (the adapter's replies) see it by `gen`."""
         self.st = None
+        self.xattrs = None
         self.gen += 1
 
     @property
@@ -618,9 +626,35 @@ class LayerStack:
         return self.fs.readlink(self.real_path(node))
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
+        found = self.xattr_answer(node, name)
+        if isinstance(found, int):
+            raise OSError(found, os.strerror(found))
+        return found
+
+    def xattr_answer(self, node: Node, name: bytes) -> bytes | int:
+        """The value of `name` on the node's topmost real object, or the errno saying it is
+        absent (ENODATA, EOPNOTSUPP); other failures raise.  For an object in a lower layer
+        the answer is kept, like its stat: lower layers never change, and the kernel caches
+        no xattr but ACLs, so it asks again at every exec (security.capability) or getfattr."""
         if markers.is_internal_xattr(name):
-            raise OSError(errno.ENODATA, "no such attribute")
-        return self.fs.getxattr(self.real_path(node), name)
+            return errno.ENODATA
+        kept = None
+        if self.immutable(node):
+            kept = node.xattrs
+            if kept is None:
+                kept = node.xattrs = {}
+            found = kept.get(name)
+            if found is not None:
+                return found
+        try:
+            found = self.fs.getxattr(self.real_path(node), name)
+        except OSError as exc:
+            if exc.errno not in _XATTR_ABSENT:
+                raise  # EIO and the like are not the object's: ask again next time
+            found = exc.errno
+        if kept is not None and (isinstance(found, int) or len(found) <= _XATTR_KEPT_MAX):
+            kept[name] = found
+        return found
 
     def listxattr(self, node: Node) -> list[bytes]:
         names = self.fs.listxattr(self.real_path(node))
