@@ -36,7 +36,8 @@ of every node whose reported number differs from its node number.  With `index=o
 read-only stacks) the names share one node, and copy-up links them in the upper (writer.py).
 
 Caching: lower layers are read-only by contract (overlayfs: changing them under a mount is
-undefined), so listings and stat results of lower objects are cached for the node's life.
+undefined), so listings, stat results and xattr answers of lower objects are cached for the
+node's life (dropped at copy-up, when the node's real object becomes an upper one).
 Size: over 500 lines because resolution, inode numbering and hard-link bookkeeping are one
 model; the marker rules are in rules.py, the encodings in markers.py.
 Concurrency: called from the single trio thread only; no method awaits, so each call is atomic.
