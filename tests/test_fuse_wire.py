@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -77,13 +79,51 @@ def test_entry_and_attr_packing():
     assert wire.ENTRY_OUT.unpack(wire.pack_entry(A, 0))[:3] == (0, 0, 1)
 
 
-def test_native_attrs_reply_as_pyfuse3s_would():
+def test_native_stand_ins_match_pyfuse3():
+    """Under the native transport the handlers use fuseapi's stand-ins instead of pyfuse3's
+    types, and nothing the native transport loads imports pyfuse3 (~13 ms of every mount's
+    start-up); they have pyfuse3's fields and defaults, and a FUSEError with its errno and
+    message.  Under LAYERFS_FUSE=pyfuse3 they are pyfuse3's own."""
+    probe = (
+        "import os, sys\n"
+        "from unionfs import fuseapi\n"
+        "import unionfs.operations, unionfs.fuse.bridge, unionfs.fuse.run\n"
+        "print(fuseapi.PYFUSE3, 'pyfuse3' in sys.modules)\n"
+        "fields = lambda c: sorted(n for n in dir(c) if not n.startswith('_'))\n"
+        "print(fields(fuseapi.FileInfo), fields(fuseapi.StatvfsData))\n"
+        "e, f, s = fuseapi.FUSEError(2), fuseapi.FileInfo(fh=3), fuseapi.StatvfsData()\n"
+        "print(e.errno, str(e), f.fh, f.keep_cache, f.direct_io, f.nonseekable, s.f_namemax,\n"
+        "      fuseapi.ENOATTR, fuseapi.RENAME_EXCHANGE,\n"
+        "      fuseapi.get_sup_groups(os.getpid()) == set(os.getgroups()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LAYERFS_FUSE"}
+    repo = Path(__file__).resolve().parent.parent
+
+    def run(**extra: str) -> list[str]:
+        cmd = [sys.executable, "-c", probe]
+        done = subprocess.run(
+            cmd, env={**env, **extra}, cwd=repo, capture_output=True, text=True, check=True
+        )
+        return done.stdout.splitlines()
+
+    native, theirs = run(), run(LAYERFS_FUSE="pyfuse3")
+    assert native[0] == "False False"  # the stand-ins, and no pyfuse3 loaded
+    assert theirs[0] == "True True"
+    assert native[1:] == theirs[1:]
+
+
+def test_native_attrs_reply_as_pyfuse3s_would(monkeypatch):
     """The native transport's `Attrs` stands in for pyfuse3's EntryAttributes: the same
     defaults, so a reply a handler leaves partly filled (a negative entry, a gone file) packs
     the same bytes on both transports, and the shown st_ino kept apart from the node id."""
     import pyfuse3
 
     from unionfs import operations
+
+    # as under the pyfuse3 transport, whatever this process's handlers were loaded for
+    monkeypatch.setattr(
+        operations, "_SHOWN_INO_OFFSET", operations._shown_ino_offset(pyfuse3.EntryAttributes)
+    )
 
     ours, theirs = operations.Attrs(), pyfuse3.EntryAttributes()
     for name in operations.Attrs.__slots__:

@@ -132,6 +132,8 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
     for ignored in cfg.ignored:
         log.debug("ignoring mount option %s", ignored)
     os.umask(0)  # modes arrive with the caller's umask applied; ours must not apply twice
+    # the handlers' FUSE types follow the transport (fuseapi.py): set before they are imported
+    os.environ["LAYERFS_FUSE"] = cfg.transport
     if cfg.transport == "native":
         from .fuse.run import serve_native
 
@@ -152,7 +154,11 @@ def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
     import pyfuse3
     import trio
 
+    from . import fuseapi
     from .operations import UnionOperations
+
+    if not fuseapi.PYFUSE3:  # imported before `serve` chose: the handlers would raise the
+        raise RuntimeError("the handlers were loaded for the native transport")  # wrong type
 
     opened = open_stack(cfg, lambda message: _report(ready_fd, message))
     if opened is None:

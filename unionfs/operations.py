@@ -52,10 +52,10 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-import pyfuse3
 import trio
 
 from . import acl, markers
+from . import fuseapi as pyfuse3  # pyfuse3 itself, or stand-ins for the native transport
 from .control import Gate
 from .errors import UnionError
 from .fdlimit import FdBudget
@@ -191,7 +191,7 @@ class UnionOperations(pyfuse3.Operations):
         self._readdir_reply = readdir_reply or pyfuse3.readdir_reply
         # What attribute replies are made of: pyfuse3's EntryAttributes, which pyfuse3 needs,
         # or `Attrs`, for a transport that packs replies itself (a third of the cost)
-        self._attrs = attrs_type or pyfuse3.EntryAttributes
+        self._attrs = attrs_type or (pyfuse3.EntryAttributes if pyfuse3.PYFUSE3 else Attrs)
         self.stack = stack
         self.writer = writer
         self.debug = debug
@@ -214,7 +214,8 @@ class UnionOperations(pyfuse3.Operations):
         self._by_node: dict[int, set[int]] = {}  # inode -> open file handles
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
-        if _SHOWN_INO_OFFSET is None and writer is not None and not stack.index:
+        if (self._attrs is not Attrs and _SHOWN_INO_OFFSET is None and writer is not None
+                and not stack.index):  # fmt: skip
             log.warning(
                 "pyfuse3's reply layout is unknown: hard links broken by copy-up "
                 "show one st_ino until remount"
@@ -840,13 +841,17 @@ class UnionOperations(pyfuse3.Operations):
         node.invalidate()
 
 
-def _shown_ino_offset() -> int | None:
+def _shown_ino_offset(entry_type: Any = None) -> int | None:
     """Where pyfuse3's EntryAttributes keeps the reply's attr.st_ino.  pyfuse3 sets the node id
     and attr.st_ino to one value; FUSE keeps them apart (the node id names the kernel's inode,
     attr.ino is what stat and readdir show), and index=off needs them apart (stack.py).  Found
     by probing a fuse_entry_param {ino, generation, struct stat attr} with marker values; None
-    when the layout is not that one (then stat shows node numbers)."""
-    probe = pyfuse3.EntryAttributes()
+    when the layout is not that one (then stat shows node numbers), or without pyfuse3 (the
+    native transport's `Attrs` keep the two apart themselves)."""
+    entry_type = entry_type or pyfuse3.EntryAttributes
+    if entry_type is None:
+        return None
+    probe = entry_type()
     ino, gen = 0x5A171E550B5E55ED, 0x1234567887654321
     probe.st_ino, probe.generation = ino, gen
     raw = ctypes.string_at(id(probe), type(probe).__basicsize__)

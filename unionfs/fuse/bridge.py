@@ -37,7 +37,7 @@ import stat
 import time
 from typing import Any
 
-from ..operations import shown_ino  # imported after INIT (run.py): it loads pyfuse3
+from ..operations import shown_ino  # imported after INIT (run.py): it loads trio
 from . import wire
 from .init import Conn
 from .passthrough import Backings, Conflict

@@ -1,8 +1,9 @@
 """The native transport's `serve`: open the layers, mount, answer INIT, then import the rest.
 
 Order matters for start-up time: the kernel queues requests until INIT is answered, so the
-mount goes live (and the waiting `layerfs` parent is told "OK") before trio, pyfuse3 and the
-handlers are imported; requests that arrive meanwhile wait in the kernel.  The layers are
+mount goes live (and the waiting `layerfs` parent is told "OK") before trio and the handlers
+are imported (pyfuse3 never is: the handlers use fuseapi's stand-ins); requests that arrive
+meanwhile wait in the kernel.  The layers are
 opened first, so a mount that cannot work is refused with its reason, not mounted.
 Shutdown: SIGTERM/SIGINT/SIGHUP sync a writable mount (its dirty pages), stop the session,
 let requests in flight finish, then unmount lazily and close the device; an unmount from
