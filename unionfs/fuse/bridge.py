@@ -315,9 +315,12 @@ class Bridge:
         oflags, backing_id = self._open_flags(info), 0
         if self.backings.enabled:
             fd, writable = self.ops.handle_fd(info.fh)
-            lower = not self.ops.stack.in_upper(self.ops.stack.node(ino))
+            stack = self.ops.stack
+            node = stack.node(ino)
+            lower = not stack.in_upper(node)
+            size = stack.stat(node).st_size if lower else 0  # cached for lower objects
             try:
-                backing_id = self.backings.open(ino, info.fh, fd, writable, lower)
+                backing_id = self.backings.open(ino, info.fh, fd, writable, lower, size)
             except Conflict:
                 await self.ops.release(info.fh)
                 raise

@@ -68,18 +68,19 @@ class Backings:
         self._inodes: dict[int, _Inode] = {}
         self._handle_inode: dict[int, int] = {}
 
-    def open(self, ino: int, fh: int, fd: int, writable: bool, lower: bool) -> int:
+    def open(self, ino: int, fh: int, fd: int, writable: bool, lower: bool, size: int) -> int:
         """The backing id to answer handle `fh` of inode `ino` with (0: cached); `lower`:
-        the handle's real file is in a lower layer.  Raises Conflict for a handle opened for
-        writing while the inode passes through to its lower file."""
+        the handle's real file is in a lower layer, of `size` bytes.  Raises Conflict for a
+        handle opened for writing while the inode passes through to its lower file."""
         if not self.enabled:
             return 0
         node = self._inodes.get(ino)
         if node is None:
-            bid = 0
-            if lower and not writable and os.fstat(fd).st_size >= MIN_SIZE:
-                bid = self._register(fd)
-            node = self._inodes[ino] = _Inode(bid)
+            if writable or not lower or size < MIN_SIZE:
+                # cached, and no later open of it can pass through (a lower file keeps its
+                # size, and an upper one never passes through): nothing to keep
+                return 0
+            node = self._inodes[ino] = _Inode(self._register(fd))
         elif node.backing_id and writable:
             raise Conflict(os.strerror(errno.ETXTBSY))
         # (a reader opened after a copy-up joins the readers still on the lower file)
