@@ -313,12 +313,14 @@ class Bridge:
         `store` (an open for reading), a small lower file's data is first put into the
         kernel's page cache (`_store`)."""
         oflags, backing_id = self._open_flags(info), 0
+        if not (self.backings.enabled or store):
+            return wire.OPEN_OUT.pack(info.fh, oflags, backing_id)
+        stack = self.ops.stack
+        node = stack.node(ino)
+        lower = not stack.in_upper(node)
+        size = stack.stat(node).st_size if lower else 0  # cached for lower objects
         if self.backings.enabled:
             fd, writable = self.ops.handle_fd(info.fh)
-            stack = self.ops.stack
-            node = stack.node(ino)
-            lower = not stack.in_upper(node)
-            size = stack.stat(node).st_size if lower else 0  # cached for lower objects
             try:
                 backing_id = self.backings.open(ino, info.fh, fd, writable, lower, size)
             except Conflict:
@@ -326,12 +328,13 @@ class Bridge:
                 raise
             if backing_id:
                 oflags = (oflags & ~wire.FOPEN_KEEP_CACHE) | wire.FOPEN_PASSTHROUGH
-        if store and oflags & wire.FOPEN_KEEP_CACHE and ino not in self._opened:
-            self._store(ino, info.fh)
+        if (store and lower and node.kind == stat.S_IFREG and 0 < size <= STORE_MAX
+                and oflags & wire.FOPEN_KEEP_CACHE and ino not in self._opened):  # fmt: skip
+            self._store(ino, info.fh, size)
         return wire.OPEN_OUT.pack(info.fh, oflags, backing_id)
 
-    def _store(self, ino: int, fh: int) -> None:
-        """Put the whole of a small lower file into the kernel's page cache
+    def _store(self, ino: int, fh: int, size: int) -> None:
+        """Put the whole of a small lower file (`size` bytes) into the kernel's page cache
         (FUSE_NOTIFY_STORE), before the OPEN reply that keeps it (FOPEN_KEEP_CACHE), so the
         reader's read(2) is served from the cache instead of a READ request.  That also saves
         a GETATTR later: on a writable mount the kernel drops an inode's cached atime after
@@ -343,14 +346,8 @@ class Bridge:
         into a locked page waits for that READ, which this loop would answer only after the
         store: a deadlock.  Before any OPEN is answered no file of the inode is open (no
         read, no mmap), so no page of it can be locked.  Pages the kernel drops later come
-        back by READ, as before.  Best effort: any failure leaves it to READ."""
-        stack = self.ops.stack
-        node = stack.known(ino)
-        if node is None or node.kind != stat.S_IFREG or stack.in_upper(node):
-            return
-        size = stack.stat(node).st_size
-        if not 0 < size <= STORE_MAX:
-            return
+        back by READ, as before.  Best effort: any failure leaves it to READ.  The data goes
+        out by writev beside its header (wire.pack_notify would copy it once more)."""
         fd, _ = self.ops.handle_fd(fh)
         try:
             data = os.pread(fd, size, 0)
@@ -361,7 +358,6 @@ class Bridge:
             os.writev(self.devfd, [head, wire.NOTIFY_STORE.pack(ino, 0, size, 0), data])
         except OSError as exc:
             log.debug("notify_store(%d): %s", ino, exc)
-            return
 
     async def open(self, h: Header, flags: int, open_flags: int = 0) -> bytes:
         if self.conn.no_open:
