@@ -5,6 +5,7 @@ caching features, measured by the requests the daemon saw, and a clean SIGTERM."
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import re
 import shutil
@@ -344,6 +345,69 @@ def test_small_lower_files_are_stored_at_open(tmp_path, fuse):
     assert (up / "partial").read_bytes() == data["partial"] + b"+"
     assert (up / "pages").read_bytes() == want
     assert (lo / "pages").read_bytes() == data["pages"]
+
+
+def _real_fds_into(pid: int, d: Path) -> int:
+    """How many of process `pid`'s fds are open on files under `d`."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(str(d) + "/")
+        except OSError:
+            pass
+    return n
+
+
+def _direct_read(fd: int, size: int) -> bytes:
+    """pread through an O_DIRECT fd (an aligned buffer), so the kernel sends READ."""
+    buf = mmap.mmap(-1, size)
+    n = os.preadv(fd, [buf], 0)
+    return bytes(buf[:n])
+
+
+def test_read_only_lower_opens_open_the_real_file_at_first_need(tmp_path, fuse):
+    """A read-only open of a lower file opens no real file in the daemon: the kernel serves
+    its reads from the page cache, so the real fd is opened only when a READ comes.  What
+    an fd opened that way reads is what it would have read from an fd opened at once:
+    the lower file after its name was removed or renamed over, the upper copy after another
+    fd's write copied it up."""
+    lo, mnt, up, wk = (tmp_path / n for n in ("lo", "mnt", "up", "wk"))
+    for d in (lo, mnt, up, wk):
+        d.mkdir()
+    data = {name: os.urandom(8192) for name in ("kept", "gone", "over", "copied")}
+    for name, body in data.items():
+        (lo / name).write_bytes(body)
+    m = native(mnt, [lo], up, wk)
+    with m:
+        assert m.proc is not None
+        for name in data:  # the first open stores the data (and opens the real file)
+            assert (mnt / name).read_bytes() == data[name]
+        held = [os.open(mnt / "kept", os.O_RDONLY) for _ in range(20)]
+        try:
+            assert all(os.pread(fd, 100, 0) == data["kept"][:100] for fd in held)  # cached
+            assert _real_fds_into(m.proc.pid, lo) == 0
+        finally:
+            for fd in held:
+                os.close(fd)
+        fds = {name: os.open(mnt / name, os.O_RDONLY | os.O_DIRECT) for name in data}
+        try:
+            assert _real_fds_into(m.proc.pid, lo) == 0
+            os.unlink(mnt / "gone")
+            (mnt / "new").write_bytes(b"renamed over")
+            os.rename(mnt / "new", mnt / "over")
+            with open(mnt / "copied", "r+b") as f:
+                f.write(b"UPPER")
+            assert _direct_read(fds["kept"], 8192) == data["kept"]
+            assert _real_fds_into(m.proc.pid, lo) == 1  # opened by its READ
+            assert _direct_read(fds["gone"], 8192) == data["gone"]
+            assert _direct_read(fds["over"], 8192) == data["over"]
+            assert _direct_read(fds["copied"], 8192) == b"UPPER" + data["copied"][5:]
+            assert os.fstat(fds["gone"]).st_size == 8192
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        assert (mnt / "over").read_bytes() == b"renamed over"
+        assert not (mnt / "gone").exists()
 
 
 def test_passthrough_of_big_lower_files(tmp_path, lower, fuse):

@@ -127,15 +127,26 @@ def _short(args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 class FileHandle:
-    """An open file: the real fd (lower until the first write, then upper)."""
+    """An open file: the real fd (lower until the first write, then upper).
 
-    __slots__ = ("node", "fd", "writable", "uid")
+    A read-only open of a lower file opens nothing yet (`fd` -1, `lazy` the lower path and
+    flags): the kernel serves most such opens from its page cache (FOPEN_KEEP_CACHE, or the
+    data stored at open), so the fd is opened only when something needs it
+    (`UnionOperations._fd`: a READ, passthrough, fstat).  The lower path stays valid
+    whatever happens to the name in the merged view: lower layers never change, and a
+    copy-up moves the handle to the upper at once (`_reopen`)."""
 
-    def __init__(self, node: Node, fd: int, writable: bool, uid: int) -> None:
+    __slots__ = ("node", "fd", "writable", "uid", "lazy")
+
+    def __init__(
+        self, node: Node, fd: int, writable: bool, uid: int,
+        lazy: tuple[bytes, int] | None = None,
+    ) -> None:  # fmt: skip
         self.node = node
         self.fd = fd
         self.writable = writable
         self.uid = uid  # whose descriptor budget it counts against
+        self.lazy = lazy  # (lower path, open flags) while fd is -1
 
 
 class DirHandle:
@@ -385,12 +396,23 @@ class UnionOperations(pyfuse3.Operations):
     def _handle_fds(self, node: Node) -> list[FileHandle]:
         return [self._files[fh] for fh in self._by_node.get(node.ino, ())]
 
-    def _add_handle(self, node: Node, fd: int, writable: bool, uid: int) -> int:
-        """Register an open fd whose budget `uid` has already taken."""
+    def _add_handle(
+        self, node: Node, fd: int, writable: bool, uid: int,
+        lazy: tuple[bytes, int] | None = None,
+    ) -> int:  # fmt: skip
+        """Register an open fd (or a lazy one, FileHandle) whose budget `uid` has taken."""
         fh = self._new_fh()
-        self._files[fh] = FileHandle(node, fd, writable, uid)
+        self._files[fh] = FileHandle(node, fd, writable, uid, lazy)
         self._by_node.setdefault(node.ino, set()).add(fh)
         return fh
+
+    def _fd(self, handle: FileHandle) -> int:
+        """The handle's real fd, opened now if it was lazy (FileHandle)."""
+        if handle.fd < 0 and handle.lazy is not None:
+            path, flags = handle.lazy
+            handle.fd = _open_noatime(self.stack.fs, path, flags)
+            handle.lazy = None
+        return handle.fd
 
     @_handler
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
@@ -406,6 +428,10 @@ class UnionOperations(pyfuse3.Operations):
         oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY | _O_DIRECT)
         path = self.stack.real_path(node)
         self.budget.take(ctx.uid)
+        if not writable and node.kind == stat.S_IFREG and not self.stack.in_upper(node):
+            # a lower file to read: opened at first need (FileHandle)
+            fh = self._add_handle(node, -1, False, ctx.uid, (path, oflags))
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         try:
             if writable:
                 fd = _open_rw(self.stack.fs, path, self._open_flags(oflags), oflags)
@@ -447,15 +473,18 @@ class UnionOperations(pyfuse3.Operations):
             node.invalidate()
         return self._entry(node)
 
+    def handle_writable(self, fh: int) -> bool:
+        return self._files[fh].writable
+
     def handle_fd(self, fh: int) -> tuple[int, bool]:
         """(real fd, opened for writing) of an open file (the native transport's passthrough
         hands the fd to the kernel)."""
         handle = self._files[fh]
-        return handle.fd, handle.writable
+        return self._fd(handle), handle.writable
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self._files[fh].fd, size, off)
+        return os.pread(self._fd(self._files[fh]), size, off)
 
     @_handler
     @_mutating
@@ -481,6 +510,8 @@ class UnionOperations(pyfuse3.Operations):
             if not fhs:
                 del self._by_node[handle.node.ino]
         self.budget.give(handle.uid)
+        if handle.fd < 0:
+            return  # never opened (FileHandle)
         try:
             os.close(handle.fd)
         except OSError:
@@ -489,8 +520,10 @@ class UnionOperations(pyfuse3.Operations):
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         fd = self._files[fh].fd
-        if self.volatile:
-            return  # volatile: no syncs of the upper (the writes themselves have reached it)
+        if self.volatile or fd < 0:
+            # volatile: no syncs of the upper (the writes themselves have reached it); a
+            # lower file never opened has nothing to sync (FileHandle)
+            return
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
 
     @_handler
@@ -562,15 +595,19 @@ class UnionOperations(pyfuse3.Operations):
         do this; it is why an fd opened before another fd's write sees the new data)."""
         path = self.stack.real_path(node)
         for handle in self._handle_fds(node):
-            if not handle.writable:
-                new = self.stack.fs.open(path, os.O_RDONLY)
+            if handle.writable:
+                continue
+            new = self.stack.fs.open(path, os.O_RDONLY)
+            if handle.fd < 0:  # lazy: it must follow the upper copy from now on
+                handle.fd, handle.lazy = new, None
+            else:
                 os.dup2(new, handle.fd)
                 os.close(new)
 
     def _stat_for(self, node: Node) -> os.stat_result:
         if node.unlinked:
             for handle in self._handle_fds(node):
-                return os.fstat(handle.fd)
+                return os.fstat(self._fd(handle))
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self.stack.stat(node)
 
@@ -658,13 +695,13 @@ class UnionOperations(pyfuse3.Operations):
         back) — an fd still open on it, never whatever now has the old name."""
         handle = self._files.get(fh) if fh is not None else None
         if handle is not None:
-            return handle.fd
+            return self._fd(handle)
         if not node.unlinked:
             return self.stack.real_path(node)
         handles = sorted(self._handle_fds(node), key=lambda h: not h.writable)
         if not handles:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return handles[0].fd
+        return self._fd(handles[0])
 
     def _new_entry(self, node: Node) -> AttrsReply:
         attrs = self._entry(node)

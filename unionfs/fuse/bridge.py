@@ -320,7 +320,10 @@ class Bridge:
         lower = not stack.in_upper(node)
         size = stack.stat(node).st_size if lower else 0  # cached for lower objects
         if self.backings.enabled:
-            fd, writable = self.ops.handle_fd(info.fh)
+            writable = self.ops.handle_writable(info.fh)
+            fd = -1  # a lazy handle stays unopened unless it passes through (FileHandle)
+            if self.backings.needs_fd(ino, writable, lower, size):
+                fd, _ = self.ops.handle_fd(info.fh)
             try:
                 backing_id = self.backings.open(ino, info.fh, fd, writable, lower, size)
             except Conflict:

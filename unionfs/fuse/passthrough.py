@@ -68,10 +68,17 @@ class Backings:
         self._inodes: dict[int, _Inode] = {}
         self._handle_inode: dict[int, int] = {}
 
+    def needs_fd(self, ino: int, writable: bool, lower: bool, size: int) -> bool:
+        """Would `open` of such a handle register its fd as a new backing file?  (Only then
+        does the handle's real file have to be open now: operations.FileHandle.)"""
+        return (self.enabled and ino not in self._inodes and not writable and lower
+                and size >= MIN_SIZE)  # fmt: skip
+
     def open(self, ino: int, fh: int, fd: int, writable: bool, lower: bool, size: int) -> int:
         """The backing id to answer handle `fh` of inode `ino` with (0: cached); `lower`:
-        the handle's real file is in a lower layer, of `size` bytes.  Raises Conflict for a
-        handle opened for writing while the inode passes through to its lower file."""
+        the handle's real file is in a lower layer, of `size` bytes; `fd` its real fd, read
+        only when `needs_fd` (else it may be -1).  Raises Conflict for a handle opened for
+        writing while the inode passes through to its lower file."""
         if not self.enabled:
             return 0
         node = self._inodes.get(ino)
