@@ -192,6 +192,28 @@ def test_a_second_mount_of_the_same_upper_is_refused(union, tmp_path):
     shutil.rmtree(wk2)
 
 
+def test_the_same_dirs_mount_again_right_after_an_unmount(union):
+    """Kernel overlayfs frees its upper and work dirs when umount returns.  `fusermount3 -u`
+    returns before layerfs's daemon has exited and dropped its locks on them (right after a
+    mount it may still be importing its handlers), so a mount of the same dirs at once must
+    wait for the old daemon, not refuse them as in use (it did, about one time in two)."""
+    lo, up, wk, mnt = union
+    opts = overlay_options([lo], up, wk)
+    for i in range(6):
+        r = subprocess.run([LAYERFS, "-o", opts, str(mnt)], capture_output=True, text=True,
+                           timeout=30)  # fmt: skip
+        try:
+            assert r.returncode == 0, f"mount {i}: {r.stderr}"
+            if i == 0:
+                (mnt / "kept").write_bytes(b"from the first mount\n")
+        finally:
+            if mounts.is_mounted(str(mnt)):
+                subprocess.run(["fusermount3", "-u", str(mnt)], check=False, timeout=15)
+            mounts.lazy_unmount(str(mnt))
+    with LayerfsMount(mnt, [lo], up, wk):
+        assert (mnt / "kept").read_bytes() == b"from the first mount\n"
+
+
 def test_the_daemon_pins_no_layer_filesystem(tmp_path, fuse, root):
     """Kernel overlayfs lets `umount MNT; umount LAYERFS` run back to back.  FUSE's unmount
     does not wait for the daemon to exit, so the daemon must hold nothing open on its

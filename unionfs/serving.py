@@ -59,7 +59,9 @@ def open_stack(cfg: MountConfig, report: Callable[[str], None]) -> tuple[Any, An
             fs=Roots(shadow=os.fsencode(cfg.mountpoint)),
         )
         writer = (
-            Writer(stack, cfg.work, create_redirects=cfg.create_redirects)
+            Writer(
+                stack, cfg.work, create_redirects=cfg.create_redirects, mountpoint=cfg.mountpoint
+            )
             if cfg.work is not None
             else None
         )

@@ -36,7 +36,6 @@ bookkeeping of the stack's nodes and listings; each public method is one rule.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import stat
 
@@ -44,6 +43,7 @@ from . import fsutil, markers
 from .acl import ACCESS as ACL_ACCESS
 from .acl import DEFAULT as ACL_DEFAULT
 from .acl import Inherited
+from .dirlock import lock_dir
 from .errors import Exists, NameTooLong, NotEmpty, NotFound, UnionError
 from .fsat import Roots
 from .stack import DirLayer, Entry, LayerStack, Node
@@ -72,15 +72,22 @@ class CopyPlan:
 
 
 class Writer:
-    def __init__(self, stack: LayerStack, workdir: str, create_redirects: bool = True) -> None:
+    def __init__(
+        self, stack: LayerStack, workdir: str, create_redirects: bool = True,
+        mountpoint: str | None = None,
+    ) -> None:  # fmt: skip
         self.stack = stack
         # redirect_dir=on: a directory with lower parts can move (it gets a redirect); with
         # follow/off/nofollow it cannot, and rename(2) says EXDEV, as on the kernel
         self.create_redirects = create_redirects
-        self._locks = [
-            _lock_dir(workdir, "workdir"),
-            _lock_dir(os.fsdecode(stack.layers[0]), "upperdir"),
-        ]
+        self._locks: list[int] = []
+        try:  # one mount per work and upper dir (dirlock)
+            for path, what in ((workdir, "workdir"), (os.fsdecode(stack.layers[0]), "upperdir")):
+                self._locks.append(lock_dir(path, what, mountpoint))
+        except BaseException:
+            for fd in self._locks:
+                os.close(fd)
+            raise
         self.workdir = os.path.abspath(workdir)  # as given by workdir=
         self.work = os.fsencode(os.path.join(self.workdir, WORK_SUBDIR))
         self.fs = fs = stack.fs
@@ -646,33 +653,6 @@ def _nlink(fs: Roots, path: bytes) -> int:
         return fs.lstat(path).st_nlink
     except FileNotFoundError:
         return 0
-
-
-def _lock_dir(path: str, what: str) -> int:
-    """Hold an exclusive lock on a directory for the life of the mount: a second mount of the
-    same upper or work dir is refused, as the kernel refuses it, instead of two daemons
-    corrupting each other's view.  The lock is a file named by the directory's identity
-    (st_dev:st_ino) under the runtime dir, not an fd on the directory itself: an fd there
-    would keep the upper's filesystem busy until this process is gone, and `umount MNT;
-    umount UPPERFS` (which the kernel's overlay allows at once) would fail."""
-    st = os.stat(path)
-    locks = os.path.join(_runtime_dir(), f"layerfs-locks-{os.geteuid()}")
-    os.makedirs(locks, mode=0o700, exist_ok=True)
-    name = os.path.join(locks, f"{st.st_dev}:{st.st_ino}")
-    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UnionError(f"{what} {path} is in use by another mount", errno.EBUSY) from None
-    return fd
-
-
-def _runtime_dir() -> str:
-    """/run as root; the user's XDG_RUNTIME_DIR (else /tmp) otherwise."""
-    if os.geteuid() == 0 and os.access("/run", os.W_OK):
-        return "/run"
-    return os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
 
 
 def _set_acls(target: bytes | int, acls: Inherited, fs: Roots) -> None:
