@@ -102,6 +102,25 @@ def test_signal_unmounts_and_exits_0(stack, sig):
                 assert exc.errno == errno.ENOTCONN
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_signal_right_after_the_mount_unmounts_too(stack, sig):
+    """The daemon mounts first and loads trio and its handlers after; a signal in between
+    (here: the moment the mount is live) must still unmount and exit 0, not kill the daemon
+    and leave a dead mount ("Transport endpoint is not connected")."""
+    lo, hi, mnt = stack
+    for _ in range(3):
+        m = LayerfsMount(mnt, [hi, lo])
+        m.start()  # returns as soon as the mount is in the mount table
+        try:
+            assert m.proc is not None
+            m.proc.send_signal(sig)
+            assert m.proc.wait(timeout=20) == 0
+            assert not is_mounted(mnt)
+            assert os.listdir(mnt) == []  # the plain directory again
+        finally:
+            m.stop()
+
+
 def _ignore_sigchld() -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
 

@@ -27,7 +27,7 @@ import sys
 from .errors import OptionError
 from .fdlimit import raise_nofile
 from .options import USAGE, MountConfig, parse_args
-from .serving import open_stack
+from .serving import hold_signals, open_stack
 
 log = logging.getLogger("layerfs")
 
@@ -182,6 +182,7 @@ def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
         volatile=cfg.volatile,
     )
     ops.enable_acl = cfg.acl  # pyfuse3 reads it at INIT
+    hold_signals()  # from the mount on, a signal must unmount, not just kill (serving.py)
     try:
         pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
     except RuntimeError as exc:

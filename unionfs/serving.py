@@ -22,6 +22,23 @@ from .options import VOLATILE_MARKER, MountConfig
 log = logging.getLogger("layerfs")
 
 SIGNAL_FLUSH_TIMEOUT = 30.0  # seconds a signal waits for the mount's dirty pages (a freeze)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each unmounts and ends the daemon
+_early: list[int] = []  # signals that came before serve_mount listened (hold_signals)
+
+
+def hold_signals() -> None:
+    """Until serve_mount listens for them, note SIGTERM/SIGINT/SIGHUP instead of dying by
+    them: called just before mounting, since the daemon mounts first and loads its handlers
+    and trio after (100-200 ms), and one killed in between would leave its mount dead
+    ("Transport endpoint is not connected") until somebody unmounts it.  serve_mount then
+    unmounts at once for a signal noted here."""
+
+    def note(signum: int, frame: object) -> None:
+        _early.append(signum)
+
+    for signum in SIGNALS:
+        signal.signal(signum, note)
+
 
 # Run as soon as the mount is gone, before the daemon's slower teardown: they close what pins
 # a layer's filesystem (a log file in the work dir).  Kernel overlayfs lets go of its layers
@@ -109,7 +126,12 @@ async def serve_mount(  # type: ignore[no-untyped-def]
     from . import control
 
     async def on_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        with trio.open_signal_receiver(*SIGNALS) as sigs:
+            if _early:  # came before the loop served anything: no dirty page can exist yet
+                log.info("signal %d during start-up: unmounting", _early[0])
+                terminate()
+                task_status.started()
+                return
             task_status.started()
             async for signum in sigs:
                 log.info("signal %d: unmounting", signum)

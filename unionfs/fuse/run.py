@@ -33,12 +33,13 @@ EXIT_OK, EXIT_MOUNT_FAILED = 0, 1
 def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> int:
     """Serve `cfg` over our own FUSE session.  `report` is called once: "OK" when the mount
     is live, or the reason it could not be made."""
-    from ..serving import open_stack
+    from ..serving import hold_signals, open_stack
 
     opened = open_stack(cfg, report)
     if opened is None:
         return EXIT_MOUNT_FAILED
     stack, writer = opened
+    hold_signals()  # from the mount on, a signal must unmount, not just kill (serving.py)
     try:
         mounted = mount(cfg.mountpoint, options)
     except OSError as exc:
