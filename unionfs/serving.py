@@ -128,7 +128,7 @@ async def serve_mount(  # type: ignore[no-untyped-def]
     async def on_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
         with trio.open_signal_receiver(*SIGNALS) as sigs:
             if _early:  # came before the loop served anything: no dirty page can exist yet
-                log.info("signal %d during start-up: unmounting", _early[0])
+                log.info("signal %d: unmounting", _early[0])  # (during start-up)
                 terminate()
                 task_status.started()
                 return
