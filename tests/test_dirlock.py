@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from unionfs import dirlock
+from unionfs import dirlock, mounttable
 from unionfs.errors import UnionError
 
 
@@ -78,5 +78,6 @@ def test_an_unmounted_holder_that_never_exits_is_refused_in_the_end(tmp_path, mo
 
 
 def test_mountinfo_escapes_are_undone():
-    assert dirlock._unescape(b"/a\\040b\\134c") == "/a b\\c"
-    assert dirlock._unescape(b"/plain") == "/plain"
+    """What the holder check reads mountpoints with (unionfs/mounttable.py)."""
+    assert mounttable._unescape_mountinfo("/a\\040b\\134c") == "/a b\\c"
+    assert mounttable._unescape_mountinfo("/plain") == "/plain"

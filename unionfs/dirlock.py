@@ -27,6 +27,7 @@ import os
 import time
 
 from .errors import UnionError
+from .mounttable import fstype
 
 RELEASE_WAIT = 5.0  # seconds a new mount waits for an unmounted holder to exit
 _POLL = 0.005
@@ -81,7 +82,10 @@ def _holder_leaving(fd: int) -> bool:
         return False
     if len(fields) != 3 or not fields[2] or fields[1] != _mount_ns():
         return False  # no mountpoint recorded (yet), or one this namespace cannot see
-    return fields[2] not in _mountpoints()
+    try:
+        return fstype(fields[2]) is None
+    except (OSError, ValueError):  # no mount table to read: it cannot tell
+        return False
 
 
 def _mount_ns() -> str:
@@ -89,36 +93,6 @@ def _mount_ns() -> str:
         return str(os.stat("/proc/self/ns/mnt").st_ino)
     except OSError:
         return "?"
-
-
-def _mountpoints() -> set[str]:
-    """Every mount point in this mount namespace (/proc/self/mountinfo's fifth field)."""
-    out = set()
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            for line in f:
-                fields = line.split(b" ", 5)
-                if len(fields) > 4:
-                    out.add(_unescape(fields[4]))
-    except OSError:
-        pass
-    return out
-
-
-def _unescape(field: bytes) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    if b"\\" not in field:
-        return os.fsdecode(field)
-    out = bytearray()
-    i = 0
-    while i < len(field):
-        if field[i : i + 1] == b"\\" and field[i + 1 : i + 4].isdigit():
-            out.append(int(field[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return os.fsdecode(bytes(out))
 
 
 def _runtime_dir() -> str:

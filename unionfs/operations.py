@@ -476,11 +476,10 @@ class UnionOperations(pyfuse3.Operations):
     def handle_writable(self, fh: int) -> bool:
         return self._files[fh].writable
 
-    def handle_fd(self, fh: int) -> tuple[int, bool]:
-        """(real fd, opened for writing) of an open file (the native transport's passthrough
-        hands the fd to the kernel)."""
-        handle = self._files[fh]
-        return self._fd(handle), handle.writable
+    def handle_fd(self, fh: int) -> int:
+        """The real fd of an open file, opened now if it was lazy (the native transport's
+        passthrough hands it to the kernel, its page-cache store reads it)."""
+        return self._fd(self._files[fh])
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -323,7 +323,7 @@ class Bridge:
             writable = self.ops.handle_writable(info.fh)
             fd = -1  # a lazy handle stays unopened unless it passes through (FileHandle)
             if self.backings.needs_fd(ino, writable, lower, size):
-                fd, _ = self.ops.handle_fd(info.fh)
+                fd = self.ops.handle_fd(info.fh)
             try:
                 backing_id = self.backings.open(ino, info.fh, fd, writable, lower, size)
             except Conflict:
@@ -351,7 +351,7 @@ class Bridge:
         read, no mmap), so no page of it can be locked.  Pages the kernel drops later come
         back by READ, as before.  Best effort: any failure leaves it to READ.  The data goes
         out by writev beside its header (wire.pack_notify would copy it once more)."""
-        fd, _ = self.ops.handle_fd(fh)
+        fd = self.ops.handle_fd(fh)
         try:
             data = os.pread(fd, size, 0)
             if len(data) != size:
