@@ -7,11 +7,13 @@ conformance run (pjdfstest, a differential fuzzer) against an earlier layerfs:
   - mknod of a 0/0 character device (a whiteout on disk) is refused with EPERM;
   - redirect_dir=off/follow/nofollow: moving a directory with lower parts gives EXDEV, and
     nofollow refuses to look up a directory that carries a redirect;
-  - one upper and work dir serve one mount at a time.
+  - one upper and work dir serve one mount at a time;
+  - a copied-up file's data is on disk before the file goes into the upper (unless volatile).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
@@ -247,3 +249,72 @@ def test_the_daemon_pins_no_layer_filesystem(tmp_path, fuse, root):
     assert (tmp_path / "upfs").exists() and not any(
         mp.startswith(str(tmp_path)) for mp, _ in mounts.mounts()
     )
+
+
+_CACHESTAT = 451  # cachestat(2), Linux 6.5; one number on every architecture
+
+
+class _Range(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("cache", "dirty", "writeback", "evicted", "recent")]
+
+
+def _page_cache(path: Path, length: int) -> _Cachestat:
+    """How many of the first `length` bytes' pages are cached, dirty, under writeback."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        rng, out = _Range(0, length), _Cachestat()
+        if libc.syscall(_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(out), 0) != 0:
+            err = ctypes.get_errno()
+            mounts.need(False, f"cachestat(2): {os.strerror(err)}")
+        return out
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("engine", ["kernel", "layerfs", "layerfs-volatile"])
+def test_copied_up_data_is_on_disk_before_it_goes_into_place(tmp_path, fuse, root, engine):
+    """Kernel overlayfs fsyncs a copied-up file's data before it renames the file into the
+    upper (ovl_copy_up_file), unless the mount is `volatile`.  Without that, a power cut
+    can leave the renamed upper file empty or zero-filled (delayed allocation): it hides the
+    lower file, whose bytes the user then loses by appending one byte.  Seen here as the
+    upper copy's page cache: no page of the copied bytes is still dirty once the append that
+    copied it up returns.  The volatile case shows the check can see dirty pages."""
+    if _fs_type(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("the upper must be on a disk filesystem: tmpfs has no writeback")
+    size = 1 << 20  # whole pages: the appended byte dirties only the page after them
+    lo, up, wk, mnt = tmp_path / "lo", tmp_path / "up", tmp_path / "wk", tmp_path / "mnt"
+    for p in (up, wk, mnt):
+        p.mkdir()
+    write(lo / "f", os.urandom(size))
+    if engine == "kernel":
+        ctx: object = KernelOverlay(mnt, [lo], up, wk)
+    else:
+        extra = "volatile" if engine == "layerfs-volatile" else ""
+        ctx = LayerfsMount(mnt, [lo], up, wk, extra_opts=extra)
+    with ctx:  # type: ignore[attr-defined]
+        fd = os.open(mnt / "f", os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, b"!")
+        finally:
+            os.close(fd)
+        cache = _page_cache(up / "f", size)
+    assert cache.cache > 0, "the copy-up left nothing in the page cache to check"
+    if engine == "layerfs-volatile":
+        assert cache.dirty > 0, "volatile: the copy is not synced, as on the kernel"
+    else:
+        assert (cache.dirty, cache.writeback) == (0, 0), f"{engine}: copied data not on disk"
+    assert (up / "f").stat().st_size == size + 1
+
+
+def _fs_type(path: Path) -> str:
+    """The type of the filesystem holding `path` (the longest mountpoint above it)."""
+    best = ("", "")
+    for mp, fstype in mounts.mounts():
+        if (str(path) + "/").startswith(mp.rstrip("/") + "/") and len(mp) >= len(best[0]):
+            best = (mp, fstype)
+    return best[1]

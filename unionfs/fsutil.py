@@ -40,9 +40,11 @@ def kind_name(mode: int) -> str:
     return _KIND_NAMES.get(stat.S_IFMT(mode), "other")
 
 
-def copy_data(fs: Roots, src: bytes, dst: bytes, mode: int = 0o600) -> None:
+def copy_data(fs: Roots, src: bytes, dst: bytes, mode: int = 0o600, sync: bool = False) -> None:
     """Copy a regular file's bytes into a new file, keeping holes (SEEK_DATA/SEEK_HOLE) and
-    using copy_file_range, which the filesystem may turn into a reflink."""
+    using copy_file_range, which the filesystem may turn into a reflink.  `sync`: fsync the
+    new file (when it has bytes) before returning, so that its data is on disk before any
+    rename makes it visible."""
     fin = fs.open(src, os.O_RDONLY)
     try:
         fd = fs.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -50,6 +52,8 @@ def copy_data(fs: Roots, src: bytes, dst: bytes, mode: int = 0o600) -> None:
             size = os.fstat(fin).st_size
             _copy_ranges(fin, fd, size)
             os.ftruncate(fd, size)
+            if sync and size:
+                os.fsync(fd)
         finally:
             os.close(fd)
     finally:

@@ -71,7 +71,6 @@ _O_NOATIME = getattr(os, "O_NOATIME", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # the daemon's buffers are not aligned for it
 SELINUX_XATTR = b"security.selinux"
 _HOST_SELINUX = os.path.exists("/sys/fs/selinux")  # a host without SELinux labels nothing
-SMALL_COPY = 256 << 10  # copy-ups up to this size stay on the trio thread (a hop costs more)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 # An attribute reply: pyfuse3's EntryAttributes, or `Attrs` on the native transport
@@ -569,7 +568,7 @@ class UnionOperations(pyfuse3.Operations):
                 plan = writer.plan_copy_up(node, with_data)
                 if plan is not None:
                     try:
-                        if with_data and plan.st.st_size > SMALL_COPY:
+                        if plan.blocks:  # a big copy or an fsync: not on the loop's thread
                             await trio.to_thread.run_sync(Writer.copy_data, plan)
                         else:
                             Writer.copy_data(plan)

@@ -31,10 +31,11 @@ Options of kernel overlayfs, with the kernel's meaning:
                   renamed (it gets `overlay.redirect`); follow and off: existing redirects are
                   followed, renaming such a directory gives EXDEV; nofollow: neither, and a
                   redirected directory cannot be looked up (EPERM).
-  volatile        as the kernel (overlayfs.rst, "Volatile mount"): fsync and syncfs of the
-                  mount skip syncing the upper; the mount creates the work dir's
-                  `work/incompat/volatile`, and a mount whose work dir has it is refused (the
-                  upper may have lost writes in a crash); podman removes it before each mount.
+  volatile        as the kernel (overlayfs.rst, "Volatile mount"): fsync and fsyncdir on
+                  the mount skip syncing the upper, and so do copy-ups; the mount creates the
+                  work dir's `work/incompat/volatile`, and a mount whose work dir has it is
+                  refused (the upper may have lost writes in a crash); podman removes it
+                  before each mount.
 Empty options (`workdir=W,,volatile`, as podman writes them) are skipped.
 Every other option is either understood, harmless here (listed below, logged under -d), or
 refused with a message: a mount that silently ignores what it was asked would look right and

@@ -77,7 +77,11 @@ def open_stack(cfg: MountConfig, report: Callable[[str], None]) -> tuple[Any, An
         )
         writer = (
             Writer(
-                stack, cfg.work, create_redirects=cfg.create_redirects, mountpoint=cfg.mountpoint
+                stack,
+                cfg.work,
+                create_redirects=cfg.create_redirects,
+                mountpoint=cfg.mountpoint,
+                sync_copies=not cfg.volatile,
             )
             if cfg.work is not None
             else None

@@ -11,7 +11,8 @@ Crash safety (kill -9 at any moment): new objects are built in the work director
 into place, so the upper holds the old view or the complete new object.  A name that lower
 layers also have is replaced with renameat2(RENAME_WHITEOUT) or RENAME_EXCHANGE, so there is
 no moment where the lower object shows through.  Leftovers in the work directory are debris,
-removed at the next mount.
+removed at the next mount.  For a power cut, as the kernel: a copy-up's data is fsynced before
+the rename (`sync_copies`, off only for `volatile`).
 
 Hard-linked lower files (overlayfs's `index=`): with index=off, copy-up of one name breaks
 the link (the stack then reports that name's own upper file).  With index=on the names stay
@@ -54,29 +55,47 @@ _NO_SHARED_WHITEOUT = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, er
 INDEX_SUBDIR = "layerfs-index"  # index=on: links that stand for lower names not shown
 
 
+# Copy-ups of up to this many bytes, without fsync, stay on the trio thread (a hop to a worker
+# thread costs more than the copy).
+SMALL_COPY = 256 << 10
+
+
 class CopyPlan:
     """A regular file's copy-up in progress: data goes from `src` to `tmp` in a thread.
     (Not a dataclass: importing `dataclasses` costs every mount ~7 ms.)"""
 
-    __slots__ = ("node", "src", "tmp", "st", "with_data", "fs")
+    __slots__ = ("node", "src", "tmp", "st", "with_data", "fs", "sync")
 
     def __init__(
-        self, node: Node, src: bytes, tmp: bytes, st: os.stat_result, with_data: bool, fs: Roots
-    ) -> None:
+        self, node: Node, src: bytes, tmp: bytes, st: os.stat_result, with_data: bool, fs: Roots,
+        sync: bool = False,
+    ) -> None:  # fmt: skip
         self.node = node
         self.src = src
         self.tmp = tmp
         self.st = st
         self.with_data = with_data
         self.fs = fs
+        self.sync = sync  # fsync the copied data before it goes into place (`Writer.sync_copies`)
+
+    @property
+    def blocks(self) -> bool:
+        """Does `Writer.copy_data` wait for the disk (a big copy, or any fsync)?"""
+        size = self.st.st_size
+        return self.with_data and size > 0 and (self.sync or size > SMALL_COPY)
 
 
 class Writer:
     def __init__(
         self, stack: LayerStack, workdir: str, create_redirects: bool = True,
-        mountpoint: str | None = None,
+        mountpoint: str | None = None, sync_copies: bool = True,
     ) -> None:  # fmt: skip
         self.stack = stack
+        # As kernel overlayfs (ovl_copy_up_file, unless `volatile`): a copied-up file's data
+        # is fsynced before the file goes into place.  Otherwise a power cut can leave the
+        # renamed upper file empty or zero-filled (delayed allocation), hiding the lower
+        # file's bytes: the user loses a file they only appended to.
+        self.sync_copies = sync_copies
         # redirect_dir=on: a directory with lower parts can move (it gets a redirect); with
         # follow/off/nofollow it cannot, and rename(2) says EXDEV, as on the kernel
         self.create_redirects = create_redirects
@@ -182,13 +201,13 @@ class Writer:
             return None
         if not with_data:
             os.close(self.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        return CopyPlan(node, src, tmp, st, with_data, self.fs)
+        return CopyPlan(node, src, tmp, st, with_data, self.fs, self.sync_copies)
 
     @staticmethod
     def copy_data(plan: CopyPlan) -> None:
         """The slow part: runs in a worker thread, touching nothing but the two files."""
         if plan.with_data:
-            fsutil.copy_data(plan.fs, plan.src, plan.tmp)
+            fsutil.copy_data(plan.fs, plan.src, plan.tmp, sync=plan.sync)
 
     def abort_copy_up(self, plan: CopyPlan) -> None:
         try:
