@@ -8,6 +8,8 @@ conformance run (pjdfstest, a differential fuzzer) against an earlier layerfs:
   - redirect_dir=off/follow/nofollow: moving a directory with lower parts gives EXDEV, and
     nofollow refuses to look up a directory that carries a redirect;
   - one upper and work dir serve one mount at a time;
+  - what is renamed onto a whited-out name takes over hiding the lower object there: moved
+    away again it leaves a whiteout, and a directory becomes opaque;
   - a copied-up file's data is on disk before the file goes into the upper (unless volatile).
 """
 
@@ -249,6 +251,56 @@ def test_the_daemon_pins_no_layer_filesystem(tmp_path, fuse, root):
     assert (tmp_path / "upfs").exists() and not any(
         mp.startswith(str(tmp_path)) for mp, _ in mounts.mounts()
     )
+
+
+def _over_whiteouts(mnt: Path) -> None:
+    """Rename onto names whose lower objects were removed, then (files) move away again."""
+    os.unlink(mnt / "a/f0")
+    os.rename(mnt / "a/f1", mnt / "a/f0")  # onto f0's whiteout
+    os.rename(mnt / "a/f0", mnt / "a/g")  # the lower f0 must stay hidden
+    os.unlink(mnt / "a/f2")
+    os.link(mnt / "a/g", mnt / "a/f2")  # link onto f2's whiteout, then rename the name away
+    os.rename(mnt / "a/f2", mnt / "a/h")
+    shutil.rmtree(mnt / "a/dd")
+    os.mkdir(mnt / "a/nd")
+    write(mnt / "a/nd/mine", b"mine\n")
+    os.rename(mnt / "a/nd", mnt / "a/dd")  # onto the whiteout of a lower directory
+
+
+def test_what_is_renamed_onto_a_whiteout_keeps_the_lower_object_hidden(tmp_path, fuse, root):
+    """A rename onto a whited-out name replaced the whiteout without recording that a lower
+    object lies below: renamed away again, the name got no whiteout, and a directory got
+    no opaque mark.  The live mount looked right (the kernel's dentry cache); after a
+    remount, or once the kernel dropped its caches, the removed lower file came back, and
+    the removed directory's files reappeared inside the new one.  Found by a concurrent
+    stress run compared with kernel overlayfs on the same upper."""
+    trees = {}
+    for engine in ("layerfs", "kernel"):
+        lo, up, wk, mnt = (tmp_path / engine / p for p in ("lo", "up", "wk", "mnt"))
+        for p in (up, wk, mnt):
+            p.mkdir(parents=True)
+        for name in ("f0", "f1", "f2"):
+            write(lo / "a" / name, f"lower {name}\n".encode())
+        write(lo / "a/dd/inner", b"removed with its directory\n")
+        if engine == "kernel":
+            with KernelOverlay(mnt, [lo], up, wk, "redirect_dir=on"):
+                _over_whiteouts(mnt)
+        else:
+            with LayerfsMount(mnt, [lo], up, wk):
+                _over_whiteouts(mnt)
+        # what the upper means, read by the kernel after the mount
+        check, wk2 = tmp_path / engine / "check", tmp_path / engine / "wk2"
+        check.mkdir()
+        wk2.mkdir()
+        with KernelOverlay(check, [lo], up, wk2, "redirect_dir=on"):
+            trees[engine] = treecmp.snapshot(check)
+            assert sorted(os.listdir(check / "a")) == ["dd", "g", "h"], engine
+            assert os.listdir(check / "a/dd") == ["mine"], engine
+            assert (check / "a/g").read_bytes() == b"lower f1\n", engine
+        with LayerfsMount(mnt, [lo], up, wk):  # and by layerfs, from scratch
+            assert sorted(os.listdir(mnt / "a")) == ["dd", "g", "h"], engine
+            assert os.listdir(mnt / "a/dd") == ["mine"], engine
+    assert treecmp.diff(trees["layerfs"], trees["kernel"], compare_mtime=False) == []
 
 
 _CACHESTAT = 451  # cachestat(2), Linux 6.5; one number on every architecture

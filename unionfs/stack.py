@@ -591,9 +591,24 @@ class LayerStack:
             return True
         child = self.listing(parent).get(name)
         if child is None:
-            return False
+            # Not shown, yet something may lie below: a whiteout in the upper hides a lower
+            # object there.  Whatever is renamed onto the name replaces that whiteout and
+            # must take over hiding the object (a whiteout when it leaves, opaque if a
+            # directory), as the kernel's ovl_lower_positive sees it.  A name hidden by a
+            # lower layer's own whiteout, or by an opaque directory, needs nothing.
+            return self._upper_whiteout(parent, name)
         # by name, as overlayfs decides: a redirected directory's lower part lives elsewhere
         return child.layer > 0 or child.covers
+
+    def _upper_whiteout(self, parent: Node, name: bytes) -> bool:
+        if not self.in_upper(parent):
+            return False
+        path = self.upper_path(parent) + b"/" + name
+        try:
+            st = self.fs.lstat(path)
+        except FileNotFoundError:
+            return False
+        return rules.is_whiteout(path, st, self.upper_path(parent) in self._xwh, self.fs)
 
     # ----- attributes and content ---------------------------------------------------
     def immutable(self, node: Node) -> bool:
