@@ -257,3 +257,76 @@ def test_handlers_count_lookups(tmp_path):
         assert a.st_ino not in ops.stack.nodes
 
     trio.run(scenario)
+
+
+def test_an_open_that_raced_the_last_name_away_never_opens_what_has_the_name_now(tmp_path):
+    """The kernel looks a name up, then sends OPEN for the inode it found; an unlink or a
+    rename over the name can come in between.  For an upper file, the old name then holds a
+    whiteout (the open said ENXIO: a device) or another file (the open reached that file's
+    data).  The open must reach the file itself, through an fd still open on it, or say
+    ENOENT; a lower file's path stays valid.  The same holds for the xattr requests, which
+    come without a race (fsetxattr on an fd whose file was renamed over).  Found by
+    tests/test_stress.py."""
+    from unionfs import fuseapi
+    from unionfs.operations import UnionOperations
+    from unionfs.writer import Writer
+
+    root = 1
+    (lo,) = make(tmp_path, 1)
+    up, wk = tmp_path / "up", tmp_path / "wk"
+    up.mkdir()
+    wk.mkdir()
+    write(lo / "f", b"lower f")
+    write(lo / "g", b"lower g")
+    stack = LayerStack([str(lo)], str(up))
+    ops = UnionOperations(stack, Writer(stack, str(wk)))
+    ctx = types.SimpleNamespace(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), umask=0o022)
+
+    async def read_all(fh: int) -> bytes:
+        return bytes(await ops.read(fh, 0, 100))
+
+    async def scenario():
+        # f is copied up (an append), then whited out by unlink: ENOENT, not the whiteout
+        f = await ops.lookup(root, b"f", None)
+        fi = await ops.open(f.st_ino, os.O_WRONLY | os.O_APPEND, ctx)
+        await ops.write(fi.fh, 7, b"+")
+        await ops.release(fi.fh)
+        await ops.unlink(root, b"f", ctx)
+        assert os.stat(up / "f").st_rdev == 0  # the whiteout now has the name
+        with pytest.raises(fuseapi.FUSEError) as exc:
+            await ops.open(f.st_ino, os.O_RDONLY, ctx)
+        assert exc.value.errno == errno.ENOENT
+        # an upper file replaced by a rename, while an fd is open on it: the file itself
+        n = await ops.create(root, b"n", 0o100644, os.O_RDWR, ctx)
+        kept = n[0].fh
+        await ops.write(kept, 0, b"mine")
+        nino = n[1].st_ino
+        await ops.rename(root, b"g", root, b"n", 0, ctx)  # g copied up, over n
+        assert (up / "n").read_bytes() == b"lower g"
+        again = await ops.open(nino, os.O_RDWR, ctx)
+        assert await read_all(again.fh) == b"mine"
+        await ops.write(again.fh, 4, b"!")
+        assert (up / "n").read_bytes() == b"lower g"  # the other file is untouched
+        assert await read_all(kept) == b"mine!"
+        # fsetxattr and friends through the open fd: the file itself, not the new `n`
+        await ops.setxattr(nino, b"user.k", b"v", ctx)
+        assert await ops.getxattr(nino, b"user.k", ctx) == b"v"
+        assert b"user.k" in await ops.listxattr(nino, ctx)
+        assert os.listxattr(up / "n") == []
+        await ops.removexattr(nino, b"user.k", ctx)
+        with pytest.raises(fuseapi.FUSEError):
+            await ops.getxattr(nino, b"user.k", ctx)
+        for fh in (again.fh, kept):
+            await ops.release(fh)
+        # no fd left: gone, for every request that would have used the old name
+        for call in (
+            ops.open(nino, os.O_RDONLY, ctx),
+            ops.setxattr(nino, b"user.k", b"v", ctx),
+            ops.getxattr(nino, b"user.k", ctx),
+        ):
+            with pytest.raises(fuseapi.FUSEError) as exc:
+                await call
+            assert exc.value.errno == errno.ENOENT
+        assert os.listxattr(up / "n") == []
+
+    trio.run(scenario)

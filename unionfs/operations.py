@@ -59,7 +59,7 @@ from . import fuseapi as pyfuse3  # pyfuse3 itself, or stand-ins for the native 
 from .control import Gate
 from .errors import UnionError
 from .fdlimit import FdBudget
-from .fsat import Roots
+from .fsat import PLAIN, Roots
 from .idmap import Owners
 from .stack import Entry, LayerStack, Node
 from .writer import Writer
@@ -330,7 +330,9 @@ class UnionOperations(pyfuse3.Operations):
     # ----- xattrs ---------------------------------------------------------------------
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        value = self.stack.xattr_answer(self.stack.node(inode), name)
+        node = self.stack.node(inode)
+        gone = self._gone_fd(node)
+        value = self.stack.xattr_answer(node, name) if gone is None else _fd_xattr(gone, name)
         if isinstance(value, int):
             if value == errno.ENODATA:
                 if name == SELINUX_XATTR and not _HOST_SELINUX:
@@ -343,7 +345,12 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return self.stack.listxattr(self.stack.node(inode))
+        node = self.stack.node(inode)
+        gone = self._gone_fd(node)
+        if gone is None:
+            return self.stack.listxattr(node)
+        names = map(os.fsencode, os.listxattr(gone))
+        return [n for n in names if not markers.is_internal_xattr(n)]
 
     # ----- directories -----------------------------------------------------------------
     @_handler
@@ -425,7 +432,7 @@ class UnionOperations(pyfuse3.Operations):
             finally:
                 self.gate.leave()
         oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY | _O_DIRECT)
-        path = self.stack.real_path(node)
+        fs, path = self._open_path(node)
         self.budget.take(ctx.uid)
         if not writable and node.kind == stat.S_IFREG and not self.stack.in_upper(node):
             # a lower file to read: opened at first need (FileHandle)
@@ -433,9 +440,9 @@ class UnionOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         try:
             if writable:
-                fd = _open_rw(self.stack.fs, path, self._open_flags(oflags), oflags)
+                fd = _open_rw(fs, path, self._open_flags(oflags), oflags)
             else:
-                fd = _open_noatime(self.stack.fs, path, oflags)
+                fd = _open_noatime(fs, path, oflags)
         except BaseException:
             self.budget.give(ctx.uid)
             raise
@@ -443,6 +450,29 @@ class UnionOperations(pyfuse3.Operations):
             node.invalidate()
         fh = self._add_handle(node, fd, writable, ctx.uid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _open_path(self, node: Node) -> tuple[Roots, bytes]:
+        """What OPEN opens: the node's real object.  An upper file whose last name went
+        away (an unlink or a rename over it, racing this open: the kernel had looked the
+        name up before) is reached through an fd still open on it, never by its old name,
+        which may now hold a whiteout or another file; with none open it is gone (ENOENT).
+        A lower file's path stays valid: lower layers never change."""
+        fd = self._gone_fd(node)
+        if fd is None:
+            return self.stack.fs, self.stack.real_path(node)
+        return PLAIN, b"/proc/self/fd/%d" % fd  # reopened through procfs: the file itself
+
+    def _gone_fd(self, node: Node) -> int | None:
+        """None while `node` can be reached by its name (or lives in a lower layer, whose
+        paths stay valid).  For an upper file whose last name is gone (unlinked, or renamed
+        over), an fd still open on it: its old name may hold a whiteout or another file by
+        now, so nothing may act on that name.  ENOENT when no fd is left."""
+        if not (node.unlinked and self.stack.in_upper(node)):
+            return None
+        for handle in self._handle_fds(node):
+            if handle.fd >= 0:
+                return handle.fd
+        raise pyfuse3.FUSEError(errno.ENOENT)
 
     def _open_flags(self, flags: int) -> int:
         """Flags for the real file of a handle opened for writing.  O_APPEND is never passed
@@ -847,12 +877,14 @@ class UnionOperations(pyfuse3.Operations):
         await self._copy_up(node)
         if self.owners:
             value = self.owners.xattr_stored(name, value)
-        real = self.stack.real_path(node)
-        self.stack.fs.setxattr(real, name, value, flags)
+        gone = self._gone_fd(node)
+        fs = self.stack.fs
+        real = self.stack.real_path(node) if gone is None else gone  # an fd: the file itself
+        fs.setxattr(real, name, value, flags)
         if kill_sgid and name == acl.ACCESS:
-            mode = self.stack.fs.lstat(real).st_mode
+            mode = os.fstat(real).st_mode if isinstance(real, int) else fs.lstat(real).st_mode
             if mode & stat.S_ISGID:
-                self.stack.fs.chmod(real, stat.S_IMODE(mode) & ~stat.S_ISGID)
+                fs.chmod(real, stat.S_IMODE(mode) & ~stat.S_ISGID)
         node.invalidate()
 
     @_handler
@@ -867,8 +899,12 @@ class UnionOperations(pyfuse3.Operations):
             # have fails before any copy-up, so it neither copies nor breaks a hard link
             self.stack.getxattr(node, name)
         await self._copy_up(node)
+        gone = self._gone_fd(node)
         try:
-            self.stack.fs.removexattr(self.stack.real_path(node), name)
+            if gone is None:
+                self.stack.fs.removexattr(self.stack.real_path(node), name)
+            else:
+                os.removexattr(gone, name)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
@@ -955,6 +991,18 @@ def _in_group(ctx: Any, gid: int) -> bool:
     except OSError:
         pass
     return False
+
+
+def _fd_xattr(fd: int, name: bytes) -> bytes | int:
+    """`LayerStack.xattr_answer` for a file reached by an fd: the value, or the errno."""
+    if markers.is_internal_xattr(name):
+        return errno.ENODATA
+    try:
+        return os.getxattr(fd, name)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return exc.errno
+        raise
 
 
 def _open_noatime(fs: Roots, path: bytes, flags: int) -> int:
