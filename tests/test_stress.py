@@ -1,0 +1,168 @@
+"""Concurrent random changes through one layerfs mount, then four readings of the result that
+must agree: the live mount as the kernel caches it, the live mount after the kernel dropped
+its caches (what the daemon itself holds), a fresh layerfs mount of the upper, and kernel
+overlayfs mounting the same upper.
+
+Each worker process draws operations on a small set of names over lower files, directories
+and symlinks: appends and writes (copy-ups), renames (plain, NOREPLACE, EXCHANGE, onto
+whited-out names), unlink, link, mkdir, rmdir, create, symlink, truncate, chmod, utimes and
+xattrs.  Whatever the interleaving, the outcome must read the same four ways, and nothing
+may fail with an errno the operation cannot give or leave a traceback in the daemon's log.
+A mistake the kernel's caches hide from the live mount (a missing whiteout, a missing opaque
+mark) shows up as a disagreement between the first reading and the others: this run found
+one (`test_kernel_parity.test_what_is_renamed_onto_a_whiteout_keeps_the_lower_object_hidden`).
+
+The interleaving is not reproducible; the operations drawn are (a seed per worker), and a
+failure prints them.  Root only (kernel overlayfs, drop_caches).
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import treecmp
+from tests.layerdata import write
+from tests.mounts import KernelOverlay, LayerfsMount
+from unionfs import fsutil
+
+pytestmark = pytest.mark.mount
+
+DIRS = ["a", "b", "a/x", "b/y", "c"]
+STEMS = "fghxyd"
+# errnos these operations give on names that may or may not exist, be of another kind,
+# or be busy: anything else is a failure
+EXPECTED = {
+    errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR, errno.EXDEV,
+    errno.EINVAL, errno.EBUSY, errno.ENODATA, errno.EMLINK, errno.ELOOP, errno.EPERM,
+}  # fmt: skip
+OPS = (
+    "append pwrite rename rename unlink chmod link read trunc setx rmx mkdir rmdir create "
+    "symlink exchange noreplace utime list"
+).split()
+
+
+def _lowers(lo: Path, seed: int) -> None:
+    r = random.Random(seed)
+    for d in DIRS:
+        (lo / d).mkdir(parents=True, exist_ok=True)
+        for i in range(6):
+            path = lo / d / f"{r.choice('fgh')}{i}"
+            if path.exists():
+                continue
+            kind = r.random()
+            if kind < 0.7:
+                write(path, os.urandom(r.choice([0, 1, 100, 4096, 70000, 300000])))
+            elif kind < 0.85:
+                write(path / "in", b"in\n")
+            else:
+                os.symlink("target", path)
+
+
+def _work(mnt: str, seed: int, seconds: float, out) -> None:  # type: ignore[no-untyped-def]
+    r = random.Random(seed)
+
+    def name() -> str:
+        return f"{mnt}/{r.choice(DIRS)}/{r.choice(STEMS)}{r.randrange(6)}"
+
+    done, bad, end = 0, [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        op = r.choice(OPS)
+        try:
+            if op == "append":
+                fd = os.open(name(), os.O_WRONLY | os.O_APPEND)
+                os.write(fd, b"!" * r.randrange(1, 50))
+                os.close(fd)
+            elif op == "pwrite":
+                fd = os.open(name(), os.O_RDWR)
+                os.pwrite(fd, b"x" * 100, r.randrange(0, 5000))
+                os.close(fd)
+            elif op == "rename":
+                os.rename(name(), name())
+            elif op in ("noreplace", "exchange"):
+                flag = fsutil.RENAME_NOREPLACE if op == "noreplace" else fsutil.RENAME_EXCHANGE
+                fsutil.renameat2(os.fsencode(name()), os.fsencode(name()), flag)
+            elif op == "unlink":
+                os.unlink(name())
+            elif op == "chmod":
+                os.chmod(name(), r.choice([0o600, 0o644, 0o755]))
+            elif op == "link":
+                os.link(name(), name())
+            elif op == "read":
+                with open(name(), "rb") as f:
+                    f.read()
+            elif op == "trunc":
+                os.truncate(name(), r.randrange(0, 10000))
+            elif op == "setx":
+                os.setxattr(name(), "user.t", b"v%d" % seed)
+            elif op == "rmx":
+                os.removexattr(name(), "user.t")
+            elif op == "mkdir":
+                os.mkdir(name())
+            elif op == "rmdir":
+                os.rmdir(name())
+            elif op == "create":
+                fd = os.open(name(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                os.write(fd, b"new\n")
+                os.close(fd)
+            elif op == "symlink":
+                os.symlink(f"t{seed}", name())
+            elif op == "utime":
+                os.utime(name(), (1_000_000, 2_000_000))
+            else:
+                os.listdir(os.path.dirname(name()))
+            done += 1
+        except OSError as exc:
+            if exc.errno not in EXPECTED:
+                bad.append(f"{op}: {exc}")
+    out.put((seed, done, bad))
+
+
+@pytest.mark.parametrize("extra", ["", "index=on"])
+def test_concurrent_changes_read_the_same_four_ways(tmp_path, fuse, root, extra):
+    seed = random.randrange(1 << 30)
+    lo, up, wk, mnt, chk, wk2 = (tmp_path / p for p in ("lo", "up", "wk", "mnt", "chk", "wk2"))
+    for p in (up, wk, mnt, chk, wk2):
+        p.mkdir()
+    _lowers(lo, seed)
+    log = tmp_path / "daemon.log"
+    workers, seconds = 3, 8.0
+    ctx = multiprocessing.get_context("fork")
+    with LayerfsMount(mnt, [lo], up, wk, extra_opts=extra, log_path=log):
+        out = ctx.Queue()
+        procs = [
+            ctx.Process(target=_work, args=(str(mnt), seed + i, seconds, out))
+            for i in range(workers)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            results = [out.get(timeout=seconds + 120) for _ in procs]
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+        cached = treecmp.snapshot(mnt)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+        held = treecmp.snapshot(mnt)
+    with LayerfsMount(chk, [lo], up, wk, extra_opts=extra):
+        remounted = treecmp.snapshot(chk)
+    kopts = "redirect_dir=on" + (",index=on" if extra == "index=on" else "")
+    with KernelOverlay(chk, [lo], up, wk2, kopts):
+        kernel = treecmp.snapshot(chk)
+    where = f"seeds {seed}..{seed + workers - 1}"
+    assert sum(done for _, done, _ in results) > 100, f"{where}: too few operations ran"
+    assert [b for _, _, bs in results for b in bs] == [], where
+    # the kernel's caches and the daemon: the same names, kinds, data (times move: atime)
+    assert treecmp.diff(cached, held, compare_mtime=False) == [], f"{where}: cached vs held"
+    assert treecmp.diff(held, remounted, compare_mtime=False) == [], f"{where}: remount"
+    assert treecmp.diff(remounted, kernel, compare_mtime=False) == [], f"{where}: kernel"
+    assert "Traceback" not in log.read_text(errors="replace"), where
