@@ -328,5 +328,13 @@ def test_an_open_that_raced_the_last_name_away_never_opens_what_has_the_name_now
                 await call
             assert exc.value.errno == errno.ENOENT
         assert os.listxattr(up / "n") == []
+        # a symlink renamed over: never the target of the symlink that has its name now
+        await ops.symlink(root, b"s", b"first", ctx)
+        s1 = await ops.lookup(root, b"s", None)
+        await ops.symlink(root, b"s2", b"second", ctx)
+        await ops.rename(root, b"s2", root, b"s", 0, ctx)
+        with pytest.raises(fuseapi.FUSEError) as exc:
+            await ops.readlink(s1.st_ino, ctx)
+        assert exc.value.errno == errno.ENOENT
 
     trio.run(scenario)

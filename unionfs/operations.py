@@ -299,14 +299,16 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def readlink(self, inode: int, ctx: Any) -> bytes:
-        return self.stack.readlink(self.stack.node(inode))
+        node = self.stack.node(inode)
+        self._gone_fd(node)  # a symlink has no fd: once its last name is gone, ENOENT
+        return self.stack.readlink(node)
 
     @_handler
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
         node = self.stack.node(inode)
         if mode & os.W_OK and self.writer is None:
             raise pyfuse3.FUSEError(errno.EROFS)
-        st = self.stack.stat(node)
+        st = self._stat_for(node)
         return _may_access(st.st_mode, *self.owners.shown(st.st_uid, st.st_gid), mode, ctx)
 
     @_handler
