@@ -3,17 +3,19 @@ must agree: the live mount as the kernel caches it, the live mount after the ker
 its caches (what the daemon itself holds), a fresh layerfs mount of the upper, and kernel
 overlayfs mounting the same upper.
 
-Each worker process draws operations on a small set of names over lower files, directories
-and symlinks: appends and writes (copy-ups), renames (plain, NOREPLACE, EXCHANGE, onto
-whited-out names), unlink, link, mkdir, rmdir, create, symlink, truncate, chmod, utimes and
-xattrs.  Whatever the interleaving, the outcome must read the same four ways, and nothing
-may fail with an errno the operation cannot give or leave a traceback in the daemon's log.
-A mistake the kernel's caches hide from the live mount (a missing whiteout, a missing opaque
-mark) shows up as a disagreement between the first reading and the others: this run found
-one (`test_kernel_parity.test_what_is_renamed_onto_a_whiteout_keeps_the_lower_object_hidden`).
+Each worker process draws operations on a small set of names over lower files (some hard
+linked), directories and symlinks: appends and writes (copy-ups), renames (plain, NOREPLACE,
+EXCHANGE, onto whited-out names), unlink, link, mkdir, rmdir, create, symlink, truncate,
+chmod, utimes and xattrs.  Whatever the interleaving, the outcome must read the same four
+ways, and nothing may fail with an errno the operation cannot give or leave a traceback in
+the daemon's log.  A mistake the kernel's caches hide from the live mount (a missing
+whiteout, a missing opaque mark) shows up as a disagreement between the first reading and
+the others.  This test found three bugs: a rename onto a whited-out name that forgot the
+lower object below (`test_kernel_parity`), and requests on a renamed-over file that reached
+whatever had its name (`test_stack`).
 
-The interleaving is not reproducible; the operations drawn are (a seed per worker), and a
-failure prints them.  Root only (kernel overlayfs, drop_caches).
+The interleaving is not reproducible; the operations drawn are (one seed per worker, printed
+on failure).  Root only (kernel overlayfs, drop_caches).
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ def _lowers(lo: Path, seed: int) -> None:
                 write(path / "in", b"in\n")
             else:
                 os.symlink("target", path)
+    # hard links across the lower directories (index=on keeps their names one inode)
+    files = sorted(p for p in lo.rglob("*") if p.is_file() and not p.is_symlink())
+    for _ in range(8):
+        dst = lo / r.choice(DIRS) / f"{r.choice('xy')}{r.randrange(6)}"
+        if not os.path.lexists(dst):
+            os.link(r.choice(files), dst)
 
 
 def _work(mnt: str, seed: int, seconds: float, out) -> None:  # type: ignore[no-untyped-def]
