@@ -4,15 +4,15 @@ its caches (what the daemon itself holds), a fresh layerfs mount of the upper, a
 overlayfs mounting the same upper.
 
 Each worker process draws operations on a small set of names over lower files (some hard
-linked), directories and symlinks: appends and writes (copy-ups), renames (plain, NOREPLACE,
-EXCHANGE, onto whited-out names), unlink, link, mkdir, rmdir, create, symlink, truncate,
-chmod, utimes and xattrs.  Whatever the interleaving, the outcome must read the same four
-ways, and nothing may fail with an errno the operation cannot give or leave a traceback in
-the daemon's log.  A mistake the kernel's caches hide from the live mount (a missing
-whiteout, a missing opaque mark) shows up as a disagreement between the first reading and
-the others.  This test found three bugs: a rename onto a whited-out name that forgot the
-lower object below (`test_kernel_parity`), and requests on a renamed-over file that reached
-whatever had its name (`test_stack`).
+linked), directories (their own names too) and symlinks: appends and writes (copy-ups),
+renames (plain, NOREPLACE, EXCHANGE, onto whited-out names, of merged directories), unlink,
+link, mkdir, rmdir, create, symlink, truncate, chmod, utimes and xattrs.  Whatever the
+interleaving, the outcome must read the same four ways, and nothing may fail with an errno
+the operation cannot give or leave a traceback in the daemon's log.  A mistake the kernel's
+caches hide from the live mount (a missing whiteout, a missing opaque mark) shows up as a
+disagreement between the first reading and the others.  This test found three bugs: a
+rename onto a whited-out name that forgot the lower object below (`test_kernel_parity`),
+and requests on a renamed-over file that reached whatever had its name (`test_stack`).
 
 The interleaving is not reproducible; the operations drawn are (one seed per worker, printed
 on failure).  Root only (kernel overlayfs, drop_caches).
@@ -77,6 +77,8 @@ def _work(mnt: str, seed: int, seconds: float, out) -> None:  # type: ignore[no-
     r = random.Random(seed)
 
     def name() -> str:
+        if r.random() < 0.15:  # whole directories too: renames of them write redirects
+            return f"{mnt}/{r.choice(DIRS)}"
         return f"{mnt}/{r.choice(DIRS)}/{r.choice(STEMS)}{r.randrange(6)}"
 
     done, bad, end = 0, [], time.monotonic() + seconds
