@@ -224,13 +224,19 @@ class Roots:
             os.close(fd)
 
     # ----- xattrs (l*xattr through /proc/self/fd: no *at call exists) -------------------
-    def listxattr(self, path: bytes) -> list[str]:
+    def listxattr(self, path: bytes | int) -> list[str]:
+        """llistxattr, or flistxattr of an fd."""
+        if isinstance(path, int):
+            return os.listxattr(path)
         fd, rel = self.split(path)
         if len(rel) <= SHORT:
             return os.listxattr(_proc(fd, rel), follow_symlinks=False)
         return _deep(fd, rel, lambda d, n: os.listxattr(_proc(d, n), follow_symlinks=False))
 
-    def getxattr(self, path: bytes, name: bytes) -> bytes:
+    def getxattr(self, path: bytes | int, name: bytes) -> bytes:
+        """lgetxattr, or fgetxattr of an fd."""
+        if isinstance(path, int):
+            return os.getxattr(path, name)
         fd, rel = self.split(path)
         if len(rel) <= SHORT:
             return os.getxattr(_proc(fd, rel), name, follow_symlinks=False)
@@ -245,7 +251,11 @@ class Roots:
             path, lambda d, n: os.setxattr(_proc(d, n), name, value, flags, follow_symlinks=False)
         )
 
-    def removexattr(self, path: bytes, name: bytes) -> None:
+    def removexattr(self, path: bytes | int, name: bytes) -> None:
+        """lremovexattr, or fremovexattr of an fd."""
+        if isinstance(path, int):
+            os.removexattr(path, name)
+            return
         self._do(path, lambda d, n: os.removexattr(_proc(d, n), name, follow_symlinks=False))
 
     # ----- trees -------------------------------------------------------------------------

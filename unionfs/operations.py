@@ -333,8 +333,7 @@ class UnionOperations(pyfuse3.Operations):
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         node = self.stack.node(inode)
-        gone = self._gone_fd(node)
-        value = self.stack.xattr_answer(node, name) if gone is None else _fd_xattr(gone, name)
+        value = self.stack.xattr_answer(node, name, self._gone_fd(node))
         if isinstance(value, int):
             if value == errno.ENODATA:
                 if name == SELINUX_XATTR and not _HOST_SELINUX:
@@ -348,11 +347,7 @@ class UnionOperations(pyfuse3.Operations):
     @_handler
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         node = self.stack.node(inode)
-        gone = self._gone_fd(node)
-        if gone is None:
-            return self.stack.listxattr(node)
-        names = map(os.fsencode, os.listxattr(gone))
-        return [n for n in names if not markers.is_internal_xattr(n)]
+        return self.stack.listxattr(node, self._gone_fd(node))
 
     # ----- directories -----------------------------------------------------------------
     @_handler
@@ -471,10 +466,15 @@ class UnionOperations(pyfuse3.Operations):
         now, so nothing may act on that name.  ENOENT when no fd is left."""
         if not (node.unlinked and self.stack.in_upper(node)):
             return None
-        for handle in self._handle_fds(node):
-            if handle.fd >= 0:
-                return handle.fd
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._fd_of_gone(node)
+
+    def _fd_of_gone(self, node: Node) -> int:
+        """An fd open on `node`, whose last name is gone (a writable one first); ENOENT when
+        none is left: nothing else reaches the file."""
+        handles = sorted(self._handle_fds(node), key=lambda h: not h.writable)
+        if not handles:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._fd(handles[0])
 
     def _open_flags(self, flags: int) -> int:
         """Flags for the real file of a handle opened for writing.  O_APPEND is never passed
@@ -636,9 +636,7 @@ class UnionOperations(pyfuse3.Operations):
 
     def _stat_for(self, node: Node) -> os.stat_result:
         if node.unlinked:
-            for handle in self._handle_fds(node):
-                return os.fstat(self._fd(handle))
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            return os.fstat(self._fd_of_gone(node))
         return self.stack.stat(node)
 
     @_handler
@@ -720,18 +718,16 @@ class UnionOperations(pyfuse3.Operations):
         return a
 
     def _setattr_target(self, node: Node, fh: int | None) -> int | bytes:
-        """The handle's fd when the kernel names one; else the path, or — once the node's
-        last name is gone (the kernel may still send the mtime of an unlinked file it wrote
-        back) — an fd still open on it, never whatever now has the old name."""
+        """Where SETATTR and the xattr changes act: the handle's fd when the kernel names
+        one; else the path, or — once the node's last name is gone (the kernel may still
+        send the mtime of an unlinked file it wrote back; fsetxattr on a renamed-over file)
+        — an fd still open on it, never whatever now has the old name."""
         handle = self._files.get(fh) if fh is not None else None
         if handle is not None:
             return self._fd(handle)
         if not node.unlinked:
             return self.stack.real_path(node)
-        handles = sorted(self._handle_fds(node), key=lambda h: not h.writable)
-        if not handles:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._fd(handles[0])
+        return self._fd_of_gone(node)
 
     def _new_entry(self, node: Node) -> AttrsReply:
         attrs = self._entry(node)
@@ -879,9 +875,8 @@ class UnionOperations(pyfuse3.Operations):
         await self._copy_up(node)
         if self.owners:
             value = self.owners.xattr_stored(name, value)
-        gone = self._gone_fd(node)
         fs = self.stack.fs
-        real = self.stack.real_path(node) if gone is None else gone  # an fd: the file itself
+        real = self._setattr_target(node, None)  # after the copy-up: the path, or an fd
         fs.setxattr(real, name, value, flags)
         if kill_sgid and name == acl.ACCESS:
             mode = os.fstat(real).st_mode if isinstance(real, int) else fs.lstat(real).st_mode
@@ -901,12 +896,8 @@ class UnionOperations(pyfuse3.Operations):
             # have fails before any copy-up, so it neither copies nor breaks a hard link
             self.stack.getxattr(node, name)
         await self._copy_up(node)
-        gone = self._gone_fd(node)
         try:
-            if gone is None:
-                self.stack.fs.removexattr(self.stack.real_path(node), name)
-            else:
-                os.removexattr(gone, name)
+            self.stack.fs.removexattr(self._setattr_target(node, None), name)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
@@ -993,18 +984,6 @@ def _in_group(ctx: Any, gid: int) -> bool:
     except OSError:
         pass
     return False
-
-
-def _fd_xattr(fd: int, name: bytes) -> bytes | int:
-    """`LayerStack.xattr_answer` for a file reached by an fd: the value, or the errno."""
-    if markers.is_internal_xattr(name):
-        return errno.ENODATA
-    try:
-        return os.getxattr(fd, name)
-    except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
-            return exc.errno
-        raise
 
 
 def _open_noatime(fs: Roots, path: bytes, flags: int) -> int:

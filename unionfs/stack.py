@@ -603,12 +603,13 @@ class LayerStack:
     def _upper_whiteout(self, parent: Node, name: bytes) -> bool:
         if not self.in_upper(parent):
             return False
-        path = self.upper_path(parent) + b"/" + name
+        pdir = self.upper_path(parent)
+        path = pdir + b"/" + name
         try:
             st = self.fs.lstat(path)
         except FileNotFoundError:
             return False
-        return rules.is_whiteout(path, st, self.upper_path(parent) in self._xwh, self.fs)
+        return rules.is_whiteout(path, st, pdir in self._xwh, self.fs)
 
     # ----- attributes and content ---------------------------------------------------
     def immutable(self, node: Node) -> bool:
@@ -647,11 +648,12 @@ class LayerStack:
             raise OSError(found, os.strerror(found))
         return found
 
-    def xattr_answer(self, node: Node, name: bytes) -> bytes | int:
+    def xattr_answer(self, node: Node, name: bytes, fd: int | None = None) -> bytes | int:
         """The value of `name` on the node's topmost real object, or the errno saying it is
         absent (ENODATA, EOPNOTSUPP); other failures raise.  For an object in a lower layer
         the answer is kept, like its stat: lower layers never change, and the kernel caches
-        no xattr but ACLs, so it asks again at every exec (security.capability) or getfattr."""
+        no xattr but ACLs, so it asks again at every exec (security.capability) or getfattr.
+        `fd`: read the object through this fd instead (an upper file whose name is gone)."""
         if markers.is_internal_xattr(name):
             return errno.ENODATA
         kept = None
@@ -663,7 +665,7 @@ class LayerStack:
             if found is not None:
                 return found
         try:
-            found = self.fs.getxattr(self.real_path(node), name)
+            found = self.fs.getxattr(self.real_path(node) if fd is None else fd, name)
         except OSError as exc:
             if exc.errno not in _XATTR_ABSENT:
                 raise  # EIO and the like are not the object's: ask again next time
@@ -672,8 +674,8 @@ class LayerStack:
             kept[name] = found
         return found
 
-    def listxattr(self, node: Node) -> list[bytes]:
-        names = self.fs.listxattr(self.real_path(node))
+    def listxattr(self, node: Node, fd: int | None = None) -> list[bytes]:
+        names = self.fs.listxattr(self.real_path(node) if fd is None else fd)
         return [n for n in map(os.fsencode, names) if not markers.is_internal_xattr(n)]
 
     def statvfs(self) -> os.statvfs_result:
