@@ -82,15 +82,24 @@ def is_live(mountpoint: str) -> bool:
 LIVE, DEAD, STOPPED = "live", "dead", "stopped"
 
 
+_PF_EXITING = 0x4  # include/linux/sched.h: set when a task starts to exit
+
+
 def _start_time(pid: int) -> int | None:
-    """The process's start time (clock ticks after boot): with the pid, names one process."""
+    """The process's start time (clock ticks after boot): with the pid, names one process.
+    None when there is no such process, or only one on its way out: exiting (a killed
+    daemon closes its sockets, so a commit sees it gone, before it becomes a zombie) or a
+    zombie its new parent has not reaped yet."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
     try:  # the command name may hold spaces and parentheses: split after the last ')'
-        return int(stat[stat.rindex(b")") + 2 :].split()[19])
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if fields[0] in (b"Z", b"X") or int(fields[6]) & _PF_EXITING:
+            return None
+        return int(fields[19])
     except (ValueError, IndexError):
         return None
 

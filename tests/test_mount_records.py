@@ -205,6 +205,27 @@ def test_a_commit_whose_daemon_is_killed_fails_whole_and_ps_says_dead(tmp_path, 
     ok(base, "images")
 
 
+def test_a_daemon_that_is_exiting_or_a_zombie_is_not_alive():
+    """`ps` must say dead as soon as a commit has seen the daemon go: a killed daemon closes
+    its sockets while it exits, and stays a zombie until its new parent reaps it; both
+    still have /proc/PID/stat with the recorded start time (`ps` once said live then)."""
+    from cli import mounts as climounts
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}/stat").read_bytes().split(b") ")[1][:1] != b"Z":
+            assert time.monotonic() < deadline, "the child never became a zombie"
+            time.sleep(0.01)
+        assert climounts._start_time(pid) is None  # a zombie: gone, though not reaped
+        me = {"pid": os.getpid(), "start": climounts._start_time(os.getpid())}
+        assert me["start"] is not None and climounts.daemon_alive(me)
+    finally:
+        os.waitpid(pid, 0)
+
+
 # ----- item 6: overlapping freezes on a busy mount ------------------------------------------
 BIG_FILES, BIG = 48, 24 << 20
 
