@@ -10,7 +10,10 @@ conformance run (pjdfstest, a differential fuzzer) against an earlier layerfs:
   - one upper and work dir serve one mount at a time;
   - what is renamed onto a whited-out name takes over hiding the lower object there: moved
     away again it leaves a whiteout, and a directory becomes opaque;
-  - a copied-up file's data is on disk before the file goes into the upper (unless volatile).
+  - a copied-up file's data is on disk before the file goes into the upper (unless volatile);
+  - a hard-linked upper file whose open name is removed stays one file with its other names,
+    which this mount never looked up: no stale size or data there, and a name renamed over
+    never makes the open file act on what replaced it.
 """
 
 from __future__ import annotations
@@ -301,6 +304,62 @@ def test_what_is_renamed_onto_a_whiteout_keeps_the_lower_object_hidden(tmp_path,
             assert sorted(os.listdir(mnt / "a")) == ["dd", "g", "h"], engine
             assert os.listdir(mnt / "a/dd") == ["mine"], engine
     assert treecmp.diff(trees["layerfs"], trees["kernel"], compare_mtime=False) == []
+
+
+def _hard_linked_names(mnt: Path) -> dict[str, object]:
+    """Remove or rename over one name of hard-linked upper files while a file is open on it;
+    the other names were never looked up in this mount (as after a remount)."""
+    seen: dict[str, object] = {}
+    fd = os.open(mnt / "d/x", os.O_WRONLY | os.O_APPEND)
+    os.unlink(mnt / "d/x")
+    seen["y before"] = os.stat(mnt / "d/y").st_size  # the first lookup of y
+    os.write(fd, b"0123456789" * 100)
+    os.close(fd)
+    seen["y after"] = os.stat(mnt / "d/y").st_size
+    seen["y data"] = (mnt / "d/y").read_bytes()
+    fd = os.open(mnt / "d/a", os.O_WRONLY | os.O_APPEND)
+    os.rename(mnt / "d/c", mnt / "d/a")
+    seen["fstat"] = os.fstat(fd).st_size  # the file open, not what has its name now
+    os.fchmod(fd, 0o600)
+    os.write(fd, b"appended\n")
+    os.close(fd)
+    for name in ("a", "b"):
+        st = os.stat(mnt / "d" / name)
+        seen[name] = (oct(st.st_mode), (mnt / "d" / name).read_bytes())
+    return seen
+
+
+@pytest.mark.parametrize("extra", ["", "writeback=1,passthrough=0"])
+def test_a_removed_name_of_a_hard_linked_file_leaves_one_file(tmp_path, fuse, root, extra):
+    """layerfs marked a node whose name went as gone whenever it knew no other name, though
+    the upper file had other links: a lookup of one of them then made a second node for the
+    same file, whose cached size and data went stale as the first was written through (`y`
+    read 2 bytes where the file had 1,002); and a name renamed over left the node naming
+    what replaced it, so fstat, fchmod and O_APPEND on the still-open file acted on that
+    file or at its size (zeros written into the open file)."""
+    results = {}
+    for engine in ("kernel", "layerfs"):
+        lo, up, wk, mnt = (tmp_path / engine / p for p in ("lo", "up", "wk", "mnt"))
+        for p in (lo, up, wk, mnt):
+            p.mkdir(parents=True)
+        write(up / "d/x", b"x\n")
+        os.link(up / "d/x", up / "d/y")
+        write(up / "d/a", b"hello\n")
+        os.link(up / "d/a", up / "d/b")
+        write(up / "d/c", b"other file\n")
+        os.chmod(up / "d/a", 0o644)
+        os.chmod(up / "d/c", 0o644)
+        if engine == "kernel":
+            with KernelOverlay(mnt, [lo], up, wk):
+                results[engine] = _hard_linked_names(mnt)
+        else:
+            with LayerfsMount(mnt, [lo], up, wk, extra_opts=extra):
+                results[engine] = _hard_linked_names(mnt)
+    kernel = results["kernel"]
+    assert kernel["y after"] == 1002 and kernel["fstat"] == 6
+    assert kernel["b"] == ("0o100600", b"hello\nappended\n")
+    assert kernel["a"] == ("0o100644", b"other file\n")
+    assert results["layerfs"] == kernel
 
 
 _CACHESTAT = 451  # cachestat(2), Linux 6.5; one number on every architecture

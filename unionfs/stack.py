@@ -143,6 +143,7 @@ class Node:
         "subdirs",
         "gen",
         "unlinked",
+        "deleted",
         "__weakref__",  # adapters key their per-node state (cached replies, locks) on nodes
     )
 
@@ -169,7 +170,13 @@ class Node:
         self.listing: dict[bytes, Entry] | None = None
         self.subdirs: int | None = None  # directories in `listing` (nlink), once counted
         self.gen = 0  # bumped by `invalidate`: a cached reply built at another gen is stale
+        # `unlinked`: no name of it is known any more, so it is reached only through a file
+        # still open on it.  `deleted`: its real object is gone too (no link left).  An
+        # unlinked node that is not deleted is a hard-linked file whose other names were
+        # never looked up: a lookup of one of them finds this node again (one inode, as the
+        # kernel's overlay has), not a second node whose cached size and data go stale.
         self.unlinked = False
+        self.deleted = False
 
     def invalidate(self) -> None:
         """Its attributes changed, or may have: drop the cached stat, and let whoever caches
@@ -282,13 +289,13 @@ class LayerStack:
 
     def _upper_ino(self, real_ino: int) -> Inode:
         """Upper inode numbers are reused by the filesystem once a file is deleted, while
-        the kernel may still hold the dead file's inode: a number whose node is unlinked is
+        the kernel may still hold the dead file's inode: a number whose node is deleted is
         never handed out again for a new object."""
         ino = self.origins.get(real_ino)
         if ino is None:
             ino = self._xino(0, real_ino)
         node = self.nodes.get(ino)
-        if node is not None and node.unlinked:
+        if node is not None and node.deleted:
             self._fresh += 1
             ino = Inode(_FRESH_BASE + self._fresh)
             self.origins[real_ino] = ino
@@ -492,7 +499,10 @@ class LayerStack:
         node = self.nodes.get(ino)
         if node is not None:
             # a directory has one place; a hard-linked file is reached by its latest name
-            if not node.is_dir and (node.parent is not parent or node.name != name):
+            if node.unlinked:  # its known names went, and this is one it still has
+                node.unlinked = False
+                node.invalidate()
+            elif not node.is_dir and (node.parent is not parent or node.name != name):
                 if node.parent is not None:
                     self.add_alias(node, node.parent, node.name)
                 self.add_alias(node, parent, name)

@@ -467,9 +467,12 @@ class Writer:
         if child.dirs is not None:
             raise UnionError("is a directory", errno.EISDIR)
         node = self.stack.known(child.node_ino) if child.node_ino else None
+        links = 1
+        if node is not None and self.stack.in_upper(node):  # other names we may not know
+            links = _nlink(self.fs, self.stack.upper_path(parent) + b"/" + name)
         self._remove(parent, name, child, is_dir=False)
         if node is not None:
-            self._drop_name(node, parent, name)
+            self._drop_name(node, parent, name, links > 1)
         return node
 
     def rmdir(self, parent: Node, name: bytes) -> Node:
@@ -483,7 +486,7 @@ class Writer:
         if stack.listing(node):
             raise NotEmpty()
         self._remove(parent, name, child, is_dir=True)
-        node.unlinked = True
+        node.unlinked = node.deleted = True
         return node
 
     def _remove(self, parent: Node, name: bytes, child: Entry, is_dir: bool) -> None:
@@ -514,10 +517,12 @@ class Writer:
         """Remove a logically empty directory that may still hold whiteouts."""
         self.fs.rmtree(path)
 
-    def _drop_name(self, node: Node, parent: Node, name: bytes) -> None:
-        """`parent/name` no longer names `node`; it lives on if another name is known."""
+    def _drop_name(self, node: Node, parent: Node, name: bytes, linked: bool) -> None:
+        """`parent/name` no longer names `node`; it lives on if another name is known.
+        `linked`: the real file still has other links (whether or not we know them)."""
         if not self.stack.forget_alias(node, parent, name):
             node.unlinked = True
+            node.deleted = not linked
         node.invalidate()
 
     # ----- renaming ----------------------------------------------------------------------
@@ -567,8 +572,11 @@ class Writer:
         stack.drop_entry(parent, name)
         self._place(node, newparent, newname, covers)
         if old is not None:
-            self.stack.forget_alias(old, newparent, newname)
-            old.unlinked = old.is_dir or old_links <= 1 or not stack.in_upper(old)
+            named = self.stack.forget_alias(old, newparent, newname)
+            # a hard-linked file renamed over whose other names were never looked up keeps
+            # no name we know: its node must not go on naming what now has this one
+            old.unlinked = old.is_dir or old_links <= 1 or not stack.in_upper(old) or not named
+            old.deleted = old.is_dir or old_links <= 1
             old.invalidate()
         return node, old
 
