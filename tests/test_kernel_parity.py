@@ -13,7 +13,9 @@ conformance run (pjdfstest, a differential fuzzer) against an earlier layerfs:
   - a copied-up file's data is on disk before the file goes into the upper (unless volatile);
   - a hard-linked upper file whose open name is removed stays one file with its other names,
     which this mount never looked up: no stale size or data there, and a name renamed over
-    never makes the open file act on what replaced it.
+    never makes the open file act on what replaced it;
+  - a file reached by two names stays reachable after the kernel forgot the directory of one
+    and that directory was renamed.
 """
 
 from __future__ import annotations
@@ -329,7 +331,7 @@ def _hard_linked_names(mnt: Path) -> dict[str, object]:
     return seen
 
 
-@pytest.mark.parametrize("extra", ["", "writeback=1,passthrough=0"])
+@pytest.mark.parametrize("extra", ["", "writeback=1,passthrough=0,fuse=native"])
 def test_a_removed_name_of_a_hard_linked_file_leaves_one_file(tmp_path, fuse, root, extra):
     """layerfs marked a node whose name went as gone whenever it knew no other name, though
     the upper file had other links: a lookup of one of them then made a second node for the
@@ -360,6 +362,47 @@ def test_a_removed_name_of_a_hard_linked_file_leaves_one_file(tmp_path, fuse, ro
     assert kernel["b"] == ("0o100600", b"hello\nappended\n")
     assert kernel["a"] == ("0o100644", b"other file\n")
     assert results["layerfs"] == kernel
+
+
+def _forgotten_parent(mnt: Path) -> list[object]:
+    """Reach a hard-linked file by two names, keep it open by one, let the kernel forget the
+    other name's directory, then rename that directory and ask about the open file."""
+    os.stat(mnt / "d1/u")
+    os.stat(mnt / "d2/v")  # the file's latest name: the one layerfs resolved it by
+    fd = os.open(mnt / "d1/u", os.O_RDWR)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2")  # d2/v and d2 are unused: the kernel forgets d2 (d1/u stays open)
+        time.sleep(0.5)  # FORGET travels on its own
+        os.rename(mnt / "d2", mnt / "d3")  # a new lookup of d2, then the rename
+        os.setxattr(fd, "user.k", b"1")
+        return [sorted(os.listxattr(fd)), os.fstat(fd).st_nlink, os.pread(fd, 100, 0)]
+    finally:
+        os.close(fd)
+
+
+def test_a_file_whose_name_lives_under_a_forgotten_directory(tmp_path, fuse, root):
+    """A node reached by two names kept the directory of its last-resolved name as its parent
+    after the kernel forgot that directory; a new lookup made a second node for it, so its
+    rename left the first one's path stale and requests on the open file failed (ENOENT),
+    seen by a stress run with index=on.  One node object per directory number now, while
+    anything refers to it."""
+    results = {}
+    for engine in ("kernel", "layerfs"):
+        lo, up, wk, mnt = (tmp_path / engine / p for p in ("lo", "up", "wk", "mnt"))
+        for p in (lo, up, wk, mnt):
+            p.mkdir(parents=True)
+        write(up / "d1/u", b"linked\n")
+        (up / "d2").mkdir()
+        os.link(up / "d1/u", up / "d2/v")
+        if engine == "kernel":
+            with KernelOverlay(mnt, [lo], up, wk):
+                results[engine] = _forgotten_parent(mnt)
+        else:
+            with LayerfsMount(mnt, [lo], up, wk):
+                results[engine] = _forgotten_parent(mnt)
+    assert results["kernel"] == [["user.k"], 2, b"linked\n"]
+    assert results["layerfs"] == results["kernel"]
 
 
 _CACHESTAT = 451  # cachestat(2), Linux 6.5; one number on every architecture

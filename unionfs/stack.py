@@ -48,6 +48,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import weakref
 from collections.abc import Callable
 from typing import NewType
 
@@ -239,6 +240,11 @@ class LayerStack:
         # the kernel to drop the listing it keeps (FUSE_NOTIFY_INVAL_INODE)
         self.listing_changed: Callable[[Node], None] | None = None
         self.nodes: dict[Inode, Node] = {}
+        # Every node object still referenced, by number, also once the kernel forgot it: a
+        # forgotten directory stays the parent of nodes the kernel still holds by other
+        # names (hard links) and the parent in their known aliases, so a new lookup of it
+        # must find that same object, or a rename of it would leave their paths stale.
+        self._objects: weakref.WeakValueDictionary[Inode, Node] = weakref.WeakValueDictionary()
         # Other known names of hard-linked files (only for nodes reached by two names).
         self.aliases: dict[Inode, list[tuple[Node, bytes]]] = {}
         root_dirs = [DirLayer(i, p, root_st[i].st_ino) for i, p in enumerate(self.layers)]
@@ -351,6 +357,7 @@ class LayerStack:
         """The kernel learned of `node` (lookup, readdirplus entry, create): count it."""
         node.lookups += count
         self.nodes[node.ino] = node
+        self._objects[node.ino] = node
 
     def forget(self, ino: int, count: int) -> None:
         node = self.nodes.get(Inode(ino))
@@ -358,6 +365,7 @@ class LayerStack:
             return
         node.lookups -= count
         if node.lookups <= 0:
+            node.lookups = 0  # a new lookup may find this object again (`_objects`)
             del self.nodes[node.ino]
             self.aliases.pop(node.ino, None)
 
@@ -497,6 +505,10 @@ class LayerStack:
         ino, st = self._name_ino(child, self.ino_for(origin_layer, origin_ino))
         child.node_ino = ino
         node = self.nodes.get(ino)
+        if node is None:  # forgotten by the kernel, but maybe still some node's parent
+            node = self._objects.get(ino)
+            if node is not None and (node.deleted or node.kind != child.kind):
+                node = None  # its object is gone; the number now names another
         if node is not None:
             # a directory has one place; a hard-linked file is reached by its latest name
             if node.unlinked:  # its known names went, and this is one it still has
