@@ -154,6 +154,8 @@ def test_negotiation_grants_only_what_the_kernel_offers():
     assert conn.flags & wire.POSIX_ACL and conn.setxattr_ext  # the kernel checks ACLs
     assert conn.flags & wire.DONT_MASK  # modes come unmasked: a default ACL may decide
     assert conn.killpriv and not conn.passthrough
+    # with the writeback cache the kernel truncates by SETATTR, after its writes in flight
+    assert not conn.flags & wire.ATOMIC_O_TRUNC
     fields = wire.INIT_OUT.unpack(payload)
     assert fields[:2] == (7, 45) and fields[8] == 256  # max_pages
     assert fields[11] == 0  # max_stack_depth: no passthrough
@@ -168,10 +170,12 @@ def test_negotiation_grants_only_what_the_kernel_offers():
 def test_negotiation_passthrough_excludes_the_writeback_cache():
     payload, conn, _ = negotiate(memoryview(init_body()), Wanted(writeback=True, passthrough=True))
     assert conn.passthrough and not conn.flags & wire.WRITEBACK_CACHE
+    assert conn.flags & wire.ATOMIC_O_TRUNC  # no writeback cache: O_TRUNC comes with OPEN
     assert wire.INIT_OUT.unpack(payload)[11] == 1  # max_stack_depth: backing files unstacked
     no_pt = init_body(flags2=(0xFFFFFFFF & ~(wire.PASSTHROUGH >> 32)))
     _, conn, _ = negotiate(memoryview(no_pt), Wanted(writeback=True, passthrough=True))
     assert not conn.passthrough and conn.flags & wire.WRITEBACK_CACHE  # the fallback
+    assert not conn.flags & wire.ATOMIC_O_TRUNC
     _, ro, _ = negotiate(memoryview(init_body()), Wanted(read_only=True, passthrough=True))
     assert not ro.passthrough and not ro.killpriv  # nothing is written on a read-only stack
 

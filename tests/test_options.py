@@ -63,7 +63,10 @@ def test_multiple_o_and_glued_o(dirs):
     assert cfg.debug and cfg.foreground and "ro" in cfg.fuse_options
 
 
-def test_writeback_option(dirs):
+def test_writeback_option(dirs, monkeypatch):
+    from unionfs.options import TRANSPORT_ENV
+
+    monkeypatch.delenv(TRANSPORT_ENV, raising=False)
     base = f"lowerdir={dirs}/top,upperdir={dirs}/upper,workdir={dirs}/work"
     mnt = str(dirs / "mnt")
     assert parse_args(["-o", base, mnt]).writeback is WRITEBACK_DEFAULT
@@ -71,6 +74,22 @@ def test_writeback_option(dirs):
     assert parse_args(["-o", base + ",writeback=0", mnt]).writeback is False
     cfg = parse_args(["-o", base, "-o", "writeback=0", mnt])
     assert not cfg.writeback and not any("writeback" in o for o in cfg.fuse_options)
+
+
+def test_no_writeback_cache_on_the_pyfuse3_transport(dirs, monkeypatch):
+    """libfuse always asks for FUSE_ATOMIC_O_TRUNC, which with the writeback cache lets
+    written-back data reach a file after an open(O_TRUNC) emptied it: off by default there,
+    and refused when asked for."""
+    from unionfs.options import TRANSPORT_ENV
+
+    base = f"lowerdir={dirs}/top,upperdir={dirs}/upper,workdir={dirs}/work"
+    mnt = str(dirs / "mnt")
+    monkeypatch.setenv(TRANSPORT_ENV, "pyfuse3")
+    assert parse_args(["-o", base, mnt]).writeback is False
+    assert parse_args(["-o", base + ",writeback=0", mnt]).writeback is False
+    with pytest.raises(OptionError, match="writeback=1 needs fuse=native"):
+        parse_args(["-o", base + ",writeback=1", mnt])
+    assert parse_args(["-o", base + ",writeback=1,fuse=native", mnt]).writeback is True
 
 
 def test_passthrough_option(dirs):

@@ -6,13 +6,17 @@ overlayfs mounting the same upper.
 Each worker process draws operations on a small set of names over lower files (some hard
 linked), directories (their own names too) and symlinks: appends and writes (copy-ups),
 renames (plain, NOREPLACE, EXCHANGE, onto whited-out names, of merged directories), unlink,
-link, mkdir, rmdir, create, symlink, truncate, chmod, utimes and xattrs.  Whatever the
+link, mkdir, rmdir, create, symlink, truncate, O_TRUNC opens, chmod, utimes and xattrs.
+One run uses the kernel's writeback cache instead of passthrough.  Whatever the
 interleaving, the outcome must read the same four ways, and nothing may fail with an errno
 the operation cannot give or leave a traceback in the daemon's log.  A mistake the kernel's
 caches hide from the live mount (a missing whiteout, a missing opaque mark) shows up as a
-disagreement between the first reading and the others.  This test found three bugs: a
-rename onto a whited-out name that forgot the lower object below (`test_kernel_parity`),
-and requests on a renamed-over file that reached whatever had its name (`test_stack`).
+disagreement between the first reading and the others.  This test found these bugs: a
+rename onto a whited-out name that forgot the lower object below (`test_kernel_parity`);
+requests on a renamed-over file that reached whatever had its name (`test_stack`); a second
+node for a hard-linked file whose open name was removed (`test_kernel_parity`); and, with
+the writeback cache, data written back after an O_TRUNC open had emptied the file (the
+kernel's ATOMIC_O_TRUNC: fuse/init.py), which only this test shows, about one run in two.
 
 The interleaving is not reproducible; the operations drawn are (one seed per worker, printed
 on failure).  Root only (kernel overlayfs, drop_caches).
@@ -46,7 +50,7 @@ EXPECTED = {
 }  # fmt: skip
 OPS = (
     "append pwrite rename rename unlink chmod link read trunc setx rmx mkdir rmdir create "
-    "symlink exchange noreplace utime list"
+    "symlink exchange noreplace utime list otrunc"
 ).split()
 
 
@@ -107,6 +111,10 @@ def _work(mnt: str, seed: int, seconds: float, out) -> None:  # type: ignore[no-
             elif op == "read":
                 with open(name(), "rb") as f:
                     f.read()
+            elif op == "otrunc":  # two openers' O_TRUNC racing the kernel's writeback
+                fd = os.open(name(), os.O_WRONLY | os.O_TRUNC)
+                os.write(fd, b"t" * r.randrange(0, 3000))
+                os.close(fd)
             elif op == "trunc":
                 os.truncate(name(), r.randrange(0, 10000))
             elif op == "setx":
@@ -134,7 +142,9 @@ def _work(mnt: str, seed: int, seconds: float, out) -> None:  # type: ignore[no-
     out.put((seed, done, bad))
 
 
-@pytest.mark.parametrize("mode", ["", "index=on", "kill -9"])
+@pytest.mark.parametrize(
+    "mode", ["", "index=on", "writeback=1,passthrough=0,fuse=native", "kill -9"]
+)
 def test_concurrent_changes_read_the_same_four_ways(tmp_path, fuse, root, mode):
     """`kill -9`: the daemon is killed halfway through instead of unmounted (the writer's
     promise: the upper then holds, for every object, the old state or the complete new

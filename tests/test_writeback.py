@@ -4,7 +4,8 @@ With it, write(2) only dirties the kernel's page cache; the kernel writes pages 
 large WRITE requests, may READ through a handle opened O_WRONLY to fill a partly written page,
 does O_APPEND itself, keeps i_size and mtime itself and sends them with SETATTR, and a live
 commit must flush the mount before it freezes it.  Every mount here says `writeback=1`, so
-these cases hold whatever the default is.
+these cases hold whatever the default is, and `fuse=native`: the pyfuse3 transport refuses
+the writeback cache (options.WRITEBACK_DEFAULT).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from unionfs.fsutil import syncfs
 pytestmark = pytest.mark.mount
 
 PAGE = 4096
+WRITEBACK = "writeback=1,fuse=native"
 FIXED_NS = 1_600_000_000_123_456_789
 
 
@@ -47,7 +49,7 @@ def wb(tmp_path_factory):
         write(lower / case / "data", bytes(range(256)) * 32)  # 8 KiB, never read yet
     for name in ("a", "b", "c"):
         write(lower / "gone" / name, b"lower " + name.encode())
-    with LayerfsMount(mnt, [lower], upper, work, extra_opts="writeback=1"):
+    with LayerfsMount(mnt, [lower], upper, work, extra_opts=WRITEBACK):
         yield {"mnt": mnt, "upper": upper, "lower": lower}
 
 
@@ -193,7 +195,7 @@ def test_sigterm_keeps_data_not_yet_written_back(tmp_path, fuse):
     for d in (lower, upper, work, mnt):
         d.mkdir()
     payload = os.urandom(100_000)
-    with LayerfsMount(mnt, [lower], upper, work, extra_opts="writeback=1") as m:
+    with LayerfsMount(mnt, [lower], upper, work, extra_opts=WRITEBACK) as m:
         assert m.proc is not None
         fd = os.open(mnt / "unsynced", os.O_WRONLY | os.O_CREAT, 0o644)
         try:
@@ -216,7 +218,7 @@ def image_mount(tmp_path, fuse):
     upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
     for d in (upper, work, mnt):
         d.mkdir()
-    with LayerfsMount(mnt, list(reversed(lowers)), upper, work, extra_opts="writeback=1"):
+    with LayerfsMount(mnt, list(reversed(lowers)), upper, work, extra_opts=WRITEBACK):
         yield {"store": store, "lowers": lowers, "upper": upper, "work": work, "mnt": mnt}
 
 
@@ -265,7 +267,7 @@ def test_layer_commit_verify_while_a_process_appends(tmp_path, fuse):
     rec = mountrecords.load(store, "w")
     assert rec is not None
     lowers = list(reversed(image_layers(store, "base")))
-    with LayerfsMount(mnt, lowers, rec.upper, rec.work, extra_opts="writeback=1") as m:
+    with LayerfsMount(mnt, lowers, rec.upper, rec.work, extra_opts=WRITEBACK) as m:
         log = mnt / "srv/log"
         app = subprocess.Popen([sys.executable, "-c", APPENDER, str(log)])
         try:

@@ -10,7 +10,8 @@ option value, `\\\\` a backslash.
 Options of layerfs itself (besides lowerdir/upperdir/workdir):
   writeback=0|1   the kernel's writeback cache (FUSE_WRITEBACK_CACHE): write(2) fills the page
                   cache and the kernel sends large WRITE requests later, instead of one request
-                  per write(2).  Same name and values as fuse-overlayfs.  Default: 1.
+                  per write(2).  Same name and values as fuse-overlayfs.  Default: 1 (0, and
+                  refused, with fuse=pyfuse3: see WRITEBACK_DEFAULT).
   passthrough=0|1 FUSE passthrough (native transport, as root, kernel 6.9+): the kernel reads
                   big lower files itself; where granted it replaces the writeback cache (the
                   kernel allows only one of them).  Default: 1, unless writeback=1 is given.
@@ -106,6 +107,8 @@ REDIRECT_DIR = {
 # What changes: a write(2) reaches the upper when the kernel writes it back (close, fsync,
 # syncfs, memory pressure, or after ~30 s), so a kill -9 of the daemon can lose writes that
 # were neither fsynced nor closed, as a crash can on any filesystem; fsync keeps its meaning.
+# Not on the pyfuse3 transport: libfuse always asks for FUSE_ATOMIC_O_TRUNC, and with both the
+# kernel can write data back into a file after an open(O_TRUNC) emptied it (fuse/init.py).
 WRITEBACK_DEFAULT = True
 # FUSE passthrough (native transport, root, kernel >= 6.9): replaces the writeback cache
 # where the kernel grants it (the two exclude each other); see unionfs/fuse/passthrough.py.
@@ -316,8 +319,20 @@ def _validate(
         for low in lowers:
             if _inside(upper, low) or _inside(low, upper):
                 raise OptionError(f"upperdir {upper} overlaps lowerdir {low}")
+    transport = _transport(values.pop("fuse", None))
     asked_writeback = values.get("writeback") == "1"
-    writeback = _switch(values.pop("writeback", None), "writeback", WRITEBACK_DEFAULT, ("0", "1"))
+    if asked_writeback and transport == "pyfuse3":
+        raise OptionError(
+            "writeback=1 needs fuse=native: libfuse (pyfuse3) asks the kernel for "
+            "FUSE_ATOMIC_O_TRUNC, with which written-back data can reach a file after an "
+            "open(O_TRUNC) emptied it"
+        )
+    writeback = _switch(
+        values.pop("writeback", None),
+        "writeback",
+        WRITEBACK_DEFAULT and transport != "pyfuse3",
+        ("0", "1"),
+    )
     # the kernel grants one of the two: an explicit writeback=1 turns the default off
     passthrough = _switch(
         values.pop("passthrough", None),
@@ -328,7 +343,6 @@ def _validate(
     if passthrough and asked_writeback:
         raise OptionError("passthrough=1 and writeback=1 exclude each other (the kernel's rule)")
     index = _switch(values.pop("index", None), "index", INDEX_DEFAULT, ("off", "on"))
-    transport = _transport(values.pop("fuse", None))
     redirect_dir = values.pop("redirect_dir", "on")
     if redirect_dir not in REDIRECT_DIR:
         raise OptionError(f"redirect_dir={redirect_dir}: expected one of {', '.join(REDIRECT_DIR)}")
