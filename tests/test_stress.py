@@ -16,7 +16,8 @@ rename onto a whited-out name that forgot the lower object below (`test_kernel_p
 requests on a renamed-over file that reached whatever had its name (`test_stack`); a second
 node for a hard-linked file whose open name was removed (`test_kernel_parity`); and, with
 the writeback cache, data written back after an O_TRUNC open had emptied the file (the
-kernel's ATOMIC_O_TRUNC: fuse/init.py), which only this test shows, about one run in two.
+kernel's ATOMIC_O_TRUNC: fuse/init.py; with it back, 1 of 6 runs here failed: the
+negotiation itself is checked in test_fuse_wire and test_fuse_native).
 
 The interleaving is not reproducible; the operations drawn are (one seed per worker, printed
 on failure).  Root only (kernel overlayfs, drop_caches).
