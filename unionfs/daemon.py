@@ -19,17 +19,16 @@ process, so one process serves exactly one mount.
 from __future__ import annotations
 
 import faulthandler
-import logging
 import os
 import signal
 import sys
 
+from . import logs
 from .errors import OptionError
 from .fdlimit import raise_nofile
+from .logs import log
 from .options import USAGE, MountConfig, parse_args
 from .serving import hold_signals, open_stack
-
-log = logging.getLogger("layerfs")
 
 EXIT_OK = 0
 EXIT_MOUNT_FAILED = 1
@@ -54,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     raise_nofile()  # one user's open files must not exhaust the daemon (issue 12, item 10)
     if cfg.foreground:
-        _setup_logging(cfg.debug, to_stderr=True)
+        _setup_logging(cfg.debug)
+        logs.real()  # now: a foreground daemon imports logging at once
         return serve(cfg, ready_fd=None)
     return _daemonize(cfg)
 
@@ -87,7 +87,7 @@ def _daemonize(cfg: MountConfig) -> int:
     os.chdir("/")  # a daemon's cwd would pin the caller's filesystem (every path is absolute)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
-    _setup_logging(cfg.debug, to_stderr=True)  # until ready, errors reach the user's terminal
+    _setup_logging(cfg.debug)  # until ready, errors reach the user's terminal
     try:
         code = serve(cfg, ready_fd=wfd)
     except BaseException as exc:  # noqa: BLE001 - the parent must hear about any failure
@@ -206,14 +206,27 @@ async def _run(pyfuse3, trio, ops, mountpoint) -> None:  # type: ignore[no-untyp
     await serve_mount(trio, ops, mountpoint, pyfuse3.main, pyfuse3.terminate)
 
 
-def _setup_logging(debug: bool, to_stderr: bool) -> None:
-    level = logging.DEBUG if debug else logging.INFO
-    root = logging.getLogger()
-    root.handlers.clear()
-    handler: logging.Handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("layerfs[%(process)d] %(levelname)s %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(level)
+def _setup_logging(debug: bool) -> None:
+    """Log to stderr, from the first record on: `logging` is imported then (logs.py), so a
+    mount that logs nothing before it is live never pays for it there."""
+
+    def to_stderr() -> None:
+        import logging
+
+        root = logging.getLogger()
+        root.handlers.clear()
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("layerfs[%(process)d] %(levelname)s %(message)s"))
+        root.addHandler(handler)
+        _levels(debug)
+
+    logs.configure(debug, to_stderr)
+
+
+def _levels(debug: bool) -> None:
+    import logging
+
+    logging.getLogger().setLevel(logging.DEBUG if debug else logging.INFO)
     logging.getLogger("pyfuse3").setLevel(logging.INFO if not debug else logging.DEBUG)
 
 
@@ -234,8 +247,11 @@ def log_destination(cfg: MountConfig) -> str | None:
 def _detach_stdio(cfg: MountConfig) -> None:
     """Once the mount is live the parent has gone: log to the destination, drop the
     terminal.  With a log file, stderr goes there too (faulthandler's SIGUSR1 dumps)."""
+    import logging
     import logging.handlers  # here: it costs ~6 ms of start-up, and only a daemon needs it
 
+    logs.settled()
+    _levels(cfg.debug)
     root = logging.getLogger()
     root.handlers.clear()
     target = log_destination(cfg)
@@ -272,6 +288,8 @@ def _detach_stdio(cfg: MountConfig) -> None:
 def _close_log_file() -> None:
     """The mount is gone: close the log file (in the work dir, it pins the upper's filesystem);
     what the daemon might still say goes nowhere."""
+    import logging
+
     root = logging.getLogger()
     for handler in root.handlers:
         handler.close()

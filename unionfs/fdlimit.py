@@ -17,11 +17,10 @@ Concurrency: FdBudget is used from the trio thread only (the handlers that open 
 from __future__ import annotations
 
 import errno
-import logging
 import resource
 from collections import Counter
 
-log = logging.getLogger("layerfs")
+from .logs import log
 
 TARGET = 1 << 20
 

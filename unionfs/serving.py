@@ -10,16 +10,14 @@ the native transport can mount before it loads them.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .errors import UnionError
+from .logs import log
 from .options import VOLATILE_MARKER, MountConfig
-
-log = logging.getLogger("layerfs")
 
 SIGNAL_FLUSH_TIMEOUT = 30.0  # seconds a signal waits for the mount's dirty pages (a freeze)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each unmounts and ends the daemon

@@ -14,18 +14,16 @@ Concurrency: blocking until INIT is answered; then one trio thread (see session.
 from __future__ import annotations
 
 import faulthandler
-import logging
 import os
 import signal
 from collections.abc import Callable
 from typing import Any
 
+from ..logs import log
 from . import wire
 from .init import Wanted
 from .mount import mount
 from .session import InitFailed, handshake
-
-log = logging.getLogger("layerfs")
 
 EXIT_OK, EXIT_MOUNT_FAILED = 0, 1
 

@@ -26,17 +26,15 @@ heavy imports.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import select
 from typing import Any
 
+from ..logs import debug_enabled, log
 from . import opcodes, wire
 from .init import Conn, Wanted, negotiate
 from .opcodes import GATED, NOREPLY, TASK
 from .wire import Header, Malformed
-
-log = logging.getLogger("layerfs")
 
 POLL_MS = 10  # longest wait for the device outside trio (see `Session.may_block`)
 YIELD_EVERY = 32  # inline requests between two scheduler checkpoints (lets tasks run)
@@ -107,7 +105,7 @@ class Session:
         self.spin_ns = spin_us * 1000  # busy-poll before sleeping (see `_spin`)
         self.conn = conn
         self.bridge = bridge
-        self.debug = log.isEnabledFor(logging.DEBUG)
+        self.debug = debug_enabled()
         self.counts: dict[int, int] = {}
         self._inflight: dict[int, Any] = {}  # unique → CancelScope of a TASK request
         self._alive = 0  # TASK requests started and not finished (running or waiting to)
