@@ -26,7 +26,9 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -308,6 +310,26 @@ def test_what_is_renamed_onto_a_whiteout_keeps_the_lower_object_hidden(tmp_path,
     assert treecmp.diff(trees["layerfs"], trees["kernel"], compare_mtime=False) == []
 
 
+def _on_both(
+    tmp_path: Path, upper: Callable[[Path], None], steps: Callable[[Path], Any], extra: str = ""
+) -> dict[str, Any]:
+    """`steps` on a kernel overlay and on layerfs (with `extra`), each over an empty lower
+    and an upper that `upper` filled; what each returned."""
+    results = {}
+    for engine in ("kernel", "layerfs"):
+        lo, up, wk, mnt = (tmp_path / engine / p for p in ("lo", "up", "wk", "mnt"))
+        for p in (lo, up, wk, mnt):
+            p.mkdir(parents=True)
+        upper(up)
+        if engine == "kernel":
+            with KernelOverlay(mnt, [lo], up, wk):
+                results[engine] = steps(mnt)
+        else:
+            with LayerfsMount(mnt, [lo], up, wk, extra_opts=extra):
+                results[engine] = steps(mnt)
+    return results
+
+
 def _hard_linked_names(mnt: Path) -> dict[str, object]:
     """Remove or rename over one name of hard-linked upper files while a file is open on it;
     the other names were never looked up in this mount (as after a remount)."""
@@ -339,11 +361,8 @@ def test_a_removed_name_of_a_hard_linked_file_leaves_one_file(tmp_path, fuse, ro
     read 2 bytes where the file had 1,002); and a name renamed over left the node naming
     what replaced it, so fstat, fchmod and O_APPEND on the still-open file acted on that
     file or at its size (zeros written into the open file)."""
-    results = {}
-    for engine in ("kernel", "layerfs"):
-        lo, up, wk, mnt = (tmp_path / engine / p for p in ("lo", "up", "wk", "mnt"))
-        for p in (lo, up, wk, mnt):
-            p.mkdir(parents=True)
+
+    def upper(up: Path) -> None:
         write(up / "d/x", b"x\n")
         os.link(up / "d/x", up / "d/y")
         write(up / "d/a", b"hello\n")
@@ -351,12 +370,8 @@ def test_a_removed_name_of_a_hard_linked_file_leaves_one_file(tmp_path, fuse, ro
         write(up / "d/c", b"other file\n")
         os.chmod(up / "d/a", 0o644)
         os.chmod(up / "d/c", 0o644)
-        if engine == "kernel":
-            with KernelOverlay(mnt, [lo], up, wk):
-                results[engine] = _hard_linked_names(mnt)
-        else:
-            with LayerfsMount(mnt, [lo], up, wk, extra_opts=extra):
-                results[engine] = _hard_linked_names(mnt)
+
+    results = _on_both(tmp_path, upper, _hard_linked_names, extra)
     kernel = results["kernel"]
     assert kernel["y after"] == 1002 and kernel["fstat"] == 6
     assert kernel["b"] == ("0o100600", b"hello\nappended\n")
@@ -387,20 +402,13 @@ def test_a_file_whose_name_lives_under_a_forgotten_directory(tmp_path, fuse, roo
     rename left the first one's path stale and requests on the open file failed (ENOENT),
     seen by a stress run with index=on.  One node object per directory number now, while
     anything refers to it."""
-    results = {}
-    for engine in ("kernel", "layerfs"):
-        lo, up, wk, mnt = (tmp_path / engine / p for p in ("lo", "up", "wk", "mnt"))
-        for p in (lo, up, wk, mnt):
-            p.mkdir(parents=True)
+
+    def upper(up: Path) -> None:
         write(up / "d1/u", b"linked\n")
         (up / "d2").mkdir()
         os.link(up / "d1/u", up / "d2/v")
-        if engine == "kernel":
-            with KernelOverlay(mnt, [lo], up, wk):
-                results[engine] = _forgotten_parent(mnt)
-        else:
-            with LayerfsMount(mnt, [lo], up, wk):
-                results[engine] = _forgotten_parent(mnt)
+
+    results = _on_both(tmp_path, upper, _forgotten_parent)
     assert results["kernel"] == [["user.k"], 2, b"linked\n"]
     assert results["layerfs"] == results["kernel"]
 
