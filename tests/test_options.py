@@ -192,6 +192,19 @@ def test_command_line_errors_exit_2_without_traceback(dirs):
     assert r.returncode == 0 and "lowerdir" in r.stdout
 
 
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_to_a_reader_that_went_away_is_no_error(flag):
+    """`layerfs --help | head -1`: the reader may be gone before the text is written (here
+    it is gone before layerfs starts); that was a BrokenPipeError traceback."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        done = subprocess.run([LAYERFS, flag], stdout=w, stderr=subprocess.PIPE, timeout=30)
+    finally:
+        os.close(w)
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
+
+
 def test_redirect_dir_values(dirs):
     base = f"lowerdir={dirs}/top"
     on = parse_args(["-o", base, str(dirs / "mnt")])

@@ -38,14 +38,12 @@ EXIT_USAGE = 2
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
-        return EXIT_OK
+        return _say(USAGE)
     if any(a in ("-V", "--version") for a in args):
         # the one version is pyproject.toml's, as installed (`layer --version` reads it too)
         import importlib.metadata  # ~30 ms: only for --version, not at every mount
 
-        print(f"layerfs {importlib.metadata.version('layer')}")
-        return EXIT_OK
+        return _say(f"layerfs {importlib.metadata.version('layer')}")
     try:
         cfg = parse_args(args)
     except OptionError as exc:
@@ -57,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         logs.real()  # now: a foreground daemon imports logging at once
         return serve(cfg, ready_fd=None)
     return _daemonize(cfg)
+
+
+def _say(text: str) -> int:
+    """Print `text` (help, version); a reader that went away (`| head -1`) is no error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error at exit
+    return EXIT_OK
 
 
 def _daemonize(cfg: MountConfig) -> int:

@@ -126,7 +126,7 @@ USAGE = (
     "MOUNTPOINT\n"
     "       layerfs SOURCE MOUNTPOINT -o lowerdir=...   (as run by mount -t fuse.layerfs)\n"
     "options: writeback=0|1  kernel writeback cache: large WRITE requests instead of one per "
-    f"write(2) (default {int(WRITEBACK_DEFAULT)})\n"
+    f"write(2) (default {int(WRITEBACK_DEFAULT)}; 0, and 1 refused, with fuse=pyfuse3)\n"
     "         passthrough=0|1  native FUSE as root: the kernel reads big lower files itself; "
     f"replaces the writeback cache (default {int(PASSTHROUGH_DEFAULT)})\n"
     "         fuse=native|pyfuse3  the FUSE transport (default $LAYERFS_FUSE, else "
