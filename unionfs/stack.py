@@ -19,7 +19,11 @@ Inode numbers: the daemon owns them.  A non-directory's number comes from its re
 (origin) real directory, so it does not change when an upper copy appears above it.  Numbers
 are composed like overlayfs's xino: the high bits carry an index of the underlying device.
 Each Node counts kernel lookups; `forget` drops it at zero (pyfuse3's contract), so memory
-follows what the kernel caches, not what was ever seen.
+follows what the kernel caches, not what was ever seen.  One number has one Node object while
+anything refers to it: a lookup finds a forgotten object that is still some node's parent
+again (`_objects`), so renaming it moves every path below it.  A file whose names the daemon
+no longer knows (`unlinked`) keeps its number and node until its real object is gone
+(`deleted`): another name of it, looked up later, is the same inode, as on the kernel.
 
 Real objects are reached through `fs` (a `fsat.Roots`): every call is relative to the fd of
 its layer root, opened in the constructor — before the daemon mounts, so a mount over one of
