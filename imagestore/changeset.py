@@ -141,9 +141,17 @@ class _Lower:
             m = self._marks[path] = markers.dir_marks(path)
         return m
 
+    def _layer(self, d: bytes) -> int:
+        """The index in `root` of the layer that directory `d` (a path under a root) is in."""
+        best = -1
+        for k, r in enumerate(self.root):
+            if (d == r or d.startswith(r + b"/")) and (best < 0 or len(r) > len(self.root[best])):
+                best = k
+        return best
+
     def child(self, chain: list[bytes], name: bytes) -> _Found | None:
         dirs: list[bytes] = []
-        for d in chain:
+        for i, d in enumerate(chain):
             p = d + b"/" + name
             st = _lstat(p)
             if st is None:
@@ -157,15 +165,27 @@ class _Lower:
                     return _Found(p, st, [])
                 break
             dirs.append(p)
-            if rules.is_opaque(p, self.marks(p), oci=True):  # every layer here is a lower
+            marks = self.marks(p)
+            if rules.is_opaque(p, marks, oci=True):  # every layer here is a lower
+                break
+            # a directory moved in a layer that was once an upper: its lower part is where
+            # its redirect says, in the layers below (as the kernel's lookup follows it)
+            redirect = rules.redirect_of(marks)
+            if redirect is not None:
+                if redirect.startswith(b"/"):
+                    dirs.extend(self.resolve(redirect, self.root[self._layer(d) + 1 :]))
+                else:
+                    found = self.child(chain[i + 1 :], redirect)
+                    dirs.extend(found.chain if found is not None and found.is_dir else [])
                 break
         if not dirs:
             return None
         return _Found(dirs[0], PLAIN.lstat(dirs[0]), dirs)
 
-    def resolve(self, path: bytes) -> list[bytes]:
-        """The directory chain at an absolute path (a redirect target); [] if none."""
-        chain = self.root
+    def resolve(self, path: bytes, roots: list[bytes] | None = None) -> list[bytes]:
+        """The directory chain at an absolute path (a redirect target) in the lower stack,
+        or in `roots` (the layers below one); [] if none."""
+        chain = self.root if roots is None else roots
         for part in path.strip(b"/").split(b"/"):
             if not part:
                 continue

@@ -15,7 +15,9 @@ conformance run (pjdfstest, a differential fuzzer) against an earlier layerfs:
     which this mount never looked up: no stale size or data there, and a name renamed over
     never makes the open file act on what replaced it;
   - a file reached by two names stays reachable after the kernel forgot the directory of one
-    and that directory was renamed.
+    and that directory was renamed;
+  - a redirect counts in every layer: a directory moved in a mount whose upper is now a
+    lower layer keeps its lower part (unionmount-testsuite `--ov=3`).
 """
 
 from __future__ import annotations
@@ -119,6 +121,81 @@ def test_relative_redirect_inside_a_moved_parent(tmp_path, fuse, root):
     with KernelOverlay(kmnt, [lo], up, kwk, "redirect_dir=on"):
         assert (kmnt / "q/c2/file").read_bytes() == b"deep\n"
     assert "/q/c2/file" in changeset.changes(up, [lo]).added
+
+
+def _rotated_moves(base: Path, engine: str) -> list[Path]:
+    """unionmount-testsuite's `--ov=3` rename-new-pop-dir, by `engine`: after each move the
+    mount ends and its upper becomes the top lower layer of the next mount.  A directory is
+    made, filled and moved there and back, one mount each, so the redirects it leaves live
+    in lower layers.  Returns the layers, top first."""
+    layers = [base / "l0"]
+    (layers[0] / "a").mkdir(parents=True)
+    steps: list[Callable[[Path], None]] = [
+        lambda m: (m / "a/new").mkdir(),
+        lambda m: (write(m / "a/new/f", b"f\n"), os.rename(m / "a/new", m / "a/away")),
+        lambda m: os.rename(m / "a/away", m / "a/new"),
+    ]
+    for n, step in enumerate(steps, 1):
+        up, wk, mnt = base / f"u{n}", base / f"w{n}", base / f"m{n}"
+        for p in (up, wk, mnt):
+            p.mkdir()
+        lowers = list(reversed(layers))
+        if engine == "kernel":
+            with KernelOverlay(mnt, lowers, up, wk, "redirect_dir=on"):
+                step(mnt)
+        else:
+            with LayerfsMount(mnt, lowers, up, wk):
+                step(mnt)
+        layers.append(up)
+    return list(reversed(layers))
+
+
+@pytest.mark.parametrize("producer", ["kernel", "layerfs"])
+def test_a_directory_moved_in_a_lower_layer_keeps_its_lower_part(tmp_path, fuse, root, producer):
+    """Redirects count in every layer, not only the upper: the directory moved back to `new`
+    in the third mount carries redirect `away` (the name its lower part has one layer down),
+    which carries redirect `new` again; the file made in the second mount lives below both.
+    It was lost when only the upper's redirects were followed."""
+    layers = _rotated_moves(tmp_path / "layers", producer)
+    if producer == "kernel":  # the layers say what the test means
+        assert os.getxattr(layers[0] / "a/new", markers.redirect_xattr()) == b"away"
+        assert os.getxattr(layers[1] / "a/away", markers.redirect_xattr()) == b"new"
+    seen = {}
+    for engine in ("kernel", "layerfs"):
+        up, wk, mnt = (tmp_path / engine / p for p in ("up", "wk", "mnt"))
+        for p in (up, wk, mnt):
+            p.mkdir(parents=True)
+        if engine == "kernel":
+            with KernelOverlay(mnt, layers, up, wk, "redirect_dir=on"):
+                seen[engine] = treecmp.snapshot(mnt)
+        else:
+            with LayerfsMount(mnt, layers, up, wk):
+                seen[engine] = treecmp.snapshot(mnt)
+                assert (mnt / "a/new/f").read_bytes() == b"f\n"
+                os.rename(mnt / "a/new", mnt / "a/moved")  # and once more, from the merged view
+            with LayerfsMount(mnt, layers, up, wk):
+                assert sorted(os.listdir(mnt / "a")) == ["moved"]
+                assert (mnt / "a/moved/f").read_bytes() == b"f\n"
+            # a commit of that upper holds the moved tree, file included
+            changes = changeset.changes(up, list(reversed(layers)))
+            assert "/a/moved/f" in changes.added and "/a/new" in changes.deleted
+    assert b"/a/new/f" in seen["layerfs"]
+    assert treecmp.diff(seen["layerfs"], seen["kernel"], compare_mtime=False) == []
+
+
+def test_a_redirect_in_a_lower_layer_is_refused_with_nofollow(tmp_path, fuse, root):
+    """redirect_dir=nofollow refuses a redirect wherever the kernel's lookup meets one."""
+    layers = _rotated_moves(tmp_path / "layers", "layerfs")
+    up, wk, mnt = tmp_path / "up", tmp_path / "wk", tmp_path / "mnt"
+    for p in (up, wk, mnt):
+        p.mkdir()
+    for engine in ("kernel", "layerfs"):
+        mount = KernelOverlay if engine == "kernel" else LayerfsMount
+        with mount(mnt, layers, up, wk, "redirect_dir=nofollow"):
+            for path in ("a/new", "a/new/f"):
+                with pytest.raises(PermissionError):
+                    os.stat(mnt / path)
+            assert (mnt / "a").is_dir()
 
 
 @pytest.fixture

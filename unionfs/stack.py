@@ -255,7 +255,7 @@ class LayerStack:
         self.root = Node(ROOT_INODE, None, b"", stat.S_IFDIR, 0, self.layers[0], root_dirs)
         self.root.lookups = 1  # the kernel never forgets the root
         self.nodes[ROOT_INODE] = self.root
-        self._lower_view: LayerStack | None = None
+        self._views: dict[int, LayerStack] = {}  # the layers below a layer (`_view_below`)
         # Directories that may hold xattr whiteouts (overlay.opaque=x), by real path.
         self._xwh: set[bytes] = set()
         for d in root_dirs:
@@ -537,27 +537,35 @@ class LayerStack:
         return node
 
     def _trim(self, parent: Node, name: bytes, chain: list[DirLayer]) -> list[DirLayer]:
-        """Cut a directory chain after its first opaque member; follow an upper redirect;
-        note directories that hold xattr whiteouts."""
+        """Cut a directory chain after its first opaque member; follow a redirect; note
+        directories that hold xattr whiteouts.  A redirect counts in any layer but the
+        bottom one, as in the kernel's lookup (`ovl_check_redirect` on every layer it
+        walks): a directory moved in a layer that is now a lower one (the upper of an
+        earlier mount, stacked below a new upper) still brings its lower part along."""
         upper_first = self.has_upper and chain[0].layer == 0
-        if len(chain) == 1 and not upper_first:
+        bottom = len(self.layers) - 1
+        if len(chain) == 1 and not upper_first and chain[0].layer == bottom:
             return list(chain)
         out: list[DirLayer] = []
         for pos, d in enumerate(chain):
-            path = self.upper_path(parent) + b"/" + name if d.layer == 0 and upper_first else d.path
+            upper = d.layer == 0 and upper_first
+            path = self.upper_path(parent) + b"/" + name if upper else d.path
             out.append(d)
             marks = markers.dir_marks(path, self.fs)
             if marks.xwhiteouts:
                 self._xwh.add(path)
-            if d.layer == 0 and upper_first and marks.redirect is not None:
+            if marks.redirect is not None and (upper or d.layer < bottom):
                 redirect = rules.redirect_of(marks)
                 if redirect is None:  # opaque: nothing below to find
                     return out
-                if not self.follow_redirects:
+                below = [p for p in parent.dirs or () if p.layer > d.layer]
+                if not self.follow_redirects and (upper or below):
                     raise UnionError(
                         "refusing to follow a redirect (redirect_dir=nofollow)", errno.EPERM
                     )
-                return out + self._redirected(parent, redirect)
+                if upper:
+                    return out + self._redirected(parent, redirect)
+                return out + self._redirected_below(parent, below, redirect, d.layer)
             if pos == len(chain) - 1:
                 break
             oci = rules.oci_markers_count(d.layer, upper_first)
@@ -565,15 +573,19 @@ class LayerStack:
                 break
         return out
 
-    def _redirected(self, parent: Node, redirect: bytes) -> list[DirLayer]:
-        """The lower part of a moved directory: its redirect path resolved through the lower
-        layers only (overlayfs redirect_dir; absolute from the root, or relative to the
-        parent)."""
-        if self._lower_view is None:
-            lowers = [os.fsdecode(p) for p in self.layers[1:]]
-            self._lower_view = LayerStack(lowers, fs=self.fs)
-        path = rules.redirect_path(redirect, self.origin_path(parent))
-        view = self._lower_view
+    def _view_below(self, layer: int) -> LayerStack:
+        """The layers below `layer` as a stack of their own (read-only, cached: lower layers
+        do not change), where redirects into them are resolved."""
+        view = self._views.get(layer)
+        if view is None:
+            lowers = [os.fsdecode(p) for p in self.layers[layer + 1 :]]
+            view = LayerStack(lowers, fs=self.fs, follow_redirects=self.follow_redirects)
+            self._views[layer] = view
+        return view
+
+    def _resolve_below(self, layer: int, path: bytes) -> list[DirLayer]:
+        """The directory parts of `path` (from the root) in the layers below `layer`."""
+        view = self._view_below(layer)
         node = view.root
         try:
             for part in path.strip(b"/").split(b"/"):
@@ -583,7 +595,39 @@ class LayerStack:
             return []
         if node.dirs is None:
             return []
-        return [DirLayer(d.layer + 1, d.path, d.ino) for d in node.dirs]
+        return [DirLayer(d.layer + layer + 1, d.path, d.ino) for d in node.dirs]
+
+    def _redirected(self, parent: Node, redirect: bytes) -> list[DirLayer]:
+        """The lower part of a directory moved in the upper: its redirect path resolved
+        through the lower layers only (overlayfs redirect_dir; absolute from the root, or
+        relative to the parent)."""
+        return self._resolve_below(0, rules.redirect_path(redirect, self.origin_path(parent)))
+
+    def _redirected_below(
+        self, parent: Node, below: list[DirLayer], redirect: bytes, layer: int
+    ) -> list[DirLayer]:
+        """The rest of a chain whose directory in lower `layer` carries `redirect`: an
+        absolute one resolved from the roots of the layers below, a relative one (a name)
+        looked up in the parent's directories below (`below`), as the kernel continues its
+        lookup there under that name."""
+        if redirect.startswith(b"/"):
+            return self._resolve_below(layer, redirect)
+        chain: list[DirLayer] = []
+        for d in below:
+            path = d.path + b"/" + redirect
+            try:
+                st = self.fs.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                st = None
+            if st is not None:
+                if not stat.S_ISDIR(st.st_mode):
+                    break  # a whiteout or a non-directory ends the chain, as in a listing
+                chain.append(DirLayer(d.layer, path, st.st_ino))
+            if rules.oci_markers_count(d.layer, self.has_upper) and self.fs.exists(
+                d.path + b"/" + markers.oci_whiteout_name(redirect)
+            ):
+                break
+        return self._trim(parent, redirect, chain) if chain else []
 
     def origin_path(self, node: Node) -> bytes:
         """Where `node`'s lower part lives, as a path from the root of the lower stack: the
