@@ -17,7 +17,9 @@ conformance run (pjdfstest, a differential fuzzer) against an earlier layerfs:
   - a file reached by two names stays reachable after the kernel forgot the directory of one
     and that directory was renamed;
   - a redirect counts in every layer: a directory moved in a mount whose upper is now a
-    lower layer keeps its lower part (unionmount-testsuite `--ov=3`).
+    lower layer keeps its lower part (unionmount-testsuite `--ov=3`);
+  - a file's st_ino is the same in every mount of the same layers, also when they are on
+    different filesystems (unionmount-testsuite `--ov=3 --verify`).
 """
 
 from __future__ import annotations
@@ -335,6 +337,30 @@ def test_the_daemon_pins_no_layer_filesystem(tmp_path, fuse, root):
     assert (tmp_path / "upfs").exists() and not any(
         mp.startswith(str(tmp_path)) for mp, _ in mounts.mounts()
     )
+
+
+def test_st_ino_is_the_same_in_every_mount_of_the_same_layers(tmp_path, fuse, root):
+    """Layers on two filesystems: a file's st_ino must not depend on what a mount looked up
+    first (the device index in its high bits was handed out in order of first use)."""
+    fss = [tmp_path / "lofs", tmp_path / "upfs"]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for fs in fss:
+        fs.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "layertest", str(fs)], check=True, timeout=30)
+    try:
+        write(fss[0] / "l", b"lower\n")
+        write(fss[1] / "u/u", b"upper\n")
+        (fss[1] / "w").mkdir()
+        seen = []
+        for order in (("l", "u"), ("u", "l")):
+            with LayerfsMount(mnt, [fss[0]], fss[1] / "u", fss[1] / "w"):
+                seen.append({name: os.lstat(mnt / name).st_ino for name in order})
+        assert seen[0] == seen[1]
+        assert seen[0]["l"] != seen[0]["u"]
+    finally:
+        for fs in fss:
+            subprocess.run(["umount", str(fs)], timeout=30)
 
 
 def _over_whiteouts(mnt: Path) -> None:

@@ -229,7 +229,13 @@ class LayerStack:
         root_st = [self.fs.add(p) for p in self.layers]
         self.namemax = max(self.fs.statvfs(p).f_namemax for p in self.layers)
         self.devs = [st.st_dev for st in root_st]
+        # The device index in the high bits of a number, fixed in layer order (upper first),
+        # as the kernel's xino numbers its layers' filesystems at mount: handed out in order
+        # of first use, a lower file's st_ino depended on what was looked up first, and
+        # changed from one mount of the same layers to the next.
         self._dev_index: dict[int, int] = {}
+        for dev in self.devs:
+            self._dev_index.setdefault(dev, len(self._dev_index))
         self._fallback: dict[tuple[int, int], Inode] = {}
         # upper real inode -> merged inode, for objects copied up during this mount, so a
         # file keeps its st_ino across copy-up even after the kernel forgets it.
