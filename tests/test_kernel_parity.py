@@ -19,7 +19,8 @@ conformance run (pjdfstest, a differential fuzzer) against an earlier layerfs:
   - a redirect counts in every layer: a directory moved in a mount whose upper is now a
     lower layer keeps its lower part (unionmount-testsuite `--ov=3`);
   - a file's st_ino is the same in every mount of the same layers, also when they are on
-    different filesystems (unionmount-testsuite `--ov=3 --verify`).
+    different filesystems, and a copied-up file keeps its lower original's over a remount
+    (the kernel's `overlay.origin`, written and read; unionmount-testsuite `--ov=3 --verify`).
 """
 
 from __future__ import annotations
@@ -361,6 +362,74 @@ def test_st_ino_is_the_same_in_every_mount_of_the_same_layers(tmp_path, fuse, ro
     finally:
         for fs in fss:
             subprocess.run(["umount", str(fs)], timeout=30)
+
+
+def _origin(path: Path) -> bytes | None:
+    try:
+        return os.getxattr(path, "trusted.overlay.origin", follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno != errno.ENODATA:
+            raise
+        return None
+
+
+def _copy_ups(mnt: Path) -> None:
+    with open(mnt / "f", "ab") as f:
+        f.write(b"more\n")
+    os.utime(mnt / "s", follow_symlinks=False)
+    os.chmod(mnt / "fifo", 0o600)
+    with open(mnt / "h1", "ab") as f:  # one name of a lower hard link: index=off breaks it
+        f.write(b"more\n")
+
+
+@pytest.mark.parametrize("lowerfs", ["disk", "tmpfs"])
+def test_a_copied_up_file_keeps_its_st_ino_over_a_remount(tmp_path, fuse, root, lowerfs):
+    """Copy-up stores the lower object's file handle in `overlay.origin`, byte for byte as
+    the kernel does (the filesystem's uuid included: tmpfs has one, this disk may not), and
+    a later mount reads it back, from either's upper: st_ino stays the lower file's."""
+    lo = tmp_path / "lo"
+    lo.mkdir()
+    if lowerfs == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "layertest", str(lo)], check=True, timeout=30)
+    try:
+        write(lo / "f", b"f\n")
+        os.symlink("f", lo / "s")
+        os.mkfifo(lo / "fifo")
+        write(lo / "h1", b"h\n")
+        os.link(lo / "h1", lo / "h2")
+        names = ("f", "s", "fifo", "h1", "h2")
+        ups = {}
+        for engine in ("layerfs", "kernel"):
+            up, wk, mnt = (tmp_path / engine / p for p in ("up", "wk", "mnt"))
+            for p in (up, wk, mnt):
+                p.mkdir(parents=True)
+            ups[engine] = up
+            if engine == "kernel":
+                with KernelOverlay(mnt, [lo], up, wk):
+                    _copy_ups(mnt)
+                continue
+            with LayerfsMount(mnt, [lo], up, wk):
+                before = {n: os.lstat(mnt / n).st_ino for n in names}
+                _copy_ups(mnt)
+                during = {n: os.lstat(mnt / n).st_ino for n in names}
+            with LayerfsMount(mnt, [lo], up, wk):
+                after = {n: os.lstat(mnt / n).st_ino for n in names}
+        # the broken link's copied name reports its own upper file, as on the kernel
+        assert during == after == {**before, "h1": during["h1"]} and during["h1"] != before["h1"]
+        for name in ("f", "s", "fifo", "h1"):
+            ours, theirs = (_origin(ups[e] / name) for e in ("layerfs", "kernel"))
+            assert ours == theirs, name
+            assert (ours is None) == (name == "h1")  # none for a copy that breaks a link
+        up, wk, mnt = ups["kernel"], tmp_path / "wk3", tmp_path / "mnt3"
+        wk.mkdir()
+        mnt.mkdir()
+        with LayerfsMount(mnt, [lo], up, wk):  # the kernel's upper, read by layerfs
+            assert {n: os.lstat(mnt / n).st_ino for n in ("f", "s", "fifo")} == {
+                n: before[n] for n in ("f", "s", "fifo")
+            }
+    finally:
+        if lowerfs == "tmpfs":
+            subprocess.run(["umount", str(lo)], timeout=30)
 
 
 def _over_whiteouts(mnt: Path) -> None:

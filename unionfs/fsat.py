@@ -216,6 +216,10 @@ class Roots:
             lambda sd, s, dd, d: os.link(s, d, src_dir_fd=sd, dst_dir_fd=dd, follow_symlinks=False),
         )
 
+    def file_handle(self, path: bytes) -> tuple[int, bytes]:
+        """name_to_handle_at (a final symlink not followed): (handle type, handle bytes)."""
+        return self._do(path, lambda d, n: syscalls.name_to_handle_at(n, d))
+
     def statvfs(self, path: bytes) -> os.statvfs_result:
         fd = self.open(path, os.O_PATH)
         try:

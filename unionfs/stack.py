@@ -56,7 +56,7 @@ import weakref
 from collections.abc import Callable
 from typing import NewType
 
-from . import markers, rules
+from . import markers, origin, rules
 from .errors import NameTooLong, NotADirectory, NotFound, StaleHandle, UnionError
 from .fsat import Roots
 
@@ -262,6 +262,10 @@ class LayerStack:
         self.root.lookups = 1  # the kernel never forgets the root
         self.nodes[ROOT_INODE] = self.root
         self._views: dict[int, LayerStack] = {}  # the layers below a layer (`_view_below`)
+        # copy-up origins (origin.py): read back for upper files this mount did not copy up
+        self._read_origins = self.has_upper and origin.enabled()
+        self._origin_roots: list[bytes] | None = None
+        self.fs_uuids: origin.Uuids = {}
         # Directories that may hold xattr whiteouts (overlay.opaque=x), by real path.
         self._xwh: set[bytes] = set()
         for d in root_dirs:
@@ -317,8 +321,37 @@ class LayerStack:
             self.origins[real_ino] = ino
         return ino
 
+    def _copied_up_ino(self, real_ino: int, path: bytes) -> Inode:
+        """The number of upper non-directory `path` (real inode `real_ino`) that no copy-up of
+        this mount accounts for: its lower original's, when its stored origin (origin.py)
+        still decodes to one — as the kernel reports it: not for a lower file with other
+        links under index=off, whose copy-up broke the link — else its own."""
+        found = self._stored_origin(path)
+        if found is None or (found.st_nlink > 1 and not self.index):
+            return self._upper_ino(real_ino)
+        ino = self._xino_dev(found.st_dev, found.st_ino)
+        node = self.nodes.get(ino)
+        if node is not None and (node.deleted or not self.in_upper(node)):
+            return self._upper_ino(real_ino)  # never two live objects under one number
+        self.origins[real_ino] = ino
+        return ino
+
+    def _stored_origin(self, path: bytes) -> os.stat_result | None:
+        if not self._read_origins:
+            return None
+        if self._origin_roots is None:  # one lower layer root per filesystem, top first
+            seen: set[int] = set()
+            self._origin_roots = []
+            for layer in range(1, len(self.layers)):
+                if self.devs[layer] not in seen:
+                    seen.add(self.devs[layer])
+                    self._origin_roots.append(self.layers[layer])
+        return origin.lower_object(self.fs, path, self._origin_roots, self.fs_uuids)
+
     def _xino(self, layer: int, real_ino: int) -> Inode:
-        dev = self.devs[layer]
+        return self._xino_dev(self.devs[layer], real_ino)
+
+    def _xino_dev(self, dev: int, real_ino: int) -> Inode:
         idx = self._dev_index.setdefault(dev, len(self._dev_index))
         if real_ino < (1 << _XINO_SHIFT) and idx < _XINO_MAX_DEV:
             return Inode(((idx + 1) << _XINO_SHIFT) | real_ino)
@@ -512,7 +545,11 @@ class LayerStack:
         origin_layer, origin_ino = (
             (dirs[-1].layer, dirs[-1].ino) if dirs else (child.layer, child.ino)
         )
-        ino, st = self._name_ino(child, self.ino_for(origin_layer, origin_ino))
+        if dirs is None and origin_layer == 0 and self.has_upper and origin_ino not in self.origins:
+            shared = self._copied_up_ino(origin_ino, self.upper_path(parent) + b"/" + name)
+        else:
+            shared = self.ino_for(origin_layer, origin_ino)
+        ino, st = self._name_ino(child, shared)
         child.node_ino = ino
         node = self.nodes.get(ino)
         if node is None:  # forgotten by the kernel, but maybe still some node's parent

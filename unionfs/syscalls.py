@@ -1,4 +1,5 @@
-"""The Linux calls `os` lacks, through libc: renameat2 (with its flags) and syncfs.
+"""The Linux calls `os` lacks, through libc: renameat2 (with its flags), syncfs, and the
+file-handle calls and filesystem uuid that overlayfs's origin needs (origin.py).
 
 The bottom of unionfs's import graph: fsat (the *at layer) and fsutil (copies, metadata)
 both build on it and it imports neither.  Thin wrappers that raise OSError like `os` does;
@@ -8,6 +9,7 @@ no state beyond the loaded libc; thread-safe.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 RENAME_NOREPLACE = 1
@@ -62,3 +64,63 @@ def syncfs(path: bytes | int) -> None:
             raise OSError(err, f"syncfs: {os.strerror(err)}", path)  # a write-back error
     finally:
         os.close(fd)
+
+
+# ----- file handles (overlayfs's `origin`, origin.py) -----------------------------------
+MAX_HANDLE_SZ = 128  # the kernel's limit for name_to_handle_at
+FS_IOC_GETFSUUID = 0x80111500  # _IOR(0x15, 0, struct fsuuid2 { u8 len; u8 uuid[16]; })
+_name_to_handle_at = getattr(_libc, "name_to_handle_at", None)
+_open_by_handle_at = getattr(_libc, "open_by_handle_at", None)
+if _name_to_handle_at is not None:
+    _name_to_handle_at.argtypes = [
+        ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int), ctypes.c_int
+    ]  # fmt: skip
+    _name_to_handle_at.restype = ctypes.c_int
+if _open_by_handle_at is not None:
+    _open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    _open_by_handle_at.restype = ctypes.c_int
+
+
+def name_to_handle_at(path: bytes, dir_fd: int = AT_FDCWD) -> tuple[int, bytes]:
+    """(handle type, handle bytes) of `path`, a final symlink not followed: what exportfs
+    encodes, the same bytes kernel overlayfs stores as an origin.  OSError where the
+    filesystem gives no handles (EOPNOTSUPP)."""
+    import struct
+
+    buf = ctypes.create_string_buffer(struct.pack("Ii", MAX_HANDLE_SZ, 0), 8 + MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int()
+    if _name_to_handle_at is None:
+        raise OSError(errno.ENOSYS, "name_to_handle_at: not in libc", path)
+    if _name_to_handle_at(dir_fd, path, buf, ctypes.byref(mount_id), 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    size, kind = struct.unpack_from("Ii", buf.raw, 0)
+    return kind, buf.raw[8 : 8 + size]
+
+
+def open_by_handle_at(mount_fd: int, kind: int, handle: bytes, flags: int) -> int:
+    """An fd of the object a handle names on the filesystem of `mount_fd` (needs
+    CAP_DAC_READ_SEARCH; ESTALE when it no longer exists)."""
+    import struct
+
+    if _open_by_handle_at is None:
+        raise OSError(errno.ENOSYS, "open_by_handle_at: not in libc")
+    buf = ctypes.create_string_buffer(struct.pack("Ii", len(handle), kind) + handle)
+    fd = _open_by_handle_at(mount_fd, buf, flags | os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(fd)
+
+
+def fs_uuid(fd: int) -> bytes | None:
+    """The uuid of the filesystem holding `fd` (its superblock's s_uuid, 16 bytes, zeros
+    when it has none), or None where the kernel cannot say (FS_IOC_GETFSUUID, Linux 6.5)."""
+    import fcntl
+
+    buf = bytearray(17)
+    try:
+        fcntl.ioctl(fd, FS_IOC_GETFSUUID, buf)
+    except OSError:
+        return None
+    return bytes(buf[1 : 1 + min(buf[0], 16)]).ljust(16, b"\0")

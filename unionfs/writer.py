@@ -40,7 +40,7 @@ import errno
 import os
 import stat
 
-from . import fsutil, markers
+from . import fsutil, markers, origin
 from .acl import ACCESS as ACL_ACCESS
 from .acl import DEFAULT as ACL_DEFAULT
 from .acl import Inherited
@@ -227,12 +227,28 @@ class Writer:
         # for a user's chown; the kernel's copy-up sets the owner without that side effect
         fsutil.copy_meta(self.fs, plan.st, plan.tmp)
         fsutil.copy_xattrs(self.fs, plan.src, plan.tmp, markers.is_internal_xattr)
+        self._set_origin(plan)
         self._into_place(node.parent, plan.tmp, node.name)
         upper_ino = self._now_in_upper(node, node.parent, node.name)
         if plan.st.st_nlink > 1 and not stack.index:
             stack.break_link(node, upper_ino)
         elif stat.S_ISREG(plan.st.st_mode) and plan.st.st_nlink > 1:
             self._link_siblings(node, plan)
+
+    def _set_origin(self, plan: CopyPlan) -> None:
+        """Record where the copy came from, as the kernel's copy-up does (origin.py), so its
+        inode number survives a remount, for layerfs and for the kernel.  Best effort, as
+        on the kernel: without file handles or trusted xattrs there is no origin.  (The
+        kernel also writes one for a hard-linked file it indexes, with index=on, beside its
+        index entry; layerfs writes no index entries, so it leaves those out too.)"""
+        if not origin.enabled() or plan.st.st_nlink > 1:
+            return  # the kernel's rule: none for a copy that breaks a lower hard link
+        value = origin.value_for(self.fs, plan.src, plan.st, self.stack.fs_uuids)
+        if value is not None:
+            try:
+                self.fs.setxattr(plan.tmp, origin.XATTR, value)
+            except OSError:
+                pass
 
     def _now_in_upper(self, node: Node, parent: Node, name: bytes) -> int:
         """Bookkeeping once `parent/name` is in the upper; returns its real inode number."""
