@@ -427,6 +427,21 @@ def test_a_copied_up_file_keeps_its_st_ino_over_a_remount(tmp_path, fuse, root, 
             assert {n: os.lstat(mnt / n).st_ino for n in ("f", "s", "fifo")} == {
                 n: before[n] for n in ("f", "s", "fifo")
             }
+        # index=on: the names of a hard link stay one inode, with the lower file's number,
+        # and its copy gets an origin too, as the kernel gives the files it indexes
+        for engine in ("layerfs", "kernel"):
+            up, wk, mnt = (tmp_path / f"{engine}-index" / p for p in ("up", "wk", "mnt"))
+            for p in (up, wk, mnt):
+                p.mkdir(parents=True)
+            ups[engine] = up
+            mount = KernelOverlay if engine == "kernel" else LayerfsMount
+            with mount(mnt, [lo], up, wk, "index=on"):
+                linked = os.lstat(mnt / "h2").st_ino
+                _copy_ups(mnt)
+            if engine == "layerfs":
+                with LayerfsMount(mnt, [lo], up, wk, "index=on"):
+                    assert os.lstat(mnt / "h1").st_ino == os.lstat(mnt / "h2").st_ino == linked
+        assert _origin(ups["layerfs"] / "h1") == _origin(ups["kernel"] / "h1") is not None
     finally:
         if lowerfs == "tmpfs":
             subprocess.run(["umount", str(lo)], timeout=30)

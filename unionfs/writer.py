@@ -238,10 +238,11 @@ class Writer:
     def _set_origin(self, plan: CopyPlan) -> None:
         """Record where the copy came from, as the kernel's copy-up does (origin.py), so its
         inode number survives a remount, for layerfs and for the kernel.  Best effort, as
-        on the kernel: without file handles or trusted xattrs there is no origin.  (The
-        kernel also writes one for a hard-linked file it indexes, with index=on, beside its
-        index entry; layerfs writes no index entries, so it leaves those out too.)"""
-        if not origin.enabled() or plan.st.st_nlink > 1:
+        on the kernel: without file handles or trusted xattrs there is no origin.  With
+        index=on a hard-linked lower file gets one too, as the kernel gives one to the files
+        it indexes (layerfs writes no index entry beside it; the kernel, finding none, takes
+        the file as not indexed and shows the upper file's own number)."""
+        if not origin.enabled() or (plan.st.st_nlink > 1 and not self.stack.index):
             return  # the kernel's rule: none for a copy that breaks a lower hard link
         value = origin.value_for(self.fs, plan.src, plan.st, self.stack.fs_uuids)
         if value is not None:
