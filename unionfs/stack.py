@@ -5,8 +5,9 @@ Layers are given top-first (index 0 is the upper directory when there is one, th
 top to bottom), exactly as overlayfs's lowerdir option lists them.
 
 Semantics (Documentation/filesystems/overlayfs.rst): a lookup goes top-down; a non-directory
-hides everything below it; directories of the same name merge until an opaque directory; the
-markers of `markers` hide lower names and are never shown themselves.  The root merges every
+hides everything below it; directories of the same name merge until an opaque directory; a
+directory's redirect (in any layer but the bottom one) says under which path the layers below
+hold the rest of it; the markers of `markers` hide lower names and are never shown themselves.  The root merges every
 layer (the kernel ignores opaque markers on layer roots).
 
 Why lookups do not get slower with depth: each directory node remembers the (layer, real
@@ -16,8 +17,11 @@ layers; a directory that lives only in the bottom layer has a one-element chain.
 
 Inode numbers: the daemon owns them.  A non-directory's number comes from its real object's
 (st_dev, st_ino) — so hard links in a layer share it — and a directory's from its *bottom*
-(origin) real directory, so it does not change when an upper copy appears above it.  Numbers
-are composed like overlayfs's xino: the high bits carry an index of the underlying device.
+(origin) real directory, so it does not change when an upper copy appears above it.  An
+upper file copied up keeps its lower original's number: in this mount by `origins`, after a
+remount by the kernel's `overlay.origin` stored at copy-up (origin.py).  Numbers are composed
+like overlayfs's xino: the high bits carry an index of the underlying device, counted in
+layer order at mount, so every mount of the same layers gives the same numbers.
 Each Node counts kernel lookups; `forget` drops it at zero (pyfuse3's contract), so memory
 follows what the kernel caches, not what was ever seen.  One number has one Node object while
 anything refers to it: a lookup finds a forgotten object that is still some node's parent
