@@ -25,13 +25,14 @@ conformance run (pjdfstest, a differential fuzzer) against an earlier layerfs:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +306,21 @@ def test_the_same_dirs_mount_again_right_after_an_unmount(union):
         assert (mnt / "kept").read_bytes() == b"from the first mount\n"
 
 
+@contextlib.contextmanager
+def _tmpfs(*paths: Path) -> Iterator[None]:
+    """Each of `paths` (made here) a tmpfs of its own for the block, unmounted after it."""
+    mounted: list[Path] = []
+    try:
+        for p in paths:
+            p.mkdir(exist_ok=True)
+            subprocess.run(["mount", "-t", "tmpfs", "layertest", str(p)], check=True, timeout=30)
+            mounted.append(p)
+        yield
+    finally:
+        for p in reversed(mounted):
+            subprocess.run(["umount", str(p)], timeout=30)
+
+
 def test_the_daemon_pins_no_layer_filesystem(tmp_path, fuse, root):
     """Kernel overlayfs lets `umount MNT; umount LAYERFS` run back to back.  FUSE's unmount
     does not wait for the daemon to exit, so the daemon must hold nothing open on its
@@ -312,10 +328,7 @@ def test_the_daemon_pins_no_layer_filesystem(tmp_path, fuse, root):
     fss = [tmp_path / "lofs", tmp_path / "upfs"]
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    for fs in fss:
-        fs.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "layertest", str(fs)], check=True, timeout=30)
-    try:
+    with _tmpfs(*fss):
         write(fss[0] / "f", b"lower\n")
         (fss[1] / "u").mkdir()
         (fss[1] / "w").mkdir()
@@ -332,9 +345,6 @@ def test_the_daemon_pins_no_layer_filesystem(tmp_path, fuse, root):
                     break
                 time.sleep(0.05)
             assert pinned == []
-    finally:
-        for fs in fss:
-            subprocess.run(["umount", str(fs)], timeout=30)
     assert (tmp_path / "upfs").exists() and not any(
         mp.startswith(str(tmp_path)) for mp, _ in mounts.mounts()
     )
@@ -346,10 +356,7 @@ def test_st_ino_is_the_same_in_every_mount_of_the_same_layers(tmp_path, fuse, ro
     fss = [tmp_path / "lofs", tmp_path / "upfs"]
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    for fs in fss:
-        fs.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "layertest", str(fs)], check=True, timeout=30)
-    try:
+    with _tmpfs(*fss):
         write(fss[0] / "l", b"lower\n")
         write(fss[1] / "u/u", b"upper\n")
         (fss[1] / "w").mkdir()
@@ -359,9 +366,6 @@ def test_st_ino_is_the_same_in_every_mount_of_the_same_layers(tmp_path, fuse, ro
                 seen.append({name: os.lstat(mnt / name).st_ino for name in order})
         assert seen[0] == seen[1]
         assert seen[0]["l"] != seen[0]["u"]
-    finally:
-        for fs in fss:
-            subprocess.run(["umount", str(fs)], timeout=30)
 
 
 def _origin(path: Path) -> bytes | None:
@@ -389,9 +393,7 @@ def test_a_copied_up_file_keeps_its_st_ino_over_a_remount(tmp_path, fuse, root, 
     a later mount reads it back, from either's upper: st_ino stays the lower file's."""
     lo = tmp_path / "lo"
     lo.mkdir()
-    if lowerfs == "tmpfs":
-        subprocess.run(["mount", "-t", "tmpfs", "layertest", str(lo)], check=True, timeout=30)
-    try:
+    with _tmpfs(*([lo] if lowerfs == "tmpfs" else [])):
         write(lo / "f", b"f\n")
         os.symlink("f", lo / "s")
         os.mkfifo(lo / "fifo")
@@ -442,9 +444,6 @@ def test_a_copied_up_file_keeps_its_st_ino_over_a_remount(tmp_path, fuse, root, 
                 with LayerfsMount(mnt, [lo], up, wk, "index=on"):
                     assert os.lstat(mnt / "h1").st_ino == os.lstat(mnt / "h2").st_ino == linked
         assert _origin(ups["layerfs"] / "h1") == _origin(ups["kernel"] / "h1") is not None
-    finally:
-        if lowerfs == "tmpfs":
-            subprocess.run(["umount", str(lo)], timeout=30)
 
 
 def _over_whiteouts(mnt: Path) -> None:
