@@ -401,7 +401,7 @@ def test_a_copied_up_file_keeps_its_st_ino_over_a_remount(tmp_path, fuse, root, 
         os.link(lo / "h1", lo / "h2")
         names = ("f", "s", "fifo", "h1", "h2")
         ups = {}
-        for engine in ("layerfs", "kernel"):
+        for engine in ("kernel", "layerfs"):
             up, wk, mnt = (tmp_path / engine / p for p in ("up", "wk", "mnt"))
             for p in (up, wk, mnt):
                 p.mkdir(parents=True)
@@ -409,6 +409,8 @@ def test_a_copied_up_file_keeps_its_st_ino_over_a_remount(tmp_path, fuse, root, 
             if engine == "kernel":
                 with KernelOverlay(mnt, [lo], up, wk):
                     _copy_ups(mnt)
+                if _origin(up / "f") is None:
+                    pytest.skip(f"{_fs_type(lo)} under {lo} gives no file handles: no origins")
                 continue
             with LayerfsMount(mnt, [lo], up, wk):
                 before = {n: os.lstat(mnt / n).st_ino for n in names}
