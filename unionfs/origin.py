@@ -90,7 +90,8 @@ def lower_object(fs: Roots, path: bytes, roots: list[bytes], uuids: Uuids) -> os
     """The lstat of the lower object that the upper object `path` was copied up from, by its
     stored origin, decoded on the filesystem of one of `roots` (one lower layer root per
     filesystem) whose uuid matches, as the kernel's ovl_check_origin tries its lower layers;
-    None without an origin or where none decodes (stale: the lower object is gone)."""
+    None without an origin or where none decodes (stale: the lower object is gone).
+    PermissionError where this process may not decode handles at all."""
     try:
         value = fs.getxattr(path, XATTR)
     except OSError:
@@ -111,8 +112,8 @@ def lower_object(fs: Roots, path: bytes, roots: list[bytes], uuids: Uuids) -> os
             try:
                 fd = syscalls.open_by_handle_at(mount_fd, kind, handle, os.O_PATH)
             except OSError as exc:
-                if exc.errno == errno.EPERM:  # no CAP_DAC_READ_SEARCH: no origins at all
-                    return None
+                if exc.errno == errno.EPERM:  # no CAP_DAC_READ_SEARCH (a user namespace)
+                    raise PermissionError(exc.errno, "open_by_handle_at: not permitted") from None
                 continue
             try:
                 return os.fstat(fd)

@@ -7,8 +7,8 @@ top to bottom), exactly as overlayfs's lowerdir option lists them.
 Semantics (Documentation/filesystems/overlayfs.rst): a lookup goes top-down; a non-directory
 hides everything below it; directories of the same name merge until an opaque directory; a
 directory's redirect (in any layer but the bottom one) says under which path the layers below
-hold the rest of it; the markers of `markers` hide lower names and are never shown themselves.  The root merges every
-layer (the kernel ignores opaque markers on layer roots).
+hold the rest of it; the markers of `markers` hide lower names and are never shown
+themselves.  The root merges every layer (the kernel ignores opaque markers on layer roots).
 
 Why lookups do not get slower with depth: each directory node remembers the (layer, real
 path) pairs where it exists (`Node.dirs`), and its merged listing is built once, by one
@@ -350,7 +350,11 @@ class LayerStack:
                 if self.devs[layer] not in seen:
                     seen.add(self.devs[layer])
                     self._origin_roots.append(self.layers[layer])
-        return origin.lower_object(self.fs, path, self._origin_roots, self.fs_uuids)
+        try:
+            return origin.lower_object(self.fs, path, self._origin_roots, self.fs_uuids)
+        except PermissionError:  # root in a user namespace: stop asking
+            self._read_origins = False
+            return None
 
     def _xino(self, layer: int, real_ino: int) -> Inode:
         return self._xino_dev(self.devs[layer], real_ino)
