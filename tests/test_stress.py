@@ -1,7 +1,8 @@
 """Concurrent random changes through one layerfs mount, then four readings of the result that
 must agree: the live mount as the kernel caches it, the live mount after the kernel dropped
 its caches (what the daemon itself holds), a fresh layerfs mount of the upper, and kernel
-overlayfs mounting the same upper.
+overlayfs mounting the same upper.  Then the upper is stacked as the top lower layer of a
+read-only mount, by layerfs and by the kernel, which must agree too.
 
 Each worker process draws operations on a small set of names over lower files (some hard
 linked), directories (their own names too) and symlinks: appends and writes (copy-ups),
@@ -192,9 +193,16 @@ def test_concurrent_changes_read_the_same_four_ways(tmp_path, fuse, root, mode):
     kopts = "redirect_dir=on" + (",index=on" if extra == "index=on" else "")
     with KernelOverlay(chk, [lo], up, wk2, kopts):
         kernel = treecmp.snapshot(chk)
+    # the upper stacked as a lower layer, read-only: its redirects, whiteouts, opaque marks
+    # and origins must mean to layerfs what they mean to the kernel
+    with LayerfsMount(chk, [up, lo]):
+        stacked = treecmp.snapshot(chk)
+    with KernelOverlay(chk, [up, lo], extra_opts="redirect_dir=follow"):
+        kernel_stacked = treecmp.snapshot(chk)
     where = f"seeds {seed}..{seed + workers - 1}"
     assert sum(done for _, done, _ in results) > 100, f"{where}: too few operations ran"
     assert treecmp.diff(remounted, kernel, compare_mtime=False) == [], f"{where}: kernel"
+    assert treecmp.diff(stacked, kernel_stacked, compare_mtime=False) == [], f"{where}: stacked"
     if kill:
         return
     assert [b for _, _, bs in results for b in bs] == [], where
