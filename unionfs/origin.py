@@ -44,6 +44,13 @@ def enabled() -> bool:
     return os.geteuid() == 0
 
 
+def counts(lower_nlink: int, index: bool) -> bool:
+    """Does the origin of a copy of a lower object with `lower_nlink` links count (stored at
+    copy-up, its number reported after)?  The kernel's rule: not for a copy that breaks a
+    lower hard link (index=off); with index=on the names stay one inode, so it does."""
+    return lower_nlink <= 1 or index
+
+
 def _uuid_of(fs: Roots, directory: bytes, dev: int, uuids: Uuids) -> bytes | None:
     if dev not in uuids:
         try:

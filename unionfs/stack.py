@@ -331,7 +331,7 @@ class LayerStack:
         still decodes to one — as the kernel reports it: not for a lower file with other
         links under index=off, whose copy-up broke the link — else its own."""
         found = self._stored_origin(path)
-        if found is None or (found.st_nlink > 1 and not self.index):
+        if found is None or not origin.counts(found.st_nlink, self.index):
             return self._upper_ino(real_ino)
         ino = self._xino_dev(found.st_dev, found.st_ino)
         node = self.nodes.get(ino)

@@ -242,8 +242,8 @@ class Writer:
         index=on a hard-linked lower file gets one too, as the kernel gives one to the files
         it indexes (layerfs writes no index entry beside it; the kernel, finding none, takes
         the file as not indexed and shows the upper file's own number)."""
-        if not origin.enabled() or (plan.st.st_nlink > 1 and not self.stack.index):
-            return  # the kernel's rule: none for a copy that breaks a lower hard link
+        if not origin.enabled() or not origin.counts(plan.st.st_nlink, self.stack.index):
+            return
         value = origin.value_for(self.fs, plan.src, plan.st, self.stack.fs_uuids)
         if value is not None:
             try:
