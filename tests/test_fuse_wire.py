@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -127,7 +128,7 @@ def test_native_attrs_reply_as_pyfuse3s_would(monkeypatch):
 
     ours, theirs = operations.Attrs(), pyfuse3.EntryAttributes()
     for name in operations.Attrs.__slots__:
-        if name != "shown_ino":
+        if name not in ("shown_ino", "packed_entry", "packed_attr"):  # ours only
             assert getattr(ours, name) == getattr(theirs, name), name
     ours.st_ino = theirs.st_ino = 42
     assert operations.shown_ino(ours) == 42 == wire.ATTR_OUT.unpack(wire.pack_attr_out(ours, 42))[3]
@@ -137,6 +138,36 @@ def test_native_attrs_reply_as_pyfuse3s_would(monkeypatch):
     if operations._SHOWN_INO_OFFSET is not None:  # else pyfuse3 shows node ids (a warning)
         assert operations.shown_ino(theirs) == 7
         assert wire.pack_entry(ours, 7) == wire.pack_entry(theirs, operations.shown_ino(theirs))
+
+
+def test_a_lower_objects_reply_is_packed_once_and_a_change_shows(tmp_path):
+    """GETATTR and LOOKUP of a lower object hand out the same reply each time, and its wire
+    bytes are packed at the first (`Attrs.packed_attr`, `packed_entry`); a change (chmod,
+    which copies the file up) gives a new reply, never the old bytes."""
+    h = _writable(tmp_path)
+    getattr_in = wire.GETATTR_IN.pack(0, 0, 0)
+
+    async def scenario():
+        _, entry = await h.call(LOOKUP, 1, b"f\0")
+        f = entry_nodeid(entry)
+        _, first = await h.call(GETATTR, f, getattr_in)
+        reply = h.ops._entry(h.ops.stack.node(f))
+        assert reply.packed_attr == first and reply.packed_entry == entry
+        assert (await h.call(GETATTR, f, getattr_in))[1] == first
+        assert (await h.call(LOOKUP, 1, b"f\0"))[1] == entry
+        mode = wire.ATTR_OUT.unpack(first)[12]  # fuse_attr_out: 3 fields, then fuse_attr
+        chmod = wire.SETATTR_IN.pack(wire.FATTR_MODE, *(0,) * 10, 0o600, 0, 0, 0, 0)
+        err, changed = await h.call(4, f, chmod)
+        assert err == 0 and wire.ATTR_OUT.unpack(changed)[12] == stat.S_IFREG | 0o600 != mode
+        _, after = await h.call(GETATTR, f, getattr_in)
+        assert wire.ATTR_OUT.unpack(after)[12] == stat.S_IFREG | 0o600
+        _, entry_after = await h.call(LOOKUP, 1, b"f\0")
+        assert wire.ENTRY_OUT.unpack(entry_after)[15] == stat.S_IFREG | 0o600  # 6 fields first
+
+    try:
+        trio.run(scenario)
+    finally:
+        h.close()
 
 
 def test_cstrings_need_their_terminator():

@@ -935,12 +935,15 @@ class Attrs:
     for a transport that packs replies itself (the native one): building and reading one
     costs a third of an EntryAttributes (its Cython setters, and `shown_ino` through ctypes),
     measured 2.8 against 6.2 µs per entry built and packed.  `shown_ino` is the st_ino the
-    reply shows (None: the node id, `st_ino`)."""
+    reply shows (None: the node id, `st_ino`).  `packed_entry` and `packed_attr` are for the
+    transport: the reply's wire bytes, packed at its first use.  A reply is never changed once
+    it is handed out (`_entry` builds a new one for anything that changes), and the one of a
+    lower object is handed out again and again: GETATTR, LOOKUP and every READDIRPLUS entry."""
 
     __slots__ = (
         "st_ino", "shown_ino", "generation", "entry_timeout", "attr_timeout", "st_mode",
         "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize", "st_blocks",
-        "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
+        "st_atime_ns", "st_mtime_ns", "st_ctime_ns", "packed_entry", "packed_attr",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -951,6 +954,8 @@ class Attrs:
         self.st_uid = self.st_gid = self.st_rdev = self.st_size = self.st_blocks = 0
         self.st_blksize = 4096
         self.st_atime_ns = self.st_mtime_ns = self.st_ctime_ns = 0
+        self.packed_entry: bytes | None = None
+        self.packed_attr: bytes | None = None
 
 
 def _set_shown_ino(attrs: AttrsReply, ino: int) -> None:
