@@ -32,16 +32,20 @@ from __future__ import annotations
 import errno
 import os
 import weakref
-from collections.abc import Callable, Iterator
-from typing import TypeVar
 
 from . import syscalls
+
+TYPE_CHECKING = False  # typing's own constant, without importing typing before INIT (logs.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import TypeVar
+
+    T = TypeVar("T")
+
 
 SHORT = 3800  # relative paths up to this many bytes go to the kernel in one call
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _ROOT_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-
-T = TypeVar("T")
 
 
 class Roots:

@@ -10,10 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .fsat import Roots
 
 from .syscalls import (  # noqa: F401 (re-exported: the write side's callers use fsutil's names)
     AT_FDCWD,
@@ -23,6 +19,11 @@ from .syscalls import (  # noqa: F401 (re-exported: the write side's callers use
     renameat2,
     syncfs,
 )
+
+TYPE_CHECKING = False  # typing's own constant, without importing typing before INIT (logs.py)
+if TYPE_CHECKING:
+    from .fsat import Roots
+
 
 _KIND_NAMES = {
     stat.S_IFREG: "file",

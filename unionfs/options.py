@@ -49,7 +49,11 @@ import os
 import stat as _stat
 
 from .errors import OptionError
-from .idmap import Owners, overflow_ids, parse
+
+TYPE_CHECKING = False  # typing's own constant, without importing typing before INIT (logs.py)
+if TYPE_CHECKING:
+    from .idmap import Owners
+
 
 # Generic mount flags that libfuse's mount code understands; passed through to the mount.
 FUSE_MOUNT_FLAGS = frozenset(
@@ -155,7 +159,7 @@ class MountConfig:
         mountpoint: str,
         fuse_options: set[str],
         ignored: list[str],
-        owners: Owners,
+        owners: Owners | None,
         upper: str | None = None,
         work: str | None = None,
         source: str = "layerfs",
@@ -396,9 +400,13 @@ def _validate(
     )
 
 
-def _owners(uidmapping: str | None, gidmapping: str | None) -> Owners:
+def _owners(uidmapping: str | None, gidmapping: str | None) -> Owners | None:
+    """The id maps; None without uidmapping/gidmapping (idmap.py, which imports typing, is then
+    not loaded before INIT: the handlers use an empty Owners)."""
     if uidmapping is None and gidmapping is None:
-        return Owners()
+        return None
+    from .idmap import Owners, overflow_ids, parse
+
     over_uid, over_gid = overflow_ids()
     return Owners(
         uids=parse(uidmapping, "uidmapping", over_uid) if uidmapping is not None else None,

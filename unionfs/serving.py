@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 from .errors import UnionError
 from .logs import log
 from .options import VOLATILE_MARKER, MountConfig
+
+TYPE_CHECKING = False  # typing's own constant, without importing typing before INIT (logs.py)
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from typing import Any
+
 
 SIGNAL_FLUSH_TIMEOUT = 30.0  # seconds a signal waits for the mount's dirty pages (a freeze)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each unmounts and ends the daemon

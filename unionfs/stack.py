@@ -57,14 +57,19 @@ import errno
 import os
 import stat
 import weakref
-from collections.abc import Callable
-from typing import NewType
 
 from . import markers, origin, rules
 from .errors import NameTooLong, NotADirectory, NotFound, StaleHandle, UnionError
 from .fsat import Roots
 
-Inode = NewType("Inode", int)
+TYPE_CHECKING = False  # typing's own constant, without importing typing before INIT (logs.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import NewType
+
+    Inode = NewType("Inode", int)  # a node id, told apart from other ints by mypy
+else:
+    Inode = int  # the same at run time (an int stays itself)
 ROOT_INODE = Inode(1)
 
 _XINO_SHIFT = 48

@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
-from typing import Any
 
 from . import wire
 from .wire import Header, Malformed, cstrings, unpack
+
+TYPE_CHECKING = False  # typing's own constant, without importing typing before INIT (../logs.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
 
 INLINE, TASK, GATED, NOREPLY = "inline", "task", "gated", "noreply"
 

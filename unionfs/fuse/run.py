@@ -16,14 +16,18 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
-from collections.abc import Callable
-from typing import Any
 
 from ..logs import log
 from . import wire
 from .init import Wanted
 from .mount import mount
 from .session import InitFailed, handshake
+
+TYPE_CHECKING = False  # typing's own constant, without importing typing before INIT (../logs.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
 
 EXIT_OK, EXIT_MOUNT_FAILED = 0, 1
 

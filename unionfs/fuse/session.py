@@ -28,13 +28,17 @@ from __future__ import annotations
 import errno
 import os
 import select
-from typing import Any
 
 from ..logs import debug_enabled, log
 from . import opcodes, wire
 from .init import Conn, Wanted, negotiate
 from .opcodes import GATED, NOREPLY, TASK
 from .wire import Header, Malformed
+
+TYPE_CHECKING = False  # typing's own constant, without importing typing before INIT (../logs.py)
+if TYPE_CHECKING:
+    from typing import Any
+
 
 POLL_MS = 10  # longest wait for the device outside trio (see `Session.may_block`)
 YIELD_EVERY = 32  # inline requests between two scheduler checkpoints (lets tasks run)
