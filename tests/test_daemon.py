@@ -84,6 +84,41 @@ def test_daemonizes_and_returns_only_when_live(stack):
     assert not is_mounted(mnt)
 
 
+def test_the_daemon_lets_go_of_the_callers_output_before_the_parent_returns(tmp_path, fuse):
+    """A caller that reads the mount program's output waits for the end of that pipe, not
+    only for the process (podman keeps its stderr; `subprocess.run` with capture_output).
+    The daemon inherits it, so it points its stdout and stderr at /dev/null before it tells
+    the parent "OK"; it held them ~15 ms longer, until logging was set up (M1 63 → 49 ms
+    with the output captured; a mount that logs before it is live has imported logging by
+    then, so this one logs nothing)."""
+    lo, up, work, mnt = (tmp_path / name for name in ("lo", "up", "work", "mnt"))
+    for d in (lo, up, work, mnt):
+        d.mkdir()
+    proc = subprocess.Popen(
+        [LAYERFS, "-o", overlay_options([lo], up, work), str(mnt)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # a blocking wait (pytest's timeout bounds it): wait(timeout) polls, late by ms
+        assert proc.wait() == 0
+        held = []
+        for pipe in (proc.stdout, proc.stderr):
+            assert pipe is not None
+            os.set_blocking(pipe.fileno(), False)
+            try:
+                assert os.read(pipe.fileno(), 4096) == b""  # the end: no writer is left
+            except BlockingIOError:  # open, and empty: the daemon still holds it
+                held.append(pipe.fileno())
+        assert held == []
+        assert fstype(mnt) == "fuse.layerfs"
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], timeout=30)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_unmounts_and_exits_0(stack, sig):
     lo, hi, mnt = stack
