@@ -293,6 +293,10 @@ def test_a_daemon_lets_go_of_the_callers_directory_and_its_log_at_unmount(dirs, 
     try:
         pid = _daemon_pid(d / "mnt")
         assert os.readlink(f"/proc/{pid}/cwd") == "/"
+        # opened once the parent has returned (the caller's output is let go of first)
+        deadline = time.monotonic() + 20
+        while f"{d}/work/x.log" not in open_files(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert f"{d}/work/x.log" in open_files(pid), "the log file is open while mounted"
     finally:
         subprocess.run(["umount", str(d / "mnt")], timeout=30)
