@@ -6,7 +6,10 @@ pyfuse3 (`-o fuse=pyfuse3` or LAYERFS_FUSE=pyfuse3), described below.
 
 Without -f it daemonizes: the parent waits on a pipe and exits 0 only once the kernel has
 sent FUSE_INIT and the mount answers (the `init` hook writes "OK"); it exits != 0 with the
-daemon's own message when mounting fails.  Shutdown is one path: SIGTERM/SIGINT first sync
+daemon's own message when mounting fails.  Until then the daemon's errors go to the
+caller's stderr; just before "OK" its stdout and stderr are pointed at /dev/null (a caller
+that reads them, as podman does, waits for that pipe to end), and logging is set up after.
+Shutdown is one path: SIGTERM/SIGINT first sync
 the mount (a writable one: with the writeback cache, data of completed write(2)s may still
 be dirty in the kernel's page cache, and libfuse's unmount closes /dev/fuse before the
 kernel could write it back), then call `pyfuse3.terminate()`, in-flight requests finish, the
