@@ -152,9 +152,7 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
             if message != "OK":
                 _report(ready_fd, message)
             elif ready_fd is not None:
-                _let_go_of_stdio()
-                _report(ready_fd, "OK")
-                _detach_stdio(cfg)
+                _live(ready_fd, cfg)
             ready_fd = None
 
         return serve_native(cfg, fuse_options(cfg), report)
@@ -179,10 +177,8 @@ def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
     def on_init() -> None:
         nonlocal ready_fd
         if ready_fd is not None:
-            _let_go_of_stdio()
-            _report(ready_fd, "OK")
+            _live(ready_fd, cfg)
             ready_fd = None
-            _detach_stdio(cfg)
 
     ops = UnionOperations(
         stack,
@@ -256,22 +252,30 @@ def log_destination(cfg: MountConfig) -> str | None:
     return os.path.join(cfg.work, LOG_NAME)
 
 
-def _let_go_of_stdio() -> None:
-    """Point stdout and stderr at /dev/null, before the parent is told "OK": a caller that
-    reads the mount program's output (podman keeps its stderr, as does `subprocess.run` with
-    `capture_output`) waits for the end of that pipe, and the daemon, which inherited it,
-    would hold it open until `_detach_stdio` (logging's imports: ~15 ms of every mount)."""
+def _live(ready_fd: int, cfg: MountConfig) -> None:
+    """The mount is live: point stdout and stderr at /dev/null, tell the parent "OK", then
+    set up logging (`_detach_stdio`).  In that order: a caller that reads the mount program's
+    output (podman keeps its stderr, as does `subprocess.run` with `capture_output`) waits
+    for the end of that pipe, and the daemon, which inherited it, would otherwise hold it
+    open through logging's imports (~15 ms of every mount)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    os.close(devnull)
+    _stdio_to(os.open(os.devnull, os.O_RDWR))
+    _report(ready_fd, "OK")
+    _detach_stdio(cfg)
+
+
+def _stdio_to(fd: int) -> None:
+    """Make `fd` the process's stdout and stderr (and close it)."""
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def _detach_stdio(cfg: MountConfig) -> None:
-    """Once the mount is live the parent has gone: log to the destination, drop the
-    terminal.  With a log file, stderr goes there too (faulthandler's SIGUSR1 dumps)."""
+    """Once the mount is live the parent has gone (and stdio is /dev/null, `_live`): log to
+    the destination.  With a log file, stdout and stderr go there too (faulthandler's
+    SIGUSR1 dumps)."""
     import logging
     import logging.handlers  # here: it costs ~6 ms of start-up, and only a daemon needs it
 
@@ -287,23 +291,18 @@ def _detach_stdio(cfg: MountConfig) -> None:
             handler.setFormatter(logging.Formatter("layerfs[%(process)d]: %(message)s"))
         except OSError:  # a socket nobody listens on: as if there were none
             target = cfg.log_file or (os.path.join(cfg.work, LOG_NAME) if cfg.work else None)
-    err_fd = os.open(os.devnull, os.O_RDWR)
     if target is not None:
         try:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         except OSError:
             fd = -1  # nowhere to write: as before, nothing is kept
         if fd >= 0:
-            os.close(err_fd)
-            err_fd = fd
             handler = logging.StreamHandler(os.fdopen(os.dup(fd), "a", buffering=1))
             handler.setFormatter(
                 logging.Formatter("%(asctime)s layerfs[%(process)d] %(levelname)s %(message)s")
             )
+            _stdio_to(fd)
     root.addHandler(handler or logging.NullHandler())
-    os.dup2(err_fd, 1)
-    os.dup2(err_fd, 2)
-    os.close(err_fd)
     if target is not None:
         from .serving import at_unmount
 
