@@ -245,6 +245,14 @@ class LayerStack:
         self._dev_index: dict[int, int] = {}
         for dev in self.devs:
             self._dev_index.setdefault(dev, len(self._dev_index))
+        # where stored origins are decoded (origin.py): one lower layer root per filesystem,
+        # top first, as the kernel's ovl_check_origin tries its lower layers
+        self._origin_roots: list[bytes] = []
+        seen: set[int] = set()
+        for layer in range(1, len(self.layers)):
+            if self.devs[layer] not in seen:
+                seen.add(self.devs[layer])
+                self._origin_roots.append(self.layers[layer])
         self._fallback: dict[tuple[int, int], Inode] = {}
         # upper real inode -> merged inode, for objects copied up during this mount, so a
         # file keeps its st_ino across copy-up even after the kernel forgets it.
@@ -273,7 +281,6 @@ class LayerStack:
         self._views: dict[int, LayerStack] = {}  # the layers below a layer (`_view_below`)
         # copy-up origins (origin.py): read back for upper files this mount did not copy up
         self._read_origins = self.has_upper and origin.enabled()
-        self._origin_roots: list[bytes] | None = None
         self.fs_uuids: origin.Uuids = {}
         # Directories that may hold xattr whiteouts (overlay.opaque=x), by real path.
         self._xwh: set[bytes] = set()
@@ -348,13 +355,6 @@ class LayerStack:
     def _stored_origin(self, path: bytes) -> os.stat_result | None:
         if not self._read_origins:
             return None
-        if self._origin_roots is None:  # one lower layer root per filesystem, top first
-            seen: set[int] = set()
-            self._origin_roots = []
-            for layer in range(1, len(self.layers)):
-                if self.devs[layer] not in seen:
-                    seen.add(self.devs[layer])
-                    self._origin_roots.append(self.layers[layer])
         try:
             return origin.lower_object(self.fs, path, self._origin_roots, self.fs_uuids)
         except PermissionError:  # root in a user namespace: stop asking
