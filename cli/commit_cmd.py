@@ -11,9 +11,8 @@ Nothing here reads through the mount while it is frozen: with the kernel's write
 closing a file that has dirty pages waits for WRITE requests the frozen daemon holds (see
 unionfs/control.py), so `--verify` compares with the union of the frozen upper and the
 image's layers, computed by the daemon's own model (`LayerStack`).
-The registry client (`imagestore.push`: httpx, trio) and the control-socket client (which
-imports trio) are imported where they are needed, not here: a commit of an unmounted NAME
-starts without them (~200 ms).
+The registry client (`imagestore.push`: httpx, trio) and the control-socket client are
+imported where they are needed, not here: a commit of an unmounted NAME starts without them.
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ def _consistent(rec: mountrecords.MountRecord) -> Iterator[control.Freeze | None
             f"`layer umount {rec.name}` first"
         )
     if st == mounts.LIVE:
-        from unionfs import control  # only a live mount needs it (trio)
+        from unionfs import control  # only a live mount needs it
 
         with control.frozen(rec.work) as hold:
             yield hold

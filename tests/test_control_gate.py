@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from unionfs import control
-from unionfs.control import Gate
+from unionfs.gate import Gate
 
 DEADLINE = 10
 
@@ -114,7 +114,7 @@ def test_one_freeze_waits_for_every_request_in_flight():
 # ----- the socket protocol, served in-process ---------------------------------------------
 async def _serving(nursery: trio.Nursery, tmp: str, gate: Gate) -> bytes:
     path = os.path.join(tmp, "control").encode()
-    await nursery.start(control.serve, path, gate, tmp.encode(), None)
+    await nursery.start(control.serve, control.listen(path), gate, tmp.encode(), None)
     return path
 
 

@@ -64,3 +64,21 @@ def test_a_mount_imports_only_what_it_needs_before_init(tmp_path):
         text=True,
     ).stdout.splitlines()
     assert out == [""]
+
+
+HANDLERS_PROBE = """
+import sys
+from unionfs import control, gate, operations, serving
+from unionfs.fuse import bridge, run, session
+print("trio" in sys.modules)
+"""
+
+
+def test_the_handlers_load_without_trio():
+    """Issue 11: the native daemon answers its first requests while trio (100-150 ms) is
+    still being imported in a thread (`Session.serve_early`); that needs the handlers, the
+    freeze gate and the control socket to import without it."""
+    out = subprocess.run(
+        [sys.executable, "-c", HANDLERS_PROBE], check=True, capture_output=True, text=True
+    ).stdout.splitlines()
+    assert out == ["False"]

@@ -20,12 +20,9 @@ the kernel's dirty limit), so while frozen the upper — not the merged view —
 a freezer must not read files through the mount, since closing one flushes its dirty pages
 with WRITE requests the gate holds.
 
-Concurrency: the Gate lives on the daemon's trio thread; `enter`/`leave` bracket each
-mutating handler; no locks needed (code between two awaits is atomic).  Every freezer that
-waits for the in-flight requests to drain waits on the same event, which the last `leave`
-sets, so overlapping freezes all complete; a freeze that is cancelled while it waits undoes
-itself.  The daemon keeps watching a client's connection while its freeze waits: a client
-that hangs up (or dies) then gives the freeze up.  `Freeze` / `frozen()` are the synchronous
+Concurrency: the daemon's trio thread; the gate itself is `gate.Gate`.  The daemon keeps
+watching a client's connection while its freeze waits: a client that hangs up (or dies)
+then gives the freeze up.  `Freeze` / `frozen()` are the synchronous
 client for the CLI; `Freeze.thaw` fails unless the daemon confirms, so a caller learns that
 the daemon died while the mount was frozen.
 """
@@ -38,79 +35,53 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
-
-import trio
+from typing import TYPE_CHECKING, Any
 
 from .fsutil import syncfs
+from .gate import Gate
 from .writer import WORK_SUBDIR
+
+if TYPE_CHECKING:
+    import trio
 
 SOCKET_NAME = "control"
 log = logging.getLogger(__name__)
 
 
-class Gate:
-    """Holds mutating requests while at least one freezer holds the mount."""
-
-    def __init__(self) -> None:
-        self._freezers = 0
-        self._thawed: trio.Event | None = None  # set when the last freezer lets go
-        self._inflight = 0
-        self._drained: trio.Event | None = None  # shared by every freezer waiting to drain
-
-    @property
-    def frozen(self) -> bool:
-        return self._thawed is not None
-
-    async def enter(self) -> None:
-        while self._thawed is not None:
-            await self._thawed.wait()
-        self._inflight += 1
-
-    def leave(self) -> None:
-        self._inflight -= 1
-        if self._inflight == 0 and self._drained is not None:
-            event, self._drained = self._drained, None
-            event.set()
-
-    async def freeze(self) -> None:
-        """Stop admitting mutating requests, then wait until those in flight have left.
-        Cancelled while waiting, it lets go of its hold again."""
-        self._freezers += 1
-        if self._thawed is None:
-            self._thawed = trio.Event()
-        try:
-            while self._inflight:
-                if self._drained is None:
-                    self._drained = trio.Event()
-                await self._drained.wait()
-        except BaseException:
-            self.thaw()
-            raise
-
-    def thaw(self) -> None:
-        self._freezers = max(0, self._freezers - 1)
-        if self._freezers == 0 and self._thawed is not None:
-            event, self._thawed = self._thawed, None
-            event.set()
+def listen(path: bytes) -> socket.socket:
+    """The control socket at `path` (a stale one replaced), mode 0600, listening.  The daemon
+    makes it before it answers any request, without trio (fuse/run.py): a client that has
+    seen the mount answer finds it, and one that connects before trio is loaded waits in
+    the backlog for its answer."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with _reachable(path) as short:
+            sock.bind(short)
+        os.chmod(path, 0o600)
+        sock.listen(8)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def serve(
-    path: bytes,
+    listener: socket.socket,
     gate: Gate,
     sync_dir: bytes | int,
     mountpoint: bytes | None = None,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: Any = None,  # trio's nursery.start passes its own
 ) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    """Serve `listener` (from `listen`) until cancelled."""
+    import trio
+
     # closed as soon as the serving task is cancelled (the mount went away): a bound socket
     # pins the work dir's filesystem, which a user may unmount right after the mount
-    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        with _reachable(path) as short:
-            await sock.bind(short)
-        os.chmod(path, 0o600)
-        sock.listen(8)
-        task_status.started()
+    with trio.socket.from_stdlib_socket(listener) as sock:
+        if task_status is not None:
+            task_status.started()
         async with trio.open_nursery() as nursery:
             while True:
                 conn, _ = await sock.accept()
@@ -132,6 +103,8 @@ class _Session:
         self.pending: collections.deque[bytes] = collections.deque()
 
     async def run(self) -> None:
+        import trio
+
         try:
             while True:
                 if not self.pending:
@@ -166,6 +139,8 @@ class _Session:
         return True
 
     async def _freeze(self) -> bool:
+        import trio
+
         if self.mountpoint is not None:
             try:  # before the gate closes: the WRITEs it causes must get through
                 await trio.to_thread.run_sync(syncfs, self.mountpoint)
@@ -188,6 +163,8 @@ class _Session:
     async def _freeze_while_connected(self) -> bool:
         """`gate.freeze()`, given up when the client hangs up while it waits for the drain.
         What the client sends meanwhile is kept for later.  True when frozen."""
+        import trio
+
         gone = froze = False
         async with trio.open_nursery() as nursery:
 

@@ -37,7 +37,9 @@ the one errno point; the rules live in stack/writer.  GAP(issue-14): split it by
 family (attributes, files, directories, xattrs) once the transports' branches have landed.
 Concurrency: trio, one thread; handlers that do not await are atomic with respect to the
 model.  Reads of data use pread on the trio thread (page-cache hits are cheaper than a
-thread hop); bulk copies of the write side go to worker threads.
+thread hop); bulk copies of the write side go to worker threads.  trio is imported where it
+is used, not at the top: the native transport answers its first requests (those that change
+nothing) before trio has finished loading (fuse/run.py), and only the paths that wait need it.
 """
 
 from __future__ import annotations
@@ -50,19 +52,20 @@ import os
 import stat
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
-
-import trio
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import acl, markers
 from . import fuseapi as pyfuse3  # pyfuse3 itself, or stand-ins for the native transport
-from .control import Gate
 from .errors import UnionError
 from .fdlimit import FdBudget
 from .fsat import PLAIN, Roots
+from .gate import Gate
 from .idmap import Owners
 from .stack import Entry, LayerStack, Node
 from .writer import Writer
+
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger("layerfs")
 
@@ -554,6 +557,8 @@ class UnionOperations(pyfuse3.Operations):
             # volatile: no syncs of the upper (the writes themselves have reached it); a
             # lower file never opened has nothing to sync (FileHandle)
             return
+        import trio  # not at the top: see the module docstring
+
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
 
     @_handler
@@ -562,6 +567,8 @@ class UnionOperations(pyfuse3.Operations):
         if self.stack.in_upper(node) and not self.volatile:
             fd = self.stack.fs.open(self.stack.real_path(node), os.O_RDONLY | os.O_DIRECTORY)
             try:
+                import trio
+
                 await trio.to_thread.run_sync(os.fsync, fd)
             finally:
                 os.close(fd)
@@ -575,6 +582,8 @@ class UnionOperations(pyfuse3.Operations):
     def _lock(self, node: Node) -> trio.Lock:
         lock = self._locks.get(node)
         if lock is None:
+            import trio
+
             lock = self._locks[node] = trio.Lock()
         return lock
 
@@ -601,6 +610,8 @@ class UnionOperations(pyfuse3.Operations):
                 if plan is not None:
                     try:
                         if plan.blocks:  # a big copy or an fsync: not on the loop's thread
+                            import trio
+
                             await trio.to_thread.run_sync(Writer.copy_data, plan)
                         else:
                             Writer.copy_data(plan)

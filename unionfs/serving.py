@@ -33,7 +33,8 @@ def hold_signals() -> None:
     them: called just before mounting, since the daemon mounts first and loads its handlers
     and trio after (100-200 ms), and one killed in between would leave its mount dead
     ("Transport endpoint is not connected") until somebody unmounts it.  serve_mount then
-    unmounts at once for a signal noted here."""
+    flushes and unmounts at once for a signal noted here (the native transport may have
+    answered requests before trio was loaded, writes included)."""
 
     def note(signum: int, frame: object) -> None:
         _early.append(signum)
@@ -104,6 +105,13 @@ def open_stack(cfg: MountConfig, report: Callable[[str], None]) -> tuple[Any, An
     return stack, writer
 
 
+def listen_control(writer: Any) -> Any:
+    """The control socket of a writable mount, bound and listening (control.listen)."""
+    from . import control
+
+    return control.listen(os.fsencode(control.socket_path(writer.workdir)))
+
+
 async def flush_mount(trio, mountpoint: bytes) -> None:  # type: ignore[no-untyped-def]
     """syncfs on our own mount, from a worker thread while the session loop still serves the
     WRITE requests it causes; bounded, since a frozen mount holds them until it thaws."""
@@ -124,35 +132,34 @@ async def serve_mount(  # type: ignore[no-untyped-def]
     mountpoint: str,
     loop: Callable[[], Awaitable[None]],
     terminate: Callable[[], None],
+    listener: Any = None,
 ) -> None:
     """Run one mount until its transport's `loop` returns: SIGTERM/SIGINT/SIGHUP flush a
     writable mount and `terminate` the loop; a writable mount also serves its control socket
     (freeze/thaw for `layer diff`/`commit`) beside the upper.  The control session syncs the
-    upper through an fd when the mountpoint shadows it (a mount over its own layer)."""
+    upper through an fd when the mountpoint shadows it (a mount over its own layer).
+    `listener`: that socket when the transport made it already (`listen_control`)."""
     from . import control
 
     async def on_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
         with trio.open_signal_receiver(*SIGNALS) as sigs:
-            if _early:  # came before the loop served anything: no dirty page can exist yet
-                log.info("signal %d: unmounting", _early[0])  # (during start-up)
-                terminate()
-                task_status.started()
-                return
-            task_status.started()
-            async for signum in sigs:
-                log.info("signal %d: unmounting", signum)
-                if ops.writer is not None:
-                    await flush_mount(trio, os.fsencode(mountpoint))
-                terminate()
-                return
+            task_status.started()  # the loop then starts: a flush needs it
+            if _early:  # came during start-up, maybe after requests were answered
+                signum = _early[0]
+            else:
+                async for signum in sigs:  # noqa: B007 - the first one is acted on
+                    break
+            log.info("signal %d: unmounting", signum)
+            if ops.writer is not None:
+                await flush_mount(trio, os.fsencode(mountpoint))
+            terminate()
 
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signals)
         if ops.writer is not None:
-            sock = os.fsencode(control.socket_path(ops.writer.workdir))
             await nursery.start(
                 control.serve,
-                sock,
+                listener or listen_control(ops.writer),
                 ops.gate,
                 ops.stack.fs.handle(ops.stack.layers[0]),  # an fd if under the mount
                 os.fsencode(mountpoint),
