@@ -9,6 +9,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -548,6 +549,66 @@ def test_gated_requests_run_inline_unless_the_mount_is_frozen(tmp_path):
     try:
         trio.run(scenario)
     finally:
+        h.close()
+
+
+def test_before_trio_the_session_answers_until_a_request_must_be_a_task(tmp_path):
+    """`serve_early` (trio still loading in a thread) answers what the loop would run inline,
+    reads and writes in the upper alike, in order, and stops at the first request that must
+    be a task (an OPEN for writing of a lower file: a copy-up), unanswered; `serve` then
+    dispatches that one first and reads on.  Each request is counted once."""
+    import socket
+
+    from unionfs.fuse.session import Session
+
+    h = _writable(tmp_path)
+    up = tmp_path / "up"
+    device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # a read each
+    s = Session(device.fileno(), h.conn, h.session.bridge)
+    f = entry_nodeid(trio.run(h.call, LOOKUP, 1, b"f\0")[1])
+    early = [
+        h.request(GETATTR, f, bytes(16)),
+        h.request(OPEN, f, wire.OPEN_IN.pack(os.O_RDONLY, 0)),
+        h.request(9, 1, wire.MKDIR_IN.pack(0o755, 0) + b"d\0"),  # MKDIR in the upper root
+    ]
+    copy_up = h.request(OPEN, f, wire.OPEN_IN.pack(os.O_WRONLY, 0))
+    later = [h.request(GETATTR, 1, bytes(16)), h.request(opcodes.DESTROY, 0, b"")]
+    for _, raw in [*early, copy_up, *later]:
+        kernel.send(raw)
+    wake_r, wake_w = os.pipe()
+
+    def replies() -> list[tuple[int, int]]:
+        out = []
+        while True:
+            try:
+                data = kernel.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return out
+            _, error, unique = wire.OUT_HEADER.unpack_from(data, 0)
+            out.append((unique, -error))
+
+    try:
+        pending = s.serve_early(lambda: False, wake_r)
+        assert pending == copy_up[1]
+        assert replies() == [(u, 0) for u, _ in early]
+        assert (up / "d").is_dir() and not (up / "f").exists()
+        trio.run(s.serve, pending)
+        # the copy-up is a task (its fsync in a thread): the rest may be answered before it
+        assert sorted(replies()) == [(u, 0) for u, _ in [copy_up, *later]]
+        assert (up / "f").read_bytes() == b"x"
+        assert s.counts[OPEN] == 2 and s.counts[GETATTR] == 2
+        # with nothing to answer, the phase ends when the loading thread says so
+        s2 = Session(device.fileno(), h.conn, h.session.bridge)
+        loaded: list[bool] = []
+        trio_loaded = threading.Timer(0.05, lambda: (loaded.append(True), os.write(wake_w, b"x")))
+        trio_loaded.start()
+        assert s2.serve_early(lambda: bool(loaded), wake_r) is None
+        trio_loaded.join()
+    finally:
+        device.close()
+        kernel.close()
+        os.close(wake_r)
+        os.close(wake_w)
         h.close()
 
 

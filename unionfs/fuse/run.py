@@ -2,13 +2,15 @@
 
 Order matters for start-up time: the kernel queues requests until INIT is answered, so the
 mount goes live (and the waiting `layerfs` parent is told "OK") before trio and the handlers
-are imported (pyfuse3 never is: the handlers use fuseapi's stand-ins); requests that arrive
-meanwhile wait in the kernel.  The layers are
-opened first, so a mount that cannot work is refused with its reason, not mounted.
+are imported (pyfuse3 never is: the handlers use fuseapi's stand-ins).  Then trio is
+imported in a thread while the session already answers, without it, every request that
+would not become a task (`Session.serve_early`); the first that would waits for trio.  The
+layers are opened first, so a mount that cannot work is refused with its reason, not mounted.
 Shutdown: SIGTERM/SIGINT/SIGHUP sync a writable mount (its dirty pages), stop the session,
 let requests in flight finish, then unmount lazily and close the device; an unmount from
 outside (ENODEV) or DESTROY takes the same path.
-Concurrency: blocking until INIT is answered; then one trio thread (see session.py).
+Concurrency: blocking until INIT is answered; blocking, beside the thread that imports trio,
+until trio is there; then one trio thread (see session.py).
 """
 
 from __future__ import annotations
@@ -69,9 +71,9 @@ def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> 
 
 
 def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
-    import trio
-
+    loading = _Loading()  # trio, in a thread, while the first requests are answered
     from ..operations import Attrs, UnionOperations
+    from ..serving import listen_control
     from .bridge import Bridge, readdir_reply
     from .session import Session
 
@@ -90,7 +92,17 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
     session = Session(mounted.fd, conn, bridge, spin_us=int(os.environ.get("LAYERFS_SPIN_US", 0)))
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
-        trio.run(_main, trio, ops, session, bridge, cfg.mountpoint)
+        # before any request is answered: a client that saw the mount answer can freeze it
+        listener = listen_control(writer) if writer is not None else None
+    except OSError as exc:
+        log.error("layerfs: cannot make the control socket: %s", exc)
+        return EXIT_MOUNT_FAILED
+    first = session.serve_early(loading.done, loading.wake_fd)
+    loading.close()
+    import trio  # loaded: `close` waited for the thread
+
+    try:
+        trio.run(_main, trio, ops, session, bridge, cfg.mountpoint, first, listener)
     except BaseException:
         log.exception("layerfs: main loop failed")
         return EXIT_MOUNT_FAILED
@@ -99,14 +111,57 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
     return EXIT_OK
 
 
-async def _main(trio: Any, ops: Any, session: Any, bridge: Any, mountpoint: str) -> None:
+class _Loading:
+    """trio being imported in a thread while the session answers what it can without it
+    (`Session.serve_early`).  The import takes 100-150 ms here, and a request that came
+    meanwhile used to wait for all of it: podman's first requests come ~30 ms after INIT."""
+
+    def __init__(self) -> None:
+        import _thread as thread  # a bare thread and lock: nothing for threading to track
+
+        self._loaded = False
+        self._running = thread.allocate_lock()
+        self._running.acquire()  # released by the thread as it ends
+        self._read_fd, self._write_fd = os.pipe()
+        self.wake_fd = self._read_fd  # readable once the import has ended
+        thread.start_new_thread(self._run, ())
+
+    def _run(self) -> None:
+        try:
+            import trio  # noqa: F401
+        except BaseException:  # noqa: BLE001 - the main thread's own import reports it
+            pass
+        finally:
+            os.write(self._write_fd, b"x")
+            self._loaded = True
+            self._running.release()
+
+    def done(self) -> bool:
+        return self._loaded
+
+    def close(self) -> None:
+        """Wait for the thread to end, then close the pipe."""
+        with self._running:
+            os.close(self._read_fd)
+            os.close(self._write_fd)
+
+
+async def _main(
+    trio: Any,
+    ops: Any,
+    session: Any,
+    bridge: Any,
+    mountpoint: str,
+    first: bytes | None,
+    listener: Any,
+) -> None:
     from ..serving import serve_mount
 
     async def loop() -> None:
-        await session.serve()
+        await session.serve(first)
         await bridge.close()
 
-    await serve_mount(trio, ops, mountpoint, loop, session.terminate)
+    await serve_mount(trio, ops, mountpoint, loop, session.terminate, listener)
 
 
 def _counts(counts: dict[int, int]) -> str:

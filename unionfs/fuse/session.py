@@ -37,6 +37,7 @@ from .wire import Header, Malformed
 
 TYPE_CHECKING = False  # typing's own constant, without importing typing before INIT (../logs.py)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 
@@ -123,12 +124,15 @@ class Session:
         if self._loop_scope is not None:
             self._loop_scope.cancel()
 
-    async def serve(self) -> None:
+    async def serve(self, first: bytes | None = None) -> None:
+        """Serve until terminated or unmounted; `first`: a request read before (`serve_early`)."""
         import trio
 
         os.set_blocking(self.fd, False)
         async with trio.open_nursery() as tasks:
             with trio.CancelScope() as self._loop_scope:
+                if first is not None and not self._stopping:
+                    await self.dispatch(memoryview(first), tasks)
                 if not self._stopping:
                     await self._loop(trio, tasks)
 
@@ -163,6 +167,68 @@ class Session:
                 await trio.lowlevel.checkpoint()
                 since_yield = 0
 
+    def serve_early(self, loaded: Callable[[], bool], wake_fd: int) -> bytes | None:
+        """Before trio has loaded (fuse/run.py imports it in a thread meanwhile): answer the
+        requests `_loop` would run inline, blocking, until `loaded()` says trio is there
+        (`wake_fd` turns readable then).  The first request that would be a task (a copy-up
+        in a thread, a rename, an fsync) ends this phase unanswered: its bytes are returned,
+        for `serve` to dispatch first.  Nothing can be frozen or interrupted yet (the control
+        socket and INTERRUPT need a task in flight).  Handlers are coroutines; inline ones
+        finish without suspending, so one `send` drives each to its end."""
+        os.set_blocking(self.fd, False)
+        buf = bytearray(self.conn.bufsize)
+        view = memoryview(buf)
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(wake_fd, select.POLLIN)
+        served, pending = 0, None
+        while not self._stopping and not loaded():
+            try:
+                n = os.readv(self.fd, [buf])
+            except BlockingIOError:
+                poller.poll()
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.EINTR):
+                    continue
+                if exc.errno in (errno.ENODEV, errno.ECONNABORTED):
+                    log.debug("connection closed: unmounted")
+                    self._stopping = True
+                    break
+                raise
+            if not self._early(view[:n]):
+                pending = bytes(view[:n])
+                break
+            served += 1
+        if self.debug:
+            log.debug("answered %d requests before trio was loaded", served)
+        return pending
+
+    def _early(self, raw: memoryview) -> bool:
+        """Serve one request before trio; False when it must wait for trio."""
+        parsed = self._parse(raw)  # short, malformed and unknown requests are answered here
+        if parsed is None:
+            return True
+        op, h, args = parsed
+        if op.mode == NOREPLY:
+            if op.code == opcodes.INTERRUPT:
+                return True  # nothing is in flight before trio: nothing to interrupt
+            coro = self._noreply(op, h, args)
+        elif op.code == opcodes.DESTROY or self._as_task(op, h, args):
+            self.counts[h.opcode] -= 1  # counted again when `serve` dispatches it
+            return False
+        else:
+            coro = self._answer(h, args)
+        try:
+            coro.send(None)
+        except StopIteration:
+            return True
+        coro.close()  # a handler that suspended, which is a bug: its caller must not hang
+        log.error("%s suspended before trio was loaded: answered EIO", op.name)
+        if op.mode != NOREPLY:
+            self.reply(h.unique, errno.EIO)
+        return True
+
     def may_block(self, trio: Any) -> bool:
         """May the loop wait for the device in poll(2), holding trio's thread, instead of in
         trio's scheduler?  Only while nothing else is due: no request task alive (started,
@@ -190,8 +256,9 @@ class Session:
                 break  # the loop's own read meets it again and handles it
         return 0
 
-    async def dispatch(self, raw: memoryview, tasks: Any) -> bool:
-        """Parse and serve one request.  True when it was started as a task."""
+    def _parse(self, raw: memoryview) -> tuple[opcodes.Op, Header, tuple[Any, ...]] | None:
+        """One request's row, header and arguments; None when it was answered here (short,
+        malformed or unknown)."""
         try:
             h = wire.parse_header(raw)
         except Malformed as exc:
@@ -199,23 +266,31 @@ class Session:
             unique = getattr(exc, "unique", 0)
             if unique:
                 self.reply(unique, exc.errno)
-            return False
+            return None
         self.counts[h.opcode] = self.counts.get(h.opcode, 0) + 1
         op = self.opcodes.get(h.opcode)
         if op is None:
             if self.debug:
                 log.debug("unsupported opcode %d: ENOSYS", h.opcode)
             self.reply(h.unique, opcodes.UNSUPPORTED_ERRNO)
-            return False
+            return None
         try:
             args = op.decode(h)
         except Malformed as exc:
             log.warning("%s: malformed: %s", op.name, exc)
             if op.mode != NOREPLY:
                 self.reply(h.unique, exc.errno)
-            return False
+            return None
         if self.debug:
             log.debug("%s #%d node %d %r", op.name, h.unique, h.nodeid, _short(args))
+        return op, h, args
+
+    async def dispatch(self, raw: memoryview, tasks: Any) -> bool:
+        """Parse and serve one request.  True when it was started as a task."""
+        parsed = self._parse(raw)
+        if parsed is None:
+            return False
+        op, h, args = parsed
         if op.mode == NOREPLY:
             await self._noreply(op, h, args)
         elif self._as_task(op, h, args):
