@@ -71,7 +71,6 @@ def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> 
 
 
 def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
-    loading = _Loading()  # trio, in a thread, while the first requests are answered
     from ..operations import Attrs, UnionOperations
     from ..serving import listen_control
     from .bridge import Bridge, readdir_reply
@@ -97,6 +96,9 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
     except OSError as exc:
         log.error("layerfs: cannot make the control socket: %s", exc)
         return EXIT_MOUNT_FAILED
+    # trio, in a thread, while the first requests are answered (started last: until then
+    # the handlers' own imports would share the interpreter's lock with it)
+    loading = _Loading()
     first = session.serve_early(loading.done, loading.wake_fd)
     loading.close()
     import trio  # loaded: `close` waited for the thread
