@@ -52,8 +52,9 @@ def drop_caches() -> None:
 
 def mount(engine: str, opts: str, mnt: Path, cwd: Path | None = None) -> None:
     """Mount, and return once the mount answers.  A FUSE daemon may return before it serves
-    (layerfs answers INIT first and imports its handlers after), and the kernel queues what
-    comes meanwhile: a workload timed from there would include the rest of the start-up.
+    (layerfs answers INIT first and imports its handlers and trio after), and the kernel
+    queues what comes meanwhile: a workload timed from there would include the rest of the
+    start-up.
     The mount rows time that start-up themselves (`mount_round`)."""
     _mount(engine, opts, mnt, cwd)
     answered(mnt)
