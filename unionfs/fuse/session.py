@@ -155,12 +155,9 @@ class Session:
                     since_yield = 0
                     continue
             except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.EINTR):
-                    continue
-                if exc.errno in (errno.ENODEV, errno.ECONNABORTED):
-                    log.debug("connection closed: unmounted")
+                if _gone(exc):
                     return
-                raise
+                continue
             spawned = await self.dispatch(view[:n], tasks)
             since_yield += 1
             if spawned or since_yield >= YIELD_EVERY:
@@ -189,13 +186,10 @@ class Session:
                 poller.poll()
                 continue
             except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.EINTR):
-                    continue
-                if exc.errno in (errno.ENODEV, errno.ECONNABORTED):
-                    log.debug("connection closed: unmounted")
+                if _gone(exc):
                     self._stopping = True
                     break
-                raise
+                continue
             if not self._early(view[:n]):
                 pending = bytes(view[:n])
                 break
@@ -350,6 +344,17 @@ class Session:
     def reply(self, unique: int, error: int, payload: bytes = b"") -> None:
         if not write_reply(self.fd, unique, error, payload):
             self.terminate()
+
+
+def _gone(exc: OSError) -> bool:
+    """A failed read of the device: True when the connection is gone (unmounted), False for
+    what to read past (a request interrupted before it was read, a signal); else raises."""
+    if exc.errno in (errno.ENOENT, errno.EINTR):
+        return False
+    if exc.errno in (errno.ENODEV, errno.ECONNABORTED):
+        log.debug("connection closed: unmounted")
+        return True
+    raise exc
 
 
 def _short(args: tuple[Any, ...]) -> tuple[Any, ...]:
