@@ -350,6 +350,31 @@ def test_the_daemon_pins_no_layer_filesystem(tmp_path, fuse, root):
     )
 
 
+def test_umount_and_the_upper_filesystem_back_to_back_right_after_the_mount(tmp_path, fuse, root):
+    """The same, right after the mount: the daemon answers while it still loads trio (issue
+    11, `Session.serve_early`), and unmounted then, it must let go of the work dir's
+    filesystem at once (the control socket is bound there), not once the import is over:
+    unionmount-testsuite's quickest tests met `umount /upper: target is busy`."""
+    fss = [tmp_path / "lofs", tmp_path / "upfs"]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with _tmpfs(*fss):
+        write(fss[0] / "f", b"lower\n")
+        (fss[1] / "u").mkdir()
+        (fss[1] / "w").mkdir()
+        with LayerfsMount(mnt, [fss[0]], fss[1] / "u", fss[1] / "w"):
+            assert (mnt / "f").read_bytes() == b"lower\n"
+            (mnt / "new").write_bytes(b"x")
+            subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+            deadline = time.monotonic() + 0.05  # the daemon's exit, not trio's import
+            while True:
+                r = subprocess.run(["umount", str(fss[1])], capture_output=True, timeout=30)
+                if r.returncode == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
+            assert r.returncode == 0, r.stderr
+
+
 def test_st_ino_is_the_same_in_every_mount_of_the_same_layers(tmp_path, fuse, root):
     """Layers on two filesystems: a file's st_ino must not depend on what a mount looked up
     first (the device index in its high bits was handed out in order of first use)."""

@@ -100,6 +100,16 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
     # the handlers' own imports would share the interpreter's lock with it)
     loading = _Loading()
     first = session.serve_early(loading.done, loading.wake_fd)
+    if session.unmounted_early:
+        # Unmounted before trio was needed: let go of the layers now, not after the import.
+        # Kernel overlayfs lets `umount MNT; umount UPPERFS` run back to back (the bound
+        # control socket pins the work dir's filesystem); the thread ends with the process.
+        from ..serving import unmounted
+
+        if listener is not None:
+            listener.close()
+        unmounted()
+        return EXIT_OK
     loading.close()
     import trio  # loaded: `close` waited for the thread
 

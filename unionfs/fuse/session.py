@@ -116,6 +116,7 @@ class Session:
         self._alive = 0  # TASK requests started and not finished (running or waiting to)
         self._loop_scope: Any = None
         self._stopping = False
+        self.unmounted_early = False  # `serve_early` met the unmount: trio is not needed
         self.opcodes = opcodes.table(conn.setxattr_ext)
         self._handlers = {code: getattr(bridge, op.method) for code, op in self.opcodes.items()}
 
@@ -187,7 +188,7 @@ class Session:
                 continue
             except OSError as exc:
                 if _gone(exc):
-                    self._stopping = True
+                    self._stopping = self.unmounted_early = True
                     break
                 continue
             if not self._early(view[:n]):
