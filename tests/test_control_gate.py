@@ -184,3 +184,31 @@ def test_two_clients_freeze_at_once_and_both_thaw(tmp_path):
                 n.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_ping_answers_once_the_socket_is_served(tmp_path):
+    """`control.ping` (the benchmark harness's sign that a daemon has finished starting):
+    a bound socket nobody serves yet keeps it waiting; served, it returns; no socket fails."""
+    path = control.socket_path(tmp_path)
+    os.makedirs(os.path.dirname(path))
+    with pytest.raises(OSError):
+        control.ping(tmp_path, timeout=5)  # nothing bound
+    listener = control.listen(path.encode())
+
+    async def main() -> None:
+        answered = trio.Event()
+
+        async def client() -> None:
+            await trio.to_thread.run_sync(control.ping, tmp_path, 10.0)
+            answered.set()
+
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as n:
+                n.start_soon(client)
+                await trio.sleep(0.2)
+                assert not answered.is_set()  # bound, not served: it waits in the backlog
+                await n.start(control.serve, listener, Gate(), str(tmp_path).encode(), None)
+                await answered.wait()
+                n.cancel_scope.cancel()
+
+    trio.run(main)

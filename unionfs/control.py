@@ -255,6 +255,19 @@ class Freeze:
         self._sock.close()
 
 
+def ping(workdir: str | os.PathLike[str], timeout: float = 30.0) -> None:
+    """Return once the daemon of the live mount that uses `workdir` serves its control
+    socket, i.e. has finished starting (the socket is bound before the mount's first answer
+    and served once trio is loaded: fuse/run.py); OSError when it does not answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        with _reachable(socket_path(workdir)) as address:
+            sock.connect(address)
+        sock.sendall(b"ping\n")
+        if not sock.recv(64).startswith(b"pong"):
+            raise OSError("the layerfs daemon did not answer ping")
+
+
 @contextlib.contextmanager
 def frozen(workdir: str | os.PathLike[str], timeout: float = 60.0) -> Iterator[Freeze]:
     """Hold the live mount that uses `workdir` frozen for the duration of the block (or until
