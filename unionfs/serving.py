@@ -55,7 +55,7 @@ def at_unmount(fn: Callable[[], None]) -> None:
     _at_unmount.append(fn)
 
 
-def unmounted() -> None:
+def _unmounted() -> None:
     while _at_unmount:
         try:
             _at_unmount.pop()()
@@ -166,4 +166,4 @@ async def serve_mount(  # type: ignore[no-untyped-def]
             )
         await loop()
         nursery.cancel_scope.cancel()  # the control socket closes with its task
-    unmounted()
+    _unmounted()

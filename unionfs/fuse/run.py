@@ -18,6 +18,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
+import sys
 
 from ..logs import log
 from . import wire
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
 
 
 EXIT_OK, EXIT_MOUNT_FAILED = 0, 1
+# While trio loads in a thread, the longest the session waits for the interpreter's lock
+# before it asks the import to let go (Python's default is 5 ms): it bounds how late the
+# daemon sees an unmount, or answers a request, during those 100-150 ms
+EARLY_SWITCH_INTERVAL = 0.0005
 
 
 def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> int:
@@ -99,17 +104,19 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
     # trio, in a thread, while the first requests are answered (started last: until then
     # the handlers' own imports would share the interpreter's lock with it)
     loading = _Loading()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(EARLY_SWITCH_INTERVAL)
     first = session.serve_early(loading.done, loading.wake_fd)
     if session.unmounted_early:
-        # Unmounted before trio was needed: let go of the layers now, not after the import.
-        # Kernel overlayfs lets `umount MNT; umount UPPERFS` run back to back (the bound
-        # control socket pins the work dir's filesystem); the thread ends with the process.
-        from ..serving import unmounted
-
-        if listener is not None:
-            listener.close()
-        unmounted()
-        return EXIT_OK
+        # Unmounted before trio was needed: end now, not after the import.  Kernel overlayfs
+        # lets `umount MNT; umount UPPERFS` run back to back, and what pins the work dir's
+        # filesystem (the bound control socket, a log file there) goes with the process;
+        # every Python step would first wait for the interpreter's lock, which the import
+        # holds (the thread goes with the process too).
+        if cfg.debug:
+            log.debug("requests: %s", _counts(session.counts))
+        os._exit(EXIT_OK)
+    sys.setswitchinterval(interval)
     loading.close()
     import trio  # loaded: `close` waited for the thread
 
