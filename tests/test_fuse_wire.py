@@ -553,10 +553,11 @@ def test_gated_requests_run_inline_unless_the_mount_is_frozen(tmp_path):
 
 
 def test_before_trio_the_session_answers_until_a_request_must_be_a_task(tmp_path):
-    """`serve_early` (trio still loading in a thread) answers what the loop would run inline,
-    reads and writes in the upper alike, in order, and stops at the first request that must
-    be a task (an OPEN for writing of a lower file: a copy-up), unanswered; `serve` then
-    dispatches that one first and reads on.  Each request is counted once."""
+    """`serve_early` (trio not loaded yet) answers what the loop would run inline, reads and
+    writes in the upper alike, in order, and stops at the first request that must be a task
+    (an OPEN for writing of a lower file: a copy-up), unanswered; `serve` then dispatches
+    that one first and reads on.  Each request is counted once.  With nothing to answer, it
+    stops when a wake-up fd turns readable (a control client, a signal)."""
     import socket
 
     from unionfs.fuse.session import Session
@@ -588,7 +589,7 @@ def test_before_trio_the_session_answers_until_a_request_must_be_a_task(tmp_path
             out.append((unique, -error))
 
     try:
-        pending = s.serve_early(lambda: False, wake_r)
+        pending = s.serve_early([wake_r])
         assert pending == copy_up[1]
         assert replies() == [(u, 0) for u, _ in early]
         assert (up / "d").is_dir() and not (up / "f").exists()
@@ -597,13 +598,11 @@ def test_before_trio_the_session_answers_until_a_request_must_be_a_task(tmp_path
         assert sorted(replies()) == [(u, 0) for u, _ in [copy_up, *later]]
         assert (up / "f").read_bytes() == b"x"
         assert s.counts[OPEN] == 2 and s.counts[GETATTR] == 2
-        # with nothing to answer, the phase ends when the loading thread says so
         s2 = Session(device.fileno(), h.conn, h.session.bridge)
-        loaded: list[bool] = []
-        trio_loaded = threading.Timer(0.05, lambda: (loaded.append(True), os.write(wake_w, b"x")))
-        trio_loaded.start()
-        assert s2.serve_early(lambda: bool(loaded), wake_r) is None
-        trio_loaded.join()
+        client = threading.Timer(0.05, os.write, (wake_w, b"x"))
+        client.start()
+        assert s2.serve_early([wake_r]) is None and not s2.unmounted_early
+        client.join()
     finally:
         device.close()
         kernel.close()

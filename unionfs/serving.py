@@ -28,6 +28,11 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each unmounts and en
 _early: list[int] = []  # signals that came before serve_mount listened (hold_signals)
 
 
+def signalled() -> bool:
+    """Has a signal been noted since `hold_signals`, before serve_mount listened?"""
+    return bool(_early)
+
+
 def hold_signals() -> None:
     """Until serve_mount listens for them, note SIGTERM/SIGINT/SIGHUP instead of dying by
     them: called just before mounting, since the daemon mounts first and loads its handlers
@@ -55,7 +60,7 @@ def at_unmount(fn: Callable[[], None]) -> None:
     _at_unmount.append(fn)
 
 
-def _unmounted() -> None:
+def run_at_unmount() -> None:
     while _at_unmount:
         try:
             _at_unmount.pop()()
@@ -166,4 +171,4 @@ async def serve_mount(  # type: ignore[no-untyped-def]
             )
         await loop()
         nursery.cancel_scope.cancel()  # the control socket closes with its task
-    _unmounted()
+    run_at_unmount()

@@ -2,15 +2,14 @@
 
 Order matters for start-up time: the kernel queues requests until INIT is answered, so the
 mount goes live (and the waiting `layerfs` parent is told "OK") before trio and the handlers
-are imported (pyfuse3 never is: the handlers use fuseapi's stand-ins).  Then trio is
-imported in a thread while the session already answers, without it, every request that
-would not become a task (`Session.serve_early`); the first that would waits for trio.  The
-layers are opened first, so a mount that cannot work is refused with its reason, not mounted.
+are imported (pyfuse3 never is: the handlers use fuseapi's stand-ins).  Then the session
+answers, without trio, every request that would not become a task (`Session.serve_early`),
+and trio is imported only once it is needed (`_before_trio`).  The layers are opened first,
+so a mount that cannot work is refused with its reason, not mounted.
 Shutdown: SIGTERM/SIGINT/SIGHUP sync a writable mount (its dirty pages), stop the session,
 let requests in flight finish, then unmount lazily and close the device; an unmount from
 outside (ENODEV) or DESTROY takes the same path.
-Concurrency: blocking until INIT is answered; blocking, beside the thread that imports trio,
-until trio is there; then one trio thread (see session.py).
+Concurrency: one thread, blocking until trio is needed; then trio (see session.py).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
-import sys
 
 from ..logs import log
 from . import wire
@@ -33,10 +31,6 @@ if TYPE_CHECKING:
 
 
 EXIT_OK, EXIT_MOUNT_FAILED = 0, 1
-# While trio loads in a thread, the longest the session waits for the interpreter's lock
-# before it asks the import to let go (Python's default is 5 ms): it bounds how late the
-# daemon sees an unmount, or answers a request, during those 100-150 ms
-EARLY_SWITCH_INTERVAL = 0.0005
 
 
 def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> int:
@@ -101,24 +95,20 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
     except OSError as exc:
         log.error("layerfs: cannot make the control socket: %s", exc)
         return EXIT_MOUNT_FAILED
-    # trio, in a thread, while the first requests are answered (started last: until then
-    # the handlers' own imports would share the interpreter's lock with it)
-    loading = _Loading()
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(EARLY_SWITCH_INTERVAL)
-    first = session.serve_early(loading.done, loading.wake_fd)
+    first = _before_trio(session, listener)
     if session.unmounted_early:
-        # Unmounted before trio was needed: end now, not after the import.  Kernel overlayfs
-        # lets `umount MNT; umount UPPERFS` run back to back, and what pins the work dir's
-        # filesystem (the bound control socket, a log file there) goes with the process;
-        # every Python step would first wait for the interpreter's lock, which the import
-        # holds (the thread goes with the process too).
+        # unmounted before trio was needed: let go of the layers now (kernel overlayfs lets
+        # `umount MNT; umount UPPERFS` run back to back; the control socket pins the work
+        # dir's filesystem)
+        from ..serving import run_at_unmount
+
+        if listener is not None:
+            listener.close()
+        run_at_unmount()
         if cfg.debug:
             log.debug("requests: %s", _counts(session.counts))
-        os._exit(EXIT_OK)
-    sys.setswitchinterval(interval)
-    loading.close()
-    import trio  # loaded: `close` waited for the thread
+        return EXIT_OK
+    import trio  # 100-150 ms here
 
     try:
         trio.run(_main, trio, ops, session, bridge, cfg.mountpoint, first, listener)
@@ -130,39 +120,26 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
     return EXIT_OK
 
 
-class _Loading:
-    """trio being imported in a thread while the session answers what it can without it
-    (`Session.serve_early`).  The import takes 100-150 ms here, and a request that came
-    meanwhile used to wait for all of it: podman's first requests come ~30 ms after INIT."""
+def _before_trio(session: Any, listener: Any) -> bytes | None:
+    """Answer what needs no trio (`Session.serve_early`) until trio is needed: a request
+    that must be a task, a control client connecting (`layer commit`), or a signal (noted
+    by serving.hold_signals; its wake-up fd ends the wait).  Importing trio takes 100-150 ms
+    here, and a request that came meanwhile used to wait for all of it: podman's first
+    requests come ~30 ms after INIT, and a container that only reads may never need trio.
+    Returns the request that ended the phase, if one did."""
+    from .. import serving
 
-    def __init__(self) -> None:
-        import _thread as thread  # a bare thread and lock: nothing for threading to track
-
-        self._loaded = False
-        self._running = thread.allocate_lock()
-        self._running.acquire()  # released by the thread as it ends
-        self._read_fd, self._write_fd = os.pipe()
-        self.wake_fd = self._read_fd  # readable once the import has ended
-        thread.start_new_thread(self._run, ())
-
-    def _run(self) -> None:
-        try:
-            import trio  # noqa: F401
-        except BaseException:  # noqa: BLE001 - the main thread's own import reports it
-            pass
-        finally:
-            os.write(self._write_fd, b"x")
-            self._loaded = True
-            self._running.release()
-
-    def done(self) -> bool:
-        return self._loaded
-
-    def close(self) -> None:
-        """Wait for the thread to end, then close the pipe."""
-        with self._running:
-            os.close(self._read_fd)
-            os.close(self._write_fd)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    try:
+        if serving.signalled():  # before the wake-up fd was set
+            return None
+        wake = [wake_r] if listener is None else [wake_r, listener.fileno()]
+        return session.serve_early(wake)  # type: ignore[no-any-return]
+    finally:
+        signal.set_wakeup_fd(-1)  # trio sets its own
+        os.close(wake_r)
+        os.close(wake_w)
 
 
 async def _main(

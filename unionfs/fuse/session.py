@@ -37,7 +37,7 @@ from .wire import Header, Malformed
 
 TYPE_CHECKING = False  # typing's own constant, without importing typing before INIT (../logs.py)
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Sequence
     from typing import Any
 
 
@@ -165,26 +165,29 @@ class Session:
                 await trio.lowlevel.checkpoint()
                 since_yield = 0
 
-    def serve_early(self, loaded: Callable[[], bool], wake_fd: int) -> bytes | None:
-        """Before trio has loaded (fuse/run.py imports it in a thread meanwhile): answer the
-        requests `_loop` would run inline, blocking, until `loaded()` says trio is there
-        (`wake_fd` turns readable then).  The first request that would be a task (a copy-up
-        in a thread, a rename, an fsync) ends this phase unanswered: its bytes are returned,
-        for `serve` to dispatch first.  Nothing can be frozen or interrupted yet (the control
-        socket and INTERRUPT need a task in flight).  Handlers are coroutines; inline ones
-        finish without suspending, so one `send` drives each to its end."""
+    def serve_early(self, wake_fds: Sequence[int]) -> bytes | None:
+        """Before trio is loaded (fuse/run.py loads it only once it is needed): answer the
+        requests `_loop` would run inline, blocking, until one of `wake_fds` turns readable
+        (a control client connecting, a signal) or a request comes that would be a task (a
+        copy-up in a thread, a rename, an fsync): that one is left unanswered and its bytes
+        returned, for `serve` to dispatch first.  Nothing can be frozen or interrupted here
+        (that takes the control socket's service, or a task in flight).  Handlers are
+        coroutines; inline ones finish without suspending, so one `send` drives each to its
+        end.  An unmount sets `unmounted_early`."""
         os.set_blocking(self.fd, False)
         buf = bytearray(self.conn.bufsize)
         view = memoryview(buf)
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
-        poller.register(wake_fd, select.POLLIN)
+        for fd in wake_fds:
+            poller.register(fd, select.POLLIN)
         served, pending = 0, None
-        while not self._stopping and not loaded():
+        while not self._stopping:
             try:
                 n = os.readv(self.fd, [buf])
             except BlockingIOError:
-                poller.poll()
+                if any(fd != self.fd for fd, _ in poller.poll()):
+                    break
                 continue
             except OSError as exc:
                 if _gone(exc):
