@@ -53,11 +53,11 @@ def drop_caches() -> None:
 def mount(engine: str, opts: str, mnt: Path, cwd: Path | None = None) -> None:
     """Mount, and return once the mount answers and has finished starting.  A FUSE daemon
     may return before it serves (layerfs answers INIT first and imports its handlers after),
-    and the kernel queues what comes meanwhile; layerfs then answers while it loads trio,
-    more slowly, and a request that needs trio waits for it: a workload timed from there
-    would include the rest of the start-up.  The mount rows time that start-up themselves
-    (`mount_round`).  A writable layerfs mount has finished starting once its control socket
-    answers."""
+    and the kernel queues what comes meanwhile; layerfs then answers without trio until it
+    needs it, and the first request that needs it waits for its import (100-150 ms): a
+    workload timed from there would include the rest of the start-up.  The mount rows time
+    that start-up themselves (`mount_round`).  A writable layerfs mount has finished
+    starting once its control socket answers (a control client makes it load trio)."""
     _mount(engine, opts, mnt, cwd)
     answered(mnt)
     if engine.startswith("layerfs") and "workdir=" in opts:

@@ -16,6 +16,9 @@ not frozen (past the gate they never block); TASK handlers run in the `tasks` nu
 each in its own cancel scope, so INTERRUPT can cancel one (answered EINTR) and a request that
 waits (a frozen mount, a copy-up in a thread, fsync) never stalls the rest.  FORGET and
 BATCH_FORGET are applied in order on the loop, so lookup counts are exact.
+Before trio is loaded (fuse/run.py loads it only once something needs it), `serve_early`
+answers the requests `_loop` would run inline, blocking, in a plain poll(2) loop; a
+read-only container start never leaves it.
 Shutdown: `terminate()` stops reading; requests in flight finish and are answered; DESTROY or
 ENODEV (unmounted) ends the loop too.  The caller then unmounts and closes the fd.
 Concurrency: one trio thread.  `_inflight` is touched only between awaits.  The INIT
