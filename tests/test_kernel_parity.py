@@ -321,10 +321,9 @@ def _tmpfs(*paths: Path) -> Iterator[None]:
             subprocess.run(["umount", str(p)], timeout=30)
 
 
-def test_the_daemon_pins_no_layer_filesystem(tmp_path, fuse, root):
-    """Kernel overlayfs lets `umount MNT; umount LAYERFS` run back to back.  FUSE's unmount
-    does not wait for the daemon to exit, so the daemon must hold nothing open on its
-    layers' filesystems while it idles (lock files and sockets live elsewhere)."""
+@contextlib.contextmanager
+def _layers_on_tmpfs(tmp_path: Path) -> Iterator[tuple[list[Path], Path]]:
+    """A lower (holding `f`) and an upper's filesystem (`u`, `w`), each a tmpfs; the mountpoint."""
     fss = [tmp_path / "lofs", tmp_path / "upfs"]
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -332,6 +331,14 @@ def test_the_daemon_pins_no_layer_filesystem(tmp_path, fuse, root):
         write(fss[0] / "f", b"lower\n")
         (fss[1] / "u").mkdir()
         (fss[1] / "w").mkdir()
+        yield fss, mnt
+
+
+def test_the_daemon_pins_no_layer_filesystem(tmp_path, fuse, root):
+    """Kernel overlayfs lets `umount MNT; umount LAYERFS` run back to back.  FUSE's unmount
+    does not wait for the daemon to exit, so the daemon must hold nothing open on its
+    layers' filesystems while it idles (lock files and sockets live elsewhere)."""
+    with _layers_on_tmpfs(tmp_path) as (fss, mnt):
         devs = {os.stat(fs).st_dev for fs in fss}
         with LayerfsMount(mnt, [fss[0]], fss[1] / "u", fss[1] / "w") as m:
             (mnt / "f").write_bytes(b"changed\n")
@@ -351,17 +358,11 @@ def test_the_daemon_pins_no_layer_filesystem(tmp_path, fuse, root):
 
 
 def test_umount_and_the_upper_filesystem_back_to_back_right_after_the_mount(tmp_path, fuse, root):
-    """The same, right after the mount: the daemon answers while it still loads trio (issue
+    """The same, right after the mount: the daemon answers before it has loaded trio (issue
     11, `Session.serve_early`), and unmounted then, it must let go of the work dir's
-    filesystem at once (the control socket is bound there), not once the import is over:
+    filesystem at once (the control socket is bound there), not after importing trio:
     unionmount-testsuite's quickest tests met `umount /upper: target is busy`."""
-    fss = [tmp_path / "lofs", tmp_path / "upfs"]
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    with _tmpfs(*fss):
-        write(fss[0] / "f", b"lower\n")
-        (fss[1] / "u").mkdir()
-        (fss[1] / "w").mkdir()
+    with _layers_on_tmpfs(tmp_path) as (fss, mnt):
         with LayerfsMount(mnt, [fss[0]], fss[1] / "u", fss[1] / "w"):
             assert (mnt / "f").read_bytes() == b"lower\n"
             (mnt / "new").write_bytes(b"x")
