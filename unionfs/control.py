@@ -257,15 +257,28 @@ class Freeze:
 
 def ping(workdir: str | os.PathLike[str], timeout: float = 30.0) -> None:
     """Return once the daemon of the live mount that uses `workdir` serves its control
-    socket, i.e. has finished starting (the socket is bound before the mount's first answer
-    and served once trio is loaded: fuse/run.py); OSError when it does not answer."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        with _reachable(socket_path(workdir)) as address:
-            sock.connect(address)
-        sock.sendall(b"ping\n")
-        if not sock.recv(64).startswith(b"pong"):
-            raise OSError("the layerfs daemon did not answer ping")
+    socket, i.e. has finished starting (the socket is bound a few ms after `layerfs`
+    returns, before the mount's first answer, and served once trio is loaded: fuse/run.py);
+    a socket not bound yet, or a stale one, is tried again until `timeout`.  OSError when
+    the daemon does not answer."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                with _reachable(socket_path(workdir)) as address:
+                    sock.connect(address)
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
+                continue
+            sock.sendall(b"ping\n")
+            if not sock.recv(64).startswith(b"pong"):
+                raise OSError("the layerfs daemon did not answer ping")
+            return
 
 
 @contextlib.contextmanager
