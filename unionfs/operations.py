@@ -38,8 +38,8 @@ family (attributes, files, directories, xattrs) once the transports' branches ha
 Concurrency: trio, one thread; handlers that do not await are atomic with respect to the
 model.  Reads of data use pread on the trio thread (page-cache hits are cheaper than a
 thread hop); bulk copies of the write side go to worker threads.  trio is imported where it
-is used, not at the top: the native transport answers its first requests (those that change
-nothing) before trio has finished loading (fuse/run.py), and only the paths that wait need it.
+is used, not at the top: the native transport answers every request that needs no task
+before trio is loaded (fuse/run.py), and only the paths that wait need it.
 """
 
 from __future__ import annotations

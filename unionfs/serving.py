@@ -36,10 +36,11 @@ def signalled() -> bool:
 def hold_signals() -> None:
     """Until serve_mount listens for them, note SIGTERM/SIGINT/SIGHUP instead of dying by
     them: called just before mounting, since the daemon mounts first and loads its handlers
-    and trio after (100-200 ms), and one killed in between would leave its mount dead
-    ("Transport endpoint is not connected") until somebody unmounts it.  serve_mount then
-    flushes and unmounts at once for a signal noted here (the native transport may have
-    answered requests before trio was loaded, writes included)."""
+    after, and trio (100-200 ms) after that or only once it is needed (fuse/run.py), and one
+    killed in between would leave its mount dead ("Transport endpoint is not connected")
+    until somebody unmounts it.  A signal noted here wakes the native transport's early
+    phase; serve_mount then flushes and unmounts at once (requests may have been answered
+    before trio was loaded, writes included)."""
 
     def note(signum: int, frame: object) -> None:
         _early.append(signum)

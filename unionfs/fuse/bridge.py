@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..operations import Attrs, shown_ino  # imported after INIT (run.py): it loads trio
+from ..operations import Attrs, shown_ino  # imported after INIT (run.py)
 from . import wire
 from .init import Conn
 from .passthrough import Backings, Conflict
