@@ -30,6 +30,7 @@ import errno
 import multiprocessing
 import os
 import random
+import subprocess
 import time
 from pathlib import Path
 
@@ -54,6 +55,19 @@ OPS = (
     "append pwrite rename rename unlink chmod link read trunc setx rmx mkdir rmdir create "
     "symlink exchange noreplace utime list otrunc"
 ).split()
+
+
+KEEP = Path("/var/tmp/layerfs-stress")  # outside pytest's rotation of its temporary dirs
+
+
+def _keep(lo: Path, up: Path, seed: int) -> Path:
+    """Copy the lower and the upper of a run whose readings disagree, whiteouts, xattrs and
+    hard links included: the interleaving is not reproducible, the layers it left are."""
+    dest = KEEP / str(seed)
+    dest.mkdir(parents=True, exist_ok=True)
+    for layer in (lo, up):
+        subprocess.run(["cp", "-a", "--preserve=all", str(layer), str(dest)], check=False)
+    return dest
 
 
 def _lowers(lo: Path, seed: int) -> None:
@@ -200,6 +214,10 @@ def test_concurrent_changes_read_the_same_four_ways(tmp_path, fuse, root, mode):
     with KernelOverlay(chk, [up, lo], extra_opts="redirect_dir=follow"):
         kernel_stacked = treecmp.snapshot(chk)
     where = f"seeds {seed}..{seed + workers - 1}"
+    if treecmp.diff(remounted, kernel, compare_mtime=False) or treecmp.diff(
+        stacked, kernel_stacked, compare_mtime=False
+    ):
+        where += f"; the layers are kept in {_keep(lo, up, seed)}"
     assert sum(done for _, done, _ in results) > 100, f"{where}: too few operations ran"
     assert treecmp.diff(remounted, kernel, compare_mtime=False) == [], f"{where}: kernel"
     assert treecmp.diff(stacked, kernel_stacked, compare_mtime=False) == [], f"{where}: stacked"
