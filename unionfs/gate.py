@@ -6,7 +6,7 @@ locks needed (code between two awaits is atomic).  Every freezer that waits for 
 in-flight requests to drain waits on the same event, which the last `leave` sets, so
 overlapping freezes all complete; a freeze that is cancelled while it waits undoes itself.
 trio is imported only by a freeze (under trio): the handlers import this module before trio
-is loaded, and answer their first requests meanwhile (fuse/run.py).
+is loaded, and answer without trio until something needs it (fuse/run.py).
 """
 
 from __future__ import annotations
