@@ -240,3 +240,30 @@ def test_commit_writes_links_only_between_one_inode(tmp_path, lowers, index):
     (tmp_path / "view").mkdir()
     with LayerfsMount(tmp_path / "view", [tmp_path / "new", *lowers]):
         compare(treecmp.snapshot(tmp_path / "view"), view, "the committed layer over the lowers")
+
+
+def test_index_on_links_a_name_shown_through_a_directory_the_kernel_forgot(tmp_path, lowers):
+    """A directory holding names of lower hard links moves (a redirect), the kernel forgets
+    its inodes, then another name of each is written: the moved names must show the copy,
+    as on the kernel (which finds the copy through its index).  layerfs links the copy at
+    every name it finds shown; it looked for moved names among the nodes the kernel held."""
+    opts = "index=on,redirect_dir=on"
+    ours, our_lowers = side(tmp_path, "layerfs", lowers)
+    theirs, their_lowers = side(tmp_path, "kernel", lowers)
+    with (
+        LayerfsMount(ours / "mnt", our_lowers, ours / "upper", ours / "work", opts),
+        KernelOverlay(theirs / "mnt", their_lowers, theirs / "upper", theirs / "work", opts),
+    ):
+        for step in [(RENAME, "b", "a/c"), ("drop",), (A, "a/x", b"+x\n"), (CHMOD, "a/t", 0o700)]:
+            if step[0] == "drop":
+                Path("/proc/sys/vm/drop_caches").write_text("2")  # the kernel forgets
+                continue
+            got = {who: apply(d / "mnt", step) for who, d in (("ours", ours), ("theirs", theirs))}
+            assert got["ours"] == got["theirs"], f"{step}: {got}"
+        assert (ours / "mnt/a/c/x2").read_bytes() == b"x\n+x\n"
+        compare(treecmp.snapshot(ours / "mnt"), treecmp.snapshot(theirs / "mnt"), "after")
+    with LayerfsMount(ours / "mnt", our_lowers, ours / "upper", ours / "work", opts):
+        again = treecmp.snapshot(ours / "mnt")
+    (ours / "kwork").mkdir()
+    with KernelOverlay(ours / "mnt", our_lowers, ours / "upper", ours / "kwork", opts):
+        compare(again, treecmp.snapshot(ours / "mnt"), "kernel on layerfs's upper")

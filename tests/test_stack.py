@@ -338,3 +338,39 @@ def test_an_open_that_raced_the_last_name_away_never_opens_what_has_the_name_now
         assert exc.value.errno == errno.ENOENT
 
     trio.run(scenario)
+
+
+@pytest.mark.parametrize("copy_first", [True, False])
+def test_a_lower_name_its_copy_is_not_linked_at_stays_a_file_of_its_own(tmp_path, copy_first):
+    """index=on: an upper copy of a hard-linked lower file takes the lower file's number (by
+    its stored origin).  A name of that lower file where the copy is not linked (the kernel
+    keeps such links in its own index; or a name the writer missed) still shows the lower
+    file: in either lookup order a node of its own, with the lower path.  Taken for the copy
+    under another name, it was sent to an upper path that does not exist (a stress run's
+    remount listed nothing in a directory holding such a name).  Root: origins."""
+    from tests.mounts import require_root
+    from unionfs import fsat, origin
+
+    require_root()
+    lo, up = make(tmp_path, 2)
+    write(lo / "a/f", b"lower\n")
+    write(lo / "b/keep", b"")
+    os.link(lo / "a/f", lo / "b/g")
+    write(up / "a/f", b"the copy\n")
+    fs = fsat.Roots(strict=False)
+    value = origin.value_for(fs, os.fsencode(lo / "a/f"), os.lstat(lo / "a/f"), {})
+    assert value is not None
+    os.setxattr(up / "a/f", origin.XATTR, value)
+    stack = LayerStack([str(lo)], str(up), index=True)
+    order = ["a/f", "b/g"] if copy_first else ["b/g", "a/f"]
+    nodes = {}
+    for path in order:
+        nodes[path] = resolve(stack, path)
+        stack.remember(nodes[path])
+    copy, name = nodes["a/f"], nodes["b/g"]
+    assert copy is not name and copy.ino != name.ino
+    assert stack.in_upper(copy) and not stack.in_upper(name)
+    assert stack.real_path(name) == os.fsencode(lo / "b/g")
+    assert stack.stat(name).st_ino == os.lstat(lo / "b/g").st_ino
+    assert stack.real_path(copy) == os.fsencode(up / "a/f") and copy.parent.name == b"a"
+    assert resolve(stack, "b/g") is name  # found again by its own number

@@ -61,12 +61,17 @@ KEEP = Path("/var/tmp/layerfs-stress")  # outside pytest's rotation of its tempo
 
 
 def _keep(lo: Path, up: Path, seed: int) -> Path:
-    """Copy the lower and the upper of a run whose readings disagree, whiteouts, xattrs and
-    hard links included: the interleaving is not reproducible, the layers it left are."""
+    """Keep the lower and the upper of a run whose readings disagree: the interleaving is not
+    reproducible, the layers it left are.  They are moved, not copied, when they can be: the
+    upper's origin marks are file handles of the lower's inodes, which a copy does not keep
+    (kernel overlayfs with index=on then refuses the copy as stale)."""
     dest = KEEP / str(seed)
     dest.mkdir(parents=True, exist_ok=True)
     for layer in (lo, up):
-        subprocess.run(["cp", "-a", "--preserve=all", str(layer), str(dest)], check=False)
+        try:
+            os.rename(layer, dest / layer.name)
+        except OSError:  # another filesystem: a copy, whiteouts, xattrs and hard links kept
+            subprocess.run(["cp", "-a", "--preserve=all", str(layer), str(dest)], check=False)
     return dest
 
 

@@ -279,6 +279,17 @@ class Roots:
         finally:
             os.close(fd)
 
+    def walk_dirs(self, path: bytes) -> Iterator[bytes]:
+        """Path of every directory below the directory `path`, at any depth (os.fwalk)."""
+        fd = self.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for dirpath, dirs, _files, _dfd in os.fwalk(b".", dir_fd=fd):
+                base = path + dirpath[1:] + b"/"
+                for d in dirs:
+                    yield base + d
+        finally:
+            os.close(fd)
+
 
 def _proc(dirfd: int, name: bytes) -> bytes:
     if dirfd == syscalls.AT_FDCWD:

@@ -79,7 +79,7 @@ _FALLBACK_BASE = 1 << 63
 # [+0, +2^40) fallback numbers for devices past _XINO_MAX_DEV, [+2^40, +2^41) fresh numbers for
 # upper inodes reused while the dead file's node lives, [+2^41, ...) per-name nodes.
 _FRESH_BASE = _FALLBACK_BASE + (1 << 40)  # an upper inode number reused after an unlink
-_PER_NAME_BASE = _FALLBACK_BASE + (1 << 41)  # index=off: one node per name of a lower link
+_PER_NAME_BASE = _FALLBACK_BASE + (1 << 41)  # one node per name of a lower link (`_own_ino`)
 # A lower object keeps its xattr answers (`xattr_answer`): these errnos, and values up to
 # _XATTR_KEPT_MAX bytes (capabilities, ACLs and labels are tens of bytes; a big user value
 # is read again each time rather than held for as long as the kernel holds the node)
@@ -258,8 +258,9 @@ class LayerStack:
         # file keeps its st_ino across copy-up even after the kernel forgets it.
         self.origins: dict[int, Inode] = {}
         self._fresh = 0  # count of fresh numbers, kept apart from the fallback ones
-        # index=off: node number of each name of a multiply-linked lower file, by real path,
-        # and the st_ino to report for nodes whose number is not what stat shows.
+        # node number of each name of a multiply-linked lower file that is a node of its own
+        # (index=off; `_apart`), by real path, and the st_ino to report for nodes whose
+        # number is not what stat shows.
         self._per_name: dict[tuple[int, bytes], Inode] = {}
         self.shown: dict[Inode, int] = {}
         # called with a directory whose listing changed other than by a request on it (a
@@ -315,6 +316,25 @@ class LayerStack:
         self._per_name[key] = found
         self.shown[found] = shared
         return found, st
+
+    def _apart(self, node: Node, child: Entry) -> bool:
+        """Is the lower name `child` an object of its own, though its number found `node`?
+        An upper file copied up from a hard-linked lower one takes the lower file's number
+        (index=on).  A name of that lower file where the copy was not linked still shows the
+        lower file: an upper written by others (the kernel keeps these links in its own
+        index), or a name the writer could not find.  Taken for `node` under another name,
+        it sent requests to an upper path that does not exist (a stress run listed nothing
+        in a directory whose only entry was such a name)."""
+        return not node.is_dir and child.dirs is None and child.layer != 0 and self.in_upper(node)
+
+    def _own_ino(self, child: Entry) -> Inode:
+        """A number of its own for the lower name `child` (see `_apart`), one per name."""
+        key = (child.layer, child.path)
+        found = self._per_name.get(key)
+        if found is None:
+            found = Inode(_PER_NAME_BASE + len(self._per_name))
+            self._per_name[key] = found
+        return found
 
     def break_link(self, node: Node, upper_ino: int) -> None:
         """index=off: `node`'s name of a hard-linked lower file was copied up alone, so from
@@ -569,6 +589,12 @@ class LayerStack:
             node = self._objects.get(ino)
             if node is not None and (node.deleted or node.kind != child.kind):
                 node = None  # its object is gone; the number now names another
+        if node is not None and self._apart(node, child):
+            ino = self._own_ino(child)
+            child.node_ino = ino
+            node = self.nodes.get(ino) or self._objects.get(ino)
+            if node is not None and (node.deleted or node.kind != child.kind):
+                node = None
         if node is not None:
             # a directory has one place; a hard-linked file is reached by its latest name
             if node.unlinked:  # its known names went, and this is one it still has

@@ -121,6 +121,8 @@ class Writer:
         # made, False once the filesystem refused a link to it
         self._shared_whiteout: bool | None = None
         self._linkmap_cache: dict[tuple[int, int], list[tuple[int, bytes]]] | None = None
+        # upper directories carrying a redirect (`_redirected_dirs`), until a rename
+        self._redirects: list[bytes] | None = None
 
     def tmpname(self) -> bytes:
         self._seq += 1
@@ -292,7 +294,10 @@ class Writer:
     def _visible_name(self, root: bytes, rel: bytes) -> tuple[Node, bytes, Entry] | None:
         """Where the merged view shows the lower object `root + rel`: at the same path, or —
         when a directory above it was renamed (redirect) — in the known directory node that
-        merges its lower parent."""
+        merges its lower parent, or else below whichever moved directory's lower part holds
+        it (nodes the kernel forgot, or never looked up, are not known: a stress run linked
+        a name shown through a moved directory into the index instead, and the name went on
+        showing the lower file, apart from its copy)."""
         try:
             parent, name, child = self._resolve_entry(rel)
             if child.path == root + rel:
@@ -305,7 +310,34 @@ class Writer:
                 entry = self.stack.listing(node).get(name)
                 if entry is not None and entry.path == root + rel:
                     return node, name, entry
+        where = rel.rpartition(b"/")[0]  # the lower parent, from the root of the lower stack
+        for moved in self._redirected_dirs():
+            try:
+                mparent, mname, mentry = self._resolve_entry(moved)
+                origin = self.stack.origin_path(self.stack.node_for(mparent, mname, mentry))
+                if where != origin and not where.startswith(origin.rstrip(b"/") + b"/"):
+                    continue
+                found = self._resolve_entry(moved + where[len(origin) :] + b"/" + name)
+            except UnionError:
+                continue
+            if found[2].path == root + rel:
+                return found
         return None
+
+    def _redirected_dirs(self) -> list[bytes]:
+        """Every upper directory carrying a redirect (paths from the upper root, which are
+        their merged paths): where lower directories show under other names.  One walk of
+        the upper, kept until a rename moves directories (only renames write redirects)."""
+        found = self._redirects
+        if found is None:
+            upper = self.stack.layers[0]
+            found = [
+                path[len(upper) :]
+                for path in self.fs.walk_dirs(upper)
+                if markers.dir_marks(path, self.fs).redirect is not None
+            ]
+            self._redirects = found
+        return found
 
     def _linkmap(self) -> dict[tuple[int, int], list[tuple[int, bytes]]]:
         """(st_dev, st_ino) -> (layer, path in layer) of every multiply-linked regular file of
@@ -549,6 +581,7 @@ class Writer:
         """rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE.  The caller has copied up the
         non-directories involved.  Returns (moved node, replaced node or None)."""
         stack = self.stack
+        self._redirects = None  # a directory may move, with redirects below it
         if len(newname) > stack.namemax:
             raise NameTooLong()
         src = stack.listing(parent).get(name)
