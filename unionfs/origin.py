@@ -26,6 +26,9 @@ from . import syscalls
 from .fsat import Roots
 
 XATTR = b"trusted.overlay.origin"
+# the link count of an upper copy of a hard-linked lower file, relative ("U+1": the upper
+# file's count plus one; "L-1": the lower file's minus one), as ovl_set_nlink_upper writes it
+NLINK_XATTR = b"trusted.overlay.nlink"
 _MAGIC = 0xFB
 _FLAG_BIG_ENDIAN = 1  # OVL_FH_FLAG_BIG_ENDIAN
 _FLAG_ANY_ENDIAN = 2  # OVL_FH_FLAG_ANY_ENDIAN

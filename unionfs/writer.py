@@ -250,6 +250,12 @@ class Writer:
         if value is not None:
             try:
                 self.fs.setxattr(plan.tmp, origin.XATTR, value)
+                if plan.st.st_nlink > 1:
+                    # the kernel reads the link count of an upper copy of a hard-linked
+                    # lower file from this ("failed to get index nlink" in dmesg without
+                    # it): relative to the upper file's own count, which here holds every
+                    # name (`_link_siblings`), as the kernel's own copy-up writes it
+                    self.fs.setxattr(plan.tmp, origin.NLINK_XATTR, b"U+0")
             except OSError:
                 pass
 
