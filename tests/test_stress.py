@@ -65,7 +65,8 @@ KEEP = Path("/var/tmp/layerfs-stress")  # outside pytest's rotation of its tempo
 
 def _keep(lo: Path, up: Path, seed: int) -> Path:
     """Keep the lower and the upper of a run that failed: the interleaving is not
-    reproducible, the layers it left are.  They are moved, not copied, when they can be: the
+    reproducible, the layers it left are (`python -m tests.stress_replay DIR MODE` reads
+    them again both ways).  They are moved, not copied, when they can be: the
     upper's origin marks are file handles of the lower's inodes, which a copy does not keep
     (kernel overlayfs with index=on then refuses the copy as stale)."""
     dest = KEEP / str(seed)
