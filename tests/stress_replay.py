@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tests import treecmp
 from tests.mounts import KernelOverlay, LayerfsMount
+from tests.test_stress import kernel_opts
 
 
 def main(argv: list[str]) -> int:
@@ -30,8 +31,7 @@ def main(argv: list[str]) -> int:
     mnt = work / "mnt"
     with LayerfsMount(mnt, [lo], up, work / "wk", extra_opts=opts, log_path=work / "log"):
         ours = treecmp.snapshot(mnt)
-    kopts = "redirect_dir=on" + (",index=on" if "index=on" in opts else "")
-    with KernelOverlay(mnt, [lo], up, work / "wk2", kopts):
+    with KernelOverlay(mnt, [lo], up, work / "wk2", kernel_opts(opts)):
         kernel = treecmp.snapshot(mnt)
     problems = treecmp.diff(ours, kernel, compare_mtime=False)
     for line in problems:

@@ -79,6 +79,11 @@ def _keep(lo: Path, up: Path, seed: int) -> Path:
     return dest
 
 
+def kernel_opts(mode: str) -> str:
+    """Kernel overlayfs's options for reading the upper a run in `mode` left."""
+    return "redirect_dir=on" + (",index=on" if "index=on" in mode else "")
+
+
 def _lowers(lo: Path, seed: int) -> None:
     r = random.Random(seed)
     for d in DIRS:
@@ -214,8 +219,7 @@ def test_concurrent_changes_read_the_same_four_ways(tmp_path, fuse, root, mode):
             remounted = treecmp.snapshot(chk)
             # a killed run's half-built objects are gone: only the new mount's control socket
             assert os.listdir(wk / "layerfs") == ["control"], "debris left in the work dir"
-        kopts = "redirect_dir=on" + (",index=on" if extra == "index=on" else "")
-        with KernelOverlay(chk, [lo], up, wk2, kopts):
+        with KernelOverlay(chk, [lo], up, wk2, kernel_opts(extra)):
             kernel = treecmp.snapshot(chk)
         # the upper stacked as a lower layer, read-only: its redirects, whiteouts, opaque marks
         # and origins must mean to layerfs what they mean to the kernel

@@ -312,8 +312,7 @@ class LayerStack:
         st = self.fs.lstat(child.path)
         if st.st_nlink <= 1:
             return shared, st
-        found = Inode(_PER_NAME_BASE + len(self._per_name))
-        self._per_name[key] = found
+        found = self._own_ino(child)
         self.shown[found] = shared
         return found, st
 
@@ -328,7 +327,8 @@ class LayerStack:
         return not node.is_dir and child.dirs is None and child.layer != 0 and self.in_upper(node)
 
     def _own_ino(self, child: Entry) -> Inode:
-        """A number of its own for the lower name `child` (see `_apart`), one per name."""
+        """A number of its own for the lower name `child` (`_name_ino`, `_apart`), one per
+        name."""
         key = (child.layer, child.path)
         found = self._per_name.get(key)
         if found is None:
@@ -583,18 +583,11 @@ class LayerStack:
         else:
             shared = self.ino_for(origin_layer, origin_ino)
         ino, st = self._name_ino(child, shared)
-        child.node_ino = ino
-        node = self.nodes.get(ino)
-        if node is None:  # forgotten by the kernel, but maybe still some node's parent
-            node = self._objects.get(ino)
-            if node is not None and (node.deleted or node.kind != child.kind):
-                node = None  # its object is gone; the number now names another
+        node = self._numbered(ino, child.kind)
         if node is not None and self._apart(node, child):
             ino = self._own_ino(child)
-            child.node_ino = ino
-            node = self.nodes.get(ino) or self._objects.get(ino)
-            if node is not None and (node.deleted or node.kind != child.kind):
-                node = None
+            node = self._numbered(ino, child.kind)
+        child.node_ino = ino
         if node is not None:
             # a directory has one place; a hard-linked file is reached by its latest name
             if node.unlinked:  # its known names went, and this is one it still has
@@ -616,6 +609,15 @@ class LayerStack:
             list(dirs) if dirs is not None else None,
         )
         node.st = st
+        return node
+
+    def _numbered(self, ino: Inode, kind: int) -> Node | None:
+        """The node object numbered `ino`, if one still stands for a live object of `kind`."""
+        node = self.nodes.get(ino)
+        if node is None:  # forgotten by the kernel, but maybe still some node's parent
+            node = self._objects.get(ino)
+            if node is not None and (node.deleted or node.kind != kind):
+                node = None  # its object is gone; the number now names another
         return node
 
     def _trim(self, parent: Node, name: bytes, chain: list[DirLayer]) -> list[DirLayer]:

@@ -310,13 +310,13 @@ class Writer:
                 return parent, name, child
         except UnionError:
             pass
-        lower_parent, _, name = (root + rel).rpartition(b"/")
+        where, _, name = rel.rpartition(b"/")  # the lower parent, from the lower stack's root
+        lower_parent = root + where
         for node in self.stack.known_nodes():
             if node.dirs is not None and any(d.path == lower_parent for d in node.dirs):
                 entry = self.stack.listing(node).get(name)
                 if entry is not None and entry.path == root + rel:
                     return node, name, entry
-        where = rel.rpartition(b"/")[0]  # the lower parent, from the root of the lower stack
         for moved in self._redirected_dirs():
             try:
                 mparent, mname, mentry = self._resolve_entry(moved)
