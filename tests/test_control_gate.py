@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from unionfs import control
-from unionfs.gate import Gate
+from unionfs.gate import Bypassed, Gate
 
 DEADLINE = 10
 
@@ -111,6 +111,61 @@ def test_one_freeze_waits_for_every_request_in_flight():
     trio.run(main)
 
 
+def test_a_freeze_waits_with_the_gate_open_for_files_written_past_it():
+    """Open files that write past the gate (passthrough of created files): a freeze admits
+    no new one, waits for those left to be closed while mutating requests still get through
+    (a tar sets owner and times between its last write and its close), and only then
+    closes the gate."""
+
+    async def main() -> None:
+        gate = Gate()
+        gate.bypass_open(7, 100)
+        gate.bypass_open(8, 100)
+        frozen, done = trio.Event(), []
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as n:
+
+                async def freezer() -> None:
+                    await gate.freeze(DEADLINE)
+                    frozen.set()
+
+                n.start_soon(freezer)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not gate.may_bypass and not gate.frozen
+                ok = trio.Event()
+                ok.set()
+                await _request(gate, ok, done, "the writer's fchown")  # not held
+                gate.bypass_close(7)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not frozen.is_set()
+                gate.bypass_close(8)
+                await frozen.wait()
+                assert gate.frozen and not gate.may_bypass
+                gate.thaw()
+                assert not gate.frozen and gate.may_bypass
+        assert done == ["the writer's fchown"]
+
+    trio.run(main)
+
+
+def test_a_freeze_gives_up_on_files_written_past_the_gate_that_stay_open():
+    async def main() -> None:
+        gate = Gate()
+        gate.bypass_open(7, 100)
+        gate.bypass_open(9, 200)
+        gate.bypass_open(10, 100)
+        with trio.fail_after(DEADLINE):
+            with pytest.raises(Bypassed) as exc:
+                await gate.freeze(0.05)
+        assert exc.value.inos == [100, 200]
+        assert not gate.frozen and gate.may_bypass  # let go of its hold
+        ok = trio.Event()
+        ok.set()
+        await _request(gate, ok, [], "next")  # admitted at once
+
+    trio.run(main)
+
+
 # ----- the socket protocol, served in-process ---------------------------------------------
 async def _serving(nursery: trio.Nursery, tmp: str, gate: Gate) -> bytes:
     path = os.path.join(tmp, "control").encode()
@@ -184,6 +239,43 @@ def test_two_clients_freeze_at_once_and_both_thaw(tmp_path):
                 n.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_freeze_over_the_socket_names_the_files_written_past_the_gate(tmp_path):
+    """`freeze:SECONDS` bounds the wait for them; the error names each file, and the
+    mount stays thawed; once they are closed, the next freeze holds."""
+
+    async def main() -> None:
+        gate = Gate()
+        gate.bypass_open(7, 100)
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as n:
+                path = os.path.join(str(tmp_path), "control").encode()
+                await n.start(
+                    control.serve, control.listen(path), gate, str(tmp_path).encode(), None,
+                    lambda ino: f"/mnt/file{ino}",
+                )  # fmt: skip
+                c = await _client(path)
+                await c.send_all(b"freeze:0.05\n")
+                reply = await _line_long(c)
+                assert reply.startswith(b"error 1 file(s) created through the mount"), reply
+                assert b"/mnt/file100" in reply and b"passthrough=0" in reply, reply
+                assert not gate.frozen and gate.may_bypass
+                gate.bypass_close(7)
+                await c.send_all(b"freeze:0.05\n")
+                assert await _line(c) == b"frozen\n"
+                await c.send_all(b"freeze:x thaw\n")  # already frozen: ignored
+                assert await _line(c) == b"thawed\n"
+                await c.send_all(b"freeze:x\n")
+                assert (await _line_long(c)).startswith(b"error bad freeze wait")
+                assert not gate.frozen
+                n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+async def _line_long(stream: trio.SocketStream) -> bytes:
+    return await stream.receive_some(4096)
 
 
 def test_ping_answers_once_the_socket_is_served(tmp_path):

@@ -412,9 +412,11 @@ def test_read_only_lower_opens_open_the_real_file_at_first_need(tmp_path, fuse):
 
 def test_passthrough_of_big_lower_files(tmp_path, lower, fuse):
     """As root on a kernel with FUSE_PASSTHROUGH: a big lower file opened for reading is read
-    by the kernel itself (no READ request); writes stay requests (the freeze gate sees them);
-    a big lower file read through passthrough cannot be opened for writing while that
-    reader is open (ETXTBSY, see unionfs/fuse/passthrough.py), and can once it is closed."""
+    by the kernel itself (no READ request); so is a file CREATE made for writing only
+    written (no WRITE), while writes to other files, and to files created for appending or
+    for reading and writing, stay requests (the freeze gate sees them); a big lower file
+    read through passthrough cannot be opened for writing while that reader is open
+    (ETXTBSY, see unionfs/fuse/passthrough.py), and can once it is closed."""
     need(os.geteuid() == 0, "passthrough needs CAP_SYS_ADMIN")
     release = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
     need(release >= (6, 9), "FUSE passthrough needs Linux 6.9")
@@ -433,15 +435,161 @@ def test_passthrough_of_big_lower_files(tmp_path, lower, fuse):
         with open(mnt / "big", "ab") as f:  # the reader is gone: copy-up, then a WRITE
             f.write(b"+")
         data = os.urandom(3 << 20)
-        (mnt / "new").write_bytes(data)
+        with open(mnt / "new", "wb") as w:  # created for writing only: passes through
+            w.write(data)
+            w.flush()
+            with open(mnt / "new", "rb") as r:  # joins it on the upper file: no READ
+                assert r.read() == data
+        with open(mnt / "log", "ab") as f:  # created for appending: a WRITE
+            f.write(b"log")
+        with open(mnt / "db", "w+b") as f:  # created for reading and writing: a WRITE
+            f.write(b"db")
     log = Path(m.log_path).read_text()
     assert "PASSTHROUGH" in re.search(r"negotiated (\S+)", log).group(1)
     assert "WRITEBACK_CACHE" not in re.search(r"negotiated (\S+)", log).group(1)
     c = counts(log)
     assert c.get("READ", 0) == 0
-    assert c.get("WRITE", 0) >= 2
+    assert c.get("WRITE", 0) == 3
     assert (up / "big").read_bytes() == big + b"+"
     assert (up / "new").read_bytes() == data
+    assert (up / "log").read_bytes() == b"log"
+    assert (up / "db").read_bytes() == b"db"
+
+
+UNTAR = """
+import os, sys, time
+d = sys.argv[1]
+i = 0
+while True:
+    fd = os.open(f"{d}/f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, bytes([65 + i % 26]) * 32768)
+    if i == 20:  # half written: the test freezes the mount now
+        print("ready", flush=True)
+        time.sleep(0.3)
+    os.write(fd, bytes([65 + i % 26]) * 32768)
+    os.fchmod(fd, 0o644)
+    os.utime(fd, (1e9, 1e9))
+    os.close(fd)
+    i += 1
+"""
+
+
+def _passthrough_mount(tmp_path):
+    need(os.geteuid() == 0, "passthrough needs CAP_SYS_ADMIN")
+    release = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
+    need(release >= (6, 9), "FUSE passthrough needs Linux 6.9")
+    lo, mnt, up, wk = (tmp_path / n for n in ("lo", "mnt", "up", "wk"))
+    for d in (lo, mnt, up, wk):
+        d.mkdir()
+    return native(mnt, [lo], up, wk), mnt, up, wk
+
+
+def test_a_freeze_names_created_files_held_open_past_the_gate(tmp_path, fuse):
+    """A file created for writing only passes its writes through to the upper, where the
+    freeze gate cannot hold them: a freeze waits for it to be closed, and when it stays
+    open gives up with an error that names it, leaving the mount writable; once it is
+    closed the freeze holds."""
+    from unionfs import control
+
+    m, mnt, up, wk = _passthrough_mount(tmp_path)
+    with m:
+        f = open(mnt / "held", "wb")  # noqa: SIM115 - held open across the freezes
+        try:
+            f.write(b"x")
+            f.flush()
+            hold = control.Freeze(wk)
+            try:
+                with pytest.raises(OSError) as exc:
+                    hold.freeze(wait=0.3)
+            finally:
+                hold.close()
+            assert str(mnt / "held") in str(exc.value)
+            assert "still open for writing" in str(exc.value)
+            (mnt / "other").write_bytes(b"thawed")  # not frozen
+            f.write(b"y")
+        finally:
+            f.close()
+        with control.frozen(wk):
+            assert (up / "held").read_bytes() == b"xy"
+    assert (up / "other").read_bytes() == b"thawed"
+
+
+def test_an_open_for_writing_that_would_join_a_created_file_waits_for_the_thaw(tmp_path, fuse):
+    """A reader that joined a created file keeps it passing through after the creator
+    closed it; an open for writing of it while the mount is frozen would write past the
+    gate, so it is held until the thaw."""
+    from unionfs import control
+
+    m, mnt, up, wk = _passthrough_mount(tmp_path)
+    with m:
+        w = open(mnt / "new", "wb")  # noqa: SIM115
+        w.write(b"abc")
+        w.flush()
+        r = open(mnt / "new", "rb")  # noqa: SIM115 - joins the creator on the upper file
+        w.close()
+        try:
+            done = threading.Event()
+
+            def writer() -> None:
+                with open(mnt / "new", "r+b") as f:
+                    f.write(b"Z")
+                done.set()
+
+            with control.frozen(wk):
+                t = threading.Thread(target=writer)
+                t.start()
+                time.sleep(0.5)
+                assert not done.is_set(), "an open for writing passed the frozen gate"
+                assert (up / "new").read_bytes() == b"abc"
+            t.join(30)
+            assert done.is_set()
+            assert r.read() == b"Zbc"
+        finally:
+            r.close()
+    assert (up / "new").read_bytes() == b"Zbc"
+
+
+def test_a_freeze_during_an_untar_holds_the_upper_still(tmp_path, fuse):
+    """A writer that creates, writes, then sets mode and times of each file before closing
+    it (as tar does), frozen while a file is half written: the freeze waits for the file
+    open past the gate with the gate still open, so the writer can finish it (a gate
+    closed first would hold its fchmod, and the freeze would wait in vain); then nothing
+    in the upper changes until the thaw (a freeze that did not wait would let the second
+    half through), and every file is whole afterwards."""
+    from unionfs import control
+
+    m, mnt, up, wk = _passthrough_mount(tmp_path)
+    with m:
+        (mnt / "d").mkdir()
+        app = subprocess.Popen(
+            ["python3", "-c", UNTAR, str(mnt / "d")], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert app.stdout is not None
+            assert app.stdout.readline() == "ready\n"
+
+            def snapshot() -> dict[str, tuple[int, float]]:
+                out = {}
+                for e in os.scandir(up / "d"):
+                    st = e.stat()
+                    out[e.name] = (st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode))
+                return out
+
+            with control.frozen(wk):
+                before = snapshot()
+                assert before["f20"] == (65536, 1e9, 0o644)  # finished before the hold
+                time.sleep(0.5)
+                assert snapshot() == before  # held still while frozen
+            time.sleep(0.2)
+            assert app.poll() is None
+            assert len(snapshot()) > len(before)  # the writer went on after the thaw
+        finally:
+            app.kill()
+            app.wait(timeout=30)
+        names = sorted(os.listdir(up / "d"), key=lambda n: int(n[1:]))
+        for name in names[:-1]:  # the last one may have been cut short by the kill
+            i = int(name[1:])
+            assert (up / "d" / name).read_bytes() == bytes([65 + i % 26]) * 65536, name
 
 
 def test_security_selinux_without_selinux(tmp_path, lower, fuse):
@@ -575,7 +723,8 @@ def test_writes_held_by_a_freeze_keep_their_own_data(tmp_path, fuse):
     m = native(mnt, [lo], up, wk)
     payloads = [bytes([65 + i]) * (256 << 10) for i in range(4)]
     with m:
-        fds = [os.open(mnt / f"f{i}", os.O_WRONLY | os.O_CREAT, 0o644) for i in range(4)]
+        # read-write: a file created for writing only would pass through (passthrough.py)
+        fds = [os.open(mnt / f"f{i}", os.O_RDWR | os.O_CREAT, 0o644) for i in range(4)]
         try:
             with control.frozen(wk):
                 writers = [

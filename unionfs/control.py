@@ -3,22 +3,31 @@
 `layer commit` of a live mount asks the daemon to hold every mutating request while it reads
 the upper directory (as `docker commit` pauses the container), then to resume.  The socket
 lives in the work dir (`WORKDIR/layerfs/control`, mode 0600, root's when the daemon is root).
-Line protocol: `freeze` → the daemon syncs the mount itself (syncfs on the mountpoint, from
-a worker thread while the mount is still served: with the writeback cache, data written
-through the mount may sit dirty in the kernel's page cache, not yet in the upper), then stops
-admitting mutating requests, waits for those in flight to finish, syncs the upper's
-filesystem (that one only: a sync of every filesystem would also write back the mount's own
-dirty pages, WRITE requests the frozen gate holds — a deadlock), answers `frozen` (or
-`error ...` when the mount cannot be synced, and stays thawed); `thaw` (or closing the
-connection, so a crashed client never leaves the mount frozen) → `thawed`.  Reads are never
-held.  Several freezers may overlap; the mount thaws when the last one lets go.
+Line protocol:
+  - `freeze` (or `freeze:SECONDS`) → the daemon
+    - syncs the mount itself (syncfs on the mountpoint, from a worker thread while the
+      mount is still served: with the writeback cache, data written through the mount may
+      sit dirty in the kernel's page cache, not yet in the upper);
+    - admits no new file that writes past the gate and waits, the gate still open, until
+      those left are closed (FUSE passthrough of created files, gate.py), at most SECONDS
+      (BYPASS_WAIT by default);
+    - stops admitting mutating requests, waits for those in flight to finish;
+    - syncs the upper's filesystem (that one only: a sync of every filesystem would also
+      write back the mount's own dirty pages, WRITE requests the frozen gate holds — a
+      deadlock);
+    - answers `frozen`, or `error ...` and stays thawed when the mount cannot be synced or
+      files created through it stay open for writing past the gate (named).
+  - `thaw` (or closing the connection, so a crashed client never leaves the mount frozen)
+    → `thawed`.
+Reads are never held.  Several freezers may overlap; the mount thaws when the last one lets
+go.
 
 What a freeze guarantees: everything written through the mount before `freeze` was sent is
-in the upper until `thaw`.  With the writeback cache, writes that race with the freeze may
-stay in the kernel's page cache (and a frozen mount's page cache can still take writes until
-the kernel's dirty limit), so while frozen the upper — not the merged view — is the snapshot:
-a freezer must not read files through the mount, since closing one flushes its dirty pages
-with WRITE requests the gate holds.
+in the upper, unchanged until `thaw`.  With the writeback cache, writes that race with the
+freeze may stay in the kernel's page cache (and a frozen mount's page cache can still take
+writes until the kernel's dirty limit), so while frozen the upper — not the merged view — is
+the snapshot: a freezer must not read files through the mount, since closing one flushes
+its dirty pages with WRITE requests the gate holds.
 
 Concurrency: the daemon's trio thread; the gate itself is `gate.Gate`.  The daemon keeps
 watching a client's connection while its freeze waits: a client that hangs up (or dies)
@@ -34,17 +43,18 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .fsutil import syncfs
-from .gate import Gate
+from .gate import Bypassed, Gate
 from .writer import WORK_SUBDIR
 
 if TYPE_CHECKING:
     import trio
 
 SOCKET_NAME = "control"
+BYPASS_WAIT = 10.0  # seconds a freeze waits for created files open for writing to be closed
 log = logging.getLogger(__name__)
 
 
@@ -72,9 +82,11 @@ async def serve(
     gate: Gate,
     sync_dir: bytes | int,
     mountpoint: bytes | None = None,
+    describe: Callable[[int], str] = str,
     task_status: Any = None,  # trio's nursery.start passes its own
 ) -> None:
-    """Serve `listener` (from `listen`) until cancelled."""
+    """Serve `listener` (from `listen`) until cancelled.  `describe` names an inode (its
+    path in the mount) in an error."""
     import trio
 
     # closed as soon as the serving task is cancelled (the mount went away): a bound socket
@@ -85,7 +97,7 @@ async def serve(
         async with trio.open_nursery() as nursery:
             while True:
                 conn, _ = await sock.accept()
-                session = _Session(trio.SocketStream(conn), gate, sync_dir, mountpoint)
+                session = _Session(trio.SocketStream(conn), gate, sync_dir, mountpoint, describe)
                 nursery.start_soon(session.run)
 
 
@@ -93,9 +105,15 @@ class _Session:
     """One client connection.  Never raises: a failure closes the connection and thaws."""
 
     def __init__(
-        self, stream: trio.SocketStream, gate: Gate, sync_dir: bytes | int, mountpoint: bytes | None
+        self,
+        stream: trio.SocketStream,
+        gate: Gate,
+        sync_dir: bytes | int,
+        mountpoint: bytes | None,
+        describe: Callable[[int], str] = str,
     ) -> None:
         self.stream = stream
+        self.describe = describe
         self.gate = gate
         self.sync_dir = sync_dir
         self.mountpoint = mountpoint
@@ -128,8 +146,14 @@ class _Session:
 
     async def _command(self, cmd: bytes) -> bool:
         """Run one command; False when the client went away."""
-        if cmd == b"freeze" and not self.frozen:
-            return await self._freeze()
+        verb, _, arg = cmd.partition(b":")
+        if verb == b"freeze" and not self.frozen:
+            try:
+                wait = float(arg) if arg else BYPASS_WAIT
+            except ValueError:
+                await self.stream.send_all(b"error bad freeze wait: %s\n" % arg)
+                return True
+            return await self._freeze(wait)
         if cmd == b"thaw" and self.frozen:
             self.frozen = False
             self.gate.thaw()
@@ -138,7 +162,7 @@ class _Session:
             await self.stream.send_all(b"pong\n")
         return True
 
-    async def _freeze(self) -> bool:
+    async def _freeze(self, wait: float) -> bool:
         import trio
 
         if self.mountpoint is not None:
@@ -147,8 +171,20 @@ class _Session:
             except OSError as exc:
                 await self.stream.send_all(f"error syncing the mount: {exc}\n".encode())
                 return True
-        if not await self._freeze_while_connected():
-            return False
+        try:
+            if not await self._freeze_while_connected(wait):
+                return False
+        except Bypassed as exc:
+            names = ", ".join(self.describe(ino) for ino in exc.inos[:5])
+            more = f" and {len(exc.inos) - 5} more" if len(exc.inos) > 5 else ""
+            await self.stream.send_all(
+                f"error {len(exc.inos)} file(s) created through the mount are still open for "
+                f"writing after {wait:g} s: {names}{more}; their data goes to the upper "
+                "directly (FUSE passthrough), so the mount cannot hold it; close them (or "
+                "stop their writers) and retry (layerfs -o passthrough=0 keeps every write "
+                "behind the gate)\n".encode()
+            )
+            return True
         self.frozen = True
         try:
             await trio.to_thread.run_sync(syncfs, self.sync_dir)
@@ -160,12 +196,14 @@ class _Session:
         await self.stream.send_all(b"frozen\n")
         return True
 
-    async def _freeze_while_connected(self) -> bool:
+    async def _freeze_while_connected(self, wait: float) -> bool:
         """`gate.freeze()`, given up when the client hangs up while it waits for the drain.
-        What the client sends meanwhile is kept for later.  True when frozen."""
+        What the client sends meanwhile is kept for later.  True when frozen; raises
+        gate.Bypassed (thawed again) when files writing past the gate stay open `wait` s."""
         import trio
 
         gone = froze = False
+        bypassed: Bypassed | None = None
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
@@ -182,9 +220,14 @@ class _Session:
                     self.pending.extend(data.split())
 
             nursery.start_soon(watch)
-            await self.gate.freeze()
-            froze = True
+            try:
+                await self.gate.freeze(wait)
+                froze = True
+            except Bypassed as exc:  # (raised from here, not wrapped in the nursery's group)
+                bypassed = exc
             nursery.cancel_scope.cancel()
+        if bypassed is not None and not gone:
+            raise bypassed
         if gone and froze:
             self.gate.thaw()
         return froze and not gone
@@ -227,10 +270,12 @@ class Freeze:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
 
-    def freeze(self) -> None:
+    def freeze(self, wait: float | None = None) -> None:
+        """Hold the mount; `wait`: how long the daemon may wait for files created through
+        it and open for writing past its gate to be closed (control.BYPASS_WAIT)."""
         with _reachable(socket_path(self.workdir)) as address:
             self._sock.connect(address)
-        self._sock.sendall(b"freeze\n")
+        self._sock.sendall(b"freeze\n" if wait is None else b"freeze:%g\n" % wait)
         reply = self._sock.recv(4096)
         if not reply.startswith(b"frozen"):
             why = reply.decode(errors="replace").strip() or "no answer"

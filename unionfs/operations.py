@@ -510,6 +510,10 @@ class UnionOperations(pyfuse3.Operations):
     def handle_writable(self, fh: int) -> bool:
         return self._files[fh].writable
 
+    def open_handles(self, ino: int) -> int:
+        """How many files of node `ino` are open."""
+        return len(self._by_node.get(ino, ()))
+
     def handle_fd(self, fh: int) -> int:
         """The real fd of an open file, opened now if it was lazy (the native transport's
         passthrough hands it to the kernel, its page-cache store reads it)."""

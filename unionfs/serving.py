@@ -160,6 +160,14 @@ async def serve_mount(  # type: ignore[no-untyped-def]
                 await flush_mount(trio, os.fsencode(mountpoint))
             terminate()
 
+    def describe(ino: int) -> str:
+        """An inode's path in the mount, for the control socket's errors."""
+        node = ops.stack.known(ino)
+        if node is None:
+            return f"inode {ino}"
+        rel = ops.stack.upper_path(node)[len(ops.stack.layers[0]) :]
+        return os.path.join(str(mountpoint), os.fsdecode(rel).lstrip("/"))
+
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signals)
         if ops.writer is not None:
@@ -169,6 +177,7 @@ async def serve_mount(  # type: ignore[no-untyped-def]
                 ops.gate,
                 ops.stack.fs.handle(ops.stack.layers[0]),  # an fd if under the mount
                 os.fsencode(mountpoint),
+                describe,
             )
         await loop()
         nursery.cancel_scope.cancel()  # the control socket closes with its task

@@ -182,7 +182,7 @@ class Bridge:
     def __init__(self, ops: Any, conn: Conn, devfd: int = -1) -> None:
         self.ops = ops
         self.conn = conn
-        self.backings = Backings(devfd, enabled=conn.passthrough and devfd >= 0)
+        self.backings = Backings(devfd, conn.passthrough and devfd >= 0, ops.gate)
         self.devfd = devfd
         if devfd >= 0:
             ops.stack.listing_changed = self._listing_changed
@@ -323,10 +323,12 @@ class Bridge:
             flags |= wire.FOPEN_NOFLUSH
         return flags
 
-    async def _open_out(self, ino: int, info: Any, store: bool = False) -> bytes:
+    async def _open_out(self, ino: int, info: Any, store: bool = False,
+                        created: bool = False) -> bytes:  # fmt: skip
         """fuse_open_out of a new handle: cached, or passed through (passthrough.py).  With
         `store` (an open for reading), a small lower file's data is first put into the
-        kernel's page cache (`_store`)."""
+        kernel's page cache (`_store`); `created`: CREATE made the handle, for writing
+        only, not appending (it may pass through)."""
         oflags, backing_id = self._open_flags(info), 0
         if not (self.backings.enabled or store):
             return wire.OPEN_OUT.pack(info.fh, oflags, backing_id)
@@ -336,11 +338,17 @@ class Bridge:
         size = stack.stat(node).st_size if lower else 0  # cached for lower objects
         if self.backings.enabled:
             writable = self.ops.handle_writable(info.fh)
+            # (an open for writing, which may join a created file passing through, was
+            # held at the gate while frozen: UnionOperations.open)
+            # the only open file of a new inode, while no freezer holds or waits
+            created = (created and self.ops.gate.may_bypass
+                       and self.ops.open_handles(ino) == 1)  # fmt: skip
             fd = -1  # a lazy handle stays unopened unless it passes through (FileHandle)
-            if self.backings.needs_fd(ino, writable, lower, size):
+            if created or self.backings.needs_fd(ino, writable, lower, size):
                 fd = self.ops.handle_fd(info.fh)
             try:
-                backing_id = self.backings.open(ino, info.fh, fd, writable, lower, size)
+                backing_id = self.backings.open(ino, info.fh, fd, writable, lower, size,
+                                                created)  # fmt: skip
             except Conflict:
                 await self.ops.release(info.fh)
                 raise
@@ -393,7 +401,8 @@ class Bridge:
         info, attrs = await self.ops.create(h.nodeid, name, mode, flags, Ctx(h, umask))
         if self.conn.killpriv and open_flags & wire.OPEN_KILL_SUIDGID:
             attrs = self.ops.kill_suidgid(attrs.st_ino, info.fh, Ctx(h))
-        return _entry(attrs) + await self._open_out(attrs.st_ino, info)
+        created = flags & (os.O_ACCMODE | os.O_APPEND) == os.O_WRONLY
+        return _entry(attrs) + await self._open_out(attrs.st_ino, info, created=created)
 
     async def _file(self, h: Header, fh: int) -> int:
         if fh == 0 and self.conn.no_open:
