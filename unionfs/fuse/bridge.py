@@ -338,9 +338,9 @@ class Bridge:
         size = stack.stat(node).st_size if lower else 0  # cached for lower objects
         if self.backings.enabled:
             writable = self.ops.handle_writable(info.fh)
-            # (an open for writing, which may join a created file passing through, was
-            # held at the gate while frozen: UnionOperations.open)
-            # the only open file of a new inode, while no freezer holds or waits
+            # a created handle passes through when it is its new inode's only open file
+            # and no freezer holds or waits; an open for writing that would join one was
+            # held at the gate while frozen (UnionOperations.open)
             created = (created and self.ops.gate.may_bypass
                        and self.ops.open_handles(ino) == 1)  # fmt: skip
             fd = -1  # a lazy handle stays unopened unless it passes through (FileHandle)
