@@ -67,7 +67,7 @@ class Roots:
         try:
             st = os.fstat(fd)
             if path not in self._fds:
-                shadowed = self.shadow is not None and _inside(os.path.realpath(path), self.shadow)
+                shadowed = self.shadow is not None and inside(os.path.realpath(path), self.shadow)
                 self._fds[path] = fd if shadowed else syscalls.AT_FDCWD
                 self._lengths = sorted({len(p) for p in self._fds}, reverse=True)
                 if shadowed:
@@ -354,7 +354,8 @@ def _walk(fd: int, rel: bytes) -> tuple[int, bytes]:
     return owned, name
 
 
-def _inside(path: bytes, root: bytes) -> bool:
+def inside(path: bytes, root: bytes) -> bool:
+    """Is `path` `root` or below it, by spelling (both spelled alike: absolute, no `..`)?"""
     return path == root or path.startswith(root.rstrip(b"/") + b"/")
 
 

@@ -46,7 +46,7 @@ from .acl import DEFAULT as ACL_DEFAULT
 from .acl import Inherited
 from .dirlock import lock_dir
 from .errors import Exists, NameTooLong, NotEmpty, NotFound, UnionError
-from .fsat import Roots
+from .fsat import Roots, inside
 from .stack import DirLayer, Entry, LayerStack, Node
 
 WORK_SUBDIR = "layerfs"
@@ -321,7 +321,7 @@ class Writer:
             try:
                 mparent, mname, mentry = self._resolve_entry(moved)
                 origin = self.stack.origin_path(self.stack.node_for(mparent, mname, mentry))
-                if where != origin and not where.startswith(origin.rstrip(b"/") + b"/"):
+                if not inside(where, origin):
                     continue
                 found = self._resolve_entry(moved + where[len(origin) :] + b"/" + name)
             except UnionError:
