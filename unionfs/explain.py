@@ -176,14 +176,5 @@ def _whiteouts_and_opaques(stack: LayerStack, rel: bytes, res: Resolved, out: Ex
         opaque = marks.opaque or (oci and _lstat(last.path + b"/" + markers.WH_OPAQUE) is not None)
         below = [v for v in out.hides if v.layer > last.layer]
         if opaque and (below or node is res.node):
-            where = "/" + os.fsdecode(_node_path(node))
+            where = "/" + os.fsdecode(stack.merged_path(node))
             out.decided_by.append(Reason("opaque", last.layer, where, "hides the layers below it"))
-
-
-def _node_path(node: Node) -> bytes:
-    parts = []
-    cur: Node | None = node
-    while cur is not None and cur.parent is not None:
-        parts.append(cur.name)
-        cur = cur.parent
-    return b"/".join(reversed(parts))

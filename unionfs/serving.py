@@ -165,8 +165,7 @@ async def serve_mount(  # type: ignore[no-untyped-def]
         node = ops.stack.known(ino)
         if node is None:
             return f"inode {ino}"
-        rel = ops.stack.upper_path(node)[len(ops.stack.layers[0]) :]
-        return os.path.join(str(mountpoint), os.fsdecode(rel).lstrip("/"))
+        return os.path.join(str(mountpoint), os.fsdecode(ops.stack.merged_path(node)))
 
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signals)

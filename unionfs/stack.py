@@ -470,14 +470,21 @@ class LayerStack:
         return False
 
     # ----- real paths ----------------------------------------------------------------
-    def upper_path(self, node: Node) -> bytes:
-        """Where `node` lives (or would live, once copied up) in the upper layer."""
+    @staticmethod
+    def merged_path(node: Node) -> bytes:
+        """`node`'s path in the merged view, from its root, without a leading slash (b""
+        for the root)."""
         parts: list[bytes] = []
         cur: Node | None = node
         while cur is not None and cur.parent is not None:
             parts.append(cur.name)
             cur = cur.parent
-        return b"/".join([self.layers[0], *reversed(parts)])
+        return b"/".join(reversed(parts))
+
+    def upper_path(self, node: Node) -> bytes:
+        """Where `node` lives (or would live, once copied up) in the upper layer."""
+        rel = self.merged_path(node)
+        return self.layers[0] + b"/" + rel if rel else self.layers[0]
 
     def in_upper(self, node: Node) -> bool:
         return self.has_upper and node.layer == 0
