@@ -10,7 +10,8 @@ Line protocol:
       sit dirty in the kernel's page cache, not yet in the upper);
     - admits no new file that writes past the gate and waits, the gate still open, until
       those left are closed (FUSE passthrough of created files, gate.py), at most SECONDS
-      (BYPASS_WAIT by default);
+      (gate.BYPASS_WAIT by default; a wait that is not a number of seconds >= 0 is an
+      `error`);
     - stops admitting mutating requests, waits for those in flight to finish;
     - syncs the upper's filesystem (that one only: a sync of every filesystem would also
       write back the mount's own dirty pages, WRITE requests the frozen gate holds — a
@@ -47,14 +48,13 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .fsutil import syncfs
-from .gate import Bypassed, Gate
+from .gate import BYPASS_WAIT, Bypassed, Gate
 from .writer import WORK_SUBDIR
 
 if TYPE_CHECKING:
     import trio
 
 SOCKET_NAME = "control"
-BYPASS_WAIT = 10.0  # seconds a freeze waits for created files open for writing to be closed
 log = logging.getLogger(__name__)
 
 
@@ -151,6 +151,8 @@ class _Session:
             try:
                 wait = float(arg) if arg else BYPASS_WAIT
             except ValueError:
+                wait = -1.0
+            if not wait >= 0:  # (also NaN, which trio refuses as a timeout)
                 await self.stream.send_all(b"error bad freeze wait: %s\n" % arg)
                 return True
             return await self._freeze(wait)
@@ -272,7 +274,7 @@ class Freeze:
 
     def freeze(self, wait: float | None = None) -> None:
         """Hold the mount; `wait`: how long the daemon may wait for files created through
-        it and open for writing past its gate to be closed (control.BYPASS_WAIT)."""
+        it and open for writing past its gate to be closed (gate.BYPASS_WAIT)."""
         with _reachable(socket_path(self.workdir)) as address:
             self._sock.connect(address)
         self._sock.sendall(b"freeze\n" if wait is None else b"freeze:%g\n" % wait)

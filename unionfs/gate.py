@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     import trio
 
 
+BYPASS_WAIT = 10.0  # seconds a freeze waits, by default, for those files to be closed
+
+
 class Bypassed(Exception):
     """Open files that write past the gate were not closed in time: their inode numbers."""
 
@@ -74,7 +77,7 @@ class Gate:
                 event, self._bypass_gone = self._bypass_gone, None
                 event.set()
 
-    async def freeze(self, bypass_wait: float = 10.0) -> None:
+    async def freeze(self, bypass_wait: float = BYPASS_WAIT) -> None:
         """Wait (up to `bypass_wait` seconds, admitting no new ones) until no open file
         writes past the gate, else raise Bypassed; then stop admitting mutating requests
         and wait until those in flight have left.  Cancelled or failed, it lets go of its
