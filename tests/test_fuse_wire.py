@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from tests.fusewire import Harness, entry_nodeid, forget_batch, parse_direntplus, read_in
 from unionfs.fuse import opcodes, wire
 from unionfs.fuse.init import Wanted, negotiate
+from unionfs.operations import _HOST_SELINUX
 from unionfs.stack import LayerStack
 
 LOOKUP, FORGET, GETATTR, OPEN, READ, GETXATTR = 1, 2, 3, 14, 15, 22
@@ -175,6 +176,11 @@ def test_cstrings_need_their_terminator():
     assert wire.cstrings(memoryview(b"ab\0cd\0"), 0, 2) == ([b"ab", b"cd"], 6)
     with pytest.raises(wire.Malformed):
         wire.cstrings(memoryview(b"ab\0cd"), 0, 2)
+    assert wire.cstring(memoryview(b"xxab\0cd\0"), 2) == (b"ab", 5)
+    assert wire.cstring(memoryview(b"\0"), 0) == (b"", 1)
+    for body, offset in ((b"ab", 0), (b"", 0), (b"ab\0", 3), (b"ab\0", 9)):
+        with pytest.raises(wire.Malformed):
+            wire.cstring(memoryview(body), offset)
 
 
 # ----- INIT ------------------------------------------------------------------------------
@@ -346,6 +352,13 @@ def test_getxattr_sizes_and_read(harness, tree):
         assert err == errno.ERANGE
         err, out = await harness.call(GETXATTR, a, wire.GETXATTR_IN.pack(64, 0) + b"user.k\0")
         assert (err, out) == (0, b"value")
+        # no such attribute: an errno the handler returns rather than raises (_answer)
+        err, out = await harness.call(GETXATTR, a, wire.GETXATTR_IN.pack(64, 0) + b"user.no\0")
+        assert (err, out) == (errno.ENODATA, b"")
+        selinux = wire.GETXATTR_IN.pack(64, 0) + b"security.selinux\0"
+        err, _ = await harness.call(GETXATTR, a, selinux)
+        assert err == (errno.ENODATA if _HOST_SELINUX else errno.EOPNOTSUPP)
+        assert (await harness.call(GETXATTR, 999, selinux))[0] == errno.ESTALE  # raised
         err, oo = await harness.call(OPEN, a, wire.OPEN_IN.pack(os.O_RDONLY, 0))
         fh, oflags, _ = wire.OPEN_OUT.unpack(oo)
         assert oflags & wire.FOPEN_KEEP_CACHE and oflags & wire.FOPEN_NOFLUSH
@@ -645,6 +658,14 @@ def test_the_loop_waits_outside_trio_only_while_nothing_else_is_due(tmp_path):
         with trio.move_on_after(POLL_MS / 2000):
             assert not s.may_block(trio)  # a deadline comes before POLL_MS is over
         assert s.may_block(trio)
+        # how long the loop may keep that answer without asking trio again: at most POLL_MS,
+        # and never past POLL_MS before the next deadline
+        assert s._blocking_window(trio) == POLL_MS / 1000
+        with trio.move_on_after(3 * POLL_MS / 1000):
+            assert 0 < s._blocking_window(trio) <= 2 * POLL_MS / 1000
+        async with trio.open_nursery() as tasks:
+            tasks.start_soon(trio.lowlevel.checkpoint)
+            assert s._blocking_window(trio) == 0
 
     try:
         trio.run(scenario)

@@ -333,19 +333,27 @@ class UnionOperations(pyfuse3.Operations):
         return out
 
     # ----- xattrs ---------------------------------------------------------------------
-    @_handler
-    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+    def xattr_value(self, inode: int, name: bytes) -> bytes | int:
+        """getxattr's answer: the value, or the errno to answer when there is none (no
+        exception: "none" is the common answer, and the kernel asks for
+        `security.capability` at every file's first write and for the ACLs of every entry
+        `ls -l` lists).  Other failures raise."""
         node = self.stack.node(inode)
         value = self.stack.xattr_answer(node, name, self._gone_fd(node))
         if isinstance(value, int):
-            if value == errno.ENODATA:
-                if name == SELINUX_XATTR and not _HOST_SELINUX:
-                    # `ls -l` asks for every entry and stops at the first EOPNOTSUPP; a
-                    # label that is there is still answered (as kernel overlayfs would)
-                    raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-            raise pyfuse3.FUSEError(value)
+            if value == errno.ENODATA and name == SELINUX_XATTR and not _HOST_SELINUX:
+                # `ls -l` asks for every entry and stops at the first EOPNOTSUPP; a label
+                # that is there is still answered (as kernel overlayfs would)
+                return errno.EOPNOTSUPP
+            return value
         return self.owners.xattr_shown(name, value) if self.owners else value
+
+    @_handler
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        value = self.xattr_value(inode, name)
+        if isinstance(value, int):
+            raise pyfuse3.FUSEError(value)  # ENODATA is pyfuse3.ENOATTR
+        return value
 
     @_handler
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:

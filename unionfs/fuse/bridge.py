@@ -272,8 +272,11 @@ class Bridge:
                                     s.f_bsize, s.f_namemax, s.f_frsize, 0)  # fmt: skip
 
     # ----- xattrs -------------------------------------------------------------------------
-    async def getxattr(self, h: Header, name: bytes, size: int) -> bytes:
-        return _sized(await self.ops.getxattr(h.nodeid, name, Ctx(h)), size)
+    async def getxattr(self, h: Header, name: bytes, size: int) -> bytes | int:
+        value = self.ops.xattr_value(h.nodeid, name)
+        if isinstance(value, int):
+            return value  # the errno (see Session._answer)
+        return _sized(value, size)
 
     async def listxattr(self, h: Header, size: int) -> bytes:
         names = await self.ops.listxattr(h.nodeid, Ctx(h))

@@ -22,7 +22,7 @@ import errno
 import os
 
 from . import wire
-from .wire import Header, Malformed, cstrings, unpack
+from .wire import Header, Malformed, cstring, cstrings, unpack
 
 TYPE_CHECKING = False  # typing's own constant, without importing typing before INIT (../logs.py)
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def _none(h: Header) -> tuple[Any, ...]:
 
 
 def _name(h: Header) -> tuple[Any, ...]:
-    (name,), _ = cstrings(h.body, 0, 1)
+    name, _ = cstring(h.body, 0)
     return (name,)
 
 
@@ -92,13 +92,13 @@ def _setattr(h: Header) -> tuple[Any, ...]:
 
 def _mknod(h: Header) -> tuple[Any, ...]:
     mode, rdev, umask, _ = unpack(wire.MKNOD_IN, h.body, "mknod_in")
-    (name,), _ = cstrings(h.body, wire.MKNOD_IN.size, 1)
+    name, _ = cstring(h.body, wire.MKNOD_IN.size)
     return (name, mode, rdev, umask)
 
 
 def _mkdir(h: Header) -> tuple[Any, ...]:
     mode, umask = unpack(wire.MKDIR_IN, h.body, "mkdir_in")
-    (name,), _ = cstrings(h.body, wire.MKDIR_IN.size, 1)
+    name, _ = cstring(h.body, wire.MKDIR_IN.size)
     return (name, mode, umask)
 
 
@@ -121,7 +121,7 @@ def _rename2(h: Header) -> tuple[Any, ...]:
 
 def _link(h: Header) -> tuple[Any, ...]:
     (old,) = unpack(wire.LINK_IN, h.body, "link_in")
-    (name,), _ = cstrings(h.body, wire.LINK_IN.size, 1)
+    name, _ = cstring(h.body, wire.LINK_IN.size)
     return (old, name)
 
 
@@ -136,7 +136,7 @@ def _open_file(h: Header) -> tuple[Any, ...]:
 
 def _create(h: Header) -> tuple[Any, ...]:
     flags, mode, umask, open_flags = unpack(wire.CREATE_IN, h.body, "create_in")
-    (name,), _ = cstrings(h.body, wire.CREATE_IN.size, 1)
+    name, _ = cstring(h.body, wire.CREATE_IN.size)
     return (name, mode, flags, umask, open_flags)
 
 
@@ -178,7 +178,7 @@ def _setxattr_ext(h: Header) -> tuple[Any, ...]:
 
 def _setxattr_value(h: Header, start: int, size: int, flags: int, sx_flags: int
                     ) -> tuple[Any, ...]:  # fmt: skip
-    (name,), end = cstrings(h.body, start, 1)
+    name, end = cstring(h.body, start)
     if len(h.body) - end < size:
         raise Malformed(f"setxattr: value of {size} bytes announced, {len(h.body) - end} sent")
     return (name, bytes(h.body[end : end + size]), flags, sx_flags)
@@ -186,7 +186,7 @@ def _setxattr_value(h: Header, start: int, size: int, flags: int, sx_flags: int
 
 def _getxattr(h: Header) -> tuple[Any, ...]:
     size, _ = unpack(wire.GETXATTR_IN, h.body, "getxattr_in")
-    (name,), _ = cstrings(h.body, wire.GETXATTR_IN.size, 1)
+    name, _ = cstring(h.body, wire.GETXATTR_IN.size)
     return (name, size)
 
 

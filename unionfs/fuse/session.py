@@ -10,7 +10,10 @@ more than the request itself: unpinned getxattr round trips 59-61 → 37 µs, `l
 −26 %, `find -ls` warm −22 % (2-vCPU VM; no change pinned).  Measured against a dedicated
 reader thread handing requests to trio: 90-120 µs with the thread (two more wake-ups).
 Each request is parsed with bounds checks (`wire`, `opcodes`); a short,
-malformed or unknown request is answered with an errno and the loop goes on.  INLINE handlers
+malformed or unknown request is answered with an errno and the loop goes on.  A handler
+returns its reply's payload, raises (`errno_of`), or returns an int: the errno of an answer
+that is common and no failure (no such xattr), which skips an exception through the
+handler layers (getxattr 6.2 → 4.6 µs in process).  INLINE handlers
 are awaited by the loop itself (they never block), and so are GATED ones while the mount is
 not frozen (past the gate they never block); TASK handlers run in the `tasks` nursery,
 each in its own cancel scope, so INTERRUPT can cancel one (answered EINTR) and a request that
@@ -31,6 +34,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import time
 
 from ..logs import debug_enabled, log
 from . import opcodes, wire
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
 
 
 POLL_MS = 10  # longest wait for the device outside trio (see `Session.may_block`)
+POLL_S = POLL_MS / 1000
 YIELD_EVERY = 32  # inline requests between two scheduler checkpoints (lets tasks run)
 
 
@@ -143,8 +148,11 @@ class Session:
     async def _loop(self, trio: Any, tasks: Any) -> None:
         buf = bytearray(self.conn.bufsize)
         view = memoryview(buf)
-        readv, fd = os.readv, self.fd
+        readv, fd, monotonic = os.readv, self.fd, time.monotonic
         since_yield = 0
+        # `may_block`'s answer, kept until this time (`_blocking_window`); 0 after every
+        # checkpoint, where other tasks may have run
+        block_until = 0.0
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         while not self._stopping:
@@ -152,11 +160,16 @@ class Session:
                 n = readv(fd, [buf])
             except BlockingIOError:
                 n = self._spin(buf) if self.spin_ns else 0
-                if not n and self.may_block(trio) and poller.poll(POLL_MS):
-                    continue  # readable: read it without a trip through trio's scheduler
+                if not n and not self._alive:
+                    now = monotonic()
+                    if now >= block_until:
+                        block_until = now + self._blocking_window(trio)
+                    if now < block_until and poller.poll(POLL_MS):
+                        continue  # readable: read it without a trip through trio's scheduler
                 if not n:
                     await trio.lowlevel.wait_readable(fd)
                     since_yield = 0
+                    block_until = 0.0
                     continue
             except OSError as exc:
                 if _gone(exc):
@@ -167,6 +180,7 @@ class Session:
             if spawned or since_yield >= YIELD_EVERY:
                 await trio.lowlevel.checkpoint()
                 since_yield = 0
+                block_until = 0.0
 
     def serve_early(self, wake_fds: Sequence[int]) -> bytes | None:
         """Before trio is loaded (fuse/run.py loads it only once it is needed): answer the
@@ -236,10 +250,21 @@ class Session:
         even if it has not run yet, or waiting for a thread or the freeze gate), no task
         runnable, no deadline within POLL_MS.  Whatever becomes due meanwhile (a control
         connection, a signal) waits at most POLL_MS, or until the next checkpoint."""
-        if self._alive:
-            return False
+        return not self._alive and self._blocking_window(trio) > 0
+
+    def _blocking_window(self, trio: Any) -> float:
+        """For how many seconds `may_block`'s yes (other than the request tasks, which the
+        loop counts itself) stays true while the loop does not checkpoint: 0 when a task is
+        runnable or a deadline is within POLL_MS; else until POLL_MS before that deadline,
+        and at most POLL_MS.  Between checkpoints no other task runs, so nothing changes
+        but the clock and what an inline handler wakes (a freezer waiting for a file to be
+        closed): that task waits at most twice POLL_MS.  Asking trio costs 1.3 µs
+        (`current_statistics`), as much as a third of an inline request; the loop asks at
+        most once per window."""
         st = trio.lowlevel.current_statistics()
-        return st.tasks_runnable == 0 and st.seconds_to_next_deadline > POLL_MS / 1000
+        if st.tasks_runnable:
+            return 0.0
+        return max(0.0, min(POLL_S, st.seconds_to_next_deadline - POLL_S))
 
     def _spin(self, buf: bytearray) -> int:
         """Poll the device for `spin_ns` before sleeping: the next request often comes
@@ -329,6 +354,9 @@ class Session:
         except Exception as exc:
             self.reply(h.unique, errno_of(exc))
             return
+        if payload.__class__ is int:  # an errno returned rather than raised: a common answer
+            self.reply(h.unique, payload)  # (no such xattr) costs 1.7 µs less without an
+            return  # exception through the handler layers
         self.reply(h.unique, 0, payload)
         if h.opcode == opcodes.DESTROY:  # answered; the session ends
             self.terminate()
