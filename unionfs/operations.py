@@ -205,6 +205,12 @@ class UnionOperations(pyfuse3.Operations):
         # What attribute replies are made of: pyfuse3's EntryAttributes, which pyfuse3 needs,
         # or `Attrs`, for a transport that packs replies itself (a third of the cost)
         self._attrs = attrs_type or (pyfuse3.EntryAttributes if pyfuse3.PYFUSE3 else Attrs)
+        # LOOKUP's answer for a name that is not there: st_ino 0, a negative entry the kernel
+        # may cache; one for all (a reply is never changed once handed out, and the native
+        # transport packs it once: 6.4 → 4.6 µs a miss in process)
+        self._negative = self._attrs()
+        self._negative.st_ino = 0
+        self._negative.entry_timeout = CACHE_TIMEOUT
         self.stack = stack
         self.writer = writer
         self.debug = debug
@@ -275,16 +281,9 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
-        parent = self.stack.node(parent_inode)
-        try:
-            node = self.stack.lookup(parent, name)
-        except UnionError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-            neg = self._attrs()  # st_ino 0: a negative entry the kernel may cache
-            neg.st_ino = 0
-            neg.entry_timeout = CACHE_TIMEOUT
-            return neg
+        node = self.stack.find(self.stack.node(parent_inode), name)
+        if node is None:
+            return self._negative
         attrs = self._entry(node)
         self.stack.remember(node)  # every successful lookup reply counts, "." and ".." too
         return attrs

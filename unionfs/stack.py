@@ -562,6 +562,14 @@ class LayerStack:
 
     def lookup(self, parent: Node, name: bytes) -> Node:
         """Resolve `name` in directory `parent`; the caller `remember`s the result."""
+        node = self.find(parent, name)
+        if node is None:
+            raise NotFound()
+        return node
+
+    def find(self, parent: Node, name: bytes) -> Node | None:
+        """`lookup`, with None for a name that is not there (no exception: FUSE's LOOKUP
+        meets that at every file a program creates, and at every miss of a search path)."""
         if name == b".":
             return parent
         if name == b"..":
@@ -570,7 +578,7 @@ class LayerStack:
             raise NameTooLong()
         child = self.listing(parent).get(name)
         if child is None:
-            raise NotFound()
+            return None
         return self.node_for(parent, name, child)
 
     def node_for(self, parent: Node, name: bytes, child: Entry) -> Node:
