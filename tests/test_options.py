@@ -106,6 +106,33 @@ def test_passthrough_option(dirs):
         parse_args(["-o", base + ",passthrough=2", mnt])
 
 
+def test_spin_option_and_environment(dirs, monkeypatch):
+    """spin= (µs of busy-poll after each answer) wins over $LAYERFS_SPIN_US, which wins over
+    the default; bad values are refused, whichever gave them; under pyfuse3 nothing spins."""
+    from unionfs.options import SPIN_DEFAULT_US, SPIN_ENV, SPIN_MAX_US
+
+    base = f"lowerdir={dirs}/top"
+    mnt = str(dirs / "mnt")
+    monkeypatch.delenv(SPIN_ENV, raising=False)
+    monkeypatch.delenv("LAYERFS_FUSE", raising=False)
+    assert parse_args(["-o", base, mnt]).spin_us == SPIN_DEFAULT_US > 0
+    assert parse_args(["-o", base + ",spin=0", mnt]).spin_us == 0
+    cfg = parse_args(["-o", base + f",spin={SPIN_MAX_US}", mnt])
+    assert cfg.spin_us == SPIN_MAX_US and not any("spin" in o for o in cfg.fuse_options)
+    monkeypatch.setenv(SPIN_ENV, "7")
+    assert parse_args(["-o", base, mnt]).spin_us == 7
+    assert parse_args(["-o", base + ",spin=3", mnt]).spin_us == 3  # the option wins
+    for bad in ("-1", "x", "1.5", "", str(SPIN_MAX_US + 1)):
+        with pytest.raises(OptionError, match="expected whole microseconds"):
+            parse_args(["-o", base + f",spin={bad}", mnt])
+    monkeypatch.setenv(SPIN_ENV, "lots")
+    with pytest.raises(OptionError, match="LAYERFS_SPIN_US=lots"):
+        parse_args(["-o", base, mnt])
+    assert parse_args(["-o", base + ",fuse=pyfuse3", mnt]).spin_us == 0
+    with pytest.raises(OptionError, match="spin= needs fuse=native"):
+        parse_args(["-o", base + ",fuse=pyfuse3,spin=5", mnt])
+
+
 def test_index_option(dirs):
     base = f"lowerdir={dirs}/top,upperdir={dirs}/upper,workdir={dirs}/work"
     mnt = str(dirs / "mnt")

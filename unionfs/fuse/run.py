@@ -87,7 +87,7 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
     )
     ops.init()
     bridge = Bridge(ops, conn, mounted.fd)
-    session = Session(mounted.fd, conn, bridge, spin_us=int(os.environ.get("LAYERFS_SPIN_US", 0)))
+    session = Session(mounted.fd, conn, bridge, spin_us=cfg.spin_us)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         # before any request is answered: a client that saw the mount answer can freeze it
