@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from tests.fusewire import Harness, entry_nodeid, forget_batch, parse_direntplus, read_in
 from unionfs.fuse import opcodes, wire
 from unionfs.fuse.init import Wanted, negotiate
+from unionfs.fuse.session import Session
 from unionfs.operations import _HOST_SELINUX
 from unionfs.stack import LayerStack
 
@@ -573,8 +574,6 @@ def test_before_trio_the_session_answers_until_a_request_must_be_a_task(tmp_path
     stops when a wake-up fd turns readable (a control client, a signal)."""
     import socket
 
-    from unionfs.fuse.session import Session
-
     h = _writable(tmp_path)
     up = tmp_path / "up"
     device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # a read each
@@ -621,6 +620,32 @@ def test_before_trio_the_session_answers_until_a_request_must_be_a_task(tmp_path
         kernel.close()
         os.close(wake_r)
         os.close(wake_w)
+        h.close()
+
+
+def test_the_session_reads_on_for_spin_microseconds_before_it_sleeps(tmp_path):
+    """`spin=`: after an answer the session keeps reading the device for spin_us; a request
+    that comes meanwhile is read without sleeping, and with none it gives up once the time
+    is over (0: nothing read)."""
+    h = _writable(tmp_path)
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    s = Session(r, h.conn, h.session.bridge, spin_us=200_000)
+    buf = bytearray(4096)
+    try:
+        timer = threading.Timer(0.01, os.write, (w, b"x" * 40))
+        timer.start()
+        t0 = time.monotonic()
+        assert s._spin(buf) == 40  # came while it spun
+        assert time.monotonic() - t0 < 0.2
+        timer.join()
+        s.spin_ns = 20_000_000
+        t0 = time.monotonic()
+        assert s._spin(buf) == 0  # nothing came: gave up after 20 ms
+        assert time.monotonic() - t0 >= 0.02
+    finally:
+        os.close(r)
+        os.close(w)
         h.close()
 
 

@@ -160,7 +160,9 @@ class Session:
             try:
                 n = readv(fd, [buf])
             except BlockingIOError:
-                n = self._spin(buf) if self.spin_ns else 0
+                # no spin while a request task is alive: what it waits for (a thread's result,
+                # a thaw) comes through trio's scheduler, and its caller sends nothing meanwhile
+                n = self._spin(buf) if self.spin_ns and not self._alive else 0
                 if not n and not self._alive:
                     now = monotonic()
                     if now >= block_until:
@@ -204,9 +206,11 @@ class Session:
             try:
                 n = os.readv(self.fd, [buf])
             except BlockingIOError:
-                if any(fd != self.fd for fd, _ in poller.poll()):
-                    break
-                continue
+                n = self._spin(buf) if self.spin_ns else 0
+                if not n:
+                    if any(fd != self.fd for fd, _ in poller.poll()):
+                        break
+                    continue
             except OSError as exc:
                 if _gone(exc):
                     self._stopping = self.unmounted_early = True
