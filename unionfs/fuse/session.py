@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 
 
 POLL_MS = 10  # longest wait for the device outside trio (see `Session.may_block`)
-POLL_S = POLL_MS / 1000
 YIELD_EVERY = 32  # inline requests between two scheduler checkpoints (lets tasks run)
 
 
@@ -149,11 +148,8 @@ class Session:
     async def _loop(self, trio: Any, tasks: Any) -> None:
         buf = bytearray(self.conn.bufsize)
         view = memoryview(buf)
-        readv, fd, monotonic = os.readv, self.fd, time.monotonic
+        readv, fd = os.readv, self.fd
         since_yield = 0
-        # `may_block`'s answer, kept until this time (`_blocking_window`); 0 after every
-        # checkpoint, where other tasks may have run
-        block_until = 0.0
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         while not self._stopping:
@@ -163,16 +159,11 @@ class Session:
                 # no spin while a request task is alive: what it waits for (a thread's result,
                 # a thaw) comes through trio's scheduler, and its caller sends nothing meanwhile
                 n = self._spin(buf) if self.spin_ns and not self._alive else 0
-                if not n and not self._alive:
-                    now = monotonic()
-                    if now >= block_until:
-                        block_until = now + self._blocking_window(trio)
-                    if now < block_until and poller.poll(POLL_MS):
-                        continue  # readable: read it without a trip through trio's scheduler
+                if not n and self.may_block(trio) and poller.poll(POLL_MS):
+                    continue  # readable: read it without a trip through trio's scheduler
                 if not n:
                     await trio.lowlevel.wait_readable(fd)
                     since_yield = 0
-                    block_until = 0.0
                     continue
             except OSError as exc:
                 if _gone(exc):
@@ -183,7 +174,6 @@ class Session:
             if spawned or since_yield >= YIELD_EVERY:
                 await trio.lowlevel.checkpoint()
                 since_yield = 0
-                block_until = 0.0
 
     def serve_early(self, wake_fds: Sequence[int]) -> bytes | None:
         """Before trio is loaded (fuse/run.py loads it only once it is needed): answer the
@@ -255,21 +245,10 @@ class Session:
         even if it has not run yet, or waiting for a thread or the freeze gate), no task
         runnable, no deadline within POLL_MS.  Whatever becomes due meanwhile (a control
         connection, a signal) waits at most POLL_MS, or until the next checkpoint."""
-        return not self._alive and self._blocking_window(trio) > 0
-
-    def _blocking_window(self, trio: Any) -> float:
-        """For how many seconds `may_block`'s yes (other than the request tasks, which the
-        loop counts itself) stays true while the loop does not checkpoint: 0 when a task is
-        runnable or a deadline is within POLL_MS; else until POLL_MS before that deadline,
-        and at most POLL_MS.  Between checkpoints no other task runs, so nothing changes
-        but the clock and what an inline handler wakes (a freezer waiting for a file to be
-        closed): that task waits at most twice POLL_MS.  Asking trio costs 1.3 µs
-        (`current_statistics`), as much as a third of an inline request; the loop asks at
-        most once per window."""
+        if self._alive:
+            return False
         st = trio.lowlevel.current_statistics()
-        if st.tasks_runnable:
-            return 0.0
-        return max(0.0, min(POLL_S, st.seconds_to_next_deadline - POLL_S))
+        return st.tasks_runnable == 0 and st.seconds_to_next_deadline > POLL_MS / 1000
 
     def _spin(self, buf: bytearray) -> int:
         """Poll the device for `spin_ns` before sleeping (`spin=`, default 20 µs): the next
