@@ -725,3 +725,92 @@ def test_setattr_arguments():
     assert abs(attrs.st_atime_ns - time.time_ns()) < 5_000_000_000  # ATIME_NOW: now
     _, _, fh = setattr_args((wire.FATTR_MODE,) + fields[1:])
     assert fh is None  # no FATTR_FH: the kernel named no handle
+
+
+@pytest.mark.parametrize("before_trio", [True, False])
+def test_releases_are_answered_after_the_requests_behind_them(tmp_path, before_trio):
+    """RELEASE is sent in the background (nobody waits for it): the session keeps it and
+    answers the requests queued behind it first (`cat`'s next OPEN), and the kept ones once
+    the device is idle.  Never later than a request for a node one of them names (whether a
+    file of it is open decides answers: ETXTBSY for a passthrough reader), than DESTROY, or
+    than MAX_DEFERRED of them; the same before trio (`serve_early`) and in trio's loop."""
+    import socket
+
+    from unionfs.fuse.session import MAX_DEFERRED
+
+    h = _writable(tmp_path)
+    device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # a read each
+    s = Session(device.fileno(), h.conn, h.session.bridge)
+    f = entry_nodeid(trio.run(h.call, LOOKUP, 1, b"f\0")[1])
+
+    def opened() -> int:
+        err, payload = trio.run(h.call, OPEN, f, wire.OPEN_IN.pack(os.O_RDONLY, 0))
+        assert err == 0
+        return wire.OPEN_OUT.unpack_from(payload, 0)[0]
+
+    fhs = [opened() for _ in range(MAX_DEFERRED + 4)]
+
+    def release(fh: int) -> tuple[int, bytes]:
+        return h.request(18, f, wire.RELEASE_IN.pack(fh, os.O_RDONLY, 0, 0))
+
+    def replies() -> list[int]:
+        out = []
+        while True:
+            try:
+                data = kernel.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return out
+            _, error, unique = wire.OUT_HEADER.unpack_from(data, 0)
+            assert error == 0
+            out.append(unique)
+
+    def serve() -> None:
+        if before_trio:
+            pending = s.serve_early([])
+            assert pending is not None  # DESTROY is trio's to answer
+            trio.run(s.serve, pending)
+        else:
+            trio.run(s.serve)
+
+    r0, g1, r1 = release(fhs[0]), h.request(GETATTR, 1, bytes(16)), release(fhs[1])
+    reopen = h.request(OPEN, f, wire.OPEN_IN.pack(os.O_RDONLY, 0))  # names their node
+    many = [release(fh) for fh in fhs[2 : 2 + MAX_DEFERRED]]
+    g2, last = h.request(GETATTR, 1, bytes(16)), release(fhs[-2])
+    destroy = h.request(opcodes.DESTROY, 0, b"")
+    sent = [r0, g1, r1, reopen, *many, g2, last, destroy]
+    for _, raw in sent:
+        kernel.send(raw)
+    try:
+        serve()
+        order = [g1, r0, r1, reopen, *many, g2, last, destroy]
+        assert replies() == [u for u, _ in order]
+        assert h.ops.open_handles(f) == 2  # the one reopened, and fhs[-1]
+        # alone, it is answered once the device is idle (here: before the loop sleeps)
+        alone = release(fhs[-1])
+        kernel.send(alone[1])
+        s2 = Session(device.fileno(), h.conn, h.session.bridge)
+        wake_r, wake_w = os.pipe()
+        try:
+            if before_trio:
+                timer = threading.Timer(0.2, os.write, (wake_w, b"x"))
+                timer.start()
+                assert s2.serve_early([wake_r]) is None
+                timer.join()
+            else:
+
+                async def until_idle() -> None:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(s2.serve)
+                        await trio.sleep(0.2)
+                        s2.terminate()
+
+                trio.run(until_idle)
+        finally:
+            os.close(wake_r)
+            os.close(wake_w)
+        assert replies() == [alone[0]]
+        assert h.ops.open_handles(f) == 1
+    finally:
+        device.close()
+        kernel.close()
+        h.close()

@@ -20,6 +20,9 @@ not frozen (past the gate they never block); TASK handlers run in the `tasks` nu
 each in its own cancel scope, so INTERRUPT can cancel one (answered EINTR) and a request that
 waits (a frozen mount, a copy-up in a thread, fsync) never stalls the rest.  FORGET and
 BATCH_FORGET are applied in order on the loop, so lookup counts are exact.
+RELEASE and RELEASEDIR, which the kernel sends in the background, are kept and answered
+once the device is idle, so the request queued behind one (`cat`'s next OPEN) is answered
+first; never after a request whose answer they could change (`_due`).
 Before trio is loaded (fuse/run.py loads it only once something needs it), `serve_early`
 answers the requests `_loop` would run inline, blocking, in a plain poll(2) loop; a
 read-only container start never leaves it.
@@ -51,6 +54,13 @@ if TYPE_CHECKING:
 
 POLL_MS = 10  # longest wait for the device outside trio (see `Session.may_block`)
 YIELD_EVERY = 32  # inline requests between two scheduler checkpoints (lets tasks run)
+# RELEASE and RELEASEDIR: the kernel sends them in the background and waits for no answer;
+# the session answers them once the device is idle, after the requests queued behind them
+# (`_defer`), but never after a request they could change the answer of (`_due`)
+DEFERRED = frozenset((18, 29))
+FORGETS = frozenset((2, 42))  # FORGET, BATCH_FORGET: may end a node a kept release names
+MAX_DEFERRED = 32  # bounds the descriptors the releases keep open meanwhile
+DEFER_MAX_NS = 1_000_000  # a freeze waits for the releases of writing files: never long
 
 
 class InitFailed(Exception):
@@ -124,6 +134,9 @@ class Session:
         self._alive = 0  # TASK requests started and not finished (running or waiting to)
         self._loop_scope: Any = None
         self._stopping = False
+        self._deferred: list[bytes] = []  # RELEASE/RELEASEDIR requests, answered when idle
+        self._deferred_at = 0  # perf_counter_ns of the oldest
+        self._deferred_nodes: set[int] = set()  # the nodes they release files of
         self.unmounted_early = False  # `serve_early` met the unmount: trio is not needed
         self.opcodes = opcodes.table(conn.setxattr_ext)
         self._handlers = {code: getattr(bridge, op.method) for code, op in self.opcodes.items()}
@@ -159,6 +172,10 @@ class Session:
                 # no spin while a request task is alive: what it waits for (a thread's result,
                 # a thaw) comes through trio's scheduler, and its caller sends nothing meanwhile
                 n = self._spin(buf) if self.spin_ns and not self._alive else 0
+                if not n and self._deferred:  # idle: now the releases
+                    for raw in self._take_deferred():
+                        await self.dispatch(memoryview(raw), tasks)
+                    continue
                 if not n and self.may_block(trio) and poller.poll(POLL_MS):
                     continue  # readable: read it without a trip through trio's scheduler
                 if not n:
@@ -169,6 +186,14 @@ class Session:
                 if _gone(exc):
                     return
                 continue
+            if self._defer(view, n):
+                if self._full():
+                    for raw in self._take_deferred():
+                        await self.dispatch(memoryview(raw), tasks)
+                continue
+            if self._deferred and self._due(view[:n]):
+                for raw in self._take_deferred():
+                    await self.dispatch(memoryview(raw), tasks)
             spawned = await self.dispatch(view[:n], tasks)
             since_yield += 1
             if spawned or since_yield >= YIELD_EVERY:
@@ -197,6 +222,10 @@ class Session:
                 n = os.readv(self.fd, [buf])
             except BlockingIOError:
                 n = self._spin(buf) if self.spin_ns else 0
+                if not n and self._deferred:  # idle: now the releases (inline handlers)
+                    for raw in self._take_deferred():
+                        self._early(memoryview(raw))
+                    continue
                 if not n:
                     if any(fd != self.fd for fd, _ in poller.poll()):
                         break
@@ -206,10 +235,20 @@ class Session:
                     self._stopping = self.unmounted_early = True
                     break
                 continue
+            if self._defer(view, n):
+                if self._full():
+                    for raw in self._take_deferred():
+                        self._early(memoryview(raw))
+                continue
+            if self._deferred and self._due(view[:n]):
+                for raw in self._take_deferred():
+                    self._early(memoryview(raw))
             if not self._early(view[:n]):
                 pending = bytes(view[:n])
                 break
             served += 1
+        for raw in self._take_deferred():  # before trio takes over, or before the end
+            self._early(memoryview(raw))
         if self.debug:
             log.debug("answered %d requests before trio was loaded", served)
         return pending
@@ -238,6 +277,44 @@ class Session:
         if op.mode != NOREPLY:
             self.reply(h.unique, errno.EIO)
         return True
+
+    def _defer(self, view: memoryview, n: int) -> bool:
+        """Keep a RELEASE or RELEASEDIR to answer later (DEFERRED); True when kept.  The
+        process that closed the file goes on without waiting for it, and the request it
+        sends next (`cat`'s next OPEN, a create's LOOKUP) is often queued behind it: that one
+        is answered first.  The loops answer what they keep when the device is idle (after
+        the spin), or when `_due`."""
+        if n < 24 or int.from_bytes(view[4:8], "little") not in DEFERRED:
+            return False
+        if not self._deferred:
+            self._deferred_at = time.perf_counter_ns()
+        self._deferred.append(bytes(view[:n]))
+        self._deferred_nodes.add(int.from_bytes(view[16:24], "little"))
+        return True
+
+    def _due(self, view: memoryview) -> bool:
+        """Must the kept releases be answered before `view` (just read, maybe one of them)?
+        Before any request for a node one of them names: whether a file of it is open
+        decides some answers (a passthrough reader makes an open for writing fail with
+        ETXTBSY, an unlinked file's times, a created file passing through); before FORGET
+        and DESTROY; and when MAX_DEFERRED wait or the oldest has waited DEFER_MAX_NS (a
+        steady stream of requests never leaves the device idle, and a freeze waits for the
+        releases of files that write past its gate)."""
+        if len(view) >= 24 and int.from_bytes(view[16:24], "little") in self._deferred_nodes:
+            return True
+        code = int.from_bytes(view[4:8], "little") if len(view) >= 8 else 0
+        return code == opcodes.DESTROY or code in FORGETS or self._full()
+
+    def _full(self) -> bool:
+        return (
+            len(self._deferred) >= MAX_DEFERRED
+            or time.perf_counter_ns() - self._deferred_at > DEFER_MAX_NS
+        )
+
+    def _take_deferred(self) -> list[bytes]:
+        taken, self._deferred = self._deferred, []
+        self._deferred_nodes.clear()
+        return taken
 
     def may_block(self, trio: Any) -> bool:
         """May the loop wait for the device in poll(2), holding trio's thread, instead of in
