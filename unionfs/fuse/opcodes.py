@@ -12,7 +12,10 @@ Like go-fuse's `fuse/opcode.go`: the session looks an opcode up here, decodes th
            up first, a node not in the upper yet): inline unless one holds now, else a
            task.  A task costs ~30 µs of trio's time (task, cancel scope, checkpoint)
            against ~0.2 µs inline;
-  NOREPLY  FORGET, BATCH_FORGET, INTERRUPT: synchronous, the kernel expects no answer.
+  NOREPLY  FORGET, BATCH_FORGET, INTERRUPT: synchronous, the kernel expects no answer;
+  BACKGROUND  RELEASE, RELEASEDIR: inline handlers the kernel sends in the background (it
+           waits for no answer): the session answers them once it is idle, after the
+           requests queued behind them (session.py).
 Pure: decoders only read the request's bytes.  Concurrency: none.
 """
 
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 
 
 INLINE, TASK, GATED, NOREPLY = "inline", "task", "gated", "noreply"
+BACKGROUND = "background"
 
 
 class Op:
@@ -223,7 +227,7 @@ _TABLE = [
     Op(15, "READ", _read, "read", INLINE),
     Op(16, "WRITE", _write, "write", GATED),
     Op(17, "STATFS", _none, "statfs", INLINE),
-    Op(18, "RELEASE", _release, "release", INLINE),
+    Op(18, "RELEASE", _release, "release", BACKGROUND),
     Op(20, "FSYNC", _fsync, "fsync", TASK),
     Op(21, "SETXATTR", _setxattr, "setxattr", GATED),
     Op(22, "GETXATTR", _getxattr, "getxattr", INLINE),
@@ -232,7 +236,7 @@ _TABLE = [
     Op(25, "FLUSH", _release, "flush", INLINE),
     Op(27, "OPENDIR", _open, "opendir", INLINE),
     Op(28, "READDIR", _read, "readdir", INLINE),
-    Op(29, "RELEASEDIR", _release, "releasedir", INLINE),
+    Op(29, "RELEASEDIR", _release, "releasedir", BACKGROUND),
     Op(30, "FSYNCDIR", _fsync, "fsyncdir", TASK),
     Op(34, "ACCESS", _access, "access", INLINE),
     Op(35, "CREATE", _create, "create", GATED),

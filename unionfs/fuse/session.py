@@ -43,7 +43,7 @@ import time
 from ..logs import debug_enabled, log
 from . import opcodes, wire
 from .init import Conn, Wanted, negotiate
-from .opcodes import GATED, NOREPLY, TASK
+from .opcodes import BACKGROUND, GATED, NOREPLY, TASK
 from .wire import Header, Malformed
 
 TYPE_CHECKING = False  # typing's own constant, without importing typing before INIT (../logs.py)
@@ -54,10 +54,9 @@ if TYPE_CHECKING:
 
 POLL_MS = 10  # longest wait for the device outside trio (see `Session.may_block`)
 YIELD_EVERY = 32  # inline requests between two scheduler checkpoints (lets tasks run)
-# RELEASE and RELEASEDIR: the kernel sends them in the background and waits for no answer;
-# the session answers them once the device is idle, after the requests queued behind them
-# (`_defer`), but never after a request they could change the answer of (`_due`)
-DEFERRED = frozenset((18, 29))
+# BACKGROUND requests (RELEASE, RELEASEDIR: the kernel waits for no answer) are kept and
+# answered once the device is idle, after the requests queued behind them (`_keep`), but
+# never after a request whose answer they could change (`_due`)
 FORGETS = frozenset((2, 42))  # FORGET, BATCH_FORGET: may end a node a kept release names
 MAX_DEFERRED = 32  # bounds the descriptors the releases keep open meanwhile
 DEFER_MAX_NS = 1_000_000  # a freeze waits for the releases of writing files: never long
@@ -134,7 +133,7 @@ class Session:
         self._alive = 0  # TASK requests started and not finished (running or waiting to)
         self._loop_scope: Any = None
         self._stopping = False
-        self._deferred: list[bytes] = []  # RELEASE/RELEASEDIR requests, answered when idle
+        self._deferred: list[tuple[Header, tuple[Any, ...]]] = []  # BACKGROUND, kept
         self._deferred_at = 0  # perf_counter_ns of the oldest
         self._deferred_nodes: set[int] = set()  # the nodes they release files of
         self.unmounted_early = False  # `serve_early` met the unmount: trio is not needed
@@ -173,8 +172,7 @@ class Session:
                 # a thaw) comes through trio's scheduler, and its caller sends nothing meanwhile
                 n = self._spin(buf) if self.spin_ns and not self._alive else 0
                 if not n and self._deferred:  # idle: now the releases
-                    for raw in self._take_deferred():
-                        await self.dispatch(memoryview(raw), tasks)
+                    await self._answer_kept()
                     continue
                 if not n and self.may_block(trio) and poller.poll(POLL_MS):
                     continue  # readable: read it without a trip through trio's scheduler
@@ -186,14 +184,6 @@ class Session:
                 if _gone(exc):
                     return
                 continue
-            if self._defer(view, n):
-                if self._full():
-                    for raw in self._take_deferred():
-                        await self.dispatch(memoryview(raw), tasks)
-                continue
-            if self._deferred and self._due(view[:n]):
-                for raw in self._take_deferred():
-                    await self.dispatch(memoryview(raw), tasks)
             spawned = await self.dispatch(view[:n], tasks)
             since_yield += 1
             if spawned or since_yield >= YIELD_EVERY:
@@ -222,9 +212,8 @@ class Session:
                 n = os.readv(self.fd, [buf])
             except BlockingIOError:
                 n = self._spin(buf) if self.spin_ns else 0
-                if not n and self._deferred:  # idle: now the releases (inline handlers)
-                    for raw in self._take_deferred():
-                        self._early(memoryview(raw))
+                if not n and self._deferred:  # idle: now the releases
+                    self._answer_kept_early()
                     continue
                 if not n:
                     if any(fd != self.fd for fd, _ in poller.poll()):
@@ -235,20 +224,11 @@ class Session:
                     self._stopping = self.unmounted_early = True
                     break
                 continue
-            if self._defer(view, n):
-                if self._full():
-                    for raw in self._take_deferred():
-                        self._early(memoryview(raw))
-                continue
-            if self._deferred and self._due(view[:n]):
-                for raw in self._take_deferred():
-                    self._early(memoryview(raw))
             if not self._early(view[:n]):
                 pending = bytes(view[:n])
                 break
             served += 1
-        for raw in self._take_deferred():  # before trio takes over, or before the end
-            self._early(memoryview(raw))
+        self._answer_kept_early()  # before trio takes over, or before the end
         if self.debug:
             log.debug("answered %d requests before trio was loaded", served)
         return pending
@@ -259,51 +239,69 @@ class Session:
         if parsed is None:
             return True
         op, h, args = parsed
+        if op.mode == BACKGROUND:
+            if self._keep(h, args):
+                self._answer_kept_early()
+            return True
+        if self._deferred and self._due(h):
+            self._answer_kept_early()
         if op.mode == NOREPLY:
             if op.code == opcodes.INTERRUPT:
                 return True  # nothing is in flight before trio: nothing to interrupt
-            coro = self._noreply(op, h, args)
+            self._drive(self._noreply(op, h, args), op.name, None)
         elif op.code == opcodes.DESTROY or self._as_task(op, h, args):
             self.counts[h.opcode] -= 1  # counted again when `serve` dispatches it
             return False
         else:
-            coro = self._answer(h, args)
+            self._drive(self._answer(h, args), op.name, h.unique)
+        return True
+
+    def _drive(self, coro: Any, name: str, unique: int | None) -> None:
+        """Run an inline handler's coroutine to its end without trio (one `send`)."""
         try:
             coro.send(None)
         except StopIteration:
-            return True
+            return
         coro.close()  # a handler that suspended, which is a bug: its caller must not hang
-        log.error("%s suspended before trio was loaded: answered EIO", op.name)
-        if op.mode != NOREPLY:
-            self.reply(h.unique, errno.EIO)
-        return True
+        log.error("%s suspended before trio was loaded: answered EIO", name)
+        if unique is not None:
+            self.reply(unique, errno.EIO)
 
-    def _defer(self, view: memoryview, n: int) -> bool:
-        """Keep a RELEASE or RELEASEDIR to answer later (DEFERRED); True when kept.  The
-        process that closed the file goes on without waiting for it, and the request it
-        sends next (`cat`'s next OPEN, a create's LOOKUP) is often queued behind it: that one
-        is answered first.  The loops answer what they keep when the device is idle (after
-        the spin), or when `_due`."""
-        if n < 24 or int.from_bytes(view[4:8], "little") not in DEFERRED:
-            return False
+    def _answer_kept_early(self) -> None:
+        for h, args in self._take_deferred():
+            self._drive(self._answer(h, args), "RELEASE", h.unique)
+
+    async def _answer_kept(self) -> None:
+        for h, args in self._take_deferred():
+            await self._answer(h, args)
+
+    def _keep(self, h: Header, args: tuple[Any, ...]) -> bool:
+        """Keep a BACKGROUND request (RELEASE, RELEASEDIR) to answer later; True when the
+        kept ones are due now (MAX_DEFERRED of them, or the oldest DEFER_MAX_NS old).  The
+        process that closed the file goes on without waiting for the answer, and the request
+        it sends next (`cat`'s next OPEN, a create's LOOKUP) is often queued behind it: that
+        one is answered first.  The loops answer what they keep when the device is idle
+        (after the spin), or when `_due`."""
         if not self._deferred:
             self._deferred_at = time.perf_counter_ns()
-        self._deferred.append(bytes(view[:n]))
-        self._deferred_nodes.add(int.from_bytes(view[16:24], "little"))
-        return True
+        h.body = memoryview(b"")  # its arguments are decoded; the loop reuses its buffer
+        self._deferred.append((h, args))
+        self._deferred_nodes.add(h.nodeid)
+        return self._full()
 
-    def _due(self, view: memoryview) -> bool:
-        """Must the kept releases be answered before `view` (just read, maybe one of them)?
-        Before any request for a node one of them names: whether a file of it is open
-        decides some answers (a passthrough reader makes an open for writing fail with
-        ETXTBSY, an unlinked file's times, a created file passing through); before FORGET
-        and DESTROY; and when MAX_DEFERRED wait or the oldest has waited DEFER_MAX_NS (a
+    def _due(self, h: Header) -> bool:
+        """Must the kept releases be answered before `h`?  Before any request for a node one
+        of them names: whether a file of it is open decides some answers (a passthrough
+        reader makes an open for writing fail with ETXTBSY, an unlinked file's times, a
+        created file passing through); before FORGET and DESTROY; and when `_full`: a
         steady stream of requests never leaves the device idle, and a freeze waits for the
-        releases of files that write past its gate)."""
-        if len(view) >= 24 and int.from_bytes(view[16:24], "little") in self._deferred_nodes:
-            return True
-        code = int.from_bytes(view[4:8], "little") if len(view) >= 8 else 0
-        return code == opcodes.DESTROY or code in FORGETS or self._full()
+        releases of files that write past its gate."""
+        return (
+            h.nodeid in self._deferred_nodes
+            or h.opcode == opcodes.DESTROY
+            or h.opcode in FORGETS
+            or self._full()
+        )
 
     def _full(self) -> bool:
         return (
@@ -311,7 +309,7 @@ class Session:
             or time.perf_counter_ns() - self._deferred_at > DEFER_MAX_NS
         )
 
-    def _take_deferred(self) -> list[bytes]:
+    def _take_deferred(self) -> list[tuple[Header, tuple[Any, ...]]]:
         taken, self._deferred = self._deferred, []
         self._deferred_nodes.clear()
         return taken
@@ -378,6 +376,12 @@ class Session:
         if parsed is None:
             return False
         op, h, args = parsed
+        if op.mode == BACKGROUND:
+            if self._keep(h, args):
+                await self._answer_kept()
+            return False
+        if self._deferred and self._due(h):
+            await self._answer_kept()
         if op.mode == NOREPLY:
             await self._noreply(op, h, args)
         elif self._as_task(op, h, args):
