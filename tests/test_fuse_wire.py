@@ -814,3 +814,28 @@ def test_releases_are_answered_after_the_requests_behind_them(tmp_path, before_t
         device.close()
         kernel.close()
         h.close()
+
+
+def test_kept_releases_are_due_before_forget_and_once_old(tmp_path):
+    """The rules `_due` adds to the ones above: kept releases are answered before a FORGET or
+    BATCH_FORGET (it may end the node they name) and once the oldest has waited
+    DEFER_MAX_NS, whatever comes (a steady stream never leaves the device idle)."""
+    from unionfs.fuse.session import DEFER_MAX_NS
+
+    h = _writable(tmp_path)
+    s = h.session
+
+    def header(opcode: int, nodeid: int) -> wire.Header:
+        return wire.Header(opcode, 2, nodeid, 0, 0, 0, memoryview(b""))
+
+    try:
+        assert not s._keep(header(18, 7), (1, 0, 0, 0))
+        assert s._due(header(GETATTR, 7))  # the node it names
+        assert not s._due(header(GETATTR, 1))
+        assert s._due(header(FORGET, 9)) and s._due(header(BATCH_FORGET, 0))
+        assert s._due(header(opcodes.DESTROY, 0))
+        s._deferred_at -= DEFER_MAX_NS + 1
+        assert s._due(header(GETATTR, 1))
+        assert s._keep(header(18, 8), (2, 0, 0, 0))  # full: due at once
+    finally:
+        h.close()
