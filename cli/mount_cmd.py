@@ -42,6 +42,15 @@ _DIR = click.Path(exists=True, file_okay=False, dir_okay=True)
 @click.option("--work", type=_DIR, metavar="DIR", help="Directory mode: scratch dir for --upper.")
 @click.option("--name", help="Image mode: the mount's name (default: the mountpoint's name).")
 @click.option("--read-only", is_flag=True, help="Image mode: mount without an upper.")
+@click.option(
+    "-o",
+    "--option",
+    "options",
+    multiple=True,
+    metavar="OPT[,OPT...]",
+    help="More layerfs options (`layerfs -o`: spin=0, passthrough=0, redirect_dir=on, ...); "
+    "the layers come from the options above, and the mount is always nosuid,nodev.",
+)
 @click.argument("args", nargs=-1, required=True)
 @click.pass_obj
 def mount(
@@ -52,6 +61,7 @@ def mount(
     work: str | None,
     name: str | None,
     read_only: bool,
+    options: tuple[str, ...],
     args: tuple[str, ...],
 ) -> None:
     """Mount IMAGE on MOUNTPOINT (`layer mount IMAGE [MOUNTPOINT]`), or the union of --lower
@@ -61,11 +71,12 @@ def mount(
     other users cannot reach it.  Mounts are nosuid,nodev.  Prints the mount's name; returns
     once the mount is live; the layerfs daemon serves it until `layer umount`."""
     mountpoint: str | None
+    extra = mounts.extra_options(options)
     if lowers:
         if len(args) != 1:
             raise BadInput("with --lower, give only the MOUNTPOINT")
         mountpoint = _existing_dir(args[0])
-        mounts.mount(list(lowers), mountpoint, upper=upper, work=work)
+        mounts.mount(list(lowers), mountpoint, upper=upper, work=work, extra=extra)
         return
     if upper or work:
         raise BadInput("--upper/--work go with --lower; an image mount keeps its own upper")
@@ -91,9 +102,11 @@ def mount(
             rec = mountrecords.save(store, name, image_name, desc, where, read_only)
         try:
             if read_only:
-                mounts.mount(lowers_top_first, mountpoint)
+                mounts.mount(lowers_top_first, mountpoint, extra=extra)
             else:
-                mounts.mount(lowers_top_first, mountpoint, str(rec.upper), str(rec.work))
+                mounts.mount(
+                    lowers_top_first, mountpoint, str(rec.upper), str(rec.work), extra=extra
+                )
         except BaseException:
             if read_only:  # nothing to keep
                 with store.transaction():

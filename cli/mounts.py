@@ -14,6 +14,7 @@ mount table, its daemon gone: `layer umount` it) or stopped.  Nothing here print
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,13 +58,45 @@ def mount_options(lowers: Sequence[str], upper: str | None, work: str | None) ->
     return opts
 
 
+# given by `layer mount`'s own options, or refused: its mounts are nosuid,nodev
+_MANAGED = {"lowerdir": "--lower", "upperdir": "--upper", "workdir": "--work"}
+_REFUSED = ("suid", "dev")
+
+
+def extra_options(given: Sequence[str]) -> list[str]:
+    """The layerfs options of `layer mount -o` (each a comma-separated list), checked for the
+    ones `layer mount` sets itself; layerfs checks the rest (an unknown option or a bad value
+    is its error, with its message)."""
+    out = []
+    for arg in given:
+        for item in re.split(r"(?<!\\),", arg):
+            item = item.strip()
+            if not item:
+                continue
+            key = item.split("=", 1)[0]
+            if key in _MANAGED:
+                raise BadInput(f"-o {key}=: give the layers with {_MANAGED[key]} (or an IMAGE)")
+            if key in _REFUSED:
+                raise BadInput(
+                    f"-o {key}: layer's mounts are nosuid,nodev (run layerfs itself to mount "
+                    "a container's root with setuid files and devices)"
+                )
+            out.append(item)
+    return out
+
+
 def mount(
-    lowers: Sequence[str], mountpoint: str, upper: str | None = None, work: str | None = None
+    lowers: Sequence[str],
+    mountpoint: str,
+    upper: str | None = None,
+    work: str | None = None,
+    extra: Sequence[str] = (),
 ) -> None:
     """Mount the union on `mountpoint`, `nosuid,nodev` (only the raw `layerfs` mounts suid
-    and dev as root, for containers: README "setuid and devices"); returns once it is live."""
+    and dev as root, for containers: README "setuid and devices"); returns once it is live.
+    `extra`: more layerfs options (`extra_options`)."""
     target = canonical_mountpoint(mountpoint)
-    opts = mount_options(lowers, upper, work) + ",nosuid,nodev"
+    opts = ",".join([mount_options(lowers, upper, work), "nosuid", "nodev", *extra])
     cmd = [layerfs_executable(), "-o", opts, target]
     typ = fstype(target)
     if typ is not None:

@@ -67,6 +67,48 @@ def test_mount_and_umount(tmp_path, fuse):
     assert not is_mounted(tmp_path / "mnt")
 
 
+@pytest.mark.mount
+def test_mount_passes_layerfs_options(tmp_path, fuse):
+    """`layer mount -o`: more layerfs options (each -o a comma-separated list) reach the
+    daemon; a bad one is layerfs's own error, and nothing is mounted; the options `layer
+    mount` sets itself (the layer dirs, nosuid,nodev) are refused with the one to use."""
+    from cli import mounts as cli_mounts
+
+    write(tmp_path / "a/x", b"top")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    base = [LAYER, "mount", "--lower", str(tmp_path / "a")]
+    r = subprocess.run(
+        [*base, "-o", "spin=0,passthrough=0", "-o", "redirect_dir=on", str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    try:
+        assert r.returncode == 0, r.stderr
+        assert (mnt / "x").read_bytes() == b"top"
+        daemon = cli_mounts.daemon_of(str(mnt))
+        assert daemon is not None
+        argv = Path(f"/proc/{daemon['pid']}/cmdline").read_bytes().split(b"\0")
+        opts = argv[argv.index(b"-o") + 1].split(b",")
+        for opt in (b"spin=0", b"passthrough=0", b"redirect_dir=on", b"nosuid", b"nodev"):
+            assert opt in opts
+    finally:
+        subprocess.run([LAYER, "umount", str(mnt)], capture_output=True, timeout=60)
+    assert not is_mounted(mnt)
+    r = subprocess.run(
+        [*base, "-o", "bogus=1", str(mnt)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2 and "unknown option bogus=1" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not is_mounted(mnt)
+    runner = CliRunner()
+    for opt, says in (("upperdir=/x", "--upper"), ("workdir=/x", "--work"), ("suid", "nosuid")):
+        result = runner.invoke(cli, ["mount", "--lower", str(tmp_path / "a"), "-o", opt, str(mnt)])
+        assert result.exit_code == 2 and says in result.output, result.output
+        assert "Traceback" not in result.output
+    assert not is_mounted(mnt)
+
+
 def test_bad_input_is_a_clean_error(tmp_path):
     runner = CliRunner()
     result = runner.invoke(cli, ["mount", "--lower", str(tmp_path / "nope"), str(tmp_path)])
