@@ -327,3 +327,23 @@ def test_a_hung_mount_is_reported_and_unmounted_without_a_stat(tmp_path, base):
             os.kill(pid, signal.SIGKILL)
             break
         time.sleep(0.05)
+
+
+def test_an_image_mount_passes_layerfs_options(tmp_path, base):
+    """`layer mount IMAGE -o ...` hands the options to the image's daemon; a bad one is
+    layerfs's own error, and a read-only mount that failed leaves no record."""
+    from cli import mounts as cli_mounts
+
+    m1, ro = tmp_path / "m1", tmp_path / "ro"
+    ok(base, "mount", "base", str(m1), "-o", "spin=0,passthrough=0")
+    daemon = cli_mounts.daemon_of(str(m1))
+    assert daemon is not None
+    argv = Path(f"/proc/{daemon['pid']}/cmdline").read_bytes().split(b"\0")
+    opts = argv[argv.index(b"-o") + 1].split(b",")
+    assert b"spin=0" in opts and b"passthrough=0" in opts and b"nosuid" in opts
+    assert (m1 / "etc/passwd").read_text().startswith("root:")
+    ok(base, "umount", str(m1))
+    r = run(base, "mount", "base", str(ro), "--read-only", "-o", "bogus=1")
+    assert r.returncode == 2 and "unknown option bogus=1" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not is_mounted(ro) and "ro" not in ps(base)
