@@ -14,7 +14,6 @@ mount table, its daemon gone: `layer umount` it) or stopped.  Nothing here print
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from unionfs.mounttable import fstype, mount_table  # noqa: F401 (re-exported)
+from unionfs.options import split_escaped
 
 from .errors import AlreadyMounted, BadInput, NotMounted, ToolFailed, status_of
 
@@ -69,7 +69,7 @@ def extra_options(given: Sequence[str]) -> list[str]:
     is its error, with its message)."""
     out = []
     for arg in given:
-        for item in re.split(r"(?<!\\),", arg):
+        for item in split_escaped(arg, ","):  # as layerfs splits its -o
             item = item.strip()
             if not item:
                 continue
