@@ -566,6 +566,21 @@ def test_gated_requests_run_inline_unless_the_mount_is_frozen(tmp_path):
         h.close()
 
 
+def _socket_replies(kernel) -> list[tuple[int, int]]:
+    """(unique, errno) of every reply the session wrote to a SEQPACKET socketpair (one reply
+    a message) since the last call."""
+    import socket
+
+    out = []
+    while True:
+        try:
+            data = kernel.recv(1 << 16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return out
+        _, error, unique = wire.OUT_HEADER.unpack_from(data, 0)
+        out.append((unique, -error))
+
+
 def test_before_trio_the_session_answers_until_a_request_must_be_a_task(tmp_path):
     """`serve_early` (trio not loaded yet) answers what the loop would run inline, reads and
     writes in the upper alike, in order, and stops at the first request that must be a task
@@ -591,14 +606,7 @@ def test_before_trio_the_session_answers_until_a_request_must_be_a_task(tmp_path
     wake_r, wake_w = os.pipe()
 
     def replies() -> list[tuple[int, int]]:
-        out = []
-        while True:
-            try:
-                data = kernel.recv(1 << 16, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return out
-            _, error, unique = wire.OUT_HEADER.unpack_from(data, 0)
-            out.append((unique, -error))
+        return _socket_replies(kernel)
 
     try:
         pending = s.serve_early([wake_r])
@@ -754,15 +762,9 @@ def test_releases_are_answered_after_the_requests_behind_them(tmp_path, before_t
         return h.request(18, f, wire.RELEASE_IN.pack(fh, os.O_RDONLY, 0, 0))
 
     def replies() -> list[int]:
-        out = []
-        while True:
-            try:
-                data = kernel.recv(1 << 16, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return out
-            _, error, unique = wire.OUT_HEADER.unpack_from(data, 0)
-            assert error == 0
-            out.append(unique)
+        answers = _socket_replies(kernel)
+        assert all(error == 0 for _, error in answers), answers
+        return [unique for unique, _ in answers]
 
     def serve() -> None:
         if before_trio:

@@ -269,7 +269,7 @@ class Session:
 
     def _answer_kept_early(self) -> None:
         for h, args in self._take_deferred():
-            self._drive(self._answer(h, args), "RELEASE", h.unique)
+            self._drive(self._answer(h, args), self.opcodes[h.opcode].name, h.unique)
 
     async def _answer_kept(self) -> None:
         for h, args in self._take_deferred():
