@@ -106,6 +106,16 @@ def test_passthrough_option(dirs):
         parse_args(["-o", base + ",passthrough=2", mnt])
 
 
+def test_prefetch_option(dirs):
+    base = f"lowerdir={dirs}/top"
+    mnt = str(dirs / "mnt")
+    assert parse_args(["-o", base, mnt]).prefetch is True
+    cfg = parse_args(["-o", base + ",prefetch=0", mnt])
+    assert cfg.prefetch is False and not any("prefetch" in o for o in cfg.fuse_options)
+    with pytest.raises(OptionError, match="prefetch=yes"):
+        parse_args(["-o", base + ",prefetch=yes", mnt])
+
+
 def test_spin_option_and_environment(dirs, monkeypatch):
     """spin= (µs of busy-poll after each answer) wins over $LAYERFS_SPIN_US, which wins over
     the default; bad values are refused, whichever gave them; under pyfuse3 nothing spins."""

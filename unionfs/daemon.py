@@ -188,6 +188,7 @@ def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
         writeback=cfg.writeback,
         owners=cfg.owners,
         volatile=cfg.volatile,
+        prefetch=cfg.prefetch,
     )
     ops.enable_acl = cfg.acl  # pyfuse3 reads it at INIT
     hold_signals()  # from the mount on, a signal must unmount, not just kill (serving.py)

@@ -61,6 +61,7 @@ from .fdlimit import FdBudget
 from .fsat import PLAIN, Roots
 from .gate import Gate
 from .idmap import Owners
+from .prefetch import Prefetcher
 from .stack import Entry, LayerStack, Node
 from .writer import Writer
 
@@ -198,6 +199,7 @@ class UnionOperations(pyfuse3.Operations):
         owners: Owners | None = None,
         volatile: bool = False,
         attrs_type: Callable[[], Any] | None = None,
+        prefetch: bool = False,
     ) -> None:
         super().__init__()
         # How readdir hands each entry to the transport: pyfuse3's, or the native bridge's.
@@ -222,6 +224,8 @@ class UnionOperations(pyfuse3.Operations):
         self.enable_writeback_cache = writeback and writer is not None
         self._on_init = on_init
         self.gate = Gate()
+        # a helper lists the subdirectories of what the kernel lists, ahead (prefetch.py)
+        self.prefetch = Prefetcher(stack, prefetch)
         # per-node adapter state, kept here rather than in the model; it goes with the node
         self._replies: weakref.WeakKeyDictionary[Node, tuple[int, AttrsReply]] = (
             weakref.WeakKeyDictionary()
@@ -374,7 +378,9 @@ class UnionOperations(pyfuse3.Operations):
         node = handle.node
         gen, start = start_id >> 32, start_id & 0xFFFFFFFF
         if start_id == 0:  # (re)start: take a fresh snapshot, as overlayfs does on rewind
-            gen = handle.snapshot(list(self.stack.listing(node).items()))
+            listing = self.stack.listing(node)
+            gen = handle.snapshot(list(listing.items()))
+            self.prefetch.listed(listing)
         entries = handle.snapshots.get(gen)
         if entries is None:  # dropped: go on in the newest (or a new) listing
             if not handle.snapshots:

@@ -22,6 +22,8 @@ Options of layerfs itself (besides lowerdir/upperdir/workdir):
                   native transport: after each answer, poll the device this long before
                   sleeping (fuse/session.py, `Session._spin`).  Default: $LAYERFS_SPIN_US,
                   else SPIN_DEFAULT_US; 0 sleeps at once.
+  prefetch=0|1    a helper process lists the subdirectories of each directory the kernel
+                  lists, ahead of a tree walk (prefetch.py).  Default: 1.
   uidmapping=STORED:SHOWN:LEN[:...], gidmapping=...
                   fuse-overlayfs's ownership shifting (podman's --uidmap): ids stored in the
                   layers are shown shifted, and shifted back when written (idmap.py).
@@ -134,6 +136,9 @@ INDEX_DEFAULT = False
 SPIN_DEFAULT_US = 20
 SPIN_ENV = "LAYERFS_SPIN_US"
 SPIN_MAX_US = 10_000
+# A helper process lists the subdirectories of each directory the kernel lists, ahead of a
+# tree walk (unionfs/prefetch.py); 0 turns it off.
+PREFETCH_DEFAULT = True
 
 TRANSPORTS = ("native", "pyfuse3")
 TRANSPORT_DEFAULT = "native"
@@ -151,6 +156,8 @@ USAGE = (
     f"{TRANSPORT_DEFAULT})\n"
     "         spin=MICROSECONDS  native FUSE: poll for the next request this long before "
     f"sleeping (default $LAYERFS_SPIN_US, else {SPIN_DEFAULT_US}; 0: sleep at once)\n"
+    "         prefetch=0|1  list subdirectories ahead of a tree walk, in a helper process "
+    f"(default {int(PREFETCH_DEFAULT)})\n"
     "         index=off|on  on: hard-linked lower files stay one inode after copy-up "
     f"(default {'on' if INDEX_DEFAULT else 'off'})\n"
     "         generic mount options (ro, noatime, ...) and FUSE options (allow_other, ...)"
@@ -166,6 +173,7 @@ class MountConfig:
         "lowers", "mountpoint", "fuse_options", "ignored", "owners", "upper", "work", "source",
         "foreground", "debug", "writeback", "passthrough", "transport", "index",
         "follow_redirects", "create_redirects", "volatile", "log_file", "acl", "spin_us",
+        "prefetch",
     )  # fmt: skip
 
     def __init__(
@@ -191,6 +199,7 @@ class MountConfig:
         log_file: str | None = None,
         acl: bool = True,
         spin_us: int = SPIN_DEFAULT_US,
+        prefetch: bool = PREFETCH_DEFAULT,
     ) -> None:
         self.lowers = lowers
         self.mountpoint = mountpoint
@@ -214,6 +223,7 @@ class MountConfig:
         # `noacl` (fuse-overlayfs's option) turns them off: mode bits only, as before
         self.acl = acl
         self.spin_us = spin_us  # native transport: busy-poll after each answer (SPIN_DEFAULT_US)
+        self.prefetch = prefetch  # list subdirectories ahead of a tree walk (prefetch.py)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
@@ -365,6 +375,7 @@ def _validate(
     if passthrough and asked_writeback:
         raise OptionError("passthrough=1 and writeback=1 exclude each other (the kernel's rule)")
     spin_us = _spin(values.pop("spin", None), transport)
+    prefetch = _switch(values.pop("prefetch", None), "prefetch", PREFETCH_DEFAULT, ("0", "1"))
     index = _switch(values.pop("index", None), "index", INDEX_DEFAULT, ("off", "on"))
     redirect_dir = values.pop("redirect_dir", "on")
     if redirect_dir not in REDIRECT_DIR:
@@ -417,6 +428,7 @@ def _validate(
         log_file=log_file,
         acl=acl,
         spin_us=spin_us,
+        prefetch=prefetch,
     )
 
 

@@ -84,6 +84,7 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
         owners=cfg.owners,
         volatile=cfg.volatile,
         attrs_type=Attrs,
+        prefetch=cfg.prefetch,
     )
     ops.init()
     bridge = Bridge(ops, conn, mounted.fd)
