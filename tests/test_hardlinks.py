@@ -271,3 +271,46 @@ def test_index_on_links_a_name_shown_through_a_directory_the_kernel_forgot(tmp_p
     (ours / "kwork").mkdir()
     with KernelOverlay(ours / "mnt", our_lowers, ours / "upper", ours / "kwork", opts):
         compare(again, treecmp.snapshot(ours / "mnt"), "kernel on layerfs's upper")
+
+
+@pytest.mark.parametrize("how", ["rename", "append", "chmod"])
+def test_index_off_copy_up_shows_the_broken_link_at_once(tmp_path, how):
+    """A copy-up that breaks a hard link (index=off) changes the name's st_ino and st_nlink
+    behind the kernel's back.  After a rename the kernel drops only the file's cached
+    ctime, so a statx that asks for the number and link count alone (`stat -c '%i %h'`)
+    was answered from its cache: the old number, nlink 2, until the cache went (found while
+    tracing unionmount-testsuite's rename-mass-5).  The daemon now tells the kernel to drop
+    the file's attributes when a copy-up breaks the link.  Each answer must be the
+    kernel's overlayfs's."""
+    require_root()
+    seen = {}
+    for who in ("layerfs", "kernel"):
+        d = tmp_path / who
+        layerdata.write(d / "lower/a/g", b"g\n")
+        os.link(d / "lower/a/g", d / "lower/a/g2")
+        for sub in ("upper", "work", "mnt"):
+            (d / sub).mkdir()
+        mount = (LayerfsMount if who == "layerfs" else KernelOverlay)(
+            d / "mnt", [d / "lower"], d / "upper", d / "work"
+        )
+        with mount:
+            mnt = d / "mnt"
+
+            def ino_nlink(path: Path) -> tuple[int, int]:
+                out = subprocess.run(["stat", "-c", "%i %h", str(path)], capture_output=True,
+                                     text=True, check=True).stdout.split()  # fmt: skip
+                return int(out[0]), int(out[1])
+
+            before, before2 = ino_nlink(mnt / "a/g"), ino_nlink(mnt / "a/g2")  # now cached
+            name = mnt / "a/g"
+            if how == "rename":
+                os.rename(mnt / "a/g", mnt / "a/moved")
+                name = mnt / "a/moved"
+            elif how == "append":
+                with open(name, "ab") as f:
+                    f.write(b"more\n")
+            else:
+                os.chmod(name, 0o600)
+            (ino, nlink), (ino2, nlink2) = ino_nlink(name), ino_nlink(mnt / "a/g2")
+            seen[who] = (before[0] == before2[0], nlink, nlink2, ino == ino2, ino == before[0])
+    assert seen["layerfs"] == seen["kernel"] == (True, 1, 2, False, False)

@@ -267,6 +267,10 @@ class LayerStack:
         # name's st_ino, hence its d_ino, changed at copy-up): the native transport tells
         # the kernel to drop the listing it keeps (FUSE_NOTIFY_INVAL_INODE)
         self.listing_changed: Callable[[Node], None] | None = None
+        # called with a node whose attributes changed other than by a request that answers
+        # with them (a copy-up broke its hard link: new st_ino, nlink 1): the native
+        # transport tells the kernel to drop the ones it keeps (FUSE_NOTIFY_INVAL_INODE)
+        self.attrs_changed: Callable[[Node], None] | None = None
         self.nodes: dict[Inode, Node] = {}
         # Every node object still referenced, by number, also once the kernel forgot it: a
         # forgotten directory stays the parent of nodes the kernel still holds by other
@@ -342,6 +346,10 @@ class LayerStack:
         self.shown[node.ino] = self._xino(0, upper_ino)
         if self.listing_changed is not None and node.parent is not None:
             self.listing_changed(node.parent)
+        if self.attrs_changed is not None:
+            # the kernel drops only ctime after a RENAME and nothing after an OPEN, so a
+            # statx asking for st_ino or st_nlink alone was answered with the old ones
+            self.attrs_changed(node)
 
     def _upper_ino(self, real_ino: int) -> Inode:
         """Upper inode numbers are reused by the filesystem once a file is deleted, while

@@ -186,6 +186,7 @@ class Bridge:
         self.devfd = devfd
         if devfd >= 0:
             ops.stack.listing_changed = self._listing_changed
+            ops.stack.attrs_changed = self._attrs_changed
         self._node_fh: dict[int, int] = {}  # no-open: inode → the handler's file handle
         self._node_dh: dict[int, int] = {}  # no-opendir: inode → the handler's dir handle
         self._opened: set[int] = set()  # inodes with an OPEN answered since the kernel made
@@ -222,6 +223,19 @@ class Bridge:
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 log.warning("notify_inval_inode(%d): %s", node.ino, exc)
+
+    def _attrs_changed(self, node: Any) -> None:
+        """The node's attributes changed behind the kernel's back: it drops the ones it keeps
+        (FUSE_NOTIFY_INVAL_INODE with offset -1: attributes only, the pages stay; no lock
+        is taken, so this is safe while a request on the node is in flight)."""
+        message = wire.pack_notify(
+            wire.NOTIFY_INVAL_INODE_CODE, wire.NOTIFY_INVAL_INODE.pack(node.ino, -1, 0)
+        )
+        try:
+            os.write(self.devfd, message)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("notify_inval_inode(%d, attributes): %s", node.ino, exc)
 
     # ----- names and attributes --------------------------------------------------------
     async def lookup(self, h: Header, name: bytes) -> bytes:
