@@ -212,30 +212,27 @@ class Bridge:
     def _listing_changed(self, node: Any) -> None:
         """The kernel keeps every listing (no-opendir: FOPEN_CACHE_DIR for all directories)
         and drops one itself only when a request through it changes the directory; for any
-        other change, drop its pages and attributes (FUSE_NOTIFY_INVAL_INODE, offset 0, the
-        whole length).  A directory cannot hold dirty pages, so this never waits on a
-        writeback; ENOENT (the kernel does not know the node) is fine."""
-        message = wire.pack_notify(
-            wire.NOTIFY_INVAL_INODE_CODE, wire.NOTIFY_INVAL_INODE.pack(node.ino, 0, 0)
-        )
-        try:
-            os.write(self.devfd, message)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                log.warning("notify_inval_inode(%d): %s", node.ino, exc)
+        other change, drop its pages and attributes (offset 0, the whole length).  A
+        directory cannot hold dirty pages, so this never waits on a writeback."""
+        self._inval_inode(node, 0)
 
     def _attrs_changed(self, node: Any) -> None:
         """The node's attributes changed behind the kernel's back: it drops the ones it keeps
-        (FUSE_NOTIFY_INVAL_INODE with offset -1: attributes only, the pages stay; no lock
-        is taken, so this is safe while a request on the node is in flight)."""
+        (offset -1: attributes only, the pages stay; no lock is taken, so this is safe while
+        a request on the node is in flight)."""
+        self._inval_inode(node, -1)
+
+    def _inval_inode(self, node: Any, offset: int) -> None:
+        """FUSE_NOTIFY_INVAL_INODE for `node` from `offset` (-1: attributes only); ENOENT
+        (the kernel does not know the node) is fine."""
         message = wire.pack_notify(
-            wire.NOTIFY_INVAL_INODE_CODE, wire.NOTIFY_INVAL_INODE.pack(node.ino, -1, 0)
+            wire.NOTIFY_INVAL_INODE_CODE, wire.NOTIFY_INVAL_INODE.pack(node.ino, offset, 0)
         )
         try:
             os.write(self.devfd, message)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
-                log.warning("notify_inval_inode(%d, attributes): %s", node.ino, exc)
+                log.warning("notify_inval_inode(%d, offset %d): %s", node.ino, offset, exc)
 
     # ----- names and attributes --------------------------------------------------------
     async def lookup(self, h: Header, name: bytes) -> bytes:
