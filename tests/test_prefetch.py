@@ -96,6 +96,8 @@ def test_the_helper_lists_what_it_is_sent_and_is_reaped_at_close(tmp_path):
         pre.close()
     assert pre.proc is None and _gone(pid)
     pre.close()  # again: nothing left to do
+    pre.listed(stack.listing(stack.root))  # after close (the mount is gone): no new helper
+    assert pre.proc is None
 
 
 def test_a_layer_the_mount_shadows_is_never_sent(tmp_path):

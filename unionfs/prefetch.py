@@ -164,7 +164,6 @@ class Prefetcher:
             except OSError as exc:  # the helper is gone (EPIPE)
                 log.debug("prefetch: stopped (%s)", exc)
                 self.close()
-                self.enabled = False
                 return
 
     def _start(self) -> bool:
@@ -194,7 +193,10 @@ class Prefetcher:
         return True
 
     def close(self) -> None:
-        """Stop the helper and wait for it (idempotent)."""
+        """Stop the helper and wait for it, for good: a listing after this (the mount is
+        gone) starts no new one (idempotent)."""
+        self.enabled = False
+        self._waiting = []
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
