@@ -220,6 +220,17 @@ class Roots:
             lambda sd, s, dd, d: os.link(s, d, src_dir_fd=sd, dst_dir_fd=dd, follow_symlinks=False),
         )
 
+    def link_fd(self, fd: int, dst: bytes) -> None:
+        """A new name `dst` for the file open as `fd`, which may have no name left (an
+        O_TMPFILE file opened without O_EXCL): linkat with AT_EMPTY_PATH.  Where that is
+        refused (EPERM: an unprivileged daemon on a kernel before 6.10), linkat of the fd's
+        /proc/self/fd link, followed, as open(2) documents for O_TMPFILE."""
+        try:
+            self._do(dst, lambda d, n: syscalls.link_fd(fd, n, d))
+        except PermissionError:
+            src = b"/proc/self/fd/%d" % fd
+            self._do(dst, lambda d, n: os.link(src, n, dst_dir_fd=d, follow_symlinks=True))
+
     def file_handle(self, path: bytes) -> tuple[int, bytes]:
         """name_to_handle_at (a final symlink not followed): (handle type, handle bytes)."""
         return self._do(path, lambda d, n: syscalls.name_to_handle_at(n, d))

@@ -54,7 +54,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import acl, markers
+from . import acl, markers, syscalls
 from . import fuseapi as pyfuse3  # pyfuse3 itself, or stand-ins for the native transport
 from .errors import UnionError
 from .fdlimit import FdBudget
@@ -527,6 +527,10 @@ class UnionOperations(pyfuse3.Operations):
         """How many files of node `ino` are open."""
         return len(self._by_node.get(ino, ()))
 
+    def writable_handles(self, ino: int) -> list[int]:
+        """The open files of node `ino` that are open for writing."""
+        return [fh for fh in self._by_node.get(ino, ()) if self._files[fh].writable]
+
     def handle_fd(self, fh: int) -> int:
         """The real fd of an open file, opened now if it was lazy (the native transport's
         passthrough hands it to the kernel, its page-cache store reads it)."""
@@ -541,6 +545,35 @@ class UnionOperations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes | memoryview) -> int:
         handle = self._files[fh]
         return os.pwrite(handle.fd, buf, off)
+
+    @_handler
+    @_mutating
+    async def fallocate(self, fh: int, off: int, length: int, mode: int) -> None:
+        """fallocate(2) on the upper file, with the caller's mode, as kernel overlayfs passes
+        it to the real file (ovl_fallocate).  The handle is writable, so the file is in the
+        upper already (the VFS refuses fallocate on a file not open for writing: EBADF)."""
+        handle = self._files[fh]
+        if not handle.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        syscalls.fallocate(handle.fd, mode, off, length)
+
+    @_handler
+    async def lseek(self, fh: int, off: int, whence: int, exact: bool = True) -> int:
+        """SEEK_DATA / SEEK_HOLE (the kernel answers the other whences itself), from the real
+        file, as kernel overlayfs does (ovl_llseek): a sparse file keeps its holes through
+        the mount (`cp --sparse`, `tar -S`).  Not `exact`: the caller knows the kernel may
+        hold data of this file the upper has not got yet (bridge.Bridge.lseek); then the
+        answer is the one of a file without holes, which never hides data."""
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        handle = self._files[fh]
+        fd = self._fd(handle)
+        if exact or not self.stack.in_upper(handle.node):  # lower files never change
+            return os.lseek(fd, off, whence)
+        size = os.fstat(fd).st_size
+        if not 0 <= off < size:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        return off if whence == os.SEEK_DATA else size
 
     async def flush(self, fh: int) -> None:
         """ENOSYS, on purpose: the kernel then stops sending FLUSH for the life of the mount
@@ -562,10 +595,23 @@ class UnionOperations(pyfuse3.Operations):
         self.budget.give(handle.uid)
         if handle.fd < 0:
             return  # never opened (FileHandle)
+        if handle.node.unlinked and not fhs:
+            self._last_close_of_gone(handle.node, handle.fd)
         try:
             os.close(handle.fd)
         except OSError:
             log.exception("release: close failed")
+
+    def _last_close_of_gone(self, node: Node, fd: int) -> None:
+        """The last fd of a node with no name left is closing: with no link left either (an
+        O_TMPFILE file never linked, an unlinked file held open) the real file goes with it,
+        and the filesystem may give its inode number to a new file, which must not find this
+        node (`LayerStack._upper_ino`)."""
+        try:
+            if os.fstat(fd).st_nlink == 0:
+                node.deleted = True
+        except OSError:
+            node.deleted = True
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -783,6 +829,26 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     @_mutating
+    async def tmpfile(
+        self, parent_inode: int, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, AttrsReply]:
+        """open(2) with O_TMPFILE (the native transport's FUSE_TMPFILE): Writer.tmpfile."""
+        writer = self._need_upper()
+        parent = self.stack.node(parent_inode)
+        flags = self._open_flags(flags)
+        self.budget.take(ctx.uid)
+        uid, gid = self.owners.stored(ctx.uid, ctx.gid)
+        try:
+            made = self._inherit(parent, mode, ctx.umask, stat.S_IFREG)
+            node, fd = writer.tmpfile(parent, made.mode, flags, uid, gid, made)
+        except BaseException:
+            self.budget.give(ctx.uid)
+            raise
+        fh = self._add_handle(node, fd, True, ctx.uid)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new_entry(node)
+
+    @_handler
+    @_mutating
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
     ) -> AttrsReply:
@@ -835,7 +901,8 @@ class UnionOperations(pyfuse3.Operations):
         node = self.stack.node(inode)
         parent = self.stack.node(new_parent_inode)
         await self._copy_up(node)
-        writer.link(node, parent, new_name)
+        # a node with no name left (an O_TMPFILE file) is linked from an fd open on it
+        writer.link(node, parent, new_name, self._gone_fd(node))
         return self._new_entry(node)
 
     def _child_node(self, parent: Node, name: bytes) -> Node:

@@ -1,5 +1,6 @@
-"""The Linux calls `os` lacks, through libc: renameat2 (with its flags), syncfs, and the
-file-handle calls and filesystem uuid that overlayfs's origin needs (origin.py).
+"""The Linux calls `os` lacks, through libc: renameat2 (with its flags), syncfs, fallocate
+(with its modes), linkat with AT_EMPTY_PATH, and the file-handle calls and filesystem uuid
+that overlayfs's origin needs (origin.py).
 
 The bottom of unionfs's import graph: fsat (the *at layer) and fsutil (copies, metadata)
 both build on it and it imports neither.  Thin wrappers that raise OSError like `os` does;
@@ -64,6 +65,37 @@ def syncfs(path: bytes | int) -> None:
             raise OSError(err, f"syncfs: {os.strerror(err)}", path)  # a write-back error
     finally:
         os.close(fd)
+
+
+_fallocate = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
+if _fallocate is not None:
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    _fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its `mode` (os has only posix_fallocate, mode 0): FUSE's FALLOCATE
+    passes KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE on to the upper file as they come."""
+    if _fallocate is None:
+        raise OSError(errno.EOPNOTSUPP, "fallocate: not in libc")
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_linkat = _libc.linkat
+_linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+_linkat.restype = ctypes.c_int
+AT_EMPTY_PATH = 0x1000
+
+
+def link_fd(fd: int, dst: bytes, dst_dir_fd: int = AT_FDCWD) -> None:
+    """linkat(fd, "", dst_dir_fd, dst, AT_EMPTY_PATH): a new name for the file open as `fd`,
+    which may have none (an O_TMPFILE file opened without O_EXCL; one whose last link went:
+    ENOENT).  Needs CAP_DAC_READ_SEARCH before Linux 6.10."""
+    if _linkat(fd, b"", dst_dir_fd, dst, AT_EMPTY_PATH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), dst)
 
 
 # ----- file handles (overlayfs's `origin`, origin.py) -----------------------------------

@@ -458,6 +458,32 @@ class Writer:
             raise
         return self._register(parent, name, wh), fd
 
+    def tmpfile(
+        self, parent: Node, mode: int, flags: int, uid: int, gid: int,
+        acls: Inherited | None = None,
+    ) -> tuple[Node, int]:  # fmt: skip
+        """open(2) with O_TMPFILE in `parent`: a file with no name, in the parent's upper
+        directory (copied up first), as kernel overlayfs makes it (ovl_tmpfile, Linux 6.6).
+        linkat(2) can give it a name later (`link`, with its fd); closed without one, it is
+        gone.  Returns its node (no name: `unlinked`) and the fd."""
+        self.copy_up_dir(parent)
+        uid, gid, _ = self._owner(parent, uid, gid)
+        keep = os.O_ACCMODE | os.O_EXCL | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
+        fd = self.fs.open(self.stack.upper_path(parent), (flags & keep) | os.O_TMPFILE,
+                          stat.S_IMODE(mode))  # fmt: skip
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, stat.S_IMODE(mode))
+            if acls is not None:
+                _set_acls(fd, acls, self.fs)
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        node = Node(self.stack.ino_for(0, st.st_ino), parent, b"", stat.S_IFREG, 0, b"", None)
+        node.unlinked = True  # reached only through its fd (UnionOperations._gone_fd)
+        return node, fd
+
     def make(
         self,
         parent: Node,
@@ -497,20 +523,22 @@ class Writer:
             self.fs.rename(tmp, path)
         return self._register(parent, name, wh)
 
-    def link(self, node: Node, parent: Node, name: bytes) -> Node:
-        """Hard link (the caller has copied `node` up)."""
+    def link(self, node: Node, parent: Node, name: bytes, fd: int | None = None) -> Node:
+        """Hard link (the caller has copied `node` up).  `fd`: for a node with no name left
+        (an O_TMPFILE file: `tmpfile`), an fd open on it, which the link is made from."""
         path, wh = self._target(parent, name)
-        src = self.stack.upper_path(node)
-        if wh:
-            tmp = self.tmpname()
-            self.fs.link(src, tmp)
-            self.fs.rename(tmp, path)
+        dest = self.tmpname() if wh else path
+        if fd is None:
+            self.fs.link(self.stack.upper_path(node), dest)
         else:
-            self.fs.link(src, path)
-        primary = (node.parent, node.name)
+            self.fs.link_fd(fd, dest)
+        if wh:
+            self.fs.rename(dest, path)  # atomically replaces the whiteout
+        if not node.unlinked:
+            self.stack.add_alias(node, node.parent, node.name)  # type: ignore[arg-type]
         self._register(parent, name, wh)
-        self.stack.add_alias(node, *primary)  # type: ignore[arg-type]
         self.stack.add_alias(node, parent, name)
+        node.unlinked = False
         node.invalidate()
         return node
 

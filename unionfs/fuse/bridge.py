@@ -418,6 +418,12 @@ class Bridge:
         created = flags & (os.O_ACCMODE | os.O_APPEND) == os.O_WRONLY
         return _entry(attrs) + await self._open_out(attrs.st_ino, info, created=created)
 
+    async def tmpfile(self, h: Header, name: bytes, mode: int, flags: int, umask: int,
+                      open_flags: int = 0) -> bytes:  # fmt: skip
+        """open(2) with O_TMPFILE; answered as CREATE is (`name` is the kernel's "/")."""
+        info, attrs = await self.ops.tmpfile(h.nodeid, mode, flags, Ctx(h, umask))
+        return _entry(attrs) + await self._open_out(attrs.st_ino, info)
+
     async def _file(self, h: Header, fh: int) -> int:
         if fh == 0 and self.conn.no_open:
             fh = self._node_fh.get(h.nodeid, 0)
@@ -447,6 +453,31 @@ class Bridge:
     async def fsync(self, h: Header, fh: int, datasync: bool) -> bytes:
         await self.ops.fsync(await self._file(h, fh), datasync)
         return b""
+
+    async def fallocate(self, h: Header, fh: int, off: int, length: int, mode: int) -> bytes:
+        await self.ops.fallocate(await self._file(h, fh), off, length, mode)
+        return b""
+
+    async def lseek(self, h: Header, fh: int, off: int, whence: int) -> bytes:
+        """SEEK_DATA / SEEK_HOLE.  With the writeback cache the kernel holds written data
+        the upper file has not got yet, and asks no flush before an LSEEK (fuse_lseek), so
+        the upper's holes could hide it: ENOSYS, once, and the kernel answers every LSEEK
+        itself from then on as for a file without holes, as it did before LSEEK existed."""
+        if self.conn.flags & wire.WRITEBACK_CACHE:
+            raise Errno(errno.ENOSYS)
+        fh = await self._file(h, fh)
+        exact = self._holes_settled(h.nodeid)
+        return wire.LSEEK_OUT.pack(await self.ops.lseek(fh, off, whence, exact))
+
+    def _holes_settled(self, ino: int) -> bool:
+        """Is the upper file's map of data and holes what a reader of inode `ino` sees?  Not
+        while a file of it is open for writing through the page cache (a shared writable
+        mmap dirties pages that reach the upper only at writeback; a close writes them back
+        before its RELEASE), nor while its readers pass through to its lower file (their
+        fds here follow the upper copy: `UnionOperations._reopen`)."""
+        if self.backings.reads_lower(ino):
+            return False
+        return all(self.backings.passes_through(fh) for fh in self.ops.writable_handles(ino))
 
     # ----- directories --------------------------------------------------------------------------
     async def opendir(self, h: Header, flags: int) -> bytes:

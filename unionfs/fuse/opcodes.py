@@ -169,6 +169,16 @@ def _fsync(h: Header) -> tuple[Any, ...]:
     return (fh, bool(flags & wire.FSYNC_FDATASYNC))
 
 
+def _fallocate(h: Header) -> tuple[Any, ...]:
+    fh, off, length, mode, _ = unpack(wire.FALLOCATE_IN, h.body, "fallocate_in")
+    return (fh, off, length, mode)
+
+
+def _lseek(h: Header) -> tuple[Any, ...]:
+    fh, off, whence, _ = unpack(wire.LSEEK_IN, h.body, "lseek_in")
+    return (fh, off, whence)
+
+
 def _setxattr(h: Header) -> tuple[Any, ...]:
     size, flags = unpack(wire.SETXATTR_IN, h.body, "setxattr_in")
     return _setxattr_value(h, wire.SETXATTR_IN.size, size, flags, 0)
@@ -243,8 +253,11 @@ _TABLE = [
     Op(36, "INTERRUPT", _interrupt, "interrupt", NOREPLY),
     Op(38, "DESTROY", _none, "destroy", INLINE),
     Op(42, "BATCH_FORGET", _batch_forget, "forget", NOREPLY),
+    Op(43, "FALLOCATE", _fallocate, "fallocate", GATED),
     Op(44, "READDIRPLUS", _read, "readdirplus", INLINE),
     Op(45, "RENAME2", _rename2, "rename", TASK),
+    Op(46, "LSEEK", _lseek, "lseek", INLINE),
+    Op(51, "TMPFILE", _create, "tmpfile", GATED),
 ]
 
 OPCODES: dict[int, Op] = {op.code: op for op in _TABLE}

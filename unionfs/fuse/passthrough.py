@@ -121,6 +121,17 @@ class Backings:
             self.gate.bypass_open(fh, ino)
         return node.backing_id
 
+    def passes_through(self, fh: int) -> bool:
+        """Does open file `fh` pass through (the kernel reads and writes its backing file)?"""
+        ino = self._handle_inode.get(fh)
+        return ino is not None and self._inodes[ino].backing_id != 0
+
+    def reads_lower(self, ino: int) -> bool:
+        """Does inode `ino` pass through to a file in a lower layer (what its readers see
+        even once the name has been copied up)?"""
+        node = self._inodes.get(ino)
+        return node is not None and node.backing_id != 0 and not node.upper
+
     def release(self, fh: int) -> None:
         self.gate.bypass_close(fh)
         ino = self._handle_inode.pop(fh, None)
