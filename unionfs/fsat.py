@@ -223,13 +223,17 @@ class Roots:
     def link_fd(self, fd: int, dst: bytes) -> None:
         """A new name `dst` for the file open as `fd`, which may have no name left (an
         O_TMPFILE file opened without O_EXCL): linkat with AT_EMPTY_PATH.  Where that is
-        refused (EPERM: an unprivileged daemon on a kernel before 6.10), linkat of the fd's
-        /proc/self/fd link, followed, as open(2) documents for O_TMPFILE."""
+        refused (ENOENT or EPERM: a daemon without CAP_DAC_READ_SEARCH on a kernel before
+        6.10), linkat of the fd's /proc/self/fd link, followed, as open(2) documents for
+        O_TMPFILE; if that fails too, the first error stands."""
         try:
             self._do(dst, lambda d, n: syscalls.link_fd(fd, n, d))
-        except PermissionError:
+        except (FileNotFoundError, PermissionError) as exc:
             src = b"/proc/self/fd/%d" % fd
-            self._do(dst, lambda d, n: os.link(src, n, dst_dir_fd=d, follow_symlinks=True))
+            try:
+                self._do(dst, lambda d, n: os.link(src, n, dst_dir_fd=d, follow_symlinks=True))
+            except OSError:
+                raise exc from None
 
     def file_handle(self, path: bytes) -> tuple[int, bytes]:
         """name_to_handle_at (a final symlink not followed): (handle type, handle bytes)."""
