@@ -235,6 +235,10 @@ class Roots:
             except OSError:
                 raise exc from None
 
+    def btime(self, path: bytes) -> tuple[int, int] | None:
+        """The birth time of `path` (a final symlink not followed): syscalls.btime."""
+        return self._do(path, lambda d, n: syscalls.btime(n, d))
+
     def file_handle(self, path: bytes) -> tuple[int, bytes]:
         """name_to_handle_at (a final symlink not followed): (handle type, handle bytes)."""
         return self._do(path, lambda d, n: syscalls.name_to_handle_at(n, d))

@@ -304,6 +304,17 @@ class UnionOperations(pyfuse3.Operations):
         return self._entry(self.stack.node(inode))
 
     @_handler
+    async def btime(self, inode: int) -> tuple[int, int] | None:
+        """The birth time of the node's topmost real object, as kernel overlayfs reports it
+        (statx of the real file: a copied-up file's is its copy-up's); None where its
+        filesystem keeps none."""
+        node = self.stack.node(inode)
+        fd = self._gone_fd(node)
+        if fd is not None:
+            return syscalls.btime(b"", fd)
+        return self.stack.fs.btime(self.stack.real_path(node))
+
+    @_handler
     async def readlink(self, inode: int, ctx: Any) -> bytes:
         node = self.stack.node(inode)
         self._gone_fd(node)  # a symlink has no fd: once its last name is gone, ENOENT

@@ -98,6 +98,34 @@ def link_fd(fd: int, dst: bytes, dst_dir_fd: int = AT_FDCWD) -> None:
         raise OSError(err, os.strerror(err), dst)
 
 
+_statx = getattr(_libc, "statx", None)
+if _statx is not None:
+    _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+    _statx.restype = ctypes.c_int
+STATX_BTIME = 0x800
+AT_SYMLINK_NOFOLLOW = 0x100
+
+
+def btime(path: bytes, dir_fd: int = AT_FDCWD) -> tuple[int, int] | None:
+    """The birth time (seconds, nanoseconds) of `path` (b"": the fd `dir_fd` itself), a final
+    symlink not followed, or None where the filesystem keeps none (statx(2); os.stat has no
+    st_birthtime on Linux before Python 3.12)."""
+    if _statx is None:
+        return None
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    flags = AT_SYMLINK_NOFOLLOW | (AT_EMPTY_PATH if not path else 0)
+    if _statx(dir_fd, path, flags, STATX_BTIME, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    import struct
+
+    (mask,) = struct.unpack_from("<I", buf.raw, 0)
+    if not mask & STATX_BTIME:
+        return None
+    sec, nsec = struct.unpack_from("<qI", buf.raw, 80)  # stx_btime
+    return sec, nsec
+
+
 # ----- file handles (overlayfs's `origin`, origin.py) -----------------------------------
 MAX_HANDLE_SZ = 128  # the kernel's limit for name_to_handle_at
 FS_IOC_GETFSUUID = 0x80111500  # _IOR(0x15, 0, struct fsuuid2 { u8 len; u8 uuid[16]; })

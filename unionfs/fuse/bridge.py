@@ -262,6 +262,13 @@ class Bridge:
     async def getattr(self, h: Header) -> bytes:
         return _attr_out(await self.ops.getattr(h.nodeid, Ctx(h)))
 
+    async def statx(self, h: Header, sx_mask: int) -> bytes:
+        """FUSE_STATX (protocol 7.39): the kernel asks it only for what GETATTR lacks, the
+        birth time (`statx(2)` with STATX_BTIME: `stat(1)`'s "Birth")."""
+        attrs = await self.ops.getattr(h.nodeid, Ctx(h))
+        btime = await self.ops.btime(h.nodeid) if sx_mask & wire.STATX_BTIME else None
+        return wire.pack_statx_out(attrs, shown_ino(attrs), btime)
+
     async def setattr(self, h: Header, fields: tuple[int, ...]) -> bytes:
         attrs, which, fh = setattr_args(fields)
         entry = await self.ops.setattr(h.nodeid, attrs, which, fh, Ctx(h))

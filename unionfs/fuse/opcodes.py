@@ -179,6 +179,11 @@ def _lseek(h: Header) -> tuple[Any, ...]:
     return (fh, off, whence)
 
 
+def _statx(h: Header) -> tuple[Any, ...]:
+    *_, sx_mask = unpack(wire.STATX_IN, h.body, "statx_in")
+    return (sx_mask,)
+
+
 def _setxattr(h: Header) -> tuple[Any, ...]:
     size, flags = unpack(wire.SETXATTR_IN, h.body, "setxattr_in")
     return _setxattr_value(h, wire.SETXATTR_IN.size, size, flags, 0)
@@ -258,6 +263,7 @@ _TABLE = [
     Op(45, "RENAME2", _rename2, "rename", TASK),
     Op(46, "LSEEK", _lseek, "lseek", INLINE),
     Op(51, "TMPFILE", _create, "tmpfile", GATED),
+    Op(52, "STATX", _statx, "statx", INLINE),
 ]
 
 OPCODES: dict[int, Op] = {op.code: op for op in _TABLE}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import struct
 
 KERNEL_VERSION = 7
@@ -119,6 +120,13 @@ FSYNC_IN = struct.Struct("<QII")
 FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding (7.19)
 LSEEK_IN = struct.Struct("<QqII")  # fh offset whence padding (7.24)
 LSEEK_OUT = struct.Struct("<Q")
+STATX_IN = struct.Struct("<IIQII")  # getattr_flags reserved fh sx_flags sx_mask (7.39)
+# fuse_statx_out: attr_valid attr_valid_nsec flags spare[2], then fuse_statx (256 bytes):
+# mask blksize attributes nlink uid gid mode pad ino size blocks attributes_mask, four
+# fuse_sx_time (sec nsec reserved: atime btime ctime mtime), rdev and dev major/minor, spare
+STATX_OUT = struct.Struct("<QIIQQ" + "IIQIIIHHQQQQ" + "qIi" * 4 + "IIII" + "112x")
+STATX_BASIC_STATS = 0x7FF
+STATX_BTIME = 0x800
 SETXATTR_IN = struct.Struct("<II")  # size, flags: without FUSE_SETXATTR_EXT
 SETXATTR_IN_EXT = struct.Struct("<IIII")  # size, flags, setxattr_flags, padding (7.33)
 SETXATTR_ACL_KILL_SGID = 1 << 0  # setxattr_flags: the caller may not keep setgid
@@ -244,6 +252,26 @@ def pack_entry(a, ino: int) -> bytes:  # type: ignore[no-untyped-def]
 def pack_attr_out(a, ino: int) -> bytes:  # type: ignore[no-untyped-def]
     ats, atn = _split_timeout(a.attr_timeout)
     return ATTR_OUT.pack(ats, atn, 0, *pack_attr_fields(a, ino))
+
+
+def pack_statx_out(a, ino: int, btime: tuple[int, int] | None) -> bytes:  # type: ignore[no-untyped-def]
+    """fuse_statx_out: a GETATTR reply's attributes (node `a.st_ino` showing st_ino `ino`),
+    and the birth time (seconds, nanoseconds) where the real file has one."""
+    ats, atn = _split_timeout(a.attr_timeout)
+    mask = STATX_BASIC_STATS | (STATX_BTIME if btime is not None else 0)
+    bs, bn = btime or (0, 0)
+    at, mt, ct = a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns
+    rdev = a.st_rdev
+    return STATX_OUT.pack(
+        ats, atn, 0, 0, 0,
+        mask, a.st_blksize, 0, a.st_nlink, a.st_uid, a.st_gid, a.st_mode & 0xFFFF, 0,
+        ino, a.st_size, a.st_blocks, 0,
+        at // 1_000_000_000, at % 1_000_000_000, 0,
+        bs, bn, 0,
+        ct // 1_000_000_000, ct % 1_000_000_000, 0,
+        mt // 1_000_000_000, mt % 1_000_000_000, 0,
+        os.major(rdev), os.minor(rdev), 0, 0,
+    )  # fmt: skip
 
 
 def dirent_size(name: bytes, plus: bool) -> int:
