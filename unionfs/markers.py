@@ -12,7 +12,9 @@ Writing: this module is also the one place that writes markers (`make_whiteout`,
 `set_opaque`, `set_redirect`, and the OCI names `oci_whiteout_name`/`oci_whiteout_path`/
 `oci_opaque_path`): the daemon, the tar applier, the changeset and the demo all go through it.
 The write side uses the kernel-overlayfs format only; tar layers carry the OCI names.
-Internal xattrs are never shown to users: `is_internal_xattr` is the single filter.
+Internal xattrs are never shown to users as they are: `shown_xattr` is the single filter,
+and `real_xattr` its inverse (a user's own `overlay.X` is kept escaped, `overlay.overlay.X`,
+as kernel overlayfs keeps it for an overlay stacked on this one: Linux 6.7).
 Pure functions; no state.
 xattrs are read through a `fsat.Roots` (the daemon's layer-root fds; `fsat.PLAIN` for plain
 paths), so markers deeper than PATH_MAX are read too.
@@ -38,13 +40,49 @@ WHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
 REDIRECT_XATTRS = (b"trusted.overlay.redirect", b"user.overlay.redirect")
 
 
+_INTERNAL_PREFIXES = (*OVERLAY_PREFIXES, *OWN_PREFIXES, b"user.fuseoverlayfs.")
+
+
 def is_internal_xattr(name: bytes) -> bool:
-    """True for xattrs that encode union state and must never reach users."""
-    return (
-        name.startswith(OVERLAY_PREFIXES)
-        or name.startswith(OWN_PREFIXES)
-        or name.startswith(b"user.fuseoverlayfs.")
-    )
+    """True for real xattrs in the overlay and layerfs namespaces: union state, never shown
+    as they are (`shown_xattr`), and left out of committed layers."""
+    return name.startswith(_INTERNAL_PREFIXES)
+
+
+# Overlayfs's escape for nesting (Linux 6.7): a user's `trusted.overlay.X` (an overlay
+# mounted on top of this one keeps its state there) is stored as `trusted.overlay.overlay.X`,
+# which this mount does not read as its own state, and shown unescaped again.
+_ESCAPE = b"overlay."
+
+
+def real_xattr(name: bytes) -> bytes | None:
+    """The real name under which a user's xattr `name` is kept: overlay names escaped (one
+    more `overlay.`), others as they are; None for names a user may not touch (layerfs's own,
+    fuse-overlayfs's)."""
+    if not name.startswith(_INTERNAL_PREFIXES):  # nearly every name: one call
+        return name
+    for prefix in OVERLAY_PREFIXES:
+        if name.startswith(prefix):
+            return prefix + _ESCAPE + name[len(prefix) :]
+    return None  # layerfs's own, fuse-overlayfs's
+
+
+def shown_xattr(real: bytes) -> bytes | None:
+    """The name users see for the real xattr `real` (`real_xattr` undone); None for union
+    state, which is never shown."""
+    if not real.startswith(_INTERNAL_PREFIXES):
+        return real
+    for prefix in OVERLAY_PREFIXES:
+        if real.startswith(prefix):
+            rest = real[len(prefix) :]
+            return prefix + rest[len(_ESCAPE) :] if rest.startswith(_ESCAPE) else None
+    return None
+
+
+def is_private_xattr(real: bytes) -> bool:
+    """Union state of the object (not a user's escaped overlay xattr): a copy-up leaves it
+    behind, as the kernel's ovl_copy_xattr leaves its private xattrs."""
+    return shown_xattr(real) is None
 
 
 def oci_whiteout_target(name: bytes) -> bytes | None:

@@ -975,7 +975,8 @@ class UnionOperations(pyfuse3.Operations):
         ACL clears setgid; the real set, made as root, would keep it (ovl_set_or_remove_acl
         clears it the same way)."""
         self._need_upper()
-        if markers.is_internal_xattr(name):
+        real_name = markers.real_xattr(name)  # overlay names escaped, as the kernel's
+        if real_name is None:
             raise pyfuse3.FUSEError(errno.EPERM)
         node = self.stack.node(inode)
         await self._copy_up(node)
@@ -983,7 +984,7 @@ class UnionOperations(pyfuse3.Operations):
             value = self.owners.xattr_stored(name, value)
         fs = self.stack.fs
         real = self._setattr_target(node, None)  # after the copy-up: the path, or an fd
-        fs.setxattr(real, name, value, flags)
+        fs.setxattr(real, real_name, value, flags)
         if kill_sgid and name == acl.ACCESS:
             mode = os.fstat(real).st_mode if isinstance(real, int) else fs.lstat(real).st_mode
             if mode & stat.S_ISGID:
@@ -994,7 +995,8 @@ class UnionOperations(pyfuse3.Operations):
     @_mutating
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         self._need_upper()
-        if markers.is_internal_xattr(name):
+        real_name = markers.real_xattr(name)
+        if real_name is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         node = self.stack.node(inode)
         if not self.stack.in_upper(node):
@@ -1003,7 +1005,7 @@ class UnionOperations(pyfuse3.Operations):
             self.stack.getxattr(node, name)
         await self._copy_up(node)
         try:
-            self.stack.fs.removexattr(self._setattr_target(node, None), name)
+            self.stack.fs.removexattr(self._setattr_target(node, None), real_name)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None

@@ -831,8 +831,10 @@ class LayerStack:
         the answer is kept, like its stat: lower layers never change, and the kernel caches
         no xattr but ACLs, so it asks again at every exec (security.capability) or getfattr.
         `fd`: read the object through this fd instead (an upper file whose name is gone)."""
-        if markers.is_internal_xattr(name):
+        real = markers.real_xattr(name)
+        if real is None:
             return errno.ENODATA
+        name = real
         kept = None
         if self.immutable(node):
             kept = node.xattrs
@@ -853,7 +855,8 @@ class LayerStack:
 
     def listxattr(self, node: Node, fd: int | None = None) -> list[bytes]:
         names = self.fs.listxattr(self.real_path(node) if fd is None else fd)
-        return [n for n in map(os.fsencode, names) if not markers.is_internal_xattr(n)]
+        shown = (markers.shown_xattr(n) for n in map(os.fsencode, names))
+        return [n for n in shown if n is not None]
 
     def statvfs(self) -> os.statvfs_result:
         return self.fs.statvfs(self.layers[0])

@@ -170,7 +170,7 @@ class Writer:
         st = self.fs.lstat(src)
         tmp = self.tmpname()
         self.fs.mkdir(tmp, 0o700)
-        fsutil.copy_xattrs(self.fs, src, tmp, markers.is_internal_xattr)
+        fsutil.copy_xattrs(self.fs, src, tmp, markers.is_private_xattr)
         fsutil.copy_meta(self.fs, st, tmp)
         self._into_place(node.parent, tmp, node.name)
         new = self.fs.lstat(stack.upper_path(node))
@@ -228,7 +228,7 @@ class Writer:
         # owner first: chown(2) drops security.capability (file capabilities), as it must
         # for a user's chown; the kernel's copy-up sets the owner without that side effect
         fsutil.copy_meta(self.fs, plan.st, plan.tmp)
-        fsutil.copy_xattrs(self.fs, plan.src, plan.tmp, markers.is_internal_xattr)
+        fsutil.copy_xattrs(self.fs, plan.src, plan.tmp, markers.is_private_xattr)
         self._set_origin(plan)
         self._into_place(node.parent, plan.tmp, node.name)
         upper_ino = self._now_in_upper(node, node.parent, node.name)
