@@ -433,6 +433,21 @@ def _check_length(item: Item) -> None:
         )
 
 
+def _refuse_metacopy(real: bytes, name: str) -> None:
+    """A file kernel overlayfs copied up with metacopy=on holds only metadata (its bytes
+    are a hole; its data is still in a lower layer): committed, it would be zeros."""
+    try:
+        names = PLAIN.listxattr(real)
+    except OSError:
+        return
+    if any(os.fsencode(n) in markers.METACOPY_XATTRS for n in names):
+        raise ChangesetError(
+            f"{tarsafe.shown('/' + name)}: a metacopy file (kernel overlayfs mounted with "
+            "metacopy=on copied up only its metadata; its data is in a lower layer), which "
+            "layer does not read: it cannot be committed"
+        )
+
+
 def _marker(name: str) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.mode = 0o644
@@ -466,6 +481,7 @@ def _add_obj(
             return _emit(tar, info, mirror)
         links[ident] = name
     if fmt == stat.S_IFREG:
+        _refuse_metacopy(item.real, name)
         return _add_file(tar, item, name, info, mirror)
     if fmt == stat.S_IFDIR:
         info.type = tarfile.DIRTYPE

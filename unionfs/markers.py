@@ -38,6 +38,9 @@ FUSEOVERLAYFS_OPAQUE = b"user.fuseoverlayfs.opaque"
 OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque", FUSEOVERLAYFS_OPAQUE)
 WHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
 REDIRECT_XATTRS = (b"trusted.overlay.redirect", b"user.overlay.redirect")
+# a metadata-only copy-up (kernel overlayfs with metacopy=on): the file's data is still in a
+# lower layer; the upper file holds only its metadata, its bytes a hole of the right size
+METACOPY_XATTRS = (b"trusted.overlay.metacopy", b"user.overlay.metacopy")
 
 
 _INTERNAL_PREFIXES = (*OVERLAY_PREFIXES, *OWN_PREFIXES, b"user.fuseoverlayfs.")

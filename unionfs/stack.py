@@ -230,7 +230,8 @@ class LayerStack:
         self.index = index
         # GAP(issue-14): the kernel's WORKDIR/index/ (an upper it wrote with index=on) is not
         # read: names of a hard-linked lower file it did not copy up show the lower file.
-        # GAP(issue-14): metacopy uppers (`overlay.metacopy`, data still below) are not read.
+        # GAP(issue-14): metacopy files (`overlay.metacopy`, data still below) in the upper
+        # are refused with EPERM (`_refuse_metacopy`), as the kernel without metacopy=on.
         # redirect_dir=nofollow: a moved directory found in the upper is refused (EPERM), as
         # the kernel refuses it, rather than shown without the lower part it was moved with
         self.follow_redirects = follow_redirects
@@ -622,6 +623,8 @@ class LayerStack:
                 self.add_alias(node, parent, name)
             node.parent, node.name = parent, name
             return node
+        if child.layer == 0 and child.kind == stat.S_IFREG and self.has_upper:
+            self._refuse_metacopy(child.path)
         node = Node(
             ino,
             parent,
@@ -633,6 +636,21 @@ class LayerStack:
         )
         node.st = st
         return node
+
+    def _refuse_metacopy(self, path: bytes) -> None:
+        """EPERM for an upper file the kernel copied up with metacopy=on (only its metadata:
+        its bytes are a hole, its data is still below), as the kernel refuses it without
+        metacopy=on ("refusing to follow metacopy origin"): shown, it would read as zeros,
+        and a change would be made to the zeros.  Asked once per node of a file the upper
+        held before (one listxattr); files this mount makes never go through here.
+        GAP(issue-14): metacopy=on is not offered, and metacopy files in lower layers (an
+        old upper stacked below a new one) are not looked for."""
+        try:
+            names = self.fs.listxattr(path)
+        except OSError:
+            return
+        if any(os.fsencode(n) in markers.METACOPY_XATTRS for n in names):
+            raise OSError(errno.EPERM, "a metacopy file (its data is in a lower layer)", path)
 
     def _numbered(self, ino: Inode, kind: int) -> Node | None:
         """The node object numbered `ino`, if one still stands for a live object of `kind`."""
