@@ -534,11 +534,13 @@ class Writer:
             self.fs.link_fd(fd, dest)
         if wh:
             self.fs.rename(dest, path)  # atomically replaces the whiteout
-        if not node.unlinked:
+        if fd is None:
             self.stack.add_alias(node, node.parent, node.name)  # type: ignore[arg-type]
         self._register(parent, name, wh)
         self.stack.add_alias(node, parent, name)
-        node.unlinked = False
+        if fd is not None:  # it had no name: this one is its name now
+            node.unlinked = False
+            node.parent, node.name = parent, name
         node.invalidate()
         return node
 
