@@ -258,7 +258,8 @@ def test_redirect_dir_values(dirs):
     [
         ("frobnicate", "unknown option 'frobnicate'"),
         ("colour=blue", "unknown option colour=blue"),
-        ("metacopy=on", "metacopy=on is not supported"),
+        ("metacopy=maybe", "metacopy=maybe: expected metacopy=off or metacopy=on"),
+        ("metacopy=on,redirect_dir=nofollow", "conflicting options: metacopy=on"),
         ("fsync=0", "fsync=0 is not supported"),
     ],
 )
@@ -270,8 +271,15 @@ def test_unknown_or_unsupported_options_fail(dirs, opt, message):
 def test_harmless_options_are_accepted(dirs):
     opts = "xino=auto,metacopy=off,threaded=1,noauto,volatile,x-gvfs-hide"
     cfg = parse_args(["-o", f"lowerdir={dirs}/top,{opts}", str(dirs / "mnt")])
-    assert {"xino=auto", "metacopy=off", "noauto"} <= set(cfg.ignored)
+    assert {"xino=auto", "noauto"} <= set(cfg.ignored)
     assert not cfg.volatile  # as the kernel: meaningless without an upper
+    assert not cfg.metacopy
+
+
+def test_metacopy_option(dirs):
+    base = f"lowerdir={dirs}/top"
+    assert parse_args(["-o", f"{base},metacopy=on", str(dirs / "mnt")]).metacopy
+    assert parse_args(["-o", f"{base},metacopy=on,redirect_dir=on", str(dirs / "mnt")]).metacopy
 
 
 def test_transport_option_and_environment(dirs, monkeypatch):

@@ -51,7 +51,7 @@ def copy_data(fs: Roots, src: bytes, dst: bytes, mode: int = 0o600, sync: bool =
         fd = fs.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
             size = os.fstat(fin).st_size
-            _copy_ranges(fin, fd, size)
+            copy_ranges(fin, fd, size)
             os.ftruncate(fd, size)
             if sync and size:
                 os.fsync(fd)
@@ -61,7 +61,8 @@ def copy_data(fs: Roots, src: bytes, dst: bytes, mode: int = 0o600, sync: bool =
         os.close(fin)
 
 
-def _copy_ranges(fin: int, fout: int, size: int) -> None:
+def copy_ranges(fin: int, fout: int, size: int) -> None:
+    """The data of `fin` up to `size` into `fout` at the same offsets, holes left holes."""
     pos = 0
     while pos < size:
         try:

@@ -276,6 +276,8 @@ class UnionOperations(pyfuse3.Operations):
         a.st_size = st.st_size
         a.st_blksize = st.st_blksize
         a.st_blocks = st.st_blocks
+        if node.data is not None:  # metacopy=on: the blocks of the data, as the kernel says
+            a.st_blocks = self.stack.fs.lstat(node.data).st_blocks
         a.st_atime_ns = st.st_atime_ns
         a.st_mtime_ns = st.st_mtime_ns
         a.st_ctime_ns = st.st_ctime_ns
@@ -461,6 +463,10 @@ class UnionOperations(pyfuse3.Operations):
         if not writable and node.kind == stat.S_IFREG and not self.stack.in_upper(node):
             # a lower file to read: opened at first need (FileHandle)
             fh = self._add_handle(node, -1, False, ctx.uid, (path, oflags))
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        if not writable and node.data is not None:
+            # metacopy=on: read the lower file that holds the data (until a change fills it)
+            fh = self._add_handle(node, -1, False, ctx.uid, (node.data, oflags))
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         try:
             if writable:
@@ -673,6 +679,8 @@ class UnionOperations(pyfuse3.Operations):
         thread under the node's lock, so other requests go on being served."""
         writer = self._need_upper()
         if self.stack.in_upper(node):
+            if node.data is not None:  # metacopy=on: its data is still below
+                await self._fill_metacopy(writer, node)
             return
         if node.is_dir:
             writer.copy_up_dir(node)
@@ -693,6 +701,21 @@ class UnionOperations(pyfuse3.Operations):
                         writer.abort_copy_up(plan)
                         raise
                     writer.finish_copy_up(plan)
+                self._reopen(node)
+        finally:
+            self.copying -= 1
+
+    async def _fill_metacopy(self, writer: Writer, node: Node) -> None:
+        """Writer.fill_metacopy under the node's lock, in a worker thread (it reads a lower
+        file and fsyncs); open readers then follow the filled upper file (`_reopen`)."""
+        self.copying += 1
+        try:
+            async with self._lock(node):
+                if node.data is None:  # filled while this one waited
+                    return
+                import trio
+
+                await trio.to_thread.run_sync(writer.fill_metacopy, node)
                 self._reopen(node)
         finally:
             self.copying -= 1

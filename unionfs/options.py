@@ -38,6 +38,11 @@ Options of kernel overlayfs, with the kernel's meaning:
                   renamed (it gets `overlay.redirect`); follow and off: existing redirects are
                   followed, renaming such a directory gives EXDEV; nofollow: neither, and a
                   redirected directory cannot be looked up (EPERM).
+  metacopy=off|on off (default): a file the kernel copied up by its metadata only (its
+                  `overlay.metacopy`: the data is still below) is refused (EPERM), as the
+                  kernel refuses it.  on: it is read, its data from the lower file (where its
+                  `overlay.redirect` points, or the same name below), and a change fills it
+                  first; layerfs's own copy-ups stay whole.  Needs redirect_dir=on.
   volatile        as the kernel (overlayfs.rst, "Volatile mount"): fsync and fsyncdir on
                   the mount skip syncing the upper, and so do copy-ups; the mount creates the
                   work dir's `work/incompat/volatile`, and a mount whose work dir has it is
@@ -82,10 +87,9 @@ HARMLESS_FLAGS = frozenset(
 ) | ({"userxattr"} if os.geteuid() != 0 else set())  # markers are user.overlay.* then anyway
 # Valued options that are harmless with the values listed (None: with any value): the ones
 # that name what layerfs does anyway (xino: inode numbers always carry the layer, as
-# xino=on; no metacopy or NFS export), and fuse-overlayfs's cache timeout.
+# xino=on; no NFS export), and fuse-overlayfs's cache timeout.
 HARMLESS_VALUES: dict[str, frozenset[str] | None] = {
     "xino": frozenset({"auto", "on"}),
-    "metacopy": frozenset({"off"}),
     "nfs_export": frozenset({"off"}),
     "uuid": None,
     "timeout": None,
@@ -173,7 +177,7 @@ class MountConfig:
         "lowers", "mountpoint", "fuse_options", "ignored", "owners", "upper", "work", "source",
         "foreground", "debug", "writeback", "passthrough", "transport", "index",
         "follow_redirects", "create_redirects", "volatile", "log_file", "acl", "spin_us",
-        "prefetch",
+        "prefetch", "metacopy",
     )  # fmt: skip
 
     def __init__(
@@ -200,6 +204,7 @@ class MountConfig:
         acl: bool = True,
         spin_us: int = SPIN_DEFAULT_US,
         prefetch: bool = PREFETCH_DEFAULT,
+        metacopy: bool = False,
     ) -> None:
         self.lowers = lowers
         self.mountpoint = mountpoint
@@ -224,6 +229,8 @@ class MountConfig:
         self.acl = acl
         self.spin_us = spin_us  # native transport: busy-poll after each answer (SPIN_DEFAULT_US)
         self.prefetch = prefetch  # list subdirectories ahead of a tree walk (prefetch.py)
+        # read files the kernel copied up by their metadata only (stack._metacopy_data)
+        self.metacopy = metacopy
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
@@ -377,10 +384,15 @@ def _validate(
     spin_us = _spin(values.pop("spin", None), transport)
     prefetch = _switch(values.pop("prefetch", None), "prefetch", PREFETCH_DEFAULT, ("0", "1"))
     index = _switch(values.pop("index", None), "index", INDEX_DEFAULT, ("off", "on"))
+    asked_redirect = values.get("redirect_dir")
     redirect_dir = values.pop("redirect_dir", "on")
     if redirect_dir not in REDIRECT_DIR:
         raise OptionError(f"redirect_dir={redirect_dir}: expected one of {', '.join(REDIRECT_DIR)}")
     follow_redirects, create_redirects = REDIRECT_DIR[redirect_dir]
+    metacopy = _switch(values.pop("metacopy", None), "metacopy", False, ("off", "on"))
+    if metacopy and asked_redirect not in (None, "on"):
+        # as the kernel: a metacopy file moved by a rename is found again by its redirect
+        raise OptionError(f"conflicting options: metacopy=on,redirect_dir={asked_redirect}")
     owners = _owners(values.pop("uidmapping", None), values.pop("gidmapping", None))
     volatile = "volatile" in flags and upper is not None  # the kernel ignores it read-only
     flags.discard("volatile")
@@ -429,6 +441,7 @@ def _validate(
         acl=acl,
         spin_us=spin_us,
         prefetch=prefetch,
+        metacopy=metacopy,
     )
 
 

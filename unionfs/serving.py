@@ -83,6 +83,7 @@ def open_stack(cfg: MountConfig, report: Callable[[str], None]) -> tuple[Any, An
             index=cfg.index,
             follow_redirects=cfg.follow_redirects,
             fs=Roots(shadow=os.fsencode(cfg.mountpoint)),
+            metacopy=cfg.metacopy,
         )
         writer = (
             Writer(

@@ -158,6 +158,7 @@ class Node:
         "gen",
         "unlinked",
         "deleted",
+        "data",
         "__weakref__",  # adapters key their per-node state (cached replies, locks) on nodes
     )
 
@@ -191,6 +192,9 @@ class Node:
         # kernel's overlay has), not a second node whose cached size and data go stale.
         self.unlinked = False
         self.deleted = False
+        # metacopy=on: the lower file holding the data of an upper file the kernel copied
+        # up by its metadata only (`LayerStack._metacopy_data`); None once filled, or never
+        self.data: bytes | None = None
 
     def invalidate(self) -> None:
         """Its attributes changed, or may have: drop the cached stat, and let whoever caches
@@ -223,6 +227,7 @@ class LayerStack:
         index: bool = False,
         follow_redirects: bool = True,
         fs: Roots | None = None,
+        metacopy: bool = False,
     ) -> None:
         paths = ([upper] if upper is not None else []) + list(lowers)
         self.layers: list[bytes] = [os.fsencode(os.path.abspath(p)) for p in paths]
@@ -230,8 +235,11 @@ class LayerStack:
         self.index = index
         # GAP(issue-14): the kernel's WORKDIR/index/ (an upper it wrote with index=on) is not
         # read: names of a hard-linked lower file it did not copy up show the lower file.
-        # GAP(issue-14): metacopy files (`overlay.metacopy`, data still below) in the upper
-        # are refused with EPERM (`_refuse_metacopy`), as the kernel without metacopy=on.
+        # metacopy files (`overlay.metacopy`: the kernel with metacopy=on copied only the
+        # metadata up, the data is still below) in the upper: read with metacopy=on, refused
+        # (EPERM) without, as the kernel (`_metacopy_data`).  GAP(issue-14): not looked for
+        # in lower layers (an old upper stacked below a new one).
+        self.metacopy = metacopy
         # redirect_dir=nofollow: a moved directory found in the upper is refused (EPERM), as
         # the kernel refuses it, rather than shown without the lower part it was moved with
         self.follow_redirects = follow_redirects
@@ -623,8 +631,9 @@ class LayerStack:
                 self.add_alias(node, parent, name)
             node.parent, node.name = parent, name
             return node
+        data = None
         if child.layer == 0 and child.kind == stat.S_IFREG and self.has_upper:
-            self._refuse_metacopy(child.path)
+            data = self._metacopy_data(parent, name, child.path)
         node = Node(
             ino,
             parent,
@@ -635,22 +644,58 @@ class LayerStack:
             list(dirs) if dirs is not None else None,
         )
         node.st = st
+        node.data = data
         return node
 
-    def _refuse_metacopy(self, path: bytes) -> None:
-        """EPERM for an upper file the kernel copied up with metacopy=on (only its metadata:
-        its bytes are a hole, its data is still below), as the kernel refuses it without
-        metacopy=on ("refusing to follow metacopy origin"): shown, it would read as zeros,
-        and a change would be made to the zeros.  Asked once per node of a file the upper
-        held before (one listxattr); files this mount makes never go through here.
-        GAP(issue-14): metacopy=on is not offered, and metacopy files in lower layers (an
-        old upper stacked below a new one) are not looked for."""
+    def _metacopy_data(self, parent: Node, name: bytes, path: bytes) -> bytes | None:
+        """For an upper file the kernel copied up with metacopy=on (only its metadata: its
+        bytes are a hole of the right size), the lower file that holds its data: where its
+        `overlay.redirect` points (from the root of the layers below), or else the same name
+        in the parent's lower parts.  None for any other file.  Without metacopy=on such a
+        file is refused (EPERM), as the kernel refuses it ("refusing to follow metacopy
+        origin"): shown, it would read as zeros, and a change would be made to the zeros;
+        with no data found below, EIO, as the kernel.  Asked once per node of a file the
+        upper held before (one listxattr); files this mount makes never come here."""
         try:
-            names = self.fs.listxattr(path)
+            names = {os.fsencode(n) for n in self.fs.listxattr(path)}
         except OSError:
-            return
-        if any(os.fsencode(n) in markers.METACOPY_XATTRS for n in names):
+            return None
+        if not names.intersection(markers.METACOPY_XATTRS):
+            return None
+        if not self.metacopy:
             raise OSError(errno.EPERM, "a metacopy file (its data is in a lower layer)", path)
+        redirect = None
+        for xname in markers.REDIRECT_XATTRS:
+            if xname in names:
+                redirect = self.fs.getxattr(path, xname)
+        found = self._data_below(parent, name, redirect)
+        if found is None:
+            raise OSError(errno.EIO, "a metacopy file whose data is in no lower layer", path)
+        return found
+
+    def _data_below(self, parent: Node, name: bytes, redirect: bytes | None) -> bytes | None:
+        if redirect is not None and redirect.startswith(b"/"):
+            view = self._view_below(0)
+            node: Node | None = view.root
+            for part in redirect.strip(b"/").split(b"/"):
+                if node is None or not node.is_dir:
+                    return None
+                node = view.find(node, part) if part else node
+            if node is None or node.kind != stat.S_IFREG:
+                return None
+            return view.real_path(node)
+        if redirect is not None:  # relative: a name in the same directory, as the kernel's
+            name = redirect
+        for d in parent.dirs or ():
+            if d.layer == 0:
+                continue
+            candidate = d.path + b"/" + name
+            try:
+                st = self.fs.lstat(candidate)
+            except FileNotFoundError:
+                continue
+            return candidate if stat.S_ISREG(st.st_mode) and st.st_rdev == 0 else None
+        return None
 
     def _numbered(self, ino: Inode, kind: int) -> Node | None:
         """The node object numbered `ino`, if one still stands for a live object of `kind`."""
@@ -704,7 +749,8 @@ class LayerStack:
         view = self._views.get(layer)
         if view is None:
             lowers = [os.fsdecode(p) for p in self.layers[layer + 1 :]]
-            view = LayerStack(lowers, fs=self.fs, follow_redirects=self.follow_redirects)
+            view = LayerStack(lowers, fs=self.fs, follow_redirects=self.follow_redirects,
+                              metacopy=self.metacopy)  # fmt: skip
             self._views[layer] = view
         return view
 

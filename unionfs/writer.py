@@ -458,6 +458,38 @@ class Writer:
             raise
         return self._register(parent, name, wh), fd
 
+    def fill_metacopy(self, node: Node) -> None:
+        """Copy the data of a metadata-only upper file (`Node.data`, metacopy=on) into it,
+        before its first change, as the kernel's copy-up of a metacopy file does: the bytes
+        go into the upper file itself, its times are kept, and `overlay.metacopy` is removed
+        only once the data is on disk (fsynced, unless volatile), so a crash part way leaves
+        a file that still reads its data from below.  May run in a worker thread."""
+        src = node.data
+        assert src is not None
+        path = self.stack.upper_path(node)
+        fs = self.fs
+        fin = fs.open(src, os.O_RDONLY)
+        try:
+            fd = fs.open(path, os.O_WRONLY)
+            try:
+                st = os.fstat(fd)
+                fsutil.copy_ranges(fin, fd, min(st.st_size, os.fstat(fin).st_size))
+                os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                if self.sync_copies:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(fin)
+        for name in markers.METACOPY_XATTRS:
+            try:
+                fs.removexattr(path, name)
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                    raise
+        node.data = None
+        node.invalidate()
+
     def tmpfile(
         self, parent: Node, mode: int, flags: int, uid: int, gid: int,
         acls: Inherited | None = None,

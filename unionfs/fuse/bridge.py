@@ -197,8 +197,9 @@ class Bridge:
         the mount is frozen (a live commit).  An UNLINK also behind a copy-up in progress
         (`_quiesce`), or, with index=on, for its own copy-up of a hard-linked file; a request
         that copies its node up first (SETATTR, SETXATTR, REMOVEXATTR, an OPEN for writing)
-        while the node is not in the upper yet (a copy-up: it takes the node's lock, and a big
-        one goes to a worker thread; measured no faster inline when small)."""
+        while the node is not in the upper yet, or holds only metadata there (metacopy=on): a
+        copy-up takes the node's lock, and a big one goes to a worker thread; measured no
+        faster inline when small."""
         ops = self.ops
         if ops.gate.frozen:
             return True
@@ -206,7 +207,9 @@ class Bridge:
             return ops.copying > 0 or ops.stack.index
         if name in _COPY_UP_FIRST:
             node = ops.stack.known(nodeid)
-            return node is None or not (node.is_dir or ops.stack.in_upper(node))
+            if node is None or node.data is not None:  # metacopy=on: its data to copy up
+                return True
+            return not (node.is_dir or ops.stack.in_upper(node))
         return False
 
     def _listing_changed(self, node: Any) -> None:
