@@ -10,7 +10,7 @@ import errno
 import os
 from pathlib import Path
 
-from unionfs import fsutil
+from unionfs import fsutil, syscalls
 
 
 def outcome(fn, *args):
@@ -77,6 +77,32 @@ def setxattr(root: Path, path: str, value: bytes):
 
 def removexattr(root: Path, path: str):
     os.removexattr(root / path, "user.k", follow_symlinks=False)
+
+
+def setxattr_overlay(root: Path, path: str, value: bytes):
+    """An overlay xattr set by a user (an overlay nested on this one): kept escaped."""
+    os.setxattr(root / path, "trusted.overlay.k", value, follow_symlinks=False)
+
+
+def punch(root: Path, path: str, offset: int, length: int):
+    """fallocate(PUNCH_HOLE|KEEP_SIZE) through an fd open for writing (a copy-up first), and
+    what the file holds then."""
+    fd = os.open(root / path, os.O_RDWR | os.O_NONBLOCK)  # a FIFO must not block
+    try:
+        syscalls.fallocate(fd, 0x03, offset, length)
+        return os.pread(fd, 100, 0)
+    finally:
+        os.close(fd)
+
+
+def tmpfile_link(root: Path, dirpath: str, name: str, data: bytes):
+    """An O_TMPFILE file in `dirpath`, written, then named `name` there by linkat(fd)."""
+    fd = os.open(root / dirpath, os.O_TMPFILE | os.O_WRONLY, 0o640)
+    try:
+        os.write(fd, data)
+        syscalls.link_fd(fd, os.fsencode(root / dirpath / name))
+    finally:
+        os.close(fd)
 
 
 def link(root: Path, src: str, dst: str):

@@ -35,6 +35,7 @@ DIRS = ["", "d1", "d1/sub", "d2", "d3", "n"]
 NAMES = ["f", "g", "h", "sub", "n", "d1"]
 PATHS = [os.path.join(d, n) for d in DIRS for n in NAMES]
 KERNEL_OPTS = "redirect_dir=on"
+NATIVE = os.environ.get("LAYERFS_FUSE", "native") == "native"
 EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "25"))
 SHRINK = os.environ.get("HYPOTHESIS_SHRINK", "1") == "1"
 _counter = itertools.count()
@@ -245,6 +246,21 @@ class UnionMachine(RuleBasedStateMachine):
     @rule(path=paths)
     def removexattr(self, path):
         self.both(ops.removexattr, path)
+
+    @rule(path=paths, value=st.sampled_from([b"y", b"v2"]))
+    def setxattr_overlay(self, path, value):
+        self.both(ops.setxattr_overlay, path, value)
+
+    # FALLOCATE and TMPFILE: native transport only (pyfuse3 has no such requests)
+    @precondition(lambda self: NATIVE)
+    @rule(path=paths, offset=st.integers(0, 12), length=st.integers(1, 12))
+    def punch(self, path, offset, length):
+        self.both(ops.punch, path, offset, length)
+
+    @precondition(lambda self: NATIVE)
+    @rule(dirpath=st.sampled_from(DIRS), name=st.sampled_from(NAMES), data=st.binary(max_size=9))
+    def tmpfile_link(self, dirpath, name, data):
+        self.both(ops.tmpfile_link, dirpath, name, data)
 
     @rule(path=paths)
     def mkfifo(self, path):
