@@ -42,7 +42,7 @@ import pytest
 from tests import treecmp
 from tests.layerdata import write
 from tests.mounts import KernelOverlay, LayerfsMount
-from unionfs import fsutil
+from unionfs import fsutil, syscalls
 
 pytestmark = pytest.mark.mount
 
@@ -56,7 +56,7 @@ EXPECTED = {
 }  # fmt: skip
 OPS = (
     "append pwrite rename rename unlink chmod link read trunc setx rmx mkdir rmdir create "
-    "symlink exchange noreplace utime list otrunc"
+    "symlink exchange noreplace utime list otrunc punch tmpfile ovlx"
 ).split()
 
 
@@ -163,6 +163,22 @@ def _work(mnt: str, seed: int, seconds: float, out) -> None:  # type: ignore[no-
                 os.symlink(f"t{seed}", name())
             elif op == "utime":
                 os.utime(name(), (1_000_000, 2_000_000))
+            elif op == "punch":  # a hole in a file being copied up, renamed, read
+                fd = os.open(name(), os.O_RDWR)
+                try:
+                    syscalls.fallocate(fd, 0x03, r.randrange(0, 8192), r.randrange(1, 8192))
+                finally:
+                    os.close(fd)
+            elif op == "tmpfile":  # an unnamed file, named where names come and go
+                where = f"{mnt}/{r.choice(DIRS)}"
+                fd = os.open(where, os.O_TMPFILE | os.O_WRONLY, 0o644)
+                try:
+                    os.write(fd, b"tmp %d\n" % seed)
+                    syscalls.link_fd(fd, os.fsencode(f"{where}/{r.choice(STEMS)}{r.randrange(6)}"))
+                finally:
+                    os.close(fd)
+            elif op == "ovlx":  # an overlay xattr a user sets: kept escaped
+                os.setxattr(name(), "trusted.overlay.t", b"y")
             else:
                 os.listdir(os.path.dirname(name()))
             done += 1
