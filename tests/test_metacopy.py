@@ -109,6 +109,25 @@ def test_metacopy_on_reads_and_fills_as_the_kernel(tmp_path, fuse, root):
         assert (mnt / "g3").read_bytes() == b"deep data\n"
 
 
+def test_metacopy_on_in_a_lower_layer_as_the_kernel(tmp_path, fuse, root):
+    """The kernel's upper, stacked as a lower layer below a new upper (unionmount-testsuite's
+    `--ov=N`): its metacopy files read, and copy up, their data from the layer below."""
+    seen = {}
+    for side in ("kernel", "layerfs"):
+        lower, old_upper, _, mnt = _kernel_metacopy_upper(tmp_path / side)
+        upper, work = tmp_path / side / "upper2", tmp_path / side / "work2"
+        upper.mkdir()
+        work.mkdir()
+        layers = [old_upper, lower]
+        mount = KernelOverlay if side == "kernel" else LayerfsMount
+        with mount(mnt, layers, upper, work, extra_opts=METACOPY_ON):
+            seen[side] = _with_metacopy(mnt)
+        with KernelOverlay(mnt, layers, upper, work, extra_opts=METACOPY_ON):
+            seen[side]["remounted"] = ((mnt / "f").read_bytes(), (mnt / "g3").read_bytes())
+    assert seen["kernel"]["read"] == (b"lower data\n", b"deep data\n")  # the oracle
+    assert seen["layerfs"] == seen["kernel"]
+
+
 def test_metacopy_on_needs_redirects(tmp_path, fuse):
     lower, upper, work, mnt = _kernel_metacopy_upper(tmp_path)
     r = subprocess.run(

@@ -460,13 +460,13 @@ class UnionOperations(pyfuse3.Operations):
         oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY | _O_DIRECT)
         fs, path = self._open_path(node)
         self.budget.take(ctx.uid)
+        if not writable and node.data is not None:
+            # metacopy=on: read the file below that holds the data (until a change fills it)
+            fh = self._add_handle(node, -1, False, ctx.uid, (node.data, oflags))
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         if not writable and node.kind == stat.S_IFREG and not self.stack.in_upper(node):
             # a lower file to read: opened at first need (FileHandle)
             fh = self._add_handle(node, -1, False, ctx.uid, (path, oflags))
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
-        if not writable and node.data is not None:
-            # metacopy=on: read the lower file that holds the data (until a change fills it)
-            fh = self._add_handle(node, -1, False, ctx.uid, (node.data, oflags))
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         try:
             if writable:

@@ -40,9 +40,10 @@ Options of kernel overlayfs, with the kernel's meaning:
                   redirected directory cannot be looked up (EPERM).
   metacopy=off|on off (default): a file the kernel copied up by its metadata only (its
                   `overlay.metacopy`: the data is still below) is refused (EPERM), as the
-                  kernel refuses it.  on: it is read, its data from the lower file (where its
-                  `overlay.redirect` points, or the same name below), and a change fills it
-                  first; layerfs's own copy-ups stay whole.  Needs redirect_dir=on.
+                  kernel refuses it.  on: it is read, in any layer, its data from the file
+                  below (where its `overlay.redirect` points, or the same name below), and a
+                  change copies the data up first; layerfs's own copy-ups stay whole.  Needs
+                  redirect_dir=on.
   volatile        as the kernel (overlayfs.rst, "Volatile mount"): fsync and fsyncdir on
                   the mount skip syncing the upper, and so do copy-ups; the mount creates the
                   work dir's `work/incompat/volatile`, and a mount whose work dir has it is

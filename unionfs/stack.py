@@ -236,9 +236,9 @@ class LayerStack:
         # GAP(issue-14): the kernel's WORKDIR/index/ (an upper it wrote with index=on) is not
         # read: names of a hard-linked lower file it did not copy up show the lower file.
         # metacopy files (`overlay.metacopy`: the kernel with metacopy=on copied only the
-        # metadata up, the data is still below) in the upper: read with metacopy=on, refused
-        # (EPERM) without, as the kernel (`_metacopy_data`).  GAP(issue-14): not looked for
-        # in lower layers (an old upper stacked below a new one).
+        # metadata up, the data is still below): read with metacopy=on, in any layer; in the
+        # upper refused (EPERM) without, as the kernel (`_metacopy_data`).  GAP(issue-14):
+        # without metacopy=on, not looked for in lower layers.
         self.metacopy = metacopy
         # redirect_dir=nofollow: a moved directory found in the upper is refused (EPERM), as
         # the kernel refuses it, rather than shown without the lower part it was moved with
@@ -632,8 +632,8 @@ class LayerStack:
             node.parent, node.name = parent, name
             return node
         data = None
-        if child.layer == 0 and child.kind == stat.S_IFREG and self.has_upper:
-            data = self._metacopy_data(parent, name, child.path)
+        if child.kind == stat.S_IFREG and (child.layer == 0 and self.has_upper or self.metacopy):
+            data = self._metacopy_data(parent, name, child.path, child.layer)
         node = Node(
             ino,
             parent,
@@ -647,15 +647,17 @@ class LayerStack:
         node.data = data
         return node
 
-    def _metacopy_data(self, parent: Node, name: bytes, path: bytes) -> bytes | None:
-        """For an upper file the kernel copied up with metacopy=on (only its metadata: its
-        bytes are a hole of the right size), the lower file that holds its data: where its
-        `overlay.redirect` points (from the root of the layers below), or else the same name
-        in the parent's lower parts.  None for any other file.  Without metacopy=on such a
-        file is refused (EPERM), as the kernel refuses it ("refusing to follow metacopy
-        origin"): shown, it would read as zeros, and a change would be made to the zeros;
-        with no data found below, EIO, as the kernel.  Asked once per node of a file the
-        upper held before (one listxattr); files this mount makes never come here."""
+    def _metacopy_data(self, parent: Node, name: bytes, path: bytes, layer: int) -> bytes | None:
+        """For a file the kernel copied up with metacopy=on (only its metadata: its bytes
+        are a hole of the right size) in `layer`, the file below that holds its data: where
+        its `overlay.redirect` points (from the root of the layers below), or else the same
+        name in the parent's parts below.  None for any other file.  Without metacopy=on
+        such a file in the upper is refused (EPERM), as the kernel refuses it ("refusing to
+        follow metacopy origin"): shown, it would read as zeros, and a change would be made
+        to the zeros; with no data found below, EIO, as the kernel.  Asked once per node of
+        a file the upper held before (one listxattr), and with metacopy=on once per node of
+        a lower file too (an old upper stacked below a new one); files this mount makes
+        never come here.  GAP(issue-14): without metacopy=on a lower one is not looked for."""
         try:
             names = {os.fsencode(n) for n in self.fs.listxattr(path)}
         except OSError:
@@ -668,14 +670,18 @@ class LayerStack:
         for xname in markers.REDIRECT_XATTRS:
             if xname in names:
                 redirect = self.fs.getxattr(path, xname)
-        found = self._data_below(parent, name, redirect)
+        found = self._data_below(parent, name, redirect, layer)
         if found is None:
             raise OSError(errno.EIO, "a metacopy file whose data is in no lower layer", path)
         return found
 
-    def _data_below(self, parent: Node, name: bytes, redirect: bytes | None) -> bytes | None:
+    def _data_below(
+        self, parent: Node, name: bytes, redirect: bytes | None, layer: int
+    ) -> bytes | None:
         if redirect is not None and redirect.startswith(b"/"):
-            view = self._view_below(0)
+            if layer >= len(self.layers) - 1:
+                return None
+            view = self._view_below(layer)
             node: Node | None = view.root
             for part in redirect.strip(b"/").split(b"/"):
                 if node is None or not node.is_dir:
@@ -683,11 +689,11 @@ class LayerStack:
                 node = view.find(node, part) if part else node
             if node is None or node.kind != stat.S_IFREG:
                 return None
-            return view.real_path(node)
+            return node.data or view.real_path(node)  # a metacopy file there: its data
         if redirect is not None:  # relative: a name in the same directory, as the kernel's
             name = redirect
         for d in parent.dirs or ():
-            if d.layer == 0:
+            if d.layer <= layer:
                 continue
             candidate = d.path + b"/" + name
             try:

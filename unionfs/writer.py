@@ -207,9 +207,11 @@ class Writer:
 
     @staticmethod
     def copy_data(plan: CopyPlan) -> None:
-        """The slow part: runs in a worker thread, touching nothing but the two files."""
+        """The slow part: runs in a worker thread, touching nothing but the two files.  A
+        metacopy file's data comes from the file below that holds it (`Node.data`)."""
         if plan.with_data:
-            fsutil.copy_data(plan.fs, plan.src, plan.tmp, sync=plan.sync)
+            src = plan.node.data or plan.src
+            fsutil.copy_data(plan.fs, src, plan.tmp, sync=plan.sync)
 
     def abort_copy_up(self, plan: CopyPlan) -> None:
         try:
@@ -231,6 +233,7 @@ class Writer:
         fsutil.copy_xattrs(self.fs, plan.src, plan.tmp, markers.is_private_xattr)
         self._set_origin(plan)
         self._into_place(node.parent, plan.tmp, node.name)
+        node.data = None  # a metacopy file's data is in the copy now
         upper_ino = self._now_in_upper(node, node.parent, node.name)
         if plan.st.st_nlink > 1 and not stack.index:
             stack.break_link(node, upper_ino)
