@@ -848,18 +848,8 @@ class UnionOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, AttrsReply]:
         writer = self._need_upper()
-        parent = self.stack.node(parent_inode)
-        flags = self._open_flags(flags)
-        self.budget.take(ctx.uid)  # before the file exists: a refused create leaves nothing
-        uid, gid = self.owners.stored(ctx.uid, ctx.gid)
-        try:
-            made = self._inherit(parent, mode, ctx.umask, stat.S_IFREG)
-            node, fd = writer.create(parent, name, made.mode, flags, uid, gid, made)
-        except BaseException:
-            self.budget.give(ctx.uid)
-            raise
-        fh = self._add_handle(node, fd, True, ctx.uid)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new_entry(node)
+        return self._new_file(parent_inode, mode, flags, ctx,
+                              lambda parent, *args: writer.create(parent, name, *args))  # fmt: skip
 
     @_handler
     @_mutating
@@ -867,14 +857,22 @@ class UnionOperations(pyfuse3.Operations):
         self, parent_inode: int, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, AttrsReply]:
         """open(2) with O_TMPFILE (the native transport's FUSE_TMPFILE): Writer.tmpfile."""
-        writer = self._need_upper()
+        return self._new_file(parent_inode, mode, flags, ctx, self._need_upper().tmpfile)
+
+    def _new_file(
+        self, parent_inode: int, mode: int, flags: int, ctx: Any,
+        make: Callable[..., tuple[Node, int]],
+    ) -> tuple[pyfuse3.FileInfo, AttrsReply]:  # fmt: skip
+        """A new regular file, open for writing, by `make(parent, mode, flags, uid, gid,
+        acls)` (Writer.create or Writer.tmpfile): its mode and ACLs from the parent's default
+        ACL, its owner the caller's, its handle counted against the caller's budget."""
         parent = self.stack.node(parent_inode)
         flags = self._open_flags(flags)
-        self.budget.take(ctx.uid)
+        self.budget.take(ctx.uid)  # before the file exists: a refused create leaves nothing
         uid, gid = self.owners.stored(ctx.uid, ctx.gid)
         try:
             made = self._inherit(parent, mode, ctx.umask, stat.S_IFREG)
-            node, fd = writer.tmpfile(parent, made.mode, flags, uid, gid, made)
+            node, fd = make(parent, made.mode, flags, uid, gid, made)
         except BaseException:
             self.budget.give(ctx.uid)
             raise

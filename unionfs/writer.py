@@ -450,16 +450,21 @@ class Writer:
         dest = self.tmpname() if wh else path
         fd = self.fs.open(dest, oflags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode))
         try:
-            os.fchown(fd, uid, gid)
-            os.fchmod(fd, stat.S_IMODE(mode))
-            if acls is not None:
-                _set_acls(fd, acls, self.fs)
+            self._own_new_file(fd, uid, gid, mode, acls)
             if wh:
                 self.fs.rename(dest, path)  # atomically replaces the whiteout
         except BaseException:
             os.close(fd)
             raise
         return self._register(parent, name, wh), fd
+
+    def _own_new_file(self, fd: int, uid: int, gid: int, mode: int, acls: Inherited | None
+                      ) -> None:  # fmt: skip
+        """Owner, mode and inherited ACLs of a file `create` or `tmpfile` just made."""
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, stat.S_IMODE(mode))
+        if acls is not None:
+            _set_acls(fd, acls, self.fs)
 
     def fill_metacopy(self, node: Node) -> None:
         """Copy the data of a metadata-only upper file (`Node.data`, metacopy=on) into it,
@@ -507,10 +512,7 @@ class Writer:
         fd = self.fs.open(self.stack.upper_path(parent), (flags & keep) | os.O_TMPFILE,
                           stat.S_IMODE(mode))  # fmt: skip
         try:
-            os.fchown(fd, uid, gid)
-            os.fchmod(fd, stat.S_IMODE(mode))
-            if acls is not None:
-                _set_acls(fd, acls, self.fs)
+            self._own_new_file(fd, uid, gid, mode, acls)
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
