@@ -12,8 +12,9 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -205,6 +206,28 @@ class KernelOverlay:
             r = subprocess.run(["umount", self.mnt], capture_output=True, timeout=30)
             if r.returncode != 0:
                 lazy_unmount(self.mnt)
+
+
+def on_both(
+    root: Path,
+    layers: Callable[[Path], tuple[Path, Path, Path, Path]],
+    steps: Callable[[Path], Any],
+    extra: str = "",
+) -> dict[str, Any]:
+    """`steps(mnt)` on kernel overlayfs, then on layerfs (with the options `extra`), each over
+    its own copy of what `layers(root / ENGINE)` makes: (lower, upper, work, mountpoint).
+    What each returned, by engine."""
+    results = {}
+    for engine in ("kernel", "layerfs"):
+        lo, up, wk, mnt = layers(root / engine)
+        mount: KernelOverlay | LayerfsMount
+        if engine == "kernel":
+            mount = KernelOverlay(mnt, [lo], up, wk)
+        else:
+            mount = LayerfsMount(mnt, [lo], up, wk, extra_opts=extra)
+        with mount:
+            results[engine] = steps(mnt)
+    return results
 
 
 def sweep(under: str) -> list[str]:

@@ -20,6 +20,11 @@ def outcome(fn, *args):
         return ("err", errno.errorcode.get(exc.errno or 0, str(exc.errno)))
 
 
+def value_or_errno(fn, *args):
+    """What `fn(*args)` returns, or the name of the errno it fails with (`outcome`'s value)."""
+    return outcome(fn, *args)[1]
+
+
 def write(root: Path, path: str, data: bytes, how: str):
     flags = {
         "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounts import KernelOverlay, LayerfsMount
+from tests.mounts import LayerfsMount, on_both
 from unionfs import syscalls
 
 pytestmark = pytest.mark.mount
@@ -93,12 +93,8 @@ def _scenario(mnt: Path) -> dict[str, object]:
 
 
 def test_fallocate_and_seek_hole_as_kernel_overlayfs(tmp_path, fuse, root):
-    lo, up, wk, mnt = _layers(tmp_path / "layerfs")
-    klo, kup, kwk, kmnt = _layers(tmp_path / "kernel")
-    with KernelOverlay(kmnt, [klo], kup, kwk):
-        want = _scenario(kmnt)
-    with LayerfsMount(mnt, [lo], up, wk):
-        got = _scenario(mnt)
+    seen = on_both(tmp_path, _layers, _scenario)
+    want, got = seen["kernel"], seen["layerfs"]
     assert want["data after"] is True and want["lower sparse"][0] == MiB  # the oracle itself
     assert got == want
 

@@ -529,19 +529,15 @@ def _on_both(
 ) -> dict[str, Any]:
     """`steps` on a kernel overlay and on layerfs (with `extra`), each over an empty lower
     and an upper that `upper` filled; what each returned."""
-    results = {}
-    for engine in ("kernel", "layerfs"):
-        lo, up, wk, mnt = (tmp_path / engine / p for p in ("lo", "up", "wk", "mnt"))
+
+    def layers(root: Path) -> tuple[Path, Path, Path, Path]:
+        lo, up, wk, mnt = (root / p for p in ("lo", "up", "wk", "mnt"))
         for p in (lo, up, wk, mnt):
             p.mkdir(parents=True)
         upper(up)
-        if engine == "kernel":
-            with KernelOverlay(mnt, [lo], up, wk):
-                results[engine] = steps(mnt)
-        else:
-            with LayerfsMount(mnt, [lo], up, wk, extra_opts=extra):
-                results[engine] = steps(mnt)
-    return results
+        return lo, up, wk, mnt
+
+    return mounts.on_both(tmp_path, layers, steps, extra)
 
 
 def _hard_linked_names(mnt: Path) -> dict[str, object]:

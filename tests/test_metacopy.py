@@ -10,7 +10,6 @@ upper can hold such files.)
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 
 from imagestore.changeset import ChangesetError, write_changeset
 from tests.mounts import LAYERFS, KernelOverlay, LayerfsMount, overlay_options
+from tests.ops import value_or_errno
 
 pytestmark = pytest.mark.mount
 
@@ -43,20 +43,13 @@ def _kernel_metacopy_upper(root: Path) -> tuple[Path, Path, Path, Path]:
     return lower, upper, work, mnt
 
 
-def _err(fn) -> object:
-    try:
-        return fn()
-    except OSError as exc:
-        return errno.errorcode[exc.errno]
-
-
 def _seen(mnt: Path) -> dict[str, object]:
     return {
         "listing": sorted(os.listdir(mnt)),
-        "stat f": _err(lambda: os.stat(mnt / "f").st_size),
-        "read f": _err(lambda: (mnt / "f").read_bytes()),
-        "append f": _err(lambda: open(mnt / "f", "ab").close()),
-        "read g2": _err(lambda: (mnt / "g2").read_bytes()),
+        "stat f": value_or_errno(lambda: os.stat(mnt / "f").st_size),
+        "read f": value_or_errno(lambda: (mnt / "f").read_bytes()),
+        "append f": value_or_errno(lambda: open(mnt / "f", "ab").close()),
+        "read g2": value_or_errno(lambda: (mnt / "g2").read_bytes()),
         "plain": (mnt / "plain").read_bytes(),
         "d": sorted(os.listdir(mnt / "d")),
     }

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounts import KernelOverlay, LayerfsMount
+from tests.mounts import LayerfsMount, on_both
+from tests.ops import value_or_errno
 
 pytestmark = pytest.mark.mount
 
@@ -44,13 +45,6 @@ def _link_fd(fd: int, path: Path) -> None:
         raise OSError(err, os.strerror(err), str(path))
 
 
-def _err(fn) -> object:
-    try:
-        return fn()
-    except OSError as exc:
-        return errno.errorcode[exc.errno]
-
-
 def _scenario(mnt: Path) -> dict[str, object]:
     seen: dict[str, object] = {}
     d = mnt / "dir" / "sub"  # a lower directory: copied up for the file
@@ -67,7 +61,7 @@ def _scenario(mnt: Path) -> dict[str, object]:
     os.write(fd, b"and after\n")
     st2 = os.stat(d / "named")
     seen["named"] = (oct(st2.st_mode), st2.st_nlink, st2.st_size, st2.st_ino == st.st_ino)
-    seen["second link"] = _err(lambda: _link_fd(fd, d / "again"))
+    seen["second link"] = value_or_errno(lambda: _link_fd(fd, d / "again"))
     os.close(fd)
     seen["data"] = (d / "named").read_bytes()
     seen["nlink after"] = os.stat(d / "named").st_nlink
@@ -82,13 +76,13 @@ def _scenario(mnt: Path) -> dict[str, object]:
 
     # O_EXCL: never linkable; closed without a name: gone
     fd = os.open(mnt / "dir", os.O_TMPFILE | os.O_RDWR | os.O_EXCL, 0o600)
-    seen["excl link"] = _err(lambda: _link_fd(fd, mnt / "dir" / "x"))
+    seen["excl link"] = value_or_errno(lambda: _link_fd(fd, mnt / "dir" / "x"))
     os.close(fd)
     fd = os.open(mnt / "dir", os.O_TMPFILE | os.O_RDWR, 0o600)
     os.write(fd, b"never named\n")
     os.close(fd)
     seen["listing after"] = sorted(os.listdir(mnt / "dir"))
-    seen["read-only"] = _err(lambda: os.open(mnt / "dir", os.O_TMPFILE | os.O_RDONLY))
+    seen["read-only"] = value_or_errno(lambda: os.open(mnt / "dir", os.O_TMPFILE | os.O_RDONLY))
     return seen
 
 
@@ -101,12 +95,10 @@ def _upper_files(upper: Path) -> list[tuple[str, int, bytes]]:
 
 
 def test_tmpfile_and_its_link_as_kernel_overlayfs(tmp_path, fuse, root):
-    lo, up, wk, mnt = _layers(tmp_path / "layerfs")
-    klo, kup, kwk, kmnt = _layers(tmp_path / "kernel")
-    with KernelOverlay(kmnt, [klo], kup, kwk):
-        want = _scenario(kmnt)
-    with LayerfsMount(mnt, [lo], up, wk):
-        got = _scenario(mnt)
+    seen = on_both(tmp_path, _layers, _scenario)
+    want, got = seen["kernel"], seen["layerfs"]
+    lo, up, wk, mnt = (tmp_path / "layerfs" / n for n in ("lower", "upper", "work", "mnt"))
+    kup = tmp_path / "kernel" / "upper"
     assert want["unnamed"][1] == 0 and want["data"].endswith(b"and after\n")  # the oracle
     assert got == want
     assert _upper_files(up) == _upper_files(kup)

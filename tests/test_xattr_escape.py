@@ -9,14 +9,14 @@ to set one (EPERM), so such an inner overlay merged directories that were opaque
 
 from __future__ import annotations
 
-import errno
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.mounts import KernelOverlay, LayerfsMount, is_mounted, lazy_unmount
+from tests.mounts import LayerfsMount, is_mounted, lazy_unmount, on_both
+from tests.ops import value_or_errno
 
 pytestmark = pytest.mark.mount
 
@@ -35,14 +35,8 @@ def _layers(root: Path) -> tuple[Path, Path, Path, Path]:
     return lower, upper, work, mnt
 
 
-def _err(fn) -> object:
-    try:
-        return fn()
-    except OSError as exc:
-        return errno.errorcode[exc.errno]
-
-
-def _scenario(root: Path, mnt: Path, upper: Path) -> dict[str, object]:
+def _scenario(mnt: Path) -> dict[str, object]:
+    root, upper = mnt.parent, mnt.parent / "upper"  # as `_layers` made them
     seen: dict[str, object] = {}
     seen["shown"] = sorted(os.listxattr(mnt / "in/low2/d"))
     seen["value"] = os.getxattr(mnt / "in/low2/d", "trusted.overlay.opaque")
@@ -65,17 +59,13 @@ def _scenario(root: Path, mnt: Path, upper: Path) -> dict[str, object]:
     os.chmod(mnt / "kept", 0o600)  # a copy-up carries the escaped xattr, not the origin
     seen["copied up"] = (sorted(os.listxattr(mnt / "kept")),
                          os.getxattr(upper / "kept", "trusted.overlay.overlay.foo"))  # fmt: skip
-    seen["absent"] = _err(lambda: os.getxattr(mnt / "kept", "trusted.overlay.origin"))
+    seen["absent"] = value_or_errno(lambda: os.getxattr(mnt / "kept", "trusted.overlay.origin"))
     return seen
 
 
 def test_nested_overlay_markers_as_kernel_overlayfs(tmp_path, fuse, root):
-    klo, kup, kwk, kmnt = _layers(tmp_path / "kernel")
-    with KernelOverlay(kmnt, [klo], kup, kwk):
-        want = _scenario(tmp_path / "kernel", kmnt, kup)
-    lo, up, wk, mnt = _layers(tmp_path / "layerfs")
-    with LayerfsMount(mnt, [lo], up, wk):
-        got = _scenario(tmp_path / "layerfs", mnt, up)
+    seen = on_both(tmp_path, _layers, _scenario)
+    want, got = seen["kernel"], seen["layerfs"]
     assert want["inner opaque dir"] == ["g"] and want["shown"] == ["trusted.overlay.opaque"]
     assert got == want
 
@@ -84,7 +74,7 @@ def test_own_markers_stay_out_of_reach(tmp_path, fuse, root):
     lo, up, wk, mnt = _layers(tmp_path)
     with LayerfsMount(mnt, [lo], up, wk):
         for name in ("trusted.layerfs.x", "user.layerfs.x", "user.fuseoverlayfs.opaque"):
-            assert _err(lambda n=name: os.setxattr(mnt / "kept", n, b"y")) == "EPERM", name
+            assert value_or_errno(os.setxattr, mnt / "kept", name, b"y") == "EPERM", name
         (mnt / "d").mkdir()
         os.setxattr(mnt / "d", "trusted.overlay.opaque", b"y")  # escaped: d stays merged
         assert "trusted.overlay.opaque" not in os.listxattr(up / "d")
