@@ -10,7 +10,6 @@ for a plain ext4 directory too, so it cannot be compared here.)
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
@@ -20,6 +19,7 @@ import pytest
 
 from tests.mounts import LayerfsMount, on_both
 from tests.ops import value_or_errno
+from unionfs import syscalls
 
 pytestmark = pytest.mark.mount
 
@@ -35,14 +35,8 @@ def _layers(root: Path) -> tuple[Path, Path, Path, Path]:
     return lower, upper, work, mnt
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-AT_EMPTY_PATH = 0x1000
-
-
 def _link_fd(fd: int, path: Path) -> None:
-    if _libc.linkat(fd, b"", -100, os.fsencode(path), AT_EMPTY_PATH) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
+    syscalls.link_fd(fd, os.fsencode(path))  # linkat(fd, "", AT_FDCWD, path, AT_EMPTY_PATH)
 
 
 def _scenario(mnt: Path) -> dict[str, object]:
