@@ -174,6 +174,35 @@ def test_copy_up_keeps_data_and_mode_and_leaves_the_lower_alone(rw):
     assert os.listdir(tmp / "work" / "layerfs") == []  # built there, then renamed into place
 
 
+@pytest.mark.parametrize("nameless", [True, False])
+def test_a_copy_up_in_progress_is_nameless_and_an_aborted_one_leaves_nothing(rw, nameless):
+    """As the kernel's copy-up (ovl_copy_up_tmpfile), the copy is an O_TMPFILE file until it
+    is linked into place: no name in the work dir while the data is copied, nothing at all
+    once aborted (a daemon killed there leaves nothing either).  Where the filesystem or the
+    daemon's privileges refuse that, the copy is a named file in the work dir, renamed."""
+    tmp, make = rw
+    work = tmp / "work" / "layerfs"
+    stack, writer = make()
+    if not nameless:
+        writer._tmpfile = False  # as where O_TMPFILE or linkat(AT_EMPTY_PATH) is refused
+    for names, finish in (((b"file",), False), ((b"dir", b"inner"), True)):
+        node = _lookup(stack, *names)
+        upper = tmp.joinpath("upper", *(n.decode() for n in names))
+        plan = writer.plan_copy_up(node)
+        assert plan is not None
+        Writer.copy_data(plan)
+        mid = os.listdir(work)
+        assert (mid == []) if nameless else (len(mid) == 1), mid
+        if finish:
+            writer.finish_copy_up(plan)
+            assert upper.read_bytes() == b"x" and stack.in_upper(node)
+        else:
+            writer.abort_copy_up(plan)
+            assert not upper.exists() and not stack.in_upper(node)
+        assert os.listdir(work) == [] and plan.fd == -1
+    assert writer._tmpfile is nameless  # the probe found O_TMPFILE usable here
+
+
 def test_renaming_a_lower_directory_records_a_redirect(rw):
     tmp, make = rw
     stack, writer = make()

@@ -41,14 +41,17 @@ def kind_name(mode: int) -> str:
     return _KIND_NAMES.get(stat.S_IFMT(mode), "other")
 
 
-def copy_data(fs: Roots, src: bytes, dst: bytes, mode: int = 0o600, sync: bool = False) -> None:
-    """Copy a regular file's bytes into a new file, keeping holes (SEEK_DATA/SEEK_HOLE) and
-    using copy_file_range, which the filesystem may turn into a reflink.  `sync`: fsync the
-    new file (when it has bytes) before returning, so that its data is on disk before any
-    rename makes it visible."""
+def copy_data(fs: Roots, src: bytes, dst: bytes | int, mode: int = 0o600,
+              sync: bool = False) -> None:  # fmt: skip
+    """Copy a regular file's bytes into a new file: a path made here, or an fd open for
+    writing on an empty file (an O_TMPFILE one), which stays open.  Holes stay holes
+    (SEEK_DATA/SEEK_HOLE), and copy_file_range lets the filesystem reflink.  `sync`: fsync
+    the new file (when it has bytes) before returning, so that its data is on disk before
+    any rename or link makes it visible."""
     fin = fs.open(src, os.O_RDONLY)
     try:
-        fd = fs.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        made = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        fd = dst if isinstance(dst, int) else fs.open(dst, made, mode)
         try:
             size = os.fstat(fin).st_size
             copy_ranges(fin, fd, size)
@@ -56,7 +59,8 @@ def copy_data(fs: Roots, src: bytes, dst: bytes, mode: int = 0o600, sync: bool =
             if sync and size:
                 os.fsync(fd)
         finally:
-            os.close(fd)
+            if fd != dst:
+                os.close(fd)
     finally:
         os.close(fin)
 
@@ -95,7 +99,7 @@ def _copy_plain(fin: int, fout: int, offset: int, length: int) -> int:
     return os.pwrite(fout, data, offset) if data else 0
 
 
-def copy_xattrs(fs: Roots, src: bytes, dst: bytes, skip) -> None:  # type: ignore[no-untyped-def]
+def copy_xattrs(fs: Roots, src: bytes, dst: bytes | int, skip) -> None:  # type: ignore[no-untyped-def]
     """Copy every xattr for which `skip(name)` is false (internal markers stay behind)."""
     try:
         names = fs.listxattr(src)
@@ -115,8 +119,14 @@ def copy_xattrs(fs: Roots, src: bytes, dst: bytes, skip) -> None:  # type: ignor
                 raise
 
 
-def copy_meta(fs: Roots, st: os.stat_result, dst: bytes) -> None:
-    """Owner, mode (after chown, which clears setuid bits) and times, not following links."""
+def copy_meta(fs: Roots, st: os.stat_result, dst: bytes | int) -> None:
+    """Owner, mode (after chown, which clears setuid bits) and times, not following links;
+    `dst` a path or an fd."""
+    if isinstance(dst, int):
+        os.chown(dst, st.st_uid, st.st_gid)
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return
     fs.chown(dst, st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
         fs.chmod(dst, stat.S_IMODE(st.st_mode))
