@@ -637,9 +637,9 @@ class UnionOperations(pyfuse3.Operations):
             # volatile: no syncs of the upper (the writes themselves have reached it); a
             # lower file never opened has nothing to sync (FileHandle)
             return
-        import trio  # not at the top: see the module docstring
+        from . import workers  # not at the top: see the module docstring
 
-        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        await workers.run(os.fdatasync if datasync else os.fsync, fd)
 
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
@@ -647,9 +647,9 @@ class UnionOperations(pyfuse3.Operations):
         if self.stack.in_upper(node) and not self.volatile:
             fd = self.stack.fs.open(self.stack.real_path(node), os.O_RDONLY | os.O_DIRECTORY)
             try:
-                import trio
+                from . import workers
 
-                await trio.to_thread.run_sync(os.fsync, fd)
+                await workers.run(os.fsync, fd)
             finally:
                 os.close(fd)
 
@@ -692,9 +692,9 @@ class UnionOperations(pyfuse3.Operations):
                 if plan is not None:
                     try:
                         if plan.blocks:  # a big copy or an fsync: not on the loop's thread
-                            import trio
+                            from . import workers
 
-                            await trio.to_thread.run_sync(Writer.copy_data, plan)
+                            await workers.run(Writer.copy_data, plan)
                         else:
                             Writer.copy_data(plan)
                     except BaseException:
@@ -713,9 +713,9 @@ class UnionOperations(pyfuse3.Operations):
             async with self._lock(node):
                 if node.data is None:  # filled while this one waited
                     return
-                import trio
+                from . import workers
 
-                await trio.to_thread.run_sync(writer.fill_metacopy, node)
+                await workers.run(writer.fill_metacopy, node)
                 self._reopen(node)
         finally:
             self.copying -= 1
