@@ -240,14 +240,18 @@ def test_an_unmounted_daemon_leaves_the_next_mount_alone(tmp_path, lower, fuse):
         first.stop()
 
 
-def _copy_in_progress(work: Path) -> bool:
-    """A copy-up's temporary file exists in the work dir (created when the copy starts,
-    renamed into the upper when it ends)."""
-    for p in work.rglob("t*"):
+def _copy_in_progress(pid: int, work: Path) -> bool:
+    """The daemon holds a file in the work dir open, with data in it: a copy-up's file,
+    nameless (O_TMPFILE: "/work/dir/#123 (deleted)") or named, made when the copy starts
+    and linked or renamed into the upper when it ends."""
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in os.listdir(fds):
         try:
-            if stat.S_ISREG((st := p.stat()).st_mode) and st.st_size > 0:
-                return True
-        except FileNotFoundError:  # renamed into the upper between listing and stat
+            if os.readlink(fds / fd).startswith(f"{work}/"):
+                st = (fds / fd).stat()
+                if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+                    return True
+        except FileNotFoundError:  # closed between listing and reading
             continue
     return False
 
@@ -255,8 +259,8 @@ def _copy_in_progress(work: Path) -> bool:
 def test_a_big_copy_up_does_not_stall_other_requests(tmp_path, fuse):
     """While one process copies a big file up (open for append), another's requests are
     answered: a GETXATTR (never cached by the kernel, so it always reaches the daemon) is
-    answered while the copy-up's temporary file still exists.  Ordering, not timing: a copy
-    made on the session's own thread would answer nothing until the rename."""
+    answered while the copy-up's file is still open in the work dir.  Ordering, not timing: a
+    copy made on the session's own thread would answer nothing until it is in place."""
     import threading
 
     lo, mnt, up, wk = (tmp_path / n for n in ("lo", "mnt", "up", "wk"))
@@ -268,8 +272,10 @@ def test_a_big_copy_up_does_not_stall_other_requests(tmp_path, fuse):
             f.write(block)
     (lo / "other").write_bytes(b"x")
     os.setxattr(lo / "other", "user.k", b"v")
-    with native(mnt, [lo], up, wk):
+    with native(mnt, [lo], up, wk) as m:
         assert os.getxattr(mnt / "other", "user.k") == b"v"
+        assert m.proc is not None
+        pid = m.proc.pid
         done = threading.Event()
 
         def append() -> None:
@@ -283,10 +289,10 @@ def test_a_big_copy_up_does_not_stall_other_requests(tmp_path, fuse):
         opener.start()
         answered_during_copy = 0
         while not done.is_set():
-            if not _copy_in_progress(wk):
+            if not _copy_in_progress(pid, wk):
                 continue
             assert os.getxattr(mnt / "other", "user.k") == b"v"
-            if _copy_in_progress(wk):
+            if _copy_in_progress(pid, wk):
                 answered_during_copy += 1
         opener.join()
         assert (mnt / "big").stat().st_size == 384 * (1 << 20) + 1
