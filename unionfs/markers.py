@@ -41,6 +41,9 @@ REDIRECT_XATTRS = (b"trusted.overlay.redirect", b"user.overlay.redirect")
 # a metadata-only copy-up (kernel overlayfs with metacopy=on): the file's data is still in a
 # lower layer; the upper file holds only its metadata, its bytes a hole of the right size
 METACOPY_XATTRS = (b"trusted.overlay.metacopy", b"user.overlay.metacopy")
+# immutable ("i") and append-only ("a") of an upper object, kept here rather than on the real
+# object, as the kernel keeps them since Linux 5.13 (fileattr.py)
+PROTATTR_XATTRS = (b"trusted.overlay.protattr", b"user.overlay.protattr")
 
 
 _INTERNAL_PREFIXES = (*OVERLAY_PREFIXES, *OWN_PREFIXES, b"user.fuseoverlayfs.")
@@ -196,6 +199,53 @@ def is_xattr_whiteout(path: bytes, st: os.stat_result, fs: Roots = PLAIN) -> boo
     if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
         return False
     return any(_getxattr(fs, path, name) is not None for name in WHITEOUT_XATTRS)
+
+
+_FS_IMMUTABLE_FL, _FS_APPEND_FL = 0x10, 0x20  # fileattr.py's (not imported: no cycle)
+
+
+def protattr(path: bytes | int, fs: Roots = PLAIN) -> int:
+    """The immutable/append-only flags (FS_IMMUTABLE_FL, FS_APPEND_FL) an upper object's
+    `overlay.protattr` holds: 0 without one.  A value of another format counts as none, as
+    the kernel warns and ignores it (ovl_check_protattr)."""
+    for name in PROTATTR_XATTRS:
+        value = _getxattr(fs, path, name) if isinstance(path, bytes) else _fgetxattr(path, name)
+        if value is None:
+            continue
+        flags = 0
+        for ch in value:
+            if ch == ord("a"):
+                flags |= _FS_APPEND_FL
+            elif ch == ord("i"):
+                flags |= _FS_IMMUTABLE_FL
+            else:
+                return 0
+        return flags
+    return 0
+
+
+def _fgetxattr(fd: int, name: bytes) -> bytes | None:
+    try:
+        return os.getxattr(fd, name)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return None
+        raise
+
+
+def set_protattr(target: bytes | int, flags: int, fs: Roots = PLAIN) -> None:
+    """Record immutable/append-only `flags` of an upper object (a path or an fd) in the
+    kernel's format ("a" then "i"), or remove the record when neither is set."""
+    value = (b"a" if flags & _FS_APPEND_FL else b"") + (b"i" if flags & _FS_IMMUTABLE_FL else b"")
+    name = b"trusted.overlay.protattr" if os.geteuid() == 0 else b"user.overlay.protattr"
+    if value:
+        fs.setxattr(target, name, value)
+        return
+    try:
+        fs.removexattr(target, name)
+    except OSError as exc:
+        if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+            raise
 
 
 def opaque_xattr() -> bytes:

@@ -54,7 +54,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import acl, markers, syscalls
+from . import acl, fileattr, markers, syscalls
 from . import fuseapi as pyfuse3  # pyfuse3 itself, or stand-ins for the native transport
 from .errors import UnionError
 from .fdlimit import FdBudget
@@ -457,6 +457,7 @@ class UnionOperations(pyfuse3.Operations):
                 await self._copy_up(node, with_data=not flags & os.O_TRUNC)
             finally:
                 self.gate.leave()
+            self._refuse(fileattr.refuses_open(self._prot(node), flags))
         oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY | _O_DIRECT)
         fs, path = self._open_path(node)
         self.budget.take(ctx.uid)
@@ -572,6 +573,7 @@ class UnionOperations(pyfuse3.Operations):
         handle = self._files[fh]
         if not handle.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
+        self._refuse(fileattr.refuses_fallocate(self._prot(handle.node), mode))
         syscalls.fallocate(handle.fd, mode, off, length)
 
     @_handler
@@ -742,6 +744,55 @@ class UnionOperations(pyfuse3.Operations):
                 os.dup2(new, handle.fd)
                 os.close(new)
 
+    # ----- inode flags (lsattr/chattr: fileattr.py) ----------------------------------------
+    def _prot(self, node: Node) -> int:
+        """The node's immutable/append-only flags (fileattr.PROT bits): its upper object's
+        overlay.protattr, read once (then kept on the node, which every change of them goes
+        through).  A lower object's own flags count from its copy-up on (Writer carries them
+        into the copy): image layers never carry them, and reading them before every
+        removal from a lower directory would cost each one an ioctl."""
+        prot = node.prot
+        if prot is None:
+            if not self.stack.in_upper(node) or node.unlinked:
+                return 0
+            prot = node.prot = markers.protattr(self.stack.upper_path(node), self.stack.fs)
+        return prot
+
+    @staticmethod
+    def _refuse(refused: bool | int) -> None:
+        if refused:
+            raise pyfuse3.FUSEError(errno.EPERM)
+
+    @_handler
+    async def fileattr_get(self, inode: int, xattr_form: bool) -> bytes:
+        """FS_IOC_GETFLAGS (`xattr_form` False: 4 bytes) or FS_IOC_FSGETXATTR (struct
+        fsxattr): the topmost real object's flags, and the overlay's immutable/append-only."""
+        node = self.stack.node(inode)
+        if node.kind not in (stat.S_IFREG, stat.S_IFDIR):
+            raise pyfuse3.FUSEError(errno.ENOTTY)
+        target = self._setattr_target(node, None)
+        return fileattr.get(self.stack.fs, target, node.kind, self._prot(node), xattr_form)
+
+    @_handler
+    @_mutating
+    async def fileattr_set(self, inode: int, value: bytes, xattr_form: bool) -> None:
+        """FS_IOC_SETFLAGS / FS_IOC_FSSETXATTR, as ovl_fileattr_set: copy up, the flags onto
+        the real upper object but immutable and append-only, which go into its
+        overlay.protattr.  (The kernel has checked the caller may: owner or CAP_FOWNER, and
+        CAP_LINUX_IMMUTABLE to change those two.)"""
+        self._need_upper()
+        node = self.stack.node(inode)
+        if node.kind not in (stat.S_IFREG, stat.S_IFDIR):
+            raise pyfuse3.FUSEError(errno.ENOTTY)
+        await self._copy_up(node)
+        target = self._setattr_target(node, None)
+        fs = self.stack.fs
+        prot = fileattr.set_real(fs, target, node.kind, value, xattr_form)
+        if prot or self._prot(node):
+            markers.set_protattr(target, prot, fs)
+        node.prot = prot
+        node.invalidate()
+
     def _stat_for(self, node: Node) -> os.stat_result:
         if node.unlinked:
             return os.fstat(self._fd_of_gone(node))
@@ -763,6 +814,15 @@ class UnionOperations(pyfuse3.Operations):
             return self._gone_entry(node)
         truncate_all = fields.update_size and attr.st_size == 0
         await self._copy_up(node, with_data=not truncate_all)
+        prot = self._prot(node)
+        if prot:
+            touches = fields.update_atime or fields.update_mtime
+            self._refuse(fileattr.refuses_setattr(
+                prot,
+                fields.update_mode or fields.update_uid or fields.update_gid or fields.update_size,
+                getattr(fields, "sets_times", touches),  # pyfuse3's fields cannot tell "now"
+                touches,
+            ))  # fmt: skip
         target = self._setattr_target(node, fh)
         is_link = node.kind == stat.S_IFLNK
         if fields.update_uid or fields.update_gid:
@@ -867,6 +927,7 @@ class UnionOperations(pyfuse3.Operations):
         acls)` (Writer.create or Writer.tmpfile): its mode and ACLs from the parent's default
         ACL, its owner the caller's, its handle counted against the caller's budget."""
         parent = self.stack.node(parent_inode)
+        self._refuse(self._prot(parent) & fileattr.FS_IMMUTABLE_FL)
         flags = self._open_flags(flags)
         self.budget.take(ctx.uid)  # before the file exists: a refused create leaves nothing
         uid, gid = self.owners.stored(ctx.uid, ctx.gid)
@@ -876,6 +937,7 @@ class UnionOperations(pyfuse3.Operations):
         except BaseException:
             self.budget.give(ctx.uid)
             raise
+        node.prot = 0
         fh = self._add_handle(node, fd, True, ctx.uid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new_entry(node)
 
@@ -890,10 +952,12 @@ class UnionOperations(pyfuse3.Operations):
             # kernel refuses to create one through an overlay (ovl_mknod), and so do we
             raise pyfuse3.FUSEError(errno.EPERM)
         parent = self.stack.node(parent_inode)
+        self._refuse(self._prot(parent) & fileattr.FS_IMMUTABLE_FL)
         uid, gid = self.owners.stored(ctx.uid, ctx.gid)
         made = self._inherit(parent, mode, ctx.umask, stat.S_IFMT(mode))
         node = writer.make(parent, name, stat.S_IFMT(mode), made.mode, uid, gid, rdev=rdev,
                            acls=made)  # fmt: skip
+        node.prot = 0
         return self._new_entry(node)
 
     @_handler
@@ -901,9 +965,11 @@ class UnionOperations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> AttrsReply:
         writer = self._need_upper()
         parent = self.stack.node(parent_inode)
+        self._refuse(self._prot(parent) & fileattr.FS_IMMUTABLE_FL)
         uid, gid = self.owners.stored(ctx.uid, ctx.gid)
         made = self._inherit(parent, mode, ctx.umask, stat.S_IFDIR)
         node = writer.make(parent, name, stat.S_IFDIR, made.mode, uid, gid, acls=made)
+        node.prot = 0
         return self._new_entry(node)
 
     def _inherit(self, parent: Node, mode: int, umask: int, kind: int) -> acl.Inherited:
@@ -920,8 +986,10 @@ class UnionOperations(pyfuse3.Operations):
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> AttrsReply:
         writer = self._need_upper()
         parent = self.stack.node(parent_inode)
+        self._refuse(self._prot(parent) & fileattr.FS_IMMUTABLE_FL)
         uid, gid = self.owners.stored(ctx.uid, ctx.gid)
         node = writer.make(parent, name, stat.S_IFLNK, 0o777, uid, gid, target=target)
+        node.prot = 0
         return self._new_entry(node)
 
     @_handler
@@ -933,6 +1001,7 @@ class UnionOperations(pyfuse3.Operations):
         node = self.stack.node(inode)
         parent = self.stack.node(new_parent_inode)
         await self._copy_up(node)
+        self._refuse(bool(self._prot(node)) or bool(self._prot(parent) & fileattr.FS_IMMUTABLE_FL))
         # a node with no name left (an O_TMPFILE file) is linked from an fd open on it
         writer.link(node, parent, new_name, self._gone_fd(node))
         return self._new_entry(node)
@@ -946,6 +1015,7 @@ class UnionOperations(pyfuse3.Operations):
         writer = self._need_upper()
         parent = self.stack.node(parent_inode)
         node = self._child_node(parent, name)
+        self._refuse(bool(self._prot(parent) or self._prot(node)))  # may_delete
         await self._copy_up_linked(node)
         await self._quiesce(node)
         writer.unlink(parent, name)
@@ -955,6 +1025,9 @@ class UnionOperations(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         writer = self._need_upper()
         parent = self.stack.node(parent_inode)
+        if self.stack.in_upper(parent):  # may_delete (a lower parent's children are lower)
+            child = self._child_node(parent, name)
+            self._refuse(bool(self._prot(parent) or self._prot(child)))
         writer.rmdir(parent, name)
 
     @_handler
@@ -976,6 +1049,12 @@ class UnionOperations(pyfuse3.Operations):
             dst: Node | None = self._child_node(new_parent, name_new)
         except UnionError:
             dst = None
+        # may_delete of what leaves each directory, may_create of what enters one
+        self._refuse(bool(
+            self._prot(old_parent) or self._prot(src)
+            or self._prot(new_parent) & fileattr.FS_IMMUTABLE_FL
+            or dst is not None and (self._prot(new_parent) or self._prot(dst))
+        ))  # fmt: skip
         if not src.is_dir:
             await self._copy_up(src)
         if dst is not None and flags & pyfuse3.RENAME_EXCHANGE and not dst.is_dir:
@@ -1001,6 +1080,7 @@ class UnionOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         node = self.stack.node(inode)
         await self._copy_up(node)
+        self._refuse(bool(self._prot(node)))  # xattr_permission
         if self.owners:
             value = self.owners.xattr_stored(name, value)
         fs = self.stack.fs
@@ -1025,6 +1105,7 @@ class UnionOperations(pyfuse3.Operations):
             # have fails before any copy-up, so it neither copies nor breaks a hard link
             self.stack.getxattr(node, name)
         await self._copy_up(node)
+        self._refuse(bool(self._prot(node)))  # xattr_permission
         try:
             self.stack.fs.removexattr(self._setattr_target(node, None), real_name)
         except OSError as exc:

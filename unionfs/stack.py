@@ -159,6 +159,7 @@ class Node:
         "unlinked",
         "deleted",
         "data",
+        "prot",
         "__weakref__",  # adapters key their per-node state (cached replies, locks) on nodes
     )
 
@@ -195,6 +196,9 @@ class Node:
         # metacopy=on: the lower file holding the data of an upper file the kernel copied
         # up by its metadata only (`LayerStack._metacopy_data`); None once filled, or never
         self.data: bytes | None = None
+        # immutable/append-only (fileattr.PROT bits) of its upper object's overlay.protattr;
+        # None until asked (UnionOperations._prot), 0 for objects this mount made
+        self.prot: int | None = None
 
     def invalidate(self) -> None:
         """Its attributes changed, or may have: drop the cached stat, and let whoever caches

@@ -40,7 +40,7 @@ import errno
 import os
 import stat
 
-from . import fsutil, markers, origin
+from . import fileattr, fsutil, markers, origin
 from .acl import ACCESS as ACL_ACCESS
 from .acl import DEFAULT as ACL_DEFAULT
 from .acl import Inherited
@@ -66,7 +66,7 @@ class CopyPlan:
     by `copy_data`, which leaves it open as `fd` until it is linked into place.
     (Not a dataclass: importing `dataclasses` costs every mount ~7 ms.)"""
 
-    __slots__ = ("node", "src", "tmp", "st", "with_data", "fs", "sync", "work", "fd")
+    __slots__ = ("node", "src", "tmp", "st", "with_data", "fs", "sync", "work", "fd", "flags")
 
     def __init__(
         self, node: Node, src: bytes, tmp: bytes, st: os.stat_result, with_data: bool, fs: Roots,
@@ -81,6 +81,7 @@ class CopyPlan:
         self.sync = sync  # fsync the copied data before it goes into place (`Writer.sync_copies`)
         self.work = b""  # with no `tmp`: the work dir the nameless file is made in
         self.fd = -1  # the nameless file, once made
+        self.flags = 0  # the lower file's inode flags, carried onto the copy (fileattr.py)
 
     @property
     def blocks(self) -> bool:
@@ -176,11 +177,14 @@ class Writer:
         self.copy_up_dir(node.parent)
         src = node.dirs[0].path
         st = self.fs.lstat(src)
+        flags = fileattr.lower_flags(self.fs, src, stat.S_IFDIR)
         tmp = self.tmpname()
         self.fs.mkdir(tmp, 0o700)
         fsutil.copy_xattrs(self.fs, src, tmp, markers.is_private_xattr)
+        fileattr.carry(self.fs, flags, tmp, stat.S_IFDIR)
         fsutil.copy_meta(self.fs, st, tmp)
         self._into_place(node.parent, tmp, node.name)
+        node.prot = flags & fileattr.PROT
         new = self.fs.lstat(stack.upper_path(node))
         node.dirs.insert(0, DirLayer(0, stack.upper_path(node), new.st_ino))
         node.layer = 0
@@ -209,9 +213,15 @@ class Writer:
             plan = CopyPlan(node, src, tmp, st, False, self.fs)
             self.finish_copy_up(plan)
             return None
+        flags = fileattr.lower_flags(self.fs, src, stat.S_IFREG)
+        if flags & fileattr.PROT:
+            # an immutable or append-only file keeps its data, whatever the caller meant to
+            # do (truncate it): the call is refused once the copy is made
+            with_data = True
         if not with_data:
             os.close(self.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         plan = CopyPlan(node, src, tmp, st, with_data, self.fs, self.sync_copies)
+        plan.flags = flags
         if with_data and self._nameless():
             plan.tmp, plan.work = b"", self.work
         return plan
@@ -276,7 +286,9 @@ class Writer:
             fsutil.copy_meta(self.fs, plan.st, dst)
             fsutil.copy_xattrs(self.fs, plan.src, dst, markers.is_private_xattr)
             self._set_origin(plan, dst)
+            fileattr.carry(self.fs, plan.flags, dst, stat.S_IFREG)
             self._into_place(node.parent, dst, node.name)
+            node.prot = plan.flags & fileattr.PROT
         finally:
             if plan.fd >= 0:
                 os.close(plan.fd)

@@ -99,7 +99,7 @@ class SetattrFields:
     """pyfuse3.SetattrFields' names, settable."""
 
     __slots__ = ("update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid",
-                 "update_gid", "update_size")  # fmt: skip
+                 "update_gid", "update_size", "sets_times")  # fmt: skip
 
     def __init__(self, valid: int) -> None:
         self.update_atime = bool(valid & (wire.FATTR_ATIME | wire.FATTR_ATIME_NOW))
@@ -109,6 +109,10 @@ class SetattrFields:
         self.update_uid = bool(valid & wire.FATTR_UID)
         self.update_gid = bool(valid & wire.FATTR_GID)
         self.update_size = bool(valid & wire.FATTR_SIZE)
+        # a time given, not "now" (the VFS's ATTR_TIMES_SET: refused on append-only files)
+        explicit_a = valid & wire.FATTR_ATIME and not valid & wire.FATTR_ATIME_NOW
+        explicit_m = valid & wire.FATTR_MTIME and not valid & wire.FATTR_MTIME_NOW
+        self.sets_times = bool(explicit_a or explicit_m)
 
 
 class NewAttrs:
@@ -312,6 +316,23 @@ class Bridge:
     async def removexattr(self, h: Header, name: bytes) -> bytes:
         await self.ops.removexattr(h.nodeid, name, Ctx(h))
         return b""
+
+    # ----- ioctl: inode flags (lsattr/chattr) ---------------------------------------------
+    async def ioctl(self, h: Header, fh: int, flags: int, cmd: int, data: bytes,
+                    out_size: int) -> bytes:  # fmt: skip
+        """FUSE_IOCTL: the inode flags' ioctls (operations.fileattr_get/_set); ENOTTY for any
+        other (isatty's TCGETS on a file, ...), and for an unrestricted one (CUSE only)."""
+        if flags & wire.IOCTL_UNRESTRICTED:
+            raise Errno(errno.ENOTTY)
+        out = b""
+        if cmd in wire.IOCTL_GETTERS:
+            out = (await self.ops.fileattr_get(h.nodeid, wire.IOCTL_GETTERS[cmd]))[:out_size]
+        elif cmd in wire.IOCTL_SETTERS:
+            await self.ops.fileattr_set(h.nodeid, data, wire.IOCTL_SETTERS[cmd])
+            self._attrs_changed(self.ops.stack.node(h.nodeid))  # its ctime
+        else:
+            raise Errno(errno.ENOTTY)
+        return wire.IOCTL_OUT.pack(0, 0, 0, 0) + out
 
     # ----- the namespace --------------------------------------------------------------------
     async def mknod(self, h: Header, name: bytes, mode: int, rdev: int, umask: int) -> bytes:

@@ -179,6 +179,19 @@ def _lseek(h: Header) -> tuple[Any, ...]:
     return (fh, off, whence)
 
 
+def _ioctl(h: Header) -> tuple[Any, ...]:
+    fh, flags, cmd, _arg, in_size, out_size = unpack(wire.IOCTL_IN, h.body, "ioctl_in")
+    start = wire.IOCTL_IN.size
+    if len(h.body) - start < in_size:
+        raise Malformed(f"ioctl: {in_size} bytes announced, {len(h.body) - start} sent")
+    return (fh, flags, cmd, bytes(h.body[start : start + in_size]), out_size)
+
+
+def _ioctl_reads(args: tuple[Any, ...]) -> bool:
+    """An ioctl that changes nothing (reading flags, or one answered ENOTTY) never waits."""
+    return args[2] not in wire.IOCTL_SETTERS
+
+
 def _statx(h: Header) -> tuple[Any, ...]:
     *_, sx_mask = unpack(wire.STATX_IN, h.body, "statx_in")
     return (sx_mask,)
@@ -257,6 +270,7 @@ _TABLE = [
     Op(35, "CREATE", _create, "create", GATED),
     Op(36, "INTERRUPT", _interrupt, "interrupt", NOREPLY),
     Op(38, "DESTROY", _none, "destroy", INLINE),
+    Op(39, "IOCTL", _ioctl, "ioctl", TASK, _ioctl_reads),
     Op(42, "BATCH_FORGET", _batch_forget, "forget", NOREPLY),
     Op(43, "FALLOCATE", _fallocate, "fallocate", GATED),
     Op(44, "READDIRPLUS", _read, "readdirplus", INLINE),

@@ -121,6 +121,14 @@ FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding (7.19)
 LSEEK_IN = struct.Struct("<QqII")  # fh offset whence padding (7.24)
 LSEEK_OUT = struct.Struct("<Q")
 STATX_IN = struct.Struct("<IIQII")  # getattr_flags reserved fh sx_flags sx_mask (7.39)
+IOCTL_IN = struct.Struct("<QIIQII")  # fh flags cmd arg in_size out_size, then in_size bytes
+IOCTL_OUT = struct.Struct("<iIII")  # result flags in_iovs out_iovs, then the out bytes
+# The ioctls served (the kernel's FUSE client sends them for lsattr/chattr: fuse_fileattr_get
+# and _set, and for a caller's own ioctl(2)); the value: the struct fsxattr form.  Any other
+# is answered ENOTTY, as a file without such an ioctl answers.
+IOCTL_GETTERS = {0x80086601: False, 0x80046601: False, 0x801C581F: True}  # (32)GETFLAGS, FSGET..
+IOCTL_SETTERS = {0x40086602: False, 0x40046602: False, 0x401C5820: True}  # (32)SETFLAGS, FSSET..
+IOCTL_UNRESTRICTED = 1 << 1  # FUSE_IOCTL_UNRESTRICTED: CUSE only
 # fuse_statx_out: attr_valid attr_valid_nsec flags spare[2], then fuse_statx (256 bytes):
 # mask blksize attributes nlink uid gid mode pad ino size blocks attributes_mask, four
 # fuse_sx_time (sec nsec reserved: atime btime ctime mtime), rdev and dev major/minor, spare

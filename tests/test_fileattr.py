@@ -1,0 +1,203 @@
+"""Inode flags through a mount (lsattr/chattr: FS_IOC_GETFLAGS/SETFLAGS, FSGETXATTR/FSSETXATTR),
+against kernel overlayfs on the same layers.
+
+The kernel shows the real object's flags, keeps immutable and append-only of an upper object
+in its `overlay.protattr` xattr (never on the real file: Linux 5.13), and refuses what the
+VFS refuses for them.  layerfs answered FUSE_IOCTL ENOSYS: lsattr said "Operation not
+supported", chattr +i failed, and an upper the kernel had marked immutable was writable.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from tests.mounts import KernelOverlay, LayerfsMount, on_both
+from tests.ops import value_or_errno
+from unionfs import fileattr, markers
+
+pytestmark = pytest.mark.mount
+
+IMM, APP, DUMP = fileattr.FS_IMMUTABLE_FL, fileattr.FS_APPEND_FL, 0x40  # chattr +i, +a, +d
+
+
+def _flags(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return fileattr.real_flags(fd)
+    finally:
+        os.close(fd)
+
+
+def _set(path: Path, add: int = 0, drop: int = 0) -> None:
+    """chattr: read, change, write back (what the kernel then sends is the whole set)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        flags = fileattr.real_flags(fd)
+        fcntl.ioctl(fd, fileattr.FS_IOC_SETFLAGS, struct.pack("<I", (flags | add) & ~drop))
+    finally:
+        os.close(fd)
+
+
+def _xflags(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        buf = bytearray(fileattr.FSXATTR.size)
+        fcntl.ioctl(fd, fileattr.FS_IOC_FSGETXATTR, buf, True)
+        return int(fileattr.FSXATTR.unpack(buf)[0])
+    finally:
+        os.close(fd)
+
+
+def _layers(root: Path) -> tuple[Path, Path, Path, Path]:
+    lower, upper, work, mnt = (root / n for n in ("lower", "upper", "work", "mnt"))
+    for p in (lower / "d", upper, work, mnt):
+        p.mkdir(parents=True)
+    for name in ("f", "g", "h", "d/c"):
+        (lower / name).write_bytes(b"lower\n")
+    _set(lower / "h", add=DUMP)
+    return lower, upper, work, mnt
+
+
+def _write(path: Path, flags: int, data: bytes = b"+\n") -> object:
+    def go() -> int:
+        fd = os.open(path, flags)
+        try:
+            return os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    return value_or_errno(go)
+
+
+def _steps(mnt: Path) -> dict[str, object]:
+    up = mnt.parent / "upper"
+    seen: dict[str, object] = {}
+    # read: the real object's flags (extents and all), a lower file's own +d
+    seen["read"] = [_flags(mnt / n) & ~(IMM | APP) for n in ("f", "d", "h")]
+    seen["read h"] = bool(_flags(mnt / "h") & DUMP)
+    # immutable, set on a lower file: copied up; the real upper file never gets it
+    _set(mnt / "f", add=IMM)
+    seen["f flags"] = (bool(_flags(mnt / "f") & IMM), bool(_xflags(mnt / "f") & 0x8))
+    seen["f upper real"] = bool(_flags(up / "f") & IMM)
+    seen["f protattr"] = markers.protattr(os.fsencode(up / "f"))
+    seen["f refused"] = [
+        _write(mnt / "f", os.O_WRONLY | os.O_APPEND),
+        _write(mnt / "f", os.O_RDONLY | os.O_TRUNC),
+        value_or_errno(os.unlink, mnt / "f"),
+        value_or_errno(os.rename, mnt / "f", mnt / "f2"),
+        value_or_errno(os.chmod, mnt / "f", 0o600),
+        value_or_errno(os.utime, mnt / "f", None),
+        value_or_errno(os.utime, mnt / "f", (1, 1)),
+        value_or_errno(os.link, mnt / "f", mnt / "f3"),
+        value_or_errno(os.setxattr, mnt / "f", "user.k", b"v"),
+        value_or_errno(os.truncate, mnt / "f", 0),
+    ]
+    seen["f data"] = (mnt / "f").read_bytes()
+    # append-only: appends only, times only to now, never removed
+    _set(mnt / "g", add=APP)
+    seen["g refused"] = [
+        _write(mnt / "g", os.O_WRONLY | os.O_APPEND),
+        _write(mnt / "g", os.O_WRONLY),
+        value_or_errno(os.truncate, mnt / "g", 0),
+        value_or_errno(os.utime, mnt / "g", None),
+        value_or_errno(os.utime, mnt / "g", (1, 1)),
+        value_or_errno(os.chmod, mnt / "g", 0o600),
+        value_or_errno(os.unlink, mnt / "g"),
+    ]
+    seen["g data"] = (mnt / "g").read_bytes()
+    # an immutable directory: no entry comes or goes, its children still change
+    _set(mnt / "d", add=IMM)
+    seen["d refused"] = [
+        _write(mnt / "d" / "new", os.O_WRONLY | os.O_CREAT),
+        value_or_errno(os.mkdir, mnt / "d" / "sub"),
+        value_or_errno(os.symlink, "c", mnt / "d" / "s"),
+        value_or_errno(os.unlink, mnt / "d" / "c"),
+        value_or_errno(os.rename, mnt / "d" / "c", mnt / "c"),
+        value_or_errno(os.rename, mnt / "g", mnt / "d" / "g"),
+        value_or_errno(os.chmod, mnt / "d" / "c", 0o600),
+        _write(mnt / "d" / "c", os.O_WRONLY | os.O_APPEND),
+    ]
+    seen["d listing"] = sorted(os.listdir(mnt / "d"))
+    # cleared again: everything allowed, the record gone
+    _set(mnt / "f", drop=IMM)
+    _set(mnt / "g", drop=APP)
+    _set(mnt / "d", drop=IMM)
+    seen["cleared"] = [markers.protattr(os.fsencode(up / n)) for n in ("f", "g", "d")] + [
+        _write(mnt / "f", os.O_WRONLY | os.O_APPEND),
+        value_or_errno(os.unlink, mnt / "g"),
+    ]
+    # a flag that is not kept apart goes onto the real upper object
+    _set(mnt / "d" / "c", add=DUMP)
+    seen["c real"] = bool(_flags(up / "d" / "c") & DUMP)
+    # ioctls that are no inode flags: ENOTTY, as on a file that has none
+    fd = os.open(mnt / "f", os.O_RDONLY)
+    try:
+        seen["tcgets"] = value_or_errno(fcntl.ioctl, fd, 0x5401, bytes(60))  # isatty's
+    finally:
+        os.close(fd)
+    return seen
+
+
+def test_inode_flags_as_kernel_overlayfs(tmp_path, fuse, root):
+    results = on_both(tmp_path, _layers, _steps)
+    kernel, layerfs = results["kernel"], results["layerfs"]
+    assert kernel["f flags"] == (True, True) and kernel["f upper real"] is False  # the oracle
+    assert kernel["f refused"] == ["EPERM"] * 10 and kernel["d refused"][-2:] == [None, 2]
+    assert layerfs == kernel
+
+
+def test_flags_outlive_the_mount_and_the_engine(tmp_path, fuse, root):
+    """An upper made immutable through layerfs stays so on a remount and for the kernel; one
+    the kernel made immutable is refused by layerfs (its protattr was ignored before)."""
+    for first, then in (("layerfs", "kernel"), ("kernel", "layerfs"), ("layerfs", "layerfs")):
+        lo, up, wk, mnt = _layers(tmp_path / f"{first}-{then}")
+        for i, engine in enumerate((first, then)):
+            mount = KernelOverlay(mnt, [lo], up, wk) if engine == "kernel" else (
+                LayerfsMount(mnt, [lo], up, wk))  # fmt: skip
+            with mount:
+                if i == 0:
+                    _set(mnt / "f", add=IMM)
+                    _set(mnt / "d", add=APP)
+                    continue
+                assert _flags(mnt / "f") & IMM and _flags(mnt / "d") & APP, (first, then)
+                assert _write(mnt / "f", os.O_WRONLY | os.O_APPEND) == "EPERM", (first, then)
+                assert value_or_errno(os.unlink, mnt / "d" / "c") == "EPERM", (first, then)
+                assert _write(mnt / "d" / "new", os.O_WRONLY | os.O_CREAT) == 2  # append-only
+                _set(mnt / "f", drop=IMM)
+                assert _write(mnt / "f", os.O_WRONLY | os.O_APPEND) == 2
+
+
+def test_a_copy_up_carries_a_lower_files_flags(tmp_path, fuse, root):
+    """A lower file's own immutable flag goes into its copy's protattr, and its data with it
+    even when the change that copied it up meant to truncate it (the change is refused)."""
+
+    def layers(root: Path) -> tuple[Path, Path, Path, Path]:
+        made = _layers(root)
+        _set(made[0] / "f", add=IMM)
+        return made
+
+    def steps(mnt: Path) -> object:
+        try:
+            return [
+                value_or_errno(os.chown, mnt / "f", 0, 0),  # a copy-up, then refused
+                (mnt.parent / "upper" / "f").exists()
+                and markers.protattr(os.fsencode(mnt.parent / "upper" / "f")),
+                (mnt / "f").read_bytes(),
+                value_or_errno(os.truncate, mnt / "f", 0),
+                (mnt / "f").read_bytes(),
+                bool(_flags(mnt / "f") & IMM),
+            ]
+        finally:
+            for p in (mnt.parent / "lower" / "f", mnt.parent / "upper" / "f"):
+                if p.exists():  # a test's tmp_path must stay removable
+                    _set(p, drop=IMM)
+
+    results = on_both(tmp_path, layers, steps)
+    assert results["layerfs"][:3] == ["EPERM", IMM, b"lower\n"]
+    # the kernel refuses before copying up; the view is the same either way
+    assert results["layerfs"][2:] == results["kernel"][2:]
