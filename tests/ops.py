@@ -7,6 +7,7 @@ between layerfs and kernel overlayfs, step by step.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from pathlib import Path
 
@@ -87,6 +88,23 @@ def removexattr(root: Path, path: str):
 def setxattr_overlay(root: Path, path: str, value: bytes):
     """An overlay xattr set by a user (an overlay nested on this one): kept escaped."""
     os.setxattr(root / path, "trusted.overlay.k", value, follow_symlinks=False)
+
+
+def chattr(root: Path, path: str, change: str):
+    """chattr +i/-i/+a/-a (read the flags, change one, write them back), and the flags then:
+    immutable and append-only, which the overlay keeps in its own xattr and enforces."""
+    fd = os.open(root / path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    try:
+        buf = bytearray(4)
+        fcntl.ioctl(fd, 0x80086601, buf, True)  # FS_IOC_GETFLAGS
+        flags = int.from_bytes(buf, "little")
+        bit = 0x10 if change[1] == "i" else 0x20  # FS_IMMUTABLE_FL, FS_APPEND_FL
+        flags = flags | bit if change[0] == "+" else flags & ~bit
+        fcntl.ioctl(fd, 0x40086602, flags.to_bytes(4, "little"))  # FS_IOC_SETFLAGS
+        fcntl.ioctl(fd, 0x80086601, buf, True)
+        return int.from_bytes(buf, "little") & 0x30
+    finally:
+        os.close(fd)
 
 
 def punch(root: Path, path: str, offset: int, length: int):

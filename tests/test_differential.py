@@ -262,6 +262,12 @@ class UnionMachine(RuleBasedStateMachine):
     def tmpfile_link(self, dirpath, name, data):
         self.both(ops.tmpfile_link, dirpath, name, data)
 
+    # FUSE_IOCTL: native transport only (pyfuse3 has no ioctl)
+    @precondition(lambda self: NATIVE)
+    @rule(path=paths, change=st.sampled_from(["+i", "-i", "+a", "-a"]))
+    def chattr(self, path, change):
+        self.both(ops.chattr, path, change)
+
     @rule(path=paths)
     def mkfifo(self, path):
         self.both(ops.mkfifo, path)

@@ -201,3 +201,22 @@ def test_a_copy_up_carries_a_lower_files_flags(tmp_path, fuse, root):
     assert results["layerfs"][:3] == ["EPERM", IMM, b"lower\n"]
     # the kernel refuses before copying up; the view is the same either way
     assert results["layerfs"][2:] == results["kernel"][2:]
+
+
+def test_the_writeback_caches_own_times_reach_an_immutable_file(tmp_path, fuse, root):
+    """With the writeback cache the kernel keeps a file's times from its writes and sends
+    them later (a SETATTR of mtime and ctime, at close or sync).  For a file made immutable
+    after the writes, that is no change of the caller's: refused, it failed the close and
+    fsync with EPERM, and a later punched hole with EIO (the stress test's writeback run)."""
+    lo, up, wk, mnt = _layers(tmp_path)
+    with LayerfsMount(mnt, [lo], up, wk, extra_opts="writeback=1,passthrough=0"):
+        fd = os.open(mnt / "f", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"x" * 100, 4000)  # a dirty page, and times the kernel keeps
+            _set(mnt / "f", add=IMM)
+            assert value_or_errno(os.fsync, fd) is None
+            assert value_or_errno(os.utime, mnt / "f", (1, 1)) == "EPERM"  # a caller's
+        finally:
+            os.close(fd)  # a close error would raise here
+        _set(mnt / "f", drop=IMM)
+        assert (mnt / "f").read_bytes()[4000:4100] == b"x" * 100

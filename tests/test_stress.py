@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import treecmp
+from tests import ops, treecmp
 from tests.layerdata import write
 from tests.mounts import KernelOverlay, LayerfsMount
 from unionfs import fsutil, syscalls
@@ -53,10 +53,11 @@ STEMS = "fghxyd"
 EXPECTED = {
     errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR, errno.EXDEV,
     errno.EINVAL, errno.EBUSY, errno.ENODATA, errno.EMLINK, errno.ELOOP, errno.EPERM,
+    errno.ENOTTY,  # chattr of a FIFO
 }  # fmt: skip
 OPS = (
     "append pwrite rename rename unlink chmod link read trunc setx rmx mkdir rmdir create "
-    "symlink exchange noreplace utime list otrunc punch tmpfile ovlx"
+    "symlink exchange noreplace utime list otrunc punch tmpfile ovlx chattr"
 ).split()
 
 
@@ -179,6 +180,9 @@ def _work(mnt: str, seed: int, seconds: float, out) -> None:  # type: ignore[no-
                     os.close(fd)
             elif op == "ovlx":  # an overlay xattr a user sets: kept escaped
                 os.setxattr(name(), "trusted.overlay.t", b"y")
+            elif op == "chattr":  # immutable/append-only on and off, met by the others
+                change = r.choice(["+i", "-i", "+a", "-a"])
+                ops.chattr(Path(mnt), os.path.relpath(name(), mnt), change)
             else:
                 os.listdir(os.path.dirname(name()))
             done += 1

@@ -815,7 +815,7 @@ class UnionOperations(pyfuse3.Operations):
         truncate_all = fields.update_size and attr.st_size == 0
         await self._copy_up(node, with_data=not truncate_all)
         prot = self._prot(node)
-        if prot:
+        if prot and not getattr(fields, "flushes_times", False):
             touches = fields.update_atime or fields.update_mtime
             self._refuse(fileattr.refuses_setattr(
                 prot,

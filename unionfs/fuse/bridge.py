@@ -99,7 +99,7 @@ class SetattrFields:
     """pyfuse3.SetattrFields' names, settable."""
 
     __slots__ = ("update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid",
-                 "update_gid", "update_size", "sets_times")  # fmt: skip
+                 "update_gid", "update_size", "sets_times", "flushes_times")  # fmt: skip
 
     def __init__(self, valid: int) -> None:
         self.update_atime = bool(valid & (wire.FATTR_ATIME | wire.FATTR_ATIME_NOW))
@@ -113,6 +113,9 @@ class SetattrFields:
         explicit_a = valid & wire.FATTR_ATIME and not valid & wire.FATTR_ATIME_NOW
         explicit_m = valid & wire.FATTR_MTIME and not valid & wire.FATTR_MTIME_NOW
         self.sets_times = bool(explicit_a or explicit_m)
+        # the writeback cache's own times (fuse_flush_times: mtime and ctime, nothing else),
+        # kept by the kernel for writes already made: no caller's change (Bridge.setattr)
+        self.flushes_times = False
 
 
 class NewAttrs:
@@ -278,6 +281,8 @@ class Bridge:
 
     async def setattr(self, h: Header, fields: tuple[int, ...]) -> bytes:
         attrs, which, fh = setattr_args(fields)
+        if self.conn.flags & wire.WRITEBACK_CACHE:
+            which.flushes_times = fields[0] & ~wire.FATTR_FH == wire.FATTR_MTIME | wire.FATTR_CTIME
         entry = await self.ops.setattr(h.nodeid, attrs, which, fh, Ctx(h))
         if self.conn.killpriv and fields[0] & wire.FATTR_KILL_SUIDGID and which.update_size:
             entry = self.ops.kill_suidgid(h.nodeid, fh, Ctx(h))  # a truncate, as the VFS would
