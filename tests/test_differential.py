@@ -166,6 +166,12 @@ class UnionMachine(RuleBasedStateMachine):
     def both(self, fn, *args):
         results = {side: ops.outcome(fn, root, *args) for side, root in self.roots.items()}
         self.failed_step = True
+        if fn in (ops.unlink, ops.rmdir, ops.rename) and results["kernel"] == ("err", "EPERM"):
+            # an immutable or append-only object of the wrong type: the VFS checks the type
+            # before the daemon is asked, and checks the flags first only on an inode that
+            # carries them, which a FUSE inode never does (README, the write side)
+            if results["layerfs"] in (("err", "EISDIR"), ("err", "ENOTDIR")):
+                results["layerfs"] = results["kernel"]
         assert results["layerfs"] == results["kernel"], f"{fn.__name__}{args}: {results}"
         self.check_trees()
         self.failed_step = False
