@@ -73,6 +73,25 @@ def open_real(fs: Roots, path: bytes, kind: int) -> int:
     return fs.open(path, flags)
 
 
+class _RealFd:
+    """`with _RealFd(fs, target, kind) as fd`: `target` itself when it is an fd, else an fd
+    of that path (`open_real`), closed at the end."""
+
+    __slots__ = ("fs", "target", "kind", "fd")
+
+    def __init__(self, fs: Roots, target: bytes | int, kind: int) -> None:
+        self.fs, self.target, self.kind, self.fd = fs, target, kind, -1
+
+    def __enter__(self) -> int:
+        t = self.target
+        self.fd = t if isinstance(t, int) else open_real(self.fs, t, self.kind)
+        return self.fd
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd != self.target:
+            os.close(self.fd)
+
+
 def real_flags(fd: int) -> int:
     buf = bytearray(FLAGS.size)
     fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
@@ -82,15 +101,11 @@ def real_flags(fd: int) -> int:
 def get(fs: Roots, path: bytes | int, kind: int, prot: int, xattr_form: bool) -> bytes:
     """The reply to FS_IOC_GETFLAGS (4 bytes) or FS_IOC_FSGETXATTR (struct fsxattr) for the
     real object `path` (or an fd open on it), with the overlay's `prot` flags added."""
-    fd = path if isinstance(path, int) else open_real(fs, path, kind)
-    try:
+    with _RealFd(fs, path, kind) as fd:
         if not xattr_form:
             return FLAGS.pack(real_flags(fd) | prot)
         buf = bytearray(FSXATTR.size)
         fcntl.ioctl(fd, FS_IOC_FSGETXATTR, buf, True)
-    finally:
-        if fd != path:
-            os.close(fd)
     xflags, *rest = FSXATTR.unpack(buf)
     return FSXATTR.pack(xflags | _xprot(prot), *rest)
 
@@ -109,13 +124,8 @@ def set_real(fs: Roots, path: bytes | int, kind: int, value: bytes, xattr_form: 
     else:
         prot = fields[0] & PROT
         fields[0] &= ~PROT
-    fd = path if isinstance(path, int) else open_real(fs, path, kind)
-    try:
-        cmd = FS_IOC_FSSETXATTR if xattr_form else FS_IOC_SETFLAGS
-        fcntl.ioctl(fd, cmd, st.pack(*fields))
-    finally:
-        if fd != path:
-            os.close(fd)
+    with _RealFd(fs, path, kind) as fd:
+        fcntl.ioctl(fd, FS_IOC_FSSETXATTR if xattr_form else FS_IOC_SETFLAGS, st.pack(*fields))
     return prot
 
 
@@ -125,17 +135,12 @@ def lower_flags(fs: Roots, path: bytes, kind: int) -> int:
     if kind not in (stat.S_IFREG, stat.S_IFDIR):
         return 0
     try:
-        fd = open_real(fs, path, kind)
-    except OSError:
-        return 0
-    try:
-        return real_flags(fd)
+        with _RealFd(fs, path, kind) as fd:
+            return real_flags(fd)
     except OSError as exc:
-        if exc.errno in _NONE_HERE:
-            return 0
+        if exc.errno in _NONE_HERE or exc.errno in (errno.EACCES, errno.ENOENT, errno.ELOOP):
+            return 0  # no flags here, or none to be read: copied up without them
         raise
-    finally:
-        os.close(fd)
 
 
 def carry(fs: Roots, flags: int, dst: bytes | int, kind: int) -> None:
@@ -145,16 +150,13 @@ def carry(fs: Roots, flags: int, dst: bytes | int, kind: int) -> None:
     if flags & PROT:
         markers.set_protattr(dst, flags & PROT, fs)
     if flags & _COPIED:
-        fd = dst if isinstance(dst, int) else open_real(fs, dst, kind)
-        try:
-            mine = real_flags(fd)
-            fcntl.ioctl(fd, FS_IOC_SETFLAGS, FLAGS.pack((mine & ~_COPIED) | (flags & _COPIED)))
-        except OSError as exc:
-            if exc.errno not in _NONE_HERE:
-                raise
-        finally:
-            if fd != dst:
-                os.close(fd)
+        with _RealFd(fs, dst, kind) as fd:
+            try:
+                mine = real_flags(fd)
+                fcntl.ioctl(fd, FS_IOC_SETFLAGS, FLAGS.pack(mine & ~_COPIED | flags & _COPIED))
+            except OSError as exc:
+                if exc.errno not in _NONE_HERE:
+                    raise
 
 
 # ----- what the flags refuse (the VFS's checks on an overlay inode that has them) ---------
