@@ -181,8 +181,11 @@ class Roots:
 
         self._do(path, lambda d, n: shutil.rmtree(n, dir_fd=d))
 
-    def chown(self, path: bytes, uid: int, gid: int) -> None:
-        """lchown."""
+    def chown(self, path: bytes | int, uid: int, gid: int) -> None:
+        """lchown, or fchown of an fd."""
+        if isinstance(path, int):
+            os.chown(path, uid, gid)
+            return
         self._do(path, lambda d, n: os.chown(n, uid, gid, dir_fd=d, follow_symlinks=False))
 
     def chmod(self, path: bytes | int, mode: int) -> None:
@@ -203,8 +206,11 @@ class Roots:
         finally:
             os.close(fd)
 
-    def utime(self, path: bytes, ns: tuple[int, int]) -> None:
-        """lutimes, in nanoseconds."""
+    def utime(self, path: bytes | int, ns: tuple[int, int]) -> None:
+        """lutimes, in nanoseconds, or futimens of an fd."""
+        if isinstance(path, int):
+            os.utime(path, ns=ns)
+            return
         self._do(path, lambda d, n: os.utime(n, ns=ns, dir_fd=d, follow_symlinks=False))
 
     def rename(self, src: bytes, dst: bytes) -> None:

@@ -122,11 +122,6 @@ def copy_xattrs(fs: Roots, src: bytes, dst: bytes | int, skip) -> None:  # type:
 def copy_meta(fs: Roots, st: os.stat_result, dst: bytes | int) -> None:
     """Owner, mode (after chown, which clears setuid bits) and times, not following links;
     `dst` a path or an fd."""
-    if isinstance(dst, int):
-        os.chown(dst, st.st_uid, st.st_gid)
-        os.chmod(dst, stat.S_IMODE(st.st_mode))
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-        return
     fs.chown(dst, st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
         fs.chmod(dst, stat.S_IMODE(st.st_mode))

@@ -148,7 +148,7 @@ def is_chardev_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _getxattr(fs: Roots, path: bytes, name: bytes) -> bytes | None:
+def _getxattr(fs: Roots, path: bytes | int, name: bytes) -> bytes | None:
     try:
         return fs.getxattr(path, name)
     except OSError as exc:
@@ -209,7 +209,7 @@ def protattr(path: bytes | int, fs: Roots = PLAIN) -> int:
     `overlay.protattr` holds: 0 without one.  A value of another format counts as none, as
     the kernel warns and ignores it (ovl_check_protattr)."""
     for name in PROTATTR_XATTRS:
-        value = _getxattr(fs, path, name) if isinstance(path, bytes) else _fgetxattr(path, name)
+        value = _getxattr(fs, path, name)
         if value is None:
             continue
         flags = 0
@@ -222,15 +222,6 @@ def protattr(path: bytes | int, fs: Roots = PLAIN) -> int:
                 return 0
         return flags
     return 0
-
-
-def _fgetxattr(fd: int, name: bytes) -> bytes | None:
-    try:
-        return os.getxattr(fd, name)
-    except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
-            return None
-        raise
 
 
 def set_protattr(target: bytes | int, flags: int, fs: Roots = PLAIN) -> None:

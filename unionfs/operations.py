@@ -829,10 +829,7 @@ class UnionOperations(pyfuse3.Operations):
             uid, gid = self.owners.stored(
                 attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1
             )
-            if isinstance(target, int):
-                os.fchown(target, uid, gid)
-            else:
-                self.stack.fs.chown(target, uid, gid)
+            self.stack.fs.chown(target, uid, gid)  # or fchown of the handle's fd
         if fields.update_mode and not is_link:
             self.stack.fs.chmod(target, stat.S_IMODE(attr.st_mode))
         if fields.update_size and not self._keeps_times(node, target, attr.st_size):
@@ -842,20 +839,14 @@ class UnionOperations(pyfuse3.Operations):
             # the kernel.  FUSE sends it as a SETATTR with no field (FATTR_CTIME only for
             # regular files under the writeback cache); a no-op chown of the real object
             # marks exactly the ctime.
-            if isinstance(target, int):
-                os.fchown(target, -1, -1)
-            else:
-                self.stack.fs.chown(target, -1, -1)
+            self.stack.fs.chown(target, -1, -1)
         if fields.update_atime or fields.update_mtime:
             cur = self._stat_for(node)
             times = (
                 attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
                 attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns,
             )
-            if isinstance(target, int):
-                os.utime(target, ns=times)
-            else:
-                self.stack.fs.utime(target, ns=times)
+            self.stack.fs.utime(target, ns=times)
         node.invalidate()
         return self._entry(node)
 
