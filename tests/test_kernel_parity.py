@@ -20,7 +20,9 @@ conformance run (pjdfstest, a differential fuzzer) against an earlier layerfs:
     lower layer keeps its lower part (unionmount-testsuite `--ov=3`);
   - a file's st_ino is the same in every mount of the same layers, also when they are on
     different filesystems, and a copied-up file keeps its lower original's over a remount
-    (the kernel's `overlay.origin`, written and read; unionmount-testsuite `--ov=3 --verify`).
+    (the kernel's `overlay.origin`, written and read; unionmount-testsuite `--ov=3 --verify`);
+  - directories that hold copied-up or moved objects are marked `overlay.impure`, so the
+    kernel mounting layerfs's upper gives readdir the numbers stat gives.
 """
 
 from __future__ import annotations
@@ -472,6 +474,80 @@ def test_a_copied_up_file_keeps_its_st_ino_over_a_remount(tmp_path, fuse, root, 
                 with LayerfsMount(mnt, [lo], up, wk, "index=on"):
                     assert os.lstat(mnt / "h1").st_ino == os.lstat(mnt / "h2").st_ino == linked
         assert _origin(ups["layerfs"] / "h1") == _origin(ups["kernel"] / "h1") is not None
+
+
+def _impure_lower(lo: Path) -> None:
+    write(lo / "a/f", b"f\n")
+    write(lo / "g", b"g\n")
+    write(lo / "d/h", b"h\n")
+    write(lo / "e/deep/k", b"k\n")
+    write(lo / "e/x", b"x\n")
+
+
+def _impure_steps(mnt: Path) -> None:
+    """Copy-ups, and objects with an origin moved, exchanged and linked into directories
+    new in the upper: each leaves an entry whose inode number is not its upper object's."""
+    os.mkdir(mnt / "n")
+    os.rename(mnt / "a/f", mnt / "n/f")  # a file: copied up, then moved
+    os.rename(mnt / "g", mnt / "n/g")
+    os.rename(mnt / "d", mnt / "n/d")  # a merged directory: redirected
+    os.mkdir(mnt / "n2")
+    (mnt / "n2/z").touch()
+    os.link(mnt / "n/g", mnt / "n2/gl")
+    os.mkdir(mnt / "n3")
+    (mnt / "n3/y").touch()
+    with open(mnt / "e/x", "ab") as f:  # copied up, then exchanged with a new file
+        f.write(b"!")
+    fsutil.renameat2(os.fsencode(mnt / "e/x"), os.fsencode(mnt / "n3/y"), fsutil.RENAME_EXCHANGE)
+    with open(mnt / "e/deep/k", "ab") as f:  # and its directories with it
+        f.write(b"!")
+
+
+def _marked(up: Path, name: str) -> set[str]:
+    found = set()
+    for d, _dirs, files in os.walk(up):
+        for path in [d, *(os.path.join(d, f) for f in files)]:
+            with contextlib.suppress(OSError):
+                os.getxattr(path, name, follow_symlinks=False)
+                found.add(os.path.relpath(path, up))
+    return found
+
+
+def test_directories_that_hold_copied_up_objects_are_marked_impure(tmp_path, fuse, root):
+    """A copy-up marks the upper directory it goes into `overlay.impure`, and so does moving
+    or linking in an object with an origin; a copied-up directory gets an origin, as a file
+    does.  The same directories as the kernel's: kernel overlayfs, mounting layerfs's upper,
+    gives readdir's d_ino as st_ino there.  Before, it gave the upper's own numbers for
+    `a`, `n/f`, `n/g`, `n/d` and `n2/gl` (`ls -i` against `stat`)."""
+    ups, trees = {}, {}
+    for engine in ("kernel", "layerfs"):
+        lo, up, wk, mnt = (tmp_path / engine / p for p in ("lo", "up", "wk", "mnt"))
+        for p in (up, wk, mnt):
+            p.mkdir(parents=True)
+        _impure_lower(lo)
+        ups[engine] = up
+        mount = KernelOverlay if engine == "kernel" else LayerfsMount
+        with mount(mnt, [lo], up, wk, "redirect_dir=on"):
+            _impure_steps(mnt)
+            trees[engine] = treecmp.snapshot(mnt)
+            assert treecmp.inode_problems(trees[engine]) == [], engine
+    if not _marked(ups["kernel"], "trusted.overlay.origin"):
+        pytest.skip(f"{_fs_type(tmp_path)} gives no file handles: no origins")
+    assert treecmp.diff(trees["layerfs"], trees["kernel"], compare_mtime=False) == []
+    impure = _marked(ups["kernel"], "trusted.overlay.impure")
+    assert impure == {".", "a", "e", "e/deep", "n", "n2", "n3"}
+    assert _marked(ups["layerfs"], "trusted.overlay.impure") == impure
+    origins = _marked(ups["kernel"], "trusted.overlay.origin")
+    assert {"a", "e", "e/deep", "n/d"} <= origins
+    assert _marked(ups["layerfs"], "trusted.overlay.origin") == origins
+    lo, up = tmp_path / "layerfs/lo", ups["layerfs"]
+    kmnt, kwk = tmp_path / "kmnt", tmp_path / "kwk"
+    kmnt.mkdir()
+    kwk.mkdir()
+    with KernelOverlay(kmnt, [lo], up, kwk, "redirect_dir=on"):
+        seen = treecmp.snapshot(kmnt)
+    assert treecmp.inode_problems(seen) == []
+    assert treecmp.diff(trees["layerfs"], seen, compare_mtime=False) == []
 
 
 def _over_whiteouts(mnt: Path) -> None:

@@ -246,3 +246,18 @@ def opaque_xattr() -> bytes:
 
 def redirect_xattr() -> bytes:
     return b"trusted.overlay.redirect" if os.geteuid() == 0 else b"user.overlay.redirect"
+
+
+def set_impure(path: bytes, fs: Roots = PLAIN) -> None:
+    """Mark upper directory `path` as holding objects whose inode numbers are not their own
+    (`overlay.impure` = "y", the kernel's ovl_set_impure): copied up, or merged directories
+    moved in.  Kernel overlayfs, reading such a directory, reports those entries' d_ino as
+    their st_ino; in an unmarked one it reports the upper's own numbers.  A marker already
+    there is left alone (nor is the directory's ctime touched); an upper without xattrs
+    gets none, as on the kernel."""
+    name = b"trusted.overlay.impure" if os.geteuid() == 0 else b"user.overlay.impure"
+    try:
+        fs.setxattr(path, name, b"y", os.XATTR_CREATE)
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTSUP):
+            raise

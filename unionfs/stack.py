@@ -160,6 +160,7 @@ class Node:
         "deleted",
         "data",
         "prot",
+        "impure",
         "__weakref__",  # adapters key their per-node state (cached replies, locks) on nodes
     )
 
@@ -199,6 +200,8 @@ class Node:
         # immutable/append-only (fileattr.PROT bits) of its upper object's overlay.protattr;
         # None until asked (UnionOperations._prot), 0 for objects this mount made
         self.prot: int | None = None
+        # a directory whose upper object this mount has marked `overlay.impure` (Writer)
+        self.impure = False
 
     def invalidate(self) -> None:
         """Its attributes changed, or may have: drop the cached stat, and let whoever caches

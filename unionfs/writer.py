@@ -175,12 +175,14 @@ class Writer:
             return
         assert node.parent is not None and node.dirs is not None
         self.copy_up_dir(node.parent)
+        self._mark_impure(node.parent)
         src = node.dirs[0].path
         st = self.fs.lstat(src)
         flags = fileattr.lower_flags(self.fs, src, stat.S_IFDIR)
         tmp = self.tmpname()
         self.fs.mkdir(tmp, 0o700)
         fsutil.copy_xattrs(self.fs, src, tmp, markers.is_private_xattr)
+        self._set_origin(src, st, tmp)
         fileattr.carry(self.fs, flags, tmp, stat.S_IFDIR)
         fsutil.copy_meta(self.fs, st, tmp)
         self._into_place(node.parent, tmp, node.name)
@@ -285,8 +287,9 @@ class Writer:
             # side effect
             fsutil.copy_meta(self.fs, plan.st, dst)
             fsutil.copy_xattrs(self.fs, plan.src, dst, markers.is_private_xattr)
-            self._set_origin(plan, dst)
+            self._set_origin(plan.src, plan.st, dst)
             fileattr.carry(self.fs, plan.flags, dst, stat.S_IFREG)
+            self._mark_impure(node.parent)
             self._into_place(node.parent, dst, node.name)
             node.prot = plan.flags & fileattr.PROT
         finally:
@@ -300,20 +303,23 @@ class Writer:
         elif stat.S_ISREG(plan.st.st_mode) and plan.st.st_nlink > 1:
             self._link_siblings(node, plan)
 
-    def _set_origin(self, plan: CopyPlan, dst: bytes | int) -> None:
-        """Record where the copy came from, as the kernel's copy-up does (origin.py), so its
-        inode number survives a remount, for layerfs and for the kernel.  Best effort, as
-        on the kernel: without file handles or trusted xattrs there is no origin.  With
-        index=on a hard-linked lower file gets one too, as the kernel gives one to the files
-        it indexes (layerfs writes no index entry beside it; the kernel, finding none, takes
-        the file as not indexed and shows the upper file's own number)."""
-        if not origin.enabled() or not origin.counts(plan.st.st_nlink, self.stack.index):
+    def _set_origin(self, src: bytes, st: os.stat_result, dst: bytes | int) -> None:
+        """Record where the copy `dst` of lower object `src` (`st` its lstat) came from, as
+        the kernel's copy-up does (origin.py), so a file's inode number survives a remount,
+        for layerfs and for the kernel; directories get one too, as on the kernel (which
+        otherwise adds it at its first lookup of the directory).  Best effort, as on the
+        kernel: without file handles or trusted xattrs there is no origin.  With index=on a
+        hard-linked lower file gets one too, as the kernel gives one to the files it indexes
+        (layerfs writes no index entry beside it; the kernel, finding none, takes the file
+        as not indexed and shows the upper file's own number)."""
+        linked = not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1
+        if not origin.enabled() or (linked and not self.stack.index):
             return
-        value = origin.value_for(self.fs, plan.src, plan.st, self.stack.fs_uuids)
+        value = origin.value_for(self.fs, src, st, self.stack.fs_uuids)
         if value is not None:
             try:
                 self.fs.setxattr(dst, origin.XATTR, value)
-                if plan.st.st_nlink > 1:
+                if linked:
                     # the kernel reads the link count of an upper copy of a hard-linked
                     # lower file from this ("failed to get index nlink" in dmesg without
                     # it): relative to the upper file's own count, which here holds every
@@ -321,6 +327,29 @@ class Writer:
                     self.fs.setxattr(dst, origin.NLINK_XATTR, b"U+0")
             except OSError:
                 pass
+
+    def _has_origin(self, node: Node) -> bool:
+        """The kernel's ovl_type_origin: a directory with lower parts (merged or redirected),
+        or an upper non-directory that records the lower file it was copied up from."""
+        if node.is_dir:
+            return node.has_lower
+        if not origin.enabled() or not self.stack.in_upper(node):
+            return False
+        try:
+            self.fs.getxattr(self.stack.upper_path(node), origin.XATTR)
+        except OSError:
+            return False
+        return True
+
+    def _mark_impure(self, parent: Node) -> None:
+        """`parent` (in the upper) is to hold an object whose inode number is not its upper
+        object's own: a copy-up, or an object with an origin moved or linked in.  Mark its
+        upper directory as the kernel does, before the change (markers.set_impure), once
+        per directory and mount; the kernel mounting this upper reads it to give readdir
+        the same numbers as stat."""
+        if not parent.impure:
+            markers.set_impure(self.stack.upper_path(parent), self.fs)
+            parent.impure = True
 
     def _now_in_upper(self, node: Node, parent: Node, name: bytes) -> int:
         """Bookkeeping once `parent/name` is in the upper; returns its real inode number."""
@@ -347,6 +376,7 @@ class Writer:
                 continue  # hidden or replaced in the merged view, or the name just copied
             parent, name, child = found
             self.copy_up_dir(parent)
+            self._mark_impure(parent)  # a copy-up too: the name shows the lower file's number
             pdir = stack.upper_path(parent)
             pst = self.fs.lstat(pdir)
             self.fs.link(stack.upper_path(node), pdir + b"/" + name)
@@ -500,7 +530,7 @@ class Writer:
         node.parent, node.name = parent, name
         node.invalidate()
         if dirs is not None:
-            node.listing, node.subdirs = {}, 0
+            node.listing, node.subdirs, node.impure = {}, 0, False
         return node
 
     # ----- creating ----------------------------------------------------------------------
@@ -628,6 +658,8 @@ class Writer:
         """Hard link (the caller has copied `node` up).  `fd`: for a node with no name left
         (an O_TMPFILE file: `tmpfile`), an fd open on it, which the link is made from."""
         path, wh = self._target(parent, name)
+        if fd is None and self._has_origin(node):
+            self._mark_impure(parent)
         dest = self.tmpname() if wh else path
         if fd is None:
             self.fs.link(self.stack.upper_path(node), dest)
@@ -742,6 +774,8 @@ class Writer:
         whiteout = stack.lower_has(parent, name)
         covers = stack.lower_has(newparent, newname)
         self.copy_up_dir(newparent)
+        if newparent is not parent and self._has_origin(node):
+            self._mark_impure(newparent)  # as the kernel's ovl_rename
         spath = stack.upper_path(parent) + b"/" + name
         dpath = stack.upper_path(newparent) + b"/" + newname
         old_links = _nlink(self.fs, dpath) if old is not None and not old.is_dir else 0
@@ -851,6 +885,11 @@ class Writer:
         self._prepare_move(b, parent, name)
         self.copy_up_dir(parent)
         self.copy_up_dir(newparent)
+        if newparent is not parent:
+            if self._has_origin(a):
+                self._mark_impure(newparent)
+            if self._has_origin(b):
+                self._mark_impure(parent)
         apath = stack.upper_path(parent) + b"/" + name
         bpath = stack.upper_path(newparent) + b"/" + newname
         self.fs.renameat2(apath, bpath, fsutil.RENAME_EXCHANGE)
