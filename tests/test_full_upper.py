@@ -1,9 +1,10 @@
-"""A full upper filesystem: what a container that fills its disk meets.  The same steps on
-kernel overlayfs and on layerfs, each with its upper on a 2 MiB tmpfs, give the same
-outcomes (ENOSPC where the kernel gives it, and nothing else), and nothing is lost or left
-half-done: a copy-up that does not fit leaves the lower file shown whole, no partial copy
-stays in the upper or the work dir, the mount keeps serving, and once space is freed the
-same changes go through; a remount shows what the user last saw.
+"""A full upper filesystem, out of space or out of inodes: what a container that fills its
+disk meets.  The same steps on kernel overlayfs and on layerfs, each with its upper on a
+small tmpfs (2 MiB, or 24 inodes), give the same outcomes (ENOSPC where the kernel gives
+it, and nothing else), and nothing is lost or left half-done: a copy-up that does not fit
+leaves the lower file shown whole, no partial copy stays in the upper or the work dir, the
+mount keeps serving, and once space is freed the same changes go through; a remount shows
+what the user last saw.
 """
 
 from __future__ import annotations
@@ -110,3 +111,69 @@ def test_a_full_upper_gives_enospc_and_loses_nothing(tmp_path, fuse, root):
     assert steps["freed: copy-up of the big file"] == ("ok", None)
     assert after["layerfs"] == after["kernel"]
     assert work["layerfs"] <= {"control", "whiteout"}
+
+
+def _inode_steps(mnt: Path) -> list[tuple[str, Any]]:
+    """With no inode left, every change that needs a new upper object (a copied-up parent,
+    a whiteout, a new object) is refused; once inodes are freed, they go through."""
+    r: list[tuple[str, Any]] = []
+    filled = 0
+    while filled < 200:
+        step = _outcome(lambda n=filled: (mnt / f"new{n}").write_bytes(b"x"))
+        if step[0] == "err":
+            r.append(("filling stops", step))
+            break
+        filled += 1
+    changes = [
+        ("unlink in a lower dir", lambda: os.unlink(mnt / "d/f1")),
+        ("unlink at the top", lambda: os.unlink(mnt / "g")),
+        ("rename of a lower file", lambda: os.rename(mnt / "h", mnt / "h2")),
+        ("rename of a lower dir", lambda: os.rename(mnt / "d2", mnt / "d2m")),
+        ("rmdir of a lower dir", lambda: os.rmdir(mnt / "e")),
+        ("mkdir", lambda: os.mkdir(mnt / "nd")),
+        ("symlink", lambda: os.symlink("x", mnt / "sl")),
+        ("link of a lower file", lambda: os.link(mnt / "d/f2", mnt / "lk")),
+        ("chmod of a lower file", lambda: os.chmod(mnt / "d/f3", 0o600)),
+    ]
+    r += [(name, _outcome(fn)) for name, fn in changes]
+    r.append(("/", _outcome(lambda: [n for n in _shown(mnt) if not n.startswith("new")])))
+    r.append(("d", _outcome(lambda: _shown(mnt / "d"))))
+    for i in range(filled):
+        (mnt / f"new{i}").unlink()
+    r += [("freed: " + name, _outcome(fn)) for name, fn in changes]
+    r.append(("/", _outcome(lambda: _shown(mnt))))
+    r.append(("d", _outcome(lambda: _shown(mnt / "d"))))
+    return r
+
+
+def test_an_upper_out_of_inodes_gives_enospc_and_loses_nothing(tmp_path, fuse, root):
+    results, after = {}, {}
+    for engine in ("kernel", "layerfs"):
+        base = tmp_path / engine
+        lo, upfs, mnt = base / "lo", base / "upfs", base / "mnt"
+        for i in (1, 2, 3):
+            write(lo / f"d/f{i}", b"f%d\n" % i)
+        for name in ("g", "h", "d2/x"):
+            write(lo / name, name.encode())
+        (lo / "e").mkdir()
+        upfs.mkdir()
+        mnt.mkdir()
+        # room for the kernel's work dir and a few objects: filled up by the steps
+        tmpfs = ["mount", "-t", "tmpfs", "-o", "nr_inodes=24", "layertest", str(upfs)]
+        subprocess.run(tmpfs, check=True, timeout=30)
+        try:
+            up, wk = upfs / "u", upfs / "w"
+            up.mkdir()
+            wk.mkdir()
+            mount = KernelOverlay if engine == "kernel" else LayerfsMount
+            with mount(mnt, [lo], up, wk, "redirect_dir=on"):
+                results[engine] = _inode_steps(mnt)
+            with mount(mnt, [lo], up, wk, "redirect_dir=on"):
+                after[engine] = (_shown(mnt), _shown(mnt / "d"), (mnt / "lk").read_bytes())
+        finally:
+            subprocess.run(["umount", str(upfs)], timeout=30)
+    assert results["layerfs"] == results["kernel"]
+    steps = dict(results["layerfs"])
+    assert steps["unlink in a lower dir"] == ("err", "ENOSPC")  # the test means something
+    assert steps["freed: unlink in a lower dir"] == ("ok", None)
+    assert after["layerfs"] == after["kernel"]
