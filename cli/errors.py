@@ -14,6 +14,7 @@ Stable codes (scripts may rely on them):
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -60,6 +61,15 @@ class DemoFailed(CliError):
     """The demo's merged view did not show what the union rules promise."""
 
 
+# the store this run opened (`note_store`), named when a write fails for want of space
+_store_root: str | None = None
+
+
+def note_store(root: str) -> None:
+    global _store_root
+    _store_root = root
+
+
 def describe(exc: BaseException) -> tuple[int, str | None, bool]:
     """(exit code, message or None for "already reported", whether a traceback helps)."""
     if isinstance(exc, CliError):
@@ -83,6 +93,10 @@ def describe(exc: BaseException) -> tuple[int, str | None, bool]:
 
 def _describe_oserror(exc: OSError) -> str:
     text = exc.strerror or str(exc)
+    if exc.filename is None and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # a write to an fd names no file: say where the store is, the likely place
+        where = f"; the store is at {_store_root}" if _store_root else ""
+        return f"{text} (a filesystem this command writes to is full{where})"
     if exc.filename is not None and exc.filename2 is not None:
         return f"{os.fsdecode(exc.filename)} -> {os.fsdecode(exc.filename2)}: {text}"
     if exc.filename is not None:

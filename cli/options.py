@@ -9,7 +9,7 @@ import click
 
 from imagestore.store import Store
 
-from .errors import BadInput
+from .errors import BadInput, note_store
 
 
 def root_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -38,7 +38,9 @@ def quiet_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def open_store(root: str | None) -> Store:
-    return Store.open(root)
+    store = Store.open(root)
+    note_store(str(store.root))
+    return store
 
 
 def parse_creds(creds: str | None) -> tuple[str, str] | None:

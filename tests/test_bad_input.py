@@ -345,6 +345,27 @@ def test_cli_damaged_store_index_and_record(tmp_path):
     os.remove(tmp_path / "t" / "mounts" / "m" / "mount.json")
 
 
+def test_cli_pull_into_a_full_store(tmp_path):
+    """A store on a full filesystem: one line that says so and where the store is, and
+    nothing half-made: what stays checks out (`fsck`), and no image is tagged."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    src, fs = tmp_path / "lay", tmp_path / "small"
+    noise = os.urandom(3 << 20)  # does not compress: more than the 2 MiB filesystem
+    imagedata.write_oci_layout(src, [[("big", "file", noise)]])
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "layertest", str(fs)], check=True)
+    try:
+        root = fs / "s"
+        line = one_line(layer("pull", "--root", str(root), f"oci:{src}"))
+        assert "No space left on device" in line and str(root) in line, line
+        assert layer("fsck", "--root", str(root)).returncode == 0
+        images = json.loads(layer("images", "--root", str(root), "--format", "json").stdout)
+        assert images == []
+    finally:
+        subprocess.run(["umount", str(fs)], timeout=30)
+
+
 @SETTINGS
 @given(index=documents)
 def test_push_into_an_oci_layout_with_any_index(tmp_path_factory, index):
