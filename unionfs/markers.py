@@ -4,7 +4,7 @@ Reading accepts every encoding found in the wild, so layers made by other tools 
   - whiteout: a character device 0/0 (kernel overlayfs, fuse-overlayfs); an OCI `.wh.NAME`
     file; a zero-size regular file with the `overlay.whiteout` xattr, honoured only inside a
     directory marked `overlay.opaque=x` (the kernel's rule, which spares an xattr read per file);
-  - opaque directory: `overlay.opaque=y` (trusted. as root, user. otherwise),
+  - opaque directory: `overlay.opaque=y` (trusted. or user., see below),
     `user.fuseoverlayfs.opaque=y`, or an OCI `.wh..wh..opq` file inside it.
 A moved directory carries `overlay.redirect` (the kernel's redirect_dir format): the path,
 from the root, where its lower part lives.
@@ -15,7 +15,11 @@ The write side uses the kernel-overlayfs format only; tar layers carry the OCI n
 Internal xattrs are never shown to users as they are: `shown_xattr` is the single filter,
 and `real_xattr` its inverse (a user's own `overlay.X` is kept escaped, `overlay.overlay.X`,
 as kernel overlayfs keeps it for an overlay stacked on this one: Linux 6.7).
-Pure functions; no state.
+Which namespace markers are written in: `trusted.overlay.*` where this process may set
+trusted xattrs (CAP_SYS_ADMIN in the host's user namespace), else `user.overlay.*`, as the
+kernel's `userxattr` option.  Root of a user namespace (rootless podman runs its
+mount_program so) is uid 0 without that right: `probe_trusted` asks the work dir once per
+mount (`trusted`); until then uid 0 counts as able.  Otherwise pure functions.
 xattrs are read through a `fsat.Roots` (the daemon's layer-root fds; `fsat.PLAIN` for plain
 paths), so markers deeper than PATH_MAX are read too.
 """
@@ -228,7 +232,7 @@ def set_protattr(target: bytes | int, flags: int, fs: Roots = PLAIN) -> None:
     """Record immutable/append-only `flags` of an upper object (a path or an fd) in the
     kernel's format ("a" then "i"), or remove the record when neither is set."""
     value = (b"a" if flags & _FS_APPEND_FL else b"") + (b"i" if flags & _FS_IMMUTABLE_FL else b"")
-    name = b"trusted.overlay.protattr" if os.geteuid() == 0 else b"user.overlay.protattr"
+    name = _name(b"protattr")
     if value:
         fs.setxattr(target, name, value)
         return
@@ -239,13 +243,48 @@ def set_protattr(target: bytes | int, flags: int, fs: Roots = PLAIN) -> None:
             raise
 
 
+_trusted: bool | None = None  # `probe_trusted`'s answer; None: not asked
+
+
+def trusted() -> bool:
+    """May this process write trusted.* xattrs (and so keep overlay state where kernel
+    overlayfs mounted by root reads it)?"""
+    if os.geteuid() != 0:  # asked again: a process may drop to a user after the probe
+        return False
+    return _trusted is not False
+
+
+def probe_trusted(directory: bytes, fs: Roots = PLAIN) -> bool:
+    """Ask once, on a directory of the upper's filesystem (the work dir), whether a trusted
+    xattr can be set there: EPERM is a process without CAP_SYS_ADMIN in the host's user
+    namespace (uid 0 of a user namespace, a container without that capability), whose
+    markers then go to user.overlay.*.  A filesystem without xattrs decides nothing."""
+    global _trusted
+    if os.geteuid() != 0:
+        _trusted = False
+        return False
+    name = b"trusted.layerfs.probe"
+    try:
+        fs.setxattr(directory, name, b"")
+        fs.removexattr(directory, name)
+        _trusted = True
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            _trusted = False
+    return trusted()
+
+
+def _name(marker: bytes) -> bytes:
+    return (b"trusted.overlay." if trusted() else b"user.overlay.") + marker
+
+
 def opaque_xattr() -> bytes:
-    """The opaque marker this process writes: trusted. as root, user. otherwise."""
-    return b"trusted.overlay.opaque" if os.geteuid() == 0 else b"user.overlay.opaque"
+    """The opaque marker this process writes (`trusted`)."""
+    return _name(b"opaque")
 
 
 def redirect_xattr() -> bytes:
-    return b"trusted.overlay.redirect" if os.geteuid() == 0 else b"user.overlay.redirect"
+    return _name(b"redirect")
 
 
 def set_impure(path: bytes, fs: Roots = PLAIN) -> None:
@@ -255,7 +294,7 @@ def set_impure(path: bytes, fs: Roots = PLAIN) -> None:
     their st_ino; in an unmarked one it reports the upper's own numbers.  A marker already
     there is left alone (nor is the directory's ctime touched); an upper without xattrs
     gets none, as on the kernel."""
-    name = b"trusted.overlay.impure" if os.geteuid() == 0 else b"user.overlay.impure"
+    name = _name(b"impure")
     try:
         fs.setxattr(path, name, b"y", os.XATTR_CREATE)
     except OSError as exc:

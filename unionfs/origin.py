@@ -8,10 +8,11 @@ copy-up *and remount*.  layerfs writes the same bytes at copy-up (`value_for`: t
 name_to_handle_at's, the uuid FS_IOC_GETFSUUID's; a test compares them with the kernel's)
 and reads origins back, its own and the kernel's (`lower_object`), so numbers stay the same
 over remounts of uppers made by either.
-Root only (`enabled`): the origin lives in the trusted namespace, and open_by_handle_at needs
-CAP_DAC_READ_SEARCH.  Elsewhere nothing is written or read, and a copied-up file's number
-is stable within a mount only.  Best effort both ways: a filesystem without file handles,
-an upper without trusted xattrs or a stale handle means no origin, as on the kernel.
+Root only (`enabled`: markers.trusted): the origin lives in the trusted namespace, and
+open_by_handle_at needs CAP_DAC_READ_SEARCH.  Elsewhere nothing is written or read, and a
+copied-up file's number is stable within a mount only.  Best effort both ways: a
+filesystem without file handles, an upper without trusted xattrs or a stale handle means no
+origin, as on the kernel.
 Concurrency: plain functions over their own fds (and a cache of filesystem uuids filled
 from the trio thread); safe from any thread.
 """
@@ -22,7 +23,7 @@ import errno
 import os
 import sys
 
-from . import syscalls
+from . import markers, syscalls
 from .fsat import Roots
 
 XATTR = b"trusted.overlay.origin"
@@ -44,7 +45,8 @@ Uuids = dict[int, "bytes | None"]
 
 
 def enabled() -> bool:
-    return os.geteuid() == 0
+    """Origins live in trusted xattrs only (as on the kernel: none with `userxattr`)."""
+    return markers.trusted()
 
 
 def counts(lower_nlink: int, index: bool) -> bool:

@@ -120,6 +120,7 @@ class Writer:
             fs.rmtree(self.work)
         fs.mkdir(self.work, 0o700)
         fs.add(self.work)
+        markers.probe_trusted(self.work, fs)  # before any marker is written
         self.index_dir = os.fsencode(os.path.join(os.path.abspath(workdir), INDEX_SUBDIR))
         self._seq = 0
         # copy-ups of regular files go through a nameless file (O_TMPFILE) linked into place,
