@@ -260,9 +260,11 @@ def _entry(name: str, kind: bytes, mode: int, size: int = 0, link: str = "") -> 
     return info
 
 
-def busybox_layers() -> list[bytes]:
+def busybox_layers(one_owner: bool = False) -> list[bytes]:
     """Two layers: busybox with its applets, a tree to change; then a whiteout, an opaque
-    directory and a hard-link trio (OCI `.wh.` forms, as a registry would serve them)."""
+    directory and a hard-link trio (OCI `.wh.` forms, as a registry would serve them).
+    `one_owner`: without the file owned by 1000, so a rootless podman with no subordinate
+    ids (one id mapped: the user's, as root) can hold it."""
     bb = Path(BUSYBOX).read_bytes()
     files = {
         "bin/busybox": bb,
@@ -280,10 +282,11 @@ def busybox_layers() -> list[bytes]:
     base += [_entry(n, tarfile.REGTYPE, 0o755 if n == "bin/busybox" else 0o644, len(d))
              for n, d in files.items()]  # fmt: skip
     base += [_entry(f"bin/{a}", tarfile.SYMTYPE, 0o777, link="busybox") for a in APPLETS]
-    owned = _entry("data/owned", tarfile.REGTYPE, 0o640, 6)
-    owned.uid, owned.gid = 1000, 1000
-    base.append(owned)
-    files["data/owned"] = b"owned\n"
+    if not one_owner:
+        owned = _entry("data/owned", tarfile.REGTYPE, 0o640, 6)
+        owned.uid, owned.gid = 1000, 1000
+        base.append(owned)
+        files["data/owned"] = b"owned\n"
     top_files = {"opq/new": b"new in the opaque dir\n", "links/h1": b"one inode, three names\n"}
     top = [
         _entry("etc", tarfile.DIRTYPE, 0o755),
@@ -299,12 +302,12 @@ def busybox_layers() -> list[bytes]:
     return [_tar(base, files), _tar(top, top_files)]
 
 
-def write_busybox_layout(root: Path, ref: str = "base") -> Path:
+def write_busybox_layout(root: Path, ref: str = "base", one_owner: bool = False) -> Path:
     """An OCI layout holding the busybox image as `ref` (deterministic; rebuilt if absent)."""
     if not (root / "index.json").exists():
         write_oci_image(
             root,
-            busybox_layers(),
+            busybox_layers(one_owner),
             ref,
             {
                 "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
