@@ -127,6 +127,8 @@ class LayerWriter:
         self.fmt = fmt
         self._mine: set[bytes] = set()  # PLAIN: the paths this layer wrote (they stay)
         self.privileged = os.geteuid() == 0
+        if fmt == OVERLAY:  # uid 0 of a user namespace: opaque markers in user.overlay.*
+            markers.probe_trusted(root_fd)
         self.warnings: list[str] = []  # the first MAX_WARNINGS, for the caller's log
         self.warning_count = 0
         self._dirs: dict[bytes, _DirMeta] = {}

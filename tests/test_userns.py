@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import imagedata
 from tests.mounts import LAYERFS, need, require_fuse
 
 pytestmark = pytest.mark.mount
@@ -124,3 +125,37 @@ def test_markers_go_to_user_xattrs_in_a_user_namespace(fuse):
         assert _run(root / "layerfs", "kernel", steps=False) == seen["layerfs"]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_pull_in_a_user_namespace_keeps_opaque_markers_in_user_xattrs(tmp_path):
+    """`layer pull` as uid 0 of a user namespace: the store's unpacked layers say "opaque"
+    with user.overlay.opaque (there, the trusted one is refused; before, every opaque
+    directory was kept as an OCI `.wh..wh..opq` file, with a warning each)."""
+    need(os.geteuid() == 0, "needs root to switch to an unprivileged user")
+    for tool in ("setpriv", "unshare"):
+        need(shutil.which(tool) is not None, f"{tool} is missing")
+    base = Path(tempfile.mkdtemp(prefix="layer-userns-pull-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        imagedata.write_oci_layout(base / "src")
+        for p in [base, *base.rglob("*")]:
+            os.chown(p, NOBODY, NOBODY)
+        layer = str(Path(LAYERFS).parent / "layer")
+        cmd = [
+            "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+            "unshare", "--user", "--map-root-user",
+            layer, "pull", "--root", str(base / "store"), f"oci:{base / 'src'}",
+        ]  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "kept as a file" not in r.stderr, r.stderr
+        layers = base / "store" / "layers"
+        opaque = [
+            p
+            for p in layers.rglob("*")
+            if p.is_dir() and "user.overlay.opaque" in os.listxattr(p, follow_symlinks=False)
+        ]
+        assert opaque, "no opaque directory in the sample's layers"
+        assert not list(layers.rglob(".wh..wh..opq"))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

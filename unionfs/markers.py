@@ -254,11 +254,12 @@ def trusted() -> bool:
     return _trusted is not False
 
 
-def probe_trusted(directory: bytes, fs: Roots = PLAIN) -> bool:
-    """Ask once, on a directory of the upper's filesystem (the work dir), whether a trusted
-    xattr can be set there: EPERM is a process without CAP_SYS_ADMIN in the host's user
-    namespace (uid 0 of a user namespace, a container without that capability), whose
-    markers then go to user.overlay.*.  A filesystem without xattrs decides nothing."""
+def probe_trusted(directory: bytes | int, fs: Roots = PLAIN) -> bool:
+    """Ask once, on a directory (a path or an fd) of the filesystem markers go to (the work
+    dir; the store's layer being unpacked), whether a trusted xattr can be set there: EPERM
+    is a process without CAP_SYS_ADMIN in the host's user namespace (uid 0 of a user
+    namespace, a container without that capability), whose markers then go to
+    user.overlay.*.  A filesystem without xattrs decides nothing."""
     global _trusted
     if os.geteuid() != 0:
         _trusted = False
