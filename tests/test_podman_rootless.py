@@ -6,8 +6,9 @@ storage: a container changes files of the image (a copy-up, a whiteout, an opaqu
 made over a removed one), moves a lower directory away and makes a new one at its name; then
 `podman diff` and a commit, whose layer podman computes through a fresh mount of the
 container (its "naive diff"), and a run of the committed image.  The expected results are
-written out: on this machine fuse-overlayfs, and the kernel's own overlay under podman 4.3,
-show the moved directory's old files again once the container is mounted anew (README).
+written out: on this machine the same run with fuse-overlayfs, and with podman 4.3's own
+rootless kernel overlay, commits a new `/data` that still holds the moved one's files
+(README).
 Before session 39 layerfs refused the move and the new directory with EPERM here.
 """
 
