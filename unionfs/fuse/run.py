@@ -18,6 +18,7 @@ import faulthandler
 import os
 import signal
 
+from .. import markers
 from ..logs import log
 from . import wire
 from .init import Wanted
@@ -52,7 +53,10 @@ def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> 
         want = Wanted(
             writeback=cfg.writeback and writer is not None,
             read_only=writer is None,
-            passthrough=cfg.passthrough and writer is not None and os.geteuid() == 0,
+            # registering a backing file needs CAP_SYS_ADMIN in the host's user namespace,
+            # as trusted xattrs do (markers.trusted, probed by the Writer): uid 0 of a user
+            # namespace (rootless podman) asks for neither
+            passthrough=cfg.passthrough and writer is not None and markers.trusted(),
             posix_acl=cfg.acl,
         )
         conn = handshake(mounted.fd, want)
