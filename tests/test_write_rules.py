@@ -536,15 +536,26 @@ def test_freeze_holds_writes_but_not_reads(u):
         (mnt / "during").write_bytes(b"written while frozen")
         done.set()
 
-    os.stat(mnt / "dir/keep")  # looked up now: a held create locks its directory in the kernel
-    with control.frozen(u.work):
-        t = threading.Thread(target=write)
-        t.start()
-        time.sleep(0.5)
-        assert not done.is_set()  # held
-        # reads are not held (elsewhere: the kernel locks the directory of a held create)
-        assert (mnt / "dir/keep").read_bytes() == b"keep\n"
-        assert upper_entry(u, "during") is None
+    # Looked up now, and pinned (an open fd keeps its dentry through a cache drop or memory
+    # pressure): a held create keeps its directory locked in the kernel, so a lookup there
+    # that missed the cache would wait for the thaw (and the test, in an uninterruptible
+    # sleep that no timeout ends).
+    pin = os.open(mnt / "dir", os.O_RDONLY | os.O_DIRECTORY)
+    read: list[bytes] = []
+    try:
+        with control.frozen(u.work):
+            t = threading.Thread(target=write)
+            t.start()
+            time.sleep(0.5)
+            assert not done.is_set()  # held
+            # reads are not held (elsewhere: the kernel locks the directory of a held create)
+            reader = threading.Thread(target=lambda: read.append((mnt / "dir/keep").read_bytes()))
+            reader.start()
+            reader.join(timeout=20)  # bounded: the thaw below lets a stuck one go
+            assert read == [b"keep\n"], "a read waited for the thaw"
+            assert upper_entry(u, "during") is None
+    finally:
+        os.close(pin)
     t.join(timeout=20)
     assert done.is_set() and (mnt / "during").read_bytes() == b"written while frozen"
     import socket as _socket
