@@ -751,7 +751,9 @@ def test_copied_up_data_is_on_disk_before_it_goes_into_place(tmp_path, fuse, roo
         finally:
             os.close(fd)
         cache = _page_cache(up / "f", size)
-    assert cache.cache > 0, "the copy-up left nothing in the page cache to check"
+    # a filesystem that shares the copied extents (XFS, btrfs: copy_file_range clones) has
+    # nothing to write back; CI's ext4 must show the pages (mounts.need fails there)
+    mounts.need(cache.cache > 0, "the copy-up left nothing in the page cache to check (reflink)")
     if engine == "layerfs-volatile":
         assert cache.dirty > 0, "volatile: the copy is not synced, as on the kernel"
     else:
