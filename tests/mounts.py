@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -45,13 +46,17 @@ def require_root() -> None:
 
 
 def open_path_to(path: str | os.PathLike[str]) -> None:
-    """Let every user traverse down to `path` (0755 on it and its parents below /tmp): pytest
-    makes its temp dirs, /tmp/pytest-of-root among them, 0700, and tests that switch users
-    must reach their mounts."""
-    for parent in [Path(path), *Path(path).parents]:
-        if str(parent) in ("/", "/tmp"):
-            break
-        os.chmod(parent, 0o755)
+    """Let every user traverse down to `path`: read and search for all on it, search on its
+    parents, the rest of each mode kept.  pytest makes its temp dirs, /tmp/pytest-of-root
+    among them, 0700, and tests that switch users must reach their mounts.  (It used to set
+    0755 on every parent below /tmp: a temp dir under /var/tmp (`--basetemp`) cost /var/tmp
+    its sticky, world-writable mode, and rootless podman its temp files there.)"""
+    target = Path(path)
+    for parent in [target, *target.parents]:
+        mode = stat.S_IMODE(os.stat(parent).st_mode)
+        want = mode | (0o755 if parent == target else 0o111)
+        if want != mode:
+            os.chmod(parent, want)
 
 
 def mounts() -> list[tuple[str, str]]:

@@ -104,6 +104,9 @@ def podman() -> Iterator[Rootless]:
     for tool in ("setpriv", "pkill"):
         need(shutil.which(tool) is not None, f"{tool} is missing")
     need(os.stat("/dev/fuse").st_mode & 0o006 == 0o006, "/dev/fuse is not open to users here")
+    # podman commit reads the image's config through a temp file in /var/tmp, whatever
+    # TMPDIR or containers.conf say (containers/image's directory for big files)
+    need(os.stat("/var/tmp").st_mode & 0o1777 == 0o1777, "/var/tmp is not mode 1777 here")
     base = Path(tempfile.mkdtemp(prefix="layer-rootless-", dir="/tmp"))
     os.chmod(base, 0o755)
     p = Rootless(base / "podman")
