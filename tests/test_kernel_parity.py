@@ -22,7 +22,8 @@ conformance run (pjdfstest, a differential fuzzer) against an earlier layerfs:
     different filesystems, and a copied-up file keeps its lower original's over a remount
     (the kernel's `overlay.origin`, written and read; unionmount-testsuite `--ov=3 --verify`);
   - directories that hold copied-up or moved objects are marked `overlay.impure`, so the
-    kernel mounting layerfs's upper gives readdir the numbers stat gives.
+    kernel mounting layerfs's upper gives readdir the numbers stat gives; a directory made
+    in a merged one is opaque where the kernel makes it so.
 """
 
 from __future__ import annotations
@@ -548,6 +549,26 @@ def test_directories_that_hold_copied_up_objects_are_marked_impure(tmp_path, fus
         seen = treecmp.snapshot(kmnt)
     assert treecmp.inode_problems(seen) == []
     assert treecmp.diff(trees["layerfs"], seen, compare_mtime=False) == []
+
+
+@pytest.mark.parametrize("opts", ["redirect_dir=on", "redirect_dir=off"])
+def test_a_directory_made_in_a_merged_one_is_opaque_as_on_the_kernel(tmp_path, fuse, root, opts):
+    """With redirect_dir=on (or index=on, metacopy=on: lower layers may not change offline)
+    the kernel marks a directory made new in a merged one opaque, "just an optimization";
+    with none of them it does not.  layerfs marks the same ones."""
+    marked = {}
+    for engine in ("kernel", "layerfs"):
+        lo, up, wk, mnt = (tmp_path / engine / p for p in ("lo", "up", "wk", "mnt"))
+        for p in (up, wk, mnt):
+            p.mkdir(parents=True)
+        write(lo / "d/f", b"f\n")
+        mount = KernelOverlay if engine == "kernel" else LayerfsMount
+        with mount(mnt, [lo], up, wk, opts):
+            for d in ("new", "d/new", "new/sub"):  # in the merged root and d; in a new one
+                os.mkdir(mnt / d)
+        marked[engine] = _marked(up, "trusted.overlay.opaque")
+    assert marked["layerfs"] == marked["kernel"]
+    assert marked["kernel"] == ({"new", "d/new"} if opts == "redirect_dir=on" else set())
 
 
 def _over_whiteouts(mnt: Path) -> None:

@@ -104,6 +104,9 @@ class Writer:
         # redirect_dir=on: a directory with lower parts can move (it gets a redirect); with
         # follow/off/nofollow it cannot, and rename(2) says EXDEV, as on the kernel
         self.create_redirects = create_redirects
+        # the kernel's !ovl_allow_offline_changes: with these, a directory made new in a merged
+        # one is marked opaque (`make`)
+        self._no_offline_changes = create_redirects or stack.index or stack.metacopy
         self._locks: list[int] = []
         try:  # one mount per work and upper dir (dirlock)
             for path, what in ((workdir, "workdir"), (os.fsdecode(stack.layers[0]), "upperdir")):
@@ -628,7 +631,10 @@ class Writer:
         target: bytes = b"",
         acls: Inherited | None = None,
     ) -> Node:
-        """mknod, mkdir and symlink.  A directory made over a whiteout is opaque."""
+        """mknod, mkdir and symlink.  A directory made over a whiteout is opaque, and so is
+        one made in a merged directory where lower layers may not change offline
+        (redirect_dir=on, index=on or metacopy=on), as the kernel's ovl_create_upper marks
+        it ("just an optimization": nothing lies below it; a commit leaves the mark out)."""
         path, wh = self._target(parent, name)
         uid, gid, sgid = self._owner(parent, uid, gid)
         tmp = self.tmpname()
@@ -639,6 +645,11 @@ class Writer:
                 perm |= stat.S_ISGID
             if wh:
                 markers.set_opaque(tmp, self.fs)
+            elif parent.has_lower and self._no_offline_changes:
+                try:
+                    markers.set_opaque(tmp, self.fs)
+                except OSError:
+                    pass  # as on the kernel: allowed to fail
         elif kind == stat.S_IFLNK:
             self.fs.symlink(target, tmp)
         else:
