@@ -763,6 +763,10 @@ class UnionOperations(pyfuse3.Operations):
         if refused:
             raise pyfuse3.FUSEError(errno.EPERM)
 
+    def _may_create(self, parent: Node) -> None:
+        """No new entry in an immutable directory (the VFS's may_create for such an inode)."""
+        self._refuse(self._prot(parent) & fileattr.FS_IMMUTABLE_FL)
+
     @_handler
     async def fileattr_get(self, inode: int, xattr_form: bool) -> bytes:
         """FS_IOC_GETFLAGS (`xattr_form` False: 4 bytes) or FS_IOC_FSGETXATTR (struct
@@ -918,7 +922,7 @@ class UnionOperations(pyfuse3.Operations):
         acls)` (Writer.create or Writer.tmpfile): its mode and ACLs from the parent's default
         ACL, its owner the caller's, its handle counted against the caller's budget."""
         parent = self.stack.node(parent_inode)
-        self._refuse(self._prot(parent) & fileattr.FS_IMMUTABLE_FL)
+        self._may_create(parent)
         flags = self._open_flags(flags)
         self.budget.take(ctx.uid)  # before the file exists: a refused create leaves nothing
         uid, gid = self.owners.stored(ctx.uid, ctx.gid)
@@ -928,7 +932,6 @@ class UnionOperations(pyfuse3.Operations):
         except BaseException:
             self.budget.give(ctx.uid)
             raise
-        node.prot = 0
         fh = self._add_handle(node, fd, True, ctx.uid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new_entry(node)
 
@@ -943,12 +946,11 @@ class UnionOperations(pyfuse3.Operations):
             # kernel refuses to create one through an overlay (ovl_mknod), and so do we
             raise pyfuse3.FUSEError(errno.EPERM)
         parent = self.stack.node(parent_inode)
-        self._refuse(self._prot(parent) & fileattr.FS_IMMUTABLE_FL)
+        self._may_create(parent)
         uid, gid = self.owners.stored(ctx.uid, ctx.gid)
         made = self._inherit(parent, mode, ctx.umask, stat.S_IFMT(mode))
         node = writer.make(parent, name, stat.S_IFMT(mode), made.mode, uid, gid, rdev=rdev,
                            acls=made)  # fmt: skip
-        node.prot = 0
         return self._new_entry(node)
 
     @_handler
@@ -956,11 +958,10 @@ class UnionOperations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> AttrsReply:
         writer = self._need_upper()
         parent = self.stack.node(parent_inode)
-        self._refuse(self._prot(parent) & fileattr.FS_IMMUTABLE_FL)
+        self._may_create(parent)
         uid, gid = self.owners.stored(ctx.uid, ctx.gid)
         made = self._inherit(parent, mode, ctx.umask, stat.S_IFDIR)
         node = writer.make(parent, name, stat.S_IFDIR, made.mode, uid, gid, acls=made)
-        node.prot = 0
         return self._new_entry(node)
 
     def _inherit(self, parent: Node, mode: int, umask: int, kind: int) -> acl.Inherited:
@@ -977,10 +978,9 @@ class UnionOperations(pyfuse3.Operations):
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> AttrsReply:
         writer = self._need_upper()
         parent = self.stack.node(parent_inode)
-        self._refuse(self._prot(parent) & fileattr.FS_IMMUTABLE_FL)
+        self._may_create(parent)
         uid, gid = self.owners.stored(ctx.uid, ctx.gid)
         node = writer.make(parent, name, stat.S_IFLNK, 0o777, uid, gid, target=target)
-        node.prot = 0
         return self._new_entry(node)
 
     @_handler
@@ -992,7 +992,8 @@ class UnionOperations(pyfuse3.Operations):
         node = self.stack.node(inode)
         parent = self.stack.node(new_parent_inode)
         await self._copy_up(node)
-        self._refuse(bool(self._prot(node)) or bool(self._prot(parent) & fileattr.FS_IMMUTABLE_FL))
+        self._may_create(parent)
+        self._refuse(bool(self._prot(node)))
         # a node with no name left (an O_TMPFILE file) is linked from an fd open on it
         writer.link(node, parent, new_name, self._gone_fd(node))
         return self._new_entry(node)

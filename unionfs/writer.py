@@ -510,6 +510,13 @@ class Writer:
             return uid, pst.st_gid, True
         return uid, gid, False
 
+    @staticmethod
+    def _made(node: Node) -> Node:
+        """`node` was made new by this mount: it has no immutable/append-only record
+        (UnionOperations._prot need not read one)."""
+        node.prot = 0
+        return node
+
     def _register(self, parent: Node, name: bytes, covers: bool) -> Node:
         stack = self.stack
         path = stack.upper_path(parent) + b"/" + name
@@ -554,7 +561,7 @@ class Writer:
         except BaseException:
             os.close(fd)
             raise
-        return self._register(parent, name, wh), fd
+        return self._made(self._register(parent, name, wh)), fd
 
     def _own_new_file(self, fd: int, uid: int, gid: int, mode: int, acls: Inherited | None
                       ) -> None:  # fmt: skip
@@ -615,7 +622,9 @@ class Writer:
         except BaseException:
             os.close(fd)
             raise
-        node = Node(self.stack.ino_for(0, st.st_ino), parent, b"", stat.S_IFREG, 0, b"", None)
+        node = self._made(
+            Node(self.stack.ino_for(0, st.st_ino), parent, b"", stat.S_IFREG, 0, b"", None)
+        )
         node.unlinked = True  # reached only through its fd (UnionOperations._gone_fd)
         return node, fd
 
@@ -664,7 +673,7 @@ class Writer:
             self.fs.unlink(tmp)  # the whiteout, now in the work dir
         else:
             self.fs.rename(tmp, path)
-        return self._register(parent, name, wh)
+        return self._made(self._register(parent, name, wh))
 
     def link(self, node: Node, parent: Node, name: bytes, fd: int | None = None) -> Node:
         """Hard link (the caller has copied `node` up).  `fd`: for a node with no name left
