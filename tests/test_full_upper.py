@@ -9,10 +9,12 @@ what the user last saw.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,22 @@ def _digest(path: Path) -> str:
 
 def _shown(mnt: Path) -> list[str]:
     return sorted(os.listdir(mnt))
+
+
+@contextlib.contextmanager
+def _small_upper(fs: Path, size: str) -> Iterator[tuple[Path, Path]]:
+    """An upper and a work dir on a tmpfs of `size` (its mount option) made at `fs`, and
+    unmounted after the block."""
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", size, "layertest", str(fs)], check=True,
+                   timeout=30)  # fmt: skip
+    try:
+        up, wk = fs / "u", fs / "w"
+        up.mkdir()
+        wk.mkdir()
+        yield up, wk
+    finally:
+        subprocess.run(["umount", str(fs)], timeout=30)
 
 
 def _steps(mnt: Path) -> list[tuple[str, Any]]:
@@ -86,14 +104,8 @@ def test_a_full_upper_gives_enospc_and_loses_nothing(tmp_path, fuse, root):
         for i in (1, 2, 3):
             write(lo / f"d/f{i}", b"f%d\n" % i)
         write(lo / "d2/x", b"x\n")
-        upfs.mkdir()
         mnt.mkdir()
-        tmpfs = ["mount", "-t", "tmpfs", "-o", "size=2m", "layertest", str(upfs)]
-        subprocess.run(tmpfs, check=True, timeout=30)
-        try:
-            up, wk = upfs / "u", upfs / "w"
-            up.mkdir()
-            wk.mkdir()
+        with _small_upper(upfs, "size=2m") as (up, wk):
             mount = KernelOverlay if engine == "kernel" else LayerfsMount
             with mount(mnt, [lo], up, wk, "redirect_dir=on"):
                 results[engine] = _steps(mnt)
@@ -103,8 +115,6 @@ def test_a_full_upper_gives_enospc_and_loses_nothing(tmp_path, fuse, root):
                 assert after[engine] == seen, engine
             if engine == "layerfs":  # its own bookkeeping only: no partial copy ("t<N>")
                 work[engine] = {p.name for p in (wk / "layerfs").iterdir()}
-        finally:
-            subprocess.run(["umount", str(upfs)], timeout=30)
     assert results["layerfs"] == results["kernel"]
     steps = dict(r[:2] for r in results["layerfs"])
     assert steps["copy-up that does not fit"] == ("err", "ENOSPC")  # the test means something
@@ -156,22 +166,14 @@ def test_an_upper_out_of_inodes_gives_enospc_and_loses_nothing(tmp_path, fuse, r
         for name in ("g", "h", "d2/x"):
             write(lo / name, name.encode())
         (lo / "e").mkdir()
-        upfs.mkdir()
         mnt.mkdir()
         # room for the kernel's work dir and a few objects: filled up by the steps
-        tmpfs = ["mount", "-t", "tmpfs", "-o", "nr_inodes=24", "layertest", str(upfs)]
-        subprocess.run(tmpfs, check=True, timeout=30)
-        try:
-            up, wk = upfs / "u", upfs / "w"
-            up.mkdir()
-            wk.mkdir()
+        with _small_upper(upfs, "nr_inodes=24") as (up, wk):
             mount = KernelOverlay if engine == "kernel" else LayerfsMount
             with mount(mnt, [lo], up, wk, "redirect_dir=on"):
                 results[engine] = _inode_steps(mnt)
             with mount(mnt, [lo], up, wk, "redirect_dir=on"):
                 after[engine] = (_shown(mnt), _shown(mnt / "d"), (mnt / "lk").read_bytes())
-        finally:
-            subprocess.run(["umount", str(upfs)], timeout=30)
     assert results["layerfs"] == results["kernel"]
     steps = dict(results["layerfs"])
     assert steps["unlink in a lower dir"] == ("err", "ENOSPC")  # the test means something
