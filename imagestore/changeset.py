@@ -10,6 +10,8 @@ a lower directory (else no `.wh..wh..opq`).  The one exception is a moved direct
 carrying `overlay.redirect`): its content is its upper part merged with the lower directory at
 the redirect path, and that whole tree is emitted as added at the new path (with an opaque
 marker when a lower directory of the new name exists); the old name's whiteout is in the upper.
+A metacopy file (copied up with metacopy=on: only its metadata is in the upper) is stored with
+the bytes of the lower file that holds its data (`_Walker.metacopy_data`).
 
 Tar layout (image-spec layer.md), the same bytes for the same upper (written by `tarwrite`:
 tarfile's PAX format, byte for byte): entries in byte order of
@@ -113,6 +115,7 @@ class Item(NamedTuple):
     st: os.stat_result | None = None
     change: str = ""  # OBJ: "A" or "C"
     below: _Found | None = None  # OBJ "C": the lower object it covers
+    data: bytes = b""  # a metacopy file (`_Walker.metacopy_data`): the lower file with its bytes
 
 
 class _Found(NamedTuple):
@@ -208,9 +211,10 @@ class _Lower:
 
 
 class _Walker:
-    def __init__(self, upper: Path, lowers: list[Path]) -> None:
+    def __init__(self, upper: Path, lowers: list[Path], data: bool = False) -> None:
         self.upper = os.fsencode(os.path.abspath(upper))
         self.lower = _Lower(lowers)
+        self.data = data  # find the data of metacopy files (a listxattr per upper file)
 
     def items(self) -> Iterator[Item]:
         """Drive the walk with an explicit stack: `_dir`, `_upper_obj` and `_lower_obj` yield
@@ -279,10 +283,13 @@ class _Walker:
             )
         if stat.S_ISSOCK(st.st_mode):
             return
+        data = b""
+        if self.data and stat.S_ISREG(st.st_mode):
+            data = self.metacopy_data(real, name, chain, None, path)
         if below is not None and not whole:
-            yield Item(OBJ, path, real, st, "C", below)
+            yield Item(OBJ, path, real, st, "C", below, data)
         else:
-            yield Item(OBJ, path, real, st, "A")
+            yield Item(OBJ, path, real, st, "A", data=data)
         if not stat.S_ISDIR(st.st_mode):
             return
         marks = self.lower.marks(real)
@@ -307,6 +314,45 @@ class _Walker:
             chain = below.chain if below is not None and below.is_dir else []
             yield self._dir(path, real, chain, whole)
 
+    def metacopy_data(
+        self, real: bytes, name: bytes, chain: list[bytes], roots: list[bytes] | None,
+        path: bytes,
+    ) -> bytes:  # fmt: skip
+        """For a file kernel overlayfs (or layerfs) copied up with metacopy=on, holding
+        only its metadata (`overlay.metacopy`: its bytes are a hole), the lower file that
+        holds its data, found as the kernel's lookup finds it: where its `overlay.redirect`
+        points (absolute: from the root of the layers below; relative: a name in the same
+        directory), else the same name in the parent's lower part (`chain`, which already
+        followed the directories' redirects); through a lower metacopy file (an old upper
+        stacked below) to the layers below it.  b"" for any other file.  `roots`: the
+        layers an absolute redirect starts from (None: every lower layer)."""
+        try:
+            names = {os.fsencode(n) for n in PLAIN.listxattr(real)}
+        except OSError:
+            return b""
+        if not names.intersection(markers.METACOPY_XATTRS):
+            return b""
+        redirect = None
+        for xname in markers.REDIRECT_XATTRS:
+            if xname in names:
+                redirect = rules.clean_redirect(PLAIN.getxattr(real, xname))
+        if redirect is not None and redirect.startswith(b"/"):
+            parent, _, name = redirect.strip(b"/").rpartition(b"/")
+            chain = self.lower.resolve(parent, roots)
+        elif redirect is not None:
+            name = redirect
+        found = self.lower.child(chain, name) if chain else None
+        if found is None or not stat.S_ISREG(found.st.st_mode):
+            raise ChangesetError(
+                f"{tarsafe.shown('/' + os.fsdecode(path))}: a metacopy file (copied up with "
+                "metacopy=on: only its metadata is in the upper) whose data is in no lower "
+                "layer: it cannot be committed"
+            )
+        k = self.lower._layer(found.path)
+        below = [d for d in chain if self.lower._layer(d) > k]
+        deeper = self.metacopy_data(found.path, name, below, self.lower.root[k + 1 :], path)
+        return deeper or found.path
+
     def _lower_obj(self, path: bytes, found: _Found) -> Iterator[Any]:
         if stat.S_ISSOCK(found.st.st_mode):
             return
@@ -328,9 +374,10 @@ def _lstat(path: bytes) -> os.stat_result | None:
         return None
 
 
-def walk(upper: Path, lowers: list[Path]) -> Iterator[Item]:
-    """The changeset's entries in tar order (see the module docstring)."""
-    return _Walker(upper, lowers).items()
+def walk(upper: Path, lowers: list[Path], data: bool = False) -> Iterator[Item]:
+    """The changeset's entries in tar order (see the module docstring).  `data`: find
+    where each metacopy file's data is (`Item.data`; a listxattr per upper file)."""
+    return _Walker(upper, lowers, data).items()
 
 
 def changes(upper: Path, lowers: list[Path]) -> Changes:
@@ -395,7 +442,7 @@ def write_changeset(
     `imagestore.unchanged`) leaves out a file or symlink it finds the same as the lower one."""
     links: dict[tuple[int, int], str] = {}
     tar = TarWriter(_Counter(out, max_layer_bytes()))
-    for item in walk(upper, lowers):
+    for item in walk(upper, lowers, data=True):
         name = os.fsdecode(item.path)
         if len(item.path) + len(markers.WH_OPAQUE) + 1 > tarsafe.MAX_PATH_BYTES:
             _check_length(item)
@@ -406,6 +453,7 @@ def write_changeset(
                 and below is not None
                 and st is not None
                 and not stat.S_ISDIR(st.st_mode)
+                and not item.data  # a metacopy file: metadata only, so a change of it
                 and unchanged(item.real, st, below.path, below.st)
             ):
                 continue
@@ -430,21 +478,6 @@ def _check_length(item: Item) -> None:
         raise ChangesetError(
             f"{tarsafe.shown('/' + os.fsdecode(entry))}: a path longer than "
             f"{tarsafe.MAX_PATH_BYTES} bytes cannot be stored in a layer"
-        )
-
-
-def _refuse_metacopy(real: bytes, name: str) -> None:
-    """A file kernel overlayfs copied up with metacopy=on holds only metadata (its bytes
-    are a hole; its data is still in a lower layer): committed, it would be zeros."""
-    try:
-        names = PLAIN.listxattr(real)
-    except OSError:
-        return
-    if any(os.fsencode(n) in markers.METACOPY_XATTRS for n in names):
-        raise ChangesetError(
-            f"{tarsafe.shown('/' + name)}: a metacopy file (kernel overlayfs mounted with "
-            "metacopy=on copied up only its metadata; its data is in a lower layer), which "
-            "layer does not read: it cannot be committed"
         )
 
 
@@ -481,7 +514,6 @@ def _add_obj(
             return _emit(tar, info, mirror)
         links[ident] = name
     if fmt == stat.S_IFREG:
-        _refuse_metacopy(item.real, name)
         return _add_file(tar, item, name, info, mirror)
     if fmt == stat.S_IFDIR:
         info.type = tarfile.DIRTYPE
@@ -507,8 +539,10 @@ def _emit(tar: TarWriter, info: tarfile.TarInfo, mirror: Mirror | None) -> None:
 def _add_file(
     tar: TarWriter, item: Item, name: str, info: tarfile.TarInfo, mirror: Mirror | None
 ) -> None:
-    """A regular file's member: dense, or sparse when it has holes worth it (`sparse`)."""
-    fd = PLAIN.open(item.real, os.O_RDONLY)
+    """A regular file's member: dense, or sparse when it has holes worth it (`sparse`).  A
+    metacopy file's bytes come from the lower file that holds them (`Item.data`)."""
+    source = item.data or item.real
+    fd = PLAIN.open(source, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         if size > tarsafe.MAX_FILE_SIZE:
@@ -531,7 +565,7 @@ def _add_file(
             tar.add(info, _hashed_reader(fd, hasher))
             digest = hasher.digest() if hasher is not None else b""
         if mirror is not None:
-            mirror(seen, FileData(fd, size, regions, digest, item.real))
+            mirror(seen, FileData(fd, size, regions, digest, source))
     finally:
         os.close(fd)
 

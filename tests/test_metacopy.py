@@ -6,18 +6,26 @@ both read its data from below, and a change copies the data up first.  layerfs s
 as zeros, and an append went onto the zeros; a commit stored the zeros (it now refuses
 them).  (podman sets metacopy=on in its storage.conf on some distributions, so a container's
 upper can hold such files.)
+
+layerfs with metacopy=on makes them too, where the kernel does: a change of metadata (chmod,
+chown, utimes, xattrs, chattr, rename, link) copies a regular file up without its data, with
+the kernel's redirects for a moved or linked one; its first change of data copies the data.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import random
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from imagestore.changeset import ChangesetError, write_changeset
+from tests import treecmp
 from tests.mounts import LAYERFS, KernelOverlay, LayerfsMount, overlay_options
 from tests.ops import value_or_errno
 
@@ -131,7 +139,177 @@ def test_metacopy_on_needs_redirects(tmp_path, fuse):
     assert "Traceback" not in r.stderr
 
 
-def test_commit_refuses_a_metacopy_file(tmp_path, root):
+def _tar_files(upper: Path, lowers: list[Path]) -> dict[str, bytes]:
+    buf = io.BytesIO()
+    write_changeset(upper, lowers, buf)
+    buf.seek(0)
+    with tarfile.open(fileobj=buf) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}  # type: ignore[union-attr]
+
+
+def test_commit_takes_a_metacopy_files_data_from_below(tmp_path, root):
+    """A commit stores a metacopy file's bytes, read where its data is (here: the same
+    name, and a redirect), never the hole the upper holds."""
     lower, upper, _, _ = _kernel_metacopy_upper(tmp_path)
-    with pytest.raises(ChangesetError, match="'/f': a metacopy file"):
+    files = _tar_files(upper, [lower])
+    assert files["f"] == b"lower data\n" and files["g2"] == b"deep data\n"
+
+
+def test_commit_follows_metacopy_files_through_an_old_upper(tmp_path, fuse, root):
+    """The kernel's upper stacked below a new one, whose metadata changes copy its
+    metacopy files up again: their data is two layers down."""
+    lower, old_upper, _, mnt = _kernel_metacopy_upper(tmp_path)
+    upper, work = tmp_path / "upper2", tmp_path / "work2"
+    upper.mkdir()
+    work.mkdir()
+    with KernelOverlay(mnt, [old_upper, lower], upper, work, extra_opts=METACOPY_ON):
+        os.chmod(mnt / "f", 0o640)
+        os.rename(mnt / "g2", mnt / "g3")
+    assert "trusted.overlay.metacopy" in os.listxattr(upper / "g3")  # the oracle
+    files = _tar_files(upper, [lower, old_upper])
+    assert files["f"] == b"lower data\n" and files["g3"] == b"deep data\n"
+    # and layerfs reads them so, all three layers as lower ones (it read old_upper's hole)
+    with LayerfsMount(mnt, [upper, old_upper, lower], extra_opts="metacopy=on"):
+        assert (mnt / "f").read_bytes() == b"lower data\n"
+        assert (mnt / "g3").read_bytes() == b"deep data\n"
+
+
+def test_commit_refuses_a_metacopy_file_without_data(tmp_path, root):
+    lower, upper, _, _ = _kernel_metacopy_upper(tmp_path)
+    os.unlink(lower / "f")  # a lower layer that lost the data: nothing to commit it from
+    with pytest.raises(ChangesetError, match="'/f': a metacopy file .* in no lower layer"):
         write_changeset(upper, [lower], io.BytesIO())
+
+
+def _metacopy_lower(lower: Path) -> None:
+    rnd = random.Random(1)
+    for name in "abcdeghiklmnopqz":
+        (lower / name).parent.mkdir(parents=True, exist_ok=True)
+        (lower / name).write_bytes(rnd.randbytes(10_000))
+    (lower / "empty").write_bytes(b"")
+    (lower / "sub/deep").mkdir(parents=True)
+    (lower / "sub/f").write_bytes(rnd.randbytes(5_000))
+    (lower / "sub/deep/f2").write_bytes(rnd.randbytes(5_000))
+    (lower / "dd").mkdir()
+    (lower / "dd/x").write_bytes(rnd.randbytes(3_000))
+    os.link(lower / "a", lower / "hl1")  # a hard-linked one (index=off)
+    os.chmod(lower / "g", 0o4755)
+
+
+def _metadata_changes(mnt: Path) -> dict[str, object]:
+    """Every way a file is copied up by its metadata (or not) on the kernel with
+    metacopy=on; returns what readers saw on the way."""
+    seen: dict[str, object] = {}
+    with open(mnt / "b", "rb") as early:  # open on the lower file before its copy-up
+        os.chmod(mnt / "a", 0o600)
+        os.chown(mnt / "b", 1, 1)
+        seen["early reader"] = early.read(16)
+    os.utime(mnt / "c", (1000, 1000))
+    os.setxattr(mnt / "d", "user.x", b"1")
+    os.rename(mnt / "e", mnt / "e2")  # a relative redirect
+    os.rename(mnt / "hl1", mnt / "hl2")  # absolute: the lower file has other links
+    os.rename(mnt / "sub/f", mnt / "f3")  # an absolute one
+    os.rename(mnt / "sub/deep", mnt / "deep2")
+    os.link(mnt / "h", mnt / "sub/hlink")  # a link: an absolute redirect on the inode
+    os.chmod(mnt / "empty", 0o600)
+    os.chown(mnt / "g", 5, 5)  # clears setuid
+    os.close(os.open(mnt / "i", os.O_RDWR))  # opened for writing: the data too
+    os.chmod(mnt / "k", 0o640)
+    with open(mnt / "k", "ab") as f:  # then its data, at the first write
+        f.write(b"more")
+    os.rename(mnt / "m", mnt / "m2")
+    os.rename(mnt / "m2", mnt / "m3")  # a relative redirect kept
+    os.rename(mnt / "n", mnt / "n2")
+    os.rename(mnt / "n2", mnt / "dd/n3")  # made absolute on leaving the directory
+    os.chmod(mnt / "dd/x", 0o600)
+    os.rename(mnt / "dd", mnt / "dd2")  # its data found through the directory's redirect
+    os.setxattr(mnt / "o", "user.y", b"2")
+    os.removexattr(mnt / "o", "user.y")
+    os.truncate(mnt / "p", 20_000)  # a change of size: the data too
+    os.chmod(mnt / "q", 0o600)
+    os.rename(mnt / "q", mnt / "deep2/q2")
+    os.rename(mnt / "z", mnt / "sub/z")
+    os.rename(mnt / "sub/z", mnt / "z3")
+    fd = os.open(mnt / "deep2/f2", os.O_RDONLY)
+    try:
+        os.fchmod(fd, 0o611)  # through a reader of the lower file: the copy changes
+    finally:
+        os.close(fd)
+    return seen
+
+
+def _upper_files(upper: Path) -> dict[str, tuple[object, ...]]:
+    """Each upper file: mode, size, whether its data is there (SEEK_DATA), and its
+    overlay.metacopy and overlay.redirect."""
+    out = {}
+    for path, obj in treecmp.snapshot(upper).items():
+        if obj.kind != "file":
+            continue
+        fd = os.open(upper / os.fsdecode(path.lstrip(b"/")), os.O_RDONLY)
+        try:
+            has_data = os.lseek(fd, 0, os.SEEK_DATA) >= 0
+        except OSError:
+            has_data = False
+        finally:
+            os.close(fd)
+        out[os.fsdecode(path)] = (
+            oct(obj.mode), obj.size, has_data,
+            obj.xattrs.get(b"trusted.overlay.metacopy"),
+            obj.xattrs.get(b"trusted.overlay.redirect"),
+        )  # fmt: skip
+    return out
+
+
+def test_metacopy_on_copies_up_metadata_only_as_the_kernel(tmp_path, fuse, root):
+    seen, views, uppers = {}, {}, {}
+    for side in ("kernel", "layerfs"):
+        lower, upper, work, mnt = (tmp_path / side / n for n in ("lower", "upper", "work", "mnt"))
+        for p in (lower, upper, work, mnt):
+            p.mkdir(parents=True)
+        _metacopy_lower(lower)
+        before = treecmp.snapshot(lower)
+        mount = KernelOverlay if side == "kernel" else LayerfsMount
+        with mount(mnt, [lower], upper, work, extra_opts=METACOPY_ON):
+            seen[side] = _metadata_changes(mnt)
+            views[side] = treecmp.snapshot(mnt)
+        uppers[side] = _upper_files(upper)
+        assert treecmp.diff(treecmp.snapshot(lower), before) == []  # lowers never change
+    want = uppers["kernel"]
+    # the oracle: metadata only, with the kernel's redirects; data where it was needed
+    assert want["/a"] == ("0o600", 10_000, False, b"", None)
+    assert want["/e2"][3:] == (b"", b"e") and want["/m3"][3:] == (b"", b"m")
+    assert want["/hl2"][3:] == (b"", b"/hl1")
+    assert want["/f3"][3:] == (b"", b"/sub/f") and want["/dd2/n3"][3:] == (b"", b"/n")
+    assert want["/sub/hlink"][3:] == (b"", b"/h") and want["/g"][0] == "0o755"
+    assert want["/i"][2:] == (True, None, None) and want["/k"][2:] == (True, None, None)
+    assert uppers["layerfs"] == want
+    assert seen["layerfs"] == seen["kernel"]
+    assert treecmp.diff(views["layerfs"], views["kernel"], compare_mtime=False) == []
+    # layerfs's upper, mounted again by the kernel and by layerfs, reads as it did
+    lower, upper = tmp_path / "layerfs/lower", tmp_path / "layerfs/upper"
+    for mount in (KernelOverlay, LayerfsMount):
+        work = tmp_path / f"work-{mount.__name__}"
+        work.mkdir()
+        with mount(tmp_path / "layerfs/mnt", [lower], upper, work, extra_opts=METACOPY_ON):
+            again = treecmp.snapshot(tmp_path / "layerfs/mnt")
+        assert treecmp.diff(views["layerfs"], again, compare_mtime=False) == [], mount
+    # and a commit of it holds every file's bytes as the mount showed them
+    files = _tar_files(upper, [lower])
+    for name, data in files.items():
+        if "/.wh." in "/" + name:
+            continue
+        assert hashlib.sha256(data).hexdigest() == views["layerfs"][b"/" + name.encode()].content
+    assert {"a", "e2", "f3", "h", "dd2/x", "deep2/f2"} <= set(files)
+
+
+def test_metacopy_off_copies_whole(tmp_path, fuse, root):
+    """Without metacopy=on (the default) every copy-up carries the data, as the kernel's."""
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for p in (lower, upper, work, mnt):
+        p.mkdir()
+    _metacopy_lower(lower)
+    with LayerfsMount(mnt, [lower], upper, work):
+        _metadata_changes(mnt)
+    files = _upper_files(upper)
+    assert files["/a"] == ("0o600", 10_000, True, None, None)
+    assert [f for f, v in files.items() if v[3] is not None or v[4] is not None] == []

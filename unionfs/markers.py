@@ -288,6 +288,13 @@ def redirect_xattr() -> bytes:
     return _name(b"redirect")
 
 
+def set_metacopy(target: bytes | int, fs: Roots = PLAIN) -> None:
+    """Mark upper file `target` (a path or an fd) as holding only its metadata, its data
+    still in the lower file (`overlay.metacopy`, empty: the kernel's form without fs-verity
+    digest)."""
+    fs.setxattr(target, _name(b"metacopy"), b"")
+
+
 def set_impure(path: bytes, fs: Roots = PLAIN) -> None:
     """Mark upper directory `path` as holding objects whose inode numbers are not their own
     (`overlay.impure` = "y", the kernel's ovl_set_impure): copied up, or merged directories

@@ -452,6 +452,9 @@ class UnionOperations(pyfuse3.Operations):
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if writable:
             self._need_upper()
+            if node.data is not None and self.stack.in_upper(node):
+                # a metacopy file's flags are known before its data would be copied up
+                self._refuse(fileattr.refuses_open(self._prot(node), flags))
             await self.gate.enter()  # a copy-up changes the upper: held while frozen
             try:
                 await self._copy_up(node, with_data=not flags & os.O_TRUNC)
@@ -506,6 +509,8 @@ class UnionOperations(pyfuse3.Operations):
         """An fd open on `node`, whose last name is gone (a writable one first); ENOENT when
         none is left: nothing else reaches the file."""
         handles = sorted(self._handle_fds(node), key=lambda h: not h.writable)
+        if node.data is not None:  # a metacopy file's readers hold its lower data file
+            handles = [h for h in handles if h.writable]
         if not handles:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._fd(handles[0])
@@ -676,12 +681,14 @@ class UnionOperations(pyfuse3.Operations):
             async with lock:
                 pass
 
-    async def _copy_up(self, node: Node, with_data: bool = True) -> None:
+    async def _copy_up(self, node: Node, with_data: bool = True, meta: bool = False) -> None:
         """Copy `node` up before its first change.  Data of big files is copied in a worker
-        thread under the node's lock, so other requests go on being served."""
+        thread under the node's lock, so other requests go on being served.  `meta`: the
+        change needs only the metadata in the upper (with metacopy=on a regular file's data
+        then stays below: `Writer.plan_copy_up`)."""
         writer = self._need_upper()
         if self.stack.in_upper(node):
-            if node.data is not None:  # metacopy=on: its data is still below
+            if node.data is not None and not meta:  # metacopy=on: its data is still below
                 await self._fill_metacopy(writer, node)
             return
         if node.is_dir:
@@ -690,7 +697,7 @@ class UnionOperations(pyfuse3.Operations):
         self.copying += 1
         try:
             async with self._lock(node):
-                plan = writer.plan_copy_up(node, with_data)
+                plan = writer.plan_copy_up(node, with_data, meta)
                 if plan is not None:
                     try:
                         if plan.blocks:  # a big copy or an fsync: not on the loop's thread
@@ -703,7 +710,8 @@ class UnionOperations(pyfuse3.Operations):
                         writer.abort_copy_up(plan)
                         raise
                     writer.finish_copy_up(plan)
-                self._reopen(node)
+                if node.data is None:  # a metacopy file's readers stay on its data
+                    self._reopen(node)
         finally:
             self.copying -= 1
 
@@ -788,7 +796,7 @@ class UnionOperations(pyfuse3.Operations):
         node = self.stack.node(inode)
         if node.kind not in (stat.S_IFREG, stat.S_IFDIR):
             raise pyfuse3.FUSEError(errno.ENOTTY)
-        await self._copy_up(node)
+        await self._copy_up(node, meta=True)
         target = self._setattr_target(node, None)
         fs = self.stack.fs
         prot = fileattr.set_real(fs, target, node.kind, value, xattr_form)
@@ -817,16 +825,11 @@ class UnionOperations(pyfuse3.Operations):
         if node.unlinked and _times_only(fields) and not self._upper_handles(node):
             return self._gone_entry(node)
         truncate_all = fields.update_size and attr.st_size == 0
-        await self._copy_up(node, with_data=not truncate_all)
-        prot = self._prot(node)
-        if prot and not getattr(fields, "flushes_times", False):
-            touches = fields.update_atime or fields.update_mtime
-            self._refuse(fileattr.refuses_setattr(
-                prot,
-                fields.update_mode or fields.update_uid or fields.update_gid or fields.update_size,
-                getattr(fields, "sets_times", touches),  # pyfuse3's fields cannot tell "now"
-                touches,
-            ))  # fmt: skip
+        if node.data is not None and self.stack.in_upper(node):
+            # a metacopy file's flags are known before its data would be copied up
+            self._refuse_setattr(node, fields)
+        await self._copy_up(node, with_data=not truncate_all, meta=not fields.update_size)
+        self._refuse_setattr(node, fields)
         target = self._setattr_target(node, fh)
         is_link = node.kind == stat.S_IFLNK
         if fields.update_uid or fields.update_gid:
@@ -853,6 +856,18 @@ class UnionOperations(pyfuse3.Operations):
             self.stack.fs.utime(target, ns=times)
         node.invalidate()
         return self._entry(node)
+
+    def _refuse_setattr(self, node: Node, fields: pyfuse3.SetattrFields) -> None:
+        """EPERM for a change an immutable or append-only object does not allow."""
+        prot = self._prot(node)
+        if prot and not getattr(fields, "flushes_times", False):
+            touches = fields.update_atime or fields.update_mtime
+            self._refuse(fileattr.refuses_setattr(
+                prot,
+                fields.update_mode or fields.update_uid or fields.update_gid or fields.update_size,
+                getattr(fields, "sets_times", touches),  # pyfuse3's fields cannot tell "now"
+                touches,
+            ))  # fmt: skip
 
     def _keeps_times(self, node: Node, target: int | bytes, size: int) -> bool:
         """A truncate to the size a regular file already has, under the writeback cache: the
@@ -886,8 +901,8 @@ class UnionOperations(pyfuse3.Operations):
         send the mtime of an unlinked file it wrote back; fsetxattr on a renamed-over file)
         — an fd still open on it, never whatever now has the old name."""
         handle = self._files.get(fh) if fh is not None else None
-        if handle is not None:
-            return self._fd(handle)
+        if handle is not None and (handle.writable or node.data is None):
+            return self._fd(handle)  # (a metacopy file's readers hold its lower data file)
         if not node.unlinked:
             return self.stack.real_path(node)
         return self._fd_of_gone(node)
@@ -991,7 +1006,7 @@ class UnionOperations(pyfuse3.Operations):
         writer = self._need_upper()
         node = self.stack.node(inode)
         parent = self.stack.node(new_parent_inode)
-        await self._copy_up(node)
+        await self._copy_up(node, meta=True)
         self._may_create(parent)
         self._refuse(bool(self._prot(node)))
         # a node with no name left (an O_TMPFILE file) is linked from an fd open on it
@@ -1048,9 +1063,9 @@ class UnionOperations(pyfuse3.Operations):
             or dst is not None and (self._prot(new_parent) or self._prot(dst))
         ))  # fmt: skip
         if not src.is_dir:
-            await self._copy_up(src)
+            await self._copy_up(src, meta=True)
         if dst is not None and flags & pyfuse3.RENAME_EXCHANGE and not dst.is_dir:
-            await self._copy_up(dst)
+            await self._copy_up(dst, meta=True)
         if dst is not None:
             await self._copy_up_linked(dst)
         await self._quiesce(dst)
@@ -1071,7 +1086,7 @@ class UnionOperations(pyfuse3.Operations):
         if real_name is None:
             raise pyfuse3.FUSEError(errno.EPERM)
         node = self.stack.node(inode)
-        await self._copy_up(node)
+        await self._copy_up(node, meta=True)
         self._refuse(bool(self._prot(node)))  # xattr_permission
         if self.owners:
             value = self.owners.xattr_stored(name, value)
@@ -1096,7 +1111,7 @@ class UnionOperations(pyfuse3.Operations):
             # as the kernel (ovl_xattr_set): removing an attribute the lower object does not
             # have fails before any copy-up, so it neither copies nor breaks a hard link
             self.stack.getxattr(node, name)
-        await self._copy_up(node)
+        await self._copy_up(node, meta=True)
         self._refuse(bool(self._prot(node)))  # xattr_permission
         try:
             self.stack.fs.removexattr(self._setattr_target(node, None), real_name)

@@ -42,8 +42,9 @@ Options of kernel overlayfs, with the kernel's meaning:
                   `overlay.metacopy`: the data is still below) is refused (EPERM), as the
                   kernel refuses it.  on: it is read, in any layer, its data from the file
                   below (where its `overlay.redirect` points, or the same name below), and a
-                  change copies the data up first; layerfs's own copy-ups stay whole.  Needs
-                  redirect_dir=on.
+                  change of data copies the data up first; a change of metadata only (chmod,
+                  chown, utimes, xattrs, rename, link) copies a lower file up without its
+                  data, as the kernel does.  Needs redirect_dir=on.
   volatile        as the kernel (overlayfs.rst, "Volatile mount"): fsync and fsyncdir on
                   the mount skip syncing the upper, and so do copy-ups; the mount creates the
                   work dir's `work/incompat/volatile`, and a mount whose work dir has it is

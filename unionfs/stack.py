@@ -707,7 +707,12 @@ class LayerStack:
                 st = self.fs.lstat(candidate)
             except FileNotFoundError:
                 continue
-            return candidate if stat.S_ISREG(st.st_mode) and st.st_rdev == 0 else None
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            # itself a metacopy file (an upper with metacopy=on stacked below a new one
+            # that copied it up again): its data is further down, as the kernel's lookup
+            # goes on to the lower data
+            return self._metacopy_data(parent, name, candidate, d.layer) or candidate
         return None
 
     def _numbered(self, ino: Inode, kind: int) -> Node | None:
@@ -832,8 +837,9 @@ class LayerStack:
         return b"/" + b"/".join(p for p in reversed(parts) if p)
 
     def redirect_of(self, node: Node) -> bytes | None:
-        """The `overlay.redirect` of a directory in the upper (None when it has none)."""
-        if not (node.is_dir and self.in_upper(node)):
+        """The `overlay.redirect` of a directory, or of a metacopy file, in the upper (None
+        when it has none)."""
+        if not ((node.is_dir or node.data is not None) and self.in_upper(node)):
             return None
         redirect = markers.dir_marks(self.upper_path(node), self.fs).redirect
         return rules.clean_redirect(redirect) if redirect is not None else None

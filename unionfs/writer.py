@@ -66,7 +66,19 @@ class CopyPlan:
     by `copy_data`, which leaves it open as `fd` until it is linked into place.
     (Not a dataclass: importing `dataclasses` costs every mount ~7 ms.)"""
 
-    __slots__ = ("node", "src", "tmp", "st", "with_data", "fs", "sync", "work", "fd", "flags")
+    __slots__ = (
+        "node",
+        "src",
+        "tmp",
+        "st",
+        "with_data",
+        "fs",
+        "sync",
+        "work",
+        "fd",
+        "flags",
+        "meta",
+    )
 
     def __init__(
         self, node: Node, src: bytes, tmp: bytes, st: os.stat_result, with_data: bool, fs: Roots,
@@ -82,6 +94,7 @@ class CopyPlan:
         self.work = b""  # with no `tmp`: the work dir the nameless file is made in
         self.fd = -1  # the nameless file, once made
         self.flags = 0  # the lower file's inode flags, carried onto the copy (fileattr.py)
+        self.meta = False  # metacopy=on: a copy of the metadata only (`Writer.plan_copy_up`)
 
     @property
     def blocks(self) -> bool:
@@ -202,8 +215,13 @@ class Writer:
                 child.dirs.insert(0, DirLayer(0, stack.upper_path(node), new.st_ino))
             child.trimmed = node.dirs
 
-    def plan_copy_up(self, node: Node, with_data: bool = True) -> CopyPlan | None:
-        """Start copying up a non-directory; None when nothing (more) is to be done."""
+    def plan_copy_up(
+        self, node: Node, with_data: bool = True, meta: bool = False
+    ) -> CopyPlan | None:
+        """Start copying up a non-directory; None when nothing (more) is to be done.  `meta`:
+        the change needs only the file's metadata in the upper (chmod, chown, utimes, xattrs,
+        rename, link): with metacopy=on a regular file is then copied up as the kernel's
+        metadata-only copy-up makes it (`_metacopy_ok`), its data left below (`Node.data`)."""
         stack = self.stack
         if stack.in_upper(node):
             return None
@@ -224,13 +242,36 @@ class Writer:
             # an immutable or append-only file keeps its data, whatever the caller meant to
             # do (truncate it): the call is refused once the copy is made
             with_data = True
-        if not with_data:
-            os.close(self.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        meta = meta and self._metacopy_ok(st, flags)
+        if meta or not with_data:
+            fd = self.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                if meta:  # a hole of the file's size, as the kernel's (ovl_set_size)
+                    os.ftruncate(fd, st.st_size)
+            finally:
+                os.close(fd)
+            with_data = False
         plan = CopyPlan(node, src, tmp, st, with_data, self.fs, self.sync_copies)
         plan.flags = flags
+        plan.meta = meta
         if with_data and self._nameless():
             plan.tmp, plan.work = b"", self.work
         return plan
+
+    def _metacopy_ok(self, st: os.stat_result, flags: int) -> bool:
+        """May this regular file be copied up by its metadata only?  With metacopy=on, as
+        the kernel's ovl_need_meta_copy_up, and where the kernel would read the result:
+        trusted markers (the kernel refuses metacopy=on with userxattr).  layerfs copies
+        whole an immutable or append-only file (its data then never has to move under the
+        flags) and, with index=on, a hard-linked one (its other names are linked to the
+        copy, `_link_siblings`)."""
+        return (
+            self.stack.metacopy
+            and markers.trusted()
+            and stat.S_ISREG(st.st_mode)
+            and not flags & fileattr.PROT
+            and not (self.stack.index and st.st_nlink > 1)
+        )
 
     def _nameless(self) -> bool:
         """Can copy-ups use a nameless file?  Tried once, at the first copy-up: one made and
@@ -292,6 +333,8 @@ class Writer:
             fsutil.copy_meta(self.fs, plan.st, dst)
             fsutil.copy_xattrs(self.fs, plan.src, dst, markers.is_private_xattr)
             self._set_origin(plan.src, plan.st, dst)
+            if plan.meta:
+                markers.set_metacopy(dst, self.fs)
             fileattr.carry(self.fs, plan.flags, dst, stat.S_IFREG)
             self._mark_impure(node.parent)
             self._into_place(node.parent, dst, node.name)
@@ -300,7 +343,9 @@ class Writer:
             if plan.fd >= 0:
                 os.close(plan.fd)
                 plan.fd = -1
-        node.data = None  # a metacopy file's data is in the copy now
+        # metacopy: the data stays in the lower file (or where a lower metacopy file's is);
+        # else it is in the copy now
+        node.data = (node.data or plan.src) if plan.meta else None
         upper_ino = self._now_in_upper(node, node.parent, node.name)
         if plan.st.st_nlink > 1 and not stack.index:
             stack.break_link(node, upper_ino)
@@ -681,6 +726,10 @@ class Writer:
         path, wh = self._target(parent, name)
         if fd is None and self._has_origin(node):
             self._mark_impure(parent)
+        if fd is None and node.data is not None:
+            # a metacopy file's other name finds its data by an absolute redirect, as the
+            # kernel's ovl_set_link_redirect gives it (on the inode: every name has it)
+            self._set_redirect(node, samedir=False)
         dest = self.tmpname() if wh else path
         if fd is None:
             self.fs.link(self.stack.upper_path(node), dest)
@@ -840,25 +889,52 @@ class Writer:
 
     def _prepare_move(self, node: Node, newparent: Node, newname: bytes) -> None:
         """Copy a moving directory up and mark it so its lower part follows it (redirect),
-        or so a lower directory at the destination does not merge into it (opaque)."""
+        or so a lower directory at the destination does not merge into it (opaque).  A
+        metacopy file (copied up by the caller) gets a redirect to its data, as the kernel
+        gives one to a file whose data is still below."""
         stack = self.stack
-        if not node.is_dir:
-            return
-        had_lower = node.has_lower
-        # As the kernel (ovl_set_redirect): within one directory the redirect is relative
-        # (the name the lower part has there), across directories absolute; a relative one
-        # already present becomes absolute when the directory leaves its parent.
         samedir = newparent is node.parent
+        if not node.is_dir:
+            if node.data is not None and stack.in_upper(node):
+                self._set_redirect(node, samedir)
+            return
+        if node.has_lower:
+            self._set_redirect(node, samedir)
+        else:
+            self.copy_up_dir(node)
+            if stack.lower_has(newparent, newname):
+                markers.set_opaque(stack.upper_path(node), self.fs)
+
+    def _set_redirect(self, node: Node, samedir: bool) -> None:
+        """Before `node` (a directory with lower parts, or a metacopy file) moves or gets
+        another name: record where its lower part lives, as the kernel's ovl_set_redirect.
+        Within one directory the redirect is relative (the name the lower part has there),
+        across directories absolute; a relative one already present becomes absolute when
+        the object leaves its parent, an absolute one stays."""
+        stack = self.stack
         current = stack.redirect_of(node)
-        keep = current is not None and (samedir or current.startswith(b"/"))
-        redirect = stack.origin_path(node) if not samedir else current or node.name
-        self.copy_up_dir(node)
-        upath = stack.upper_path(node)
-        if had_lower:
-            if not keep:
-                markers.set_redirect(upath, redirect, self.fs)
-        elif stack.lower_has(newparent, newname):
-            markers.set_opaque(upath, self.fs)
+        # a file whose lower file has other links gets an absolute one in any case (the
+        # kernel's ovl_need_absolute_redirect: its names may end up in other directories)
+        relative = samedir and (node.is_dir or self._lower_nlink(node) <= 1)
+        if current is not None and (relative or current.startswith(b"/")):
+            if node.is_dir:
+                self.copy_up_dir(node)
+            return
+        redirect = node.name if relative else stack.origin_path(node)
+        if node.is_dir:
+            self.copy_up_dir(node)
+        markers.set_redirect(stack.upper_path(node), redirect, self.fs)
+
+    def _lower_nlink(self, node: Node) -> int:
+        """The link count of a metacopy file's lower file: the one it was copied up from
+        (`Node.lower_path`), or for one found in the upper the file holding its data."""
+        path = node.lower_path
+        if path.startswith(self.stack.layers[0] + b"/") or not path:
+            path = node.data or b""
+        try:
+            return self.fs.lstat(path).st_nlink
+        except OSError:
+            return 1
 
     def _clear_target(self, dst: Entry | None, dpath: bytes, moving_dir: bool) -> None:
         """Make room at the destination for rename(2): an upper directory there (logically
