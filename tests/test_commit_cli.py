@@ -18,17 +18,17 @@ pytestmark = pytest.mark.mount
 
 
 @contextlib.contextmanager
-def mounted_base(tmp_path, name):
+def mounted_base(tmp_path, name, *options):
     """The sample image pulled by `layer pull` into tmp_path/store as `base` and mounted on
-    tmp_path/mnt by `layer mount --name NAME`; yields (store root, mountpoint) and always
-    unmounts."""
+    tmp_path/mnt by `layer mount --name NAME [OPTIONS]`; yields (store root, mountpoint) and
+    always unmounts."""
     root = tmp_path / "store"
     layout = tmp_path / "layout"
     imagedata.write_oci_layout(layout)
     layer("pull", "-q", f"oci:{layout}", "--name", "base", root=root)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    layer("mount", "base", str(mnt), "--name", name, root=root)
+    layer("mount", "base", str(mnt), "--name", name, *options, root=root)
     try:
         yield root, mnt
     finally:
@@ -74,6 +74,25 @@ def test_live_commit_and_push(tmp_path, fuse):
     archive = tmp_path / "new.tar"
     layer("push", "new:1", f"docker-archive:{archive}:new:1", root=root)
     layer("pull", "-q", f"docker-archive:{archive}", root=tmp_path / "store2")
+
+
+def test_commit_of_a_metacopy_mount(tmp_path, fuse):
+    """`layer mount -o metacopy=on`: chmod, chown and mv copy lower files up without their
+    data (the upper holds holes marked overlay.metacopy); the committed layer holds their
+    bytes, and umoci unpacks the image to the tree the mount showed."""
+    need_tool("umoci")
+    with mounted_base(tmp_path, "mc", "-o", "metacopy=on") as (root, mnt):
+        os.chmod(mnt / "etc/passwd", 0o600)
+        os.chown(mnt / "etc/hostname", 1, 1)
+        os.rename(mnt / "etc/new.conf", mnt / "srv/new.conf")
+        os.rename(mnt / "etc/hostname", mnt / "srv/hostname")  # chowned, then moved
+        view = treecmp.snapshot(mnt)
+        upper = root / "mounts/mc/upper"
+        assert "trusted.overlay.metacopy" in os.listxattr(upper / "etc/passwd")  # holes
+        layer("commit", "mc", "meta:1", root=root)
+    out = tmp_path / "pushed"
+    layer("push", "meta:1", f"oci:{out}:meta", root=root)
+    assert same_as_umoci(view, umoci_tree(tmp_path, out, "meta")) == []
 
 
 def test_live_commit_while_writing_then_registry_round_trip(tmp_path, fuse):
