@@ -541,6 +541,9 @@ class UnionOperations(pyfuse3.Operations):
         if stat.S_ISREG(st.st_mode) and mode & kill:
             self.stack.fs.chmod(target, mode & ~kill)
             node.invalidate()
+            if self.stack.attrs_changed is not None:
+                # a WRITE's reply carries no attributes, and the kernel keeps the mode it had
+                self.stack.attrs_changed(node)
         return self._entry(node)
 
     def handle_writable(self, fh: int) -> bool:
@@ -845,8 +848,10 @@ class UnionOperations(pyfuse3.Operations):
             # chown(path, -1, -1) changes nothing but the ctime, of every file type, as on
             # the kernel.  FUSE sends it as a SETATTR with no field (FATTR_CTIME only for
             # regular files under the writeback cache); a no-op chown of the real object
-            # marks exactly the ctime.
+            # marks exactly the ctime.  The same request is the kernel's removal of
+            # privileges before a write or fallocate (its ATTR_KILL_* bits are not sent).
             self.stack.fs.chown(target, -1, -1)
+            self._drop_sgid(node, target, ctx)
         if fields.update_atime or fields.update_mtime:
             cur = self._stat_for(node)
             times = (
@@ -856,6 +861,20 @@ class UnionOperations(pyfuse3.Operations):
             self.stack.fs.utime(target, ns=times)
         node.invalidate()
         return self._entry(node)
+
+    def _drop_sgid(self, node: Node, target: int | bytes, ctx: Any) -> None:
+        """After a SETATTR with no field (chown(-1, -1), or the kernel removing privileges
+        before a write or fallocate: notify_change with ATTR_KILL_SUID|ATTR_KILL_SGID, which
+        FUSE strips): the real chown, made as root, has cleared setuid, and setgid of a
+        group-executable file; setgid also goes when the caller is outside the file's
+        group and is not root, as the kernel's setattr_should_drop_sgid decides for the
+        caller.  (Without this, fallocate(2) by such a caller kept setgid: xfstests
+        generic/683-685.)"""
+        if ctx is None or ctx.uid == 0 or node.kind != stat.S_IFREG:
+            return
+        st = os.fstat(target) if isinstance(target, int) else self.stack.fs.lstat(target)
+        if st.st_mode & stat.S_ISGID and not _in_group(ctx, st.st_gid):
+            self.stack.fs.chmod(target, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
 
     def _refuse_setattr(self, node: Node, fields: pyfuse3.SetattrFields) -> None:
         """EPERM for a change an immutable or append-only object does not allow."""
