@@ -23,7 +23,9 @@ conformance run (pjdfstest, a differential fuzzer) against an earlier layerfs:
     (the kernel's `overlay.origin`, written and read; unionmount-testsuite `--ov=3 --verify`);
   - directories that hold copied-up or moved objects are marked `overlay.impure`, so the
     kernel mounting layerfs's upper gives readdir the numbers stat gives; a directory made
-    in a merged one is opaque where the kernel makes it so.
+    in a merged one is opaque where the kernel makes it so;
+  - a directory removed while open, or while it is a process's cwd, still answers fstat
+    (its last attributes, no link), as the kernel's (xfstests generic/035).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from imagestore import changeset
 from tests import mounts, treecmp
 from tests.layerdata import write
 from tests.mounts import LAYERFS, KernelOverlay, LayerfsMount, overlay_options
+from tests.ops import value_or_errno
 from unionfs import fsutil, markers
 
 pytestmark = pytest.mark.mount
@@ -789,3 +792,43 @@ def _fs_type(path: Path) -> str:
         if (str(path) + "/").startswith(mp.rstrip("/") + "/") and len(mp) >= len(best[0]):
             best = (mp, fstype)
     return best[1]
+
+
+def _removed_dirs_still_open(mnt: Path) -> list[tuple[str, object]]:
+    """fstat, a listing and stat(".") of directories removed while open or a cwd: an upper
+    one removed by rmdir or renamed over, a lower one removed (xfstests generic/035)."""
+    out: list[tuple[str, object]] = []
+    for how in ("rmdir", "renamed over", "lower", "cwd"):
+        d = mnt / ("lowerdir" if how == "lower" else how.replace(" ", "-"))
+        if how != "lower":
+            d.mkdir()
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if how == "renamed over":
+                (mnt / "src").mkdir()
+                os.rename(mnt / "src", d)
+            else:
+                os.rmdir(d)
+            st = value_or_errno(lambda fd=fd: os.fstat(fd))
+            out.append((how, st if isinstance(st, str) else (st.st_mode, st.st_nlink)))
+            out.append((how, value_or_errno(lambda fd=fd: os.listdir(fd))))
+            os.fchdir(fd)
+            try:
+                out.append((how, value_or_errno(lambda: os.stat(".").st_nlink)))
+            finally:
+                os.chdir("/")
+        finally:
+            os.close(fd)
+    return out
+
+
+def test_a_removed_directory_still_open_stats_as_on_the_kernel(tmp_path, fuse, root):
+    def lower_dir(root_: Path) -> tuple[Path, Path, Path, Path]:
+        lo, up, wk, mnt = (root_ / p for p in ("lo", "up", "wk", "mnt"))
+        for p in (lo / "lowerdir", up, wk, mnt):
+            p.mkdir(parents=True)
+        return lo, up, wk, mnt
+
+    results = mounts.on_both(tmp_path, lower_dir, _removed_dirs_still_open)
+    assert ("rmdir", (0o40755, 0)) in results["kernel"]  # the oracle
+    assert results["layerfs"] == results["kernel"]

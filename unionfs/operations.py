@@ -270,7 +270,7 @@ class UnionOperations(pyfuse3.Operations):
         a.entry_timeout = CACHE_TIMEOUT
         a.attr_timeout = CACHE_TIMEOUT
         a.st_mode = st.st_mode
-        a.st_nlink = self.stack.nlink(node, st)
+        a.st_nlink = st.st_nlink if node.unlinked else self.stack.nlink(node, st)
         a.st_uid, a.st_gid = self.owners.shown(st.st_uid, st.st_gid)
         a.st_rdev = st.st_rdev
         a.st_size = st.st_size
@@ -810,6 +810,13 @@ class UnionOperations(pyfuse3.Operations):
 
     def _stat_for(self, node: Node) -> os.stat_result:
         if node.unlinked:
+            if node.is_dir:
+                # removed, and still open (or the cwd) somewhere: a lower one is still
+                # there; an upper one answers with what it was, no link left, as the
+                # kernel's fstat of its dead upper directory (Writer.rmdir / rename)
+                if self.stack.in_upper(node) and node.st is None:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+                return self.stack.stat(node)
             return os.fstat(self._fd_of_gone(node))
         return self.stack.stat(node)
 

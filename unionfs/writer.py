@@ -773,8 +773,10 @@ class Writer:
         node = stack.node_for(parent, name, child)
         if stack.listing(node):
             raise NotEmpty()
+        gone = self.fs.lstat(stack.upper_path(node)) if stack.in_upper(node) else None
         self._remove(parent, name, child, is_dir=True)
         node.unlinked = node.deleted = True
+        self._dead_dir(node, gone)
         return node
 
     def _remove(self, parent: Node, name: bytes, child: Entry, is_dir: bool) -> None:
@@ -800,6 +802,20 @@ class Writer:
         else:
             self._whiteout(path)
         stack.drop_entry(parent, name)
+
+    @staticmethod
+    def _dead_dir(node: Node, st: os.stat_result | None) -> None:
+        """An upper directory was removed (rmdir, or renamed over) while the kernel may still
+        hold it open or as a cwd: keep what its fstat shows from now on (the kernel's fstat
+        of an overlay directory whose upper one is gone: its last attributes, no link);
+        its name may already hold another directory, never to be stat'ed for it."""
+        if st is None:
+            return
+        node.invalidate()
+        fields = list(st[:10])
+        fields[3] = 0  # st_nlink
+        extra = ("st_atime_ns", "st_mtime_ns", "st_ctime_ns", "st_blksize", "st_blocks", "st_rdev")
+        node.st = os.stat_result(fields, {name: getattr(st, name) for name in extra})
 
     def _purge(self, path: bytes) -> None:
         """Remove a logically empty directory that may still hold whiteouts."""
@@ -849,6 +865,9 @@ class Writer:
         spath = stack.upper_path(parent) + b"/" + name
         dpath = stack.upper_path(newparent) + b"/" + newname
         old_links = _nlink(self.fs, dpath) if old is not None and not old.is_dir else 0
+        gone = (
+            self.fs.lstat(dpath) if old is not None and old.is_dir and stack.in_upper(old) else None
+        )
         self._clear_target(dst, dpath, node.is_dir)
         if whiteout:
             try:
@@ -869,6 +888,7 @@ class Writer:
             old.unlinked = old.is_dir or old_links <= 1 or not stack.in_upper(old) or not named
             old.deleted = old.is_dir or old_links <= 1
             old.invalidate()
+            self._dead_dir(old, gone)
         return node, old
 
     def _check_replace(self, node: Node, old: Node) -> None:
