@@ -25,7 +25,9 @@ conformance run (pjdfstest, a differential fuzzer) against an earlier layerfs:
     kernel mounting layerfs's upper gives readdir the numbers stat gives; a directory made
     in a merged one is opaque where the kernel makes it so;
   - a directory removed while open, or while it is a process's cwd, still answers fstat
-    (its last attributes, no link), as the kernel's (xfstests generic/035).
+    (its last attributes, no link), as the kernel's (xfstests generic/035);
+  - renameat2(RENAME_WHITEOUT) is refused (EINVAL), not taken for a plain rename
+    (xfstests generic/078).
 """
 
 from __future__ import annotations
@@ -831,4 +833,19 @@ def test_a_removed_directory_still_open_stats_as_on_the_kernel(tmp_path, fuse, r
 
     results = mounts.on_both(tmp_path, lower_dir, _removed_dirs_still_open)
     assert ("rmdir", (0o40755, 0)) in results["kernel"]  # the oracle
+    assert results["layerfs"] == results["kernel"]
+
+
+def _rename_whiteout(mnt: Path) -> tuple[object, list[str]]:
+    (mnt / "a").write_bytes(b"a")
+    a, b = os.fsencode(mnt / "a"), os.fsencode(mnt / "b")
+    done = value_or_errno(lambda: fsutil.renameat2(a, b, fsutil.RENAME_WHITEOUT))
+    return done, sorted(os.listdir(mnt))
+
+
+def test_rename_whiteout_is_refused_as_by_the_kernel(tmp_path, fuse, root):
+    """renameat2(RENAME_WHITEOUT) is EINVAL on kernel overlayfs; layerfs took it for a
+    plain rename and left no whiteout (xfstests generic/078)."""
+    results = _on_both(tmp_path, lambda up: None, _rename_whiteout)
+    assert results["kernel"] == ("EINVAL", ["a"])  # the oracle
     assert results["layerfs"] == results["kernel"]
