@@ -270,6 +270,52 @@ def test_mount_t_fuse_layerfs(stack):
     assert not is_mounted(mnt)
 
 
+def test_remount_ro_and_rw(stack, tmp_path):
+    """`mount -o remount,ro MNT` (mount(8) runs the helper with `-o remount,...`) makes the
+    live mount refuse changes (EROFS) and `remount,rw` takes them again, its other flags
+    kept; no second daemon starts.  It was refused ("unknown option 'remount'";
+    xfstests generic/294, 306, 452)."""
+    lo, hi, mnt = stack
+    need(os.geteuid() == 0, "remounting needs root")
+    up, wk = tmp_path / "up", tmp_path / "wk"
+    up.mkdir()
+    wk.mkdir()
+    subprocess.run([LAYERFS, "-o", overlay_options([hi, lo], up, wk) + ",nosuid", str(mnt)],
+                   check=True, timeout=60)  # fmt: skip
+    try:
+        pid = _daemon_pid(mnt)
+        for flag in ("ro", "rw"):
+            r = subprocess.run([LAYERFS, "layerfs", str(mnt), "-o", f"rw,nosuid,remount,{flag}"],
+                               capture_output=True, text=True, timeout=30)  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            options = _mount_options(mnt)
+            assert flag in options and "nosuid" in options, options
+            if flag == "ro":
+                with pytest.raises(OSError) as exc:
+                    (mnt / "new").write_bytes(b"x")
+                assert exc.value.errno == errno.EROFS
+                assert (mnt / "top").read_bytes() == b"upper data"
+        (mnt / "new").write_bytes(b"x")
+        assert (up / "new").read_bytes() == b"x"
+        assert _daemon_pid(mnt) == pid
+        r = subprocess.run([LAYERFS, "-o", "remount,ro", str(tmp_path)],
+                           capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert (
+            r.returncode != 0 and "not a layerfs mount" in r.stderr and "Traceback" not in r.stderr
+        )
+    finally:
+        subprocess.run(["umount", str(mnt)], timeout=30)
+
+
+def _mount_options(mnt: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mnt):
+                return fields[5].split(",")
+    raise AssertionError(f"{mnt} is not mounted")
+
+
 def test_find_loop_does_not_grow_memory(stack):
     """Lookup counts and forget are exact: after the kernel drops its caches, repeated
     `find` runs leave the daemon's memory where it was."""

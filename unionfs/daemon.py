@@ -30,7 +30,7 @@ from . import logs
 from .errors import OptionError
 from .fdlimit import raise_nofile
 from .logs import log
-from .options import USAGE, MountConfig, parse_args
+from .options import USAGE, MountConfig, parse_args, remount_request
 from .serving import hold_signals, open_stack
 
 EXIT_OK = 0
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return _say(f"layerfs {importlib.metadata.version('layer')}")
     try:
+        request = remount_request(args)
+        if request is not None:
+            return _remount(*request)
         cfg = parse_args(args)
     except OptionError as exc:
         print(f"layerfs: {exc}", file=sys.stderr)
@@ -58,6 +61,19 @@ def main(argv: list[str] | None = None) -> int:
         logs.real()  # now: a foreground daemon imports logging at once
         return serve(cfg, ready_fd=None)
     return _daemonize(cfg)
+
+
+def _remount(mountpoint: str, options: set[str]) -> int:
+    """`mount -o remount,ro|rw MNT` (mount(8) runs the helper with `-o remount,...`): the
+    live mount's flags change; no daemon starts."""
+    from .fuse.mount import remount
+
+    try:
+        remount(mountpoint, options)
+    except OSError as exc:
+        print(f"layerfs: remount {mountpoint}: {exc.strerror}", file=sys.stderr)
+        return EXIT_MOUNT_FAILED
+    return EXIT_OK
 
 
 def _say(text: str) -> int:

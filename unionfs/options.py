@@ -69,6 +69,8 @@ if TYPE_CHECKING:
 
 
 # Generic mount flags that libfuse's mount code understands; passed through to the mount.
+# the access-time modes a remount may set (mount(8) passes them on)
+ATIME_FLAGS = frozenset("atime diratime relatime norelatime strictatime nostrictatime".split())
 FUSE_MOUNT_FLAGS = frozenset(
     "rw ro suid nosuid dev nodev exec noexec async sync noatime nodiratime dirsync".split()
 )
@@ -289,6 +291,24 @@ def parse_lowerdir(value: str) -> list[str]:
 
 def parse_args(argv: list[str]) -> MountConfig:
     """Parse the command line (without argv[0]) and validate it against the filesystem."""
+    source, mountpoint, values, flags, foreground, debug = _split_args(argv)
+    return _validate(values, flags, source, mountpoint, foreground, debug)
+
+
+def remount_request(argv: list[str]) -> tuple[str, set[str]] | None:
+    """(mountpoint, the generic flags given) when the command line asks for a remount
+    (`-o remount,...`: what mount(8) runs for `mount -o remount,ro MNT`), else None.  As
+    kernel overlayfs on a remount through mount(2), every other option is ignored."""
+    _, mountpoint, _, flags, _, _ = _split_args(argv)
+    if "remount" not in flags:
+        return None
+    return mountpoint, flags & FUSE_MOUNT_FLAGS | flags & ATIME_FLAGS
+
+
+def _split_args(
+    argv: list[str],
+) -> tuple[str, str, dict[str, str], set[str], bool, bool]:
+    """(source, mountpoint, options with a value, options without, -f, -d)."""
     opts: list[str] = []
     positional: list[str] = []
     foreground = debug = False
@@ -330,7 +350,7 @@ def parse_args(argv: list[str]) -> MountConfig:
                 values[key] = val
             else:
                 flags.add(key)
-    return _validate(values, flags, source, mountpoint, foreground, debug)
+    return source, mountpoint, values, flags, foreground, debug
 
 
 def _validate(

@@ -15,6 +15,7 @@ Concurrency: plain blocking calls, made before the session starts and after it e
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 TYPE_CHECKING = False  # typing's own constant, without importing typing before INIT (../logs.py)
@@ -97,6 +98,59 @@ def split_options(options: set[str]) -> tuple[int, list[str], str, str]:
         elif key in _KERNEL_OPTS:
             data.append(opt)
     return flags, data, fsname, subtype
+
+
+MS_REMOUNT, MS_RELATIME, MS_STRICTATIME = 32, 1 << 21, 1 << 24
+# per-mount flags as /proc/self/mountinfo names them, which a remount must give again
+_SHOWN = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
+          "noatime": MS_NOATIME, "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME,
+          "strictatime": MS_STRICTATIME}  # fmt: skip
+_ATIME = MS_NOATIME | MS_RELATIME | MS_STRICTATIME
+
+
+def remount(mountpoint: str, options: set[str]) -> None:
+    """`mount -o remount[,ro|rw,...] MNT` of a live layerfs mount: mount(2) with MS_REMOUNT
+    on it, the flags not given kept as they are (read from /proc/self/mountinfo), as
+    mount(8) does for a kernel filesystem.  The kernel makes a read-only mount refuse every
+    change itself (EROFS) and lets them through again after `remount,rw`; the daemon is not
+    involved.  OSError with the reason (EINVAL: not a FUSE mount; EPERM: not root)."""
+    target = os.path.realpath(mountpoint)
+    flags = MS_REMOUNT | _mount_flags(target)
+    for opt in options:
+        if opt in _SET:
+            flags = flags & ~_ATIME if _SET[opt] & _ATIME else flags
+            flags |= _SET[opt]
+        elif opt in _CLEAR:
+            flags &= ~_CLEAR[opt]
+        elif opt in ("relatime", "strictatime"):
+            flags = flags & ~_ATIME | (MS_RELATIME if opt == "relatime" else MS_STRICTATIME)
+        elif opt in ("atime", "norelatime", "nostrictatime"):
+            flags &= ~_ATIME
+        elif opt == "diratime":
+            flags &= ~MS_NODIRATIME
+    if _libc().mount(b"layerfs", os.fsencode(target), None, flags, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+def _mount_flags(target: str) -> int:
+    """The per-mount flags of the topmost FUSE mount on `target` (EINVAL: none there)."""
+    import re  # not at the top: a mount's start-up never needs it
+
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index(b"-")
+            where = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), fields[4])
+            if where == os.fsencode(target):
+                found = (fields[5], fields[sep + 1])
+    if found is None or not found[1].startswith(b"fuse"):
+        raise OSError(errno.EINVAL, "not a layerfs mount", target)
+    flags = 0
+    for opt in found[0].decode().split(","):
+        flags |= _SHOWN.get(opt, 0)
+    return flags
 
 
 def _libc() -> ctypes.CDLL:
