@@ -27,7 +27,9 @@ conformance run (pjdfstest, a differential fuzzer) against an earlier layerfs:
   - a directory removed while open, or while it is a process's cwd, still answers fstat
     (its last attributes, no link), as the kernel's (xfstests generic/035);
   - renameat2(RENAME_WHITEOUT) is refused (EINVAL), not taken for a plain rename
-    (xfstests generic/078).
+    (xfstests generic/078);
+  - copy_file_range(2) into a file whose flags forbid writing is refused (EPERM), also
+    through a handle opened before `chattr +i` (xfstests generic/553).
 """
 
 from __future__ import annotations
@@ -848,4 +850,48 @@ def test_rename_whiteout_is_refused_as_by_the_kernel(tmp_path, fuse, root):
     plain rename and left no whiteout (xfstests generic/078)."""
     results = _on_both(tmp_path, lambda up: None, _rename_whiteout)
     assert results["kernel"] == ("EINVAL", ["a"])  # the oracle
+    assert results["layerfs"] == results["kernel"]
+
+
+def _copy_file_ranges(mnt: Path) -> list[tuple[str, object]]:
+    """copy_file_range(2) from a lower file into a new one at other offsets, and into files
+    opened for writing before `chattr +i` / `+a` (xfstests generic/553)."""
+    out: list[tuple[str, object]] = []
+    fin = os.open(mnt / "src", os.O_RDONLY)
+    try:
+        fo = os.open(mnt / "dst", os.O_WRONLY | os.O_CREAT, 0o644)
+        out.append(("copied", value_or_errno(lambda: os.copy_file_range(fin, fo, 1 << 20, 10, 5))))
+        os.close(fo)
+        data = (mnt / "dst").read_bytes()
+        out.append(("dst", (len(data), data[:5], data[5:] == (mnt / "src").read_bytes()[10:])))
+        for name, flag, oflags in (("imm", "+i", 0), ("app", "+a", os.O_APPEND)):
+            fo = os.open(mnt / name, os.O_WRONLY | os.O_CREAT | oflags, 0o644)
+            try:
+                os.write(fo, b"x" * 100)
+                subprocess.run(["chattr", flag, str(mnt / name)], check=True)
+                out.append(
+                    (name, value_or_errno(lambda fo=fo: os.copy_file_range(fin, fo, 50, 0, 0)))
+                )
+                subprocess.run(["chattr", "-" + flag[1], str(mnt / name)], check=True)
+            finally:
+                os.close(fo)
+            out.append((name, (mnt / name).stat().st_size))
+    finally:
+        os.close(fin)
+    return out
+
+
+def test_copy_file_range_as_on_the_kernel(tmp_path, fuse, root):
+    """layerfs answers COPY_FILE_RANGE itself (on the real files), so a target whose flags
+    forbid writing refuses it, as kernel overlayfs's inode makes the VFS refuse it."""
+
+    def lower_file(root_: Path) -> tuple[Path, Path, Path, Path]:
+        lo, up, wk, mnt = (root_ / p for p in ("lo", "up", "wk", "mnt"))
+        for p in (lo, up, wk, mnt):
+            p.mkdir(parents=True)
+        (lo / "src").write_bytes(bytes(range(256)) * 300)
+        return lo, up, wk, mnt
+
+    results = mounts.on_both(tmp_path, lower_file, _copy_file_ranges)
+    assert ("imm", "EPERM") in results["kernel"]  # the oracle
     assert results["layerfs"] == results["kernel"]

@@ -94,6 +94,25 @@ def _copy_range(fin: int, fout: int, offset: int, length: int) -> None:
         done += n
 
 
+def copy_between(fin: int, off_in: int, fout: int, off_out: int, length: int) -> int:
+    """copy_file_range(2) of up to `length` bytes from `fin` at `off_in` to `fout` at
+    `off_out`, read and written by hand where the filesystems cannot (EXDEV: layers on two
+    filesystems); the bytes copied (fewer at the end of `fin`)."""
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(fin, fout, length - done, off_in + done, off_out + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            data = os.pread(fin, min(length - done, 1 << 20), off_in + done)
+            n = os.pwrite(fout, data, off_out + done) if data else 0
+        if n == 0:
+            break
+        done += n
+    return done
+
+
 def _copy_plain(fin: int, fout: int, offset: int, length: int) -> int:
     data = os.pread(fin, min(length, 1 << 20), offset)
     return os.pwrite(fout, data, offset) if data else 0

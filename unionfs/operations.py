@@ -54,7 +54,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import acl, fileattr, markers, syscalls
+from . import acl, fileattr, fsutil, markers, syscalls
 from . import fuseapi as pyfuse3  # pyfuse3 itself, or stand-ins for the native transport
 from .errors import UnionError
 from .fdlimit import FdBudget
@@ -583,6 +583,29 @@ class UnionOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         self._refuse(fileattr.refuses_fallocate(self._prot(handle.node), mode))
         syscalls.fallocate(handle.fd, mode, off, length)
+
+    @_handler
+    @_mutating
+    async def copy_file_range(
+        self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int
+    ) -> int:
+        """copy_file_range(2) into a file open for writing, on the real files (a clone where
+        their filesystem can).  An immutable or append-only target refuses it (EPERM), as
+        the VFS refuses it on kernel overlayfs's inode, which carries those flags (a FUSE
+        inode never does: the copy was made through a handle opened before chattr +i;
+        xfstests generic/553)."""
+        if flags:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        out = self._files[fh_out]
+        if not out.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        self._refuse(self._prot(out.node) & (fileattr.FS_IMMUTABLE_FL | fileattr.FS_APPEND_FL))
+        fd_in = self._fd(self._files[fh_in])
+        from . import workers  # not at the top: see the module docstring
+
+        n = await workers.run(fsutil.copy_between, fd_in, off_in, out.fd, off_out, length)
+        out.node.invalidate()
+        return n
 
     @_handler
     async def lseek(self, fh: int, off: int, whence: int, exact: bool = True) -> int:

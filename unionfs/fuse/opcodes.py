@@ -174,6 +174,13 @@ def _fallocate(h: Header) -> tuple[Any, ...]:
     return (fh, off, length, mode)
 
 
+def _copy_file_range(h: Header) -> tuple[Any, ...]:
+    fh_in, off_in, _, fh_out, off_out, length, flags = unpack(
+        wire.COPY_FILE_RANGE_IN, h.body, "copy_file_range_in"
+    )
+    return (fh_in, off_in, fh_out, off_out, length, flags)
+
+
 def _lseek(h: Header) -> tuple[Any, ...]:
     fh, off, whence, _ = unpack(wire.LSEEK_IN, h.body, "lseek_in")
     return (fh, off, whence)
@@ -276,8 +283,10 @@ _TABLE = [
     Op(44, "READDIRPLUS", _read, "readdirplus", INLINE),
     Op(45, "RENAME2", _rename2, "rename", TASK),
     Op(46, "LSEEK", _lseek, "lseek", INLINE),
+    Op(47, "COPY_FILE_RANGE", _copy_file_range, "copy_file_range", TASK),
     Op(51, "TMPFILE", _create, "tmpfile", GATED),
     Op(52, "STATX", _statx, "statx", INLINE),
+    Op(53, "COPY_FILE_RANGE_64", _copy_file_range, "copy_file_range_64", TASK),
 ]
 
 OPCODES: dict[int, Op] = {op.code: op for op in _TABLE}

@@ -120,6 +120,10 @@ FSYNC_IN = struct.Struct("<QII")
 FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding (7.19)
 LSEEK_IN = struct.Struct("<QqII")  # fh offset whence padding (7.24)
 LSEEK_OUT = struct.Struct("<Q")
+# fh_in off_in nodeid_out fh_out off_out len flags (7.28); the reply is WRITE_OUT, or for
+# COPY_FILE_RANGE_64 (7.45) the bytes copied as a u64
+COPY_FILE_RANGE_IN = struct.Struct("<QQQQQQQ")
+COPY_FILE_RANGE_64_OUT = struct.Struct("<Q")
 STATX_IN = struct.Struct("<IIQII")  # getattr_flags reserved fh sx_flags sx_mask (7.39)
 IOCTL_IN = struct.Struct("<QIIQII")  # fh flags cmd arg in_size out_size, then in_size bytes
 IOCTL_OUT = struct.Struct("<iIII")  # result flags in_iovs out_iovs, then the out bytes
