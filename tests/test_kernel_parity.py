@@ -895,3 +895,31 @@ def test_copy_file_range_as_on_the_kernel(tmp_path, fuse, root):
     results = mounts.on_both(tmp_path, lower_file, _copy_file_ranges)
     assert ("imm", "EPERM") in results["kernel"]  # the oracle
     assert results["layerfs"] == results["kernel"]
+
+
+def _atimes_after_reading(mnt: Path) -> dict[str, bool]:
+    """Whether reading marks the atime (set far back, so relatime updates it): an upper
+    file read, an upper directory listed, a lower file read, which never changes (xfstests
+    generic/003)."""
+    (mnt / "f").write_bytes(b"upper\n")
+    (mnt / "d").mkdir()
+    for name in ("f", "d"):
+        os.utime(mnt / name, (1000, os.stat(mnt / name).st_mtime))
+    (mnt / "f").read_bytes()
+    os.listdir(mnt / "d")
+    (mnt / "lf").read_bytes()
+    return {name: os.stat(mnt / name).st_atime > 1000 for name in ("f", "d", "lf")}
+
+
+def test_reading_marks_atime_as_on_the_kernel(tmp_path, fuse, root):
+    def lower_file(root_: Path) -> tuple[Path, Path, Path, Path]:
+        lo, up, wk, mnt = (root_ / p for p in ("lo", "up", "wk", "mnt"))
+        for p in (lo, up, wk, mnt):
+            p.mkdir(parents=True)
+        (lo / "lf").write_bytes(b"lower\n")
+        os.utime(lo / "lf", (1000, os.stat(lo / "lf").st_mtime))
+        return lo, up, wk, mnt
+
+    results = mounts.on_both(tmp_path, lower_file, _atimes_after_reading)
+    assert results["kernel"] == {"f": True, "d": True, "lf": False}  # the oracle
+    assert results["layerfs"] == results["kernel"]

@@ -394,6 +394,8 @@ class UnionOperations(pyfuse3.Operations):
             listing = self.stack.listing(node)
             gen = handle.snapshot(list(listing.items()))
             self.prefetch.listed(listing)
+            if self.writer is not None and self.stack.in_upper(node):
+                self._dir_accessed(node)
         entries = handle.snapshots.get(gen)
         if entries is None:  # dropped: go on in the newest (or a new) listing
             if not handle.snapshots:
@@ -420,6 +422,20 @@ class UnionOperations(pyfuse3.Operations):
             self.stack.remember(entry_node)
         if start >= len(entries) + 2:  # the reader asked past the end: it is done with it
             handle.snapshots.pop(gen, None)
+
+    def _dir_accessed(self, node: Node) -> None:
+        """A listing marks an upper directory's atime, as kernel overlayfs's touch_atime
+        does: one getdents of the real directory, so that the upper filesystem applies its
+        own rule (relatime) and leaves the ctime alone.  Lower directories never change."""
+        try:
+            fd = self.stack.fs.open(self.stack.upper_path(node), os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return
+        try:
+            with os.scandir(fd) as it:
+                next(it, None)
+        finally:
+            os.close(fd)
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
@@ -475,6 +491,10 @@ class UnionOperations(pyfuse3.Operations):
         try:
             if writable:
                 fd = _open_rw(fs, path, self._open_flags(oflags), oflags)
+            elif self.stack.in_upper(node):
+                # reads mark an upper file's atime (the upper filesystem's relatime), as
+                # kernel overlayfs's touch_atime does; lower files never change
+                fd = fs.open(path, oflags)
             else:
                 fd = _open_noatime(fs, path, oflags)
         except BaseException:
