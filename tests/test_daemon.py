@@ -285,7 +285,7 @@ def test_remount_ro_and_rw(stack, tmp_path):
     try:
         pid = _daemon_pid(mnt)
         for flag in ("ro", "rw"):
-            r = subprocess.run([LAYERFS, "layerfs", str(mnt), "-o", f"rw,nosuid,remount,{flag}"],
+            r = subprocess.run([LAYERFS, "layerfs", str(mnt), "-o", f"rw,ro,nosuid,remount,{flag}"],
                                capture_output=True, text=True, timeout=30)  # fmt: skip
             assert r.returncode == 0, r.stderr
             options = _mount_options(mnt)

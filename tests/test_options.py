@@ -298,3 +298,14 @@ def test_transport_option_and_environment(dirs, monkeypatch):
     monkeypatch.setenv(TRANSPORT_ENV, "bogus")
     with pytest.raises(OptionError, match="LAYERFS_FUSE=bogus"):
         parse_args(["-o", base, mnt])
+
+
+def test_remount_request_keeps_the_order_of_the_flags():
+    """mount(8) passes fstab's options before the command line's: the last of rw/ro wins,
+    and every non-generic option of a remount is ignored, as the kernel's overlayfs does."""
+    from unionfs.options import remount_request
+
+    assert remount_request(["layerfs", "/m", "-o", "rw,nosuid,remount,ro"]) == (
+        "/m", ["rw", "nosuid", "ro"])  # fmt: skip
+    assert remount_request(["-oro,remount", "/m", "-o", "lowerdir=/x,rw"]) == ("/m", ["ro", "rw"])
+    assert remount_request(["-o", "lowerdir=/x,ro", "/m"]) is None

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     return _daemonize(cfg)
 
 
-def _remount(mountpoint: str, options: set[str]) -> int:
+def _remount(mountpoint: str, options: list[str]) -> int:
     """`mount -o remount,ro|rw MNT` (mount(8) runs the helper with `-o remount,...`): the
     live mount's flags change; no daemon starts."""
     from .fuse.mount import remount

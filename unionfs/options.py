@@ -295,14 +295,23 @@ def parse_args(argv: list[str]) -> MountConfig:
     return _validate(values, flags, source, mountpoint, foreground, debug)
 
 
-def remount_request(argv: list[str]) -> tuple[str, set[str]] | None:
-    """(mountpoint, the generic flags given) when the command line asks for a remount
-    (`-o remount,...`: what mount(8) runs for `mount -o remount,ro MNT`), else None.  As
-    kernel overlayfs on a remount through mount(2), every other option is ignored."""
+def remount_request(argv: list[str]) -> tuple[str, list[str]] | None:
+    """(mountpoint, the generic flags given, in their order: the last of `rw` and `ro`
+    wins, as mount(8) passes fstab's options before the command line's) when the command
+    line asks for a remount (`-o remount,...`: what mount(8) runs for `mount -o
+    remount,ro MNT`), else None.  As kernel overlayfs on a remount through mount(2),
+    every other option is ignored."""
     _, mountpoint, _, flags, _, _ = _split_args(argv)
     if "remount" not in flags:
         return None
-    return mountpoint, flags & FUSE_MOUNT_FLAGS | flags & ATIME_FLAGS
+    given: list[str] = []
+    groups = iter(argv)
+    for arg in groups:
+        if arg == "-o":
+            given += split_escaped(next(groups, ""), ",")
+        elif arg.startswith("-o"):
+            given += split_escaped(arg[2:], ",")
+    return mountpoint, [f for f in given if f in FUSE_MOUNT_FLAGS or f in ATIME_FLAGS]
 
 
 def _split_args(

@@ -108,12 +108,13 @@ _SHOWN = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_
 _ATIME = MS_NOATIME | MS_RELATIME | MS_STRICTATIME
 
 
-def remount(mountpoint: str, options: set[str]) -> None:
+def remount(mountpoint: str, options: list[str]) -> None:
     """`mount -o remount[,ro|rw,...] MNT` of a live layerfs mount: mount(2) with MS_REMOUNT
     on it, the flags not given kept as they are (read from /proc/self/mountinfo), as
     mount(8) does for a kernel filesystem.  The kernel makes a read-only mount refuse every
     change itself (EROFS) and lets them through again after `remount,rw`; the daemon is not
-    involved.  OSError with the reason (EINVAL: not a FUSE mount; EPERM: not root)."""
+    involved.  `options` apply in their order (`rw,...,ro` is read-only).  OSError with the
+    reason (EINVAL: not a FUSE mount; EPERM: not root)."""
     target = os.path.realpath(mountpoint)
     flags = MS_REMOUNT | _mount_flags(target)
     for opt in options:
