@@ -467,6 +467,39 @@ def test_no_opendir_readers_of_one_directory_keep_their_own_listing(tmp_path):
         h.close()
 
 
+def test_seeking_back_into_a_listing_read_to_its_end(tmp_path):
+    """A reader seeks back to an offset of the newest listing after reading it to its end
+    (which dropped it) while an older reader's listing is still kept: it goes on in a new
+    listing.  It met the dropped generation (KeyError: EIO, xfstests generic/637)."""
+    from unionfs.writer import Writer
+
+    lo, up, wk = (tmp_path / n for n in ("lo", "up", "wk"))
+    for d in (lo, up, wk):
+        d.mkdir()
+    for name in ("a", "b", "c"):
+        (lo / name).write_bytes(b"x")
+    stack = LayerStack([str(lo)], str(up))
+    h = Harness(stack, Writer(stack, str(wk)), no_opendir=True)
+
+    async def scenario():
+        one = wire.dirent_size(b"a", plus=True)
+        await h.call(READDIRPLUS, 1, read_in(0, 0, 3 * one))  # an older reader, part way
+        err, _ = await h.call(9, 1, wire.MKDIR_IN.pack(0o755, 0) + b"new\0")  # MKDIR
+        assert err == 0
+        _, whole = await h.call(READDIRPLUS, 1, read_in(0, 0, 4096))
+        second = parse_direntplus(whole)
+        _, end = await h.call(READDIRPLUS, 1, read_in(0, second[-1][2], 4096))
+        assert end == b""  # read to its end: dropped
+        err, again = await h.call(READDIRPLUS, 1, read_in(0, second[2][2], 4096))
+        assert err == 0
+        assert [n for n, _, _ in parse_direntplus(again)] == [n for n, _, _ in second[3:]]
+
+    try:
+        trio.run(scenario)
+    finally:
+        h.close()
+
+
 def test_snapshot_generations_keep_offsets_positive():
     """The generation rides in an offset's high bits: it wraps at 31 bits, so every offset
     stays a valid (signed) loff_t, and at most SNAPSHOTS listings are kept."""

@@ -397,11 +397,14 @@ class UnionOperations(pyfuse3.Operations):
             if self.writer is not None and self.stack.in_upper(node):
                 self._dir_accessed(node)
         entries = handle.snapshots.get(gen)
-        if entries is None:  # dropped: go on in the newest (or a new) listing
-            if not handle.snapshots:
-                handle.snapshot(list(self.stack.listing(node).items()))
+        if entries is None:  # dropped: go on in the newest, or in a new listing when the
+            # newest was read to its end and dropped too (it raised KeyError: EIO to a
+            # reader going on with an old offset after a change; xfstests generic/637)
             gen = handle.gen
-            entries = handle.snapshots[gen]
+            entries = handle.snapshots.get(gen)
+            if entries is None:
+                gen = handle.snapshot(list(self.stack.listing(node).items()))
+                entries = handle.snapshots[gen]
         high = gen << 32
         specials = [(b".", node), (b"..", node.parent or self.stack.root)]
         for pos in range(start, len(entries) + 2):
