@@ -428,10 +428,8 @@ def _writable(tmp_path: Path) -> Harness:
     return Harness(stack, Writer(stack, str(wk)))
 
 
-def test_no_opendir_readers_of_one_directory_keep_their_own_listing(tmp_path):
-    """With no-opendir every reader of a directory shares one handle: a reader that started
-    before a change goes on in the listing it started (each offset names its snapshot),
-    one that starts after sees the change, and a finished snapshot is dropped."""
+def _abc_harness(tmp_path: Path) -> Harness:
+    """A no-opendir session over a lower directory holding a, b and c, with an upper."""
     from unionfs.writer import Writer
 
     lo, up, wk = (tmp_path / n for n in ("lo", "up", "wk"))
@@ -440,7 +438,14 @@ def test_no_opendir_readers_of_one_directory_keep_their_own_listing(tmp_path):
     for name in ("a", "b", "c"):
         (lo / name).write_bytes(b"x")
     stack = LayerStack([str(lo)], str(up))
-    h = Harness(stack, Writer(stack, str(wk)), no_opendir=True)
+    return Harness(stack, Writer(stack, str(wk)), no_opendir=True)
+
+
+def test_no_opendir_readers_of_one_directory_keep_their_own_listing(tmp_path):
+    """With no-opendir every reader of a directory shares one handle: a reader that started
+    before a change goes on in the listing it started (each offset names its snapshot),
+    one that starts after sees the change, and a finished snapshot is dropped."""
+    h = _abc_harness(tmp_path)
 
     async def scenario():
         one = wire.dirent_size(b"a", plus=True)
@@ -471,15 +476,7 @@ def test_seeking_back_into_a_listing_read_to_its_end(tmp_path):
     """A reader seeks back to an offset of the newest listing after reading it to its end
     (which dropped it) while an older reader's listing is still kept: it goes on in a new
     listing.  It met the dropped generation (KeyError: EIO, xfstests generic/637)."""
-    from unionfs.writer import Writer
-
-    lo, up, wk = (tmp_path / n for n in ("lo", "up", "wk"))
-    for d in (lo, up, wk):
-        d.mkdir()
-    for name in ("a", "b", "c"):
-        (lo / name).write_bytes(b"x")
-    stack = LayerStack([str(lo)], str(up))
-    h = Harness(stack, Writer(stack, str(wk)), no_opendir=True)
+    h = _abc_harness(tmp_path)
 
     async def scenario():
         one = wire.dirent_size(b"a", plus=True)

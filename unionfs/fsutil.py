@@ -76,22 +76,8 @@ def copy_ranges(fin: int, fout: int, size: int) -> None:
                 return
             raise
         hole = os.lseek(fin, data, os.SEEK_HOLE)
-        _copy_range(fin, fout, data, hole - data)
+        copy_between(fin, data, fout, data, hole - data)
         pos = hole
-
-
-def _copy_range(fin: int, fout: int, offset: int, length: int) -> None:
-    done = 0
-    while done < length:
-        try:
-            n = os.copy_file_range(fin, fout, length - done, offset + done, offset + done)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            n = _copy_plain(fin, fout, offset + done, length - done)
-        if n == 0:
-            return
-        done += n
 
 
 def copy_between(fin: int, off_in: int, fout: int, off_out: int, length: int) -> int:
@@ -111,11 +97,6 @@ def copy_between(fin: int, off_in: int, fout: int, off_out: int, length: int) ->
             break
         done += n
     return done
-
-
-def _copy_plain(fin: int, fout: int, offset: int, length: int) -> int:
-    data = os.pread(fin, min(length, 1 << 20), offset)
-    return os.pwrite(fout, data, offset) if data else 0
 
 
 def copy_xattrs(fs: Roots, src: bytes, dst: bytes | int, skip) -> None:  # type: ignore[no-untyped-def]

@@ -471,15 +471,18 @@ class UnionOperations(pyfuse3.Operations):
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if writable:
             self._need_upper()
-            if node.data is not None and self.stack.in_upper(node):
-                # a metacopy file's flags are known before its data would be copied up
+            # an upper object's flags are known now (a metacopy file's data is then never
+            # copied up for nothing); a lower one's come with its copy-up
+            known = self.stack.in_upper(node)
+            if known:
                 self._refuse(fileattr.refuses_open(self._prot(node), flags))
             await self.gate.enter()  # a copy-up changes the upper: held while frozen
             try:
                 await self._copy_up(node, with_data=not flags & os.O_TRUNC)
             finally:
                 self.gate.leave()
-            self._refuse(fileattr.refuses_open(self._prot(node), flags))
+            if not known:
+                self._refuse(fileattr.refuses_open(self._prot(node), flags))
         oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY | _O_DIRECT)
         fs, path = self._open_path(node)
         self.budget.take(ctx.uid)
@@ -881,11 +884,12 @@ class UnionOperations(pyfuse3.Operations):
         if node.unlinked and _times_only(fields) and not self._upper_handles(node):
             return self._gone_entry(node)
         truncate_all = fields.update_size and attr.st_size == 0
-        if node.data is not None and self.stack.in_upper(node):
-            # a metacopy file's flags are known before its data would be copied up
+        known = self.stack.in_upper(node)  # its flags (else they come with its copy-up)
+        if known:
             self._refuse_setattr(node, fields)
         await self._copy_up(node, with_data=not truncate_all, meta=not fields.update_size)
-        self._refuse_setattr(node, fields)
+        if not known:
+            self._refuse_setattr(node, fields)
         target = self._setattr_target(node, fh)
         is_link = node.kind == stat.S_IFLNK
         if fields.update_uid or fields.update_gid:

@@ -291,8 +291,8 @@ def parse_lowerdir(value: str) -> list[str]:
 
 def parse_args(argv: list[str]) -> MountConfig:
     """Parse the command line (without argv[0]) and validate it against the filesystem."""
-    source, mountpoint, values, flags, foreground, debug = _split_args(argv)
-    return _validate(values, flags, source, mountpoint, foreground, debug)
+    source, mountpoint, values, given, foreground, debug = _split_args(argv)
+    return _validate(values, set(given), source, mountpoint, foreground, debug)
 
 
 def remount_request(argv: list[str]) -> tuple[str, list[str]] | None:
@@ -301,23 +301,16 @@ def remount_request(argv: list[str]) -> tuple[str, list[str]] | None:
     line asks for a remount (`-o remount,...`: what mount(8) runs for `mount -o
     remount,ro MNT`), else None.  As kernel overlayfs on a remount through mount(2),
     every other option is ignored."""
-    _, mountpoint, _, flags, _, _ = _split_args(argv)
-    if "remount" not in flags:
+    _, mountpoint, _, given, _, _ = _split_args(argv)
+    if "remount" not in given:
         return None
-    given: list[str] = []
-    groups = iter(argv)
-    for arg in groups:
-        if arg == "-o":
-            given += split_escaped(next(groups, ""), ",")
-        elif arg.startswith("-o"):
-            given += split_escaped(arg[2:], ",")
     return mountpoint, [f for f in given if f in FUSE_MOUNT_FLAGS or f in ATIME_FLAGS]
 
 
 def _split_args(
     argv: list[str],
-) -> tuple[str, str, dict[str, str], set[str], bool, bool]:
-    """(source, mountpoint, options with a value, options without, -f, -d)."""
+) -> tuple[str, str, dict[str, str], list[str], bool, bool]:
+    """(source, mountpoint, options with a value, options without in their order, -f, -d)."""
     opts: list[str] = []
     positional: list[str] = []
     foreground = debug = False
@@ -349,7 +342,7 @@ def _split_args(
     else:
         raise OptionError(f"expected a mountpoint\n{USAGE}")
     values: dict[str, str] = {}
-    flags: set[str] = set()
+    flags: list[str] = []
     for group in opts:
         for item in split_escaped(group, ","):
             if not item:
@@ -358,7 +351,7 @@ def _split_args(
             if eq:
                 values[key] = val
             else:
-                flags.add(key)
+                flags.append(key)
     return source, mountpoint, values, flags, foreground, debug
 
 

@@ -936,17 +936,16 @@ class Writer:
         across directories absolute; a relative one already present becomes absolute when
         the object leaves its parent, an absolute one stays."""
         stack = self.stack
+        if node.is_dir:
+            # (its copy and its ancestors' carry no redirect yet: the walk below is the same)
+            self.copy_up_dir(node)
         current = stack.redirect_of(node)
         # a file whose lower file has other links gets an absolute one in any case (the
         # kernel's ovl_need_absolute_redirect: its names may end up in other directories)
         relative = samedir and (node.is_dir or self._lower_nlink(node) <= 1)
         if current is not None and (relative or current.startswith(b"/")):
-            if node.is_dir:
-                self.copy_up_dir(node)
             return
         redirect = node.name if relative else stack.origin_path(node)
-        if node.is_dir:
-            self.copy_up_dir(node)
         markers.set_redirect(stack.upper_path(node), redirect, self.fs)
 
     def _lower_nlink(self, node: Node) -> int:

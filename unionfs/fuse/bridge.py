@@ -505,21 +505,20 @@ class Bridge:
         await self.ops.fallocate(await self._file(h, fh), off, length, mode)
         return b""
 
-    async def copy_file_range(self, h: Header, fh_in: int, off_in: int, fh_out: int,
-                              off_out: int, length: int, flags: int) -> bytes:  # fmt: skip
+    async def copy_file_range(self, h: Header, *args: int) -> bytes:
         """copy_file_range(2) between two files of this mount, made by the daemon on the
         real files (a clone where their filesystem shares extents): one request, where the
         kernel's fallback reads and writes every page through the mount."""
-        fh_in = await self._file(h, fh_in)
-        n = await self.ops.copy_file_range(fh_in, off_in, fh_out, off_out, length, flags)
-        return wire.WRITE_OUT.pack(n, 0)
+        return wire.WRITE_OUT.pack(await self._copy_file_range(h, *args), 0)
 
-    async def copy_file_range_64(self, h: Header, fh_in: int, off_in: int, fh_out: int,
-                                 off_out: int, length: int, flags: int) -> bytes:  # fmt: skip
+    async def copy_file_range_64(self, h: Header, *args: int) -> bytes:
         """COPY_FILE_RANGE_64 (protocol 7.45): the same, the count as a u64."""
+        return wire.COPY_FILE_RANGE_64_OUT.pack(await self._copy_file_range(h, *args))
+
+    async def _copy_file_range(self, h: Header, fh_in: int, off_in: int, fh_out: int,
+                               off_out: int, length: int, flags: int) -> int:  # fmt: skip
         fh_in = await self._file(h, fh_in)
-        n = await self.ops.copy_file_range(fh_in, off_in, fh_out, off_out, length, flags)
-        return wire.COPY_FILE_RANGE_64_OUT.pack(n)
+        return await self.ops.copy_file_range(fh_in, off_in, fh_out, off_out, length, flags)
 
     async def lseek(self, h: Header, fh: int, off: int, whence: int) -> bytes:
         """SEEK_DATA / SEEK_HOLE.  With the writeback cache the kernel holds written data
