@@ -827,3 +827,55 @@ def test_reading_on_after_a_change_and_seeking_back(tmp_path, fuse):
         for n in range(10, 101, 10):
             names = _change_while_reading(d, lambda n=n: os.unlink(d / str(n)))
             assert str(n).encode() not in names and len(names) == 2 + 101 - n // 10
+
+
+def _walk_by_seeks(d: Path, limit: int) -> list[tuple[int, bytes]]:
+    """xfstests' t_readdir_3: up to `limit` entries, each read alone from the offset the one
+    before gave (lseek, getdents of one entry); (offset read from, name) of each."""
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        out, pos = [], 0
+        while len(out) < limit:
+            os.lseek(fd, pos, os.SEEK_SET)
+            got = _getdents(fd, 24 + 256)  # room for one entry
+            if not got:
+                break
+            out.append((pos, got[0][1]))
+            pos = got[0][0]
+        return out
+    finally:
+        os.close(fd)
+
+
+def test_offsets_stay_valid_while_a_directory_is_unchanged(tmp_path, fuse):
+    """An offset names the same entry as long as the directory does not change, across
+    reopens and rewinds, and every offset up to the last is one (xfstests generic/676: a
+    listing not read to its end, so not in the kernel's cache, was listed from the start
+    again under new offsets, a generation in their high bits; a seek to any smaller number
+    then read the end of the directory)."""
+    mnt, lo, up, wk = (tmp_path / n for n in ("mnt", "lo", "up", "wk"))
+    for d in (mnt, lo, up, wk):
+        d.mkdir()
+    (lo / "low").mkdir()
+    for i in range(150):
+        (lo / "low" / f"l{i:03}").touch()
+    with LayerfsMount(mnt, [lo], up, wk):
+        (mnt / "low" / "l007").unlink()  # a merged listing with a whiteout
+        (mnt / "new").mkdir()
+        for i in range(150):
+            (mnt / "new" / f"n{i:03}").touch()
+        for d, count in ((mnt / "low", 2 + 149), (mnt / "new", 2 + 150)):
+            part = _walk_by_seeks(d, count - 10)  # never to the end
+            whole = _walk_by_seeks(d, count + 1)  # from the start again: the same offsets
+            assert len(whole) == count and whole[: len(part)] == part
+            top, by_pos = whole[-1][0], dict(whole)
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for pos in range(top + 1):
+                    os.lseek(fd, pos, os.SEEK_SET)
+                    got = _getdents(fd, 24 + 256)
+                    assert got, f"{d.name}: offset {pos} of {top} read the end"
+                    if pos in by_pos:
+                        assert got[0][1] == by_pos[pos]
+            finally:
+                os.close(fd)

@@ -502,13 +502,31 @@ def test_snapshot_generations_keep_offsets_positive():
     stays a valid (signed) loff_t, and at most SNAPSHOTS listings are kept."""
     from unionfs.operations import DirHandle
 
+    def listing(n: int) -> list:
+        return [(str(i).encode(), None) for i in range(n)]
+
     handle = DirHandle(None)  # type: ignore[arg-type]
     handle.gen = 0x7FFFFFFE
-    assert handle.snapshot([]) == 0x7FFFFFFF and handle.snapshot([]) == 0
-    for _ in range(10):
-        handle.snapshot([])
+    assert handle.snapshot(listing(1)) == 0x7FFFFFFF and handle.snapshot(listing(2)) == 0
+    for n in range(10):
+        handle.snapshot(listing(3 + n))
     assert len(handle.snapshots) == DirHandle.SNAPSHOTS
     assert (0x7FFFFFFF << 32 | 0xFFFFFFFF) < 1 << 63
+
+
+def test_a_listing_of_the_same_names_keeps_its_generation():
+    """Listed again from the start with nothing changed, a directory keeps its offsets (the
+    newest generation, kept last among the snapshots); a change of a name or of the order
+    starts a new one."""
+    from unionfs.operations import DirHandle
+
+    handle = DirHandle(None)  # type: ignore[arg-type]
+    a = [(b"a", None), (b"b", None)]
+    assert handle.snapshot(list(a)) == 0 and handle.snapshot(list(a)) == 0
+    assert handle.snapshot(a[::-1]) == 1 and handle.snapshot(a[:1]) == 2
+    assert handle.snapshot([(b"x", None)]) == 3
+    assert handle.snapshot([(b"x", None)]) == 3 and list(handle.snapshots) == [0, 1, 2, 3]
+    assert handle.snapshot(list(a)) == 4 and list(handle.snapshots) == [1, 2, 3, 4]
 
 
 def test_interrupt_cancels_a_waiting_request(tmp_path):

@@ -157,24 +157,32 @@ class DirHandle:
 
     A read from offset 0 takes a new snapshot; each entry's offset carries the snapshot's
     generation in its high 32 bits, so a reader goes on in the listing it started even
-    when another reader of the same handle has started a newer one meanwhile.  One handle
-    per open directory (OPENDIR), or, with no-opendir (the native transport), one per
-    directory node shared by every reader: then the kernel keeps the listing and asks
+    when another reader of the same handle has started a newer one meanwhile.  A new
+    snapshot of the same names in the same order keeps the newest generation: offsets stay
+    what they were as long as the directory does not change, as a disk filesystem's do
+    (a telldir kept across a reopen; every number up to the last is an offset).  One
+    handle per open directory (OPENDIR), or, with no-opendir (the native transport), one
+    per directory node shared by every reader: then the kernel keeps the listing and asks
     again only after the directory changed.  A snapshot read to its end is dropped, and
     at most SNAPSHOTS are kept (an older offset, from a seekdir, goes on in the newest).
     """
 
-    __slots__ = ("node", "gen", "snapshots")
+    __slots__ = ("node", "gen", "names", "snapshots")
     SNAPSHOTS = 4
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self.gen = -1  # the first snapshot is generation 0: offsets 1, 2, ... as ever
+        self.names = 0  # a hash of the newest snapshot's names, in their order
         self.snapshots: dict[int, list[tuple[bytes, Entry]]] = {}
 
     def snapshot(self, entries: list[tuple[bytes, Entry]]) -> int:
-        # 31 bits: offsets stay positive as the kernel's (signed) loff_t and pyfuse3's off_t
-        self.gen = (self.gen + 1) & 0x7FFFFFFF
+        names = hash(tuple([name for name, _ in entries]))
+        if names != self.names or self.gen < 0:
+            # 31 bits: offsets stay positive as the kernel's (signed) loff_t and pyfuse3's
+            self.gen = (self.gen + 1) & 0x7FFFFFFF
+            self.names = names
+        self.snapshots.pop(self.gen, None)  # (re)inserted last: the newest is dropped last
         self.snapshots[self.gen] = entries
         while len(self.snapshots) > self.SNAPSHOTS:
             del self.snapshots[next(iter(self.snapshots))]
