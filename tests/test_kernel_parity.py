@@ -923,3 +923,66 @@ def test_reading_marks_atime_as_on_the_kernel(tmp_path, fuse, root):
     results = mounts.on_both(tmp_path, lower_file, _atimes_after_reading)
     assert results["kernel"] == {"f": True, "d": True, "lf": False}  # the oracle
     assert results["layerfs"] == results["kernel"]
+
+
+def _remount(mnt: Path, flags: str) -> None:
+    """`mount -o remount,FLAGS`: the kernel's own for overlayfs, the layerfs helper for a
+    layerfs mount (as mount(8) runs it), a bind remount (per-mount flags) with `bind`."""
+    args = ["mount", "-o", f"remount,{flags}", str(mnt)]
+    if not flags.startswith("bind,") and mounts.fstype(str(mnt)) != "overlay":
+        args = [LAYERFS, "layerfs", str(mnt), "-o", f"remount,{flags}"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+def _age(where: Path) -> None:
+    """Mark `f` and `d` read long ago (so that relatime would update them)."""
+    for name in ("f", "d"):
+        os.utime(where / name, (1000, os.stat(where / name).st_mtime))
+
+
+def _read_marks(up: Path, mnt: Path) -> tuple[bool, bool]:
+    """Read the upper file `f` and list the upper directory `d`: which got a new atime."""
+    (mnt / "f").read_bytes()
+    os.listdir(mnt / "d")
+    return (os.stat(up / "f").st_atime > 1000, os.stat(up / "d").st_atime > 1000)
+
+
+def test_the_mounts_atime_flags_keep_upper_atimes_as_on_the_kernel(tmp_path, fuse, root):
+    """A read through a mount made `ro`, `noatime` or `nodiratime` (at the mount, or by a
+    remount later, also a bind remount's per-mount flags) marks no atime in the upper, as
+    kernel overlayfs applies its own mount's flags; layerfs's reads marked them under the
+    upper filesystem's relatime whatever the mount said (xfstests generic/003).  The atimes
+    are set back through the mount (the kernel's inode keeps its own), before it otherwise."""
+    results: dict[str, dict[str, tuple[bool, bool]]] = {}
+    for engine in ("kernel", "layerfs"):
+        for how in ("", "ro", "noatime", "nodiratime", "remount"):
+            base = tmp_path / engine / (how or "plain")
+            lo, up, wk, mnt = (base / p for p in ("lo", "up", "wk", "mnt"))
+            for p in (lo, up, wk, mnt):
+                p.mkdir(parents=True)
+            (up / "f").write_bytes(b"upper\n")
+            (up / "d").mkdir()
+            (up / "d" / "x").touch()
+            _age(up)
+            opts = how if how != "remount" else ""
+            mount: KernelOverlay | LayerfsMount
+            if engine == "kernel":
+                mount = KernelOverlay(mnt, [lo], up, wk, extra_opts=opts)
+            else:
+                mount = LayerfsMount(mnt, [lo], up, wk, extra_opts=opts)
+            with mount:
+                seen = results.setdefault(engine, {})
+                seen[how or "plain"] = _read_marks(up, mnt)
+                if how == "remount":
+                    for flags in ("noatime", "atime,relatime", "nodiratime", "bind,ro"):
+                        _age(mnt)
+                        _remount(mnt, flags)
+                        seen[f"remount,{flags}"] = _read_marks(up, mnt)
+    assert results["kernel"] == {  # the oracle
+        "plain": (True, True), "ro": (False, False), "noatime": (False, False),
+        "nodiratime": (True, False), "remount": (True, True),
+        "remount,noatime": (False, False), "remount,atime,relatime": (True, True),
+        "remount,nodiratime": (True, False), "remount,bind,ro": (False, False),
+    }  # fmt: skip
+    assert results["layerfs"] == results["kernel"]

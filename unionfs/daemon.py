@@ -180,6 +180,7 @@ def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
     import trio
 
     from . import fuseapi
+    from .atime import AtimePolicy
     from .operations import UnionOperations
 
     if not fuseapi.PYFUSE3:  # imported before `serve` chose: the handlers would raise the
@@ -205,6 +206,7 @@ def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
         owners=cfg.owners,
         volatile=cfg.volatile,
         prefetch=cfg.prefetch,
+        atime=AtimePolicy(cfg.mountpoint, cfg.fuse_options),  # before the mount: see run.py
     )
     ops.enable_acl = cfg.acl  # pyfuse3 reads it at INIT
     hold_signals()  # from the mount on, a signal must unmount, not just kill (serving.py)

@@ -161,6 +161,22 @@ class Roots:
                 os.close(owned)
             raise
 
+    def scandir_noatime(self, path: bytes) -> _Listing:
+        """`scandir`, the directory read with O_NOATIME, so that reading it marks nothing (a
+        mount whose reads must not mark upper atimes: atime.py); os.scandir of an fd, its
+        names turned back into bytes (a sixth dearer than `scandir`)."""
+        flags = os.O_RDONLY | os.O_DIRECTORY
+        try:
+            fd = self.open(path, flags | os.O_NOATIME)
+        except PermissionError:  # neither owner nor CAP_FOWNER: as the kernel's fallback
+            fd = self.open(path, flags)
+        try:
+            # entries quack as DirEntry[bytes]: name, inode, is_*, stat
+            return _Listing(_BytesNames(os.scandir(fd)), fd)  # type: ignore[arg-type]
+        except BaseException:
+            os.close(fd)
+            raise
+
     def readlink(self, path: bytes) -> bytes:
         return self._do(path, lambda d, n: os.readlink(n, dir_fd=d))
 
@@ -340,6 +356,48 @@ class _Listing:
         if self.owned >= 0:
             os.close(self.owned)
             self.owned = -1
+
+
+class _BytesNames:
+    """os.scandir of an fd (str names) seen as os.scandir of a bytes path: `name` is bytes;
+    the rest of an entry is os.DirEntry's (its stat() goes through the listed directory)."""
+
+    __slots__ = ("it",)
+
+    def __init__(self, it: Iterator[os.DirEntry[str]]) -> None:
+        self.it = it
+
+    def __iter__(self) -> _BytesNames:
+        return self
+
+    def __next__(self) -> _BytesEntry:
+        return _BytesEntry(next(self.it))
+
+    def close(self) -> None:
+        self.it.close()  # type: ignore[attr-defined]
+
+
+class _BytesEntry:
+    __slots__ = ("de", "name")
+
+    def __init__(self, de: os.DirEntry[str]) -> None:
+        self.de = de
+        self.name = os.fsencode(de.name)
+
+    def inode(self) -> int:
+        return self.de.inode()
+
+    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+        return self.de.is_dir(follow_symlinks=follow_symlinks)
+
+    def is_file(self, *, follow_symlinks: bool = True) -> bool:
+        return self.de.is_file(follow_symlinks=follow_symlinks)
+
+    def is_symlink(self) -> bool:
+        return self.de.is_symlink()
+
+    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+        return self.de.stat(follow_symlinks=follow_symlinks)
 
 
 def _deep(fd: int, rel: bytes, fn: Callable[[int, bytes], T]) -> T:

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import acl, fileattr, fsutil, markers, syscalls
 from . import fuseapi as pyfuse3  # pyfuse3 itself, or stand-ins for the native transport
+from .atime import AtimePolicy
 from .errors import UnionError
 from .fdlimit import FdBudget
 from .fsat import PLAIN, Roots
@@ -208,6 +209,7 @@ class UnionOperations(pyfuse3.Operations):
         volatile: bool = False,
         attrs_type: Callable[[], Any] | None = None,
         prefetch: bool = False,
+        atime: AtimePolicy | None = None,
     ) -> None:
         super().__init__()
         # How readdir hands each entry to the transport: pyfuse3's, or the native bridge's.
@@ -228,6 +230,10 @@ class UnionOperations(pyfuse3.Operations):
         self.owners = owners or Owners()
         # volatile (options.py): fsync and fsyncdir skip syncing the upper, as the kernel's
         self.volatile = volatile
+        # may reads mark upper atimes: the mount's ro/noatime/nodiratime (atime.py); none
+        # given (tests in process), the upper filesystem's own rule
+        self.atime = atime or AtimePolicy(None, set())
+        stack.dir_atime = lambda: self.atime.current().dirs
         # pyfuse3's fuse_init reads this attribute; a read-only mount has nothing to write back
         self.enable_writeback_cache = writeback and writer is not None
         self._on_init = on_init
@@ -402,7 +408,7 @@ class UnionOperations(pyfuse3.Operations):
             listing = self.stack.listing(node)
             gen = handle.snapshot(list(listing.items()))
             self.prefetch.listed(listing)
-            if self.writer is not None and self.stack.in_upper(node):
+            if self.writer is not None and self.stack.in_upper(node) and self.atime.current().dirs:
                 self._dir_accessed(node)
         entries = handle.snapshots.get(gen)
         if entries is None:  # dropped: go on in the newest, or in a new listing when the
@@ -504,10 +510,12 @@ class UnionOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         try:
             if writable:
-                fd = _open_rw(fs, path, self._open_flags(oflags), oflags)
-            elif self.stack.in_upper(node):
+                keep = 0 if self.atime.current().files else _O_NOATIME
+                fd = _open_rw(fs, path, self._open_flags(oflags) | keep, oflags)
+            elif self.stack.in_upper(node) and self.atime.current().files:
                 # reads mark an upper file's atime (the upper filesystem's relatime), as
-                # kernel overlayfs's touch_atime does; lower files never change
+                # kernel overlayfs's touch_atime does, unless the mount says not to (ro,
+                # noatime: atime.py); lower files never change
                 fd = fs.open(path, oflags)
             else:
                 fd = _open_noatime(fs, path, oflags)

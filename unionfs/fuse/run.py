@@ -37,12 +37,15 @@ EXIT_OK, EXIT_MOUNT_FAILED = 0, 1
 def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> int:
     """Serve `cfg` over our own FUSE session.  `report` is called once: "OK" when the mount
     is live, or the reason it could not be made."""
+    from ..atime import AtimePolicy
     from ..serving import hold_signals, open_stack
 
     opened = open_stack(cfg, report)
     if opened is None:
         return EXIT_MOUNT_FAILED
     stack, writer = opened
+    # before the mount: it resolves the mountpoint, which once mounted is ours to answer
+    atime = AtimePolicy(cfg.mountpoint, cfg.fuse_options)
     hold_signals()  # from the mount on, a signal must unmount, not just kill (serving.py)
     try:
         mounted = mount(cfg.mountpoint, options)
@@ -67,13 +70,13 @@ def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> 
     log.debug("INIT: %s", conn.describe())
     report("OK")
     try:
-        return _serve(cfg, stack, writer, conn, mounted)
+        return _serve(cfg, stack, writer, conn, mounted, atime)
     finally:
         mounted.unmount()
         log.debug("unmounted %s", cfg.mountpoint)
 
 
-def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
+def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any, atime: Any) -> int:
     from ..operations import Attrs, UnionOperations
     from ..serving import listen_control
     from .bridge import Bridge, readdir_reply
@@ -89,6 +92,7 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any) -> int:
         volatile=cfg.volatile,
         attrs_type=Attrs,
         prefetch=cfg.prefetch,
+        atime=atime,
     )
     ops.init()
     bridge = Bridge(ops, conn, mounted.fd)
