@@ -899,8 +899,8 @@ def test_copy_file_range_as_on_the_kernel(tmp_path, fuse, root):
 
 def _atimes_after_reading(mnt: Path) -> dict[str, bool]:
     """Whether reading marks the atime (set far back, so relatime updates it): an upper
-    file read, an upper directory listed, a lower file read, which never changes (xfstests
-    generic/003)."""
+    file read, an upper directory listed, a lower file read and a lower directory listed,
+    which never change (xfstests generic/003; the lower directory's did, until session 41)."""
     (mnt / "f").write_bytes(b"upper\n")
     (mnt / "d").mkdir()
     for name in ("f", "d"):
@@ -908,7 +908,11 @@ def _atimes_after_reading(mnt: Path) -> dict[str, bool]:
     (mnt / "f").read_bytes()
     os.listdir(mnt / "d")
     (mnt / "lf").read_bytes()
-    return {name: os.stat(mnt / name).st_atime > 1000 for name in ("f", "d", "lf")}
+    os.listdir(mnt / "ld")
+    (mnt / "ld" / "deeper").exists()  # a lookup in it
+    marked = {name: os.stat(mnt / name).st_atime > 1000 for name in ("f", "d")}
+    lower = mnt.parent / "lo"  # the real ones: the mount may show what it cached
+    return marked | {name: os.stat(lower / name).st_atime > 1000 for name in ("lf", "ld")}
 
 
 def test_reading_marks_atime_as_on_the_kernel(tmp_path, fuse, root):
@@ -917,11 +921,14 @@ def test_reading_marks_atime_as_on_the_kernel(tmp_path, fuse, root):
         for p in (lo, up, wk, mnt):
             p.mkdir(parents=True)
         (lo / "lf").write_bytes(b"lower\n")
-        os.utime(lo / "lf", (1000, os.stat(lo / "lf").st_mtime))
+        (lo / "ld").mkdir()
+        (lo / "ld" / "x").touch()
+        for name in ("lf", "ld"):
+            os.utime(lo / name, (1000, os.stat(lo / name).st_mtime))
         return lo, up, wk, mnt
 
     results = mounts.on_both(tmp_path, lower_file, _atimes_after_reading)
-    assert results["kernel"] == {"f": True, "d": True, "lf": False}  # the oracle
+    assert results["kernel"] == {"f": True, "d": True, "lf": False, "ld": False}  # the oracle
     assert results["layerfs"] == results["kernel"]
 
 

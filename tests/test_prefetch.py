@@ -1,13 +1,16 @@
 """unionfs/prefetch.py: the helper that lists subdirectories ahead of a tree walk.
 
-What a user must be able to rely on: it lists what it is sent (seen here by the directories'
-access times, which a listing updates), it never touches a layer the mount shadows, and it
+What a user must be able to rely on: it lists what it is sent (seen here by inotify's
+IN_OPEN of the directories: it reads them with O_NOATIME, so their access times cannot
+tell), it never touches a layer the mount shadows, and it
 is gone once the mount is: killed and reaped at unmount, never left holding a layer's
 filesystem.  `prefetch=0` starts no helper at all."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -20,32 +23,51 @@ from unionfs.fsat import Roots
 from unionfs.prefetch import MESSAGE_MAX, START_AFTER, Prefetcher, messages
 from unionfs.stack import LayerStack
 
-HOUR = 3600
-
 
 def _tree(root: Path, dirs: int) -> list[Path]:
-    """`dirs` directories under `root`, each with a subdirectory holding a file; the
-    subdirectories' access times set back an hour before their mtime, so that a listing
-    (relatime) updates them."""
+    """`dirs` directories under `root`, each with a subdirectory holding a file."""
     subs = []
     for i in range(dirs):
         sub = root / f"d{i}" / "sub"
         write(sub / "f", b"x")
-        st = sub.stat()
-        os.utime(sub, ns=(st.st_mtime_ns - HOUR * 10**9, st.st_mtime_ns))
         subs.append(sub)
     return subs
 
 
-def _listed(path: Path, timeout: float = 20) -> bool:
-    """Has `path` been listed since `_tree` set its atime back?"""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = path.stat()
-        if st.st_atime_ns >= st.st_mtime_ns:
-            return True
-        time.sleep(0.02)
-    return False
+class _Opens:
+    """inotify watches for IN_OPEN on `paths` (opened since the watch was added)."""
+
+    IN_OPEN, IN_NONBLOCK = 0x20, os.O_NONBLOCK
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(self.IN_NONBLOCK | os.O_CLOEXEC)
+        assert self.fd >= 0, os.strerror(ctypes.get_errno())
+        self.wds = {}
+        for p in paths:
+            wd = self.libc.inotify_add_watch(self.fd, os.fsencode(p), self.IN_OPEN)
+            assert wd >= 0, os.strerror(ctypes.get_errno())
+            self.wds[wd] = p
+        self.opened: set[Path] = set()
+
+    def seen(self, path: Path, timeout: float = 20) -> bool:
+        deadline = time.monotonic() + timeout
+        while path not in self.opened and time.monotonic() < deadline:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                time.sleep(0.02)
+                continue
+            pos = 0
+            while pos < len(data):  # struct inotify_event: wd, mask, cookie, len, name
+                wd, mask, _, size = struct.unpack_from("iIII", data, pos)
+                if mask & self.IN_OPEN and wd in self.wds:
+                    self.opened.add(self.wds[wd])
+                pos += 16 + size
+        return path in self.opened
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _gone(pid: int, timeout: float = 15) -> bool:
@@ -79,6 +101,7 @@ def test_messages_are_whole_paths_each_within_one_atomic_write():
 def test_the_helper_lists_what_it_is_sent_and_is_reaped_at_close(tmp_path):
     lower = tmp_path / "lower"
     subs = _tree(lower, START_AFTER + 1)
+    opens = _Opens(subs)
     stack = LayerStack([str(lower)], fs=Roots())
     pre = Prefetcher(stack)
     try:
@@ -91,9 +114,10 @@ def test_the_helper_lists_what_it_is_sent_and_is_reaped_at_close(tmp_path):
         assert pre.proc is not None
         pid = pre.proc.pid
         for sub in subs:
-            assert _listed(sub), f"{sub} was not listed"
+            assert opens.seen(sub), f"{sub} was not listed"
     finally:
         pre.close()
+        opens.close()
     assert pre.proc is None and _gone(pid)
     pre.close()  # again: nothing left to do
     pre.listed(stack.listing(stack.root))  # after close (the mount is gone): no new helper
@@ -105,15 +129,17 @@ def test_a_layer_the_mount_shadows_is_never_sent(tmp_path):
     holds; its path leads into the mount, so the helper must never get it."""
     lower = tmp_path / "lower"
     subs = _tree(lower, START_AFTER + 1)
+    opens = _Opens(subs)
     stack = LayerStack([str(lower)], fs=Roots(shadow=os.fsencode(lower)))
     pre = Prefetcher(stack)
     try:
         for _ in range(START_AFTER + 1):
             pre.listed(stack.listing(stack.root))
         assert pre.proc is None  # nothing to send: no helper
-        assert not _listed(subs[0], timeout=0.2)
+        assert not opens.seen(subs[0], timeout=0.2)
     finally:
         pre.close()
+        opens.close()
 
 
 @pytest.mark.mount

@@ -233,7 +233,6 @@ class UnionOperations(pyfuse3.Operations):
         # may reads mark upper atimes: the mount's ro/noatime/nodiratime (atime.py); none
         # given (tests in process), the upper filesystem's own rule
         self.atime = atime or AtimePolicy(None, set())
-        stack.dir_atime = lambda: self.atime.current().dirs
         # pyfuse3's fuse_init reads this attribute; a read-only mount has nothing to write back
         self.enable_writeback_cache = writeback and writer is not None
         self._on_init = on_init

@@ -85,12 +85,19 @@ while os.getppid() == parent:
         seen.clear()
     seen.add(path)
     try:
-        with os.scandir(path) as entries:
-            for entry in entries:
-                try:
-                    entry.stat(follow_symlinks=False)
-                except OSError:
-                    pass
+        try:  # O_NOATIME: warming the cache must not mark a layer's atime
+            dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOATIME)
+        except PermissionError:
+            dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with os.scandir(dfd) as entries:
+                for entry in entries:
+                    try:
+                        entry.stat(follow_symlinks=False)
+                    except OSError:
+                        pass
+        finally:
+            os.close(dfd)
     except OSError:
         pass
 """

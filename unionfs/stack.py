@@ -239,9 +239,6 @@ class LayerStack:
         paths = ([upper] if upper is not None else []) + list(lowers)
         self.layers: list[bytes] = [os.fsencode(os.path.abspath(p)) for p in paths]
         self.has_upper = upper is not None
-        # may reading an upper directory mark its atime: the mount's flags (atime.py), which
-        # the handlers set; otherwise listings read it with O_NOATIME
-        self.dir_atime: Callable[[], bool] = lambda: True
         self.index = index
         # GAP(issue-14): the kernel's WORKDIR/index/ (an upper it wrote with index=on) is not
         # read: names of a hard-linked lower file it did not copy up show the lower file.
@@ -549,9 +546,7 @@ class LayerStack:
             # OCI markers are read in lower layers only: the upper is written in the kernel's
             # format, and a user's own file named `.wh.x` there is just a file.
             oci = rules.oci_markers_count(d.layer, self.has_upper)
-            upper = d.layer == 0 and self.has_upper
-            scan = self.fs.scandir_noatime if upper and not self.dir_atime() else self.fs.scandir
-            with scan(d.path) as it:
+            with self.fs.scandir(d.path) as it:
                 for de in it:
                     name: bytes = de.name
                     path = d.path + b"/" + name
