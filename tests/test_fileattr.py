@@ -224,3 +224,50 @@ def test_the_writeback_caches_own_times_reach_an_immutable_file(tmp_path, fuse, 
             os.close(fd)  # a close error would raise here
         _set(mnt / "f", drop=IMM)
         assert (mnt / "f").read_bytes()[4000:4100] == b"x" * 100
+
+
+SYNC, DAX_X = fileattr.FS_SYNC_FL, 0x8000  # chattr +S; FS_XFLAG_DAX (xfs_io chattr +x)
+
+
+def _inherited(mnt: Path) -> dict[str, object]:
+    """New objects in a directory whose flags the upper filesystem hands to its children
+    (ext4: +S, +d and the DAX flag), made directly in it and over a whiteout of a lower
+    name (xfstests generic/607)."""
+    up = mnt.parent / "upper"
+    (mnt / "a").mkdir()
+    _set(mnt / "a", add=SYNC | DUMP)
+    fd = os.open(mnt / "a", os.O_RDONLY)
+    try:
+        buf = bytearray(fileattr.FSXATTR.size)
+        fcntl.ioctl(fd, fileattr.FS_IOC_FSGETXATTR, buf, True)
+        fields = list(fileattr.FSXATTR.unpack(buf))
+        fields[0] |= DAX_X
+        fcntl.ioctl(fd, fileattr.FS_IOC_FSSETXATTR, fileattr.FSXATTR.pack(*fields))
+    finally:
+        os.close(fd)
+    (mnt / "a" / "sub").mkdir()
+    (mnt / "a" / "sub" / "deeper").mkdir()
+    (mnt / "a" / "f").write_bytes(b"x")
+    os.symlink("f", mnt / "a" / "s")
+    os.mkfifo(mnt / "a" / "p")
+    (mnt / "d" / "c").unlink()  # then made again over its whiteout
+    (mnt / "d" / "c").mkdir()
+    seen: dict[str, object] = {}
+    for name in ("a/sub", "a/sub/deeper", "a/f", "d/c"):
+        seen[name] = (
+            _flags(mnt / name) & (SYNC | DUMP),
+            bool(_xflags(mnt / name) & DAX_X),
+            _flags(up / name) & (SYNC | DUMP),
+        )
+    seen["kinds"] = sorted(os.listdir(up / "a"))
+    return seen
+
+
+def test_new_objects_inherit_their_directorys_flags_as_on_the_kernel(tmp_path, fuse, root):
+    """mkdir, mknod and symlink through layerfs made the object in the work dir and renamed
+    it into place, so it inherited the work dir's flags, not its directory's: a directory
+    made in a `chattr +S` or DAX directory lacked them; the kernel makes it in place."""
+    results = on_both(tmp_path, _layers, _inherited)
+    kernel = results["kernel"]
+    assert kernel["a/sub"] == (SYNC | DUMP, True, SYNC | DUMP)  # the oracle
+    assert results["layerfs"] == kernel

@@ -37,6 +37,7 @@ bookkeeping of the stack's nodes and listings; each public method is one rule.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 
@@ -48,6 +49,8 @@ from .dirlock import lock_dir
 from .errors import Exists, NameTooLong, NotEmpty, NotFound, UnionError
 from .fsat import Roots, inside
 from .stack import DirLayer, Entry, LayerStack, Node
+
+log = logging.getLogger("layerfs")
 
 WORK_SUBDIR = "layerfs"
 # a link to the shared whiteout refused by the filesystem, not by this one name
@@ -695,34 +698,56 @@ class Writer:
         it ("just an optimization": nothing lies below it; a commit leaves the mark out)."""
         path, wh = self._target(parent, name)
         uid, gid, sgid = self._owner(parent, uid, gid)
-        tmp = self.tmpname()
         perm = stat.S_IMODE(mode)
+        # Made in place, as the kernel's ovl_create_upper makes it, so that it gets what the
+        # upper filesystem gives a new child of that directory (inherited inode flags:
+        # chattr +C, +S, +D, DAX, a project id); over a whiteout, in the work dir, then
+        # exchanged or renamed into place (ovl_create_over_whiteout).  As for `create`, the
+        # object is the daemon's, mode 0700/0600, until its owner and mode are set; one
+        # that fails half-made is removed again.
+        at = self.tmpname() if wh else path
         if kind == stat.S_IFDIR:
-            self.fs.mkdir(tmp, 0o700)
+            self.fs.mkdir(at, 0o700)
             if sgid:
                 perm |= stat.S_ISGID
             if wh:
-                markers.set_opaque(tmp, self.fs)
+                markers.set_opaque(at, self.fs)
             elif parent.has_lower and self._no_offline_changes:
                 try:
-                    markers.set_opaque(tmp, self.fs)
+                    markers.set_opaque(at, self.fs)
                 except OSError:
                     pass  # as on the kernel: allowed to fail
         elif kind == stat.S_IFLNK:
-            self.fs.symlink(target, tmp)
+            self.fs.symlink(target, at)
         else:
-            self.fs.mknod(tmp, kind | 0o600, rdev)
-        self.fs.chown(tmp, uid, gid)
-        if kind != stat.S_IFLNK:
-            self.fs.chmod(tmp, perm)
-            if acls is not None:  # made in the work dir: nothing was inherited there
-                _set_acls(tmp, acls, self.fs)
+            self.fs.mknod(at, kind | 0o600, rdev)
+        try:
+            self.fs.chown(at, uid, gid)
+            if kind != stat.S_IFLNK:
+                self.fs.chmod(at, perm)
+                if acls is not None:  # the caller's, over any the upper gave it
+                    _set_acls(at, acls, self.fs)
+        except BaseException:
+            if not wh:
+                self._unmake(path, kind)
+            raise
         if kind == stat.S_IFDIR and wh:
-            self.fs.renameat2(tmp, path, fsutil.RENAME_EXCHANGE)
-            self.fs.unlink(tmp)  # the whiteout, now in the work dir
-        else:
-            self.fs.rename(tmp, path)
+            self.fs.renameat2(at, path, fsutil.RENAME_EXCHANGE)
+            self.fs.unlink(at)  # the whiteout, now in the work dir
+        elif wh:
+            self.fs.rename(at, path)
         return self._made(self._register(parent, name, wh))
+
+    def _unmake(self, path: bytes, kind: int) -> None:
+        """Remove what `make` left half-made in place (best effort: the error that stopped
+        it is the one reported)."""
+        try:
+            if kind == stat.S_IFDIR:
+                self.fs.rmdir(path)
+            else:
+                self.fs.unlink(path)
+        except OSError as exc:
+            log.warning("could not remove the half-made %r: %s", path, exc)
 
     def link(self, node: Node, parent: Node, name: bytes, fd: int | None = None) -> Node:
         """Hard link (the caller has copied `node` up).  `fd`: for a node with no name left
