@@ -37,7 +37,6 @@ bookkeeping of the stack's nodes and listings; each public method is one rule.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 
@@ -49,8 +48,6 @@ from .dirlock import lock_dir
 from .errors import Exists, NameTooLong, NotEmpty, NotFound, UnionError
 from .fsat import Roots, inside
 from .stack import DirLayer, Entry, LayerStack, Node
-
-log = logging.getLogger("layerfs")
 
 WORK_SUBDIR = "layerfs"
 # a link to the shared whiteout refused by the filesystem, not by this one name
@@ -747,7 +744,9 @@ class Writer:
             else:
                 self.fs.unlink(path)
         except OSError as exc:
-            log.warning("could not remove the half-made %r: %s", path, exc)
+            import logging  # here: a mount imports no logging before INIT (test_startup)
+
+            logging.getLogger("layerfs").warning("could not remove half-made %r: %s", path, exc)
 
     def link(self, node: Node, parent: Node, name: bytes, fd: int | None = None) -> Node:
         """Hard link (the caller has copied `node` up).  `fd`: for a node with no name left
