@@ -259,6 +259,9 @@ class UnionOperations(pyfuse3.Operations):
 
     # ----- lifecycle -----------------------------------------------------------------
     def init(self) -> None:
+        # the mount is made: read its flags now, while it is the newest on its mountpoint
+        # (atime.py knows it by its device from then on, whatever is mounted over it later)
+        self.atime.current()
         try:
             if self._on_init is not None:
                 self._on_init()
