@@ -1172,13 +1172,15 @@ class UnionOperations(pyfuse3.Operations):
     @_handler
     @_mutating
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any, flags: int = 0,
-                       kill_sgid: bool = False) -> None:  # fmt: skip
+                       kill_sgid: bool | None = None) -> None:  # fmt: skip
         """`flags`: XATTR_CREATE/XATTR_REPLACE, applied to the upper after the copy-up (as
         kernel overlayfs: the copy carries the lower's attributes, so CREATE of one the
         lower has is EEXIST).  `kill_sgid` (FUSE_SETXATTR_ACL_KILL_SGID, native transport):
         the caller is outside the file's group and lacks CAP_FSETID, so setting an access
         ACL clears setgid; the real set, made as root, would keep it (ovl_set_or_remove_acl
-        clears it the same way)."""
+        clears it the same way).  None (pyfuse3, which does not negotiate SETXATTR_EXT, so
+        the kernel drops the flag): decided here as the kernel would, from the caller's
+        groups, root standing for CAP_FSETID (xfstests generic/375 on the fallback)."""
         self._need_upper()
         real_name = markers.real_xattr(name)  # overlay names escaped, as the kernel's
         if real_name is None:
@@ -1191,10 +1193,12 @@ class UnionOperations(pyfuse3.Operations):
         fs = self.stack.fs
         real = self._setattr_target(node, None)  # after the copy-up: the path, or an fd
         fs.setxattr(real, real_name, value, flags)
-        if kill_sgid and name == acl.ACCESS:
-            mode = os.fstat(real).st_mode if isinstance(real, int) else fs.lstat(real).st_mode
-            if mode & stat.S_ISGID:
-                fs.chmod(real, stat.S_IMODE(mode) & ~stat.S_ISGID)
+        if kill_sgid is not False and name == acl.ACCESS:
+            st = os.fstat(real) if isinstance(real, int) else fs.lstat(real)
+            if kill_sgid is None:
+                kill_sgid = ctx.uid != 0 and not _in_group(ctx, st.st_gid)
+            if kill_sgid and st.st_mode & stat.S_ISGID:
+                fs.chmod(real, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
         node.invalidate()
 
     @_handler
