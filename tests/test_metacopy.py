@@ -214,6 +214,10 @@ def _metadata_changes(mnt: Path) -> dict[str, object]:
     os.chmod(mnt / "empty", 0o600)
     os.chown(mnt / "g", 5, 5)  # clears setuid
     os.close(os.open(mnt / "i", os.O_RDWR))  # opened for writing: the data too
+    before = os.stat(mnt / "l").st_mtime_ns
+    os.chmod(mnt / "l", 0o600)
+    os.close(os.open(mnt / "l", os.O_WRONLY | os.O_APPEND))  # its data, nothing written:
+    seen["l mtime moved"] = os.stat(mnt / "l").st_mtime_ns != before  # the copy's time
     os.chmod(mnt / "k", 0o640)
     with open(mnt / "k", "ab") as f:  # then its data, at the first write
         f.write(b"more")

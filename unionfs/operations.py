@@ -797,6 +797,9 @@ class UnionOperations(pyfuse3.Operations):
 
                 await workers.run(writer.fill_metacopy, node)
                 self._reopen(node)
+                if self.stack.attrs_changed is not None:
+                    # its mtime moved (the copy), which an OPEN's reply does not carry
+                    self.stack.attrs_changed(node)
         finally:
             self.copying -= 1
 

@@ -623,9 +623,12 @@ class Writer:
     def fill_metacopy(self, node: Node) -> None:
         """Copy the data of a metadata-only upper file (`Node.data`, metacopy=on) into it,
         before its first change, as the kernel's copy-up of a metacopy file does: the bytes
-        go into the upper file itself, its times are kept, and `overlay.metacopy` is removed
-        only once the data is on disk (fsynced, unless volatile), so a crash part way leaves
-        a file that still reads its data from below.  May run in a worker thread."""
+        go into the upper file itself, and `overlay.metacopy` is removed only once the data
+        is on disk (fsynced, unless volatile), so a crash part way leaves a file that still
+        reads its data from below.  Its mtime becomes the time of the copy, as on the kernel
+        (ovl_copy_up_meta_inode_data sets no times back: an open for writing that writes
+        nothing moves it there too; the differential test found the difference).  May run
+        in a worker thread."""
         src = node.data
         assert src is not None
         path = self.stack.upper_path(node)
@@ -636,7 +639,6 @@ class Writer:
             try:
                 st = os.fstat(fd)
                 fsutil.copy_ranges(fin, fd, min(st.st_size, os.fstat(fin).st_size))
-                os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
                 if self.sync_copies:
                     os.fsync(fd)
             finally:
