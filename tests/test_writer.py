@@ -255,3 +255,23 @@ def test_index_on_links_a_copy_at_a_name_shown_through_a_moved_directory(tmp_pat
     assert not (work / "layerfs-index").exists()  # every name is shown: no index entry
     fresh = LayerStack([str(lower)], str(upper), index=True)
     assert fresh.in_upper(_lookup(fresh, b"c", b"f3", b"h3", b"in"))
+
+
+def test_a_node_that_fails_half_made_in_place_is_removed(rw, monkeypatch):
+    """mkdir, mknod and symlink make the object in place (so it inherits its directory's
+    inode flags); when setting its owner then fails, it is removed again, and the error is
+    the caller's: no object the daemon owns is left in the upper under the caller's name."""
+    tmp, make = rw
+    stack, writer = make()
+
+    def refused(path, uid, gid):
+        raise OSError(errno.ENOSPC, "no space left")
+
+    monkeypatch.setattr(writer.fs, "chown", refused)
+    for name, kind, target in ((b"d", stat.S_IFDIR, b""), (b"s", stat.S_IFLNK, b"file"),
+                               (b"p", stat.S_IFIFO, b"")):  # fmt: skip
+        with pytest.raises(OSError) as exc:
+            writer.make(stack.root, name, kind, 0o755, 1000, 1000, target=target)
+        assert exc.value.errno == errno.ENOSPC
+        assert not os.path.lexists(tmp / "upper" / os.fsdecode(name))
+    assert sorted(os.listdir(tmp / "upper")) == []
