@@ -6,16 +6,19 @@ mount: nothing on a read-only mount, nothing with `noatime`, no directory with
 atime itself: the daemon's reads of upper files do, under the upper filesystem's own rule
 (its relatime), so without this a read through `layerfs -o ro` or `-o noatime` still wrote
 atimes into the upper.  `AtimePolicy.files` / `.dirs` say whether a read of an upper file, a
-listing of an upper directory, may mark it; where not, the real object is read with
-O_NOATIME.  `strictatime` cannot be had this way (the upper filesystem's rule applies, and
+listing of an upper directory, may mark it; where not, the file is read with O_NOATIME and
+the listing marks nothing (the daemon reads real directories with O_NOATIME always:
+fsat.Roots.scandir; a listing marks its upper directory on purpose, UnionOperations.
+_dir_accessed).  `strictatime` cannot be had this way (the upper filesystem's rule applies, and
 setting the atime by hand would move the ctime); relatime is what the upper gives.
 
 The flags are the mount's own as /proc/self/mountinfo shows them (per-mount and superblock
-`ro`, `noatime`, `nodiratime`), so a `mount -o remount,ro` or a `remount,bind,noatime`
-applies from the next open: mountinfo signals POLLPRI on a change of the mount table, and
-one poll(0) (under a microsecond) per question tells whether to read it again.  Until the
-mount is seen there (or where this process cannot see it), the options it was mounted with
-decide.
+`ro`, `noatime`, `nodiratime`), read first at INIT (the mount is then the newest on its
+mountpoint; from then on it is known by its device), so a `mount -o remount,ro` or a
+`remount,bind,noatime` applies from the next open: mountinfo signals POLLPRI on a change of
+the mount table, and one poll(0) (under a microsecond) per question tells whether to read
+it again.  Until the mount is seen there (or where this process cannot see it), the options
+it was mounted with decide.
 
 Concurrency: the daemon's trio thread only (a plain object, no locks).
 """
