@@ -897,14 +897,20 @@ def test_copy_file_range_as_on_the_kernel(tmp_path, fuse, root):
     assert results["layerfs"] == results["kernel"]
 
 
+def _age(where: Path, names: tuple[str, ...] = ("f", "d")) -> None:
+    """Mark `names` under `where` read long ago (atime 1000, so that relatime would update
+    them); their mtimes stay."""
+    for name in names:
+        os.utime(where / name, (1000, os.stat(where / name).st_mtime))
+
+
 def _atimes_after_reading(mnt: Path) -> dict[str, bool]:
     """Whether reading marks the atime (set far back, so relatime updates it): an upper
     file read, an upper directory listed, a lower file read and a lower directory listed,
     which never change (xfstests generic/003; the lower directory's did, until session 41)."""
     (mnt / "f").write_bytes(b"upper\n")
     (mnt / "d").mkdir()
-    for name in ("f", "d"):
-        os.utime(mnt / name, (1000, os.stat(mnt / name).st_mtime))
+    _age(mnt)
     (mnt / "f").read_bytes()
     os.listdir(mnt / "d")
     (mnt / "lf").read_bytes()
@@ -923,8 +929,7 @@ def test_reading_marks_atime_as_on_the_kernel(tmp_path, fuse, root):
         (lo / "lf").write_bytes(b"lower\n")
         (lo / "ld").mkdir()
         (lo / "ld" / "x").touch()
-        for name in ("lf", "ld"):
-            os.utime(lo / name, (1000, os.stat(lo / name).st_mtime))
+        _age(lo, ("lf", "ld"))
         return lo, up, wk, mnt
 
     results = mounts.on_both(tmp_path, lower_file, _atimes_after_reading)
@@ -940,12 +945,6 @@ def _remount(mnt: Path, flags: str) -> None:
         args = [LAYERFS, "layerfs", str(mnt), "-o", f"remount,{flags}"]
     r = subprocess.run(args, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
-
-
-def _age(where: Path) -> None:
-    """Mark `f` and `d` read long ago (so that relatime would update them)."""
-    for name in ("f", "d"):
-        os.utime(where / name, (1000, os.stat(where / name).st_mtime))
 
 
 def _read_marks(up: Path, mnt: Path) -> tuple[bool, bool]:
