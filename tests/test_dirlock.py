@@ -79,5 +79,5 @@ def test_an_unmounted_holder_that_never_exits_is_refused_in_the_end(tmp_path, mo
 
 def test_mountinfo_escapes_are_undone():
     """What the holder check reads mountpoints with (unionfs/mounttable.py)."""
-    assert mounttable._unescape_mountinfo("/a\\040b\\134c") == "/a b\\c"
-    assert mounttable._unescape_mountinfo("/plain") == "/plain"
+    assert mounttable.unescape(b"/a\\040b\\134c") == b"/a b\\c"
+    assert mounttable.unescape(b"/plain") == b"/plain"

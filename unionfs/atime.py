@@ -28,7 +28,8 @@ from __future__ import annotations
 import os
 import select
 
-MOUNTINFO = "/proc/self/mountinfo"
+from . import mounttable
+
 _CHANGED = select.POLLPRI | select.POLLERR
 
 
@@ -55,7 +56,7 @@ class AtimePolicy:
         """Itself, its flags re-read if the mount table changed since the last question."""
         if self._poll is None:
             try:
-                self._fd = os.open(MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
+                self._fd = os.open(mounttable.MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 self._poll = select.poll()  # no /proc: the mount's options stay
                 return self
@@ -68,8 +69,7 @@ class AtimePolicy:
 
     def _read(self) -> None:
         try:
-            with open(MOUNTINFO, "rb") as f:
-                text = f.read()
+            text = mounttable.read()
         except OSError:
             return
         found = self.pick(text)
@@ -82,14 +82,7 @@ class AtimePolicy:
         the last FUSE mount on our mountpoint (the one mounted last there is ours when first
         asked: the mount is live), then by its device, wherever it has moved."""
         best = None
-        for line in text.splitlines():
-            fields = line.split()
-            try:
-                sep = fields.index(b"-")
-                dev, where, opts = fields[2], _unescape(fields[4]), fields[5]
-                fstype, super_opts = fields[sep + 1], fields[sep + 3]
-            except (ValueError, IndexError):
-                continue
+        for dev, where, opts, fstype, super_opts in mounttable.entries(text):
             if not fstype.startswith(b"fuse"):
                 continue
             if self._dev is not None and dev != self._dev:
@@ -102,17 +95,3 @@ class AtimePolicy:
 def _ro_only(super_opts: bytes) -> set[str]:
     """A read-only superblock (`remount,ro` of a FUSE mount) makes every mount of it so."""
     return {"ro"} if b"ro" in super_opts.split(b",") else set()
-
-
-def _unescape(field: bytes) -> bytes:
-    """mountinfo writes space, tab, newline and backslash as octal escapes (`\\040`); no `re`,
-    whose import a mount's start-up does not otherwise pay."""
-    parts = field.split(b"\\")
-    out = [parts[0]]
-    for part in parts[1:]:
-        code = part[:3]
-        if len(code) == 3 and all(0x30 <= c <= 0x37 for c in code):
-            out.append(bytes([int(code, 8)]) + part[3:])
-        else:
-            out.append(b"\\" + part)
-    return b"".join(out)

@@ -136,16 +136,12 @@ def remount(mountpoint: str, options: list[str]) -> None:
 
 def _mount_flags(target: str) -> int:
     """The per-mount flags of the topmost FUSE mount on `target` (EINVAL: none there)."""
-    import re  # not at the top: a mount's start-up never needs it
+    from ..mounttable import entries, read
 
     found = None
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index(b"-")
-            where = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), fields[4])
-            if where == os.fsencode(target):
-                found = (fields[5], fields[sep + 1])
+    for _, where, opts, fstype, _ in entries(read()):
+        if where == os.fsencode(target):
+            found = (opts, fstype)
     if found is None or not found[1].startswith(b"fuse"):
         raise OSError(errno.EINVAL, "not a layerfs mount", target)
     flags = 0
