@@ -145,6 +145,15 @@ class Roots:
             return os.open(rel, flags | os.O_CLOEXEC, mode, dir_fd=fd)
         return _deep(fd, rel, lambda d, n: os.open(n, flags | os.O_CLOEXEC, mode, dir_fd=d))
 
+    def open_noatime(self, path: bytes, flags: int) -> int:
+        """`open` without touching the object's atime where we may (reading must not
+        write): O_NOATIME needs the owner or CAP_FOWNER, else a plain open, as the kernel's
+        ovl_path_open falls back."""
+        try:
+            return self.open(path, flags | os.O_NOATIME)
+        except PermissionError:
+            return self.open(path, flags)
+
     def scandir(self, path: bytes) -> _Listing:
         """os.scandir of a directory, as a context manager: names are bytes, and each
         entry's stat() is valid only inside the `with`.  The directory is read with
@@ -153,11 +162,7 @@ class Roots:
         itself: UnionOperations._dir_accessed).  os.scandir of the fd gives str names,
         turned back into bytes (3 µs a directory more than scandir of a bytes path, which
         cannot take the flag)."""
-        flags = os.O_RDONLY | os.O_DIRECTORY
-        try:
-            fd = self.open(path, flags | os.O_NOATIME)
-        except PermissionError:  # neither owner nor CAP_FOWNER: as the kernel's fallback
-            fd = self.open(path, flags)
+        fd = self.open_noatime(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             # entries quack as DirEntry[bytes]: name, inode, is_*, stat
             return _Listing(_BytesNames(os.scandir(fd)), fd)  # type: ignore[arg-type]
