@@ -72,7 +72,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("layerfs")
 
 CACHE_TIMEOUT = 86400.0  # seconds; see the module docstring for why this is safe
-_O_NOATIME = getattr(os, "O_NOATIME", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # the daemon's buffers are not aligned for it
 SELINUX_XATTR = b"security.selinux"
 _HOST_SELINUX = os.path.exists("/sys/fs/selinux")  # a host without SELinux labels nothing
@@ -477,7 +476,7 @@ class UnionOperations(pyfuse3.Operations):
         """The handle's real fd, opened now if it was lazy (FileHandle)."""
         if handle.fd < 0 and handle.lazy is not None:
             path, flags = handle.lazy
-            handle.fd = _open_noatime(self.stack.fs, path, flags)
+            handle.fd = self.stack.fs.open_noatime(path, flags)
             handle.lazy = None
         return handle.fd
 
@@ -512,7 +511,7 @@ class UnionOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         try:
             if writable:
-                keep = 0 if self.atime.current().files else _O_NOATIME
+                keep = 0 if self.atime.current().files else os.O_NOATIME
                 fd = _open_rw(fs, path, self._open_flags(oflags) | keep, oflags)
             elif self.stack.in_upper(node) and self.atime.current().files:
                 # reads mark an upper file's atime (the upper filesystem's relatime), as
@@ -520,7 +519,7 @@ class UnionOperations(pyfuse3.Operations):
                 # noatime: atime.py); lower files never change
                 fd = fs.open(path, oflags)
             else:
-                fd = _open_noatime(fs, path, oflags)
+                fd = fs.open_noatime(path, oflags)
         except BaseException:
             self.budget.give(ctx.uid)
             raise
@@ -951,7 +950,7 @@ class UnionOperations(pyfuse3.Operations):
         if ctx is None or ctx.uid == 0 or node.kind != stat.S_IFREG:
             return
         st = os.fstat(target) if isinstance(target, int) else self.stack.fs.lstat(target)
-        if st.st_mode & stat.S_ISGID and not _in_group(ctx, st.st_gid):
+        if st.st_mode & stat.S_ISGID and not _keeps_sgid(ctx, st.st_gid):
             self.stack.fs.chmod(target, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
 
     def _refuse_setattr(self, node: Node, fields: pyfuse3.SetattrFields) -> None:
@@ -1199,7 +1198,7 @@ class UnionOperations(pyfuse3.Operations):
         if kill_sgid is not False and name == acl.ACCESS:
             st = os.fstat(real) if isinstance(real, int) else fs.lstat(real)
             if kill_sgid is None:
-                kill_sgid = ctx.uid != 0 and not _in_group(ctx, st.st_gid)
+                kill_sgid = not _keeps_sgid(ctx, st.st_gid)
             if kill_sgid and st.st_mode & stat.S_ISGID:
                 fs.chmod(real, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
         node.invalidate()
@@ -1298,6 +1297,12 @@ def shown_ino(attrs: AttrsReply) -> int:
     return int(ctypes.c_uint64.from_address(id(attrs) + _SHOWN_INO_OFFSET).value)
 
 
+def _keeps_sgid(ctx: Any, gid: int) -> bool:
+    """May the caller's change leave setgid on a file of group `gid`: the kernel's
+    in_group_or_capable, root standing for CAP_FSETID."""
+    return ctx.uid == 0 or _in_group(ctx, gid)
+
+
 def _in_group(ctx: Any, gid: int) -> bool:
     """Whether the caller is in group `gid`: its fsgid, or one of its supplementary groups
     (read from /proc; unknown counts as not, which clears the bit: the safe side)."""
@@ -1311,16 +1316,6 @@ def _in_group(ctx: Any, gid: int) -> bool:
     except OSError:
         pass
     return False
-
-
-def _open_noatime(fs: Roots, path: bytes, flags: int) -> int:
-    """Open a real file without touching its atime where we may (reading must not write)."""
-    if _O_NOATIME:
-        try:
-            return fs.open(path, flags | _O_NOATIME)
-        except PermissionError:
-            pass
-    return fs.open(path, flags)
 
 
 def _changes_ctime(fields: pyfuse3.SetattrFields) -> bool:
