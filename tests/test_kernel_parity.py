@@ -29,7 +29,8 @@ conformance run (pjdfstest, a differential fuzzer) against an earlier layerfs:
   - renameat2(RENAME_WHITEOUT) is refused (EINVAL), not taken for a plain rename
     (xfstests generic/078);
   - copy_file_range(2) into a file whose flags forbid writing is refused (EPERM), also
-    through a handle opened before `chattr +i` (xfstests generic/553).
+    through a handle opened before `chattr +i` (xfstests generic/553);
+  - a new upper gets the kernel's persistent `overlay.uuid` on its root, per `uuid=`.
 """
 
 from __future__ import annotations
@@ -556,6 +557,53 @@ def test_directories_that_hold_copied_up_objects_are_marked_impure(tmp_path, fus
         seen = treecmp.snapshot(kmnt)
     assert treecmp.inode_problems(seen) == []
     assert treecmp.diff(trees["layerfs"], seen, compare_mtime=False) == []
+
+
+_UUID_CASES = {  # name: (mount options, what the upper root holds before the mount)
+    "new": ("", {}),
+    "ro": ("ro", {}),
+    "on": ("uuid=on", {}),
+    "off": ("uuid=off", {}),
+    "null": ("uuid=null", {}),
+    "old": ("", {"impure": b"y"}),
+    "old-on": ("uuid=on", {"impure": b"y"}),
+    "kept": ("", {"uuid": b"\x01" * 16}),
+    "odd": ("uuid=on", {"uuid": b"\x01\x02"}),
+}
+
+
+def _uuid_after(engine: str, base: Path, opts: str, before: dict[str, bytes]) -> dict[str, int]:
+    lo, up, wk, mnt = (base / engine / p for p in ("lo", "up", "wk", "mnt"))
+    for p in (lo, up, wk, mnt):
+        p.mkdir(parents=True)
+    for name, value in before.items():
+        os.setxattr(up, f"trusted.overlay.{name}", value)
+    mount = KernelOverlay if engine == "kernel" else LayerfsMount
+    with mount(mnt, [lo], up, wk, opts):
+        os.listdir(mnt)
+    found = {n: os.getxattr(up, n) for n in os.listxattr(up) if n.startswith("trusted.overlay.")}
+    if found.get("trusted.overlay.uuid") == before.get("uuid"):
+        return {n: -1 if n == "trusted.overlay.uuid" else len(v) for n, v in found.items()}
+    return {n: len(v) for n, v in found.items()}  # a new uuid: its length (it is random)
+
+
+def test_the_upper_gets_a_persistent_uuid_as_on_the_kernel(tmp_path, fuse, root):
+    """A writable mount of a new upper writes `overlay.uuid` (16 random bytes) on its root,
+    as the kernel's uuid=auto does since Linux 6.6; an old upper (its root impure) gets none
+    unless uuid=on; off and null write none; one already there is kept, whatever its size.
+    Before, layerfs left every upper without it."""
+    for case, (opts, before) in _UUID_CASES.items():
+        base = tmp_path / case
+        theirs = _uuid_after("kernel", base, opts, before)
+        ours = _uuid_after("layerfs", base, opts, before)
+        assert ours == theirs, case
+    assert _uuid_after("layerfs", tmp_path / "x", "", {}) == {"trusted.overlay.uuid": 16}
+    x = tmp_path / "x/layerfs"
+    opts = overlay_options([x / "lo"], x / "up", x / "wk") + ",uuid=maybe"
+    proc = subprocess.run(
+        [LAYERFS, "-o", opts, str(x / "mnt")], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode != 0 and "uuid=maybe" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("opts", ["redirect_dir=on", "redirect_dir=off"])

@@ -295,6 +295,36 @@ def set_metacopy(target: bytes | int, fs: Roots = PLAIN) -> None:
     fs.setxattr(target, _name(b"metacopy"), b"")
 
 
+def init_uuid(upper_root: bytes, mode: str, fs: Roots = PLAIN) -> None:
+    """The upper's persistent overlay uuid (`overlay.uuid`, 16 bytes on its root), as the
+    kernel's ovl_init_uuid_xattr at every writable mount (Linux 6.6+): kept when there;
+    with `uuid=on` written when absent; with `uuid=auto` (the kernel's default) written only
+    on a new overlay, whose root is not yet marked impure (an old overlay stays without,
+    which the kernel then mounts as uuid=null); with `off` and `null` never.  The kernel
+    uses it as the overlay's s_uuid and f_fsid, which FUSE does not report: it is written
+    so that the upper is the one kernel overlayfs would have left.  A filesystem without
+    xattrs, or one that refuses this one, falls back to none, as the kernel (a warning)."""
+    if mode not in ("auto", "on"):
+        return
+    try:
+        fs.getxattr(upper_root, _name(b"uuid"))
+        return  # kept (one of another size: left alone, as the kernel, which then uses none)
+    except OSError as exc:
+        if exc.errno != errno.ENODATA:
+            return
+    if mode == "auto":
+        try:
+            fs.getxattr(upper_root, _name(b"impure"))
+            return  # an old overlay
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                return
+    try:
+        fs.setxattr(upper_root, _name(b"uuid"), os.urandom(16))
+    except OSError:
+        pass
+
+
 def set_impure(path: bytes, fs: Roots = PLAIN) -> None:
     """Mark upper directory `path` as holding objects whose inode numbers are not their own
     (`overlay.impure` = "y", the kernel's ovl_set_impure): copied up, or merged directories

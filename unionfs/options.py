@@ -45,6 +45,9 @@ Options of kernel overlayfs, with the kernel's meaning:
                   change of data copies the data up first; a change of metadata only (chmod,
                   chown, utimes, xattrs, rename, link) copies a lower file up without its
                   data, as the kernel does.  Needs redirect_dir=on.
+  uuid=off|null|auto|on   the upper's persistent uuid (`overlay.uuid` on its root), as
+                  the kernel (6.6+) writes it: auto (default) on a new upper, on always when
+                  absent, off and null never.  FUSE does not report it (the kernel's f_fsid).
   volatile        as the kernel (overlayfs.rst, "Volatile mount"): fsync and fsyncdir on
                   the mount skip syncing the upper, and so do copy-ups; the mount creates the
                   work dir's `work/incompat/volatile`, and a mount whose work dir has it is
@@ -95,7 +98,6 @@ HARMLESS_FLAGS = frozenset(
 HARMLESS_VALUES: dict[str, frozenset[str] | None] = {
     "xino": frozenset({"auto", "on"}),
     "nfs_export": frozenset({"off"}),
-    "uuid": None,
     "timeout": None,
     "fast_ino": frozenset({"0", "1"}),
     "threaded": frozenset({"0", "1"}),
@@ -104,6 +106,8 @@ HARMLESS_VALUES: dict[str, frozenset[str] | None] = {
 # SELinux labels (podman passes context=): meaningless where the host has no SELinux.
 if not os.path.exists("/sys/fs/selinux"):
     HARMLESS_VALUES.update(dict.fromkeys(["context", "fscontext", "defcontext", "rootcontext"]))
+# uuid= values, as the kernel's (markers.init_uuid)
+UUID_MODES = ("off", "null", "auto", "on")
 # redirect_dir values: (follow existing redirects, create new ones).  The kernel's `off`
 # follows them too (its redirect_always_follow parameter is on by default).
 REDIRECT_DIR = {
@@ -181,7 +185,7 @@ class MountConfig:
         "lowers", "mountpoint", "fuse_options", "ignored", "owners", "upper", "work", "source",
         "foreground", "debug", "writeback", "passthrough", "transport", "index",
         "follow_redirects", "create_redirects", "volatile", "log_file", "acl", "spin_us",
-        "prefetch", "metacopy",
+        "prefetch", "metacopy", "uuid",
     )  # fmt: skip
 
     def __init__(
@@ -209,6 +213,7 @@ class MountConfig:
         spin_us: int = SPIN_DEFAULT_US,
         prefetch: bool = PREFETCH_DEFAULT,
         metacopy: bool = False,
+        uuid: str = "auto",
     ) -> None:
         self.lowers = lowers
         self.mountpoint = mountpoint
@@ -235,6 +240,7 @@ class MountConfig:
         self.prefetch = prefetch  # list subdirectories ahead of a tree walk (prefetch.py)
         # read files the kernel copied up by their metadata only (stack._metacopy_data)
         self.metacopy = metacopy
+        self.uuid = uuid  # the upper's persistent uuid, as the kernel (markers.init_uuid)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
@@ -417,6 +423,9 @@ def _validate(
     if metacopy and asked_redirect not in (None, "on"):
         # as the kernel: a metacopy file moved by a rename is found again by its redirect
         raise OptionError(f"conflicting options: metacopy=on,redirect_dir={asked_redirect}")
+    uuid = values.pop("uuid", "auto")
+    if uuid not in UUID_MODES:
+        raise OptionError(f"uuid={uuid}: expected one of {', '.join(UUID_MODES)}")
     owners = _owners(values.pop("uidmapping", None), values.pop("gidmapping", None))
     volatile = "volatile" in flags and upper is not None  # the kernel ignores it read-only
     flags.discard("volatile")
@@ -466,6 +475,7 @@ def _validate(
         spin_us=spin_us,
         prefetch=prefetch,
         metacopy=metacopy,
+        uuid=uuid,
     )
 
 

@@ -92,6 +92,7 @@ def open_stack(cfg: MountConfig, report: Callable[[str], None]) -> tuple[Any, An
                 create_redirects=cfg.create_redirects,
                 mountpoint=cfg.mountpoint,
                 sync_copies=not cfg.volatile,
+                uuid=cfg.uuid,
             )
             if cfg.work is not None
             else None

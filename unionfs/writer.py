@@ -107,7 +107,7 @@ class CopyPlan:
 class Writer:
     def __init__(
         self, stack: LayerStack, workdir: str, create_redirects: bool = True,
-        mountpoint: str | None = None, sync_copies: bool = True,
+        mountpoint: str | None = None, sync_copies: bool = True, uuid: str = "auto",
     ) -> None:  # fmt: skip
         self.stack = stack
         # As kernel overlayfs (ovl_copy_up_file, unless `volatile`): a copied-up file's data
@@ -138,6 +138,7 @@ class Writer:
         fs.mkdir(self.work, 0o700)
         fs.add(self.work)
         markers.probe_trusted(self.work, fs)  # before any marker is written
+        markers.init_uuid(stack.layers[0], uuid, fs)
         self.index_dir = os.fsencode(os.path.join(os.path.abspath(workdir), INDEX_SUBDIR))
         self._seq = 0
         # copy-ups of regular files go through a nameless file (O_TMPFILE) linked into place,
