@@ -170,6 +170,17 @@ class Roots:
             os.close(fd)
             raise
 
+    def scandir_str(self, path: bytes) -> _Listing:
+        """`scandir` with the entries as os.scandir of an fd gives them (str names, to be
+        os.fsencode'd): for the hottest reader, the merge of listings, which the bytes
+        wrapper's extra object and forwarded calls cost ~1 µs an entry."""
+        fd = self.open_noatime(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return _Listing(os.scandir(fd), fd)  # type: ignore[arg-type]
+        except BaseException:
+            os.close(fd)
+            raise
+
     def readlink(self, path: bytes) -> bytes:
         return self._do(path, lambda d, n: os.readlink(n, dir_fd=d))
 

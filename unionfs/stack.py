@@ -56,6 +56,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 import weakref
 
 from . import markers, origin, rules
@@ -546,9 +547,9 @@ class LayerStack:
             # OCI markers are read in lower layers only: the upper is written in the kernel's
             # format, and a user's own file named `.wh.x` there is just a file.
             oci = rules.oci_markers_count(d.layer, self.has_upper)
-            with self.fs.scandir(d.path) as it:
+            with self.fs.scandir_str(d.path) as it:
                 for de in it:
-                    name: bytes = de.name
+                    name: bytes = de.name.encode(_FSENC, _FSERR)
                     path = d.path + b"/" + name
                     if oci and name == markers.WH_OPAQUE:
                         continue
@@ -943,6 +944,9 @@ class LayerStack:
 
     def statvfs(self) -> os.statvfs_result:
         return self.fs.statvfs(self.layers[0])
+
+
+_FSENC, _FSERR = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsencode
 
 
 def _kind(de: os.DirEntry) -> int:  # type: ignore[type-arg]
