@@ -31,7 +31,7 @@ from .errors import OptionError
 from .fdlimit import raise_nofile
 from .logs import log
 from .options import USAGE, MountConfig, parse_args, remount_request
-from .serving import hold_signals, open_stack
+from .serving import hold_signals, open_stack, tune_gc
 
 EXIT_OK = 0
 EXIT_MOUNT_FAILED = 1
@@ -209,6 +209,7 @@ def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
         atime=AtimePolicy(cfg.mountpoint, cfg.fuse_options),  # before the mount: see run.py
     )
     ops.enable_acl = cfg.acl  # pyfuse3 reads it at INIT
+    tune_gc()
     hold_signals()  # from the mount on, a signal must unmount, not just kill (serving.py)
     try:
         pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))

@@ -78,10 +78,11 @@ def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> 
 
 def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any, atime: Any) -> int:
     from ..operations import Attrs, UnionOperations
-    from ..serving import listen_control
+    from ..serving import listen_control, tune_gc
     from .bridge import Bridge, readdir_reply
     from .session import Session
 
+    tune_gc()
     ops = UnionOperations(
         stack,
         writer,
