@@ -239,9 +239,7 @@ class UnionOperations(pyfuse3.Operations):
         # a helper lists the subdirectories of what the kernel lists, ahead (prefetch.py)
         self.prefetch = Prefetcher(stack, prefetch)
         # per-node adapter state, kept here rather than in the model; it goes with the node
-        self._replies: weakref.WeakKeyDictionary[Node, tuple[int, AttrsReply]] = (
-            weakref.WeakKeyDictionary()
-        )  # immutable objects: (node.gen, reply), built once
+        # (but for the cached reply of an immutable object: Node.reply, for speed)
         self._locks: weakref.WeakKeyDictionary[Node, trio.Lock] = weakref.WeakKeyDictionary()
         self.copying = 0  # copy-ups holding or awaiting a node's lock (an UNLINK may wait)
         self._files: dict[int, FileHandle] = {}
@@ -274,9 +272,9 @@ class UnionOperations(pyfuse3.Operations):
 
     # ----- attributes ----------------------------------------------------------------
     def _entry(self, node: Node) -> AttrsReply:
-        cached = self._replies.get(node)
+        cached = node.reply
         if cached is not None and cached[0] == node.gen:
-            return cached[1]
+            return cached[1]  # type: ignore[return-value]
         st = self._stat_for(node)
         a = self._attrs()
         a.st_ino = node.ino
@@ -297,7 +295,7 @@ class UnionOperations(pyfuse3.Operations):
         a.st_mtime_ns = st.st_mtime_ns
         a.st_ctime_ns = st.st_ctime_ns
         if self.stack.immutable(node):
-            self._replies[node] = (node.gen, a)  # lower objects never change: build it once
+            node.reply = (node.gen, a)  # lower objects never change: build it once
         return a
 
     @_handler

@@ -162,7 +162,8 @@ class Node:
         "data",
         "prot",
         "impure",
-        "__weakref__",  # adapters key their per-node state (cached replies, locks) on nodes
+        "reply",
+        "__weakref__",  # adapters key their per-node state (locks) on nodes
     )
 
     def __init__(
@@ -203,6 +204,10 @@ class Node:
         self.prot: int | None = None
         # a directory whose upper object this mount has marked `overlay.impure` (Writer)
         self.impure = False
+        # the handlers' reply for an object whose attributes never change, as (gen, reply):
+        # theirs alone (UnionOperations._entry); a slot, where a weak dictionary keyed by
+        # node cost ~1 µs a reply made and ~0.4 µs a reply reused
+        self.reply: tuple[int, object] | None = None
 
     def invalidate(self) -> None:
         """Its attributes changed, or may have: drop the cached stat, and let whoever caches
