@@ -497,6 +497,33 @@ def test_seeking_back_into_a_listing_read_to_its_end(tmp_path):
         h.close()
 
 
+def test_a_reader_going_on_after_a_removal_skips_the_removed_name(tmp_path):
+    """A reader part way through a listing when a name in its rest is removed goes on
+    without it.  The removed file's node, which the kernel had not forgotten yet (its
+    READDIRPLUS entry counted a lookup), was taken for the name and answered ENOENT for the
+    whole request: the reader's getdents failed (test_fuse_native's seeking-back test, now
+    and then, as the FORGET came after the read or before it)."""
+    h = _abc_harness(tmp_path)
+
+    async def scenario():
+        one = wire.dirent_size(b"a", plus=True)
+        _, whole = await h.call(READDIRPLUS, 1, read_in(0, 0, 4096))  # every node looked up
+        names = [n for n, _, _ in parse_direntplus(whole)]
+        _, part = await h.call(READDIRPLUS, 1, read_in(0, 0, 3 * one))  # a reader, part way
+        got = parse_direntplus(part)
+        assert [n for n, _, _ in got] == names[:3]
+        err, _ = await h.call(10, 1, names[-1] + b"\0")  # UNLINK of a name still to come
+        assert err == 0
+        err, rest = await h.call(READDIRPLUS, 1, read_in(0, got[-1][2], 4096))
+        assert err == 0
+        assert [n for n, _, _ in parse_direntplus(rest)] == names[3:-1]
+
+    try:
+        trio.run(scenario)
+    finally:
+        h.close()
+
+
 def test_snapshot_generations_keep_offsets_positive():
     """The generation rides in an offset's high bits: it wraps at 31 bits, so every offset
     stays a valid (signed) loff_t, and at most SNAPSHOTS listings are kept."""

@@ -420,6 +420,7 @@ class UnionOperations(pyfuse3.Operations):
                 entries = handle.snapshots[gen]
         high = gen << 32
         specials = [(b".", node), (b"..", node.parent or self.stack.root)]
+        now = self.stack.listing(node)
         for pos in range(start, len(entries) + 2):
             if pos < 2:
                 name, target = specials[pos]
@@ -427,6 +428,15 @@ class UnionOperations(pyfuse3.Operations):
                     return
                 continue
             name, child = entries[pos - 2]
+            if now.get(name) is not child:
+                # changed since this snapshot was taken (a reader going on with an older
+                # listing): the name as it is now, or skipped if it is gone.  Its old entry
+                # may name an object whose last name went, which the kernel has not forgotten
+                # yet: answering for it failed the whole request (ENOENT)
+                current = now.get(name)
+                if current is None:
+                    continue
+                child = current
             try:
                 entry_node = self.stack.node_for(node, name, child)
                 attrs = self._entry(entry_node)
