@@ -179,3 +179,42 @@ def test_an_upper_out_of_inodes_gives_enospc_and_loses_nothing(tmp_path, fuse, r
     assert steps["unlink in a lower dir"] == ("err", "ENOSPC")  # the test means something
     assert steps["freed: unlink in a lower dir"] == ("ok", None)
     assert after["layerfs"] == after["kernel"]
+
+
+def _full_mount_steps(mnt: Path) -> list[tuple[str, Any]]:
+    return [
+        ("read-only", bool(os.statvfs(mnt).f_flag & os.ST_RDONLY)),
+        ("listing", _shown(mnt)),
+        ("read", _outcome(lambda: (mnt / "f").read_bytes())),
+        ("create", _outcome(lambda: (mnt / "new").touch())),
+        ("append", _outcome(lambda: _append(mnt / "f", b"+"))),
+        ("unlink", _outcome(lambda: (mnt / "f").unlink())),
+    ]
+
+
+def test_an_upper_too_full_for_the_work_dir_mounts_read_only(tmp_path, fuse, root):
+    """An upper filesystem with no inode left for the work directory: the kernel mounts
+    read-only ("failed to create directory ...; mounting read-only"), so what is on the full
+    disk can still be read, and so does layerfs now.  Before, `layerfs` refused to mount
+    (ENOSPC making its work dir), also when the dir was there from an earlier mount, since
+    it is made afresh at each one (xfstests' first run met it after a test filled the
+    scratch filesystem)."""
+    results = {}
+    for engine in ("kernel", "layerfs"):
+        base = tmp_path / engine
+        lo, upfs, mnt = base / "lo", base / "upfs", base / "mnt"
+        write(lo / "f", b"lower\n")
+        mnt.mkdir()
+        with _small_upper(upfs, "nr_inodes=16") as (up, wk):
+            for i in range(64):  # every inode left
+                try:
+                    (up / f"u{i}").touch()
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+                    break
+            mount = KernelOverlay if engine == "kernel" else LayerfsMount
+            with mount(mnt, [lo], up, wk):
+                results[engine] = _full_mount_steps(mnt)
+    assert results["layerfs"] == results["kernel"]
+    steps = dict(results["layerfs"])
+    assert steps["read-only"] is True and steps["create"] == ("err", "EROFS")

@@ -31,7 +31,7 @@ from .errors import OptionError
 from .fdlimit import raise_nofile
 from .logs import log
 from .options import USAGE, MountConfig, parse_args, remount_request
-from .serving import hold_signals, open_stack, tune_gc
+from .serving import hold_signals, open_stack, readonly_options, tune_gc
 
 EXIT_OK = 0
 EXIT_MOUNT_FAILED = 1
@@ -212,7 +212,7 @@ def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
     tune_gc()
     hold_signals()  # from the mount on, a signal must unmount, not just kill (serving.py)
     try:
-        pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
+        pyfuse3.init(ops, cfg.mountpoint, readonly_options(fuse_options(cfg), writer, cfg))
     except RuntimeError as exc:
         _report(ready_fd, f"layerfs: mounting {cfg.mountpoint} failed: {exc}")
         return EXIT_MOUNT_FAILED

@@ -50,3 +50,8 @@ class StaleHandle(UnionError):
 
 class OptionError(ValueError):
     """A bad mount option or command line; the message names the problem for the user."""
+
+
+class WorkDirUnusable(OSError):
+    """The work dir could not be made ready (a full or read-only upper filesystem): the
+    mount goes on read-only, as kernel overlayfs's ("mounting read-only")."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 
-from .errors import UnionError
+from .errors import UnionError, WorkDirUnusable
 from .logs import log
 from .options import VOLATILE_MARKER, MountConfig
 
@@ -104,19 +104,23 @@ def open_stack(cfg: MountConfig, report: Callable[[str], None]) -> tuple[Any, An
             fs=Roots(shadow=os.fsencode(cfg.mountpoint)),
             metacopy=cfg.metacopy,
         )
-        writer = (
-            Writer(
-                stack,
-                cfg.work,
-                create_redirects=cfg.create_redirects,
-                mountpoint=cfg.mountpoint,
-                sync_copies=not cfg.volatile,
-                uuid=cfg.uuid,
-            )
-            if cfg.work is not None
-            else None
-        )
-        if cfg.volatile and cfg.work is not None:
+        writer = None
+        if cfg.work is not None:
+            try:
+                writer = Writer(
+                    stack,
+                    cfg.work,
+                    create_redirects=cfg.create_redirects,
+                    mountpoint=cfg.mountpoint,
+                    sync_copies=not cfg.volatile,
+                    uuid=cfg.uuid,
+                )
+            except WorkDirUnusable as exc:
+                # as kernel overlayfs (ovl_workdir_create): the layers are still shown, so
+                # what is on a full disk can be read; the mount is read-only (readonly_options)
+                log.warning("cannot make the work directory %s: %s; mounting read-only",
+                            exc.filename, exc.strerror)  # fmt: skip
+        if cfg.volatile and writer is not None and cfg.work is not None:
             # as the kernel: the marker stays after the mount ends, so that the upper of a
             # volatile mount is not taken for a synced one (options._check_volatile)
             marker = os.path.join(cfg.work, VOLATILE_MARKER)
@@ -130,6 +134,14 @@ def open_stack(cfg: MountConfig, report: Callable[[str], None]) -> tuple[Any, An
         report(f"layerfs: cannot open layers: {exc}")
         return None
     return stack, writer
+
+
+def readonly_options(options: set[str], writer: Any, cfg: MountConfig) -> set[str]:
+    """The FUSE mount options, read-only where an upper was given but no Writer could be
+    made (open_stack's fallback)."""
+    if writer is None and cfg.upper is not None:
+        return (options - {"rw"}) | {"ro"}
+    return options
 
 
 def listen_control(writer: Any) -> Any:

@@ -45,7 +45,7 @@ from .acl import ACCESS as ACL_ACCESS
 from .acl import DEFAULT as ACL_DEFAULT
 from .acl import Inherited
 from .dirlock import lock_dir
-from .errors import Exists, NameTooLong, NotEmpty, NotFound, UnionError
+from .errors import Exists, NameTooLong, NotEmpty, NotFound, UnionError, WorkDirUnusable
 from .fsat import Roots, inside
 from .stack import DirLayer, Entry, LayerStack, Node
 
@@ -133,9 +133,14 @@ class Writer:
         self.work = os.fsencode(os.path.join(self.workdir, WORK_SUBDIR))
         self.fs = fs = stack.fs
         fs.add(os.path.dirname(self.work))
-        if fs.exists(self.work):  # debris of an interrupted run; never referenced
-            fs.rmtree(self.work)
-        fs.mkdir(self.work, 0o700)
+        try:
+            if fs.exists(self.work):  # debris of an interrupted run; never referenced
+                fs.rmtree(self.work)
+            fs.mkdir(self.work, 0o700)
+        except OSError as exc:  # the upper filesystem is full or read-only: serving.open_stack
+            for fd in self._locks:  # mounts read-only, as the kernel does
+                os.close(fd)
+            raise WorkDirUnusable(exc.errno, exc.strerror, os.fsdecode(self.work)) from exc
         fs.add(self.work)
         markers.probe_trusted(self.work, fs)  # before any marker is written
         markers.init_uuid(stack.layers[0], uuid, fs)

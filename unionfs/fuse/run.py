@@ -38,12 +38,13 @@ def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> 
     """Serve `cfg` over our own FUSE session.  `report` is called once: "OK" when the mount
     is live, or the reason it could not be made."""
     from ..atime import AtimePolicy
-    from ..serving import hold_signals, open_stack
+    from ..serving import hold_signals, open_stack, readonly_options
 
     opened = open_stack(cfg, report)
     if opened is None:
         return EXIT_MOUNT_FAILED
     stack, writer = opened
+    options = readonly_options(options, writer, cfg)
     # before the mount: it resolves the mountpoint, which once mounted is ours to answer
     atime = AtimePolicy(cfg.mountpoint, cfg.fuse_options)
     hold_signals()  # from the mount on, a signal must unmount, not just kill (serving.py)
