@@ -47,6 +47,7 @@ from .acl import Inherited
 from .dirlock import lock_dir
 from .errors import Exists, NameTooLong, NotEmpty, NotFound, UnionError, WorkDirUnusable
 from .fsat import Roots, inside
+from .logs import log
 from .stack import DirLayer, Entry, LayerStack, Node
 
 WORK_SUBDIR = "layerfs"
@@ -752,9 +753,7 @@ class Writer:
             else:
                 self.fs.unlink(path)
         except OSError as exc:
-            import logging  # here: a mount imports no logging before INIT (test_startup)
-
-            logging.getLogger("layerfs").warning("could not remove half-made %r: %s", path, exc)
+            log.warning("could not remove half-made %r: %s", path, exc)
 
     def link(self, node: Node, parent: Node, name: bytes, fd: int | None = None) -> Node:
         """Hard link (the caller has copied `node` up).  `fd`: for a node with no name left
