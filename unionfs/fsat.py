@@ -162,21 +162,22 @@ class Roots:
         itself: UnionOperations._dir_accessed).  os.scandir of the fd gives str names,
         turned back into bytes (3 µs a directory more than scandir of a bytes path, which
         cannot take the flag)."""
-        fd = self.open_noatime(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            # entries quack as DirEntry[bytes]: name, inode, is_*, stat
-            return _Listing(_BytesNames(os.scandir(fd)), fd)  # type: ignore[arg-type]
-        except BaseException:
-            os.close(fd)
-            raise
+        it, fd = self._scan(path)
+        # entries quack as DirEntry[bytes]: name, inode, is_*, stat
+        return _Listing(_BytesNames(it), fd)  # type: ignore[arg-type]
 
     def scandir_str(self, path: bytes) -> _StrListing:
         """`scandir` with the entries as os.scandir of an fd gives them (str names, to be
         os.fsencode'd): for the hottest reader, the merge of listings, which the bytes
         wrapper's extra object and forwarded calls cost ~1 µs an entry."""
+        it, fd = self._scan(path)
+        return _StrListing(it, fd)  # type: ignore[arg-type]
+
+    def _scan(self, path: bytes) -> tuple[Iterator[os.DirEntry[str]], int]:
+        """os.scandir of the directory opened O_NOATIME, and its fd (the caller's to close)."""
         fd = self.open_noatime(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            return _StrListing(os.scandir(fd), fd)  # type: ignore[arg-type]
+            return os.scandir(fd), fd
         except BaseException:
             os.close(fd)
             raise

@@ -428,12 +428,12 @@ class UnionOperations(pyfuse3.Operations):
                     return
                 continue
             name, child = entries[pos - 2]
-            if now.get(name) is not child:
+            current = now.get(name)
+            if current is not child:
                 # changed since this snapshot was taken (a reader going on with an older
                 # listing): the name as it is now, or skipped if it is gone.  Its old entry
                 # may name an object whose last name went, which the kernel has not forgotten
                 # yet: answering for it failed the whole request (ENOENT)
-                current = now.get(name)
                 if current is None:
                     continue
                 child = current
