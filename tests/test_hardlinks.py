@@ -314,3 +314,94 @@ def test_index_off_copy_up_shows_the_broken_link_at_once(tmp_path, how):
             (ino, nlink), (ino2, nlink2) = ino_nlink(name), ino_nlink(mnt / "a/g2")
             seen[who] = (before[0] == before2[0], nlink, nlink2, ino == ino2, ino == before[0])
     assert seen["layerfs"] == seen["kernel"] == (True, 1, 2, False, False)
+
+
+def _two_sides(tmp_path: Path):
+    """(who, dir, Mount class) for layerfs and the kernel, each with lower/upper/work/mnt."""
+    require_root()
+    sides = []
+    for who, cls in (("layerfs", LayerfsMount), ("kernel", KernelOverlay)):
+        d = tmp_path / who
+        for sub in ("lower", "upper", "work", "mnt"):
+            (d / sub).mkdir(parents=True)
+        sides.append((who, d, cls))
+    return sides
+
+
+def _mount(d: Path, cls, opts: str):  # type: ignore[no-untyped-def]
+    return cls(d / "mnt", [d / "lower"], d / "upper", d / "work", opts)
+
+
+def _ino_nlink(path: Path) -> tuple[int, int]:
+    st = os.lstat(path)
+    return st.st_ino, st.st_nlink
+
+
+def test_a_copy_made_before_the_lower_file_was_linked_stays_its_own_file(tmp_path):
+    """xfstests overlay/042: a file copied up with index=off (one lower link then), then more
+    names of that lower file made below and one of them copied up with index=on.  Both
+    upper files record the same origin.  layerfs took them for one inode: a write to the
+    first name went into the other's file.  As on the kernel, the names copied with
+    index=on show the lower file's number and count, the older copy its own; each write
+    lands in its own file, whichever name is looked up first."""
+    seen = {}
+    for who, d, cls in _two_sides(tmp_path):
+        layerdata.write(d / "lower/0", b"")
+        with _mount(d, cls, "index=off"):
+            os.link(d / "mnt/0", d / "mnt/1")
+        os.link(d / "lower/0", d / "lower/2")
+        os.link(d / "lower/0", d / "lower/3")
+        with _mount(d, cls, "index=on"):
+            os.link(d / "mnt/2", d / "mnt/4")
+        with _mount(d, cls, "index=on"):  # the older copy's name first
+            (d / "mnt/0").write_bytes(b"zero\n")
+            first = {n: _ino_nlink(d / "mnt" / n) for n in "01234"}
+        with _mount(d, cls, "index=on"):  # the newer copy's names first
+            (d / "mnt/2").write_bytes(b"two\n")
+            second = {n: _ino_nlink(d / "mnt" / n) for n in "43210"}
+            contents = {n: (d / "mnt" / n).read_bytes() for n in "01234"}
+        lower_ino = os.lstat(d / "lower/0").st_ino
+        shape = []
+        for got in (first, second):
+            groups = sorted(
+                sorted(n for n in got if got[n][0] == ino) for ino in {v[0] for v in got.values()}
+            )
+            shape.append((groups, {n: got[n][1] for n in sorted(got)}))
+        seen[who] = (shape, contents, (d / "upper/0").read_bytes(), (d / "upper/2").read_bytes())
+        if who == "kernel":
+            assert first["2"][0] == lower_ino  # the kernel shows the indexed copy as the lower file
+    assert seen["layerfs"] == seen["kernel"]
+    assert seen["layerfs"][1] == {
+        "0": b"zero\n",
+        "1": b"zero\n",
+        "2": b"two\n",
+        "3": b"two\n",
+        "4": b"two\n",
+    }
+
+
+def test_an_upper_directory_copied_by_hand_with_its_redirect_is_a_directory_of_its_own(tmp_path):
+    """xfstests overlay/049: a lower directory moved (a redirect to its origin), then copied
+    in the upper with `cp -a` (the copy keeps the redirect and the origin) and each copy
+    given a file of its own.  layerfs took both for one directory: listing one showed the
+    other's entries.  The kernel refuses the copy (ESTALE: two redirects to one origin);
+    layerfs shows each with its own entries and its own inode number, as two upper
+    directories."""
+    (d,) = [d for who, d, _ in _two_sides(tmp_path) if who == "layerfs"]
+    layerdata.write(d / "lower/origin/file", b"lower\n")
+    with _mount(d, LayerfsMount, "redirect_dir=on"):
+        (d / "mnt/origin/file").touch()
+        os.rename(d / "mnt/origin", d / "mnt/r1")
+    subprocess.run(["cp", "-a", str(d / "upper/r1"), str(d / "upper/r2")], check=True)
+    (d / "upper/r1/right").touch()
+    (d / "upper/r2/wrong").touch()
+    with _mount(d, LayerfsMount, "redirect_dir=on"):
+        mnt = d / "mnt"
+        for first, second in (("r2", "r1"), ("r1", "r2")):
+            listed = {n: sorted(os.listdir(mnt / n)) for n in (first, second)}
+            assert listed == {"r1": ["file", "right"], "r2": ["file", "wrong"]}
+        assert os.lstat(mnt / "r1").st_ino != os.lstat(mnt / "r2").st_ino
+        assert os.lstat(mnt / "r1/file").st_ino != os.lstat(mnt / "r2/file").st_ino
+        (mnt / "r2/file").write_bytes(b"r2\n")
+        assert (d / "upper/r2/file").read_bytes() == b"r2\n"
+        assert (d / "upper/r1/file").read_bytes() != b"r2\n"

@@ -352,6 +352,41 @@ class LayerStack:
         in a directory whose only entry was such a name)."""
         return not node.is_dir and child.dirs is None and child.layer != 0 and self.in_upper(node)
 
+    def _other_upper(self, node: Node, parent: Node, name: bytes, child: Entry) -> bool:
+        """Is the upper object `child` (at `parent/name`) another object than `node`, whose
+        number it was given?  Two upper objects can carry one origin: a file copied up with
+        index=off and a later name of the same lower file (now hard-linked) copied up with
+        index=on, or an upper directory copied by hand with its redirect.  Taken for one
+        node, a write to one name went into the other file, and one directory listed the
+        other's entries (xfstests overlay/042, 049).  A node found under another name is
+        the same object only if it is the same real inode: a directory keeps its upper
+        inode when it moves, a hard link is the same inode.  Not the kernel's answer for a
+        copied directory (ESTALE: two redirects to one origin): each is shown, with its own
+        number, as a plain upper directory would be."""
+        if not self.has_upper or child.layer != 0 or not self.in_upper(node):
+            return False
+        if node.parent is parent and node.name == name:
+            return False
+        if node.is_dir:
+            return bool(
+                child.dirs and node.dirs and node.dirs[0].layer == 0
+                and node.dirs[0].ino != child.dirs[0].ino
+            )  # fmt: skip
+        return not node.unlinked and not self._same_upper(node, child.ino)
+
+    def _same_upper(self, node: Node, real_ino: int) -> bool:
+        """Is upper non-directory `node` the real inode `real_ino`?  (True when its path no
+        longer names anything: moved or removed behind the mount's back, nothing tells.)"""
+        try:
+            return self.fs.lstat(self.upper_path(node)).st_ino == real_ino
+        except OSError:
+            return True
+
+    def _own_upper_ino(self, real_ino: int) -> Inode:
+        """The number of upper object `real_ino` from its own inode, not its origin's."""
+        self.origins[real_ino] = self._xino(0, real_ino)
+        return self._upper_ino(real_ino)
+
     def _own_ino(self, child: Entry) -> Inode:
         """A number of its own for the lower name `child` (`_name_ino`, `_apart`), one per
         name."""
@@ -395,12 +430,29 @@ class LayerStack:
         found = self._stored_origin(path)
         if found is None or not origin.counts(found.st_nlink, self.index):
             return self._upper_ino(real_ino)
+        if found.st_nlink > 1 and not self._indexed_copy(path):
+            # index=on, and the lower file has other names now, but this copy was made of
+            # it with one (index=off, or before the links were made): the link was never
+            # kept, so, as the kernel (not indexed: ovl_getattr), its own number
+            return self._upper_ino(real_ino)
         ino = self._xino_dev(found.st_dev, found.st_ino)
         node = self.nodes.get(ino)
-        if node is not None and (node.deleted or not self.in_upper(node)):
+        if node is not None and (
+            node.deleted or not self.in_upper(node) or not self._same_upper(node, real_ino)
+        ):
             return self._upper_ino(real_ino)  # never two live objects under one number
         self.origins[real_ino] = ino
         return ino
+
+    def _indexed_copy(self, path: bytes) -> bool:
+        """Was upper file `path` copied up as a name of a hard-linked lower file, with
+        index=on?  Such a copy carries `overlay.nlink`, by the kernel's copy-up and by ours
+        (Writer._set_origin); one copied up with a single link carries none."""
+        try:
+            self.fs.getxattr(path, origin.NLINK_XATTR)
+        except OSError:
+            return False
+        return True
 
     def _stored_origin(self, path: bytes) -> os.stat_result | None:
         if not self._read_origins:
@@ -631,6 +683,9 @@ class LayerStack:
         node = self._numbered(ino, child.kind)
         if node is not None and self._apart(node, child):
             ino = self._own_ino(child)
+            node = self._numbered(ino, child.kind)
+        elif node is not None and self._other_upper(node, parent, name, child):
+            ino = self._own_upper_ino(child.ino)
             node = self._numbered(ino, child.kind)
         child.node_ino = ino
         if node is not None:
