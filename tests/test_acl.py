@@ -226,3 +226,37 @@ def test_acls_on_both_transports_and_noacl_turns_them_off(tmp_path, fuse, root, 
         with LayerfsMount(mnt, [lo], up, wk, f"fuse={transport}{extra}"):
             assert (_as_nobody("cat", str(mnt / "granted")).returncode == 0) is granted
             assert (_as_nobody("cat", str(mnt / "denied")).returncode == 0) is not granted
+
+
+def test_a_default_acl_on_the_workdir_reaches_nothing_in_the_mount(tmp_path, fuse, root):
+    """The kernel removes the POSIX ACLs its work dir inherits from the workdir given
+    (ovl_make_workdir), since objects are built there before they move into place.  layerfs
+    kept them: with `setfacl -d -m o::rwx WORKDIR`, a directory copied up carried that
+    default ACL, and a file made in it was world-writable (xfstests overlay/023)."""
+
+    def lower(lo: Path) -> None:
+        _inherit_lower(lo)
+        write(lo / "f", b"f\n")
+        (lo / "e").mkdir()
+
+    seen = {}
+    for name, lo, up, wk, mnt in _sides(tmp_path, lower):
+        os.setxattr(wk, "system.posix_acl_default", base(7, 5, 7))
+        with _mount(name, lo, up, wk, mnt):
+            with open(mnt / "f", "ab") as f:
+                f.write(b"more\n")  # a file copied up
+            os.chmod(mnt / "e", 0o755)  # a directory copied up
+            old = os.umask(0o022)
+            try:
+                (mnt / "e" / "new").touch(mode=0o666)
+            finally:
+                os.umask(old)
+            _creates(mnt)
+            got = _acls(mnt)
+            for p in ("f", "e", "e/new"):
+                xattrs = {n: os.getxattr(mnt / p, n) for n in sorted(os.listxattr(mnt / p))}
+                got[p] = (oct(os.lstat(mnt / p).st_mode), xattrs)
+            seen[name] = got
+        assert not [n for n in os.listxattr(up / "e") if n.startswith("system.posix_acl")]
+    assert seen["layerfs"] == seen["kernel"]
+    assert seen["layerfs"]["e/new"] == (oct(0o100644), {})

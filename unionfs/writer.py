@@ -56,6 +56,20 @@ _NO_SHARED_WHITEOUT = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, er
 INDEX_SUBDIR = "layerfs-index"  # index=on: links that stand for lower names not shown
 
 
+def _drop_acls(fs: Roots, work: bytes) -> None:
+    """Remove the POSIX ACLs the new work dir inherited from the dir it is made in, as the
+    kernel does with its own (ovl_make_workdir).  Objects are built there and moved into
+    place: a default ACL of the workdir given (`setfacl -d -m o::rwx WORKDIR`) was passed
+    on to every directory copied up, and from them to every file made in them, world
+    writable (xfstests overlay/023)."""
+    for name in (ACL_DEFAULT, ACL_ACCESS):
+        try:
+            fs.removexattr(work, name)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                raise
+
+
 # Copy-ups of up to this many bytes, without fsync, stay on the trio thread (a hop to a worker
 # thread costs more than the copy).
 SMALL_COPY = 256 << 10
@@ -138,6 +152,7 @@ class Writer:
             if fs.exists(self.work):  # debris of an interrupted run; never referenced
                 fs.rmtree(self.work)
             fs.mkdir(self.work, 0o700)
+            _drop_acls(fs, self.work)
         except OSError as exc:  # the upper filesystem is full or read-only: serving.open_stack
             for fd in self._locks:  # mounts read-only, as the kernel does
                 os.close(fd)
