@@ -317,3 +317,39 @@ def test_metacopy_off_copies_whole(tmp_path, fuse, root):
     files = _upper_files(upper)
     assert files["/a"] == ("0o600", 10_000, True, None, None)
     assert [f for f, v in files.items() if v[3] is not None or v[4] is not None] == []
+
+
+def test_filling_a_metacopy_file_keeps_its_capabilities_as_the_kernel(tmp_path, fuse, root):
+    """A `chmod` copies a file with capabilities up by its metadata; an open for writing
+    then copies its data into the upper file, and writing a file drops its capabilities
+    (the VFS's killpriv).  The kernel keeps them and sets them back after the data
+    (ovl_copy_up_meta_inode_data); layerfs lost them (xfstests overlay/064)."""
+    caps = b"\x01\x00\x00\x02\x80\x00\x00\x00" + bytes(12)  # cap_setuid+ep
+    seen = {}
+    for who, mount in (("layerfs", LayerfsMount), ("kernel", KernelOverlay)):
+        d = tmp_path / who
+        for sub in ("lower", "upper", "work", "mnt"):
+            (d / sub).mkdir(parents=True)
+        for name in ("f", "g"):
+            (d / "lower" / name).write_bytes(b"data\n")
+            os.setxattr(d / "lower" / name, "security.capability", caps)
+        with mount(d / "mnt", [d / "lower"], d / "upper", d / "work", "metacopy=on"):
+            os.chmod(d / "mnt/f", 0o755)  # metadata only
+            os.close(os.open(d / "mnt/f", os.O_RDWR))  # now the data
+            os.chmod(d / "mnt/g", 0o755)
+            with open(d / "mnt/g", "ab") as f:
+                f.write(b"more\n")  # the data, then a write through the mount
+            seen[who] = {
+                n: (
+                    value_or_errno(os.getxattr, d / "mnt" / n, "security.capability"),
+                    (d / "mnt" / n).read_bytes(),
+                )
+                for n in ("f", "g")
+            }
+        seen[who]["upper"] = {
+            n: sorted(x for x in os.listxattr(d / "upper" / n) if "metacopy" in x)
+            for n in ("f", "g")
+        }
+    assert seen["layerfs"] == seen["kernel"]
+    assert seen["layerfs"]["f"] == (caps, b"data\n")
+    assert seen["layerfs"]["upper"] == {"f": [], "g": []}

@@ -53,6 +53,7 @@ from .stack import DirLayer, Entry, LayerStack, Node
 WORK_SUBDIR = "layerfs"
 # a link to the shared whiteout refused by the filesystem, not by this one name
 _NO_SHARED_WHITEOUT = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV})
+_CAPS = b"security.capability"
 INDEX_SUBDIR = "layerfs-index"  # index=on: links that stand for lower names not shown
 
 
@@ -655,12 +656,22 @@ class Writer:
         assert src is not None
         path = self.stack.upper_path(node)
         fs = self.fs
+        # writing the data drops the file's capabilities (the VFS's killpriv, for every
+        # writer): kept and set back after, as the kernel's ovl_copy_up_meta_inode_data does
+        # (a `chmod` copied the file up by its metadata, then an open for writing lost them:
+        # xfstests overlay/064)
+        try:
+            caps: bytes | None = fs.getxattr(path, _CAPS)
+        except OSError:
+            caps = None
         fin = fs.open(src, os.O_RDONLY)
         try:
             fd = fs.open(path, os.O_WRONLY)
             try:
                 st = os.fstat(fd)
                 fsutil.copy_ranges(fin, fd, min(st.st_size, os.fstat(fin).st_size))
+                if caps is not None:
+                    fs.setxattr(fd, _CAPS, caps)
                 if self.sync_copies:
                     os.fsync(fd)
             finally:
