@@ -271,3 +271,42 @@ def test_new_objects_inherit_their_directorys_flags_as_on_the_kernel(tmp_path, f
     kernel = results["kernel"]
     assert kernel["a/sub"] == (SYNC | DUMP, True, SYNC | DUMP)  # the oracle
     assert results["layerfs"] == kernel
+
+
+def _upper_flagged(root: Path) -> tuple[Path, Path, Path, Path]:
+    """Objects made append-only in the upper itself (chattr +a on the real files, not through
+    a mount: no overlay.protattr), as xfstests overlay/030 makes them."""
+    lower, upper, work, mnt = (root / n for n in ("lower", "upper", "work", "mnt"))
+    for p in (lower, upper / "d", work, mnt):
+        p.mkdir(parents=True)
+    (upper / "f").write_bytes(b"upper\n")
+    (upper / "g").write_bytes(b"upper\n")
+    for p in (upper / "f", upper / "g", upper / "d"):
+        _set(p, add=APP)
+    return lower, upper, work, mnt
+
+
+def _append_only_steps(mnt: Path) -> dict[str, object]:
+    try:
+        return {
+            "append": _write(mnt / "f", os.O_WRONLY | os.O_APPEND, b"one\n"),
+            "append rw": _write(mnt / "f", os.O_RDWR | os.O_APPEND, b"two\n"),
+            "write": _write(mnt / "g", os.O_WRONLY),
+            "now": value_or_errno(os.utime, mnt / "f"),
+            "dir now": value_or_errno(os.utime, mnt / "d"),
+            "times": value_or_errno(os.utime, mnt / "g", (1, 1)),
+            "data": (mnt / "f").read_bytes(),
+        }
+    finally:
+        for p in ("f", "g", "d"):
+            _set(mnt.parent / "upper" / p, drop=APP)  # or pytest cannot remove them
+
+
+def test_objects_append_only_in_the_upper_itself_as_kernel_overlayfs(tmp_path, fuse, root):
+    """The kernel opens an append-only real file for appending and sets "now" on it;
+    layerfs opened the real file without O_APPEND (the kernel sends the offsets) and set
+    "now" as a time given, so both failed with EPERM (xfstests overlay/030)."""
+    seen = on_both(tmp_path, _upper_flagged, _append_only_steps)
+    assert seen["layerfs"] == seen["kernel"]
+    assert seen["layerfs"]["data"] == b"upper\none\ntwo\n"
+    assert seen["layerfs"]["write"] == "EPERM" and seen["layerfs"]["times"] == "EPERM"

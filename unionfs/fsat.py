@@ -237,6 +237,13 @@ class Roots:
             return
         self._do(path, lambda d, n: os.utime(n, ns=ns, dir_fd=d, follow_symlinks=False))
 
+    def utime_now(self, path: bytes | int) -> None:
+        """Both times to now (utimensat with no times), not following links."""
+        if isinstance(path, int):
+            os.utime(path)
+            return
+        self._do(path, lambda d, n: os.utime(n, dir_fd=d, follow_symlinks=False))
+
     def rename(self, src: bytes, dst: bytes) -> None:
         self._do2(src, dst, lambda sd, s, dd, d: os.rename(s, d, src_dir_fd=sd, dst_dir_fd=dd))
 
