@@ -218,3 +218,33 @@ def test_an_upper_too_full_for_the_work_dir_mounts_read_only(tmp_path, fuse, roo
     assert results["layerfs"] == results["kernel"]
     steps = dict(results["layerfs"])
     assert steps["read-only"] is True and steps["create"] == ("err", "EROFS")
+
+
+def test_a_mount_whose_control_socket_cannot_be_made_stays_mounted(tmp_path, fuse, root):
+    """The control socket (freezing for `layer commit --live`) is made in the work dir once
+    the mount is live.  When it could not be made, the daemon ended and unmounted what was
+    already in use: xfstests overlay/078 shuts the filesystem down right after a mount, and
+    the next `umount` found nothing.  Kernel overlayfs stays mounted; so does layerfs now,
+    without the socket, saying so in its log.  Here the upper's tmpfs runs out of inodes
+    just before the socket (found by trying a few sizes)."""
+    import time
+
+    write(tmp_path / "lo/f", b"lower\n")
+    hit = False
+    for inodes in range(4, 9):
+        base = tmp_path / str(inodes)
+        base.mkdir()
+        mnt, log = base / "mnt", base / "daemon.log"
+        mnt.mkdir()
+        with (
+            _small_upper(base / "fs", f"nr_inodes={inodes}") as (up, wk),
+            LayerfsMount(mnt, [tmp_path / "lo"], up, wk, log_path=log) as m,
+        ):
+            time.sleep(0.3)  # the socket is made after the mount answers
+            assert m.proc is not None and m.proc.poll() is None, log.read_text()
+            assert (mnt / "f").read_bytes() == b"lower\n"
+            assert os.path.ismount(mnt)
+            hit = "cannot make the control socket" in log.read_text()
+        if hit:
+            break
+    assert hit, "no size of the upper made the control socket fail"

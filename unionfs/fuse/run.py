@@ -100,12 +100,8 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any, atime: An
     bridge = Bridge(ops, conn, mounted.fd)
     session = Session(mounted.fd, conn, bridge, spin_us=cfg.spin_us)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    try:
-        # before any request is answered: a client that saw the mount answer can freeze it
-        listener = listen_control(writer) if writer is not None else None
-    except OSError as exc:
-        log.error("layerfs: cannot make the control socket: %s", exc)
-        return EXIT_MOUNT_FAILED
+    # before any request is answered: a client that saw the mount answer can freeze it
+    listener = listen_control(writer) if writer is not None else None
     first = _before_trio(session, listener)
     if session.unmounted_early:
         # unmounted before trio was needed: let go of the layers now (kernel overlayfs lets
@@ -168,7 +164,7 @@ async def _main(
         await session.serve(first)
         await bridge.close()
 
-    await serve_mount(trio, ops, mountpoint, loop, session.terminate, listener)
+    await serve_mount(trio, ops, mountpoint, loop, session.terminate, listener, tried=True)
 
 
 def _counts(counts: dict[int, int]) -> str:
