@@ -96,7 +96,13 @@ def mount(
             desc, image_name = old.image, old.image_name  # a writable mount keeps its image
         else:
             desc, image_name = mountrecords.resolve(store, image), image
-        lowers_top_first = [str(p) for p in reversed(descriptor_layers(store, desc, image))]
+        # an image may hold one layer twice (the same diff_id: two steps that made the same
+        # change), unpacked once, which layerfs, as the kernel, refuses as a lower dir given
+        # twice; the topmost one shows all that either would (every name of the lower one
+        # is a name of the upper one)
+        lowers_top_first = list(
+            dict.fromkeys(str(p) for p in reversed(descriptor_layers(store, desc, image)))
+        )
         where = os.path.abspath(mountpoint)
         with store.transaction():  # the record pins the image before the mount uses it
             rec = mountrecords.save(store, name, image_name, desc, where, read_only)

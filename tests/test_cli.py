@@ -116,3 +116,33 @@ def test_bad_input_is_a_clean_error(tmp_path):
     assert "Traceback" not in result.output
     r = subprocess.run([LAYER, "umount", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "layer: error:" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.mount
+def test_an_image_holding_one_layer_twice_mounts(tmp_path, fuse):
+    """One layer twice in an image (two build steps that made the same change) is unpacked
+    once, and kernel overlayfs and layerfs refuse a lower dir given twice: `layer mount`
+    stacks it once, at its topmost place, which shows what both would."""
+    from tests import imagedata
+
+    same = [("etc/", "dir", None), ("etc/same", "file", b"same\n")]
+    middle = [("etc/", "dir", None), ("etc/same", "file", b"middle\n"), ("etc/mid", "file", b"m")]
+    imagedata.write_oci_layout(tmp_path / "src", layers=[same, middle, same])
+    root, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+
+    def layer(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([LAYER, args[0], "--root", str(root), *args[1:]],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    pulled = layer("pull", f"oci:{tmp_path / 'src'}:latest", "--name", "twice")
+    assert pulled.returncode == 0, pulled.stderr
+    r = layer("mount", "twice", str(mnt))
+    try:
+        assert r.returncode == 0, r.stderr
+        assert sorted(os.listdir(mnt / "etc")) == ["mid", "same"]
+        assert (mnt / "etc/same").read_bytes() == b"same\n"
+    finally:
+        u = layer("umount", str(mnt))
+    assert u.returncode == 0, u.stderr
+    assert not is_mounted(mnt)

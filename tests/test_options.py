@@ -309,3 +309,45 @@ def test_remount_request_keeps_the_order_of_the_flags():
         "/m", ["rw", "nosuid", "ro"])  # fmt: skip
     assert remount_request(["-oro,remount", "/m", "-o", "lowerdir=/x,rw"]) == ("/m", ["ro", "rw"])
     assert remount_request(["-o", "lowerdir=/x,ro", "/m"]) is None
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        "lowerdir={d}/top:{d}/top",  # one layer twice
+        "lowerdir={d}/top:{d}/top/in",  # one inside another
+        "lowerdir={d}/top/in:{d}/top",
+        "lowerdir={d}/work,upperdir={d}/upper,workdir={d}/work",  # the work dir as a layer
+        "lowerdir={d}/work/in,upperdir={d}/upper,workdir={d}/work",  # a layer inside it
+        "lowerdir={d}/top,upperdir={d}/upper,workdir={d}/top/w",  # a work dir in a layer: ok
+        "lowerdir={d}/top:{d}/bottom,upperdir={d}/upper,workdir={d}/work",  # ok
+        "ro,lowerdir={d}/top:{d}/bottom,redirect_dir=follow,metacopy=on",  # no upper: ok
+        "ro,lowerdir={d}/top:{d}/bottom,redirect_dir=off,metacopy=on",
+        "ro,lowerdir={d}/top:{d}/bottom,redirect_dir=nofollow,metacopy=on",
+        "lowerdir={d}/top,upperdir={d}/upper,workdir={d}/work,redirect_dir=follow,metacopy=on",
+    ],
+)
+def test_layers_and_options_the_kernel_refuses_are_refused(dirs, opts):
+    """What kernel overlayfs refuses to mount (overlapping layers: ELOOP; metacopy=on with
+    redirects it cannot follow), layerfs refuses, and what it mounts layerfs takes
+    (xfstests overlay/060, 065).  layerfs mounted a layer given twice or inside another,
+    and refused metacopy=on with redirect_dir=follow on a stack without an upper."""
+    from tests.mounts import require_root
+
+    require_root()
+    for sub in ("top/in", "top/w", "work/in"):
+        (dirs / sub).mkdir(parents=True)
+    line = opts.format(d=dirs)
+    kernel = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", line, str(dirs / "mnt")],
+                            capture_output=True, timeout=30)  # fmt: skip
+    if kernel.returncode == 0:
+        subprocess.run(["umount", str(dirs / "mnt")], check=True, timeout=30)
+    for sub in ("work/work", "work/index", "top/w/work", "top/w/index"):
+        if (dirs / sub).exists():
+            os.rmdir(dirs / sub)  # the kernel's, made afresh by each mount
+    try:
+        parse_args(["-o", line, str(dirs / "mnt")])
+        ours = True
+    except OptionError:
+        ours = False
+    assert ours == (kernel.returncode == 0), kernel.stderr

@@ -378,6 +378,7 @@ def _validate(
     work = values.pop("workdir", None)
     if (upper is None) != (work is None):
         raise OptionError("upperdir and workdir must be given together")
+    _refuse_overlaps(lowers, None if work is None else unescape(work))
     if upper is not None and work is not None:
         upper = _existing_dir(unescape(upper), "upperdir")
         work = _existing_dir(unescape(work), "workdir")
@@ -420,8 +421,10 @@ def _validate(
         raise OptionError(f"redirect_dir={redirect_dir}: expected one of {', '.join(REDIRECT_DIR)}")
     follow_redirects, create_redirects = REDIRECT_DIR[redirect_dir]
     metacopy = _switch(values.pop("metacopy", None), "metacopy", False, ("off", "on"))
-    if metacopy and asked_redirect not in (None, "on"):
-        # as the kernel: a metacopy file moved by a rename is found again by its redirect
+    # as the kernel: a metacopy file moved by a rename is found again by its redirect; with
+    # no upper, only following them matters (its ovl_fs_params_verify)
+    follows = ("on",) if upper is not None else ("on", "follow", "off")
+    if metacopy and asked_redirect is not None and asked_redirect not in follows:
         raise OptionError(f"conflicting options: metacopy=on,redirect_dir={asked_redirect}")
     uuid = values.pop("uuid", "auto")
     if uuid not in UUID_MODES:
@@ -581,6 +584,44 @@ def _existing_dir(path: str, what: str) -> str:
     if not _stat.S_ISDIR(st.st_mode):
         raise OptionError(f"{what} {path}: not a directory")
     return full
+
+
+def _ancestry(path: str) -> list[tuple[int, int]]:
+    """(st_dev, st_ino) of `path`'s real directory and of each of its parents up to /."""
+    out = []
+    here = os.path.realpath(path)
+    while True:
+        st = os.stat(here)
+        out.append((st.st_dev, st.st_ino))
+        parent = os.path.dirname(here)
+        if parent == here:
+            return out
+        here = parent
+
+
+def _refuse_overlaps(lowers: list[str], work: str | None) -> None:
+    """As the kernel refuses them (ELOOP, "overlapping lowerdir path"): a lower layer given
+    twice, one inside another, and a lower layer that is the work dir or inside it.  Such
+    a stack shows some objects twice, and copy-ups of one layer change another.  By identity
+    (a symlink or bind mount that leads into a layer counts), one walk up per layer."""
+    chains = [_ancestry(low) for low in lowers]
+    roots: dict[tuple[int, int], int] = {}
+    for i, chain in enumerate(chains):
+        first = roots.setdefault(chain[0], i)
+        if first != i:
+            raise OptionError(f"lowerdir {lowers[i]} is given twice (overlapping lowerdir path)")
+    for i, chain in enumerate(chains):
+        for above in chain[1:]:
+            j = roots.get(above)
+            if j is not None:
+                raise OptionError(f"lowerdir {lowers[i]} is inside lowerdir {lowers[j]} "
+                                  "(overlapping lowerdir path)")  # fmt: skip
+    if work is not None and os.path.isdir(work):
+        wchain = _ancestry(work)
+        for i, chain in enumerate(chains):
+            if wchain[0] in chain:  # (a work dir inside a lower layer the kernel allows)
+                raise OptionError(f"lowerdir {lowers[i]} is the workdir or inside it "
+                                  "(overlapping lowerdir path)")  # fmt: skip
 
 
 def _inside(path: str, root: str) -> bool:
