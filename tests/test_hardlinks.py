@@ -405,3 +405,30 @@ def test_an_upper_directory_copied_by_hand_with_its_redirect_is_a_directory_of_i
         (mnt / "r2/file").write_bytes(b"r2\n")
         assert (d / "upper/r2/file").read_bytes() == b"r2\n"
         assert (d / "upper/r1/file").read_bytes() != b"r2\n"
+
+
+def test_a_name_linked_at_copy_up_lists_the_number_stat_shows(tmp_path):
+    """xfstests overlay/044: with index=on, writing one name of a lower hard link links the
+    copy at the other names too; the listing's entry of another name kept the lower file's
+    number as if it were its real upper inode, so readdir gave that name a number of its
+    own (its d_ino differed from its st_ino).  As on the kernel, every name lists the
+    number stat shows."""
+    seen = {}
+    fs = tmp_path / "lowerfs"  # the lower on a filesystem of its own, as in the xfstests run
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "layertest", str(fs)], check=True, timeout=30)
+    try:
+        for who, d, cls in _two_sides(tmp_path):
+            lower = fs / who
+            layerdata.write(lower / "foo", b"zero\n")
+            os.link(lower / "foo", lower / "bar")
+            with cls(d / "mnt", [lower], d / "upper", d / "work", "index=on,xino=on"):
+                before = {n: os.lstat(d / "mnt" / n).st_ino for n in ("foo", "bar")}  # lookups
+                with open(d / "mnt/bar", "ab") as f:
+                    f.write(b"one\n")
+                after = {n: os.lstat(d / "mnt" / n).st_ino for n in ("foo", "bar")}
+                listed = {e.name: e.inode() for e in os.scandir(d / "mnt")}
+            seen[who] = (before == after == listed, len(set(listed.values())))
+    finally:
+        subprocess.run(["umount", "-l", str(fs)], timeout=30)
+    assert seen["layerfs"] == seen["kernel"] == (True, 1)

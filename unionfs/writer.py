@@ -442,6 +442,7 @@ class Writer:
         still shows the same lower file, and once in the index for each name not shown."""
         stack = self.stack
         shown = 1
+        copy_ino = 0  # the upper copy's own inode number, which each link now lists
         for layer, rel in self._linkmap().get((plan.st.st_dev, plan.st.st_ino), []):
             root = stack.layers[layer]
             found = self._visible_name(root, rel)
@@ -454,7 +455,11 @@ class Writer:
             pst = self.fs.lstat(pdir)
             self.fs.link(stack.upper_path(node), pdir + b"/" + name)
             self.fs.utime(pdir, ns=(pst.st_atime_ns, pst.st_mtime_ns))  # a copy-up, not a change
-            child.layer, child.covers, child.node_ino = 0, True, node.ino
+            if not copy_ino:
+                copy_ino = self.fs.lstat(stack.upper_path(node)).st_ino
+            # the entry is the upper link now, as a new listing would give it (the lower
+            # file's number left in it made the name look like another upper file)
+            child.layer, child.ino, child.covers, child.node_ino = 0, copy_ino, True, node.ino
             shown += 1
         if plan.st.st_nlink > shown:
             if not self.fs.exists(self.index_dir):
