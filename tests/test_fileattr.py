@@ -310,3 +310,33 @@ def test_objects_append_only_in_the_upper_itself_as_kernel_overlayfs(tmp_path, f
     assert seen["layerfs"] == seen["kernel"]
     assert seen["layerfs"]["data"] == b"upper\none\ntwo\n"
     assert seen["layerfs"]["write"] == "EPERM" and seen["layerfs"]["times"] == "EPERM"
+
+
+def _flagged_parents(root: Path) -> tuple[Path, Path, Path, Path]:
+    lower, upper, work, mnt = (root / n for n in ("lower", "upper", "work", "mnt"))
+    for p in (lower / "low/dir", upper / "imm/dir", upper / "app/dir", work, mnt):
+        p.mkdir(parents=True)
+    for p in (lower / "low/dir/f", upper / "imm/dir/f", upper / "app/dir/f"):
+        p.write_bytes(b"x\n")
+    _set(upper / "imm", add=IMM)
+    _set(upper / "app", add=APP)
+    return lower, upper, work, mnt
+
+
+def _rmdir_steps(mnt: Path) -> dict[str, object]:
+    try:
+        return {p: value_or_errno(os.rmdir, mnt / p) for p in ("imm/dir", "app/dir", "low/dir")}
+    finally:
+        for p in ("imm", "app"):
+            _set(mnt.parent / "upper" / p, drop=IMM | APP)
+
+
+def test_removing_a_full_directory_from_a_flagged_one_is_eperm_as_on_the_kernel(
+    tmp_path, fuse, root
+):
+    """The VFS refuses a removal from an immutable or append-only directory (may_delete)
+    before the filesystem finds the directory not empty: EPERM, where layerfs said
+    ENOTEMPTY for flags set in the upper itself (xfstests overlay/030)."""
+    seen = on_both(tmp_path, _flagged_parents, _rmdir_steps)
+    assert seen["layerfs"] == seen["kernel"]
+    assert seen["layerfs"] == {"imm/dir": "EPERM", "app/dir": "EPERM", "low/dir": "ENOTEMPTY"}

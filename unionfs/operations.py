@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import acl, fileattr, fsutil, markers, syscalls
 from . import fuseapi as pyfuse3  # pyfuse3 itself, or stand-ins for the native transport
 from .atime import AtimePolicy
-from .errors import UnionError
+from .errors import NotEmpty, UnionError
 from .fdlimit import FdBudget
 from .fsat import PLAIN, Roots
 from .gate import Gate
@@ -1149,7 +1149,17 @@ class UnionOperations(pyfuse3.Operations):
         if self.stack.in_upper(parent):  # may_delete (a lower parent's children are lower)
             child = self._child_node(parent, name)
             self._refuse(bool(self._prot(parent) or self._prot(child)))
-        writer.rmdir(parent, name)
+        try:
+            writer.rmdir(parent, name)
+        except NotEmpty:
+            # the VFS refuses the removal (may_delete) before the filesystem finds the
+            # directory not empty: EPERM where the real parent or the directory itself is
+            # immutable or append-only (chattr in the upper itself, which the mount's own
+            # flags do not know of; xfstests overlay/030).  Read only on this failure.
+            for node in (parent, self._child_node(parent, name)):
+                flags = fileattr.lower_flags(self.stack.fs, self.stack.real_path(node), node.kind)
+                self._refuse(flags & fileattr.PROT)
+            raise
 
     @_handler
     @_mutating
