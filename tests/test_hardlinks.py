@@ -432,3 +432,35 @@ def test_a_name_linked_at_copy_up_lists_the_number_stat_shows(tmp_path):
     finally:
         subprocess.run(["umount", "-l", str(fs)], timeout=30)
     assert seen["layerfs"] == seen["kernel"] == (True, 1)
+
+
+def test_index_on_refuses_an_upper_made_over_other_lower_layers(tmp_path):
+    """xfstests overlay/037: with index=on the upper's root records the topmost lower
+    layer's root (its origin); the kernel refuses to mount that upper over other lower
+    layers (ESTALE), since its copies and links stand for lower files that are not there,
+    and so does layerfs now.  Each engine also mounts the other's upper over the same
+    layers, so the root's origin is the same bytes."""
+    require_root()
+    outcome = {}
+    for who in ("layerfs", "kernel"):
+        d = tmp_path / who
+        for sub in ("l1", "l2", "other", "upper", "work", "kwork", "lwork", "mnt"):
+            (d / sub).mkdir(parents=True)
+        layerdata.write(d / "l1/f", b"f\n")
+        first = LayerfsMount if who == "layerfs" else KernelOverlay
+        other = KernelOverlay if who == "layerfs" else LayerfsMount
+        with first(d / "mnt", [d / "l1", d / "l2"], d / "upper", d / "work", "index=on"):
+            (d / "mnt/f").write_bytes(b"changed\n")
+        got = []
+        for cls, lowers, work in (
+            (first, [d / "other", d / "l2"], d / "work"),  # another topmost lower layer
+            (first, [d / "l1", d / "l2"], d / "work"),  # the same layers again
+            (other, [d / "l1", d / "l2"], d / ("kwork" if who == "layerfs" else "lwork")),
+        ):
+            try:
+                with cls(d / "mnt", lowers, d / "upper", work, "index=on"):
+                    got.append((d / "mnt/f").read_bytes())
+            except (Exception, pytest.fail.Exception):  # the mount was refused
+                got.append(None)
+        outcome[who] = got
+    assert outcome["layerfs"] == outcome["kernel"] == [None, b"changed\n", b"changed\n"]

@@ -45,7 +45,15 @@ from .acl import ACCESS as ACL_ACCESS
 from .acl import DEFAULT as ACL_DEFAULT
 from .acl import Inherited
 from .dirlock import lock_dir
-from .errors import Exists, NameTooLong, NotEmpty, NotFound, UnionError, WorkDirUnusable
+from .errors import (
+    Exists,
+    NameTooLong,
+    NotEmpty,
+    NotFound,
+    StaleHandle,
+    UnionError,
+    WorkDirUnusable,
+)
 from .fsat import Roots, inside
 from .logs import log
 from .stack import DirLayer, Entry, LayerStack, Node
@@ -55,6 +63,34 @@ WORK_SUBDIR = "layerfs"
 _NO_SHARED_WHITEOUT = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV})
 _CAPS = b"security.capability"
 INDEX_SUBDIR = "layerfs-index"  # index=on: links that stand for lower names not shown
+
+
+def _verify_root_origin(stack: LayerStack) -> None:
+    """index=on, as the kernel's ovl_verify_origin of the upper root at mount: the upper's
+    root records the topmost lower layer's root (its origin, set at the first such mount),
+    and a later mount of that upper over other lower layers is refused (ESTALE there): its
+    copies and links stand for lower files that are not there (xfstests overlay/037).
+    Nothing where the lower filesystem gives no file handles or trusted xattrs cannot be
+    set, as the kernel then falls back to index=off."""
+    if not origin.enabled():
+        return
+    fs, upper, lower = stack.fs, stack.layers[0], stack.layers[1]
+    st = fs.lstat(lower)
+    origin._uuid_of(fs, lower, st.st_dev, stack.fs_uuids)  # the root itself, not its parent
+    value = origin.value_for(fs, lower, st, stack.fs_uuids)
+    if value is None:
+        return
+    try:
+        have = fs.getxattr(upper, origin.XATTR)
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            fs.setxattr(upper, origin.XATTR, value)
+        return
+    if have != value:
+        raise StaleHandle(
+            f"upperdir {os.fsdecode(upper)} was made over other lower layers with index=on "
+            f"(its root's origin is not lowerdir {os.fsdecode(lower)})"
+        )
 
 
 def _drop_acls(fs: Roots, work: bytes) -> None:
@@ -161,6 +197,13 @@ class Writer:
         fs.add(self.work)
         markers.probe_trusted(self.work, fs)  # before any marker is written
         markers.init_uuid(stack.layers[0], uuid, fs)
+        if stack.index:
+            try:
+                _verify_root_origin(stack)
+            except BaseException:
+                for fd in self._locks:
+                    os.close(fd)
+                raise
         self.index_dir = os.fsencode(os.path.join(os.path.abspath(workdir), INDEX_SUBDIR))
         self._seq = 0
         # copy-ups of regular files go through a nameless file (O_TMPFILE) linked into place,
