@@ -378,7 +378,6 @@ def _validate(
     work = values.pop("workdir", None)
     if (upper is None) != (work is None):
         raise OptionError("upperdir and workdir must be given together")
-    _refuse_overlaps(lowers, None if work is None else unescape(work))
     if upper is not None and work is not None:
         upper = _existing_dir(unescape(upper), "upperdir")
         work = _existing_dir(unescape(work), "workdir")
@@ -386,9 +385,7 @@ def _validate(
             raise OptionError(f"workdir {work} is not on the same filesystem as upperdir {upper}")
         if _inside(upper, work) or _inside(work, upper):
             raise OptionError("upperdir and workdir must be separate subtrees")
-        for low in lowers:
-            if _inside(upper, low) or _inside(low, upper):
-                raise OptionError(f"upperdir {upper} overlaps lowerdir {low}")
+    _refuse_overlaps(lowers, upper, work)
     transport = _transport(values.pop("fuse", None))
     asked_writeback = values.get("writeback") == "1"
     if asked_writeback and transport == "pyfuse3":
@@ -605,11 +602,13 @@ def _ancestry(path: str, seen: dict[str, tuple[int, int]] | None = None) -> list
         here = parent
 
 
-def _refuse_overlaps(lowers: list[str], work: str | None) -> None:
+def _refuse_overlaps(lowers: list[str], upper: str | None, work: str | None) -> None:
     """As the kernel refuses them (ELOOP, "overlapping lowerdir path"): a lower layer given
     twice, one inside another, and a lower layer that is the work dir or inside it.  Such
-    a stack shows some objects twice, and copy-ups of one layer change another.  By identity
-    (a symlink or bind mount that leads into a layer counts), one walk up per layer."""
+    a stack shows some objects twice, and copy-ups of one layer change another.  And an
+    upper that is a lower layer, or inside one, or holds one (issue 12, item 17: a lower
+    written through the upper).  By identity (a symlink or bind mount that leads into a
+    layer counts), one walk up per layer."""
     seen: dict[str, tuple[int, int]] = {}
     chains = [_ancestry(low, seen) for low in lowers]
     roots: dict[tuple[int, int], int] = {}
@@ -623,12 +622,17 @@ def _refuse_overlaps(lowers: list[str], work: str | None) -> None:
             if j is not None:
                 raise OptionError(f"lowerdir {lowers[i]} is inside lowerdir {lowers[j]} "
                                   "(overlapping lowerdir path)")  # fmt: skip
-    if work is not None and os.path.isdir(work):
+    if work is not None:
         wchain = _ancestry(work, seen)
         for i, chain in enumerate(chains):
             if wchain[0] in chain:  # (a work dir inside a lower layer the kernel allows)
                 raise OptionError(f"lowerdir {lowers[i]} is the workdir or inside it "
                                   "(overlapping lowerdir path)")  # fmt: skip
+    if upper is not None:
+        uchain = _ancestry(upper, seen)
+        for low, chain in zip(lowers, chains, strict=True):
+            if chain[0] in uchain or uchain[0] in chain:
+                raise OptionError(f"upperdir {upper} overlaps lowerdir {low}")
 
 
 def _inside(path: str, root: str) -> bool:
@@ -636,12 +640,4 @@ def _inside(path: str, root: str) -> bool:
     mount that leads into `root` counts.  Compares `root`'s st_dev/st_ino with those of each
     real ancestor of `path` (its realpath, then every parent up to /)."""
     want = os.stat(root)
-    here = os.path.realpath(path)
-    while True:
-        st = os.stat(here)
-        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
-            return True
-        parent = os.path.dirname(here)
-        if parent == here:
-            return False
-        here = parent
+    return (want.st_dev, want.st_ino) in _ancestry(path)
