@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 
 from . import markers, syscalls
@@ -77,7 +78,10 @@ def value_for(fs: Roots, path: bytes, st: os.stat_result, uuids: Uuids) -> bytes
         kind, handle = fs.file_handle(path)
     except OSError:
         return None
-    uuid = _uuid_of(fs, os.path.dirname(path) or b"/", st.st_dev, uuids)
+    # the filesystem's uuid from a directory on it: a directory itself (a layer's root may be
+    # a filesystem's root, whose parent is on another), a file's parent
+    directory = path if stat.S_ISDIR(st.st_mode) else os.path.dirname(path) or b"/"
+    uuid = _uuid_of(fs, directory, st.st_dev, uuids)
     if len(handle) > 255 - _HEADER or not 0 <= kind <= 255:
         return None
     header = bytes((0, _MAGIC, _HEADER + len(handle), _CPU_ENDIAN, kind))

@@ -75,9 +75,7 @@ def _verify_root_origin(stack: LayerStack) -> None:
     if not origin.enabled():
         return
     fs, upper, lower = stack.fs, stack.layers[0], stack.layers[1]
-    st = fs.lstat(lower)
-    origin._uuid_of(fs, lower, st.st_dev, stack.fs_uuids)  # the root itself, not its parent
-    value = origin.value_for(fs, lower, st, stack.fs_uuids)
+    value = origin.value_for(fs, lower, fs.lstat(lower), stack.fs_uuids)
     if value is None:
         return
     try:
