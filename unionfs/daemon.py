@@ -229,9 +229,10 @@ def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
 
 
 async def _run(pyfuse3, trio, ops, mountpoint) -> None:  # type: ignore[no-untyped-def]
-    from .serving import serve_mount
+    from .serving import listen_control, serve_mount
 
-    await serve_mount(trio, ops, mountpoint, pyfuse3.main, pyfuse3.terminate)
+    listener = listen_control(ops.writer) if ops.writer is not None else None
+    await serve_mount(trio, ops, mountpoint, pyfuse3.main, pyfuse3.terminate, listener)
 
 
 def _setup_logging(debug: bool) -> None:

@@ -181,14 +181,13 @@ async def serve_mount(  # type: ignore[no-untyped-def]
     loop: Callable[[], Awaitable[None]],
     terminate: Callable[[], None],
     listener: Any = None,
-    tried: bool = False,
 ) -> None:
     """Run one mount until its transport's `loop` returns: SIGTERM/SIGINT/SIGHUP flush a
     writable mount and `terminate` the loop; a writable mount also serves its control socket
     (freeze/thaw for `layer diff`/`commit`) beside the upper.  The control session syncs the
     upper through an fd when the mountpoint shadows it (a mount over its own layer).
-    `listener`: that socket when the transport made it already (`listen_control`; `tried`:
-    it tried, and None is its answer)."""
+    `listener`: that socket (`listen_control`, made by the transport before it serves; None
+    for a read-only mount, or where it could not be made)."""
     from . import control
 
     async def on_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
@@ -213,11 +212,10 @@ async def serve_mount(  # type: ignore[no-untyped-def]
 
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signals)
-        sock = listener if tried or ops.writer is None else listen_control(ops.writer)
-        if sock is not None:
+        if listener is not None:
             await nursery.start(
                 control.serve,
-                sock,
+                listener,
                 ops.gate,
                 ops.stack.fs.handle(ops.stack.layers[0]),  # an fd if under the mount
                 os.fsencode(mountpoint),

@@ -176,32 +176,30 @@ class Writer:
             for path, what in ((workdir, "workdir"), (os.fsdecode(stack.layers[0]), "upperdir")):
                 self._locks.append(lock_dir(path, what, mountpoint))
         except BaseException:
-            for fd in self._locks:
-                os.close(fd)
+            self._unlock()
             raise
         self.workdir = os.path.abspath(workdir)  # as given by workdir=
         self.work = os.fsencode(os.path.join(self.workdir, WORK_SUBDIR))
         self.fs = fs = stack.fs
-        fs.add(os.path.dirname(self.work))
         try:
-            if fs.exists(self.work):  # debris of an interrupted run; never referenced
-                fs.rmtree(self.work)
-            fs.mkdir(self.work, 0o700)
-            _drop_acls(fs, self.work)
-        except OSError as exc:  # the upper filesystem is full or read-only: serving.open_stack
-            for fd in self._locks:  # mounts read-only, as the kernel does
-                os.close(fd)
-            raise WorkDirUnusable(exc.errno, exc.strerror, os.fsdecode(self.work)) from exc
-        fs.add(self.work)
-        markers.probe_trusted(self.work, fs)  # before any marker is written
-        markers.init_uuid(stack.layers[0], uuid, fs)
-        if stack.index:
+            fs.add(os.path.dirname(self.work))
             try:
+                if fs.exists(self.work):  # debris of an interrupted run; never referenced
+                    fs.rmtree(self.work)
+                fs.mkdir(self.work, 0o700)
+                _drop_acls(fs, self.work)
+            except OSError as exc:
+                # the upper filesystem is full or read-only: serving.open_stack mounts
+                # read-only, as the kernel does
+                raise WorkDirUnusable(exc.errno, exc.strerror, os.fsdecode(self.work)) from exc
+            fs.add(self.work)
+            markers.probe_trusted(self.work, fs)  # before any marker is written
+            markers.init_uuid(stack.layers[0], uuid, fs)
+            if stack.index:
                 _verify_root_origin(stack)
-            except BaseException:
-                for fd in self._locks:
-                    os.close(fd)
-                raise
+        except BaseException:  # no mount: the dirs are free again
+            self._unlock()
+            raise
         self.index_dir = os.fsencode(os.path.join(os.path.abspath(workdir), INDEX_SUBDIR))
         self._seq = 0
         # copy-ups of regular files go through a nameless file (O_TMPFILE) linked into place,
@@ -214,6 +212,11 @@ class Writer:
         self._linkmap_cache: dict[tuple[int, int], list[tuple[int, bytes]]] | None = None
         # upper directories carrying a redirect (`_redirected_dirs`), until a rename
         self._redirects: list[bytes] | None = None
+
+    def _unlock(self) -> None:
+        for fd in self._locks:
+            os.close(fd)
+        self._locks.clear()
 
     def tmpname(self) -> bytes:
         self._seq += 1

@@ -164,7 +164,7 @@ async def _main(
         await session.serve(first)
         await bridge.close()
 
-    await serve_mount(trio, ops, mountpoint, loop, session.terminate, listener, tried=True)
+    await serve_mount(trio, ops, mountpoint, loop, session.terminate, listener)
 
 
 def _counts(counts: dict[int, int]) -> str:
