@@ -104,8 +104,11 @@ def escape(path: str | os.PathLike[str]) -> str:
     return str(path).replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
 
 
-def overlay_options(lowers, upper=None, work=None) -> str:
-    opts = "lowerdir=" + ":".join(escape(p) for p in lowers)
+def overlay_options(lowers, upper=None, work=None, data=()) -> str:
+    """`lowerdir=` (with the data-only layers `data` after `::`), `upperdir=`, `workdir=`."""
+    opts = (
+        "lowerdir=" + ":".join(escape(p) for p in lowers) + "".join(f"::{escape(p)}" for p in data)
+    )
     if upper is not None:
         opts += f",upperdir={escape(upper)},workdir={escape(work)}"
     return opts
@@ -123,10 +126,13 @@ class LayerfsMount:
         extra_opts: str = "",
         log_path: str | os.PathLike[str] | None = None,
         prefix: Sequence[str] = (),
+        data: Sequence[str | os.PathLike[str]] = (),
     ) -> None:
         self.mnt = str(mnt)
         self.prefix = list(prefix)  # a wrapper command (prlimit, setpriv, ...)
-        self.opts = overlay_options(lowers, upper, work) + (f",{extra_opts}" if extra_opts else "")
+        self.opts = overlay_options(lowers, upper, work, data) + (
+            f",{extra_opts}" if extra_opts else ""
+        )
         self.log_path = str(log_path or (Path(self.mnt).parent / (Path(self.mnt).name + ".log")))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -190,9 +196,11 @@ class LayerfsMount:
 class KernelOverlay:
     """`mount -t overlay` on the same kind of directories; the oracle."""
 
-    def __init__(self, mnt, lowers, upper=None, work=None, extra_opts: str = "") -> None:
+    def __init__(self, mnt, lowers, upper=None, work=None, extra_opts: str = "", data=()) -> None:
         self.mnt = str(mnt)
-        self.opts = overlay_options(lowers, upper, work) + (f",{extra_opts}" if extra_opts else "")
+        self.opts = overlay_options(lowers, upper, work, data) + (
+            f",{extra_opts}" if extra_opts else ""
+        )
 
     def __enter__(self) -> KernelOverlay:
         require_root()

@@ -9,7 +9,13 @@ import pytest
 
 from tests.mounts import LAYERFS
 from unionfs.errors import OptionError
-from unionfs.options import INDEX_DEFAULT, WRITEBACK_DEFAULT, parse_args, parse_lowerdir
+from unionfs.options import (
+    INDEX_DEFAULT,
+    WRITEBACK_DEFAULT,
+    parse_args,
+    parse_lowerdir,
+    split_lowerdir,
+)
 
 
 def test_lowerdir_is_top_first_with_escapes():
@@ -17,6 +23,37 @@ def test_lowerdir_is_top_first_with_escapes():
     assert parse_lowerdir(r"a\:b:c\\d") == ["a:b", "c\\d"]
     with pytest.raises(OptionError):
         parse_lowerdir("a::b")
+
+
+def test_lowerdir_with_data_only_layers_after_double_colons():
+    assert split_lowerdir("a:b::c::d") == (["a", "b"], ["c", "d"])
+    assert split_lowerdir(r"a\:b::c\:d") == (["a:b"], ["c:d"])
+    assert split_lowerdir("a") == (["a"], [])
+    # as the kernel: `::` neither first nor last, no normal layer after a data-only one
+    for bad in ("::c", "a::", "a::b:c", "a:::b", "a::::b", ""):
+        with pytest.raises(OptionError):
+            split_lowerdir(bad)
+
+
+def test_lowerdir_plus_and_datadir_plus_take_one_layer_each_in_order(dirs):
+    mnt = str(dirs / "mnt")
+    cfg = parse_args(
+        ["-o", f"lowerdir+={dirs}/we:ird,lowerdir+={dirs}/top,datadir+={dirs}/bottom", mnt]
+    )
+    assert cfg.lowers == [str(dirs / "we:ird"), str(dirs / "top")]
+    assert cfg.data_layers == [str(dirs / "bottom")]
+    cfg = parse_args(["-o", f"lowerdir={dirs}/top::{dirs}/bottom", mnt])
+    assert (cfg.lowers, cfg.data_layers) == ([str(dirs / "top")], [str(dirs / "bottom")])
+    for bad in (
+        f"lowerdir={dirs}/top,lowerdir+={dirs}/bottom",
+        f"lowerdir={dirs}/top,datadir+={dirs}/bottom",
+        f"datadir+={dirs}/bottom,lowerdir+={dirs}/top",
+        f"lowerdir+={dirs}/top,datadir+={dirs}/bottom,lowerdir+={dirs}/upper",
+        f"lowerdir+={dirs}/we\\:ird",  # no unescaping: that name is not there
+        f"lowerdir={dirs}/top::{dirs}/top",  # a layer twice, one of them data-only
+    ):
+        with pytest.raises(OptionError):
+            parse_args(["-o", bad, mnt])
 
 
 @pytest.fixture

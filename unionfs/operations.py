@@ -289,7 +289,11 @@ class UnionOperations(pyfuse3.Operations):
         a.st_size = st.st_size
         a.st_blksize = st.st_blksize
         a.st_blocks = st.st_blocks
-        if node.data is not None:  # metacopy=on: the blocks of the data, as the kernel says
+        if node.data is not None and self.stack.data_unopened(node):
+            # data in a data-only layer, not looked up before its first open: the kernel's
+            # stat guesses from the size (and says the data's own blocks after the open)
+            a.st_blocks = -(-st.st_size // st.st_blksize) * st.st_blksize >> 9
+        elif node.data is not None:  # metacopy: the blocks of the data, as the kernel says
             a.st_blocks = self.stack.fs.lstat(node.data).st_blocks
         a.st_atime_ns = st.st_atime_ns
         a.st_mtime_ns = st.st_mtime_ns
@@ -440,7 +444,21 @@ class UnionOperations(pyfuse3.Operations):
             try:
                 entry_node = self.stack.node_for(node, name, child)
                 attrs = self._entry(entry_node)
-            except OSError as exc:  # vanished from a layer: skip rather than fail the listing
+            except OSError as exc:
+                bare = getattr(token, "add_bare", None)  # the native transport's
+                if (
+                    exc.errno not in (errno.ENOENT, errno.ENOTDIR)
+                    and bare is not None
+                    and self.stack.listed_unlooked(child)
+                ):
+                    # an object its lookup refuses (a metacopy file without metacopy=on, or
+                    # with a bad redirect, or no data), where the kernel lists it: a stat of
+                    # it says why
+                    if not bare(name, self.stack.ino_for(child.layer, child.ino), child.kind,
+                                high | pos + 1):  # fmt: skip
+                        return
+                    continue
+                # vanished from a layer: skip rather than fail the listing
                 log.warning("readdir: skipping %r: %s", name, exc)
                 continue
             if not self._readdir_reply(token, name, attrs, high | pos + 1):
@@ -509,8 +527,11 @@ class UnionOperations(pyfuse3.Operations):
         oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY | _O_DIRECT)
         fs, path = self._open_path(node)
         self.budget.take(ctx.uid)
+        if node.data is not None and self.stack.open_data(node):
+            if self.stack.attrs_changed is not None:  # its st_blocks: the data's own now
+                self.stack.attrs_changed(node)
         if not writable and node.data is not None:
-            # metacopy=on: read the file below that holds the data (until a change fills it)
+            # metacopy: read the file below that holds the data (until a change fills it)
             fh = self._add_handle(node, -1, False, ctx.uid, (node.data, oflags))
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         if not writable and node.kind == stat.S_IFREG and not self.stack.in_upper(node):

@@ -185,7 +185,7 @@ class MountConfig:
         "lowers", "mountpoint", "fuse_options", "ignored", "owners", "upper", "work", "source",
         "foreground", "debug", "writeback", "passthrough", "transport", "index",
         "follow_redirects", "create_redirects", "volatile", "log_file", "acl", "spin_us",
-        "prefetch", "metacopy", "uuid",
+        "prefetch", "metacopy", "uuid", "data_layers",
     )  # fmt: skip
 
     def __init__(
@@ -214,8 +214,12 @@ class MountConfig:
         prefetch: bool = PREFETCH_DEFAULT,
         metacopy: bool = False,
         uuid: str = "auto",
+        data_layers: list[str] | None = None,
     ) -> None:
         self.lowers = lowers
+        # data-only lower layers (`lowerdir=A::D`, `datadir+=D`): where the data of metacopy
+        # files in the lowest lower layer is found by their absolute redirect (stack.py)
+        self.data_layers = data_layers or []
         self.mountpoint = mountpoint
         self.fuse_options = fuse_options
         self.ignored = ignored
@@ -287,18 +291,42 @@ def unescape(text: str) -> str:
 
 def parse_lowerdir(value: str) -> list[str]:
     """`A:B\\:c:D` → ['A', 'B:c', 'D'] (top-first, as overlayfs)."""
+    lowers, data = split_lowerdir(value)
+    if data:
+        raise OptionError(f"lowerdir has data-only layers (::) where none may be: {value!r}")
+    return lowers
+
+
+def split_lowerdir(value: str) -> tuple[list[str], list[str]]:
+    """`A:B::C::D` → (['A', 'B'], ['C', 'D']): the lower layers, top-first, and the
+    data-only layers after them (each after `::`), as the kernel's lowerdir.  A normal
+    layer after a data-only one, `::` first or last, or an empty path, is refused."""
     if value == "":
         raise OptionError("lowerdir is empty")
-    dirs = [unescape(p) for p in split_escaped(value, ":")]
-    if any(d == "" for d in dirs):
-        raise OptionError(f"lowerdir has an empty path: {value!r}")
-    return dirs
+    parts = split_escaped(value, ":")
+    lowers: list[str] = []
+    data: list[str] = []
+    i = 0
+    while i < len(parts):
+        if parts[i] == "" and 0 < i < len(parts) - 1 and parts[i + 1] != "":
+            data.append(unescape(parts[i + 1]))  # `::D`
+            i += 2
+            continue
+        if parts[i] == "":
+            raise OptionError(f"lowerdir has an empty path: {value!r}")
+        if data:
+            raise OptionError(
+                f"lowerdir: a normal layer cannot follow a data-only layer (::): {value!r}"
+            )
+        lowers.append(unescape(parts[i]))
+        i += 1
+    return lowers, data
 
 
 def parse_args(argv: list[str]) -> MountConfig:
     """Parse the command line (without argv[0]) and validate it against the filesystem."""
-    source, mountpoint, values, given, foreground, debug = _split_args(argv)
-    return _validate(values, set(given), source, mountpoint, foreground, debug)
+    source, mountpoint, values, given, foreground, debug, added = _split_args(argv)
+    return _validate(values, set(given), source, mountpoint, foreground, debug, added)
 
 
 def remount_request(argv: list[str]) -> tuple[str, list[str]] | None:
@@ -307,7 +335,7 @@ def remount_request(argv: list[str]) -> tuple[str, list[str]] | None:
     line asks for a remount (`-o remount,...`: what mount(8) runs for `mount -o
     remount,ro MNT`), else None.  As kernel overlayfs on a remount through mount(2),
     every other option is ignored."""
-    _, mountpoint, _, given, _, _ = _split_args(argv)
+    _, mountpoint, _, given, _, _, _ = _split_args(argv)
     if "remount" not in given:
         return None
     return mountpoint, [f for f in given if f in FUSE_MOUNT_FLAGS or f in ATIME_FLAGS]
@@ -315,8 +343,9 @@ def remount_request(argv: list[str]) -> tuple[str, list[str]] | None:
 
 def _split_args(
     argv: list[str],
-) -> tuple[str, str, dict[str, str], list[str], bool, bool]:
-    """(source, mountpoint, options with a value, options without in their order, -f, -d)."""
+) -> tuple[str, str, dict[str, str], list[str], bool, bool, list[tuple[str, str]]]:
+    """(source, mountpoint, options with a value, options without in their order, -f, -d,
+    the `lowerdir+=` and `datadir+=` options in their order: each may come many times)."""
     opts: list[str] = []
     positional: list[str] = []
     foreground = debug = False
@@ -349,16 +378,19 @@ def _split_args(
         raise OptionError(f"expected a mountpoint\n{USAGE}")
     values: dict[str, str] = {}
     flags: list[str] = []
+    added: list[tuple[str, str]] = []
     for group in opts:
         for item in split_escaped(group, ","):
             if not item:
                 continue
             key, eq, val = item.partition("=")
-            if eq:
+            if eq and key in ("lowerdir+", "datadir+"):
+                added.append((key, val))
+            elif eq:
                 values[key] = val
             else:
                 flags.append(key)
-    return source, mountpoint, values, flags, foreground, debug
+    return source, mountpoint, values, flags, foreground, debug, added
 
 
 def _validate(
@@ -368,12 +400,13 @@ def _validate(
     mountpoint: str,
     foreground: bool,
     debug: bool,
+    added: list[tuple[str, str]],
 ) -> MountConfig:
     for name in sorted(UNSUPPORTED & (set(values) | flags)):
         raise OptionError(f"option {name!r} is not supported by layerfs")
-    if "lowerdir" not in values:
-        raise OptionError("missing option lowerdir=DIR[:DIR...]")
-    lowers = [_existing_dir(d, "lowerdir") for d in parse_lowerdir(values.pop("lowerdir"))]
+    given_lowers, given_data = _layers(values.pop("lowerdir", None), added)
+    lowers = [_existing_dir(d, "lowerdir") for d in given_lowers]
+    data_layers = [_existing_dir(d, "data-only lowerdir") for d in given_data]
     upper = values.pop("upperdir", None)
     work = values.pop("workdir", None)
     if (upper is None) != (work is None):
@@ -385,7 +418,7 @@ def _validate(
             raise OptionError(f"workdir {work} is not on the same filesystem as upperdir {upper}")
         if _inside(upper, work) or _inside(work, upper):
             raise OptionError("upperdir and workdir must be separate subtrees")
-    _refuse_overlaps(lowers, upper, work)
+    _refuse_overlaps(lowers + data_layers, upper, work)
     transport = _transport(values.pop("fuse", None))
     asked_writeback = values.get("writeback") == "1"
     if asked_writeback and transport == "pyfuse3":
@@ -454,6 +487,7 @@ def _validate(
     fuse_options.discard("debug")
     return MountConfig(
         lowers=lowers,
+        data_layers=data_layers,
         mountpoint=mnt,
         upper=upper,
         work=work,
@@ -545,6 +579,33 @@ def _spin(value: str | None, transport: str) -> int:
     if not value.isdigit() or int(value) > SPIN_MAX_US:
         raise OptionError(f"{source}{value}: expected whole microseconds, 0 to {SPIN_MAX_US}")
     return int(value)
+
+
+def _layers(lowerdir: str | None, added: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """The lower layers and the data-only layers (top-first) of `lowerdir=` or of the
+    `lowerdir+=` / `datadir+=` options (one layer each, its path as given: no `:` split,
+    no unescaping), with the kernel's rules: the two forms are not mixed, and a
+    `lowerdir+=` does not follow a `datadir+=`, which needs a `lowerdir+=` before it."""
+    if lowerdir is not None:
+        if added:
+            raise OptionError(f"lowerdir= and {added[0][0]}= cannot be combined")
+        return split_lowerdir(lowerdir)
+    if not added:
+        raise OptionError("missing option lowerdir=DIR[:DIR...]")
+    lowers: list[str] = []
+    data: list[str] = []
+    for key, path in added:
+        if path == "":
+            raise OptionError(f"{key}= is empty")
+        if key == "datadir+":
+            if not lowers:
+                raise OptionError("datadir+= needs a lowerdir+= before it")
+            data.append(path)
+        elif data:
+            raise OptionError("lowerdir+= cannot follow datadir+=")
+        else:
+            lowers.append(path)
+    return lowers, data
 
 
 def _harmless(key: str, val: str) -> str:

@@ -103,6 +103,7 @@ def open_stack(cfg: MountConfig, report: Callable[[str], None]) -> tuple[Any, An
             follow_redirects=cfg.follow_redirects,
             fs=Roots(shadow=os.fsencode(cfg.mountpoint)),
             metacopy=cfg.metacopy,
+            data_layers=cfg.data_layers,
         )
         writer = None
         if cfg.work is not None:

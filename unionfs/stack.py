@@ -241,6 +241,7 @@ class LayerStack:
         follow_redirects: bool = True,
         fs: Roots | None = None,
         metacopy: bool = False,
+        data_layers: list[str] | None = None,
     ) -> None:
         paths = ([upper] if upper is not None else []) + list(lowers)
         self.layers: list[bytes] = [os.fsencode(os.path.abspath(p)) for p in paths]
@@ -258,8 +259,19 @@ class LayerStack:
         self.follow_redirects = follow_redirects
         self.fs = fs if fs is not None else Roots()
         root_st = [self.fs.add(p) for p in self.layers]
+        # data-only lower layers (`lowerdir=A::D`): never merged into the tree; the data of
+        # a metacopy file in the lowest lower layer whose redirect is absolute is looked for
+        # there, top first (`_metacopy_data`), and only by its open, as the kernel's lazy
+        # lowerdata lookup: until then stat guesses its blocks from its size
+        # (`data_unopened`), and a missing data file fails the open (ENOENT), not the lookup.
+        self.data_layers = [os.fsencode(os.path.abspath(p)) for p in data_layers or ()]
+        data_devs = {self.fs.add(p).st_dev for p in self.data_layers}
+        self._data_opened: set[Inode] = set()
         self.namemax = max(self.fs.statvfs(p).f_namemax for p in self.layers)
         self.devs = [st.st_dev for st in root_st]
+        # every layer on one filesystem: the kernel then lists a lower entry with its own
+        # d_ino, without looking it up (`listed_unlooked`)
+        self._one_fs = len({*self.devs, *data_devs}) == 1
         # The device index in the high bits of a number, fixed in layer order (upper first),
         # as the kernel's xino numbers its layers' filesystems at mount: handed out in order
         # of first use, a lower file's st_ino depended on what was looked up first, and
@@ -700,7 +712,9 @@ class LayerStack:
             node.parent, node.name = parent, name
             return node
         data = None
-        if child.kind == stat.S_IFREG and (child.layer == 0 and self.has_upper or self.metacopy):
+        if child.kind == stat.S_IFREG and (
+            child.layer == 0 and self.has_upper or self.metacopy or self.data_layers
+        ):
             data = self._metacopy_data(parent, name, child.path, child.layer)
         node = Node(
             ino,
@@ -732,16 +746,83 @@ class LayerStack:
             return None
         if not names.intersection(markers.METACOPY_XATTRS):
             return None
-        if not self.metacopy:
-            raise OSError(errno.EPERM, "a metacopy file (its data is in a lower layer)", path)
         redirect = None
         for xname in markers.REDIRECT_XATTRS:
             if xname in names:
                 redirect = self.fs.getxattr(path, xname)
+        if redirect is not None and (
+            b"" in redirect.split(b"/")[1:] if redirect.startswith(b"/") else b"/" in redirect
+        ):  # as the kernel checks a redirect it reads, before anything else
+            raise OSError(errno.EINVAL, "an invalid redirect", path)
+        if (
+            self.data_layers
+            and layer == len(self.layers) - 1
+            and redirect is not None
+            and redirect.startswith(b"/")
+        ):
+            # the lowest lower layer, whose absolute redirect leads into the data-only
+            # layers: allowed without metacopy=on too, as the kernel allows this one form
+            return self._in_data_layers(redirect)
+        if not self.metacopy:
+            raise OSError(errno.EPERM, "a metacopy file (its data is in a lower layer)", path)
         found = self._data_below(parent, name, redirect, layer)
         if found is None:
             raise OSError(errno.EIO, "a metacopy file whose data is in no lower layer", path)
         return found
+
+    def _in_data_layers(self, redirect: bytes) -> bytes:
+        """The regular file at the absolute path `redirect` in the first data-only layer
+        that has one; if none has, that path in the first of them, which the open finds
+        missing (ENOENT), as the kernel's lazy lookup fails there.  `.` is skipped; with a
+        `..` the path is kept for `open_data` to refuse (EXDEV, as the kernel: it leads out
+        of the layer), never looked up."""
+        parts = [p for p in redirect.split(b"/")[1:] if p != b"."]  # (no empty: checked)
+        rel = b"/".join(parts)
+        if b".." in parts or not parts:
+            return self.data_layers[0] + b"/" + rel
+        for root in self.data_layers:
+            candidate = root + b"/" + rel
+            try:
+                st = self.fs.lstat(candidate)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if stat.S_ISREG(st.st_mode):
+                return candidate
+        return self.data_layers[0] + b"/" + rel
+
+    def listed_unlooked(self, child: Entry) -> bool:
+        """Does the kernel list `child` when its lookup fails (a metacopy file it refuses)?
+        A lower entry on a stack whose layers share one filesystem, yes: its d_ino is the
+        real one, so nothing is looked up.  Any other entry it looks up for its d_ino
+        first, and leaves out when that fails (ovl_calc_d_ino, ovl_cache_update)."""
+        return self._one_fs and not (self.has_upper and child.layer == 0)
+
+    def data_unopened(self, node: Node) -> bool:
+        """Is `node`'s data in a data-only layer and not opened yet through this mount?  The
+        kernel looks such data up only at the first open (its stat guesses the blocks)."""
+        if node.data is None or node.ino in self._data_opened:
+            return False
+        return any(node.data.startswith(root + b"/") for root in self.data_layers)
+
+    def open_data(self, node: Node) -> bool:
+        """The first open of a node whose data is in a data-only layer: ENOENT (OSError) if
+        the data file is missing, as the kernel's lazy lookup.  True when `node`'s
+        attributes changed with it (stat now gives the data's own blocks)."""
+        if not self.data_unopened(node):
+            return False
+        assert node.data is not None
+        root = next(r for r in self.data_layers if node.data.startswith(r + b"/"))
+        rel = node.data[len(root) + 1 :].split(b"/")
+        if b".." in rel:
+            raise OSError(errno.EXDEV, "a redirect out of the data-only layers", node.data)
+        if rel == [b""]:  # the redirect was "/": the layer's root
+            raise OSError(errno.ENOENT, "no data file in the data-only layers", node.data)
+        st = self.fs.lstat(node.data)  # FileNotFoundError: ENOENT
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.ENOENT, "no data file in the data-only layers", node.data)
+        self._data_opened.add(node.ino)
+        node.invalidate()
+        return True
 
     def _data_below(
         self, parent: Node, name: bytes, redirect: bytes | None, layer: int
@@ -752,6 +833,8 @@ class LayerStack:
             view = self._view_below(layer)
             node: Node | None = view.root
             for part in redirect.strip(b"/").split(b"/"):
+                if part in (b".", b".."):  # the kernel's lookup of one name refuses them
+                    raise OSError(errno.EACCES, "a redirect through . or ..", redirect)
                 if node is None or not node.is_dir:
                     return None
                 node = view.find(node, part) if part else node
@@ -829,7 +912,8 @@ class LayerStack:
         if view is None:
             lowers = [os.fsdecode(p) for p in self.layers[layer + 1 :]]
             view = LayerStack(lowers, fs=self.fs, follow_redirects=self.follow_redirects,
-                              metacopy=self.metacopy)  # fmt: skip
+                              metacopy=self.metacopy,
+                              data_layers=[os.fsdecode(p) for p in self.data_layers])  # fmt: skip
             self._views[layer] = view
         return view
 

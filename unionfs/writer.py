@@ -319,6 +319,8 @@ class Writer:
             finally:
                 os.close(fd)
             with_data = False
+        if with_data and node.data is not None:
+            self.stack.open_data(node)  # data in a data-only layer: is it there (ENOENT)?
         plan = CopyPlan(node, src, tmp, st, with_data, self.fs, self.sync_copies)
         plan.flags = flags
         plan.meta = meta
@@ -703,6 +705,7 @@ class Writer:
         in a worker thread."""
         src = node.data
         assert src is not None
+        self.stack.open_data(node)  # data in a data-only layer: is it there (ENOENT)?
         path = self.stack.upper_path(node)
         fs = self.fs
         # writing the data drops the file's capabilities (the VFS's killpriv, for every

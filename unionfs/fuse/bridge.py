@@ -178,6 +178,17 @@ class DirBuffer:
         self.used += reclen
         return True
 
+    def add_bare(self, name: bytes, ino: int, mode: int, next_id: int) -> bool:
+        """An entry listed without attributes (nodeid 0 in READDIRPLUS: the kernel makes no
+        reference and looks the name up when asked), for an object whose lookup fails."""
+        reclen = wire.dirent_size(name, self.plus)
+        if self.used + reclen > self.size:
+            return False
+        entry = bytes(wire.ENTRY_OUT.size) if self.plus else None
+        self.parts.append(wire.pack_dirent(ino, next_id, mode, name, entry))
+        self.used += reclen
+        return True
+
 
 def readdir_reply(token: DirBuffer, name: bytes, attrs: Any, next_id: int) -> bool:
     """The emission function handed to UnionOperations (pyfuse3.readdir_reply's shape)."""

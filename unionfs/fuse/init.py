@@ -32,13 +32,17 @@ class Wanted:
     """What the mount would like; `negotiate` grants the subset the kernel offers."""
 
     __slots__ = ("writeback", "read_only", "cache_symlinks", "passthrough", "killpriv",
-                 "posix_acl")  # fmt: skip
+                 "posix_acl", "opens")  # fmt: skip
 
     def __init__(self, writeback: bool = False, read_only: bool = False,
                  cache_symlinks: bool = True, passthrough: bool = False,
-                 killpriv: bool = True, posix_acl: bool = True) -> None:  # fmt: skip
+                 killpriv: bool = True, posix_acl: bool = True,
+                 opens: bool = False) -> None:  # fmt: skip
         self.writeback = writeback  # FUSE_WRITEBACK_CACHE
         self.read_only = read_only  # a stack without an upper: no-open / no-opendir
+        # every open must reach the daemon, also read-only (no no-open): one whose data is
+        # in a data-only layer fails there when that data is missing, as on the kernel
+        self.opens = opens
         self.cache_symlinks = cache_symlinks
         self.passthrough = passthrough  # FUSE_PASSTHROUGH (then never the writeback cache)
         # FUSE_HANDLE_KILLPRIV_V2: the daemon clears setuid/setgid (the real file system
@@ -161,7 +165,7 @@ def negotiate(body: memoryview, want: Wanted) -> tuple[bytes, Conn | None, int]:
         # truncates with a SETATTR, after its writes in flight, as for truncate(2).  Cost: a
         # lower file opened O_TRUNC is copied up with its data, which the SETATTR then drops.
         granted &= ~wire.ATOMIC_O_TRUNC
-    no_open = want.read_only and bool(kflags & wire.NO_OPEN_SUPPORT)
+    no_open = want.read_only and not want.opens and bool(kflags & wire.NO_OPEN_SUPPORT)
     # No OPENDIR/RELEASEDIR on any stack: opening a directory copies nothing up, so the
     # kernel may skip it (two requests per directory listed) and keep every listing
     # (KEEP_CACHE|CACHE_DIR), dropping it itself when a request through it changes the

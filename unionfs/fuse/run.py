@@ -62,6 +62,7 @@ def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> 
             # namespace (rootless podman) asks for neither
             passthrough=cfg.passthrough and writer is not None and markers.trusted(),
             posix_acl=cfg.acl,
+            opens=bool(cfg.data_layers),
         )
         conn = handshake(mounted.fd, want)
     except (InitFailed, OSError) as exc:
