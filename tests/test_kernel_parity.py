@@ -30,7 +30,9 @@ conformance run (pjdfstest, a differential fuzzer) against an earlier layerfs:
     (xfstests generic/078);
   - copy_file_range(2) into a file whose flags forbid writing is refused (EPERM), also
     through a handle opened before `chattr +i` (xfstests generic/553);
-  - a new upper gets the kernel's persistent `overlay.uuid` on its root, per `uuid=`.
+  - a new upper gets the kernel's persistent `overlay.uuid` on its root, per `uuid=`;
+  - with every layer on one filesystem, files show their real numbers, as on the kernel
+    (they had 2^48 added: a 32-bit program's stat(2) of any of them failed, EOVERFLOW).
 """
 
 from __future__ import annotations
@@ -1040,3 +1042,58 @@ def test_the_mounts_atime_flags_keep_upper_atimes_as_on_the_kernel(tmp_path, fus
         "remount,nodiratime": (True, False), "remount,bind,ro": (False, False),
     }  # fmt: skip
     assert results["layerfs"] == results["kernel"]
+
+
+def _numbers(mnt: Path) -> dict[str, Any]:
+    names = [".", "f", "f2", "g", "up", "uf", "d/sub", "top"]
+    out: dict[str, Any] = {n: os.lstat(mnt / n).st_ino for n in names}
+    with open(mnt / "g", "ab") as f:  # a copy-up keeps the lower file's number
+        f.write(b"more\n")
+    with open(mnt / "f", "ab") as f:  # a copy-up that breaks a hard link (index=off)
+        f.write(b"more\n")
+    (mnt / "new").mkdir()
+    (mnt / "d/nf").write_bytes(b"")
+    for n in ("g", "f", "f2", "new", "d/nf"):
+        out[f"after {n}"] = os.lstat(mnt / n).st_ino
+    out["d_ino"] = {e.name: e.inode() for e in os.scandir(mnt) if e.name not in ("d", "new")}
+    out["d_ino ."] = next(e.inode() for e in os.scandir(mnt / "d") if e.name == "nf")
+    return out
+
+
+def test_numbers_are_the_real_ones_with_every_layer_on_one_filesystem(tmp_path, fuse, root):
+    """The kernel's numbers there (no xino): a file's own, a copy-up's its lower file's, the
+    root the topmost layer root's.  Each engine gets its own copy of the layers, so the
+    real numbers of that copy are the expected ones.  (A merged directory's number is its
+    bottom layer's on layerfs, the topmost lower's on the kernel: a documented difference,
+    left out here.)"""
+    got = {}
+    for engine in ("kernel", "layerfs"):
+        d = tmp_path / engine
+        l1, l2, up, wk, mnt = (d / n for n in ("l1", "l2", "u", "w", "m"))
+        for p in (l1 / "d", l2 / "d/sub", l1 / "top", up / "up", wk, mnt):
+            p.mkdir(parents=True)
+        write(l2 / "f", b"a\n")
+        os.link(l2 / "f", l2 / "f2")
+        write(l1 / "g", b"b\n")
+        write(up / "uf", b"u\n")
+        cls = KernelOverlay if engine == "kernel" else LayerfsMount
+        with cls(mnt, [l1, l2], up, wk):
+            seen = _numbers(mnt)
+        real = {n: os.lstat(p).st_ino for n, p in {
+            ".": up, "f": l2 / "f", "g": l1 / "g", "up": up / "up", "uf": up / "uf",
+            "d/sub": l2 / "d/sub", "top": l1 / "top", "after f": up / "f",
+            "after new": up / "new", "after d/nf": up / "d/nf"}.items()}  # fmt: skip
+        # each engine's numbers as the names of that copy's real objects
+        names = {v: k for k, v in real.items()}
+
+        def named(v: Any, names: dict[int, str] = names) -> Any:
+            return (
+                {n: names.get(i, i) for n, i in v.items()}
+                if isinstance(v, dict)
+                else names.get(v, v)
+            )
+
+        got[engine] = {k: named(v) for k, v in seen.items()}
+    assert got["kernel"]["f"] == "f" and got["kernel"]["after g"] == "g"  # the oracle
+    assert got["kernel"]["."] == "." and got["kernel"]["after f"] == "after f"
+    assert got["layerfs"] == got["kernel"]

@@ -19,9 +19,11 @@ Inode numbers: the daemon owns them.  A non-directory's number comes from its re
 (st_dev, st_ino) — so hard links in a layer share it — and a directory's from its *bottom*
 (origin) real directory, so it does not change when an upper copy appears above it.  An
 upper file copied up keeps its lower original's number: in this mount by `origins`, after a
-remount by the kernel's `overlay.origin` stored at copy-up (origin.py).  Numbers are composed
-like overlayfs's xino: the high bits carry an index of the underlying device, counted in
-layer order at mount, so every mount of the same layers gives the same numbers.
+remount by the kernel's `overlay.origin` stored at copy-up (origin.py).  With every layer on
+one filesystem a number is the real one, as the kernel's (its root shows the topmost layer
+root's); else numbers are composed like overlayfs's xino: the high bits carry an index of
+the underlying device, counted in layer order at mount, so every mount of the same layers
+gives the same numbers.
 Each Node counts kernel lookups; `forget` drops it at zero (pyfuse3's contract), so memory
 follows what the kernel caches, not what was ever seen.  One number has one Node object while
 anything refers to it: a lookup finds a forgotten object that is still some node's parent
@@ -317,6 +319,8 @@ class LayerStack:
         self.root = Node(ROOT_INODE, None, b"", stat.S_IFDIR, 0, self.layers[0], root_dirs)
         self.root.lookups = 1  # the kernel never forgets the root
         self.nodes[ROOT_INODE] = self.root
+        if self._one_fs:  # as the kernel there: the number of the topmost layer's root
+            self.shown[ROOT_INODE] = root_st[0].st_ino
         self._views: dict[int, LayerStack] = {}  # the layers below a layer (`_view_below`)
         # copy-up origins (origin.py): read back for upper files this mount did not copy up
         self._read_origins = self.has_upper and origin.enabled()
@@ -479,6 +483,11 @@ class LayerStack:
         return self._xino_dev(self.devs[layer], real_ino)
 
     def _xino_dev(self, dev: int, real_ino: int) -> Inode:
+        if self._one_fs and 1 < real_ino < _FALLBACK_BASE:
+            # every layer on one filesystem: its own numbers are unique, and the kernel shows
+            # them as they are (no xino bits), so a 32-bit program's stat(2) gets no
+            # EOVERFLOW (1 stays the root's)
+            return Inode(real_ino)
         idx = self._dev_index.setdefault(dev, len(self._dev_index))
         if real_ino < (1 << _XINO_SHIFT) and idx < _XINO_MAX_DEV:
             return Inode(((idx + 1) << _XINO_SHIFT) | real_ino)
