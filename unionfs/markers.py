@@ -36,21 +36,25 @@ WH_PREFIX = b".wh."
 WH_OPAQUE = b".wh..wh..opq"
 AUFS_META_PREFIX = b".wh..wh."  # AUFS bookkeeping (`.wh..wh.plnk`, …) in old Docker layers
 
-OVERLAY_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+OVERLAY_PREFIXES: tuple[bytes, ...] = (b"trusted.overlay.", b"user.overlay.")
 OWN_PREFIXES = (b"trusted.layerfs.", b"user.layerfs.")
 FUSEOVERLAYFS_OPAQUE = b"user.fuseoverlayfs.opaque"
-OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque", FUSEOVERLAYFS_OPAQUE)
-WHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
-REDIRECT_XATTRS = (b"trusted.overlay.redirect", b"user.overlay.redirect")
+OPAQUE_XATTRS: tuple[bytes, ...] = (
+    b"trusted.overlay.opaque",
+    b"user.overlay.opaque",
+    FUSEOVERLAYFS_OPAQUE,
+)
+WHITEOUT_XATTRS: tuple[bytes, ...] = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
+REDIRECT_XATTRS: tuple[bytes, ...] = (b"trusted.overlay.redirect", b"user.overlay.redirect")
 # a metadata-only copy-up (kernel overlayfs with metacopy=on): the file's data is still in a
 # lower layer; the upper file holds only its metadata, its bytes a hole of the right size
-METACOPY_XATTRS = (b"trusted.overlay.metacopy", b"user.overlay.metacopy")
+METACOPY_XATTRS: tuple[bytes, ...] = (b"trusted.overlay.metacopy", b"user.overlay.metacopy")
 # immutable ("i") and append-only ("a") of an upper object, kept here rather than on the real
 # object, as the kernel keeps them since Linux 5.13 (fileattr.py)
-PROTATTR_XATTRS = (b"trusted.overlay.protattr", b"user.overlay.protattr")
+PROTATTR_XATTRS: tuple[bytes, ...] = (b"trusted.overlay.protattr", b"user.overlay.protattr")
 
 
-_INTERNAL_PREFIXES = (*OVERLAY_PREFIXES, *OWN_PREFIXES, b"user.fuseoverlayfs.")
+_INTERNAL_PREFIXES: tuple[bytes, ...] = (*OVERLAY_PREFIXES, *OWN_PREFIXES, b"user.fuseoverlayfs.")
 
 
 def is_internal_xattr(name: bytes) -> bool:
@@ -244,14 +248,38 @@ def set_protattr(target: bytes | int, flags: int, fs: Roots = PLAIN) -> None:
 
 
 _trusted: bool | None = None  # `probe_trusted`'s answer; None: not asked
+_user_only = False  # `use_user_xattrs`
 
 
 def trusted() -> bool:
-    """May this process write trusted.* xattrs (and so keep overlay state where kernel
-    overlayfs mounted by root reads it)?"""
+    """Does this process keep overlay state in trusted.* xattrs (where kernel overlayfs
+    mounted by root reads it)?  Not without the right to set them, nor with `userxattr`."""
+    return not _user_only and privileged()
+
+
+def privileged() -> bool:
+    """May this process set trusted.* xattrs (CAP_SYS_ADMIN in the host's namespace, which
+    FUSE passthrough needs too)?"""
     if os.geteuid() != 0:  # asked again: a process may drop to a user after the probe
         return False
     return _trusted is not False
+
+
+def use_user_xattrs() -> None:
+    """The kernel's `userxattr`, for this process's mount, also as root: overlay state is
+    written and read in user.overlay.* only, and a `trusted.overlay.*` xattr is a user's own,
+    kept and shown as it is (not escaped), as that kernel mount leaves it.  Called once,
+    before the layers are read (the daemon serves one mount)."""
+    global _user_only, OVERLAY_PREFIXES, OPAQUE_XATTRS, WHITEOUT_XATTRS, REDIRECT_XATTRS
+    global METACOPY_XATTRS, PROTATTR_XATTRS, _INTERNAL_PREFIXES
+    _user_only = True
+    OVERLAY_PREFIXES = (b"user.overlay.",)
+    OPAQUE_XATTRS = (b"user.overlay.opaque", FUSEOVERLAYFS_OPAQUE)
+    WHITEOUT_XATTRS = (b"user.overlay.whiteout",)
+    REDIRECT_XATTRS = (b"user.overlay.redirect",)
+    METACOPY_XATTRS = (b"user.overlay.metacopy",)
+    PROTATTR_XATTRS = (b"user.overlay.protattr",)
+    _INTERNAL_PREFIXES = (*OVERLAY_PREFIXES, *OWN_PREFIXES, b"user.fuseoverlayfs.")
 
 
 def probe_trusted(directory: bytes | int, fs: Roots = PLAIN) -> bool:

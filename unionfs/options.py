@@ -185,7 +185,7 @@ class MountConfig:
         "lowers", "mountpoint", "fuse_options", "ignored", "owners", "upper", "work", "source",
         "foreground", "debug", "writeback", "passthrough", "transport", "index",
         "follow_redirects", "create_redirects", "volatile", "log_file", "acl", "spin_us",
-        "prefetch", "metacopy", "uuid", "data_layers",
+        "prefetch", "metacopy", "uuid", "data_layers", "userxattr",
     )  # fmt: skip
 
     def __init__(
@@ -215,11 +215,15 @@ class MountConfig:
         metacopy: bool = False,
         uuid: str = "auto",
         data_layers: list[str] | None = None,
+        userxattr: bool = False,
     ) -> None:
         self.lowers = lowers
         # data-only lower layers (`lowerdir=A::D`, `datadir+=D`): where the data of metacopy
         # files in the lowest lower layer is found by their absolute redirect (stack.py)
         self.data_layers = data_layers or []
+        # `userxattr` given as root: markers in user.overlay.* only, as the kernel keeps them
+        # (markers.use_user_xattrs); as another user they are there anyway
+        self.userxattr = userxattr
         self.mountpoint = mountpoint
         self.fuse_options = fuse_options
         self.ignored = ignored
@@ -451,6 +455,16 @@ def _validate(
         raise OptionError(f"redirect_dir={redirect_dir}: expected one of {', '.join(REDIRECT_DIR)}")
     follow_redirects, create_redirects = REDIRECT_DIR[redirect_dir]
     metacopy = _switch(values.pop("metacopy", None), "metacopy", False, ("off", "on"))
+    userxattr = "userxattr" in flags and os.geteuid() == 0
+    if userxattr:
+        # the kernel's rules (ovl_fs_params_verify): redirects are neither followed nor
+        # made, and no metacopy: a user could forge such markers in user.* xattrs
+        flags.discard("userxattr")
+        if asked_redirect is not None and asked_redirect != "nofollow":
+            raise OptionError(f"conflicting options: userxattr,redirect_dir={asked_redirect}")
+        if metacopy:
+            raise OptionError("conflicting options: userxattr,metacopy=on")
+        follow_redirects, create_redirects = REDIRECT_DIR["nofollow"]
     # as the kernel: a metacopy file moved by a rename is found again by its redirect; with
     # no upper, only following them matters (its ovl_fs_params_verify)
     follows = ("on",) if upper is not None else ("on", "follow", "off")
@@ -488,6 +502,7 @@ def _validate(
     return MountConfig(
         lowers=lowers,
         data_layers=data_layers,
+        userxattr=userxattr,
         mountpoint=mnt,
         upper=upper,
         work=work,

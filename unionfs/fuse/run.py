@@ -60,7 +60,7 @@ def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> 
             # registering a backing file needs CAP_SYS_ADMIN in the host's user namespace,
             # as trusted xattrs do (markers.trusted, probed by the Writer): uid 0 of a user
             # namespace (rootless podman) asks for neither
-            passthrough=cfg.passthrough and writer is not None and markers.trusted(),
+            passthrough=cfg.passthrough and writer is not None and markers.privileged(),
             posix_acl=cfg.acl,
             opens=bool(cfg.data_layers),
         )
