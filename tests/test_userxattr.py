@@ -37,6 +37,7 @@ def _layers(root: Path) -> dict[str, Path]:
     (p["lower"] / "d" / "f").write_bytes(b"f\n")
     (p["lower"] / "gone").write_bytes(b"gone\n")
     (p["lower"] / "m").mkdir()  # a lower directory: moving it needs a redirect
+    (p["lower"] / "c").write_bytes(b"copied\n")
     return p
 
 
@@ -59,6 +60,8 @@ def _steps(mnt: Path) -> dict[str, Any]:
     os.rmdir(mnt / "d")
     (mnt / "d").mkdir()  # over a removed lower directory: opaque
     out["rename lower dir"] = value_or_errno(os.rename, mnt / "m", mnt / "m2")
+    with open(mnt / "c", "ab") as f:  # a copy-up: its origin in user.overlay.origin
+        f.write(b"more\n")
     out["listing"] = sorted(os.listdir(mnt))
     return out
 
@@ -74,8 +77,13 @@ def test_userxattr_as_root_keeps_state_in_user_xattrs_only(tmp_path, fuse, root)
         seen["upper n"] = _xattrs(up / "n")
         seen["upper d"] = _xattrs(up / "d")
         seen["upper gone"] = os.stat(up / "gone").st_rdev if (up / "gone").exists() else None
+        seen["upper c"] = sorted(os.listxattr(up / "c"))
         with cls(p["mnt"], [p["lower"]], p["upper"], p["work"], extra_opts="userxattr"):
             seen["remounted d"] = sorted(os.listdir(p["mnt"] / "d"))
+            # the copy keeps its lower file's number over the remount (by that origin)
+            seen["c keeps its number"] = (
+                os.stat(p["mnt"] / "c").st_ino == os.stat(p["lower"] / "c").st_ino
+            )
         got[engine] = seen
     k = got["kernel"]
     # the oracle: user.overlay.opaque is the marker, trusted.overlay.opaque a plain xattr
@@ -84,6 +92,7 @@ def test_userxattr_as_root_keeps_state_in_user_xattrs_only(tmp_path, fuse, root)
     assert k["upper n"] == {"trusted.overlay.opaque": b"y", "user.overlay.overlay.opaque": b"y"}
     assert k["upper d"] == {"user.overlay.opaque": b"y"}
     assert k["rename lower dir"] == "EXDEV" and k["remounted d"] == []
+    assert k["upper c"] == ["user.overlay.origin"] and k["c keeps its number"]
     assert got["layerfs"] == k
 
 

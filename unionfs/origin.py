@@ -46,8 +46,18 @@ Uuids = dict[int, "bytes | None"]
 
 
 def enabled() -> bool:
-    """Origins live in trusted xattrs only (as on the kernel: none with `userxattr`)."""
-    return markers.trusted()
+    """Are origins written and read?  They are decoded with open_by_handle_at, which needs
+    the rights trusted xattrs need (CAP_SYS_ADMIN/CAP_DAC_READ_SEARCH in the host's
+    namespace): as root, in `trusted.overlay.origin`, or with `userxattr` in
+    `user.overlay.origin`, as the kernel keeps them; rootless, none."""
+    return markers.privileged()
+
+
+def use_user_xattrs() -> None:
+    """`userxattr` (markers.use_user_xattrs): origins and link counts in user.overlay.*."""
+    global XATTR, NLINK_XATTR
+    XATTR = b"user.overlay.origin"
+    NLINK_XATTR = b"user.overlay.nlink"
 
 
 def counts(lower_nlink: int, index: bool) -> bool:

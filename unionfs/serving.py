@@ -91,13 +91,14 @@ def tune_gc() -> None:
 def open_stack(cfg: MountConfig, report: Callable[[str], None]) -> tuple[Any, Any] | None:
     """The LayerStack and Writer of `cfg` (one place for both transports), or None after
     reporting why they cannot be opened."""
-    from . import markers
+    from . import markers, origin
     from .fsat import Roots
     from .stack import LayerStack
     from .writer import Writer
 
     if cfg.userxattr:
         markers.use_user_xattrs()
+        origin.use_user_xattrs()
 
     try:
         stack = LayerStack(
