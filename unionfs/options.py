@@ -3,6 +3,10 @@
     layerfs [-f] [-d] -o lowerdir=TOP:...:BOTTOM[,upperdir=U,workdir=W][,OPTS] MOUNTPOINT
     layerfs SOURCE MOUNTPOINT -o rw,lowerdir=...,dev,suid      (mount -t fuse.layerfs)
 
+The lower layers may also end in data-only layers, `lowerdir=TOP:BOTTOM::DATA1::DATA2`, or
+be given one per option, `lowerdir+=TOP,lowerdir+=BOTTOM,datadir+=DATA1` (the kernel's
+forms and rules: `_layers`, `split_lowerdir`).
+
 Parsing and validation only: pure, no side effects, so it is unit-tested without a mount.
 Escapes follow overlayfs: `\\:` is a colon inside a lowerdir path, `\\,` a comma inside any
 option value, `\\\\` a backslash.
