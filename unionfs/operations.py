@@ -822,6 +822,7 @@ class UnionOperations(pyfuse3.Operations):
             async with self._lock(node):
                 if node.data is None:  # filled while this one waited
                     return
+                self.stack.open_data(node)  # in a data-only layer: is it there (ENOENT)?
                 from . import workers
 
                 await workers.run(writer.fill_metacopy, node)

@@ -269,6 +269,7 @@ class LayerStack:
         self.data_layers = [os.fsencode(os.path.abspath(p)) for p in data_layers or ()]
         data_devs = {self.fs.add(p).st_dev for p in self.data_layers}
         self._data_opened: set[Inode] = set()
+        self._data_outside: set[bytes] = set()  # data paths whose redirect has a `..`
         self.namemax = max(self.fs.statvfs(p).f_namemax for p in self.layers)
         self.devs = [st.st_dev for st in root_st]
         # every layer on one filesystem: the kernel then lists a lower entry with its own
@@ -782,13 +783,16 @@ class LayerStack:
     def _in_data_layers(self, redirect: bytes) -> bytes:
         """The regular file at the absolute path `redirect` in the first data-only layer
         that has one; if none has, that path in the first of them, which the open finds
-        missing (ENOENT), as the kernel's lazy lookup fails there.  `.` is skipped; with a
-        `..` the path is kept for `open_data` to refuse (EXDEV, as the kernel: it leads out
-        of the layer), never looked up."""
+        missing (ENOENT), as the kernel's lazy lookup fails there (`/` names a layer's
+        root, never a regular file).  `.` is skipped; with a `..` the path is noted for
+        `open_data` to refuse (EXDEV, as the kernel: it leads out of the layer), never
+        looked up."""
         parts = [p for p in redirect.split(b"/")[1:] if p != b"."]  # (no empty: checked)
         rel = b"/".join(parts)
-        if b".." in parts or not parts:
-            return self.data_layers[0] + b"/" + rel
+        if b".." in parts:
+            outside = self.data_layers[0] + b"/" + rel
+            self._data_outside.add(outside)
+            return outside
         for root in self.data_layers:
             candidate = root + b"/" + rel
             try:
@@ -820,12 +824,8 @@ class LayerStack:
         if not self.data_unopened(node):
             return False
         assert node.data is not None
-        root = next(r for r in self.data_layers if node.data.startswith(r + b"/"))
-        rel = node.data[len(root) + 1 :].split(b"/")
-        if b".." in rel:
+        if node.data in self._data_outside:
             raise OSError(errno.EXDEV, "a redirect out of the data-only layers", node.data)
-        if rel == [b""]:  # the redirect was "/": the layer's root
-            raise OSError(errno.ENOENT, "no data file in the data-only layers", node.data)
         st = self.fs.lstat(node.data)  # FileNotFoundError: ENOENT
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.ENOENT, "no data file in the data-only layers", node.data)

@@ -702,10 +702,9 @@ class Writer:
         reads its data from below.  Its mtime becomes the time of the copy, as on the kernel
         (ovl_copy_up_meta_inode_data sets no times back: an open for writing that writes
         nothing moves it there too; the differential test found the difference).  May run
-        in a worker thread."""
+        in a worker thread (data in a data-only layer is looked up before: open_data)."""
         src = node.data
         assert src is not None
-        self.stack.open_data(node)  # data in a data-only layer: is it there (ENOENT)?
         path = self.stack.upper_path(node)
         fs = self.fs
         # writing the data drops the file's capabilities (the VFS's killpriv, for every
