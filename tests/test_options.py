@@ -13,16 +13,15 @@ from unionfs.options import (
     INDEX_DEFAULT,
     WRITEBACK_DEFAULT,
     parse_args,
-    parse_lowerdir,
     split_lowerdir,
 )
 
 
 def test_lowerdir_is_top_first_with_escapes():
-    assert parse_lowerdir("a:b:c") == ["a", "b", "c"]
-    assert parse_lowerdir(r"a\:b:c\\d") == ["a:b", "c\\d"]
-    with pytest.raises(OptionError):
-        parse_lowerdir("a::b")
+    assert split_lowerdir("a:b:c") == (["a", "b", "c"], [])
+    assert split_lowerdir(r"a\:b:c\\d") == (["a:b", "c\\d"], [])
+    # `::` is no empty path but the start of a data-only layer (refused before there were any)
+    assert split_lowerdir("a::b") == (["a"], ["b"])
 
 
 def test_lowerdir_with_data_only_layers_after_double_colons():

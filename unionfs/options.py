@@ -297,16 +297,8 @@ def unescape(text: str) -> str:
     return "".join(out)
 
 
-def parse_lowerdir(value: str) -> list[str]:
-    """`A:B\\:c:D` → ['A', 'B:c', 'D'] (top-first, as overlayfs)."""
-    lowers, data = split_lowerdir(value)
-    if data:
-        raise OptionError(f"lowerdir has data-only layers (::) where none may be: {value!r}")
-    return lowers
-
-
 def split_lowerdir(value: str) -> tuple[list[str], list[str]]:
-    """`A:B::C::D` → (['A', 'B'], ['C', 'D']): the lower layers, top-first, and the
+    """`A:B\\:c::C::D` → (['A', 'B:c'], ['C', 'D']): the lower layers, top-first, and the
     data-only layers after them (each after `::`), as the kernel's lowerdir.  A normal
     layer after a data-only one, `::` first or last, or an empty path, is refused."""
     if value == "":
@@ -424,8 +416,6 @@ def _validate(
         work = _existing_dir(unescape(work), "workdir")
         if os.stat(upper).st_dev != os.stat(work).st_dev:
             raise OptionError(f"workdir {work} is not on the same filesystem as upperdir {upper}")
-        if _inside(upper, work) or _inside(work, upper):
-            raise OptionError("upperdir and workdir must be separate subtrees")
     _refuse_overlaps(lowers + data_layers, upper, work)
     transport = _transport(values.pop("fuse", None))
     asked_writeback = values.get("writeback") == "1"
@@ -688,8 +678,13 @@ def _refuse_overlaps(lowers: list[str], upper: str | None, work: str | None) -> 
     a stack shows some objects twice, and copy-ups of one layer change another.  And an
     upper that is a lower layer, or inside one, or holds one (issue 12, item 17: a lower
     written through the upper).  By identity (a symlink or bind mount that leads into a
-    layer counts), one walk up per layer."""
+    layer counts), one walk up per layer.  First of all, an upper and a work dir that are
+    not separate subtrees."""
     seen: dict[str, tuple[int, int]] = {}
+    uchain = _ancestry(upper, seen) if upper is not None else []
+    wchain = _ancestry(work, seen) if work is not None else []
+    if uchain and wchain and (wchain[0] in uchain or uchain[0] in wchain):
+        raise OptionError("upperdir and workdir must be separate subtrees")
     chains = [_ancestry(low, seen) for low in lowers]
     roots: dict[tuple[int, int], int] = {}
     for i, chain in enumerate(chains):
@@ -702,22 +697,12 @@ def _refuse_overlaps(lowers: list[str], upper: str | None, work: str | None) -> 
             if j is not None:
                 raise OptionError(f"lowerdir {lowers[i]} is inside lowerdir {lowers[j]} "
                                   "(overlapping lowerdir path)")  # fmt: skip
-    if work is not None:
-        wchain = _ancestry(work, seen)
+    if wchain:
         for i, chain in enumerate(chains):
             if wchain[0] in chain:  # (a work dir inside a lower layer the kernel allows)
                 raise OptionError(f"lowerdir {lowers[i]} is the workdir or inside it "
                                   "(overlapping lowerdir path)")  # fmt: skip
-    if upper is not None:
-        uchain = _ancestry(upper, seen)
+    if uchain:
         for low, chain in zip(lowers, chains, strict=True):
             if chain[0] in uchain or uchain[0] in chain:
                 raise OptionError(f"upperdir {upper} overlaps lowerdir {low}")
-
-
-def _inside(path: str, root: str) -> bool:
-    """Whether `path` is `root` or below it, by identity, not spelling: a symlink or a bind
-    mount that leads into `root` counts.  Compares `root`'s st_dev/st_ino with those of each
-    real ancestor of `path` (its realpath, then every parent up to /)."""
-    want = os.stat(root)
-    return (want.st_dev, want.st_ino) in _ancestry(path)
