@@ -152,6 +152,31 @@ def test_lower_xattr_answers_are_kept(tmp_path):
     assert s.getxattr(f, b"user.k") == b"v" and fs.calls.count(b"user.k") == 6
 
 
+def test_lower_nodes_share_their_absent_xattr_answers_and_never_each_others_values(tmp_path):
+    """Lower objects asked the same absent names keep one shared dict of answers (memory:
+    `ls -l` asks every entry for its ACL); a later answer with a value, or another absence,
+    goes into that node's answers only."""
+    lo, up = make(tmp_path, 2)
+    for name in "abc":
+        write(lo / name)
+    os.setxattr(lo / "a", "user.k", b"va")
+    s = LayerStack([str(lo)], str(up))
+    a, b, c = (resolve(s, n) for n in "abc")
+    for node in (a, b, c):
+        assert s.xattr_answer(node, b"user.none") == errno.ENODATA
+    assert a.xattrs is b.xattrs is c.xattrs
+    assert s.xattr_answer(a, b"user.k") == b"va"
+    assert s.xattr_answer(b, b"user.k") == errno.ENODATA
+    assert s.xattr_answer(c, b"user.other") == errno.ENODATA
+    assert a.xattrs == {b"user.none": errno.ENODATA, b"user.k": b"va"}
+    assert b.xattrs == {b"user.none": errno.ENODATA, b"user.k": errno.ENODATA}
+    assert c.xattrs == {b"user.none": errno.ENODATA, b"user.other": errno.ENODATA}
+    assert s.xattr_answer(c, b"user.k") == errno.ENODATA
+    assert s.xattr_answer(b, b"user.other") == errno.ENODATA
+    assert b.xattrs is c.xattrs and b.xattrs is not a.xattrs
+    assert s.getxattr(a, b"user.k") == b"va"
+
+
 @pytest.mark.parametrize("upper, index", [(True, False), (True, True), (False, False)])
 def test_names_of_a_lower_hard_link(tmp_path, upper, index):
     """index=off with an upper: a node per name (copy-up will break the link), showing the
@@ -189,6 +214,22 @@ def test_forget_drops_nodes(tmp_path):
     assert set(s.nodes) == {1}
     s.forget(1, 5)  # the root is never forgotten
     assert 1 in s.nodes
+
+
+def test_a_forgotten_directory_still_referred_to_is_found_again(tmp_path):
+    """The kernel forgot a directory whose node is still a parent (of a node it holds by
+    another name): a new lookup finds that same object, not a second one."""
+    (lo,) = make(tmp_path, 1)
+    write(lo / "d/f")
+    s = LayerStack([str(lo)])
+    d = s.lookup(s.root, b"d")
+    s.remember(d)
+    f = s.lookup(d, b"f")
+    s.remember(f)
+    s.forget(d.ino, 1)
+    assert d.ino not in s.nodes and f.parent is d
+    again = s.lookup(s.root, b"d")
+    assert again is d
 
 
 def test_lookup_cost_does_not_grow_with_depth(tmp_path, monkeypatch):

@@ -309,7 +309,7 @@ class LayerStack:
         # transport tells the kernel to drop the ones it keeps (FUSE_NOTIFY_INVAL_INODE)
         self.attrs_changed: Callable[[Node], None] | None = None
         self.nodes: dict[Inode, Node] = {}
-        # Every node object still referenced, by number, also once the kernel forgot it: a
+        # Node objects still referenced, by number, once the kernel forgot them: a
         # forgotten directory stays the parent of nodes the kernel still holds by other
         # names (hard links) and the parent in their known aliases, so a new lookup of it
         # must find that same object, or a rename of it would leave their paths stale.
@@ -328,6 +328,8 @@ class LayerStack:
         self.fs_uuids: origin.Uuids = {}
         # Directories that may hold xattr whiteouts (overlay.opaque=x), by real path.
         self._xwh: set[bytes] = set()
+        # xattr answers that are all absences, shared by the lower nodes that got them
+        self._absences: dict[frozenset[tuple[bytes, bytes | int]], dict[bytes, bytes | int]] = {}
         for d in root_dirs:
             if markers.dir_marks(d.path, self.fs).xwhiteouts:
                 self._xwh.add(d.path)
@@ -537,7 +539,6 @@ class LayerStack:
         """The kernel learned of `node` (lookup, readdirplus entry, create): count it."""
         node.lookups += count
         self.nodes[node.ino] = node
-        self._objects[node.ino] = node
 
     def forget(self, ino: int, count: int) -> None:
         node = self.nodes.get(Inode(ino))
@@ -547,6 +548,9 @@ class LayerStack:
         if node.lookups <= 0:
             node.lookups = 0  # a new lookup may find this object again (`_objects`)
             del self.nodes[node.ino]
+            # weakly, from now on: a weak entry for every node the kernel holds cost each
+            # node ~140 bytes, where `nodes` finds those first anyway
+            self._objects[node.ino] = node
             self.aliases.pop(node.ino, None)
 
     def add_alias(self, node: Node, parent: Node, name: bytes) -> None:
@@ -1072,12 +1076,9 @@ class LayerStack:
         if real is None:
             return errno.ENODATA
         name = real
-        kept = None
-        if self.immutable(node):
-            kept = node.xattrs
-            if kept is None:
-                kept = node.xattrs = {}
-            found = kept.get(name)
+        immutable = self.immutable(node)
+        if immutable and node.xattrs is not None:
+            found = node.xattrs.get(name)
             if found is not None:
                 return found
         try:
@@ -1086,9 +1087,29 @@ class LayerStack:
             if exc.errno not in _XATTR_ABSENT:
                 raise  # EIO and the like are not the object's: ask again next time
             found = exc.errno
-        if kept is not None and (isinstance(found, int) or len(found) <= _XATTR_KEPT_MAX):
-            kept[name] = found
+        if immutable and (isinstance(found, int) or len(found) <= _XATTR_KEPT_MAX):
+            node.xattrs = self._kept_with(node.xattrs, name, found)
         return found
+
+    def _kept_with(
+        self, kept: dict[bytes, bytes | int] | None, name: bytes, found: bytes | int
+    ) -> dict[bytes, bytes | int]:
+        """A lower node's kept xattr answers with one more.  Most lower objects have no
+        xattrs, and are asked the same few names (`ls -l` asks every entry for its ACL,
+        an exec for `security.capability`): answers that are all absences are one dict
+        shared by every node that got them (a dict of its own cost each node listed by
+        `ls -l` ~260 bytes).  So a kept dict is never changed, only replaced."""
+        answers = dict(kept) if kept else {}
+        answers[name] = found
+        if len(answers) > 4 or not all(isinstance(v, int) for v in answers.values()):
+            return answers
+        key = frozenset(answers.items())
+        shared = self._absences.get(key)
+        if shared is None:
+            if len(self._absences) >= 64:  # names asked at random are not shared
+                return answers
+            shared = self._absences[key] = answers
+        return shared
 
     def listxattr(self, node: Node, fd: int | None = None) -> list[bytes]:
         names = self.fs.listxattr(self.real_path(node) if fd is None else fd)

@@ -407,7 +407,7 @@ class Bridge:
         stack = self.ops.stack
         node = stack.node(ino)
         lower = not stack.in_upper(node)
-        size = stack.stat(node).st_size if lower else 0  # cached for lower objects
+        size = self.ops.lower_size(node) if lower else 0
         if self.backings.enabled:
             writable = self.ops.handle_writable(info.fh)
             # a created handle passes through when it is its new inode's only open file
