@@ -118,6 +118,9 @@ class Harness:
         self.run_dir = run_dir
         self.log = log
         self.rows: dict[tuple[str, str], Row] = {}
+        # a FUSE daemon's peak RSS over a workload's modes, the most of any round, by
+        # workload and engine: what the daemon keeps per object the workload met
+        self.peak_rss: dict[str, dict[str, int]] = {}
 
     def row(self, id: str, mode: str, **kw: object) -> Row:
         if (id, mode) not in self.rows:
@@ -159,6 +162,27 @@ class Harness:
                     reported = w.run(mnt, self.ds)
                     took = time.perf_counter() - t0
                     row.add(engine, reported if reported is not None else took)
+                self._note_daemon_rss(w.id, engine, mnt)
+        rss = self.peak_rss.get(w.id)
+        if rss:
+            shown = ", ".join(f"{e} {b / 1e6:,.0f} MB" for e, b in rss.items())
+            for row in rows:
+                row.title = f"{title} [daemon peak RSS: {shown}]"
+
+    def _note_daemon_rss(self, wid: str, engine: str, mnt: Path) -> None:
+        """The peak RSS (VmHWM) of the daemon serving `mnt`, if a FUSE engine serves it."""
+        from benchmarks.floor import daemon_pids
+
+        for pid in daemon_pids(mnt):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    kb = int(line.split()[1])
+                    seen = self.peak_rss.setdefault(wid, {})
+                    seen[engine] = max(seen.get(engine, 0), kb * 1024)
 
     # --- mount time --------------------------------------------------------------------------
 
