@@ -272,9 +272,8 @@ class UnionOperations(pyfuse3.Operations):
 
     # ----- attributes ----------------------------------------------------------------
     def _entry(self, node: Node) -> AttrsReply:
-        cached = node.reply
-        if cached is not None and cached[0] == node.gen:
-            return cached[1]  # type: ignore[return-value]
+        if node.reply is not None:
+            return node.reply
         st = self._stat_for(node)
         a = self._attrs()
         a.st_ino = node.ino
@@ -299,7 +298,7 @@ class UnionOperations(pyfuse3.Operations):
         a.st_mtime_ns = st.st_mtime_ns
         a.st_ctime_ns = st.st_ctime_ns
         if self.stack.immutable(node):
-            node.reply = (node.gen, a)  # lower objects never change: build it once
+            node.reply = a  # lower objects never change: build it once
             # The reply shows all of the stat it came from: let that go (600 bytes a node,
             # a third of what a listed lower entry kept; `lower_size` reads the reply).
             # A request that needs the whole stat again (a copy-up) makes one lstat.
@@ -308,9 +307,8 @@ class UnionOperations(pyfuse3.Operations):
 
     def lower_size(self, node: Node) -> int:
         """st_size of an object in a lower layer: its kept reply's, or one lstat."""
-        cached = node.reply
-        if cached is not None and cached[0] == node.gen:
-            reply: AttrsReply = cached[1]
+        reply: AttrsReply = node.reply
+        if reply is not None:
             return int(reply.st_size)
         return self.stack.stat(node).st_size
 

@@ -158,7 +158,6 @@ class Node:
         "lookups",
         "listing",
         "subdirs",
-        "gen",
         "unlinked",
         "deleted",
         "data",
@@ -190,7 +189,6 @@ class Node:
         self.lookups = 0
         self.listing: dict[bytes, Entry] | None = None
         self.subdirs: int | None = None  # directories in `listing` (nlink), once counted
-        self.gen = 0  # bumped by `invalidate`: a cached reply built at another gen is stale
         # `unlinked`: no name of it is known any more, so it is reached only through a file
         # still open on it.  `deleted`: its real object is gone too (no link left).  An
         # unlinked node that is not deleted is a hard-linked file whose other names were
@@ -206,17 +204,16 @@ class Node:
         self.prot: int | None = None
         # a directory whose upper object this mount has marked `overlay.impure` (Writer)
         self.impure = False
-        # the handlers' reply for an object whose attributes never change, as (gen, reply):
-        # theirs alone (UnionOperations._entry); a slot, where a weak dictionary keyed by
-        # node cost ~1 µs a reply made and ~0.4 µs a reply reused
-        self.reply: tuple[int, object] | None = None
+        # the handlers' reply for an object whose attributes never change, until
+        # `invalidate`: theirs alone (UnionOperations._entry); a slot, where a weak
+        # dictionary keyed by node cost ~1 µs a reply made and ~0.4 µs a reply reused
+        self.reply: object | None = None
 
     def invalidate(self) -> None:
-        """Its attributes changed, or may have: drop the cached stat, and let whoever caches
-        something built from them (the adapter's replies) see it by `gen`."""
+        """Its attributes changed, or may have: drop the cached stat, xattrs and reply."""
         self.st = None
         self.xattrs = None
-        self.gen += 1
+        self.reply = None
 
     @property
     def is_dir(self) -> bool:
