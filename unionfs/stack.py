@@ -726,7 +726,10 @@ class LayerStack:
         if child.kind == stat.S_IFREG and (
             child.layer == 0 and self.has_upper or self.metacopy or self.data_layers
         ):
-            data = self._metacopy_data(parent, name, child.path, child.layer)
+            # (an upper entry's own path may be stale: the lower one it was copied up from)
+            upper = child.layer == 0 and self.has_upper
+            path = self.upper_path(parent) + b"/" + name if upper else child.path
+            data = self._metacopy_data(parent, name, path, child.layer)
         node = Node(
             ino,
             parent,
