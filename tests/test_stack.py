@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.layerdata import oci_whiteout, opaque, whiteout, write
 from unionfs.errors import NotFound
@@ -415,3 +417,125 @@ def test_a_lower_name_its_copy_is_not_linked_at_stays_a_file_of_its_own(tmp_path
     assert stack.stat(name).st_ino == os.lstat(lo / "b/g").st_ino
     assert stack.real_path(copy) == os.fsencode(up / "a/f") and copy.parent.name == b"a"
     assert resolve(stack, "b/g") is name  # found again by its own number
+
+
+# ----- a lookup before the listing: the probe gives what the listing would ----------------
+_PROBE_NAMES = [b"a", b".wh.a", b".wh..wh..opq", b"zz"]
+# "absent" weighs most: a name whited out or hidden matters only where no layer between has it
+_PROBE_KINDS = ["absent"] * 5 + ["file", "dir", "symlink", "whiteout", "xwhiteout", "emptyfile"]
+
+
+def _probe_layers(draw_kinds, root: Path, layers: int, upper: bool) -> list[Path]:
+    """Layers top-first (the first the upper when `upper`), each with a directory `d` whose
+    names take the drawn kinds; `d` itself may be opaque, enable xattr whiteouts, or be a
+    file instead."""
+    paths = []
+    for i in range(layers):
+        layer = root / f"l{i}"
+        layer.mkdir()
+        d_kind, names = draw_kinds[i]
+        if d_kind == "file":
+            write(layer / "d", b"not a dir")
+        elif d_kind != "absent":
+            (layer / "d").mkdir()
+            if d_kind in ("opaque", "x"):
+                os.setxattr(
+                    layer / "d", "user.overlay.opaque", b"y" if d_kind == "opaque" else b"x"
+                )
+            for name, kind in zip(_PROBE_NAMES, names, strict=True):
+                at = layer / "d" / os.fsdecode(name)
+                if kind == "file":
+                    write(at, b"data")
+                elif kind == "emptyfile":
+                    write(at)
+                elif kind == "dir":
+                    at.mkdir()
+                elif kind == "symlink":
+                    os.symlink("a", at)
+                elif kind == "whiteout":
+                    whiteout(at)
+                elif kind == "xwhiteout":
+                    write(at)
+                    os.setxattr(at, "user.overlay.whiteout", b"y")
+        paths.append(layer)
+    return paths
+
+
+def _entry_fields(entry):
+    if entry is None:
+        return None
+    dirs = [(d.layer, d.path, d.ino) for d in entry.dirs] if entry.dirs is not None else None
+    return (entry.kind, entry.layer, entry.path, entry.ino, dirs, entry.covers)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts are character devices: root")
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    layers=st.integers(2, 4),
+    upper=st.booleans(),
+    kinds=st.lists(
+        st.tuples(
+            st.sampled_from(["dir"] * 4 + ["opaque", "x", "absent", "file"]),
+            st.lists(st.sampled_from(_PROBE_KINDS), min_size=4, max_size=4),
+        ),
+        min_size=4,
+        max_size=4,
+    ),
+)
+def test_a_name_probed_before_its_directory_is_listed_is_what_the_listing_says(
+    tmp_path_factory, layers, upper, kinds
+):
+    """`LayerStack._probe` (a lookup's lstat of one name in each layer) gives the entry the
+    directory's listing (`_merge`) gives that name: whiteouts of both formats, OCI markers
+    (which count in lower layers only), opaque directories and xattr whiteouts, names in
+    one layer or many, for names there and not there."""
+    root = tmp_path_factory.mktemp("probe")
+    paths = _probe_layers(kinds, root, layers, upper)
+    top, rest = (
+        (str(paths[0]), [str(p) for p in paths[1:]]) if upper else (None, [str(p) for p in paths])
+    )
+    names = [b"d", *_PROBE_NAMES]
+    for parent_path in (b"", b"d"):
+        stack = LayerStack(rest, top)
+        parent = stack.root
+        if parent_path:  # reached through the root's listing, as before probes
+            found = stack.listing(stack.root).get(parent_path)
+            if found is None or found.dirs is None:
+                continue
+            parent = stack.node_for(stack.root, parent_path, found)
+        probed = {name: _entry_fields(stack._probe(parent, name)) for name in names}
+        listed = stack._merge(stack.dir_paths(parent))
+        assert probed == {name: _entry_fields(listed.get(name)) for name in names}
+
+
+def test_the_first_names_looked_up_in_a_directory_do_not_list_it(tmp_path):
+    """A lookup probes the directory's layers for the name; only once PROBES names (found
+    or not) were looked up there is it listed, and the nodes found before stay the nodes
+    its listing gives: a later lookup, a copy-up's bookkeeping and a removal see them."""
+    from unionfs.fsat import Roots
+    from unionfs.stack import PROBES
+
+    class Counting(Roots):
+        scans: list[bytes] = []
+
+        def scandir_str(self, path: bytes):  # type: ignore[override]
+            self.scans.append(path)
+            return super().scandir_str(path)
+
+    lo, up = make(tmp_path, 2)
+    for i in range(PROBES + 2):
+        write(lo / f"d/f{i}", b"%d" % i)
+    fs = Counting()
+    s = LayerStack([str(lo)], str(up), fs=fs)
+    d = s.lookup(s.root, b"d")
+    s.remember(d)
+    first = s.lookup(d, b"f0")
+    s.remember(first)
+    assert s.find(d, b"nope") is None
+    for i in range(1, PROBES - 1):
+        s.remember(s.lookup(d, b"f%d" % i))
+    assert fs.scans == [] and d.listing is None
+    s.remember(s.lookup(d, b"f%d" % (PROBES - 1)))  # the next name lists the directory
+    assert fs.scans == [os.fsencode(lo / "d")]
+    assert s.listing(d)[b"f0"].node_ino == first.ino
+    assert s.lookup(d, b"f0") is first
