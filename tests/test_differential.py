@@ -7,7 +7,8 @@ must agree.  At the end of each example, layerfs's upper is mounted again, by la
 the kernel (same index mode), and both must show the very tree the user saw through layerfs
 (a redirect or marker that only this mount understood would be lost data).  A `rotate` step
 (at most twice) ends both mounts and stacks each side's upper as the top lower layer under a
-new upper, so what uppers hold is also read as a lower layer.
+new upper, so what uppers hold is also read as a lower layer.  A `forget` step makes the
+kernel drop its dentries and inodes, so layerfs forgets its nodes and finds them again.
 
 hypothesis shrinks a failing sequence to a minimal one; CI runs a bounded number of examples
 (HYPOTHESIS_EXAMPLES, default 25).
@@ -299,6 +300,17 @@ class UnionMachine(RuleBasedStateMachine):
     @rule(path=paths)
     def mkfifo(self, path):
         self.both(ops.mkfifo, path)
+
+    @rule()
+    def forget(self):
+        """The kernel drops every dentry and inode not in use, as memory pressure makes it:
+        both mounts then look up each object again, and layerfs gets its FORGETs (a file
+        copied up by its metadata only read as zeros once forgotten; the live view alone
+        had hidden that behind the kernel's caches)."""
+        self.failed_step = True
+        Path("/proc/sys/vm/drop_caches").write_text("2")
+        self.check_trees()
+        self.failed_step = False
 
     @precondition(lambda self: True)
     @rule(path=st.sampled_from(DIRS))

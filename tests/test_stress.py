@@ -82,7 +82,11 @@ def _keep(lo: Path, up: Path, seed: int) -> Path:
 
 def kernel_opts(mode: str) -> str:
     """Kernel overlayfs's options for reading the upper a run in `mode` left."""
-    return "redirect_dir=on" + (",index=on" if "index=on" in mode else "")
+    return (
+        "redirect_dir=on"
+        + (",index=on" if "index=on" in mode else "")
+        + (",metacopy=on" if "metacopy=on" in mode else "")
+    )
 
 
 def _lowers(lo: Path, seed: int) -> None:
@@ -193,7 +197,8 @@ def _work(mnt: str, seed: int, seconds: float, out) -> None:  # type: ignore[no-
 
 
 @pytest.mark.parametrize(
-    "mode", ["", "index=on", "writeback=1,passthrough=0,fuse=native", "kill -9"]
+    "mode",
+    ["", "index=on", "metacopy=on", "writeback=1,passthrough=0,fuse=native", "kill -9"],
 )
 def test_concurrent_changes_read_the_same_four_ways(tmp_path, fuse, root, mode):
     """`kill -9`: the daemon is killed halfway through instead of unmounted (the writer's
@@ -243,9 +248,11 @@ def test_concurrent_changes_read_the_same_four_ways(tmp_path, fuse, root, mode):
             kernel = treecmp.snapshot(chk)
         # the upper stacked as a lower layer, read-only: its redirects, whiteouts, opaque marks
         # and origins must mean to layerfs what they mean to the kernel
-        with LayerfsMount(chk, [up, lo]):
+        # (metacopy files, which a run with metacopy=on leaves, are followed only with it)
+        meta = ",metacopy=on" if "metacopy=on" in mode else ""
+        with LayerfsMount(chk, [up, lo], extra_opts=meta.lstrip(",")):
             stacked = treecmp.snapshot(chk)
-        with KernelOverlay(chk, [up, lo], extra_opts="redirect_dir=follow"):
+        with KernelOverlay(chk, [up, lo], extra_opts="redirect_dir=follow" + meta):
             kernel_stacked = treecmp.snapshot(chk)
         where = f"seeds {seed}..{seed + workers - 1}"
         against_kernel = treecmp.diff(remounted, kernel, compare_mtime=False)
