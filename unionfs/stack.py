@@ -745,16 +745,12 @@ class LayerStack:
                     st = self.fs.lstat(path)
                 except (FileNotFoundError, NotADirectoryError):
                     pass
-                if st is not None:
-                    kind = stat.S_IFMT(st.st_mode)
-                    xwh = d.path in self._xwh
-                    if (kind == stat.S_IFCHR or (xwh and kind == stat.S_IFREG)) and (
-                        rules.is_whiteout(path, st, xwh, self.fs)
-                    ):
-                        whiteout, st = True, None
+                if st is not None and rules.is_whiteout(path, st, d.path in self._xwh, self.fs):
+                    whiteout, st = True, None
             if oci and not whiteout:
                 whiteout = self.fs.exists(d.path + b"/" + markers.oci_whiteout_name(name))
             if st is not None:
+                kind = stat.S_IFMT(st.st_mode)
                 if blocked:
                     if entry is not None:
                         entry.covers = True
