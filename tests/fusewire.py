@@ -9,7 +9,7 @@ import struct
 import trio
 
 from unionfs.fuse import wire
-from unionfs.fuse.bridge import Bridge, readdir_reply
+from unionfs.fuse.bridge import Bridge, keep, readdir_reply
 from unionfs.fuse.init import Conn
 from unionfs.fuse.session import Session
 from unionfs.operations import UnionOperations
@@ -28,8 +28,12 @@ class Harness:
     """A Session whose device is a pipe: `send` dispatches one request, `replies` parses
     everything the session wrote since the last call."""
 
-    def __init__(self, stack, writer=None, **conn_over) -> None:
-        self.ops = UnionOperations(stack, writer, readdir_reply=readdir_reply)
+    def __init__(self, stack, writer=None, keep_replies=True, **conn_over) -> None:
+        # lower objects' replies kept as the native daemon keeps them (bridge.Kept), unless
+        # `keep_replies` is False
+        self.ops = UnionOperations(
+            stack, writer, readdir_reply=readdir_reply, keep=keep if keep_replies else None
+        )
         self.conn = conn(**conn_over)
         self.rfd, self.wfd = os.pipe()
         os.set_blocking(self.rfd, False)

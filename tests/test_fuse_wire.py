@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from tests.fusewire import Harness, entry_nodeid, forget_batch, parse_direntplus, read_in
 from unionfs.fuse import opcodes, wire
+from unionfs.fuse.bridge import Kept, keep
 from unionfs.fuse.init import Wanted, negotiate
 from unionfs.fuse.session import Session
 from unionfs.operations import _HOST_SELINUX
@@ -144,9 +145,9 @@ def test_native_attrs_reply_as_pyfuse3s_would(monkeypatch):
 
 
 def test_a_lower_objects_reply_is_packed_once_and_a_change_shows(tmp_path):
-    """GETATTR and LOOKUP of a lower object hand out the same reply each time, and its wire
-    bytes are packed at the first (`Attrs.packed_attr`, `packed_entry`); a change (chmod,
-    which copies the file up) gives a new reply, never the old bytes."""
+    """GETATTR and LOOKUP of a lower object hand out the same reply each time, its wire
+    bytes packed at the first and kept (`Kept`); a change (chmod, which copies the file up)
+    gives a new reply, never the old bytes."""
     h = _writable(tmp_path)
     getattr_in = wire.GETATTR_IN.pack(0, 0, 0)
 
@@ -155,7 +156,7 @@ def test_a_lower_objects_reply_is_packed_once_and_a_change_shows(tmp_path):
         f = entry_nodeid(entry)
         _, first = await h.call(GETATTR, f, getattr_in)
         reply = h.ops._entry(h.ops.stack.node(f))
-        assert reply.packed_attr == first and reply.packed_entry == entry
+        assert type(reply) is Kept and reply.attr_out() == first and reply.entry == entry
         assert (await h.call(GETATTR, f, getattr_in))[1] == first
         assert (await h.call(LOOKUP, 1, b"f\0"))[1] == entry
         mode = wire.ATTR_OUT.unpack(first)[12]  # fuse_attr_out: 3 fields, then fuse_attr
@@ -171,6 +172,78 @@ def test_a_lower_objects_reply_is_packed_once_and_a_change_shows(tmp_path):
         trio.run(scenario)
     finally:
         h.close()
+
+
+def test_a_kept_reply_is_its_wire_bytes_and_reads_as_the_reply():
+    """What the daemon keeps of a lower object's reply (`Kept`: the fuse_entry_out alone)
+    packs as the reply did, GETATTR's fuse_attr_out included, and gives back every field: a
+    time before 1970, a size past 32 bits, a shown st_ino apart from the node id.  A device
+    node keeps its reply (the wire's rdev has 32 bits)."""
+    from unionfs import operations
+
+    def reply(shown):
+        a = operations.Attrs()
+        a.st_ino, a.shown_ino, a.generation = 5, shown, 0
+        a.entry_timeout, a.attr_timeout = 2.25, 1.5  # nanoseconds apart in the bytes
+        a.st_mode, a.st_nlink, a.st_uid, a.st_gid = stat.S_IFREG | 0o4755, 3, 1000, 100
+        a.st_size, a.st_blocks, a.st_blksize = (1 << 40) + 3, 9, 4096
+        a.st_atime_ns, a.st_mtime_ns = -1_500_000_000, 1_700_000_000_123_456_789
+        a.st_ctime_ns = 7
+        return a
+
+    a = reply(77)
+    k = keep(a)
+    assert type(k) is Kept
+    assert k.entry == wire.pack_entry(a, 77) and k.attr_out() == wire.pack_attr_out(a, 77)
+    assert (k.st_ino, k.shown_ino, k.st_mode, k.st_size) == (5, 77, a.st_mode, a.st_size)
+    assert k.ino_mode() == (77, a.st_mode) and operations.shown_ino(k) == 77
+    back = k.expand()
+    for name in operations.Attrs.__slots__:
+        if name != "packed_attr":
+            assert getattr(back, name) == getattr(a, name), name
+    assert k.st_mtime_ns == a.st_mtime_ns and k.st_nlink == 3  # any field, through expand
+    same = keep(reply(None))  # the shown st_ino is the node id
+    assert same.expand().shown_ino is None and same.shown_ino == 5
+
+    dev = operations.Attrs()
+    dev.st_ino, dev.st_mode, dev.st_rdev = 6, stat.S_IFCHR | 0o600, os.makedev(300, 70000)
+    assert keep(dev) is dev
+
+
+def test_kept_and_unkept_replies_send_the_same_bytes(tree):
+    """The daemon's kept replies change no byte the kernel gets: LOOKUP, GETATTR (first and
+    again), FUSE_STATX, READDIRPLUS and an OPEN with the read it stores, over the same
+    layer, with replies kept as `Kept` and as the `Attrs` they were made from."""
+
+    async def session(h):
+        out = []
+        getattr_in = wire.GETATTR_IN.pack(0, 0, 0)
+        for _ in range(2):
+            for name in (b"a", b"d", b"nothere"):
+                out.append(await h.call(LOOKUP, 1, name + b"\0"))
+        a, d = (entry_nodeid(out[i][1]) for i in (0, 1))
+        for node in (1, a, d, a, d):
+            out.append(await h.call(GETATTR, node, getattr_in))
+            out.append(await h.call(52, node, wire.STATX_IN.pack(0, 0, 0, 0, 0x7FF)))
+        _, dh = await h.call(OPENDIR, 1, wire.OPEN_IN.pack(os.O_RDONLY, 0))
+        fh = wire.OPEN_OUT.unpack(dh)[0]
+        for _ in range(2):
+            out.append(await h.call(READDIRPLUS, 1, read_in(fh, 0, 4096)))
+        out.append(await h.call(OPEN, a, wire.OPEN_IN.pack(os.O_RDONLY, 0)))
+        return out, h.ops.stack.node(a).reply
+
+    results = []
+    for kept in (True, False):
+        h = Harness(LayerStack([str(tree)]), keep_replies=kept)
+        try:
+            results.append(trio.run(session, h))
+        finally:
+            h.close()
+    (with_kept, reply_kept), (without, reply_attrs) = results
+    assert type(reply_kept) is Kept and type(reply_attrs) is not Kept
+    assert len(with_kept) == len(without)
+    for i, (ours, theirs) in enumerate(zip(with_kept, without, strict=True)):
+        assert ours == theirs, i
 
 
 def test_cstrings_need_their_terminator():

@@ -34,6 +34,7 @@ import errno
 import logging
 import os
 import stat
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +55,88 @@ STORE_MAX = 128 << 10
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
+# fields of a packed fuse_entry_out (wire.ENTRY_OUT): the node id; from the attributes at
+# byte 40, st_ino as shown, st_size, and (with the shown st_ino) st_mode at byte 100
+_NODEID = struct.Struct("<Q")
+_SHOWN_INO = struct.Struct("<40xQ")
+_SIZE = struct.Struct("<48xQ")
+_MODE = struct.Struct("<100xI")
+_INO_MODE = struct.Struct("<40xQ52xI")
+
+
+class Kept:
+    """A lower object's reply as the handlers keep it on its node (`Node.reply`: the `keep`
+    UnionOperations is given): its fuse_entry_out alone, ~220 bytes.  The `Attrs` it is made
+    from kept its numbers as Python ints beside the same bytes, ~600 bytes for every lower
+    object the kernel knows (a `find` of a million-file image keeps a million).  A kept
+    reply is handed out again and again (LOOKUP, GETATTR, every READDIRPLUS entry) and never
+    changed: a change of the object drops it (Node.invalidate).  The fields its readers use
+    are read from the bytes (the node id, the st_ino shown, st_mode, st_size); any other
+    through `expand`, which makes the `Attrs` again (FUSE_STATX; tests)."""
+
+    __slots__ = ("entry",)
+    kept = True  # operations.shown_ino's sign
+
+    def __init__(self, entry: bytes) -> None:
+        self.entry = entry
+
+    @property
+    def st_ino(self) -> int:  # the node id, as in an Attrs
+        return int(_NODEID.unpack_from(self.entry)[0])
+
+    @property
+    def shown_ino(self) -> int:
+        return int(_SHOWN_INO.unpack_from(self.entry)[0])
+
+    @property
+    def st_mode(self) -> int:
+        return int(_MODE.unpack_from(self.entry)[0])
+
+    @property
+    def st_size(self) -> int:
+        return int(_SIZE.unpack_from(self.entry)[0])
+
+    def ino_mode(self) -> tuple[int, int]:
+        """The st_ino shown and st_mode, in one unpack (a READDIRPLUS entry's dirent)."""
+        ino, mode = _INO_MODE.unpack_from(self.entry)
+        return ino, mode
+
+    def attr_out(self) -> bytes:
+        """fuse_attr_out (a GETATTR's reply): fuse_entry_out's attr_valid, its nanoseconds,
+        padding and the same attributes."""
+        e = self.entry
+        return e[24:32] + e[36:40] + b"\0\0\0\0" + e[40:]
+
+    def expand(self) -> Attrs:
+        fields = wire.ENTRY_OUT.unpack(self.entry)
+        nodeid, generation, es, ats, ens, atn, ino, size, blocks, at, mt, ct = fields[:12]
+        atns, mtns, ctns, mode, nlink, uid, gid, rdev, blksize = fields[12:21]
+        a = Attrs()
+        a.st_ino, a.generation = nodeid, generation
+        a.shown_ino = None if ino == nodeid else ino
+        a.entry_timeout, a.attr_timeout = es + ens / 1e9, ats + atn / 1e9
+        a.st_mode, a.st_nlink, a.st_uid, a.st_gid, a.st_rdev = mode, nlink, uid, gid, rdev
+        a.st_size, a.st_blksize, a.st_blocks = size, blksize, blocks
+        a.st_atime_ns = wire.signed64(at) * 1_000_000_000 + atns
+        a.st_mtime_ns = wire.signed64(mt) * 1_000_000_000 + mtns
+        a.st_ctime_ns = wire.signed64(ct) * 1_000_000_000 + ctns
+        a.packed_entry = self.entry
+        return a
+
+    def __getattr__(self, name: str) -> Any:  # a field not read from the bytes above
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.expand(), name)
+
+
+def keep(attrs: Any) -> Any:
+    """What UnionOperations keeps of a lower object's reply: a `Kept` (a device node keeps
+    its `Attrs`: the wire's rdev is 32 bits, its dev_t may not be)."""
+    if type(attrs) is not Attrs or attrs.st_rdev:
+        return attrs
+    return Kept(_entry(attrs))
+
+
 def _packed(attrs: Any, slot: str, pack: Callable[[Any, int], bytes]) -> bytes:
     """A handler's reply packed by `pack` (node id and shown st_ino apart), once per reply:
     kept in its `slot` (`Attrs.packed_entry`, `packed_attr`), as a lower object's reply is
@@ -69,12 +152,23 @@ def _packed(attrs: Any, slot: str, pack: Callable[[Any, int], bytes]) -> bytes:
 
 def _entry(attrs: Any) -> bytes:
     """fuse_entry_out of a handler's reply."""
+    if type(attrs) is Kept:
+        return attrs.entry
     return _packed(attrs, "packed_entry", wire.pack_entry)
 
 
 def _attr_out(attrs: Any) -> bytes:
     """fuse_attr_out of a handler's reply."""
+    if type(attrs) is Kept:
+        return attrs.attr_out()
     return _packed(attrs, "packed_attr", wire.pack_attr_out)
+
+
+def _ino_mode(attrs: Any) -> tuple[int, int]:
+    """A reply's st_ino as shown, and its st_mode (a dirent's)."""
+    if type(attrs) is Kept:
+        return attrs.ino_mode()
+    return shown_ino(attrs), attrs.st_mode
 
 
 class Ctx:
@@ -173,8 +267,8 @@ class DirBuffer:
             entry = bytes(wire.ENTRY_OUT.size) if dot else _entry(attrs)
         elif not dot:
             self.counted.append(attrs.st_ino)  # the node id
-        ino = shown_ino(attrs)  # d_ino is what stat shows
-        self.parts.append(wire.pack_dirent(ino, next_id, attrs.st_mode, name, entry))
+        ino, mode = _ino_mode(attrs)  # d_ino is what stat shows
+        self.parts.append(wire.pack_dirent(ino, next_id, mode, name, entry))
         self.used += reclen
         return True
 
@@ -298,6 +392,8 @@ class Bridge:
         """FUSE_STATX (protocol 7.39): the kernel asks it only for what GETATTR lacks, the
         birth time (`statx(2)` with STATX_BTIME: `stat(1)`'s "Birth")."""
         attrs = await self.ops.getattr(h.nodeid, Ctx(h))
+        if type(attrs) is Kept:
+            attrs = attrs.expand()
         btime = await self.ops.btime(h.nodeid) if sx_mask & wire.STATX_BTIME else None
         return wire.pack_statx_out(attrs, shown_ino(attrs), btime)
 

@@ -81,7 +81,7 @@ def serve_native(cfg: Any, options: set[str], report: Callable[[str], None]) -> 
 def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any, atime: Any) -> int:
     from ..operations import Attrs, UnionOperations
     from ..serving import listen_control, tune_gc
-    from .bridge import Bridge, readdir_reply
+    from .bridge import Bridge, keep, readdir_reply
     from .session import Session
 
     tune_gc()
@@ -96,6 +96,7 @@ def _serve(cfg: Any, stack: Any, writer: Any, conn: Any, mounted: Any, atime: An
         attrs_type=Attrs,
         prefetch=cfg.prefetch,
         atime=atime,
+        keep=keep,
     )
     ops.init()
     bridge = Bridge(ops, conn, mounted.fd)
