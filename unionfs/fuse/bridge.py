@@ -67,7 +67,7 @@ _INO_MODE = struct.Struct("<40xQ52xI")
 class Kept:
     """A lower object's reply as the handlers keep it on its node (`Node.reply`: the `keep`
     UnionOperations is given): its fuse_entry_out alone, ~220 bytes.  The `Attrs` it is made
-    from kept its numbers as Python ints beside the same bytes, ~600 bytes for every lower
+    from kept its numbers as Python ints beside the same bytes, ~540 bytes for every lower
     object the kernel knows (a `find` of a million-file image keeps a million).  A kept
     reply is handed out again and again (LOOKUP, GETATTR, every READDIRPLUS entry) and never
     changed: a change of the object drops it (Node.invalidate).  The fields its readers use
@@ -108,6 +108,7 @@ class Kept:
         return e[24:32] + e[36:40] + b"\0\0\0\0" + e[40:]
 
     def expand(self) -> Attrs:
+        """The reply as the `Attrs` it was made from (timeouts to the nanosecond)."""
         fields = wire.ENTRY_OUT.unpack(self.entry)
         nodeid, generation, es, ats, ens, atn, ino, size, blocks, at, mt, ct = fields[:12]
         atns, mtns, ctns, mode, nlink, uid, gid, rdev, blksize = fields[12:21]
