@@ -339,6 +339,9 @@ class UnionMachine(RuleBasedStateMachine):
         self.failed_step = False
 
 
+# pytest-timeout's limit (300 s) scaled to the examples asked for: an example takes ~0.4 s, and
+# a hunt by hand with HYPOTHESIS_EXAMPLES=1000 took ~400 s a mode, cut off by the default
+@pytest.mark.timeout(300 + 2 * EXAMPLES)
 @pytest.mark.parametrize("index", ["off", "on", "metacopy"])
 def test_differential(base, index):
     UnionMachine.base = base
