@@ -60,7 +60,6 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _NODEID = struct.Struct("<Q")
 _SHOWN_INO = struct.Struct("<40xQ")
 _SIZE = struct.Struct("<48xQ")
-_MODE = struct.Struct("<100xI")
 _INO_MODE = struct.Struct("<40xQ52xI")
 
 
@@ -71,8 +70,9 @@ class Kept:
     object the kernel knows (a `find` of a million-file image keeps a million).  A kept
     reply is handed out again and again (LOOKUP, GETATTR, every READDIRPLUS entry) and never
     changed: a change of the object drops it (Node.invalidate).  The fields its readers use
-    are read from the bytes (the node id, the st_ino shown, st_mode, st_size); any other
-    through `expand`, which makes the `Attrs` again (FUSE_STATX; tests)."""
+    are read from the bytes (the node id, the st_ino shown, st_size; st_mode with the st_ino
+    in `ino_mode`); any other through `expand`, which makes the `Attrs` again (FUSE_STATX;
+    tests)."""
 
     __slots__ = ("entry",)
     kept = True  # operations.shown_ino's sign
@@ -87,10 +87,6 @@ class Kept:
     @property
     def shown_ino(self) -> int:
         return int(_SHOWN_INO.unpack_from(self.entry)[0])
-
-    @property
-    def st_mode(self) -> int:
-        return int(_MODE.unpack_from(self.entry)[0])
 
     @property
     def st_size(self) -> int:
